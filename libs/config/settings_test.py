@@ -1,0 +1,93 @@
+"""Layered settings: precedence, unknown keys, type errors, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from libs.config.settings import ServiceSettings, SettingsError, load_settings, parse_host_port
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoSettings(ServiceSettings):
+    max_sessions: int = 10
+    region: str = "eu"
+    passthrough: bool = False
+    relays: tuple[str, ...] = ("127.0.0.1:3478",)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_sessions <= 0:
+            raise SettingsError("max_sessions: must be > 0")
+
+
+def _load(argv: list[str], env: dict[str, str] | None = None) -> DemoSettings:
+    return load_settings(
+        DemoSettings, argv, env_prefix="DEMO_", prog="demo", description="d", environ=env or {}
+    )
+
+
+def test_defaults() -> None:
+    settings = _load([])
+    assert settings.max_sessions == 10
+    assert settings.grpc_listen == "127.0.0.1:0"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.max_sessions = 3  # type: ignore[misc]
+
+
+def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('max_sessions = 20\nregion = "us"\nrelays = ["a:1", "b:2"]\n')
+    settings = _load(
+        ["--config", str(config), "--region", "ap"],
+        {"DEMO_MAX_SESSIONS": "30", "DEMO_PASSTHROUGH": "yes"},
+    )
+    assert settings.max_sessions == 30
+    assert settings.region == "ap"
+    assert settings.passthrough is True
+    assert settings.relays == ("a:1", "b:2")
+
+
+def test_config_from_environment(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("max_sessions = 7\n")
+    assert _load([], {"DEMO_CONFIG": str(config)}).max_sessions == 7
+
+
+def test_env_list_is_comma_separated() -> None:
+    assert _load([], {"DEMO_RELAYS": "x:1, y:2"}).relays == ("x:1", "y:2")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        ([], {"DEMO_MAX_SESIONS": "3"}, "unknown setting 'max_sesions'"),
+        (["--max-sessions", "many"], {}, "max_sessions (from --max-sessions)"),
+        (["--max-sessions", "0"], {}, "max_sessions: must be > 0"),
+        (["--passthrough", "maybe"], {}, "not a boolean"),
+        (["--grpc-listen", "nowhere"], {}, "grpc_listen: expected host:port"),
+        (["--grpc-listen", "127.0.0.1:70000"], {}, "out of range"),
+    ],
+)
+def test_bad_input_names_the_setting(argv: list[str], env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _load(argv, env)
+
+
+def test_unknown_file_key_rejected(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("max_sesions = 3\n")
+    with pytest.raises(SettingsError, match=r"unknown keys \['max_sesions'\]"):
+        _load(["--config", str(config)])
+
+
+def test_unknown_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _load(["--no-such-flag", "1"])
+    assert exc.value.code == 2
+
+
+def test_parse_host_port_ipv6() -> None:
+    assert parse_host_port("[::1]:3478", "x") == ("::1", 3478)

@@ -1,0 +1,34 @@
+"""Geosteer: routes each new session to the nearest healthy cluster with capacity.
+
+Run: ./bazelw run //services/geosteer -- --help
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from libs.observability.telemetry import Telemetry
+from libs.service.runtime import ServiceParts, Servicer, service_main, unimplemented_servicer
+from services.geosteer.settings import GeosteerSettings
+from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
+
+
+async def build(settings: GeosteerSettings, telemetry: Telemetry) -> ServiceParts:
+    servicer = unimplemented_servicer(geosteer_pb2_grpc.GeosteerServiceServicer)
+    full_name = geosteer_pb2.DESCRIPTOR.services_by_name["GeosteerService"].full_name
+    return ServiceParts(
+        servicers=[
+            Servicer(full_name, geosteer_pb2_grpc.add_GeosteerServiceServicer_to_server, servicer)
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return service_main(
+        argv, name="geosteer", settings_cls=GeosteerSettings, description=__doc__ or "", build=build
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Settings of the signaling service (flags, TOML file, VOICEEDGE_SIGNALING_* environment)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from libs.config.settings import ServiceSettings
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SignalingSettings(ServiceSettings):
+    """Settings of the signaling service."""
+
+    grpc_listen: str = dataclasses.field(
+        default="127.0.0.1:50053",
+        metadata={"help": "host:port of the gRPC server (port 0: any free)"},
+    )
