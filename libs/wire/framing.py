@@ -1,0 +1,57 @@
+"""Relay <-> transceiver encapsulation (wire contract: protos/wire/relay-framing-v1.md).
+
+Every datagram between a relay and a transceiver's single internal UDP port carries the
+client's public address in a small header, so the transceiver sees the client's own
+address (XOR-MAPPED-ADDRESS stays true, no internal address leaks) and any relay can carry
+any session.
+
+  0-1 magic "VE" | 2 version=1 | 3 flags (bit 0: IPv6) | 4-5 client port | address (4|16)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+MAGIC = b"VE"
+VERSION = 1
+FLAG_IPV6 = 0x01
+HEADER_V4 = 10
+HEADER_V6 = 22
+_PREFIX = struct.Struct("!2sBBH")
+
+
+class FrameError(ValueError):
+    """Not a valid frame; counted and dropped by whoever reads it."""
+
+
+def encode(client_ip: str, client_port: int, payload: bytes) -> bytes:
+    """Wraps `payload` for the client at (client_ip, client_port)."""
+    address = ipaddress.ip_address(client_ip)
+    if not 0 <= client_port <= 0xFFFF:
+        raise FrameError(f"port {client_port} out of range")
+    flags = FLAG_IPV6 if address.version == 6 else 0
+    return _PREFIX.pack(MAGIC, VERSION, flags, client_port) + address.packed + payload
+
+
+def header(client_ip: str, client_port: int) -> bytes:
+    """Just the header, for senders that prepend it to many payloads of one client."""
+    return encode(client_ip, client_port, b"")
+
+
+def decode(frame: bytes) -> tuple[str, int, bytes]:
+    """Unwraps a frame into (client ip, client port, payload) or raises FrameError."""
+    if len(frame) < HEADER_V4:
+        raise FrameError("short frame")
+    magic, version, flags, port = _PREFIX.unpack_from(frame)
+    if magic != MAGIC:
+        raise FrameError("bad magic")
+    if version != VERSION:
+        raise FrameError(f"unknown version {version}")
+    if flags & ~FLAG_IPV6:
+        raise FrameError("reserved flags set")
+    if flags & FLAG_IPV6:
+        if len(frame) < HEADER_V6:
+            raise FrameError("short IPv6 frame")
+        return str(ipaddress.IPv6Address(frame[6:22])), port, frame[HEADER_V6:]
+    return str(ipaddress.IPv4Address(frame[6:10])), port, frame[HEADER_V4:]
