@@ -288,6 +288,8 @@ async def test_heartbeat_loop_registers_and_recovers(tmp_path: Path) -> None:
             await h.stub.DeregisterNode(geosteer_pb2.DeregisterNodeRequest(node_id="t2-4"))
             await until(lambda t: not has_node(t))
             await until(has_node)
+            # The watch can see the node before the loop has read RegisterNode's answer.
+            await asyncio.wait_for(loop.registered.wait(), 10)
             assert loop.registrations >= 2
             await loop.close()
             await until(lambda t: not has_node(t))
