@@ -94,9 +94,10 @@ async def serve(tmp_path: Path, **settings: object) -> AsyncIterator[Harness]:
     try:
         yield Harness(geosteer_pb2_grpc.GeosteerServiceStub(channel), channel, clock, geosteer)
     finally:
-        await channel.close(None)
+        # Geosteer first: its watch streams end cleanly before the server stops.
         await geosteer.close()
-        await service.close()
+        await service.close(1.0)
+        await channel.close(None)
 
 
 def transceiver(cluster_id: int, tid: int, capacity: int = 1) -> geosteer_pb2.Node:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 from libs.config.settings import ServiceSettings, SettingsError
+from services.geosteer.topology import TopologyError, load_topology
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,3 +86,15 @@ class GeosteerSettings(ServiceSettings):
             raise SettingsError("rtt_ewma_alpha: must be in (0, 1]")
         if self.redis_url:
             raise SettingsError("redis_url: the Redis registry is not implemented yet")
+        if self.geoip_db_path not in ("", "off") and not os.path.isfile(self.geoip_db_path):
+            raise SettingsError(f"geoip_db_path: no such file {self.geoip_db_path!r}")
+        try:
+            clusters = load_topology(self.topology_path)
+        except TopologyError as exc:
+            raise SettingsError(f"topology_path: {exc}") from None
+        if self.default_cluster_id and self.default_cluster_id not in {
+            c.cluster_id for c in clusters
+        }:
+            raise SettingsError(
+                f"default_cluster_id: {self.default_cluster_id} is not in the topology"
+            )

@@ -115,6 +115,9 @@ def test_unreadable_file_names_the_path(tmp_path: Path) -> None:
         ({"rtt_ewma_alpha": 0.0}, "rtt_ewma_alpha"),
         ({"rtt_max_prefixes": 0}, "rtt_max_prefixes"),
         ({"redis_url": "redis://127.0.0.1:6379"}, "redis_url"),
+        ({"default_cluster_id": 7}, "default_cluster_id: 7 is not in the topology"),
+        ({"geoip_db_path": "/nonexistent.mmdb"}, "geoip_db_path: no such file"),
+        ({"topology_path": "/nonexistent.toml"}, "topology_path: topology file /nonexistent"),
     ],
 )
 def test_bad_settings(fields: dict[str, Any], message: str) -> None:
