@@ -36,7 +36,7 @@ from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
 
 logger = logging.getLogger("voiceedge.signaling")
 
-CLIENT_SECRET_PREFIX = "ek_"
+CLIENT_SECRET_PREFIX = "ek_"  # noqa: S105 (a prefix, not a secret)
 MIN_SECRET_TTL_S = 10
 MAX_SECRET_TTL_S = 7200
 # Statuses after which the next ranked transceiver is tried (the issue: "refuses or fails").
@@ -488,7 +488,7 @@ class CallService:
             return
         self._closed = True
         for channel in [self._geosteer_channel, *self._channels.values()]:
-            await channel.close()
+            await channel.close(None)
         self._channels.clear()
         await self._store.close()
 

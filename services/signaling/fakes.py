@@ -52,7 +52,9 @@ def answer_from_offer(
         )
         for index, relay in enumerate(relays):
             priority = 2130706431 - index
-            lines.append(f"a=candidate:{index + 1} 1 udp {priority} {relay.ip} {relay.port} typ host")
+            lines.append(
+                f"a=candidate:{index + 1} 1 udp {priority} {relay.ip} {relay.port} typ host"
+            )
         lines.append("a=end-of-candidates")
     return "\r\n".join(lines) + "\r\n"
 
@@ -67,7 +69,7 @@ class FakeTransceiver(transceiver_pb2_grpc.TransceiverServiceServicer):
     closed: list[str] = field(default_factory=list)
     address: str = ""
 
-    async def CreateSession(
+    async def CreateSession(  # noqa: N802 (gRPC method name)
         self,
         request: transceiver_pb2.CreateSessionRequest,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -90,7 +92,7 @@ class FakeTransceiver(transceiver_pb2_grpc.TransceiverServiceServicer):
             answer_sdp=answer, session_id=request.session_id
         )
 
-    async def CloseSession(
+    async def CloseSession(  # noqa: N802 (gRPC method name)
         self,
         request: transceiver_pb2.CloseSessionRequest,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -104,6 +106,18 @@ class FakeTransceiver(transceiver_pb2_grpc.TransceiverServiceServicer):
             )
         )
 
+    async def _unimplemented(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the fake")
+
+    async def GetSession(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
+    async def ListSessions(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
+    async def Drain(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
 
 @dataclass
 class FakeGeosteer(geosteer_pb2_grpc.GeosteerServiceServicer):
@@ -113,7 +127,7 @@ class FakeGeosteer(geosteer_pb2_grpc.GeosteerServiceServicer):
     refuse: grpc.StatusCode | None = None
     requests: list[geosteer_pb2.RouteSessionRequest] = field(default_factory=list)
 
-    async def RouteSession(
+    async def RouteSession(  # noqa: N802 (gRPC method name)
         self,
         request: geosteer_pb2.RouteSessionRequest,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -133,6 +147,27 @@ class FakeGeosteer(geosteer_pb2_grpc.GeosteerServiceServicer):
                 for t in self.transceivers
             ],
         )
+
+    async def _unimplemented(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the fake")
+
+    async def RegisterNode(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
+    async def Heartbeat(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
+    async def DeregisterNode(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
+    async def ListTopology(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
+    async def WatchTopology(  # noqa: N802 (gRPC)
+        self, request: Any, context: Any
+    ) -> AsyncIterator[geosteer_pb2.WatchTopologyResponse]:
+        await self._unimplemented(context)
+        yield geosteer_pb2.WatchTopologyResponse()  # unreachable: abort raises
 
 
 @dataclass
@@ -192,6 +227,8 @@ async def running_signaling(
     cors_origins: Sequence[str] = ("*",),
 ) -> AsyncIterator[RunningSignaling]:
     """The real signaling app (HTTP on 127.0.0.1:0 and the gRPC mirror) in this process."""
+    import time
+
     from aiohttp import web
 
     from libs.wire.ufrag import dev_keyring
@@ -201,8 +238,6 @@ async def running_signaling(
     from services.signaling.http_api import build_app
     from services.signaling.store import MemoryCallStore
     from voiceedge.signaling.v1 import signaling_pb2_grpc
-
-    import time
 
     clock = clock or time.time
     service = CallService(

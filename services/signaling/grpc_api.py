@@ -30,7 +30,7 @@ def call_message(call: CallRecord) -> signaling_pb2.Call:
         state=signaling_pb2.CALL_STATE_ENDED
         if call.state == CALL_ENDED
         else signaling_pb2.CALL_STATE_CONNECTING,
-        close_reason=call.close_reason,  # type: ignore[arg-type]
+        close_reason=call.close_reason,  # type: ignore[arg-type,unused-ignore]
     )
     if call.ended_at:
         message.ended_at.CopyFrom(_timestamp(call.ended_at))
@@ -56,7 +56,7 @@ class SignalingServicer(signaling_pb2_grpc.SignalingServiceServicer):
         context.set_trailing_metadata(trailers)
         await context.abort(exc.grpc_code, exc.message)
 
-    async def CreateCall(
+    async def CreateCall(  # noqa: N802 (gRPC method name)
         self,
         request: signaling_pb2.CreateCallRequest,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -76,7 +76,7 @@ class SignalingServicer(signaling_pb2_grpc.SignalingServiceServicer):
             call=call_message(created.call),
         )
 
-    async def GetCall(
+    async def GetCall(  # noqa: N802 (gRPC method name)
         self, request: signaling_pb2.GetCallRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> signaling_pb2.GetCallResponse:
         try:
@@ -87,7 +87,7 @@ class SignalingServicer(signaling_pb2_grpc.SignalingServiceServicer):
             raise AssertionError("unreachable") from exc
         return signaling_pb2.GetCallResponse(call=call_message(call))
 
-    async def DeleteCall(
+    async def DeleteCall(  # noqa: N802 (gRPC method name)
         self,
         request: signaling_pb2.DeleteCallRequest,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -100,7 +100,7 @@ class SignalingServicer(signaling_pb2_grpc.SignalingServiceServicer):
             raise AssertionError("unreachable") from exc
         return signaling_pb2.DeleteCallResponse(call=call_message(call))
 
-    async def CreateClientSecret(
+    async def CreateClientSecret(  # noqa: N802 (gRPC method name)
         self,
         request: signaling_pb2.CreateClientSecretRequest,
         context: grpc.aio.ServicerContext[Any, Any],

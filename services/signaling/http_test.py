@@ -12,7 +12,6 @@ import grpc
 from libs.wire import ufrag
 from services.signaling.calls import CallSettings
 from services.signaling.testkit import (
-    API_KEY,
     AUTH,
     CHROME_OFFER,
     OTHER_KEY,
@@ -48,10 +47,13 @@ async def test_post_call_returns_an_answer_with_a_minted_ufrag() -> None:
         assert e.cluster.geosteer.requests[0].client_ip == "127.0.0.1"
         spans = {span.name: span for span in e.spans.get_finished_spans()}
         root = spans["signaling.create_call"]
+        assert root.context is not None
         for child in ("geosteer.route", "transceiver.create_session"):
-            assert spans[child].parent is not None
-            assert spans[child].parent.span_id == root.context.span_id
-        assert root.attributes is not None and root.attributes["call.id"] == call_id
+            parent = spans[child].parent
+            assert parent is not None
+            assert parent.span_id == root.context.span_id
+        assert root.attributes is not None
+        assert root.attributes["call.id"] == call_id
 
 
 async def test_multipart_offer_with_session_config() -> None:
@@ -95,7 +97,9 @@ async def test_failover_to_the_next_transceiver() -> None:
         token = ufrag.decode(answer_ufrag(answer), ufrag.dev_keyring())
         assert token.transceiver_id == 41
         assert len(e.cluster.transceivers[1].sessions) == 1
-        attempts = [s for s in e.spans.get_finished_spans() if s.name == "transceiver.create_session"]
+        attempts = [
+            s for s in e.spans.get_finished_spans() if s.name == "transceiver.create_session"
+        ]
         assert len(attempts) == 2
 
 
@@ -151,11 +155,15 @@ async def test_whip_create_patch_delete_and_cors() -> None:
 async def test_cors_origin_list_echoes_only_allowed_origins() -> None:
     async with env(cors_origins=("https://good.example",)) as e:
         response = await e.http.post(
-            e.url("/whip"), data=CHROME_OFFER, headers={**AUTH, **SDP, "Origin": "https://good.example"}
+            e.url("/whip"),
+            data=CHROME_OFFER,
+            headers={**AUTH, **SDP, "Origin": "https://good.example"},
         )
         assert response.headers["Access-Control-Allow-Origin"] == "https://good.example"
         response = await e.http.post(
-            e.url("/whip"), data=CHROME_OFFER, headers={**AUTH, **SDP, "Origin": "https://evil.example"}
+            e.url("/whip"),
+            data=CHROME_OFFER,
+            headers={**AUTH, **SDP, "Origin": "https://evil.example"},
         )
         assert "Access-Control-Allow-Origin" not in response.headers
 
@@ -213,7 +221,9 @@ async def test_401_missing_and_invalid_keys() -> None:
         response = await e.http.post(e.url("/v1/realtime/calls"), data=CHROME_OFFER, headers=SDP)
         await expect_error(response, 401, "invalid_request_error", "missing_api_key")
         response = await e.http.post(
-            e.url("/v1/realtime/calls"), data=CHROME_OFFER, headers={**SDP, "Authorization": "Basic x"}
+            e.url("/v1/realtime/calls"),
+            data=CHROME_OFFER,
+            headers={**SDP, "Authorization": "Basic x"},
         )
         await expect_error(response, 401, "invalid_request_error", "missing_api_key")
         response = await e.post_offer(key="sk-wrong-0123456789")
@@ -256,13 +266,23 @@ async def test_404_unknown_call_and_route() -> None:
         assert "POST" in response.headers["Allow"]
 
 
+def without(offer: str, prefix: str) -> str:
+    return "\r\n".join(line for line in offer.split("\r\n") if not line.startswith(prefix))
+
+
 async def test_400_malformed_offers() -> None:
     async with env() as e:
         cases = [
             ("garbage", "sdp_unparseable"),
             (CHROME_OFFER.replace("m=audio", "m=video"), "sdp_no_audio"),
-            ("\r\n".join(l for l in CHROME_OFFER.split("\r\n") if not l.startswith("a=ice-pwd")), "sdp_no_ice_credentials"),
-            ("\r\n".join(l for l in CHROME_OFFER.split("\r\n") if not l.startswith("a=fingerprint")), "sdp_no_fingerprint"),
+            (
+                without(CHROME_OFFER, "a=ice-pwd"),
+                "sdp_no_ice_credentials",
+            ),
+            (
+                without(CHROME_OFFER, "a=fingerprint"),
+                "sdp_no_fingerprint",
+            ),
         ]
         for offer, code in cases:
             response = await e.post_offer(offer)
@@ -300,9 +320,7 @@ async def test_413_oversized_bodies() -> None:
             for _ in range(20):
                 yield b"a=x:" + b"y" * 8000 + b"\r\n"
 
-        response = await e.http.post(
-            e.url("/whip"), data=chunked(), headers={**AUTH, **SDP}
-        )
+        response = await e.http.post(e.url("/whip"), data=chunked(), headers={**AUTH, **SDP})
         await expect_error(response, 413, "invalid_request_error", "request_too_large")
         assert not e.cluster.geosteer.requests
 

@@ -7,6 +7,7 @@ import pytest
 from services.signaling.sdp import OfferError, validate_offer
 from services.signaling.testkit import CHROME_OFFER, aiortc_offer
 
+
 def _drop(offer: str, prefix: str) -> str:
     return "\r\n".join(line for line in offer.split("\r\n") if not line.startswith(prefix))
 
@@ -29,7 +30,9 @@ def test_chrome_offer_is_valid() -> None:
 
 def test_session_level_credentials_are_accepted() -> None:
     lines = CHROME_OFFER.split("\r\n")
-    moved = [next(line for line in lines if line.startswith(p)) for p in ("a=ice-u", "a=ice-p", "a=fi")]
+    moved = [
+        next(line for line in lines if line.startswith(p)) for p in ("a=ice-u", "a=ice-p", "a=fi")
+    ]
     rest = [line for line in lines if not line.startswith(("a=ice-ufrag", "a=ice-pwd", "a=fing"))]
     offer = "\r\n".join(rest[:4] + moved + rest[4:])
     assert validate_offer(offer).ice_ufrag == "Q9fE"
@@ -47,16 +50,40 @@ BAD_OFFERS = [
     ("bad line", CHROME_OFFER.replace("s=-", "s-"), "sdp_unparseable"),
     ("upper type", CHROME_OFFER.replace("s=-", "S=-"), "sdp_unparseable"),
     ("no origin", _drop(CHROME_OFFER, "o="), "sdp_unparseable"),
-    ("short m-line", CHROME_OFFER.replace("m=application 9 UDP/DTLS/SCTP webrtc", "m=app"), "sdp_unparseable"),
+    (
+        "short m-line",
+        CHROME_OFFER.replace("m=application 9 UDP/DTLS/SCTP webrtc", "m=app"),
+        "sdp_unparseable",
+    ),
     ("video only", CHROME_OFFER.replace("m=audio", "m=video"), "sdp_no_audio"),
-    ("data only", CHROME_OFFER.split("m=audio")[0] + "m=application" + CHROME_OFFER.split("m=application")[1], "sdp_no_audio"),
+    (
+        "data only",
+        CHROME_OFFER.split("m=audio")[0] + "m=application" + CHROME_OFFER.split("m=application")[1],
+        "sdp_no_audio",
+    ),
     ("no ufrag", _drop(CHROME_OFFER, "a=ice-ufrag"), "sdp_no_ice_credentials"),
     ("no pwd", _drop(CHROME_OFFER, "a=ice-pwd"), "sdp_no_ice_credentials"),
-    ("short ufrag", CHROME_OFFER.replace("ice-ufrag:Q9fE", "ice-ufrag:Q9"), "sdp_bad_ice_credentials"),
-    ("bad ufrag chars", CHROME_OFFER.replace("ice-ufrag:Q9fE", "ice-ufrag:Q9f!"), "sdp_bad_ice_credentials"),
-    ("short pwd", CHROME_OFFER.replace("ZWzL3HzmdLbg6YLr0DKzQ0vB", "short"), "sdp_bad_ice_credentials"),
+    (
+        "short ufrag",
+        CHROME_OFFER.replace("ice-ufrag:Q9fE", "ice-ufrag:Q9"),
+        "sdp_bad_ice_credentials",
+    ),
+    (
+        "bad ufrag chars",
+        CHROME_OFFER.replace("ice-ufrag:Q9fE", "ice-ufrag:Q9f!"),
+        "sdp_bad_ice_credentials",
+    ),
+    (
+        "short pwd",
+        CHROME_OFFER.replace("ZWzL3HzmdLbg6YLr0DKzQ0vB", "short"),
+        "sdp_bad_ice_credentials",
+    ),
     ("no fingerprint", _drop(CHROME_OFFER, "a=fingerprint"), "sdp_no_fingerprint"),
-    ("bad fingerprint", CHROME_OFFER.replace("sha-256 1F:2C", "sha-256 zz:2C"), "sdp_no_fingerprint"),
+    (
+        "bad fingerprint",
+        CHROME_OFFER.replace("sha-256 1F:2C", "sha-256 zz:2C"),
+        "sdp_no_fingerprint",
+    ),
     ("too large", CHROME_OFFER + "a=x:" + "y" * 70000 + "\r\n", "sdp_too_large"),
     ("too many lines", CHROME_OFFER + "a=x\r\n" * 5000, "sdp_too_large"),
 ]

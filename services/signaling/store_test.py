@@ -13,7 +13,6 @@ import aiohttp
 import pytest
 
 from services.signaling.fakes import fake_cluster, running_signaling
-from services.signaling.testkit import API_KEY, AUTH, CHROME_OFFER, SDP, expect_error, no_sessions
 from services.signaling.store import (
     CallRecord,
     CallStore,
@@ -22,6 +21,7 @@ from services.signaling.store import (
     SecretRecord,
     make_store,
 )
+from services.signaling.testkit import API_KEY, AUTH, CHROME_OFFER, SDP, expect_error, no_sessions
 
 
 def _free_port() -> int:
@@ -34,7 +34,17 @@ def _free_port() -> int:
 def redis_url() -> Iterator[str]:
     port = _free_port()
     process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -86,7 +86,9 @@ class Env:
     def url(self, path: str) -> str:
         return self.signaling.base_url + path
 
-    async def post_offer(self, offer: str = CHROME_OFFER, key: str = API_KEY) -> aiohttp.ClientResponse:
+    async def post_offer(
+        self, offer: str = CHROME_OFFER, key: str = API_KEY
+    ) -> aiohttp.ClientResponse:
         return await self.http.post(
             self.url("/v1/realtime/calls"),
             data=offer,
@@ -126,7 +128,8 @@ async def expect_error(
     assert set(body) == {"error"}
     assert body["error"]["type"] == error_type
     assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
     return dict(body["error"])
 
 
@@ -137,5 +140,3 @@ def answer_ufrag(answer: str) -> str:
 
 def no_sessions(cluster: FakeCluster) -> bool:
     return all(not node.sessions for node in cluster.transceivers)
-
-
