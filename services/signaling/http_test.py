@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import grpc
+import pytest
 
 from libs.wire import ufrag
 from services.signaling.calls import CallSettings
@@ -54,6 +55,18 @@ async def test_post_call_returns_an_answer_with_a_minted_ufrag() -> None:
             assert parent.span_id == root.context.span_id
         assert root.attributes is not None
         assert root.attributes["call.id"] == call_id
+
+
+async def test_ufrags_are_minted_with_the_current_key_after_rotation() -> None:
+    old, new = "11" * 16, "22" * 16
+    rotated = ufrag.Keyring.parse(f"1:{old},2:{new}")
+    async with env(keyring=rotated) as e:
+        response = await e.post_offer()
+        minted = answer_ufrag(await response.text())
+    # A relay holding both keys accepts it; one holding only the previous key does not.
+    assert ufrag.decode(minted, ufrag.Keyring.parse(f"1:{old},2:{new}", 1)).key_id == 2
+    with pytest.raises(ufrag.UfragError, match="UNKNOWN_KEY_ID"):
+        ufrag.decode(minted, ufrag.Keyring.parse(f"1:{old}"))
 
 
 async def test_multipart_offer_with_session_config() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.signaling.sdp import OfferError, validate_offer
 from services.signaling.testkit import CHROME_OFFER, aiortc_offer
@@ -102,3 +104,25 @@ def test_invalid_utf8_is_unparseable() -> None:
     with pytest.raises(OfferError) as caught:
         validate_offer(b"v=0\r\n\xff\xfe")
     assert caught.value.code == "sdp_unparseable"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048) | st.text(max_size=2048))
+def test_garbage_never_crashes(data: bytes | str) -> None:
+    codes = ""
+    try:
+        validate_offer(data)
+    except OfferError as exc:
+        codes = exc.code
+    assert codes == "" or codes.startswith("sdp_")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=len(CHROME_OFFER)), st.text(max_size=40))
+def test_mutated_offers_never_crash(position: int, junk: str) -> None:
+    codes = ""
+    try:
+        validate_offer(CHROME_OFFER[:position] + junk + CHROME_OFFER[position:])
+    except OfferError as exc:
+        codes = exc.code
+    assert codes == "" or codes.startswith("sdp_")
