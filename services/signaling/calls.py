@@ -229,7 +229,8 @@ class CallService:
                 self._settings.retry_after_s,
                 exhausted=False,
             )
-        session_config = session if session is not None else principal.bound_session
+        # A browser holding an ek_ must not override what its issuer bound to the key.
+        session_config = principal.bound_session if principal.bound_session else session
         call_id = "rtc_" + secrets.token_hex(12)
         with self._tracer.start_as_current_span(
             "signaling.create_call",
