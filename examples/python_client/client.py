@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
 SAMPLE_RATE = 48000
@@ -108,8 +109,10 @@ async def _record(track: MediaStreamTrack, result: CallResult, stop: asyncio.Eve
             frame = await asyncio.wait_for(track.recv(), timeout=1.0)
         except TimeoutError:
             continue
-        except Exception:  # noqa: BLE001 (the track ended: MediaStreamError)
+        except MediaStreamError:  # the remote track ended
             return
+        if not isinstance(frame, AudioFrame):
+            continue
         pcm = frame.to_ndarray()
         channels = len(frame.layout.channels)
         mono = pcm.reshape(-1, channels)[:, 0] if channels > 1 else pcm.reshape(-1)
@@ -210,7 +213,9 @@ def _write_wav(path: str, samples: np.ndarray, rate: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base-url", default="http://127.0.0.1:8080")
     parser.add_argument("--api-key", required=True, help="API key or ek_ client secret")
     parser.add_argument("--seconds", type=float, default=6.0)
@@ -226,8 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for event in result.events:
         print(f"event {event.get('type')}")
     audio = result.audio()
-    print(f"received {len(audio) / result.received_rate:.2f} s of audio, dominant "
-          f"{dominant_frequency(audio, result.received_rate):.0f} Hz")
+    print(
+        f"received {len(audio) / result.received_rate:.2f} s of audio, dominant "
+        f"{dominant_frequency(audio, result.received_rate):.0f} Hz"
+    )
     if args.out:
         _write_wav(args.out, audio, result.received_rate)
         print(f"wrote {args.out}")
