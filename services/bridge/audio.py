@@ -7,6 +7,8 @@ decimating, so content above the target Nyquist aliases; voice input has little 
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import numpy.typing as npt
 
@@ -22,9 +24,9 @@ def pcm_to_mono(data: bytes, channels: int) -> Samples:
     whole = len(data) - len(data) % (BYTES_PER_SAMPLE * channels)
     samples = np.frombuffer(data[:whole], dtype="<i2")
     if channels == 1:
-        return samples.astype(np.int16)
+        return cast(Samples, samples.astype(np.int16))
     mixed = samples.reshape(-1, channels).astype(np.int32).mean(axis=1)
-    return mixed.astype(np.int16)
+    return cast(Samples, mixed.astype(np.int16))
 
 
 def resample_linear(samples: Samples, src_rate: int, dst_rate: int) -> Samples:
@@ -38,7 +40,7 @@ def resample_linear(samples: Samples, src_rate: int, dst_rate: int) -> Samples:
     count = round(len(samples) * dst_rate / src_rate)
     positions = np.arange(count) * (src_rate / dst_rate)
     out = np.interp(positions, np.arange(len(samples)), samples.astype(np.float64))
-    return np.clip(np.round(out), -32768, 32767).astype(np.int16)
+    return cast(Samples, np.clip(np.round(out), -32768, 32767).astype(np.int16))
 
 
 def frame_bytes(sample_rate_hz: int, frame_ms: int = FRAME_MS) -> int:

@@ -36,7 +36,9 @@ class BridgeSettings(ServiceSettings):
     )
     end_of_turn_silence_ms: int = dataclasses.field(
         default=700,
-        metadata={"help": "silence that ends a turn (per session: turn_detection.silence_duration_ms)"},
+        metadata={
+            "help": "silence that ends a turn (per session: turn_detection.silence_duration_ms)"
+        },
     )
     short_utterance_ms: int = dataclasses.field(
         default=1000,
@@ -70,7 +72,9 @@ class BridgeSettings(ServiceSettings):
     def validate(self) -> None:
         super().validate()
         if self.backend not in BACKENDS:
-            raise SettingsError(f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            raise SettingsError(
+                f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}"
+            )
         if self.max_sessions < 1:
             raise SettingsError("max_sessions: must be >= 1")
         if not 8000 <= self.sample_rate_hz <= 48000:
@@ -96,4 +100,6 @@ class BridgeSettings(ServiceSettings):
         if self.backend == "realtime" and not self.realtime_url:
             raise SettingsError("realtime_url: required when backend is realtime")
         if self.realtime_url and not self.realtime_url.startswith(("ws://", "wss://")):
-            raise SettingsError(f"realtime_url: expected ws:// or wss://, got {self.realtime_url!r}")
+            raise SettingsError(
+                f"realtime_url: expected ws:// or wss://, got {self.realtime_url!r}"
+            )

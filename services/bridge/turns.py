@@ -115,11 +115,10 @@ class TurnDetector:
         events: list[TurnEvent] = []
         start = self.position_ms
         self.position_ms += frame_ms
-        if self.state is TurnState.IDLE:
-            if is_speech:
-                self._run_start_ms = start
-                self._run_ms = 0
-                self.state = TurnState.STARTING
+        if self.state is TurnState.IDLE and is_speech:
+            self._run_start_ms = start
+            self._run_ms = 0
+            self.state = TurnState.STARTING
         if self.state is TurnState.STARTING:
             if not is_speech:
                 self.state = TurnState.IDLE

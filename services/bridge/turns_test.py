@@ -104,7 +104,9 @@ CASES: list[tuple[str, TurnConfig, str, list[tuple[int, TurnEvent]]]] = [
 ]
 
 
-@pytest.mark.parametrize(("config", "frames", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("config", "frames", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_turn_detector_table(
     config: TurnConfig, frames: str, expected: list[tuple[int, TurnEvent]]
 ) -> None:
