@@ -147,6 +147,9 @@ class Playout:
         self._kick()
 
     def enqueue_event(self, message: Response) -> None:
+        if not self._queue:  # nothing ahead of it: no need to wait for the task
+            self._outbox.put(message)
+            return
         self._queue.append(message)
         self._kick()
 
