@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import numpy as np
 
@@ -133,3 +135,34 @@ async def test_barge_in_clears_at_once() -> None:
         assert abs(dominant_hz(second) - 660) <= 660 * 0.03
         call.cancel()
     assert servicer.session_count == 0
+
+
+async def test_session_update_retunes_end_of_turn() -> None:
+    """A caller who pauses 1 s mid-thought is not cut off once they ask for 1.5 s."""
+    servicer = BridgeServicer(SETTINGS)
+    async with serve(servicer) as stub:
+        call = stub.StreamSession(None)
+        await call.write(session_start())
+        assert await read(call) is not None
+        update = {
+            "type": "session.update",
+            "session": {"turn_detection": {"silence_duration_ms": 1500}},
+        }
+        await call.write(
+            inference_pb2.StreamSessionRequest(
+                data_channel_message=inference_pb2.DataChannelMessage(json=json.dumps(update))
+            )
+        )
+        speech = np.concatenate([tone(440, 1.0), silence(1.0), tone(440, 1.0), silence(2.0)])
+        for request in audio_requests(speech):
+            await call.write(request)
+        messages = []
+        for _ in range(500):
+            message = await read(call)
+            assert message is not None
+            messages.append(message)
+            if message.HasField("response_started"):
+                break
+        assert kinds(messages) == ["speech_started", "speech_stopped", "response_started"]
+        assert 2980 <= messages[1].speech_stopped.audio_end_ms <= 3200  # one turn, both tones
+        call.cancel()
