@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -134,7 +135,7 @@ async def test_barge_in_clears_at_once() -> None:
         second = b"".join(m.audio_frame.data for m in after[clear_at:] if m.HasField("audio_frame"))
         assert abs(dominant_hz(second) - 660) <= 660 * 0.03
         call.cancel()
-    assert servicer.session_count == 0
+        await asyncio.wait_for(servicer.wait_idle(), 5)
 
 
 async def test_session_update_retunes_end_of_turn() -> None:
@@ -166,3 +167,4 @@ async def test_session_update_retunes_end_of_turn() -> None:
         assert kinds(messages) == ["speech_started", "speech_stopped", "response_started"]
         assert 2980 <= messages[1].speech_stopped.audio_end_ms <= 3200  # one turn, both tones
         call.cancel()
+        await asyncio.wait_for(servicer.wait_idle(), 5)

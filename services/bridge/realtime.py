@@ -321,6 +321,17 @@ class RealtimeAdapter:
             raise BackendError(f"realtime send failed: {exc}") from None
 
     async def _receive(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            await self._receive_events(ws)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            self._outbox.end(common_pb2.CLOSE_REASON_BRIDGE_ERROR, f"realtime receive: {exc}")
+        except Exception:  # a bug here ends this session, never the process
+            logger.exception(
+                "realtime.receive_crashed", extra={"kv": {"session.id": self._ctx.session_id}}
+            )
+            self._outbox.end(common_pb2.CLOSE_REASON_INTERNAL_ERROR, "internal error in the bridge")
+
+    async def _receive_events(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for message in ws:
             if message.type is aiohttp.WSMsgType.TEXT:
                 for action in self._mapper.map(message.data):

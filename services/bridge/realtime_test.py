@@ -230,16 +230,19 @@ async def test_a_turn_maps_both_ways() -> None:
 
 
 async def test_server_speech_interrupts_playing_audio() -> None:
-    async with fake_realtime() as (_fake, url), serve(BridgeServicer(settings(url))) as stub:
-        call = await open_session(stub)
-        await call.write(client_event({"type": "test.barge_in"}))
-        messages = await read_until(call, "response_done")
-        payloads = [m.WhichOneof("payload") for m in messages]
-        clear_at = payloads.index("clear")
-        assert payloads[clear_at:] == ["clear", "speech_started", "response_done"]
-        assert messages[-1].response_done.cancelled
-        assert payloads.count("audio_frame") < 30  # of 100 frames, only the lead went out
-        call.cancel()
+    async with fake_realtime() as (_fake, url):
+        servicer = BridgeServicer(settings(url))
+        async with serve(servicer) as stub:
+            call = await open_session(stub)
+            await call.write(client_event({"type": "test.barge_in"}))
+            messages = await read_until(call, "response_done")
+            payloads = [m.WhichOneof("payload") for m in messages]
+            clear_at = payloads.index("clear")
+            assert payloads[clear_at:] == ["clear", "speech_started", "response_done"]
+            assert messages[-1].response_done.cancelled
+            assert payloads.count("audio_frame") < 30  # of 100 frames, only the lead went out
+            call.cancel()
+            await asyncio.wait_for(servicer.wait_idle(), 5)
 
 
 async def test_error_event_ends_the_session() -> None:

@@ -282,7 +282,15 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
             return
         except grpc.aio.AioRpcError:
             pass  # the stream broke; the handler is being cancelled too
+        except Exception:  # a bug in a backend ends its session, never the process
+            logger.exception("bridge.backend_crashed", extra={"kv": {"session.id": session_id}})
+            outbox.end(common_pb2.CLOSE_REASON_INTERNAL_ERROR, "internal error in the bridge")
+            return
         outbox.close()
+
+    async def wait_idle(self) -> None:
+        """Until no session is open (each stream's cleanup has finished)."""
+        await self._empty.wait()
 
     async def drain(self, grace_s: float) -> None:
         """Refuses new sessions and waits until open ones end (the runtime bounds the wait)."""

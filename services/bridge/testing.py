@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -26,6 +27,7 @@ async def serve(
     servicer: BridgeServicer,
 ) -> AsyncIterator[inference_pb2_grpc.InferenceBridgeServiceAsyncStub]:
     """Runs `servicer` on a real server on 127.0.0.1:0; yields a stub connected to it."""
+    before = asyncio.all_tasks()
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceBridgeServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -36,6 +38,12 @@ async def serve(
     finally:
         await channel.close(None)
         await server.stop(None)
+        # grpc.aio finishes cancelled and aborted RPC handlers in tasks of its own after
+        # stop() returns; wait for them so no test leaves them running.
+        current = asyncio.current_task()
+        leftover = [t for t in asyncio.all_tasks() - before if t is not current]
+        if leftover:
+            await asyncio.wait(leftover, timeout=5)
 
 
 def session_start(session_id: str = "sess-1", **fmt: int) -> inference_pb2.StreamSessionRequest:
