@@ -12,7 +12,9 @@ Server events (`ServerEventMapper`, pure) -> messages to the transceiver:
   paced by Playout; response.output_audio.done / response.audio.done flush a partial frame
   (zero-padded).
 - input_audio_buffer.speech_started: ClearAudio (if response audio is queued or playing),
-  then SpeechStarted. input_audio_buffer.speech_stopped: SpeechStopped.
+  then SpeechStarted; the server gets `conversation.item.truncate` with the played
+  duration of the interrupted item (estimated from the pacing).
+- input_audio_buffer.speech_stopped: SpeechStopped.
 - response.output_audio_transcript.delta / .done (and response.audio_transcript.*):
   TranscriptDelta, source OUTPUT, final on done.
 - conversation.item.input_audio_transcription.delta / .completed: TranscriptDelta, source
@@ -42,7 +44,7 @@ from typing import Any
 import aiohttp
 
 from libs.observability.telemetry import log_event
-from services.bridge.audio import frame_bytes, pcm_to_mono, resample_linear, split_frames
+from services.bridge.audio import FRAME_MS, frame_bytes, pcm_to_mono, resample_linear, split_frames
 from services.bridge.service import BackendError, SessionContext
 from services.bridge.session import Playout, Response
 from services.bridge.settings import BridgeSettings
@@ -70,9 +72,10 @@ class AfterAudio:
 
 @dataclasses.dataclass(frozen=True)
 class Audio:
-    """One 20 ms PCM16 frame at REALTIME_RATE_HZ."""
+    """One 20 ms PCM16 frame at REALTIME_RATE_HZ, of conversation item `item_id`."""
 
     frame: bytes
+    item_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +118,7 @@ class ServerEventMapper:
     def __init__(self) -> None:
         self._frame = frame_bytes(REALTIME_RATE_HZ)
         self._partial = b""
+        self._item_id = ""
         self._input_items_with_deltas: set[str] = set()
         self.bad_events = 0
 
@@ -134,8 +138,9 @@ class ServerEventMapper:
             except (binascii.Error, ValueError):
                 self.bad_events += 1
                 return []
+            self._item_id = _str(event.get("item_id"))
             frames, self._partial = split_frames(self._partial + pcm, self._frame)
-            return [Audio(f) for f in frames]
+            return [Audio(f, self._item_id) for f in frames]
         if kind in AUDIO_DONES:
             return self._flush()
         if kind == "input_audio_buffer.speech_started":
@@ -208,7 +213,7 @@ class ServerEventMapper:
             return []
         frame = self._partial + bytes(self._frame - len(self._partial))
         self._partial = b""
-        return [Audio(frame)]
+        return [Audio(frame, self._item_id)]
 
 
 def _transcript(event: dict[str, Any], delta: str, final: bool, *, output: bool) -> Response:
@@ -257,6 +262,8 @@ class RealtimeAdapter:
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._playing_item = ""  # output item whose audio is being played
+        self._item_first_sequence = 0  # Playout sequence of that item's first frame
 
     async def start(self) -> None:
         headers = {}
@@ -311,6 +318,18 @@ class RealtimeAdapter:
             return
         await self._send(text)
 
+    async def _truncate(self, item_id: str, audio_end_ms: int) -> None:
+        """Tells the model how much of its answer the caller heard before interrupting, so
+        its context matches what was actually said (the WebSocket interface leaves this to
+        the client; `audio_end_ms` is estimated from what was paced out)."""
+        event = {
+            "type": "conversation.item.truncate",
+            "item_id": item_id,
+            "content_index": 0,
+            "audio_end_ms": audio_end_ms,
+        }
+        await self._send(json.dumps(event))
+
     async def _send(self, text: str) -> None:
         ws = self._ws
         if ws is None or ws.closed:
@@ -323,7 +342,7 @@ class RealtimeAdapter:
     async def _receive(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         try:
             await self._receive_events(ws)
-        except (aiohttp.ClientError, ConnectionError) as exc:
+        except (aiohttp.ClientError, ConnectionError, BackendError) as exc:
             self._outbox.end(common_pb2.CLOSE_REASON_BRIDGE_ERROR, f"realtime receive: {exc}")
         except Exception:  # a bug here ends this session, never the process
             logger.exception(
@@ -335,7 +354,7 @@ class RealtimeAdapter:
         async for message in ws:
             if message.type is aiohttp.WSMsgType.TEXT:
                 for action in self._mapper.map(message.data):
-                    if self._apply(action):
+                    if await self._apply(action):
                         return
             elif message.type is aiohttp.WSMsgType.ERROR:
                 self._outbox.end(
@@ -348,9 +367,12 @@ class RealtimeAdapter:
             f"realtime endpoint closed the websocket (code {ws.close_code})",
         )
 
-    def _apply(self, action: Action) -> bool:
+    async def _apply(self, action: Action) -> bool:
         """Carries out one action; True when the session ends."""
         if isinstance(action, Audio):
+            if action.item_id != self._playing_item:
+                self._playing_item = action.item_id
+                self._item_first_sequence = self._playout.sequence + self._playout.queued_frames
             frame = action.frame
             if self._out_rate != REALTIME_RATE_HZ:
                 samples = pcm_to_mono(frame, 1)
@@ -362,9 +384,13 @@ class RealtimeAdapter:
             self._playout.enqueue_event(action.message)
         elif isinstance(action, BargeIn):
             self._mapper.barge_in()
+            played_frames = self._playout.played_sequence() - self._item_first_sequence
             if self._playout.clear():
                 self._outbox.put(Response(clear=inference_pb2.ClearAudio()))
                 log_event(logger, "realtime.barge_in", session__id=self._ctx.session_id)
+                if self._playing_item:
+                    await self._truncate(self._playing_item, max(0, played_frames) * FRAME_MS)
+            self._playing_item = ""
         else:
             log_event(
                 logger,

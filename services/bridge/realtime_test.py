@@ -52,6 +52,7 @@ class FakeRealtime:
         self.received: list[dict[str, Any]] = []
         self.appended_bytes = 0
         self.got_update = asyncio.Event()
+        self.truncated = asyncio.Event()
         self.auth_headers: list[str] = []
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -78,10 +79,16 @@ class FakeRealtime:
             self.appended_bytes += len(base64.b64decode(event["audio"]))
             if self.appended_bytes == 10 * 960:  # 200 ms received: a whole turn
                 await self.turn(ws)
+        elif kind == "conversation.item.truncate":
+            self.truncated.set()
         elif kind == "test.barge_in":
             await ws.send_json({"type": "response.created", "response": {"id": "resp_2"}})
             await ws.send_json(
-                {"type": "response.output_audio.delta", "delta": b64(tone(440, 2.0))}
+                {
+                    "type": "response.output_audio.delta",
+                    "item_id": "item_b",
+                    "delta": b64(tone(440, 2.0)),
+                }
             )
             await ws.send_json({"type": "input_audio_buffer.speech_started", "audio_start_ms": 900})
             await ws.send_json(
@@ -230,7 +237,7 @@ async def test_a_turn_maps_both_ways() -> None:
 
 
 async def test_server_speech_interrupts_playing_audio() -> None:
-    async with fake_realtime() as (_fake, url):
+    async with fake_realtime() as (fake, url):
         servicer = BridgeServicer(settings(url))
         async with serve(servicer) as stub:
             call = await open_session(stub)
@@ -241,6 +248,12 @@ async def test_server_speech_interrupts_playing_audio() -> None:
             assert payloads[clear_at:] == ["clear", "speech_started", "response_done"]
             assert messages[-1].response_done.cancelled
             assert payloads.count("audio_frame") < 30  # of 100 frames, only the lead went out
+            await asyncio.wait_for(fake.truncated.wait(), 5)
+            (truncate,) = [e for e in fake.received if e["type"] == "conversation.item.truncate"]
+            assert truncate["item_id"] == "item_b"
+            assert truncate["content_index"] == 0
+            # The speech came right after the audio: little or none of it was heard.
+            assert 0 <= truncate["audio_end_ms"] <= 200
             call.cancel()
             await asyncio.wait_for(servicer.wait_idle(), 5)
 

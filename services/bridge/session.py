@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -156,6 +157,16 @@ class Playout:
     def _kick(self) -> None:
         self._idle.clear()
         self._wake.set()
+
+    @property
+    def queued_frames(self) -> int:
+        return self._queued_audio
+
+    def played_sequence(self) -> int:
+        """Estimated sequence number of the next frame the transceiver will play: frames sent
+        minus those still ahead of real time in its buffer."""
+        ahead_s = max(0.0, self._play_end - self._clock())
+        return max(0, self.sequence - math.ceil(ahead_s / (FRAME_MS / 1000)))
 
     def audio_pending(self) -> bool:
         """True if audio is queued here or still playing at the transceiver."""
