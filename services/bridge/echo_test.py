@@ -168,3 +168,34 @@ async def test_session_update_retunes_end_of_turn() -> None:
         assert 2980 <= messages[1].speech_stopped.audio_end_ms <= 3200  # one turn, both tones
         call.cancel()
         await asyncio.wait_for(servicer.wait_idle(), 5)
+
+
+async def test_stereo_48k_input_is_echoed_as_24k_mono() -> None:
+    servicer = BridgeServicer(SETTINGS)
+    async with serve(servicer) as stub:
+        call = stub.StreamSession(None)
+        await call.write(session_start(sample_rate_hz=48000, channels=2))
+        assert await read(call) is not None
+        mono = np.concatenate([tone(500, 1.0, 48000), silence(1.0, 48000)])
+        stereo = np.repeat(mono, 2)  # L = R, interleaved
+        for offset in range(0, len(stereo), 1920):  # 20 ms of 48 kHz stereo
+            await call.write(
+                inference_pb2.StreamSessionRequest(
+                    audio_frame=inference_pb2.AudioFrame(
+                        data=stereo[offset : offset + 1920].astype("<i2").tobytes()
+                    )
+                )
+            )
+        frames = []
+        for _ in range(500):
+            message = await read(call)
+            assert message is not None
+            if message.HasField("audio_frame"):
+                frames.append(message.audio_frame)
+            if message.HasField("response_done"):
+                break
+        assert all(f.format.sample_rate_hz == RATE and f.format.channels == 1 for f in frames)
+        assert 49 <= len(frames) <= 61
+        assert abs(dominant_hz(b"".join(f.data for f in frames)) - 500) <= 500 * 0.03
+        call.cancel()
+        await asyncio.wait_for(servicer.wait_idle(), 5)
