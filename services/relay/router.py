@@ -90,6 +90,7 @@ class Binding:
         "stored_at",
         "transceiver_id",
         "ufrag",
+        "via",
     )
 
     def __init__(
@@ -100,6 +101,7 @@ class Binding:
         media: Address,
         ufrag_text: str,
         now: float,
+        via: int = 0,
     ) -> None:
         self.client = client
         self.cluster_id = cluster_id
@@ -112,6 +114,7 @@ class Binding:
         self.packets = 0
         self.bytes = 0
         self.stored_at = -1.0  # when the Redis copy was last written (monotonic), -1: never
+        self.via = via  # index of the public socket the client talks to
 
 
 class Router:
@@ -168,7 +171,13 @@ class Router:
                 binding.media = media
 
     def _install(
-        self, client: Address, cluster_id: int, transceiver_id: int, ufrag_text: str, now: float
+        self,
+        client: Address,
+        cluster_id: int,
+        transceiver_id: int,
+        ufrag_text: str,
+        now: float,
+        via: int,
     ) -> Binding | Drop:
         if cluster_id not in self.topology.clusters:
             return _DROPS[relay_pb2.DROP_REASON_UNKNOWN_CLUSTER]
@@ -180,7 +189,7 @@ class Router:
             # Full: the oldest binding (by creation) goes, so new calls are never refused.
             self._remove(next(iter(self._bindings)))
             self.bindings_evicted += 1
-        binding = Binding(client, cluster_id, transceiver_id, media, ufrag_text, now)
+        binding = Binding(client, cluster_id, transceiver_id, media, ufrag_text, now, via)
         self._bindings[client] = binding
         self._by_header[binding.header] = binding
         self.bindings_created += 1
@@ -193,11 +202,13 @@ class Router:
         if binding is not None:
             self._by_header.pop(binding.header, None)
 
-    def restore(self, client: Address, cluster_id: int, transceiver_id: int, now: float) -> bool:
+    def restore(
+        self, client: Address, cluster_id: int, transceiver_id: int, now: float, via: int = 0
+    ) -> bool:
         """A binding found in the shared store (Redis) for a client with none in memory."""
         if client in self._bindings:
             return True
-        result = self._install(client, cluster_id, transceiver_id, "", now)
+        result = self._install(client, cluster_id, transceiver_id, "", now, via)
         return isinstance(result, Binding)
 
     def expire_idle(self, now: float) -> int:
@@ -216,8 +227,10 @@ class Router:
         self.drop_bytes[direction][reason] += size
         return _DROPS[reason]
 
-    def route_client_packet(self, data: bytes, client: Address, now: float) -> Forward | Drop:
-        """A datagram from a client's public address."""
+    def route_client_packet(
+        self, data: bytes, client: Address, now: float, via: int = 0
+    ) -> Forward | Drop:
+        """A datagram from a client's public address, received on public socket `via`."""
         size = len(data)
         kind = _CLASS_OF_FIRST_BYTE[data[0]] if size else _OTHER
         self.rx_packets[C2T][kind] += 1
@@ -227,7 +240,7 @@ class Router:
             if binding is None:
                 return self._drop(C2T, relay_pb2.DROP_REASON_NO_BINDING, size)
         elif kind == _STUN:
-            result = self._route_stun(data, client, binding, now)
+            result = self._route_stun(data, client, binding, now, via)
             if isinstance(result, Drop):
                 self.drop_packets[C2T][result.reason] += 1
                 self.drop_bytes[C2T][result.reason] += size
@@ -243,7 +256,7 @@ class Router:
         return Forward(binding.media, binding.header + data)
 
     def _route_stun(
-        self, data: bytes, client: Address, binding: Binding | None, now: float
+        self, data: bytes, client: Address, binding: Binding | None, now: float, via: int
     ) -> Binding | Drop:
         try:
             message = stun.parse(data)
@@ -273,7 +286,7 @@ class Router:
         ):
             binding.ufrag = server_ufrag  # restart onto the same transceiver: same route
             return binding
-        return self._install(client, token.cluster_id, token.transceiver_id, server_ufrag, now)
+        return self._install(client, token.cluster_id, token.transceiver_id, server_ufrag, now, via)
 
     def _verify(self, message: stun.StunMessage) -> tuple[ufrag.RoutingToken, str] | Drop:
         username = message.username

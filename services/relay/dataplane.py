@@ -1,0 +1,238 @@
+"""Thin asyncio I/O around the router: the public UDP socket(s) and one internal socket.
+
+Client datagrams arrive on the public sockets (SO_REUSEPORT, so sibling workers share the
+address) and leave framed from the internal socket to the transceiver; transceiver frames
+arrive on the internal socket and leave unframed from the public socket the client talks
+to. A coarse clock ticks every `TICK_S` instead of reading the time per packet; the same
+ticker expires idle bindings and refreshes the Redis TTLs in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from typing import Any
+
+from libs.config.settings import parse_host_port
+from libs.observability.telemetry import log_event
+from services.relay.router import C2T, T2C, Binding, Forward, Router
+from services.relay.store import Address, BindingStore
+from voiceedge.relay.v1 import relay_pb2
+
+logger = logging.getLogger("voiceedge.relay")
+
+TICK_S = 0.25
+SOCKET_BUFFER_BYTES = 4 << 20
+NEGATIVE_CACHE_S = 1.0
+NEGATIVE_CACHE_MAX = 100_000
+_NO_BINDING = relay_pb2.DROP_REASON_NO_BINDING
+
+
+def bind_udp(address: str, *, reuse_port: bool) -> socket.socket:
+    """A non-blocking UDP socket bound to `host:port` (IPv6 literal in brackets)."""
+    host, port = parse_host_port(address, "udp address")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def sockname(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Public(asyncio.DatagramProtocol):
+    def __init__(self, plane: DataPlane, via: int, ipv6: bool) -> None:
+        self._plane = plane
+        self._via = via
+        self._ipv6 = ipv6
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        plane = self._plane
+        if self._ipv6:
+            addr = (addr[0], addr[1])
+        result = plane.router.route_client_packet(data, addr, plane.now, self._via)
+        if type(result) is Forward:
+            plane.internal_sendto(result[1], result[0])
+        elif result[0] == _NO_BINDING and plane.store.enabled:
+            plane.lookup(addr, self._via)
+
+    def error_received(self, exc: Exception) -> None:
+        self._plane.router.count_send_failed(T2C, 0)
+
+
+class _Internal(asyncio.DatagramProtocol):
+    def __init__(self, plane: DataPlane, ipv6: bool) -> None:
+        self._plane = plane
+        self._ipv6 = ipv6
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        plane = self._plane
+        if self._ipv6:
+            addr = (addr[0], addr[1])
+        result = plane.router.route_transceiver_packet(data, addr)
+        if type(result) is Forward:
+            sendto = plane.public_sendto
+            if len(sendto) == 1:
+                sendto[0](result[1], result[0])
+            else:
+                binding = plane.router.get(result[0])
+                sendto[binding.via if binding is not None else 0](result[1], result[0])
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP unreachable from a transceiver that went away: counted, never fatal.
+        self._plane.router.count_send_failed(C2T, 0)
+
+
+class DataPlane:
+    """One worker's sockets around one Router."""
+
+    def __init__(
+        self,
+        router: Router,
+        store: BindingStore,
+        *,
+        udp_listen: tuple[str, ...],
+        internal_listen: str,
+        binding_ttl_s: float,
+        redis_max_inflight: int,
+        worker_id: int = 0,
+    ) -> None:
+        self.router = router
+        self.store = store
+        self.worker_id = worker_id
+        self.now = time.monotonic()
+        self._udp_listen = udp_listen
+        self._internal_listen = internal_listen
+        self._refresh_every_s = max(1.0, binding_ttl_s / 3)
+        self._max_inflight = redis_max_inflight
+        self._transports: list[asyncio.DatagramTransport] = []
+        self.public_sendto: list[Any] = []
+        self.internal_sendto: Any = None
+        self.public_addresses: list[str] = []
+        self.internal_address = ""
+        self._inflight: dict[Address, asyncio.Task[None]] = {}
+        self._negative: dict[Address, float] = {}
+        self._writes: set[asyncio.Task[None]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self._closed = False
+        router.on_bind = self._on_bind
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            internal = bind_udp(self._internal_listen, reuse_port=False)
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Internal(self, internal.family == socket.AF_INET6), sock=internal
+            )
+            self._transports.append(transport)
+            self.internal_sendto = transport.sendto
+            self.internal_address = sockname(internal)
+            for via, address in enumerate(self._udp_listen):
+                sock = bind_udp(address, reuse_port=True)
+                self.public_addresses.append(sockname(sock))
+                ipv6 = sock.family == socket.AF_INET6
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda via=via, ipv6=ipv6: _Public(self, via, ipv6),  # type: ignore[misc]
+                    sock=sock,
+                )
+                self._transports.append(transport)
+                self.public_sendto.append(transport.sendto)
+        except BaseException:
+            await self.close()
+            raise
+        self._ticker = asyncio.create_task(self._tick())
+        log_event(
+            logger,
+            "relay.listening",
+            worker=self.worker_id,
+            udp=",".join(self.public_addresses),
+            internal=self.internal_address,
+        )
+
+    async def _tick(self) -> None:
+        last_refresh = last_expire = self.now
+        while True:  # until cancelled, one turn per TICK_S
+            await asyncio.sleep(TICK_S)
+            self.now = now = time.monotonic()
+            if now - last_expire >= 1.0:
+                last_expire = now
+                self.router.expire_idle(now)
+                if len(self._negative) > NEGATIVE_CACHE_MAX:
+                    self._negative.clear()
+            if self.store.enabled and now - last_refresh >= self._refresh_every_s:
+                last_refresh = now
+                await self._refresh(now)
+
+    async def _refresh(self, now: float) -> None:
+        """TTL refresh for bindings with traffic since their last write, batched."""
+        due = [b for b in self.router.bindings() if b.last_seen > b.stored_at]
+        entries = [(b.client, b.cluster_id, b.transceiver_id) for b in due]
+        ok = await self.store.refresh(entries)
+        for binding in due:
+            binding.stored_at = now if ok else -1.0
+
+    def _on_bind(self, binding: Binding) -> None:
+        self._negative.pop(binding.client, None)
+        if not self.store.enabled or self._closed:
+            return
+        binding.stored_at = self.now
+        task = asyncio.get_running_loop().create_task(self._put(binding))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _put(self, binding: Binding) -> None:
+        if not await self.store.put(binding.client, binding.cluster_id, binding.transceiver_id):
+            binding.stored_at = -1.0  # retried by the next refresh
+
+    def lookup(self, client: Address, via: int) -> None:
+        """DTLS/SRTP from an unbound client: ask the shared store once. Packets that arrive
+        meanwhile are dropped (counted NO_BINDING); DTLS retransmits and SRTP tolerates
+        the loss. Misses are remembered for NEGATIVE_CACHE_S, lookups are bounded."""
+        if client in self._inflight or self._closed:
+            return
+        expiry = self._negative.get(client)
+        if expiry is not None and expiry > self.now:
+            return
+        if len(self._inflight) >= self._max_inflight:
+            return
+        task = asyncio.get_running_loop().create_task(self._lookup(client, via))
+        self._inflight[client] = task
+
+    async def _lookup(self, client: Address, via: int) -> None:
+        try:
+            ids = await self.store.get(client)
+            if ids is None or not self.router.restore(client, ids[0], ids[1], self.now, via):
+                self._negative[client] = self.now + NEGATIVE_CACHE_S
+        finally:
+            self._inflight.pop(client, None)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [t for t in (self._ticker, *self._inflight.values(), *self._writes) if t]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for transport in self._transports:
+            transport.close()
+        self._transports.clear()
