@@ -223,6 +223,20 @@ class DataPlane:
         finally:
             self._inflight.pop(client, None)
 
+    async def flush_writes(self) -> None:
+        """Waits for the Redis writes started so far (tests, shutdown)."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+
+    async def flush_lookups(self) -> None:
+        """Waits for the Redis lookups started so far."""
+        if self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
+    async def refresh_now(self) -> None:
+        """Runs the periodic Redis refresh at once."""
+        await self._refresh(time.monotonic())
+
     async def close(self) -> None:
         if self._closed:
             return
