@@ -6,7 +6,9 @@ Run: ./bazelw run //services/relay -- --help
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -16,11 +18,9 @@ from libs.observability.telemetry import Telemetry, log_event
 from libs.service.runtime import ServiceParts, Servicer, service_main
 from libs.wire import ufrag
 from services.relay.admin import RelayAdmin, RelayState, register_metrics
-from services.relay.dataplane import DataPlane
-from services.relay.router import Router
 from services.relay.settings import RelaySettings
-from services.relay.store import make_binding_store
-from services.relay.topology import cancel_and_wait, make_topology_source
+from services.relay.topology import cancel_and_wait
+from services.relay.workers import RemoteWorker, make_worker
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
 
 logger = logging.getLogger("voiceedge.relay")
@@ -29,39 +29,49 @@ logger = logging.getLogger("voiceedge.relay")
 async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
     if settings.ufrag_keys == ufrag.DEV_KEYRING_SPEC:
         log_event(logger, "relay.dev_keyring", level=logging.WARNING, detail="never in production")
-    if settings.workers != 1:
-        log_event(
-            logger,
-            "relay.workers_unsupported",
-            level=logging.WARNING,
-            workers=settings.workers,
-            detail="running one worker",
-        )
-    keyring = ufrag.Keyring.parse(settings.ufrag_keys)
-    source = make_topology_source(settings.transceivers, settings.geosteer_address)
-    router = Router(
-        keyring,
-        source.current(),
-        idle_timeout_s=settings.idle_timeout_s,
-        max_bindings=settings.max_bindings,
-        verify_message_integrity=settings.verify_message_integrity,
+    workers = settings.workers or os.cpu_count() or 1
+    plane, store, watch = await make_worker(settings, 0)
+    # Children bind the ports worker 0 got (port 0 picks one) and their own internal socket.
+    internal_host = settings.internal_listen.rpartition(":")[0]
+    child_settings = dataclasses.replace(
+        settings,
+        udp_listen=tuple(plane.public_addresses),
+        internal_listen=f"{internal_host}:0",
+        metrics_listen="",
+        otlp_endpoint="",
     )
-    store = make_binding_store(settings.redis_url, settings.binding_ttl_s, settings.redis_timeout_s)
-    plane = DataPlane(
-        router,
-        store,
-        udp_listen=settings.udp_listen,
-        internal_listen=settings.internal_listen,
-        binding_ttl_s=settings.binding_ttl_s,
-        redis_max_inflight=settings.redis_max_inflight,
-    )
+    remotes: list[RemoteWorker] = []
     try:
-        await plane.start()
+        for worker_id in range(1, workers):
+            remotes.append(RemoteWorker(child_settings, worker_id))
+        for remote in remotes:
+            await remote.wait_ready()
     except BaseException:
+        for remote in remotes:
+            await remote.close()
+        await cancel_and_wait(watch)
+        await plane.close()
         await store.close()
         raise
-    watch = asyncio.get_running_loop().create_task(source.run(router.set_topology))
-    state = RelayState([plane], store, settings.drain_grace_s)
+
+    def remote_redis() -> tuple[int, int, int, int]:
+        totals = [0, 0, 0, 0]
+        for remote in remotes:
+            for i, value in enumerate(remote.redis):
+                totals[i] += value
+        return totals[0], totals[1], totals[2], totals[3]
+
+    def drain_children(grace_s: float) -> None:
+        for remote in remotes:
+            remote.drain(grace_s)
+
+    state = RelayState(
+        [plane, *remotes],
+        store,
+        settings.drain_grace_s,
+        on_drain=drain_children,
+        remote_redis=remote_redis,
+    )
     register_metrics(telemetry.meter, state)
 
     async def drain(grace_s: float) -> None:
@@ -71,6 +81,8 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
     async def close() -> None:
         await cancel_and_wait(watch)
         await state.close()
+        for remote in remotes:
+            await remote.close()
         await plane.close()
         await store.close()
 
@@ -83,7 +95,11 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
         ],
         drain=drain,
         close=close,
-        ready={"udp": list(plane.public_addresses), "internal": plane.internal_address},
+        ready={
+            "udp": list(plane.public_addresses),
+            "internal": plane.internal_address,
+            "workers": workers,
+        },
     )
 
 

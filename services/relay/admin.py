@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
@@ -23,7 +24,6 @@ from opentelemetry import metrics
 
 from libs.observability.telemetry import log_event
 from libs.wire.classify import PacketClass
-from services.relay.dataplane import DataPlane
 from services.relay.router import (
     CLASS_PROTO,
     DIRECTION_PROTO,
@@ -69,19 +69,40 @@ def _decode_token(token: str) -> tuple[int, bytes, int]:
         raise ValueError("bad page_token") from None
 
 
+class Worker(Protocol):
+    """A data plane in this process (DataPlane) or a child's counters (RemoteWorker).
+    `router` is a Router or a CounterSnapshot with the same counter fields."""
+
+    worker_id: int
+    router: Any
+
+    async def close(self) -> None: ...
+
+
 @dataclass
 class RelayState:
-    """What the admin API and metrics observe: the workers' data planes and the store."""
+    """What the admin API and metrics observe: the workers and the Redis store."""
 
-    planes: Sequence[DataPlane]
+    planes: Sequence[Worker]
     store: BindingStore
     drain_grace_s: float
     started_at: float = field(default_factory=time.time)
     draining: bool = False
-    on_stop: Callable[[], None] | None = None
+    on_drain: Callable[[float], None] | None = None
+    remote_redis: Callable[[], tuple[int, int, int, int]] | None = None
     _stop_task: asyncio.Task[None] | None = None
 
+    def redis_counts(self) -> tuple[int, int, int, int]:
+        """hits, misses, errors, writes over all workers."""
+        store = self.store
+        own = (store.hits, store.misses, store.errors, store.writes)
+        if self.remote_redis is None:
+            return own
+        other = self.remote_redis()
+        return (own[0] + other[0], own[1] + other[1], own[2] + other[2], own[3] + other[3])
+
     def stats(self) -> relay_pb2.RelayStats:
+        redis = self.redis_counts()
         out = relay_pb2.RelayStats(
             started_at=_timestamp(self.started_at),
             draining=self.draining,
@@ -90,10 +111,10 @@ class RelayState:
             bindings_expired=sum(p.router.bindings_expired for p in self.planes),
             redis=relay_pb2.RedisStats(
                 enabled=self.store.enabled,
-                hits=self.store.hits,
-                misses=self.store.misses if self.store.enabled else 0,
-                errors=self.store.errors,
-                writes=self.store.writes,
+                hits=redis[0],
+                misses=redis[1] if self.store.enabled else 0,
+                errors=redis[2],
+                writes=redis[3],
             ),
         )
         for direction in DIRECTIONS:
@@ -136,7 +157,7 @@ class RelayState:
             )
         return out
 
-    def all_bindings(self) -> list[tuple[DataPlane, Binding]]:
+    def all_bindings(self) -> list[tuple[Worker, Binding]]:
         return [(plane, b) for plane in self.planes for b in plane.router.bindings()]
 
     def start_drain(self, grace_s: float) -> int:
@@ -147,6 +168,8 @@ class RelayState:
         self.draining = True
         for plane in self.planes:
             plane.router.draining = True
+        if self.on_drain is not None:
+            self.on_drain(grace_s)
         log_event(logger, "relay.draining", bindings=active, grace_s=grace_s)
         self._stop_task = asyncio.get_running_loop().create_task(self._stop_after(grace_s))
         return active
@@ -159,8 +182,6 @@ class RelayState:
             await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         for plane in self.planes:
             await plane.close()
-        if self.on_stop is not None:
-            self.on_stop()
 
     async def wait_drained(self) -> None:
         if self._stop_task is not None:
@@ -284,15 +305,11 @@ def register_metrics(meter: metrics.Meter, state: RelayState) -> None:
         yield metrics.Observation(sum(len(p.router) for p in state.planes))
 
     def redis_ops(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
-        store = state.store
-        for result, value in (
-            ("hit", store.hits),
-            ("miss", store.misses),
-            ("error", store.errors),
-            ("write", store.writes),
-        ):
-            if store.enabled:
-                yield metrics.Observation(value, {"result": result})
+        if not state.store.enabled:
+            return
+        counts = state.redis_counts()
+        for result, value in zip(("hit", "miss", "error", "write"), counts, strict=True):
+            yield metrics.Observation(value, {"result": result})
 
     meter.create_observable_counter(
         "voiceedge_relay_packets", [traffic("packets")], description="UDP packets through the relay"

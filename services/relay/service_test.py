@@ -4,6 +4,7 @@ admin API and metrics, and kill -9 / restart with a real Redis."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import time
@@ -79,6 +80,8 @@ def test_kill_9_and_restart_with_redis_keeps_the_call() -> None:
         media = _name(transceiver)
         vip = ("127.0.0.1", free_udp_port())
         args = [
+            "--workers",
+            "1",
             "--udp-listen",
             f"{vip[0]}:{vip[1]}",
             "--transceivers",
@@ -131,6 +134,8 @@ def test_admin_api_stats_bindings_drain_and_metrics() -> None:
     with _udp() as transceiver:
         media = _name(transceiver)
         args = [
+            "--workers",
+            "1",
             "--udp-listen",
             "127.0.0.1:0",
             "--transceivers",
@@ -222,3 +227,55 @@ def test_admin_api_stats_bindings_drain_and_metrics() -> None:
                 assert stats.draining
                 reasons = {d.reason: d.packets for d in stats.drops}
                 assert reasons[relay_pb2.DROP_REASON_DRAINING] == 1
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = open(f"/proc/{entry}/stat").read()  # noqa: SIM115
+                if int(stat.rpartition(")")[2].split()[1]) == pid:
+                    found.add(int(entry))
+    return found
+
+
+def test_two_workers_share_the_port_and_die_with_the_parent() -> None:
+    keys = ufrag.dev_keyring()
+    with _udp() as transceiver, contextlib.ExitStack() as stack:
+        media = _name(transceiver)
+        args = ["--workers", "2", "--udp-listen", "127.0.0.1:0"]
+        args += ["--transceivers", f"1/1={media[0]}:{media[1]}"]
+        with running_service(COMMAND, args) as relay:
+            assert relay.ready["workers"] == 2
+            vip = _address(relay.ready["udp"][0])
+            clients = [stack.enter_context(_udp()) for _ in range(16)]
+            for client in clients:
+                request = binding_request_for(keys, 1, 1)[0]
+                client.sendto(request, vip)
+                assert transceiver.recv(65535) == framing.encode(*_name(client), request)
+                client.sendto(SRTP, vip)
+                assert transceiver.recv(65535) == framing.encode(*_name(client), SRTP)
+            with grpc.insecure_channel(relay.grpc_address) as channel:
+                stub = relay_pb2_grpc.RelayAdminServiceStub(channel)
+                for _ in range(100):  # children report every 0.5 s; bounded wait
+                    stats = stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+                    if stats.bindings_active == len(clients):
+                        break
+                    time.sleep(0.1)
+                assert stats.bindings_active == len(clients)
+                assert [w.worker_id for w in stats.workers] == [0, 1]
+            children = _children(relay.process.pid)
+            assert children
+            relay.process.send_signal(signal.SIGKILL)
+            relay.process.wait(timeout=10)
+            for _ in range(200):  # bounded: children notice the closed pipe at once
+                if not any(os.path.exists(f"/proc/{pid}") for pid in children):
+                    break
+                time.sleep(0.05)
+            alive = [pid for pid in children if os.path.exists(f"/proc/{pid}/stat")]
+            zombies_only = all(
+                open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] == "Z"  # noqa: SIM115
+                for pid in alive
+            )
+            assert zombies_only, alive

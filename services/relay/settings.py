@@ -29,7 +29,7 @@ class RelaySettings(ServiceSettings):
         metadata={"help": "host:port of the internal UDP socket facing the transceivers"},
     )
     workers: int = dataclasses.field(
-        default=1,
+        default=0,
         metadata={
             "help": "worker processes sharing the public port with SO_REUSEPORT; 0: one per core"
         },

@@ -209,6 +209,8 @@ def bench_relay(
             str(RELAY_BINARY),
             "--grpc-listen",
             "127.0.0.1:0",
+            "--workers",
+            "1",
             "--udp-listen",
             f"127.0.0.1:{vip_port}",
             "--transceivers",
