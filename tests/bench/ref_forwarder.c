@@ -22,9 +22,11 @@ int main(int argc, char **argv) {
     return 2;
   }
   int fd = socket(AF_INET, SOCK_DGRAM, 0);
-  int buf = 4 << 20;
-  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf);
-  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
+  int buf = 4 << 20; /* same buffers as the relay: *FORCE when root, else capped */
+  if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &buf, sizeof buf) != 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf);
+  if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &buf, sizeof buf) != 0)
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
   struct sockaddr_in me = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1]))};
   inet_pton(AF_INET, "127.0.0.1", &me.sin_addr);
   if (bind(fd, (struct sockaddr *)&me, sizeof me) != 0) {
