@@ -126,7 +126,7 @@ def build_parser(
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every flag can also be set in the --config TOML file (key = field name) or "
         "as an environment variable (see the prefix above).",
     )
@@ -158,7 +158,7 @@ def load_settings(
     """
     environ = os.environ if environ is None else environ
     parser = build_parser(cls, prog, description)
-    parser.description = f"{description}\nEnvironment prefix: {env_prefix}"
+    parser.description = f"{description.strip()}\n\nEnvironment prefix: {env_prefix}"
     args = vars(parser.parse_args(list(argv) if argv is not None else None))
     known = _fields(cls)
     values: dict[str, Any] = {}

@@ -9,18 +9,31 @@ import sys
 from collections.abc import Sequence
 
 from libs.observability.telemetry import Telemetry
-from libs.service.runtime import ServiceParts, Servicer, service_main, unimplemented_servicer
+from libs.service.runtime import ServiceParts, Servicer, service_main
+from services.geosteer.service import Geosteer
 from services.geosteer.settings import GeosteerSettings
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
 
 async def build(settings: GeosteerSettings, telemetry: Telemetry) -> ServiceParts:
-    servicer = unimplemented_servicer(geosteer_pb2_grpc.GeosteerServiceServicer)
+    # Topology and GeoIP load before the server starts, so health turns SERVING only
+    # once routing can answer.
+    geosteer = Geosteer(settings, telemetry=telemetry)
+    geosteer.start()
     full_name = geosteer_pb2.DESCRIPTOR.services_by_name["GeosteerService"].full_name
     return ServiceParts(
         servicers=[
-            Servicer(full_name, geosteer_pb2_grpc.add_GeosteerServiceServicer_to_server, servicer)
-        ]
+            Servicer(
+                full_name,
+                geosteer_pb2_grpc.add_GeosteerServiceServicer_to_server,
+                geosteer.servicer,
+            )
+        ],
+        close=geosteer.close,
+        ready={
+            "clusters": len(geosteer.directory.clusters),
+            "geoip": geosteer.locator.description,
+        },
     )
 
 

@@ -22,3 +22,9 @@ def test_bad_setting_is_a_clear_error() -> None:
 
 def test_serves_health_and_reflection_then_drains() -> None:
     assert_service_lifecycle(COMMAND, "voiceedge.geosteer.v1.GeosteerService")
+
+
+def test_bad_topology_is_a_clear_error() -> None:
+    result = run_cli(COMMAND, ["--topology-path", "/nonexistent/topology.toml"])
+    assert result.returncode == 2
+    assert "topology_path: topology file /nonexistent/topology.toml" in result.stderr

@@ -1,26 +1,122 @@
 """Signaling: the public call API (OpenAI Realtime compatible HTTP, WHIP) and its gRPC mirror.
 
 Run: ./bazelw run //services/signaling -- --help
+The API key comes from VOICEEDGE_API_KEY and/or the api_keys setting; with neither, a dev
+key is generated and printed on stderr (and in the ready line as dev_api_key).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from libs.observability.telemetry import Telemetry
-from libs.service.runtime import ServiceParts, Servicer, service_main, unimplemented_servicer
+from aiohttp import web
+
+from libs.config.settings import parse_host_port
+from libs.observability.telemetry import Telemetry, log_event
+from libs.service.runtime import ServiceParts, Servicer, service_main
+from services.signaling.calls import CallService, CallSettings
+from services.signaling.clientip import parse_networks
+from services.signaling.grpc_api import SignalingServicer
+from services.signaling.http_api import build_app
 from services.signaling.settings import SignalingSettings
+from services.signaling.store import make_store
 from voiceedge.signaling.v1 import signaling_pb2, signaling_pb2_grpc
+
+logger = logging.getLogger("voiceedge.signaling")
+
+API_KEY_ENV = "VOICEEDGE_API_KEY"
+
+
+def api_keys(settings: SignalingSettings, environ: Mapping[str, str]) -> tuple[list[str], str]:
+    """The accepted keys, and the generated dev key ("" if keys were configured)."""
+    keys = list(settings.api_keys)
+    if environ.get(API_KEY_ENV):
+        keys.append(environ[API_KEY_ENV])
+    if keys:
+        return keys, ""
+    dev_key = "sk-voiceedge-dev-" + secrets.token_urlsafe(24)
+    return [dev_key], dev_key
+
+
+def call_settings(settings: SignalingSettings) -> CallSettings:
+    return CallSettings(
+        geosteer_timeout_s=settings.geosteer_timeout_s,
+        create_session_timeout_s=settings.create_session_timeout_s,
+        max_transceiver_attempts=settings.max_transceiver_attempts,
+        max_body_bytes=settings.max_body_bytes,
+        client_secret_ttl_s=settings.client_secret_ttl_s,
+        rate_per_key_per_s=settings.rate_per_key_per_s,
+        burst_per_key=settings.burst_per_key,
+        rate_per_ip_per_s=settings.rate_per_ip_per_s,
+        burst_per_ip=settings.burst_per_ip,
+        retry_after_s=settings.retry_after_s,
+    )
 
 
 async def build(settings: SignalingSettings, telemetry: Telemetry) -> ServiceParts:
-    servicer = unimplemented_servicer(signaling_pb2_grpc.SignalingServiceServicer)
+    keys, dev_key = api_keys(settings, os.environ)
+    if dev_key:
+        print(f"signaling: no API key configured; dev key: {dev_key}", file=sys.stderr)
+    if settings.uses_dev_keyring:
+        log_event(
+            logger,
+            "ufrag.dev_keyring",
+            level=logging.WARNING,
+            detail="minting ufrags with the public dev key; set ufrag_keys in production",
+        )
+    service = CallService(
+        api_keys=keys,
+        keyring=settings.keyring(),
+        store=make_store(settings.redis_url, settings.call_retention_s),
+        geosteer_address=settings.geosteer_address,
+        settings=call_settings(settings),
+        tracer=telemetry.tracer,
+        meter=telemetry.meter,
+    )
+    app = build_app(
+        service,
+        trusted_proxies=parse_networks(settings.trusted_proxies),
+        cors_origins=settings.cors_origins,
+    )
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, port = parse_host_port(settings.http_listen, "http_listen")
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        await service.close()
+        raise
+    bound = runner.addresses[0][1]
+
+    async def drain(grace_s: float) -> None:
+        del grace_s  # calls live on transceivers; signaling only stops taking new ones
+        service.draining = True
+
+    async def close() -> None:
+        await runner.cleanup()
+        await service.close()
+
+    ready: dict[str, object] = {"http": f"{host}:{bound}"}
+    if dev_key:
+        ready["dev_api_key"] = dev_key
     full_name = signaling_pb2.DESCRIPTOR.services_by_name["SignalingService"].full_name
     return ServiceParts(
         servicers=[
-            Servicer(full_name, signaling_pb2_grpc.add_SignalingServiceServicer_to_server, servicer)
-        ]
+            Servicer(
+                full_name,
+                signaling_pb2_grpc.add_SignalingServiceServicer_to_server,
+                SignalingServicer(service),
+            )
+        ],
+        drain=drain,
+        close=close,
+        ready=ready,
     )
 
 

@@ -1,0 +1,134 @@
+"""Client side of node registration, for relays, transceivers, signaling and bridges.
+
+    loop = HeartbeatLoop(channel, node, report=lambda: NodeReport(active_sessions=n))
+    loop.start()
+    ...
+    await loop.close()   # deregisters (best effort) and stops
+
+Registers, heartbeats at the interval geosteer returns, registers again when geosteer
+answers known=false (it restarted or dropped the node), and keeps retrying with capped
+backoff while geosteer is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+
+from libs.observability.telemetry import log_event
+from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
+
+logger = logging.getLogger("voiceedge.geosteer.client")
+
+RPC_TIMEOUT_S = 5.0
+MAX_BACKOFF_S = 10.0
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """What the node says about itself in each heartbeat."""
+
+    active_sessions: int = 0
+    capacity_sessions: int = 0  # 0: unchanged since registration
+    draining: bool = False
+    cpu_load: float = 0.0
+    rtt_samples: Sequence[geosteer_pb2.RttSample] = field(default=())
+
+
+class HeartbeatLoop:
+    """Keeps one node registered with geosteer for as long as it runs."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        node: geosteer_pb2.Node,
+        report: Callable[[], NodeReport] = NodeReport,
+    ) -> None:
+        self._stub = geosteer_pb2_grpc.GeosteerServiceStub(channel)
+        self._node = node
+        self._report = report
+        self._task: asyncio.Task[None] | None = None
+        self.interval_s = 1.0
+        self.registered = asyncio.Event()
+        self.registrations = 0
+        self.heartbeats = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self.run())
+
+    async def register(self) -> None:
+        response = await self._stub.RegisterNode(
+            geosteer_pb2.RegisterNodeRequest(node=self._node), timeout=RPC_TIMEOUT_S
+        )
+        self.interval_s = max(0.01, response.heartbeat_interval_ms / 1000)
+        self.registrations += 1
+        self.registered.set()
+        log_event(logger, "geosteer.registered", node__id=self._node.node_id)
+
+    async def beat(self) -> bool:
+        """One heartbeat; returns geosteer's `known`."""
+        report = self._report()
+        response = await self._stub.Heartbeat(
+            geosteer_pb2.HeartbeatRequest(
+                node_id=self._node.node_id,
+                active_sessions=report.active_sessions,
+                capacity_sessions=report.capacity_sessions,
+                draining=report.draining,
+                cpu_load=report.cpu_load,
+                rtt_samples=list(report.rtt_samples),
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+        self.heartbeats += 1
+        return bool(response.known)
+
+    async def run(self) -> None:
+        """Runs until cancelled."""
+        backoff_s = 0.1
+        need_register = True
+        while True:
+            try:
+                if need_register:
+                    await self.register()
+                    need_register = False
+                else:
+                    need_register = not await self.beat()
+                    if need_register:
+                        self.registered.clear()
+                        log_event(logger, "geosteer.unknown_node", node__id=self._node.node_id)
+                        continue
+                backoff_s = 0.1
+                await asyncio.sleep(self.interval_s)
+            except grpc.aio.AioRpcError as exc:
+                log_event(
+                    logger,
+                    "geosteer.unreachable",
+                    level=logging.WARNING,
+                    node__id=self._node.node_id,
+                    rpc__grpc__status_code=exc.code().name,
+                )
+                await asyncio.sleep(backoff_s * (0.5 + random.random()))
+                backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
+
+    async def close(self, deregister: bool = True) -> None:
+        """Stops heartbeating and, by default, removes the node at once. Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if deregister and self.registered.is_set():
+            self.registered.clear()
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._stub.DeregisterNode(
+                    geosteer_pb2.DeregisterNodeRequest(node_id=self._node.node_id),
+                    timeout=RPC_TIMEOUT_S,
+                )

@@ -1,0 +1,88 @@
+"""Measured first-hop RTTs per (client prefix, cluster), folded into routing.
+
+Transceivers report RttSample(client_prefix, rtt_ms, sample_count) in their heartbeats.
+We keep an exponentially weighted moving average per client /24 (IPv4) or /48 (IPv6)
+and cluster; RouteSession uses it instead of the distance estimate for that cluster.
+The table is bounded: the least recently updated prefixes are evicted first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import OrderedDict
+
+IPV4_PREFIX_LEN = 24
+IPV6_PREFIX_LEN = 48
+MAX_RTT_MS = 60_000.0
+
+
+class RttSampleError(ValueError):
+    """A sample with a malformed prefix or an impossible RTT."""
+
+
+def client_prefix(ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The prefix a client address is aggregated under: a.b.c.0/24 or x:x:x::/48."""
+    address = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+    length = IPV4_PREFIX_LEN if address.version == 4 else IPV6_PREFIX_LEN
+    return str(ipaddress.ip_network(f"{address}/{length}", strict=False))
+
+
+def normalize_prefix(text: str) -> str:
+    """The aggregation prefix of a reported CIDR; longer prefixes (a /32) fold into their
+    /24, shorter ones (a /16) are too coarse to steer by and are rejected."""
+    try:
+        network = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError as exc:
+        raise RttSampleError(f"client_prefix {text!r}: {exc}") from None
+    length = IPV4_PREFIX_LEN if network.version == 4 else IPV6_PREFIX_LEN
+    if network.prefixlen < length:
+        raise RttSampleError(f"client_prefix {text!r}: shorter than /{length}")
+    return client_prefix(network.network_address)
+
+
+class RttTable:
+    """EWMA of measured RTT per (client prefix, cluster id), LRU-bounded by prefix count.
+
+    `alpha` is the weight of one measurement; a report averaging n measurements weighs
+    1 - (1 - alpha)^n, as if they had arrived one by one with the same mean.
+    """
+
+    def __init__(self, max_prefixes: int = 100_000, alpha: float = 0.2) -> None:
+        if max_prefixes < 1:
+            raise ValueError("max_prefixes must be >= 1")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError("alpha must be in (0, 1]")
+        self._max = max_prefixes
+        self._alpha = alpha
+        self._table: OrderedDict[str, dict[int, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def observe(self, prefix: str, cluster_id: int, rtt_ms: float, sample_count: int = 1) -> None:
+        """Folds one report in; raises RttSampleError for bad input (caller counts a drop)."""
+        if not math.isfinite(rtt_ms) or not 0.0 < rtt_ms <= MAX_RTT_MS:
+            raise RttSampleError(f"rtt_ms {rtt_ms!r} out of range (0, {MAX_RTT_MS:g}]")
+        key = normalize_prefix(prefix)
+        weight = 1.0 - (1.0 - self._alpha) ** max(1, sample_count)
+        per_cluster = self._table.get(key)
+        if per_cluster is None:
+            per_cluster = {}
+            self._table[key] = per_cluster
+            while len(self._table) > self._max:
+                self._table.popitem(last=False)
+        else:
+            self._table.move_to_end(key)
+        previous = per_cluster.get(cluster_id)
+        per_cluster[cluster_id] = (
+            rtt_ms if previous is None else previous + weight * (rtt_ms - previous)
+        )
+
+    def lookup(self, client_ip: str) -> dict[int, float]:
+        """cluster id -> measured RTT for the client's prefix (empty when none)."""
+        try:
+            key = client_prefix(client_ip)
+        except ValueError:
+            return {}
+        return dict(self._table.get(key, {}))

@@ -1,0 +1,505 @@
+"""The call flow both front ends share: authenticate, rate-limit, route, pick a
+transceiver, mint the ufrag, create the session, remember the call; and hang up.
+
+Nothing half-created survives an error: a session created on a transceiver is closed
+again if the call cannot be recorded (or the request is cancelled) before the answer
+goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf import json_format, struct_pb2
+from opentelemetry import metrics, trace
+
+from libs.observability.telemetry import log_event
+from libs.wire import ufrag as ufrag_codec
+from services.signaling import errors
+from services.signaling.errors import ApiError
+from services.signaling.ratelimit import RateLimiter, retry_after_header
+from services.signaling.sdp import OfferError, validate_offer
+from services.signaling.store import CallRecord, CallStore, SecretRecord, StoreError
+from voiceedge.common.v1 import common_pb2
+from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
+from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
+
+logger = logging.getLogger("voiceedge.signaling")
+
+CLIENT_SECRET_PREFIX = "ek_"  # noqa: S105 (a prefix, not a secret)
+MIN_SECRET_TTL_S = 10
+MAX_SECRET_TTL_S = 7200
+# Statuses after which the next ranked transceiver is tried (the issue: "refuses or fails").
+_RETRYABLE = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ABORTED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: `owner` is the API key fingerprint calls are filed under."""
+
+    owner: str
+    kind: str  # "api_key" or "client_secret"
+    bucket: str  # rate-limit bucket of this credential
+    bound_session: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedCall:
+    call: CallRecord
+    answer_sdp: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSecret:
+    value: str
+    expires_at: float
+    session: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CallSettings:
+    """The knobs of the flow (a subset of SignalingSettings, so tests build it directly)."""
+
+    geosteer_timeout_s: float = 2.0
+    create_session_timeout_s: float = 5.0
+    max_transceiver_attempts: int = 3
+    max_body_bytes: int = 65536
+    client_secret_ttl_s: int = 600
+    rate_per_key_per_s: float = 20.0
+    burst_per_key: int = 40
+    rate_per_ip_per_s: float = 10.0
+    burst_per_ip: int = 20
+    retry_after_s: int = 2
+
+
+def fingerprint(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _owner(api_key: str) -> str:
+    return "key:" + fingerprint(api_key)[:16]
+
+
+class CallService:
+    """One instance per process; both the HTTP and the gRPC front end call into it."""
+
+    def __init__(
+        self,
+        *,
+        api_keys: Sequence[str],
+        keyring: ufrag_codec.Keyring,
+        store: CallStore,
+        geosteer_address: str,
+        settings: CallSettings,
+        tracer: trace.Tracer | None = None,
+        meter: metrics.Meter | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not api_keys:
+            raise ValueError("at least one API key is required")
+        self._api_keys = [(fingerprint(k).encode(), _owner(k)) for k in api_keys]
+        self._keyring = keyring
+        self._store = store
+        self._settings = settings
+        self._tracer = tracer or trace.get_tracer("voiceedge.signaling")
+        meter = meter or metrics.get_meter("voiceedge.signaling")
+        self._calls_counter = meter.create_counter(
+            "signaling.calls", description="call setups by outcome (error code or 'created')"
+        )
+        self._setup_ms = meter.create_histogram(
+            "signaling.call_setup.duration", unit="ms", description="POST to answer"
+        )
+        self._clock = clock
+        self._monotonic = monotonic
+        self._key_limiter = RateLimiter(settings.rate_per_key_per_s, settings.burst_per_key)
+        self._ip_limiter = RateLimiter(settings.rate_per_ip_per_s, settings.burst_per_ip)
+        self._geosteer_channel = grpc.aio.insecure_channel(geosteer_address)
+        self._geosteer = geosteer_pb2_grpc.GeosteerServiceStub(self._geosteer_channel)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.draining = False
+        self._closed = False
+
+    @property
+    def settings(self) -> CallSettings:
+        return self._settings
+
+    # -- authentication and limits -------------------------------------------------------
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """`Bearer <API key | ek_...>` -> Principal; 401 when missing, unknown or expired."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        token = token.strip()
+        if not authorization or scheme.lower() != "bearer" or not token:
+            raise errors.unauthorized(
+                "missing_api_key",
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+            )
+        digest = fingerprint(token)
+        if token.startswith(CLIENT_SECRET_PREFIX):
+            try:
+                secret = await self._store.get_secret(digest)
+            except StoreError as exc:
+                raise self._store_unavailable(exc) from exc
+            if secret is None:
+                # Expired and unknown look alike on purpose (and in Redis they are alike).
+                raise errors.unauthorized(
+                    "invalid_api_key", "Unknown or expired client secret provided."
+                )
+            return Principal(secret.owner, "client_secret", "ek:" + digest, secret.session)
+        match = None
+        # Constant time over every configured key: compare digests, never stop early.
+        for key_digest, owner in self._api_keys:
+            if hmac.compare_digest(key_digest, digest.encode()):
+                match = owner
+        if match is None:
+            raise errors.unauthorized("invalid_api_key", "Incorrect API key provided.")
+        return Principal(match, "api_key", match)
+
+    def check_ip_rate(self, client_ip: str) -> None:
+        if not client_ip:
+            return
+        wait_s = self._ip_limiter.take(client_ip, self._monotonic())
+        if wait_s:
+            raise errors.rate_limited(
+                "Too many requests from this address.", retry_after_header(wait_s)
+            )
+
+    def check_key_rate(self, principal: Principal) -> None:
+        wait_s = self._key_limiter.take(principal.bucket, self._monotonic())
+        if wait_s:
+            raise errors.rate_limited(
+                "Rate limit reached for this key.", retry_after_header(wait_s)
+            )
+
+    # -- calls ---------------------------------------------------------------------------
+
+    async def create_call(
+        self,
+        principal: Principal,
+        offer_sdp: str | bytes,
+        session: dict[str, Any] | None,
+        client_ip: str,
+    ) -> CreatedCall:
+        started = self._monotonic()
+        try:
+            created = await self._create_call(principal, offer_sdp, session, client_ip)
+        except ApiError as exc:
+            self._calls_counter.add(1, {"outcome": exc.code})
+            raise
+        self._calls_counter.add(1, {"outcome": "created"})
+        self._setup_ms.record((self._monotonic() - started) * 1000.0)
+        return created
+
+    async def _create_call(
+        self,
+        principal: Principal,
+        offer_sdp: str | bytes,
+        session: dict[str, Any] | None,
+        client_ip: str,
+    ) -> CreatedCall:
+        try:
+            summary = validate_offer(offer_sdp, self._settings.max_body_bytes)
+        except OfferError as exc:
+            raise errors.bad_request(exc.code, exc.message) from None
+        offer_text = offer_sdp.decode("utf-8") if isinstance(offer_sdp, bytes) else offer_sdp
+        if self.draining:
+            raise errors.unavailable(
+                "draining",
+                "This signaling node is shutting down; retry.",
+                self._settings.retry_after_s,
+                exhausted=False,
+            )
+        # A browser holding an ek_ must not override what its issuer bound to the key.
+        session_config = principal.bound_session if principal.bound_session else session
+        call_id = "rtc_" + secrets.token_hex(12)
+        with self._tracer.start_as_current_span(
+            "signaling.create_call",
+            attributes={
+                "call.id": call_id,
+                "client.address": client_ip,
+                "sdp.audio_sections": summary.audio_sections,
+                "sdp.has_datachannel": summary.has_datachannel,
+            },
+        ) as span:
+            route = await self._route(client_ip)
+            span.set_attribute("cluster.id", route.cluster.cluster_id)
+            created = await self._create_session(call_id, offer_text, session_config, route)
+            candidate, ice_ufrag, answer = created
+            call = CallRecord(
+                call_id=call_id,
+                owner=principal.owner,
+                cluster_id=route.cluster.cluster_id,
+                transceiver_node_id=candidate.node_id,
+                transceiver_address=candidate.grpc_address,
+                session_id=call_id,
+                ice_ufrag=ice_ufrag,
+                created_at=self._clock(),
+            )
+            try:
+                await self._store.put_call(call)
+            except BaseException as exc:
+                # Nothing half-created: the session must not outlive a failed request.
+                await asyncio.shield(self._close_quietly(candidate.grpc_address, call_id))
+                if isinstance(exc, StoreError):
+                    raise self._store_unavailable(exc) from exc
+                raise
+            span.set_attribute("transceiver.node_id", candidate.node_id)
+        log_event(
+            logger,
+            "call.created",
+            call__id=call_id,
+            session__id=call_id,
+            cluster__id=call.cluster_id,
+            transceiver__node_id=candidate.node_id,
+            client__address=client_ip,
+        )
+        return CreatedCall(call, answer)
+
+    async def _route(self, client_ip: str) -> geosteer_pb2.RouteSessionResponse:
+        with self._tracer.start_as_current_span("geosteer.route") as span:
+            try:
+                route: geosteer_pb2.RouteSessionResponse = await self._geosteer.RouteSession(
+                    geosteer_pb2.RouteSessionRequest(client_ip=client_ip),
+                    timeout=self._settings.geosteer_timeout_s,
+                )
+            except grpc.aio.AioRpcError as exc:
+                span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise errors.unavailable(
+                        "no_capacity",
+                        "No cluster has capacity for a new call; retry later.",
+                        self._settings.retry_after_s,
+                        exhausted=True,
+                    ) from None
+                log_event(
+                    logger,
+                    "geosteer.route_failed",
+                    level=logging.WARNING,
+                    rpc__grpc__status_code=exc.code().name,
+                    error=exc.details(),
+                )
+                raise errors.unavailable(
+                    "routing_unavailable",
+                    "Call routing is unavailable; retry later.",
+                    self._settings.retry_after_s,
+                    exhausted=False,
+                ) from None
+        if not route.relay_endpoints or not route.transceivers:
+            raise errors.unavailable(
+                "no_capacity",
+                "No cluster has capacity for a new call; retry later.",
+                self._settings.retry_after_s,
+                exhausted=True,
+            )
+        return route
+
+    async def _create_session(
+        self,
+        call_id: str,
+        offer_sdp: str,
+        session_config: dict[str, Any] | None,
+        route: geosteer_pb2.RouteSessionResponse,
+    ) -> tuple[geosteer_pb2.TransceiverCandidate, str, str]:
+        options = transceiver_pb2.SessionOptions(metadata={"call_id": call_id})
+        if session_config:
+            options.session_config.CopyFrom(_struct(session_config))
+        all_exhausted = True
+        for attempt, candidate in enumerate(
+            route.transceivers[: self._settings.max_transceiver_attempts]
+        ):
+            ice_ufrag = ufrag_codec.mint(
+                self._keyring, route.cluster.cluster_id, candidate.transceiver_id
+            )
+            request = transceiver_pb2.CreateSessionRequest(
+                session_id=call_id,
+                offer_sdp=offer_sdp,
+                ice_ufrag=ice_ufrag,
+                ice_pwd=ufrag_codec.password(ice_ufrag, self._keyring),
+                relay_endpoints=route.relay_endpoints,
+                options=options,
+            )
+            stub = transceiver_pb2_grpc.TransceiverServiceStub(
+                self._channel(candidate.grpc_address)
+            )
+            with self._tracer.start_as_current_span(
+                "transceiver.create_session",
+                attributes={
+                    "transceiver.node_id": candidate.node_id,
+                    "server.address": candidate.grpc_address,
+                    "attempt": attempt,
+                },
+            ) as span:
+                try:
+                    response: transceiver_pb2.CreateSessionResponse = await stub.CreateSession(
+                        request, timeout=self._settings.create_session_timeout_s
+                    )
+                    return candidate, ice_ufrag, response.answer_sdp
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+                    if code == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise errors.bad_request("invalid_offer", exc.details() or "") from None
+                    if code not in _RETRYABLE:
+                        all_exhausted = False
+                        log_event(
+                            logger,
+                            "transceiver.create_failed",
+                            level=logging.WARNING,
+                            call__id=call_id,
+                            transceiver__node_id=candidate.node_id,
+                            rpc__grpc__status_code=code.name,
+                        )
+                        continue
+                    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        all_exhausted = False
+                    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        # It may have created the session after all.
+                        await self._close_quietly(candidate.grpc_address, call_id)
+                    log_event(
+                        logger,
+                        "transceiver.refused",
+                        call__id=call_id,
+                        transceiver__node_id=candidate.node_id,
+                        rpc__grpc__status_code=code.name,
+                    )
+        if all_exhausted:
+            raise errors.unavailable(
+                "no_capacity",
+                "No transceiver has capacity for a new call; retry later.",
+                self._settings.retry_after_s,
+                exhausted=True,
+            )
+        raise errors.unavailable(
+            "transceivers_unavailable",
+            "No transceiver could take the call; retry later.",
+            self._settings.retry_after_s,
+            exhausted=False,
+        )
+
+    async def get_call(self, principal: Principal, call_id: str) -> CallRecord:
+        call = await self._load(call_id)
+        if call.owner != principal.owner:
+            raise errors.forbidden("This call belongs to another API key.")
+        return call
+
+    async def delete_call(self, principal: Principal, call_id: str) -> CallRecord:
+        """Closes the session and marks the call ended; ending an ended call succeeds."""
+        call = await self.get_call(principal, call_id)
+        if call.state == "ended":
+            return call
+        await self._close_quietly(call.transceiver_address, call.session_id)
+        ended = call.ended(self._clock(), common_pb2.CLOSE_REASON_CLOSE_RPC)
+        try:
+            await self._store.put_call(ended)
+        except StoreError as exc:
+            raise self._store_unavailable(exc) from exc
+        log_event(logger, "call.deleted", call__id=call_id, session__id=call.session_id)
+        return ended
+
+    async def _load(self, call_id: str) -> CallRecord:
+        if not call_id or len(call_id) > 128:
+            raise errors.not_found(f"Call '{call_id[:128]}' not found.")
+        try:
+            call = await self._store.get_call(call_id)
+        except StoreError as exc:
+            raise self._store_unavailable(exc) from exc
+        if call is None:
+            raise errors.not_found(f"Call '{call_id}' not found.")
+        return call
+
+    # -- client secrets ------------------------------------------------------------------
+
+    async def create_client_secret(
+        self, principal: Principal, expires_after_s: int, session: dict[str, Any] | None
+    ) -> ClientSecret:
+        if principal.kind != "api_key":
+            raise errors.forbidden("Client secrets cannot mint client secrets; use an API key.")
+        ttl_s = expires_after_s or self._settings.client_secret_ttl_s
+        if not MIN_SECRET_TTL_S <= ttl_s <= MAX_SECRET_TTL_S:
+            raise errors.bad_request(
+                "invalid_expires_after",
+                f"expires_after.seconds must be {MIN_SECRET_TTL_S} to {MAX_SECRET_TTL_S}.",
+            )
+        value = CLIENT_SECRET_PREFIX + secrets.token_urlsafe(32)
+        expires_at = float(int(self._clock()) + ttl_s)
+        record = SecretRecord(principal.owner, expires_at, dict(session or {}))
+        try:
+            await self._store.put_secret(fingerprint(value), record)
+        except StoreError as exc:
+            raise self._store_unavailable(exc) from exc
+        return ClientSecret(value, expires_at, record.session)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address)
+            self._channels[address] = channel
+        return channel
+
+    async def _close_quietly(self, address: str, session_id: str) -> None:
+        stub = transceiver_pb2_grpc.TransceiverServiceStub(self._channel(address))
+        try:
+            await stub.CloseSession(
+                transceiver_pb2.CloseSessionRequest(session_id=session_id),
+                timeout=self._settings.create_session_timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                log_event(
+                    logger,
+                    "transceiver.close_failed",
+                    level=logging.WARNING,
+                    session__id=session_id,
+                    rpc__grpc__status_code=exc.code().name,
+                )
+
+    def _store_unavailable(self, exc: Exception) -> ApiError:
+        log_event(logger, "store.failed", level=logging.WARNING, error=str(exc))
+        return errors.unavailable(
+            "store_unavailable",
+            "Call state is unavailable; retry later.",
+            self._settings.retry_after_s,
+            exhausted=False,
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for channel in [self._geosteer_channel, *self._channels.values()]:
+            await channel.close(None)
+        self._channels.clear()
+        await self._store.close()
+
+
+def _struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(dict(value))
+    return message
+
+
+def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
+    result: dict[str, Any] = json_format.MessageToDict(message)
+    return result

@@ -1,0 +1,268 @@
+"""In-process stand-ins for geosteer and transceivers, for signaling's tests and benchmark.
+
+They speak the real gRPC contracts on 127.0.0.1:0. The fake transceiver answers like the
+real one must: the minted ufrag/password verbatim, no client candidates, one host
+candidate per relay endpoint; it can refuse (RESOURCE_EXHAUSTED etc.) to test failover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from voiceedge.common.v1 import common_pb2
+from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
+from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
+
+FAKE_FINGERPRINT = "sha-256 " + ":".join(["AB"] * 32)
+
+
+def answer_from_offer(
+    offer: str, ufrag: str, pwd: str, relays: Sequence[common_pb2.SocketAddress]
+) -> str:
+    """A plausible answer: every offered m-line accepted, transceiver credentials, relay
+    host candidates only (what the real transceiver produces)."""
+    lines = ["v=0", "o=- 1 1 IN IP4 0.0.0.0", "s=-", "t=0 0"]
+    sections: list[list[str]] = []
+    for line in offer.replace("\r\n", "\n").split("\n"):
+        if line.startswith("a=group:"):
+            lines.append(line)
+        elif line.startswith("m="):
+            sections.append([line])
+        elif sections and line.startswith(("a=mid:", "a=rtpmap:", "a=sctp-port:", "a=rtcp-mux")):
+            sections[-1].append(line)
+    first = relays[0]
+    for section in sections:
+        lines.extend(
+            [
+                section[0],
+                f"c=IN IP4 {first.ip}",
+                *section[1:],
+                f"a=ice-ufrag:{ufrag}",
+                f"a=ice-pwd:{pwd}",
+                f"a=fingerprint:{FAKE_FINGERPRINT}",
+                "a=setup:active",
+            ]
+        )
+        for index, relay in enumerate(relays):
+            priority = 2130706431 - index
+            lines.append(
+                f"a=candidate:{index + 1} 1 udp {priority} {relay.ip} {relay.port} typ host"
+            )
+        lines.append("a=end-of-candidates")
+    return "\r\n".join(lines) + "\r\n"
+
+
+@dataclass
+class FakeTransceiver(transceiver_pb2_grpc.TransceiverServiceServicer):
+    node_id: str
+    transceiver_id: int
+    refuse: grpc.StatusCode | None = None
+    delay_s: float = 0.0
+    sessions: dict[str, transceiver_pb2.CreateSessionRequest] = field(default_factory=dict)
+    closed: list[str] = field(default_factory=list)
+    address: str = ""
+
+    async def CreateSession(  # noqa: N802 (gRPC method name)
+        self,
+        request: transceiver_pb2.CreateSessionRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> transceiver_pb2.CreateSessionResponse:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)  # simulated slow node, not synchronisation
+        if self.refuse is not None:
+            await context.abort(self.refuse, f"{self.node_id} refuses")
+        if "m=audio" not in request.offer_sdp:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "offer has no audio m-line")
+        if not request.relay_endpoints or not request.ice_ufrag or len(request.ice_pwd) < 22:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "missing ICE credentials")
+        if request.session_id in self.sessions:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, request.session_id)
+        self.sessions[request.session_id] = request
+        answer = answer_from_offer(
+            request.offer_sdp, request.ice_ufrag, request.ice_pwd, request.relay_endpoints
+        )
+        return transceiver_pb2.CreateSessionResponse(
+            answer_sdp=answer, session_id=request.session_id
+        )
+
+    async def CloseSession(  # noqa: N802 (gRPC method name)
+        self,
+        request: transceiver_pb2.CloseSessionRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> transceiver_pb2.CloseSessionResponse:
+        if self.sessions.pop(request.session_id, None) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, request.session_id)
+        self.closed.append(request.session_id)
+        return transceiver_pb2.CloseSessionResponse(
+            session=transceiver_pb2.SessionInfo(
+                session_id=request.session_id, state=transceiver_pb2.SESSION_STATE_CLOSED
+            )
+        )
+
+    async def _unimplemented(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the fake")
+
+    async def GetSession(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
+    async def ListSessions(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
+    async def Drain(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
+
+@dataclass
+class FakeGeosteer(geosteer_pb2_grpc.GeosteerServiceServicer):
+    cluster_id: int
+    relays: list[common_pb2.SocketAddress]
+    transceivers: list[FakeTransceiver]
+    refuse: grpc.StatusCode | None = None
+    requests: list[geosteer_pb2.RouteSessionRequest] = field(default_factory=list)
+
+    async def RouteSession(  # noqa: N802 (gRPC method name)
+        self,
+        request: geosteer_pb2.RouteSessionRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> geosteer_pb2.RouteSessionResponse:
+        self.requests.append(request)
+        if self.refuse is not None:
+            await context.abort(self.refuse, "geosteer refuses")
+        return geosteer_pb2.RouteSessionResponse(
+            cluster=geosteer_pb2.Cluster(
+                cluster_id=self.cluster_id, name="loopback-1", region="local", healthy=True
+            ),
+            relay_endpoints=self.relays,
+            transceivers=[
+                geosteer_pb2.TransceiverCandidate(
+                    node_id=t.node_id, transceiver_id=t.transceiver_id, grpc_address=t.address
+                )
+                for t in self.transceivers
+            ],
+        )
+
+    async def _unimplemented(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the fake")
+
+    async def RegisterNode(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
+    async def Heartbeat(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
+    async def DeregisterNode(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
+    async def ListTopology(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
+        return await self._unimplemented(context)
+
+    async def WatchTopology(  # noqa: N802 (gRPC)
+        self, request: Any, context: Any
+    ) -> AsyncIterator[geosteer_pb2.WatchTopologyResponse]:
+        await self._unimplemented(context)
+        yield geosteer_pb2.WatchTopologyResponse()  # unreachable: abort raises
+
+
+@dataclass
+class FakeCluster:
+    geosteer: FakeGeosteer
+    geosteer_address: str
+    transceivers: list[FakeTransceiver]
+
+
+async def _serve(add: Any, servicer: Any, stack: contextlib.AsyncExitStack) -> str:
+    server = grpc.aio.server()
+    add(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    stack.push_async_callback(server.stop, None)
+    return f"127.0.0.1:{port}"
+
+
+@contextlib.asynccontextmanager
+async def fake_cluster(
+    transceivers: int = 2, cluster_id: int = 7, relay_port: int = 3478
+) -> AsyncIterator[FakeCluster]:
+    """Geosteer and `transceivers` transceivers, each a real gRPC server on loopback."""
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = [FakeTransceiver(f"transceiver-{i}", 40 + i) for i in range(transceivers)]
+        for node in nodes:
+            node.address = await _serve(
+                transceiver_pb2_grpc.add_TransceiverServiceServicer_to_server, node, stack
+            )
+        geosteer = FakeGeosteer(
+            cluster_id, [common_pb2.SocketAddress(ip="127.0.0.1", port=relay_port)], nodes
+        )
+        address = await _serve(
+            geosteer_pb2_grpc.add_GeosteerServiceServicer_to_server, geosteer, stack
+        )
+        yield FakeCluster(geosteer, address, nodes)
+
+
+@dataclass
+class RunningSignaling:
+    base_url: str
+    grpc_address: str
+    service: Any  # CallService
+
+
+@contextlib.asynccontextmanager
+async def running_signaling(
+    geosteer_address: str,
+    api_keys: Sequence[str],
+    *,
+    clock: Any = None,
+    settings: Any = None,
+    store: Any = None,
+    tracer: Any = None,
+    keyring: Any = None,
+    trusted_proxies: Sequence[str] = (),
+    cors_origins: Sequence[str] = ("*",),
+) -> AsyncIterator[RunningSignaling]:
+    """The real signaling app (HTTP on 127.0.0.1:0 and the gRPC mirror) in this process."""
+    import time
+
+    from aiohttp import web
+
+    from libs.wire.ufrag import dev_keyring
+    from services.signaling.calls import CallService, CallSettings
+    from services.signaling.clientip import parse_networks
+    from services.signaling.grpc_api import SignalingServicer
+    from services.signaling.http_api import build_app
+    from services.signaling.store import MemoryCallStore
+    from voiceedge.signaling.v1 import signaling_pb2_grpc
+
+    clock = clock or time.time
+    service = CallService(
+        api_keys=api_keys,
+        keyring=keyring or dev_keyring(),
+        store=store if store is not None else MemoryCallStore(clock=clock),
+        geosteer_address=geosteer_address,
+        settings=settings or CallSettings(),
+        tracer=tracer,
+        clock=clock,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(service.close)
+        app = build_app(
+            service, trusted_proxies=parse_networks(trusted_proxies), cors_origins=cors_origins
+        )
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        grpc_address = await _serve(
+            signaling_pb2_grpc.add_SignalingServiceServicer_to_server,
+            SignalingServicer(service),
+            stack,
+        )
+        yield RunningSignaling(f"http://127.0.0.1:{port}", grpc_address, service)

@@ -1,0 +1,121 @@
+"""SignalingService on gRPC: the server-side mirror of the HTTP API over CallService."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf import timestamp_pb2
+
+from services.signaling.calls import CallService, Principal, struct_to_dict
+from services.signaling.errors import ApiError
+from services.signaling.store import CALL_ENDED, CallRecord
+from voiceedge.signaling.v1 import signaling_pb2, signaling_pb2_grpc
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def call_message(call: CallRecord) -> signaling_pb2.Call:
+    message = signaling_pb2.Call(
+        call_id=call.call_id,
+        cluster_id=call.cluster_id,
+        transceiver_node_id=call.transceiver_node_id,
+        session_id=call.session_id,
+        created_at=_timestamp(call.created_at),
+        state=signaling_pb2.CALL_STATE_ENDED
+        if call.state == CALL_ENDED
+        else signaling_pb2.CALL_STATE_CONNECTING,
+        close_reason=call.close_reason,  # type: ignore[arg-type,unused-ignore]
+    )
+    if call.ended_at:
+        message.ended_at.CopyFrom(_timestamp(call.ended_at))
+    return message
+
+
+class SignalingServicer(signaling_pb2_grpc.SignalingServiceServicer):
+    def __init__(self, service: CallService) -> None:
+        self._service = service
+
+    async def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        metadata = dict(context.invocation_metadata() or ())
+        raw = metadata.get("authorization")
+        authorization = raw.decode() if isinstance(raw, bytes) else raw
+        principal = await self._service.authenticate(authorization)
+        self._service.check_key_rate(principal)
+        return principal
+
+    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: ApiError) -> None:
+        trailers: tuple[tuple[str, str], ...] = (("error-code", exc.code),)
+        if exc.retry_after_s is not None:
+            trailers += (("retry-after", str(exc.retry_after_s)),)
+        context.set_trailing_metadata(trailers)
+        await context.abort(exc.grpc_code, exc.message)
+
+    async def CreateCall(  # noqa: N802 (gRPC method name)
+        self,
+        request: signaling_pb2.CreateCallRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> signaling_pb2.CreateCallResponse:
+        try:
+            principal = await self._principal(context)
+            session = struct_to_dict(request.session) if request.HasField("session") else None
+            created = await self._service.create_call(
+                principal, request.offer_sdp, session, request.client_ip
+            )
+        except ApiError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return signaling_pb2.CreateCallResponse(
+            call_id=created.call.call_id,
+            answer_sdp=created.answer_sdp,
+            call=call_message(created.call),
+        )
+
+    async def GetCall(  # noqa: N802 (gRPC method name)
+        self, request: signaling_pb2.GetCallRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> signaling_pb2.GetCallResponse:
+        try:
+            principal = await self._principal(context)
+            call = await self._service.get_call(principal, request.call_id)
+        except ApiError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return signaling_pb2.GetCallResponse(call=call_message(call))
+
+    async def DeleteCall(  # noqa: N802 (gRPC method name)
+        self,
+        request: signaling_pb2.DeleteCallRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> signaling_pb2.DeleteCallResponse:
+        try:
+            principal = await self._principal(context)
+            call = await self._service.delete_call(principal, request.call_id)
+        except ApiError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return signaling_pb2.DeleteCallResponse(call=call_message(call))
+
+    async def CreateClientSecret(  # noqa: N802 (gRPC method name)
+        self,
+        request: signaling_pb2.CreateClientSecretRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> signaling_pb2.CreateClientSecretResponse:
+        try:
+            principal = await self._principal(context)
+            session = struct_to_dict(request.session) if request.HasField("session") else None
+            secret = await self._service.create_client_secret(
+                principal, request.expires_after_s, session
+            )
+        except ApiError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        response = signaling_pb2.CreateClientSecretResponse(
+            value=secret.value, expires_at=_timestamp(secret.expires_at)
+        )
+        response.session.update(secret.session)
+        return response

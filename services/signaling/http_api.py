@@ -1,0 +1,287 @@
+"""The public HTTP API: OpenAI Realtime WebRTC calls, client secrets, and WHIP (RFC 9725).
+
+Thin: it parses requests, picks the client IP, and renders CallService results and
+ApiErrors; the flow lives in calls.py.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from libs.observability.telemetry import log_event
+from services.signaling import errors
+from services.signaling.calls import CallService, Principal
+from services.signaling.clientip import Network, client_ip
+from services.signaling.errors import ApiError
+
+logger = logging.getLogger("voiceedge.signaling.http")
+
+SDP = "application/sdp"
+CALLS = "/v1/realtime/calls"
+WHIP = "/whip"
+EXPOSED_HEADERS = "Location, Retry-After, Link, ETag"
+ALLOWED_HEADERS = "Authorization, Content-Type, If-Match"
+
+SERVICE_KEY: web.AppKey[CallService] = web.AppKey("service", CallService)
+
+
+def error_response(exc: ApiError) -> web.Response:
+    headers = dict(exc.headers)
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(exc.retry_after_s)
+    return web.json_response(exc.body(), status=exc.status, headers=headers)
+
+
+def _http_error(exc: web.HTTPException) -> ApiError:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "invalid_request")
+    return ApiError(
+        exc.status,
+        "invalid_request_error",
+        code,
+        exc.reason,
+        grpc_code=errors.bad_request("", "").grpc_code,
+    )
+
+
+def build_app(
+    service: CallService,
+    *,
+    trusted_proxies: Sequence[Network] = (),
+    cors_origins: Sequence[str] = ("*",),
+) -> web.Application:
+    max_body = service.settings.max_body_bytes
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            api_error = _http_error(exc)
+            api_error.headers.update({k: v for k, v in exc.headers.items() if k == "Allow"})
+            response = error_response(api_error)
+        _cors(request, response, cors_origins)
+        return response
+
+    app = web.Application(middlewares=[middleware], client_max_size=max_body)
+    app[SERVICE_KEY] = service
+
+    def peer_ip(request: web.Request) -> str:
+        return client_ip(
+            request.remote, request.headers.getall("X-Forwarded-For", []), trusted_proxies
+        )
+
+    async def begin(request: web.Request) -> tuple[Principal, str]:
+        ip = peer_ip(request)
+        service.check_ip_rate(ip)
+        principal = await service.authenticate(request.headers.get("Authorization"))
+        service.check_key_rate(principal)
+        return principal, ip
+
+    async def read_body(request: web.Request) -> bytes:
+        if request.content_length is not None and request.content_length > max_body:
+            raise _too_large(max_body)
+        # Chunked bodies carry no Content-Length: count while reading, stop past the limit.
+        chunks: list[bytes] = []
+        total = 0
+        while total <= max_body:
+            chunk = await request.content.read(max_body + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_body:
+            raise _too_large(max_body)
+        return b"".join(chunks)
+
+    async def read_offer(request: web.Request, *, whip: bool) -> tuple[bytes, Any]:
+        content_type = request.headers.get("Content-Type", "")
+        media_type = content_type.split(";")[0].strip().lower()
+        if media_type == SDP:
+            return await read_body(request), None
+        if media_type == "multipart/form-data" and not whip:
+            return _parse_form(content_type, await read_body(request))
+        accepted = SDP if whip else f"{SDP} or multipart/form-data"
+        raise ApiError(
+            415,
+            "invalid_request_error",
+            "unsupported_content_type",
+            f"Content-Type must be {accepted}.",
+            grpc_code=errors.bad_request("", "").grpc_code,
+        )
+
+    async def create(request: web.Request, *, whip: bool) -> web.Response:
+        principal, ip = await begin(request)
+        offer, session = await read_offer(request, whip=whip)
+        created = await service.create_call(principal, offer, session, ip)
+        base = WHIP if whip else CALLS
+        return web.Response(
+            status=201,
+            body=created.answer_sdp.encode("utf-8"),
+            headers={"Content-Type": SDP, "Location": f"{base}/{created.call.call_id}"},
+        )
+
+    async def post_call(request: web.Request) -> web.Response:
+        return await create(request, whip=False)
+
+    async def post_whip(request: web.Request) -> web.Response:
+        return await create(request, whip=True)
+
+    async def delete_call(request: web.Request) -> web.Response:
+        principal, _ = await begin(request)
+        await service.delete_call(principal, request.match_info["call_id"])
+        return web.Response(status=204)
+
+    async def get_call(request: web.Request) -> web.Response:
+        principal, _ = await begin(request)
+        call = await service.get_call(principal, request.match_info["call_id"])
+        return web.json_response(
+            {
+                "id": call.call_id,
+                "object": "realtime.call",
+                "status": call.state,
+                "created_at": int(call.created_at),
+                "ended_at": int(call.ended_at) or None,
+            }
+        )
+
+    async def patch_whip(request: web.Request) -> web.Response:
+        # RFC 9725 §4.3.1: a WHIP session that supports neither trickle ICE nor ICE
+        # restarts answers every PATCH with 501 Not Implemented.
+        await begin(request)
+        raise ApiError(
+            501,
+            "invalid_request_error",
+            "not_implemented",
+            "Trickle ICE and ICE restarts are not supported; send every candidate in the offer.",
+            grpc_code=errors.bad_request("", "").grpc_code,
+        )
+
+    async def post_client_secret(request: web.Request) -> web.Response:
+        principal, _ = await begin(request)
+        media_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        body = await read_body(request)
+        payload: Any = {}
+        if body.strip():
+            if media_type != "application/json":
+                raise ApiError(
+                    415,
+                    "invalid_request_error",
+                    "unsupported_content_type",
+                    "Content-Type must be application/json.",
+                    grpc_code=errors.bad_request("", "").grpc_code,
+                )
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                raise errors.bad_request("invalid_json", "Body is not valid JSON.") from None
+        if not isinstance(payload, dict):
+            raise errors.bad_request("invalid_json", "Body must be a JSON object.")
+        expires_after = payload.get("expires_after") or {}
+        seconds = expires_after.get("seconds", 0) if isinstance(expires_after, dict) else None
+        if not isinstance(seconds, int) or isinstance(seconds, bool):
+            raise errors.bad_request(
+                "invalid_expires_after", "expires_after.seconds must be an integer."
+            )
+        session = payload.get("session")
+        if session is not None and not isinstance(session, dict):
+            raise errors.bad_request("invalid_session", "session must be a JSON object.")
+        secret = await service.create_client_secret(principal, seconds, session)
+        log_event(logger, "client_secret.created", expires_at=int(secret.expires_at))
+        return web.json_response(
+            {
+                "value": secret.value,
+                "expires_at": int(secret.expires_at),
+                "session": secret.session,
+            }
+        )
+
+    async def preflight(request: web.Request) -> web.Response:
+        headers = {
+            "Access-Control-Allow-Methods": "POST, GET, DELETE, PATCH, OPTIONS",
+            "Access-Control-Allow-Headers": ALLOWED_HEADERS,
+            "Access-Control-Max-Age": "600",
+        }
+        if request.path == WHIP:
+            headers["Accept-Post"] = SDP  # RFC 9725 §4.1
+        return web.Response(status=204, headers=headers)
+
+    app.router.add_post(CALLS, post_call)
+    app.router.add_get(CALLS + "/{call_id}", get_call)
+    app.router.add_delete(CALLS + "/{call_id}", delete_call)
+    app.router.add_post("/v1/realtime/client_secrets", post_client_secret)
+    app.router.add_post(WHIP, post_whip)
+    app.router.add_delete(WHIP + "/{call_id}", delete_call)
+    app.router.add_patch(WHIP + "/{call_id}", patch_whip)
+    for path in (
+        CALLS,
+        CALLS + "/{call_id}",
+        "/v1/realtime/client_secrets",
+        WHIP,
+        WHIP + "/{call_id}",
+    ):
+        app.router.add_route("OPTIONS", path, preflight)
+    return app
+
+
+def _cors(request: web.Request, response: web.StreamResponse, origins: Sequence[str]) -> None:
+    origin = request.headers.get("Origin")
+    if not origin:
+        return
+    if "*" in origins:
+        response.headers["Access-Control-Allow-Origin"] = "*"
+    elif origin in origins:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+    else:
+        return
+    response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "invalid_request_error",
+        "request_too_large",
+        f"Request body is larger than {limit} bytes.",
+        grpc_code=errors.bad_request("", "").grpc_code,
+    )
+
+
+def _parse_form(content_type: str, body: bytes) -> tuple[bytes, Any]:
+    """multipart/form-data (RFC 7578) with an `sdp` part and an optional JSON `session`."""
+    parser = email.parser.BytesParser(policy=email.policy.HTTP)
+    message = parser.parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body
+    )
+    if not message.is_multipart():
+        raise errors.bad_request("invalid_multipart", "multipart body could not be parsed.")
+    parts: dict[str, bytes] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if isinstance(name, str) and isinstance(payload, bytes):
+            parts[name] = payload
+    if "sdp" not in parts:
+        raise errors.bad_request("missing_sdp", "multipart body has no 'sdp' part.")
+    session: Any = None
+    if "session" in parts:
+        try:
+            session = json.loads(parts["session"])
+        except ValueError:
+            raise errors.bad_request("invalid_session", "'session' part is not JSON.") from None
+        if not isinstance(session, dict):
+            raise errors.bad_request("invalid_session", "'session' must be a JSON object.")
+    return parts["sdp"], session

@@ -1,0 +1,135 @@
+"""Offer validation: the checks signaling makes before any routing or session work.
+
+Pure functions. Signaling does not rewrite the offer (the transceiver strips candidates
+itself); it only refuses offers no transceiver could answer, so a bad request costs no
+geosteer or transceiver round trip.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_SDP_BYTES = 64 * 1024
+MAX_SDP_LINES = 4096
+MAX_LINE_CHARS = 8192
+
+# RFC 8839 §5.4: ice-char = ALPHA / DIGIT / "+" / "/"; ufrag 4-256, pwd 22-256 chars.
+_ICE_UFRAG = re.compile(r"[A-Za-z0-9+/]{4,256}")
+_ICE_PWD = re.compile(r"[A-Za-z0-9+/]{22,256}")
+# RFC 8122 §5: fingerprint-attribute = hash-func SP 2UHEX *(":" 2UHEX). Lower case is
+# accepted: browsers and aiortc differ and every DTLS stack compares case-insensitively.
+_FINGERPRINT = re.compile(r"[A-Za-z0-9-]+ [0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2})+")
+# RFC 8866 §5: every line is <type>=<value>, the type one lower-case letter.
+_LINE = re.compile(r"[a-z]=[^\x00]*")
+
+
+class OfferError(ValueError):
+    """An offer signaling refuses; `code` goes into the error body's "code"."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class OfferSummary:
+    """What signaling learns from a valid offer (for logs and span attributes)."""
+
+    audio_sections: int
+    has_datachannel: bool
+    candidates: int
+    ice_ufrag: str
+
+
+@dataclass
+class _Section:
+    media: str
+    attributes: dict[str, list[str]]
+
+
+def _attribute(line: str) -> tuple[str, str]:
+    name, _, value = line[2:].partition(":")
+    return name, value
+
+
+def validate_offer(text: str | bytes, max_bytes: int = MAX_SDP_BYTES) -> OfferSummary:
+    """Checks an SDP offer; returns its summary or raises OfferError.
+
+    Codes: sdp_too_large, sdp_unparseable, sdp_no_audio, sdp_no_ice_credentials,
+    sdp_bad_ice_credentials, sdp_no_fingerprint.
+    """
+    if len(text) > max_bytes:
+        raise OfferError("sdp_too_large", f"offer is larger than {max_bytes} bytes")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise OfferError("sdp_unparseable", "offer is not UTF-8 text") from None
+    # RFC 8866 §5: lines end in CRLF; a bare LF is tolerated as parsers commonly do.
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines or lines[0] != "v=0":
+        raise OfferError("sdp_unparseable", "offer must start with v=0 (RFC 8866 §5.1)")
+    if len(lines) > MAX_SDP_LINES:
+        raise OfferError("sdp_too_large", f"offer has more than {MAX_SDP_LINES} lines")
+    session = _Section("", {})
+    media: list[_Section] = []
+    current = session
+    seen_types: set[str] = set()
+    for number, line in enumerate(lines, start=1):
+        if len(line) > MAX_LINE_CHARS:
+            raise OfferError("sdp_too_large", f"line {number} is longer than {MAX_LINE_CHARS}")
+        if not _LINE.fullmatch(line):
+            raise OfferError("sdp_unparseable", f"line {number} is not <type>=<value>")
+        kind = line[0]
+        seen_types.add(kind)
+        if kind == "m":
+            fields = line[2:].split()
+            if len(fields) < 4:
+                raise OfferError("sdp_unparseable", f"line {number}: m= needs 4 fields")
+            current = _Section(fields[0], {})
+            media.append(current)
+        elif kind == "a":
+            name, value = _attribute(line)
+            current.attributes.setdefault(name, []).append(value)
+    missing = {"o", "s", "t"} - seen_types
+    if missing:
+        raise OfferError(
+            "sdp_unparseable", f"offer lacks {', '.join(sorted(missing))}= (RFC 8866 §5)"
+        )
+    audio = [section for section in media if section.media == "audio"]
+    if not audio:
+        raise OfferError("sdp_no_audio", "offer has no audio m-line")
+
+    def attr(section: _Section, name: str) -> str | None:
+        # Media-level attributes override session-level ones (RFC 8839 §5.4, RFC 8122 §5).
+        values = section.attributes.get(name) or session.attributes.get(name)
+        return values[0].strip() if values else None
+
+    ufrag = ""
+    for section in audio:
+        section_ufrag, pwd = attr(section, "ice-ufrag"), attr(section, "ice-pwd")
+        if section_ufrag is None or pwd is None:
+            raise OfferError(
+                "sdp_no_ice_credentials", "offer lacks a=ice-ufrag or a=ice-pwd for its audio"
+            )
+        if not _ICE_UFRAG.fullmatch(section_ufrag) or not _ICE_PWD.fullmatch(pwd):
+            raise OfferError(
+                "sdp_bad_ice_credentials",
+                "a=ice-ufrag must be 4-256 and a=ice-pwd 22-256 ice-chars (RFC 8839 §5.4)",
+            )
+        ufrag = ufrag or section_ufrag
+        fingerprint = attr(section, "fingerprint")
+        if fingerprint is None:
+            raise OfferError("sdp_no_fingerprint", "offer lacks a=fingerprint for its audio")
+        if not _FINGERPRINT.fullmatch(fingerprint):
+            raise OfferError("sdp_no_fingerprint", "a=fingerprint is malformed (RFC 8122 §5)")
+    return OfferSummary(
+        audio_sections=len(audio),
+        has_datachannel=any(section.media == "application" for section in media),
+        candidates=sum(len(s.attributes.get("candidate", [])) for s in [session, *media]),
+        ice_ufrag=ufrag,
+    )

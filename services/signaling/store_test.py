@@ -1,0 +1,168 @@
+"""CallStore: both implementations against the same checks (Redis is a real redis-server on
+a free loopback port), calls shared between two signaling replicas, and a store outage."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import aiohttp
+import pytest
+
+from services.signaling.fakes import fake_cluster, running_signaling
+from services.signaling.store import (
+    CallRecord,
+    CallStore,
+    MemoryCallStore,
+    RedisCallStore,
+    SecretRecord,
+    make_store,
+)
+from services.signaling.testkit import API_KEY, AUTH, CHROME_OFFER, SDP, expect_error, no_sessions
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)  # redis-server offers no readiness signal but its port
+        else:
+            raise AssertionError("redis-server did not start")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def _call(call_id: str = "rtc_1") -> CallRecord:
+    return CallRecord(
+        call_id=call_id,
+        owner="key:abc",
+        cluster_id=7,
+        transceiver_node_id="t-1",
+        transceiver_address="127.0.0.1:1",
+        session_id=call_id,
+        ice_ufrag="U" * 36,
+        created_at=time.time(),
+    )
+
+
+async def _check_store(store: CallStore) -> None:
+    try:
+        assert await store.get_call("rtc_1") is None
+        call = _call()
+        await store.put_call(call)
+        assert await store.get_call("rtc_1") == call
+        ended = call.ended(time.time(), 2)
+        await store.put_call(ended)
+        assert await store.get_call("rtc_1") == ended
+        live = SecretRecord("key:abc", time.time() + 60, {"voice": "marin"})
+        await store.put_secret("d1", live)
+        assert await store.get_secret("d1") == live
+        await store.put_secret("d2", SecretRecord("key:abc", time.time() - 1, {}))
+        assert await store.get_secret("d2") is None
+        assert await store.get_secret("unknown") is None
+    finally:
+        await store.close()
+
+
+async def test_memory_store() -> None:
+    await _check_store(make_store("", 60.0))
+
+
+async def test_redis_store(redis_url: str) -> None:
+    store = make_store(redis_url, 60.0)
+    assert isinstance(store, RedisCallStore)
+    await _check_store(store)
+
+
+async def test_memory_store_forgets_old_calls() -> None:
+    now = [1000.0]
+    store = MemoryCallStore(retention_s=10.0, max_records=3, clock=lambda: now[0])
+    await store.put_call(replace(_call("a"), created_at=now[0]))
+    now[0] += 20
+    await store.put_call(replace(_call("b"), created_at=now[0]))
+    assert await store.get_call("a") is None
+    assert await store.get_call("b") is not None
+    for name in "cdef":
+        await store.put_call(replace(_call(name), created_at=now[0]))
+    assert await store.get_call("b") is None  # max_records keeps the newest 3
+
+
+async def test_a_call_created_on_one_replica_ends_on_another(redis_url: str) -> None:
+    async with (
+        fake_cluster() as cluster,
+        running_signaling(
+            cluster.geosteer_address, [API_KEY], store=make_store(redis_url, 60.0)
+        ) as first,
+        running_signaling(
+            cluster.geosteer_address, [API_KEY], store=make_store(redis_url, 60.0)
+        ) as second,
+        aiohttp.ClientSession() as http,
+    ):
+        response = await http.post(
+            first.base_url + "/v1/realtime/calls", data=CHROME_OFFER, headers={**AUTH, **SDP}
+        )
+        assert response.status == 201
+        location = response.headers["Location"]
+        response = await http.delete(second.base_url + location, headers=AUTH)
+        assert response.status == 204
+        assert no_sessions(cluster)
+        # A client secret minted on one replica works on the other.
+        response = await http.post(
+            first.base_url + "/v1/realtime/client_secrets", json={}, headers=AUTH
+        )
+        secret = (await response.json())["value"]
+        response = await http.post(
+            second.base_url + "/whip",
+            data=CHROME_OFFER,
+            headers={"Authorization": f"Bearer {secret}", **SDP},
+        )
+        assert response.status == 201
+
+
+async def test_store_outage_closes_the_created_session() -> None:
+    # A Redis URL where nothing listens: the session is created, recording it fails.
+    dead = f"redis://127.0.0.1:{_free_port()}/0"
+    async with (
+        fake_cluster() as cluster,
+        running_signaling(cluster.geosteer_address, [API_KEY], store=make_store(dead, 60.0)) as s,
+        aiohttp.ClientSession() as http,
+    ):
+        response = await http.post(
+            s.base_url + "/v1/realtime/calls", data=CHROME_OFFER, headers={**AUTH, **SDP}
+        )
+        await expect_error(response, 503, "server_error", "store_unavailable")
+        assert response.headers["Retry-After"] == "2"
+        assert no_sessions(cluster)
+        assert len(cluster.transceivers[0].closed) == 1
