@@ -177,15 +177,22 @@ def measure(
     ceiling = unthrottled.received_pps
     print(f"  {name}: unthrottled {ceiling:,.0f} pps received", flush=True)
     saturation: Run | None = None
+    best: Run | None = None
     for factor in SEARCH_FACTORS:  # bounded descending search
         trial = run_load(loadgen, target_port, ceiling * factor, trial_s, sink, clients)
         print(f"  {name}: offered {trial.rate:,.0f} pps, loss {trial.loss:.4%}", flush=True)
+        if best is None or trial.loss < best.loss:
+            best = trial
         if trial.loss < LOSS_LIMIT:
             saturation = run_load(loadgen, target_port, trial.rate, confirm_s, sink, clients)
             if saturation.loss < LOSS_LIMIT:
                 break
-    if saturation is None:
-        raise SystemExit(f"{name}: no rate with loss below {LOSS_LIMIT:.1%}")
+    if saturation is None or saturation.loss >= LOSS_LIMIT:
+        # A busy shared machine can stall either side past any buffer: report the
+        # lowest-loss rate seen, with its loss, rather than nothing.
+        assert best is not None
+        print(f"  {name}: no rate held loss < {LOSS_LIMIT:.1%}; using the lowest-loss trial")
+        saturation = best
     latency = {
         point: run_load(loadgen, target_port, saturation.rate * point, trial_s, sink, clients)
         for point in LOAD_POINTS
