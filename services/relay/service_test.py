@@ -17,6 +17,8 @@ from libs.service.testing import assert_service_lifecycle, binary, run_cli, runn
 from libs.wire import framing, ufrag
 from services.relay.relay_testing import free_udp_port, redis_server
 from services.relay.router import binding_request_for
+from voiceedge.common.v1 import common_pb2
+from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
 
 COMMAND = binary("services/relay")
@@ -279,3 +281,35 @@ def test_two_workers_share_the_port_and_die_with_the_parent() -> None:
                 for pid in alive
             )
             assert zombies_only, alive
+
+
+GEOSTEER = binary("services/geosteer")
+
+
+def test_routes_on_the_topology_watched_from_real_geosteer() -> None:
+    keys = ufrag.dev_keyring()
+    with _udp() as transceiver, _udp() as client, running_service(GEOSTEER) as geosteer:
+        media = _name(transceiver)
+        with grpc.insecure_channel(geosteer.grpc_address) as channel:
+            geosteer_pb2_grpc.GeosteerServiceStub(channel).RegisterNode(
+                geosteer_pb2.RegisterNodeRequest(
+                    node=geosteer_pb2.Node(
+                        node_id="transceiver-1-7",
+                        kind=common_pb2.NODE_KIND_TRANSCEIVER,
+                        cluster_id=1,
+                        transceiver_id=7,
+                        grpc_address="127.0.0.1:1",
+                        media_address=common_pb2.SocketAddress(ip=media[0], port=media[1]),
+                        capacity_sessions=10,
+                    )
+                ),
+                timeout=10,
+            )
+        args = ["--workers", "1", "--udp-listen", "127.0.0.1:0"]
+        args += ["--geosteer-address", geosteer.grpc_address]
+        with running_service(COMMAND, args) as relay:
+            vip = _address(relay.ready["udp"][0])
+            # No static transceivers: the route exists once the watched topology arrived.
+            request = binding_request_for(keys, 1, 7)[0]
+            frame = _send_until_forwarded(client, vip, transceiver, request)
+            assert frame == framing.encode(*_name(client), request)
