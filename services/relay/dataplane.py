@@ -143,6 +143,7 @@ class DataPlane:
         self._negative: dict[Address, float] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
         self._closed = False
         router.on_bind = self._on_bind
 
@@ -190,7 +191,9 @@ class DataPlane:
                     self._negative.clear()
             if self.store.enabled and now - last_refresh >= self._refresh_every_s:
                 last_refresh = now
-                await self._refresh(now)
+                # In its own task: a slow or down Redis must not stall the coarse clock.
+                if self._refresher is None or self._refresher.done():
+                    self._refresher = asyncio.create_task(self._refresh(now))
 
     async def _refresh(self, now: float) -> None:
         """TTL refresh for bindings with traffic since their last write, batched."""
@@ -253,7 +256,11 @@ class DataPlane:
         if self._closed:
             return
         self._closed = True
-        tasks = [t for t in (self._ticker, *self._inflight.values(), *self._writes) if t]
+        tasks = [
+            t
+            for t in (self._ticker, self._refresher, *self._inflight.values(), *self._writes)
+            if t
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
