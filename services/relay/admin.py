@@ -30,7 +30,6 @@ from services.relay.router import (
     DIRECTIONS,
     N_CLASSES,
     N_REASONS,
-    Binding,
 )
 from services.relay.store import BindingStore
 from voiceedge.common.v1 import common_pb2
@@ -75,6 +74,8 @@ class Worker(Protocol):
 
     worker_id: int
     router: Any
+
+    async def list_bindings(self) -> Sequence[Any]: ...
 
     async def close(self) -> None: ...
 
@@ -157,8 +158,9 @@ class RelayState:
             )
         return out
 
-    def all_bindings(self) -> list[tuple[Worker, Binding]]:
-        return [(plane, b) for plane in self.planes for b in plane.router.bindings()]
+    async def all_bindings(self) -> list[tuple[Worker, Any]]:
+        """Every worker's bindings (Binding here, BindingInfo from a child process)."""
+        return [(plane, b) for plane in self.planes for b in await plane.list_bindings()]
 
     def start_drain(self, grace_s: float) -> int:
         """New clients refused from now on; forwarding stops after `grace_s`."""
@@ -223,7 +225,7 @@ class RelayAdmin(relay_pb2_grpc.RelayAdminServiceServicer):
             except ValueError:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad page_token")
         entries = sorted(
-            ((_sort_key(b.client), plane, b) for plane, b in self._state.all_bindings()),
+            ((_sort_key(b.client), plane, b) for plane, b in await self._state.all_bindings()),
             key=lambda entry: entry[0],
         )
         if after is not None:

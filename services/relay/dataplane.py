@@ -238,6 +238,9 @@ class DataPlane:
         finally:
             self._inflight.pop(client, None)
 
+    async def list_bindings(self) -> list[Binding]:
+        return list(self.router.bindings())
+
     async def flush_writes(self) -> None:
         """Waits for the Redis writes started so far (tests, shutdown)."""
         if self._writes:
@@ -257,9 +260,7 @@ class DataPlane:
             return
         self._closed = True
         tasks = [
-            t
-            for t in (self._ticker, self._refresher, *self._inflight.values(), *self._writes)
-            if t
+            t for t in (self._ticker, self._refresher, *self._inflight.values(), *self._writes) if t
         ]
         for task in tasks:
             task.cancel()

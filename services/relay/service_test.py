@@ -267,6 +267,13 @@ def test_two_workers_share_the_port_and_die_with_the_parent() -> None:
                     time.sleep(0.1)
                 assert stats.bindings_active == len(clients)
                 assert [w.worker_id for w in stats.workers] == [0, 1]
+                listed = stub.ListBindings(
+                    relay_pb2.ListBindingsRequest(page_size=1000), timeout=10
+                ).bindings
+                assert sorted((b.client.ip, b.client.port) for b in listed) == sorted(
+                    _name(c) for c in clients
+                )
+                assert {b.worker_id for b in listed} <= {0, 1}
             children = _children(relay.process.pid)
             assert children
             relay.process.send_signal(signal.SIGKILL)

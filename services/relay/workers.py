@@ -16,7 +16,7 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
-from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import uvloop
@@ -60,9 +60,6 @@ class CounterSnapshot:
     def __len__(self) -> int:
         return self.bindings_active
 
-    def bindings(self) -> Iterator[Any]:
-        return iter(())  # a child's table stays in the child (see ListBindings docs)
-
     @property
     def packets_received(self) -> int:
         return sum(sum(row) for row in self.rx_packets)
@@ -74,6 +71,21 @@ class CounterSnapshot:
     @property
     def packets_dropped(self) -> int:
         return sum(sum(row) for row in self.drop_packets)
+
+
+@dataclass(frozen=True, slots=True)
+class BindingInfo:
+    """A child's binding as ListBindings needs it (same attribute names as Binding)."""
+
+    client: tuple[str, int]
+    cluster_id: int
+    transceiver_id: int
+    media: tuple[str, int]
+    ufrag: str
+    last_seen: float  # CLOCK_MONOTONIC, shared by all processes of the machine
+    packets: int
+    bytes: int
+    created_at: float
 
 
 class RemoteWorker:
@@ -94,6 +106,7 @@ class RemoteWorker:
         self._process.start()
         child_conn.close()
         self._ready = asyncio.get_running_loop().create_future()
+        self._listings: list[asyncio.Future[list[BindingInfo]]] = []
         asyncio.get_running_loop().add_reader(self._conn.fileno(), self._on_message)
         self._closed = False
 
@@ -109,12 +122,31 @@ class RemoteWorker:
             if not self._ready.done():
                 self._ready.set_result(message)
             return
+        if message.get("event") == "bindings":
+            if self._listings:
+                waiter = self._listings.pop(0)
+                if not waiter.done():
+                    waiter.set_result([BindingInfo(*item) for item in message["items"]])
+            return
         self.router.update(message)
         self.redis = tuple(message["redis"])
 
     async def wait_ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
         result: dict[str, Any] = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
         return result
+
+    async def list_bindings(self, timeout_s: float = 10.0) -> list[BindingInfo]:
+        """The child's whole table (one pipe round trip); empty if it does not answer."""
+        waiter: asyncio.Future[list[BindingInfo]] = asyncio.get_running_loop().create_future()
+        self._listings.append(waiter)
+        try:
+            self._conn.send(("bindings", 0.0))
+            return await asyncio.wait_for(waiter, timeout_s)
+        except (OSError, ValueError, TimeoutError):
+            return []
+        finally:
+            if waiter in self._listings:
+                self._listings.remove(waiter)
 
     def drain(self, grace_s: float) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -199,6 +231,23 @@ async def _serve_worker(
             drain_task = loop.create_task(drain_then_stop(float(value)))
         elif command == "stop":
             stop.set()
+        elif command == "bindings":
+            items = [
+                (
+                    b.client,
+                    b.cluster_id,
+                    b.transceiver_id,
+                    b.media,
+                    b.ufrag,
+                    b.last_seen,
+                    b.packets,
+                    b.bytes,
+                    b.created_at,
+                )
+                for b in plane.router.bindings()
+            ]
+            with contextlib.suppress(OSError, ValueError):
+                conn.send({"event": "bindings", "items": items})
 
     loop.add_reader(conn.fileno(), on_command)
     conn.send({"event": "ready", "udp": plane.public_addresses, "internal": plane.internal_address})
