@@ -99,6 +99,7 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
             "udp": list(plane.public_addresses),
             "internal": plane.internal_address,
             "workers": workers,
+            "batched_io": plane.batched,
         },
     )
 

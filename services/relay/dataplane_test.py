@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 from libs.wire import framing, stun, ufrag
@@ -31,12 +32,13 @@ def _name(sock: object) -> tuple[str, int]:
     return str(host), int(port)
 
 
-async def test_valid_clients_reach_the_transceiver_and_nothing_else() -> None:
+@pytest.mark.parametrize("batched_io", [True, False])
+async def test_valid_clients_reach_the_transceiver_and_nothing_else(batched_io: bool) -> None:
     with contextlib.ExitStack() as stack:
         transceiver = stack.enter_context(udp_socket())
         good, bad, other = (stack.enter_context(udp_socket()) for _ in range(3))
         media = _name(transceiver)
-        async with data_plane([f"1/1={media[0]}:{media[1]}"]) as plane:
+        async with data_plane([f"1/1={media[0]}:{media[1]}"], batched_io=batched_io) as plane:
             vip = address_of(plane.public_addresses[0])
             internal = address_of(plane.internal_address)
             request, _ = binding_request_for(KEYS, 1, 1)
@@ -69,7 +71,8 @@ async def test_valid_clients_reach_the_transceiver_and_nothing_else() -> None:
             assert drops[1][relay_pb2.DROP_REASON_UNKNOWN_SOURCE] == 1
 
 
-async def test_ipv6_vip() -> None:
+@pytest.mark.parametrize("batched_io", [True, False])
+async def test_ipv6_vip(batched_io: bool) -> None:
     import socket
 
     try:
@@ -84,7 +87,9 @@ async def test_ipv6_vip() -> None:
         stack.callback(probe.close)
         transceiver = stack.enter_context(udp_socket())
         media = _name(transceiver)
-        async with data_plane([f"1/1={media[0]}:{media[1]}"], udp_listen=("[::1]:0",)) as plane:
+        async with data_plane(
+            [f"1/1={media[0]}:{media[1]}"], udp_listen=("[::1]:0",), batched_io=batched_io
+        ) as plane:
             vip = address_of(plane.public_addresses[0])
             request, _ = binding_request_for(KEYS, 1, 1)
             probe.sendto(request, vip)
@@ -111,14 +116,14 @@ datagrams = st.lists(
 )
 
 
-async def _fuzz_once(payloads: list[bytes]) -> None:
+async def _fuzz_once(payloads: list[bytes], batched_io: bool) -> None:
     errors: list[dict[str, object]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
     with contextlib.ExitStack() as stack:
         transceiver = stack.enter_context(udp_socket())
         attacker, marker = (stack.enter_context(udp_socket()) for _ in range(2))
         media = _name(transceiver)
-        async with data_plane([f"1/1={media[0]}:{media[1]}"]) as plane:
+        async with data_plane([f"1/1={media[0]}:{media[1]}"], batched_io=batched_io) as plane:
             vip = address_of(plane.public_addresses[0])
             internal = address_of(plane.internal_address)
             for payload in payloads:
@@ -137,6 +142,8 @@ async def _fuzz_once(payloads: list[bytes]) -> None:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(datagrams)
-def test_fuzz_random_datagrams_never_reach_the_transceiver(payloads: list[bytes]) -> None:
-    asyncio.run(_fuzz_once(payloads))
+@given(datagrams, st.booleans())
+def test_fuzz_random_datagrams_never_reach_the_transceiver(
+    payloads: list[bytes], batched_io: bool
+) -> None:
+    asyncio.run(_fuzz_once(payloads, batched_io))

@@ -123,6 +123,7 @@ async def data_plane(
     transceivers: list[str],
     store: BindingStore | None = None,
     udp_listen: tuple[str, ...] = ("127.0.0.1:0",),
+    batched_io: bool = True,
 ) -> AsyncIterator[DataPlane]:
     router = Router(KEYS, static_view(transceivers))
     plane = DataPlane(
@@ -132,7 +133,10 @@ async def data_plane(
         internal_listen="127.0.0.1:0",
         binding_ttl_s=30.0,
         redis_max_inflight=16,
+        batched_io=batched_io,
     )
+    # Under Bazel the native extension is in the runfiles: never test only the fallback.
+    assert plane.batched == batched_io, "services/relay/native:fastio.so did not load"
     await plane.start()
     try:
         yield plane

@@ -70,6 +70,13 @@ class RelaySettings(ServiceSettings):
         default=True,
         metadata={"help": "check STUN MESSAGE-INTEGRITY with the ufrag-derived password"},
     )
+    batched_io: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "move datagrams with the native recvmmsg/sendmmsg extension when it is "
+            "built (routing stays in Python); false: plain asyncio datagram endpoints"
+        },
+    )
     redis_timeout_s: float = dataclasses.field(
         default=0.5, metadata={"help": "timeout of one Redis operation"}
     )

@@ -188,6 +188,7 @@ async def make_worker(
         binding_ttl_s=settings.binding_ttl_s,
         redis_max_inflight=settings.redis_max_inflight,
         worker_id=worker_id,
+        batched_io=settings.batched_io,
     )
     try:
         await plane.start()
