@@ -206,6 +206,7 @@ def bench_relay(
     clients: list[socket.socket],
     trial_s: float,
     confirm_s: float,
+    extra_args: list[str],
 ) -> Result:
     vip_port = free_udp_port()
     process = subprocess.Popen(
@@ -224,6 +225,7 @@ def bench_relay(
             f"1/1=127.0.0.1:{port_of(sink)}",
             "--log-level",
             "WARNING",
+            *extra_args,
         ],
         cwd=WORKSPACE,
         stdin=subprocess.DEVNULL,
@@ -320,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trial-s", type=float, default=2.0)
     parser.add_argument("--confirm-s", type=float, default=5.0)
     parser.add_argument("--bindings", type=int, default=100_000, help="for memory per binding")
+    parser.add_argument(
+        "--relay-arg",
+        action="append",
+        default=[],
+        help="extra relay flag, repeatable, e.g. --relay-arg=--batched-io=false",
+    )
     args = parser.parse_args(argv)
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs 2 cores (forwarder on core 1, load on core 0)")
@@ -334,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         sink = udp()
         clients = [udp() for _ in range(args.clients)]
         try:
-            relay = bench_relay(loadgen, sink, clients, args.trial_s, args.confirm_s)
+            relay = bench_relay(
+                loadgen, sink, clients, args.trial_s, args.confirm_s, args.relay_arg
+            )
             reference = bench_reference(
                 forwarder, loadgen, sink, clients, args.trial_s, args.confirm_s
             )
