@@ -1,10 +1,30 @@
-"""The relay process: usage, bad settings, health and reflection over real gRPC, drain."""
+"""The relay process: usage, bad settings, health and reflection over real gRPC, drain, the
+admin API and metrics, and kill -9 / restart with a real Redis."""
 
 from __future__ import annotations
 
-from libs.service.testing import assert_service_lifecycle, binary, run_cli
+import contextlib
+import os
+import signal
+import socket
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from libs.service.testing import assert_service_lifecycle, binary, run_cli, running_service
+from libs.wire import framing, ufrag
+from services.relay.relay_testing import free_udp_port, redis_server
+from services.relay.router import binding_request_for
+from voiceedge.common.v1 import common_pb2
+from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
+from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
 
 COMMAND = binary("services/relay")
+NOT_BASE64 = "!!"
+SRTP = bytes([0x80, 0x6F]) + bytes(100)
+DTLS = bytes([22, 0xFE, 0xFD]) + bytes(30)
 
 
 def test_help_lists_settings() -> None:
@@ -22,3 +42,281 @@ def test_bad_setting_is_a_clear_error() -> None:
 
 def test_serves_health_and_reflection_then_drains() -> None:
     assert_service_lifecycle(COMMAND, "voiceedge.relay.v1.RelayAdminService")
+
+
+def _udp() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(5)
+    return sock
+
+
+def _name(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+def _send_until_forwarded(
+    client: socket.socket, vip: tuple[str, int], transceiver: socket.socket, payload: bytes
+) -> bytes:
+    """Sends every 50 ms (at most 100 times) until the transceiver receives a frame."""
+    transceiver.settimeout(0.05)
+    try:
+        for _ in range(100):
+            client.sendto(payload, vip)
+            with contextlib.suppress(TimeoutError):
+                return transceiver.recv(65535)
+    finally:
+        transceiver.settimeout(5)
+    raise AssertionError("nothing was forwarded")
+
+
+def test_kill_9_and_restart_with_redis_keeps_the_call() -> None:
+    keys = ufrag.dev_keyring()
+    with redis_server() as redis, _udp() as transceiver, _udp() as client:
+        media = _name(transceiver)
+        vip = ("127.0.0.1", free_udp_port())
+        args = [
+            "--workers",
+            "1",
+            "--udp-listen",
+            f"{vip[0]}:{vip[1]}",
+            "--transceivers",
+            f"1/1={media[0]}:{media[1]}",
+            "--redis-url",
+            redis.url,
+        ]
+        with running_service(COMMAND, args) as first:
+            request, _ = binding_request_for(keys, 1, 1)
+            client.sendto(request, vip)
+            assert transceiver.recv(65535) == framing.encode(*_name(client), request)
+            client.sendto(DTLS, vip)
+            assert transceiver.recv(65535) == framing.encode(*_name(client), DTLS)
+            with grpc.insecure_channel(first.grpc_address) as channel:
+                stub = relay_pb2_grpc.RelayAdminServiceStub(channel)
+                assert _wait_redis_writes(stub) == 1
+            first.process.send_signal(signal.SIGKILL)
+            first.process.wait(timeout=10)
+        with running_service(COMMAND, args) as second:
+            # Same client, same VIP, no new STUN: the restarted relay finds it in Redis.
+            frame = _send_until_forwarded(client, vip, transceiver, SRTP)
+            assert frame == framing.encode(*_name(client), SRTP)
+            client.sendto(DTLS, vip)
+            assert transceiver.recv(65535) == framing.encode(*_name(client), DTLS)
+            transceiver.sendto(
+                framing.encode(*_name(client), SRTP), _address(second.ready["internal"])
+            )
+            data, source = client.recvfrom(65535)
+            assert data == SRTP
+            assert source == vip
+            with grpc.insecure_channel(second.grpc_address) as channel:
+                stub = relay_pb2_grpc.RelayAdminServiceStub(channel)
+                stats = stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+                assert stats.redis.enabled
+                assert stats.redis.hits == 1
+                assert stats.bindings_active == 1
+
+
+def _wait_redis_writes(stub: relay_pb2_grpc.RelayAdminServiceStub) -> int:
+    for _ in range(100):  # bounded: the write is one round trip to a local Redis
+        stats = stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+        if stats.redis.writes:
+            return int(stats.redis.writes)
+        time.sleep(0.05)
+    return 0
+
+
+def test_admin_api_stats_bindings_drain_and_metrics() -> None:
+    keys = ufrag.dev_keyring()
+    with _udp() as transceiver:
+        media = _name(transceiver)
+        args = [
+            "--workers",
+            "1",
+            "--udp-listen",
+            "127.0.0.1:0",
+            "--transceivers",
+            f"1/1={media[0]}:{media[1]}",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ]
+        with running_service(COMMAND, args) as relay, contextlib.ExitStack() as stack:
+            vip = _address(relay.ready["udp"][0])
+            clients = [stack.enter_context(_udp()) for _ in range(3)]
+            for client in clients:
+                client.sendto(binding_request_for(keys, 1, 1)[0], vip)
+                transceiver.recv(65535)
+            clients[0].sendto(b"\xff\x00", vip)
+            clients[0].sendto(SRTP, vip)
+            transceiver.recv(65535)
+            with grpc.insecure_channel(relay.grpc_address) as channel:
+                stub = relay_pb2_grpc.RelayAdminServiceStub(channel)
+                stats = stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+                assert stats.bindings_active == 3
+                assert stats.bindings_created == 3
+                assert not stats.redis.enabled
+                drops = {(d.direction, d.reason): d.packets for d in stats.drops}
+                assert drops == {
+                    (
+                        relay_pb2.DIRECTION_CLIENT_TO_TRANSCEIVER,
+                        relay_pb2.DROP_REASON_UNKNOWN_CLASS,
+                    ): 1
+                }
+                traffic = {
+                    (t.direction, t.packet_class): t.packets_forwarded for t in stats.traffic
+                }
+                assert (
+                    traffic[
+                        (relay_pb2.DIRECTION_CLIENT_TO_TRANSCEIVER, relay_pb2.PACKET_CLASS_STUN)
+                    ]
+                    == 3
+                )
+                assert (
+                    traffic[
+                        (relay_pb2.DIRECTION_CLIENT_TO_TRANSCEIVER, relay_pb2.PACKET_CLASS_SRTP)
+                    ]
+                    == 1
+                )
+                assert [w.worker_id for w in stats.workers] == [0]
+
+                first = stub.ListBindings(relay_pb2.ListBindingsRequest(page_size=2), timeout=10)
+                assert len(first.bindings) == 2
+                assert first.next_page_token
+                rest = stub.ListBindings(
+                    relay_pb2.ListBindingsRequest(page_size=2, page_token=first.next_page_token),
+                    timeout=10,
+                )
+                assert len(rest.bindings) == 1
+                assert not rest.next_page_token
+                listed = [(b.client.ip, b.client.port) for b in [*first.bindings, *rest.bindings]]
+                assert listed == sorted(_name(c) for c in clients)
+                binding = first.bindings[0]
+                assert (binding.cluster_id, binding.transceiver_id) == (1, 1)
+                assert binding.transceiver_media_address.port == media[1]
+                assert len(binding.ufrag) == ufrag.TEXT_LEN
+                with pytest.raises(grpc.RpcError) as error:
+                    stub.ListBindings(
+                        relay_pb2.ListBindingsRequest(page_token=NOT_BASE64), timeout=10
+                    )
+                assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+                metrics = (
+                    urllib.request.urlopen(f"http://{relay.ready['metrics']}/metrics", timeout=10)
+                    .read()
+                    .decode()
+                )
+                assert "voiceedge_relay_packets_total{" in metrics
+                assert 'reason="unknown_class"' in metrics
+                bindings_line = next(
+                    line
+                    for line in metrics.splitlines()
+                    if line.startswith("voiceedge_relay_bindings")
+                )
+                assert bindings_line.endswith(" 3.0")
+
+                drained = stub.Drain(relay_pb2.DrainRequest(grace_period_ms=60_000), timeout=10)
+                assert drained.bindings_active == 3
+                newcomer = stack.enter_context(_udp())
+                newcomer.sendto(binding_request_for(keys, 1, 1)[0], vip)
+                clients[1].sendto(SRTP, vip)  # existing bindings keep forwarding
+                assert transceiver.recv(65535) == framing.encode(*_name(clients[1]), SRTP)
+                stats = stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+                assert stats.draining
+                reasons = {d.reason: d.packets for d in stats.drops}
+                assert reasons[relay_pb2.DROP_REASON_DRAINING] == 1
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = open(f"/proc/{entry}/stat").read()  # noqa: SIM115
+                if int(stat.rpartition(")")[2].split()[1]) == pid:
+                    found.add(int(entry))
+    return found
+
+
+def test_two_workers_share_the_port_and_die_with_the_parent() -> None:
+    keys = ufrag.dev_keyring()
+    with _udp() as transceiver, contextlib.ExitStack() as stack:
+        media = _name(transceiver)
+        args = ["--workers", "2", "--udp-listen", "127.0.0.1:0"]
+        args += ["--transceivers", f"1/1={media[0]}:{media[1]}"]
+        with running_service(COMMAND, args) as relay:
+            assert relay.ready["workers"] == 2
+            vip = _address(relay.ready["udp"][0])
+            clients = [stack.enter_context(_udp()) for _ in range(16)]
+            for client in clients:
+                request = binding_request_for(keys, 1, 1)[0]
+                client.sendto(request, vip)
+                assert transceiver.recv(65535) == framing.encode(*_name(client), request)
+                client.sendto(SRTP, vip)
+                assert transceiver.recv(65535) == framing.encode(*_name(client), SRTP)
+            with grpc.insecure_channel(relay.grpc_address) as channel:
+                stub = relay_pb2_grpc.RelayAdminServiceStub(channel)
+                for _ in range(100):  # children report every 0.5 s; bounded wait
+                    stats = stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+                    if stats.bindings_active == len(clients):
+                        break
+                    time.sleep(0.1)
+                assert stats.bindings_active == len(clients)
+                assert [w.worker_id for w in stats.workers] == [0, 1]
+                listed = stub.ListBindings(
+                    relay_pb2.ListBindingsRequest(page_size=1000), timeout=10
+                ).bindings
+                assert sorted((b.client.ip, b.client.port) for b in listed) == sorted(
+                    _name(c) for c in clients
+                )
+                assert {b.worker_id for b in listed} <= {0, 1}
+            children = _children(relay.process.pid)
+            assert children
+            relay.process.send_signal(signal.SIGKILL)
+            relay.process.wait(timeout=10)
+            for _ in range(200):  # bounded: children notice the closed pipe at once
+                if not any(os.path.exists(f"/proc/{pid}") for pid in children):
+                    break
+                time.sleep(0.05)
+            alive = [pid for pid in children if os.path.exists(f"/proc/{pid}/stat")]
+            zombies_only = all(
+                open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] == "Z"  # noqa: SIM115
+                for pid in alive
+            )
+            assert zombies_only, alive
+
+
+GEOSTEER = binary("services/geosteer")
+
+
+def test_routes_on_the_topology_watched_from_real_geosteer() -> None:
+    keys = ufrag.dev_keyring()
+    with _udp() as transceiver, _udp() as client, running_service(GEOSTEER) as geosteer:
+        media = _name(transceiver)
+        with grpc.insecure_channel(geosteer.grpc_address) as channel:
+            geosteer_pb2_grpc.GeosteerServiceStub(channel).RegisterNode(
+                geosteer_pb2.RegisterNodeRequest(
+                    node=geosteer_pb2.Node(
+                        node_id="transceiver-1-7",
+                        kind=common_pb2.NODE_KIND_TRANSCEIVER,
+                        cluster_id=1,
+                        transceiver_id=7,
+                        grpc_address="127.0.0.1:1",
+                        media_address=common_pb2.SocketAddress(ip=media[0], port=media[1]),
+                        capacity_sessions=10,
+                    )
+                ),
+                timeout=10,
+            )
+        args = ["--workers", "1", "--udp-listen", "127.0.0.1:0"]
+        args += ["--geosteer-address", geosteer.grpc_address]
+        with running_service(COMMAND, args) as relay:
+            vip = _address(relay.ready["udp"][0])
+            # No static transceivers: the route exists once the watched topology arrived.
+            request = binding_request_for(keys, 1, 7)[0]
+            frame = _send_until_forwarded(client, vip, transceiver, request)
+            assert frame == framing.encode(*_name(client), request)

@@ -1,0 +1,330 @@
+"""RelayAdminService (stats, bindings, drain) and the OpenTelemetry instruments.
+
+The hot path only bumps plain ints in the Router; metrics read them in observable
+callbacks at collection time, so there is no metric call per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+from google.protobuf import timestamp_pb2
+from opentelemetry import metrics
+
+from libs.observability.telemetry import log_event
+from libs.wire.classify import PacketClass
+from services.relay.router import (
+    CLASS_PROTO,
+    DIRECTION_PROTO,
+    DIRECTIONS,
+    N_CLASSES,
+    N_REASONS,
+)
+from services.relay.store import BindingStore
+from voiceedge.common.v1 import common_pb2
+from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
+
+logger = logging.getLogger("voiceedge.relay.admin")
+
+Ctx = grpc.aio.ServicerContext
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _sort_key(client: tuple[str, int]) -> tuple[int, bytes, int]:
+    ip = ipaddress.ip_address(client[0])
+    return (ip.version, ip.packed, client[1])
+
+
+def _encode_token(client: tuple[str, int]) -> str:
+    return base64.urlsafe_b64encode(f"{client[0]}|{client[1]}".encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[int, bytes, int]:
+    try:
+        ip, sep, port = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+        if not sep:
+            raise ValueError("no separator")
+        return _sort_key((ip, int(port)))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValueError("bad page_token") from None
+
+
+class Worker(Protocol):
+    """A data plane in this process (DataPlane) or a child's counters (RemoteWorker).
+    `router` is a Router or a CounterSnapshot with the same counter fields."""
+
+    worker_id: int
+    router: Any
+
+    async def list_bindings(self) -> Sequence[Any]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class RelayState:
+    """What the admin API and metrics observe: the workers and the Redis store."""
+
+    planes: Sequence[Worker]
+    store: BindingStore
+    drain_grace_s: float
+    started_at: float = field(default_factory=time.time)
+    draining: bool = False
+    on_drain: Callable[[float], None] | None = None
+    remote_redis: Callable[[], tuple[int, int, int, int]] | None = None
+    _stop_task: asyncio.Task[None] | None = None
+
+    def redis_counts(self) -> tuple[int, int, int, int]:
+        """hits, misses, errors, writes over all workers."""
+        store = self.store
+        own = (store.hits, store.misses, store.errors, store.writes)
+        if self.remote_redis is None:
+            return own
+        other = self.remote_redis()
+        return (own[0] + other[0], own[1] + other[1], own[2] + other[2], own[3] + other[3])
+
+    def stats(self) -> relay_pb2.RelayStats:
+        redis = self.redis_counts()
+        out = relay_pb2.RelayStats(
+            started_at=_timestamp(self.started_at),
+            draining=self.draining,
+            bindings_active=sum(len(p.router) for p in self.planes),
+            bindings_created=sum(p.router.bindings_created for p in self.planes),
+            bindings_expired=sum(p.router.bindings_expired for p in self.planes),
+            redis=relay_pb2.RedisStats(
+                enabled=self.store.enabled,
+                hits=redis[0],
+                misses=redis[1] if self.store.enabled else 0,
+                errors=redis[2],
+                writes=redis[3],
+            ),
+        )
+        for direction in DIRECTIONS:
+            for kind in range(N_CLASSES):
+                values = [
+                    sum(getattr(p.router, name)[direction][kind] for p in self.planes)
+                    for name in ("rx_packets", "rx_bytes", "fwd_packets", "fwd_bytes")
+                ]
+                if any(values):
+                    out.traffic.append(
+                        relay_pb2.TrafficCounter(
+                            direction=DIRECTION_PROTO[direction],
+                            packet_class=CLASS_PROTO[PacketClass(kind)],
+                            packets_received=values[0],
+                            bytes_received=values[1],
+                            packets_forwarded=values[2],
+                            bytes_forwarded=values[3],
+                        )
+                    )
+            for reason in range(N_REASONS):
+                packets = sum(p.router.drop_packets[direction][reason] for p in self.planes)
+                if packets:
+                    out.drops.append(
+                        relay_pb2.DropCounter(
+                            direction=DIRECTION_PROTO[direction],
+                            reason=reason,  # type: ignore[arg-type]
+                            packets=packets,
+                            bytes=sum(p.router.drop_bytes[direction][reason] for p in self.planes),
+                        )
+                    )
+        for plane in self.planes:
+            out.workers.append(
+                relay_pb2.WorkerStats(
+                    worker_id=plane.worker_id,
+                    packets_received=plane.router.packets_received,
+                    packets_forwarded=plane.router.packets_forwarded,
+                    packets_dropped=plane.router.packets_dropped,
+                    bindings_active=len(plane.router),
+                )
+            )
+        return out
+
+    async def all_bindings(self) -> list[tuple[Worker, Any]]:
+        """Every worker's bindings (Binding here, BindingInfo from a child process)."""
+        return [(plane, b) for plane in self.planes for b in await plane.list_bindings()]
+
+    def start_drain(self, grace_s: float) -> int:
+        """New clients refused from now on; forwarding stops after `grace_s`."""
+        active = sum(len(p.router) for p in self.planes)
+        if self.draining:
+            return active
+        self.draining = True
+        for plane in self.planes:
+            plane.router.draining = True
+        if self.on_drain is not None:
+            self.on_drain(grace_s)
+        log_event(logger, "relay.draining", bindings=active, grace_s=grace_s)
+        self._stop_task = asyncio.get_running_loop().create_task(self._stop_after(grace_s))
+        return active
+
+    async def _stop_after(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        # Poll the table (bounded by the grace period): calls ending early end the drain. The
+        # table has no event to await: bindings leave by idle expiry on the data plane tick.
+        while time.monotonic() < deadline and any(len(p.router) for p in self.planes):  # noqa: ASYNC110
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        for plane in self.planes:
+            await plane.close()
+
+    async def wait_drained(self) -> None:
+        if self._stop_task is not None:
+            await asyncio.shield(self._stop_task)
+
+    async def close(self) -> None:
+        if self._stop_task is not None:
+            self._stop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stop_task
+            self._stop_task = None
+
+
+def _address(address: tuple[str, int]) -> common_pb2.SocketAddress:
+    return common_pb2.SocketAddress(ip=address[0], port=address[1])
+
+
+class RelayAdmin(relay_pb2_grpc.RelayAdminServiceServicer):
+    def __init__(self, state: RelayState) -> None:
+        self._state = state
+
+    async def GetStats(  # noqa: N802 (gRPC method name)
+        self,
+        request: relay_pb2.GetStatsRequest,
+        context: Ctx[relay_pb2.GetStatsRequest, relay_pb2.GetStatsResponse],
+    ) -> relay_pb2.GetStatsResponse:
+        return relay_pb2.GetStatsResponse(stats=self._state.stats())
+
+    async def ListBindings(  # noqa: N802 (gRPC method name)
+        self,
+        request: relay_pb2.ListBindingsRequest,
+        context: Ctx[relay_pb2.ListBindingsRequest, relay_pb2.ListBindingsResponse],
+    ) -> relay_pb2.ListBindingsResponse:
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after: tuple[int, bytes, int] | None = None
+        if request.page_token:
+            try:
+                after = _decode_token(request.page_token)
+            except ValueError:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad page_token")
+        entries = sorted(
+            ((_sort_key(b.client), plane, b) for plane, b in await self._state.all_bindings()),
+            key=lambda entry: entry[0],
+        )
+        if after is not None:
+            entries = [e for e in entries if e[0] > after]
+        page = entries[:size]
+        now_mono, now_wall = time.monotonic(), time.time()
+        response = relay_pb2.ListBindingsResponse()
+        for _, plane, b in page:
+            response.bindings.append(
+                relay_pb2.Binding(
+                    client=_address(b.client),
+                    cluster_id=b.cluster_id,
+                    transceiver_id=b.transceiver_id,
+                    transceiver_media_address=_address(b.media),
+                    ufrag=b.ufrag,
+                    last_seen=_timestamp(now_wall - (now_mono - b.last_seen)),
+                    packets=b.packets,
+                    bytes=b.bytes,
+                    created_at=_timestamp(b.created_at),
+                    worker_id=plane.worker_id,
+                )
+            )
+        if len(entries) > size:
+            response.next_page_token = _encode_token(page[-1][2].client)
+        return response
+
+    async def Drain(  # noqa: N802 (gRPC method name)
+        self,
+        request: relay_pb2.DrainRequest,
+        context: Ctx[relay_pb2.DrainRequest, relay_pb2.DrainResponse],
+    ) -> relay_pb2.DrainResponse:
+        grace_s = (
+            request.grace_period_ms / 1000 if request.grace_period_ms else self._state.drain_grace_s
+        )
+        return relay_pb2.DrainResponse(bindings_active=self._state.start_drain(grace_s))
+
+
+def register_metrics(meter: metrics.Meter, state: RelayState) -> None:
+    """voiceedge_relay_{packets,bytes,drops}_total, voiceedge_relay_bindings,
+    voiceedge_relay_redis_ops_total, read from the plain counters at collection time."""
+
+    def traffic(name: str) -> Callable[[metrics.CallbackOptions], Iterable[metrics.Observation]]:
+        def callback(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+            for direction in DIRECTIONS:
+                for kind in range(N_CLASSES):
+                    for stage, table in (("received", f"rx_{name}"), ("forwarded", f"fwd_{name}")):
+                        value = sum(getattr(p.router, table)[direction][kind] for p in state.planes)
+                        yield metrics.Observation(
+                            value,
+                            {
+                                "direction": "client_to_transceiver"
+                                if direction == 0
+                                else "transceiver_to_client",
+                                "class": PacketClass(kind).name.lower(),
+                                "stage": stage,
+                            },
+                        )
+
+        return callback
+
+    def drops(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        for direction in DIRECTIONS:
+            for reason in range(1, N_REASONS):
+                value = sum(p.router.drop_packets[direction][reason] for p in state.planes)
+                if value:
+                    yield metrics.Observation(
+                        value,
+                        {
+                            "direction": "client_to_transceiver"
+                            if direction == 0
+                            else "transceiver_to_client",
+                            "reason": relay_pb2.DropReason.Name(reason)  # type: ignore[arg-type]
+                            .removeprefix("DROP_REASON_")
+                            .lower(),
+                        },
+                    )
+
+    def bindings(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        yield metrics.Observation(sum(len(p.router) for p in state.planes))
+
+    def redis_ops(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        if not state.store.enabled:
+            return
+        counts = state.redis_counts()
+        for result, value in zip(("hit", "miss", "error", "write"), counts, strict=True):
+            yield metrics.Observation(value, {"result": result})
+
+    meter.create_observable_counter(
+        "voiceedge_relay_packets", [traffic("packets")], description="UDP packets through the relay"
+    )
+    meter.create_observable_counter(
+        "voiceedge_relay_bytes", [traffic("bytes")], description="UDP payload bytes (inner packet)"
+    )
+    meter.create_observable_counter(
+        "voiceedge_relay_drops", [drops], description="Packets dropped, by reason"
+    )
+    meter.create_observable_gauge(
+        "voiceedge_relay_bindings", [bindings], description="Client bindings held in memory"
+    )
+    meter.create_observable_counter(
+        "voiceedge_relay_redis_ops", [redis_ops], description="Redis binding store operations"
+    )

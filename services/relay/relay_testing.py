@@ -1,0 +1,144 @@
+"""Test helpers: a fake transceiver (plain UDP socket on loopback), UDP clients, a real
+redis-server on a free loopback port, and an in-process relay data plane."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+from libs.wire import ufrag
+from services.relay.dataplane import DataPlane
+from services.relay.router import Router
+from services.relay.store import BindingStore, MemoryBindingStore
+from services.relay.topology import static_view
+
+KEYS = ufrag.dev_keyring()
+
+
+def udp_socket() -> socket.socket:
+    """A non-blocking loopback UDP socket for use with the `recv*` helpers below."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    return sock
+
+
+async def recv(sock: socket.socket, timeout_s: float = 5.0) -> tuple[bytes, tuple[str, int]]:
+    loop = asyncio.get_running_loop()
+    data, addr = await asyncio.wait_for(loop.sock_recvfrom(sock, 65535), timeout_s)
+    return data, (addr[0], addr[1])
+
+
+async def recv_until_quiet(
+    sock: socket.socket, quiet_s: float = 0.2, limit: int = 10_000
+) -> list[bytes]:
+    """Everything `sock` receives until it has been quiet for `quiet_s` (bounded)."""
+    out: list[bytes] = []
+    with contextlib.suppress(TimeoutError):
+        while len(out) < limit:
+            out.append((await recv(sock, quiet_s))[0])
+    return out
+
+
+def address_of(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Redis:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes] | None
+
+    def start(self) -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            raise AssertionError("redis-server missing: ./bazelw installs it (apt redis-server)")
+        self.process = subprocess.Popen(
+            [
+                executable,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # bounded wait for the port to accept
+            with socket.socket() as probe, contextlib.suppress(OSError):
+                probe.connect(("127.0.0.1", self.port))
+                probe.sendall(b"PING\r\n")
+                if probe.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.02)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[Redis]:
+    port = free_port()
+    redis = Redis(f"redis://127.0.0.1:{port}/0", port, None)
+    redis.start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+@contextlib.asynccontextmanager
+async def data_plane(
+    transceivers: list[str],
+    store: BindingStore | None = None,
+    udp_listen: tuple[str, ...] = ("127.0.0.1:0",),
+    batched_io: bool = True,
+) -> AsyncIterator[DataPlane]:
+    router = Router(KEYS, static_view(transceivers))
+    plane = DataPlane(
+        router,
+        store or MemoryBindingStore(),
+        udp_listen=udp_listen,
+        internal_listen="127.0.0.1:0",
+        binding_ttl_s=30.0,
+        redis_max_inflight=16,
+        batched_io=batched_io,
+    )
+    # Under Bazel the native extension is in the runfiles: never test only the fallback.
+    assert plane.batched == batched_io, "services/relay/native:fastio.so did not load"
+    await plane.start()
+    try:
+        yield plane
+    finally:
+        await plane.close()

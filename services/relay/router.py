@@ -1,0 +1,367 @@
+"""The relay's pure core: the binding table and the per-packet routing decision.
+
+No sockets and no clock of its own: the I/O layer passes datagrams, addresses and `now`
+(monotonic seconds) and sends what `Forward` says. Rules (no open door either way):
+
+- Client -> transceiver. Only a STUN Binding request (RFC 8489 §6.1) can create a binding,
+  and only when its USERNAME's server ufrag decodes with a MAC that verifies in constant
+  time, its MESSAGE-INTEGRITY verifies with the ufrag-derived password (RFC 8445 §7.2.2,
+  short-term credentials), and the topology knows the cluster and the transceiver. DTLS and
+  SRTP (RFC 7983 §7 first-byte ranges) pass only for bound clients. The relay never
+  answers: every outcome is a forward to a transceiver or a counted drop.
+- Transceiver -> client. Frames are accepted only from a known transceiver media address,
+  only for clients with a binding, and only from the transceiver that owns that binding.
+- A token for another cluster is framed and sent straight to that cluster's transceiver
+  media address from the topology; its replies come back to this relay (the transceiver
+  answers the relay that last sent), so the client keeps talking to one address.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from libs.wire import framing, stun, ufrag
+from libs.wire.classify import PacketClass, classify
+from services.relay.topology import Address, TopologyView
+from voiceedge.relay.v1 import relay_pb2
+
+C2T = 0  # client -> transceiver
+T2C = 1  # transceiver -> client
+DIRECTIONS = (C2T, T2C)
+DIRECTION_PROTO = {
+    C2T: relay_pb2.DIRECTION_CLIENT_TO_TRANSCEIVER,
+    T2C: relay_pb2.DIRECTION_TRANSCEIVER_TO_CLIENT,
+}
+CLASS_PROTO = {
+    PacketClass.STUN: relay_pb2.PACKET_CLASS_STUN,
+    PacketClass.DTLS: relay_pb2.PACKET_CLASS_DTLS,
+    PacketClass.SRTP: relay_pb2.PACKET_CLASS_SRTP,
+    PacketClass.OTHER: relay_pb2.PACKET_CLASS_OTHER,
+}
+N_CLASSES = len(PacketClass)
+N_REASONS = max(relay_pb2.DropReason.values()) + 1
+
+_STUN, _DTLS, _SRTP, _OTHER = (
+    int(PacketClass.STUN),
+    int(PacketClass.DTLS),
+    int(PacketClass.SRTP),
+    int(PacketClass.OTHER),
+)
+_CLASS_OF_FIRST_BYTE = bytes(int(classify(bytes([b]))) for b in range(256))
+_UFRAG_REASONS = {
+    "BAD_UFRAG": relay_pb2.DROP_REASON_BAD_UFRAG,
+    "BAD_MAC": relay_pb2.DROP_REASON_BAD_MAC,
+    "UNKNOWN_KEY_ID": relay_pb2.DROP_REASON_UNKNOWN_KEY_ID,
+}
+_IPV6_FLAG_BYTE = 3  # offset of the flags byte in a frame (relay-framing-v1)
+
+
+class Forward(NamedTuple):
+    """Send `data` to `dest`: a frame to a transceiver, or a payload to a client."""
+
+    dest: Address
+    data: bytes
+
+
+class Drop(NamedTuple):
+    """Do not send; the router has already counted it under `reason`."""
+
+    reason: int  # relay_pb2.DropReason
+
+
+_DROPS = {reason: Drop(reason) for reason in range(N_REASONS)}
+
+
+class Binding:
+    """One cached route. Small on purpose: there may be a million of them."""
+
+    __slots__ = (
+        "bytes",
+        "client",
+        "cluster_id",
+        "created_at",
+        "header",
+        "last_seen",
+        "media",
+        "packets",
+        "stored_at",
+        "transceiver_id",
+        "ufrag",
+        "via",
+    )
+
+    def __init__(
+        self,
+        client: Address,
+        cluster_id: int,
+        transceiver_id: int,
+        media: Address,
+        ufrag_text: str,
+        now: float,
+        via: int = 0,
+    ) -> None:
+        self.client = client
+        self.cluster_id = cluster_id
+        self.transceiver_id = transceiver_id
+        self.media = media
+        self.header = framing.header(client[0], client[1])
+        self.ufrag = ufrag_text
+        self.created_at = time.time()
+        self.last_seen = now
+        self.packets = 0
+        self.bytes = 0
+        self.stored_at = -1.0  # when the Redis copy was last written (monotonic), -1: never
+        self.via = via  # index of the public socket the client talks to
+
+
+class Router:
+    """Binding table and counters. All methods are synchronous and never raise on input."""
+
+    def __init__(
+        self,
+        keyring: ufrag.Keyring,
+        topology: TopologyView,
+        *,
+        idle_timeout_s: float = 30.0,
+        max_bindings: int = 1_000_000,
+        verify_message_integrity: bool = True,
+        on_bind: Callable[[Binding], None] | None = None,
+    ) -> None:
+        self.keyring = keyring
+        self.topology = topology
+        self.idle_timeout_s = idle_timeout_s
+        self.max_bindings = max_bindings
+        self.verify_message_integrity = verify_message_integrity
+        self.on_bind = on_bind
+        self.draining = False
+        self._bindings: dict[Address, Binding] = {}  # insertion order = age (oldest first)
+        self._by_header: dict[bytes, Binding] = {}
+        # Plain ints on the hot path; exported by callbacks. Index: [direction][class].
+        self.rx_packets = [[0] * N_CLASSES for _ in DIRECTIONS]
+        self.rx_bytes = [[0] * N_CLASSES for _ in DIRECTIONS]
+        self.fwd_packets = [[0] * N_CLASSES for _ in DIRECTIONS]
+        self.fwd_bytes = [[0] * N_CLASSES for _ in DIRECTIONS]
+        self.drop_packets = [[0] * N_REASONS for _ in DIRECTIONS]
+        self.drop_bytes = [[0] * N_REASONS for _ in DIRECTIONS]
+        self.bindings_created = 0
+        self.bindings_expired = 0
+        self.bindings_evicted = 0
+
+    # ---- table ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._bindings)
+
+    def get(self, client: Address) -> Binding | None:
+        return self._bindings.get(client)
+
+    def bindings(self) -> Iterator[Binding]:
+        return iter(list(self._bindings.values()))
+
+    def set_topology(self, topology: TopologyView) -> None:
+        """New view: bindings whose transceiver moved follow it; vanished ones stay until
+        idle (a transceiver briefly missing from geosteer must not cut its calls)."""
+        self.topology = topology
+        for binding in self._bindings.values():
+            media = topology.transceivers.get((binding.cluster_id, binding.transceiver_id))
+            if media is not None and media != binding.media:
+                binding.media = media
+
+    def _install(
+        self,
+        client: Address,
+        cluster_id: int,
+        transceiver_id: int,
+        ufrag_text: str,
+        now: float,
+        via: int,
+    ) -> Binding | Drop:
+        if cluster_id not in self.topology.clusters:
+            return _DROPS[relay_pb2.DROP_REASON_UNKNOWN_CLUSTER]
+        media = self.topology.transceivers.get((cluster_id, transceiver_id))
+        if media is None:
+            return _DROPS[relay_pb2.DROP_REASON_UNKNOWN_TRANSCEIVER]
+        self._remove(client)
+        while len(self._bindings) >= self.max_bindings:
+            # Full: the oldest binding (by creation) goes, so new calls are never refused.
+            self._remove(next(iter(self._bindings)))
+            self.bindings_evicted += 1
+        binding = Binding(client, cluster_id, transceiver_id, media, ufrag_text, now, via)
+        self._bindings[client] = binding
+        self._by_header[binding.header] = binding
+        self.bindings_created += 1
+        if self.on_bind is not None:
+            self.on_bind(binding)
+        return binding
+
+    def _remove(self, client: Address) -> None:
+        binding = self._bindings.pop(client, None)
+        if binding is not None:
+            self._by_header.pop(binding.header, None)
+
+    def restore(
+        self, client: Address, cluster_id: int, transceiver_id: int, now: float, via: int = 0
+    ) -> bool:
+        """A binding found in the shared store (Redis) for a client with none in memory."""
+        if client in self._bindings:
+            return True
+        result = self._install(client, cluster_id, transceiver_id, "", now, via)
+        return isinstance(result, Binding)
+
+    def expire_idle(self, now: float) -> int:
+        """Forgets bindings idle for idle_timeout_s; returns how many went."""
+        limit = now - self.idle_timeout_s
+        stale = [c for c, b in self._bindings.items() if b.last_seen < limit]
+        for client in stale:
+            self._remove(client)
+        self.bindings_expired += len(stale)
+        return len(stale)
+
+    # ---- packets -------------------------------------------------------------------------
+
+    def _drop(self, direction: int, reason: int, size: int) -> Drop:
+        self.drop_packets[direction][reason] += 1
+        self.drop_bytes[direction][reason] += size
+        return _DROPS[reason]
+
+    def route_client_packet(
+        self, data: bytes, client: Address, now: float, via: int = 0
+    ) -> Forward | Drop:
+        """A datagram from a client's public address, received on public socket `via`."""
+        size = len(data)
+        kind = _CLASS_OF_FIRST_BYTE[data[0]] if size else _OTHER
+        self.rx_packets[C2T][kind] += 1
+        self.rx_bytes[C2T][kind] += size
+        binding = self._bindings.get(client)
+        if kind in (_SRTP, _DTLS):
+            if binding is None:
+                return self._drop(C2T, relay_pb2.DROP_REASON_NO_BINDING, size)
+        elif kind == _STUN:
+            result = self._route_stun(data, client, binding, now, via)
+            if isinstance(result, Drop):
+                self.drop_packets[C2T][result.reason] += 1
+                self.drop_bytes[C2T][result.reason] += size
+                return result
+            binding = result
+        else:
+            return self._drop(C2T, relay_pb2.DROP_REASON_UNKNOWN_CLASS, size)
+        binding.last_seen = now
+        binding.packets += 1
+        binding.bytes += size
+        self.fwd_packets[C2T][kind] += 1
+        self.fwd_bytes[C2T][kind] += size
+        return Forward(binding.media, binding.header + data)
+
+    def _route_stun(
+        self, data: bytes, client: Address, binding: Binding | None, now: float, via: int
+    ) -> Binding | Drop:
+        try:
+            message = stun.parse(data)
+        except stun.StunError:
+            return _DROPS[relay_pb2.DROP_REASON_MALFORMED]
+        is_request = message.message_type == stun.BINDING_REQUEST
+        if binding is not None:
+            # Responses and indications have no USERNAME and ride the binding; a Binding
+            # request with a new server ufrag is an ICE restart (RFC 8445 §9) and rebinds.
+            if not is_request:
+                return binding
+            username = message.username
+            server = stun.server_ufrag(username) if username is not None else None
+            if server == binding.ufrag:
+                return binding
+        elif not is_request:
+            return _DROPS[relay_pb2.DROP_REASON_NOT_BINDING_REQUEST]
+        elif self.draining:
+            return _DROPS[relay_pb2.DROP_REASON_DRAINING]
+        verified = self._verify(message)
+        if isinstance(verified, Drop):
+            return verified
+        token, server_ufrag = verified
+        if binding is not None and (binding.cluster_id, binding.transceiver_id) == (
+            token.cluster_id,
+            token.transceiver_id,
+        ):
+            binding.ufrag = server_ufrag  # restart onto the same transceiver: same route
+            return binding
+        return self._install(client, token.cluster_id, token.transceiver_id, server_ufrag, now, via)
+
+    def _verify(self, message: stun.StunMessage) -> tuple[ufrag.RoutingToken, str] | Drop:
+        username = message.username
+        server = stun.server_ufrag(username) if username is not None else None
+        if server is None:
+            return _DROPS[relay_pb2.DROP_REASON_BAD_UFRAG]
+        try:
+            token = ufrag.decode(server, self.keyring)
+        except ufrag.UfragError as exc:
+            return _DROPS[_UFRAG_REASONS.get(exc.reason, relay_pb2.DROP_REASON_BAD_UFRAG)]
+        if self.verify_message_integrity:
+            password = ufrag.password(server, self.keyring, token.key_id)
+            if not message.verify_integrity(password.encode("ascii")):
+                return _DROPS[relay_pb2.DROP_REASON_BAD_MESSAGE_INTEGRITY]
+        return token, server
+
+    def route_transceiver_packet(self, frame: bytes, source: Address) -> Forward | Drop:
+        """A frame on the internal socket: only from a known transceiver, only to a client
+        that transceiver owns."""
+        size = len(frame)
+        if source not in self.topology.media_sources:
+            self.rx_packets[T2C][_OTHER] += 1
+            self.rx_bytes[T2C][_OTHER] += size
+            return self._drop(T2C, relay_pb2.DROP_REASON_UNKNOWN_SOURCE, size)
+        header_len = (
+            framing.HEADER_V6
+            if size > _IPV6_FLAG_BYTE and frame[_IPV6_FLAG_BYTE] & framing.FLAG_IPV6
+            else framing.HEADER_V4
+        )
+        binding = self._by_header.get(frame[:header_len])
+        if binding is None:
+            self.rx_packets[T2C][_OTHER] += 1
+            self.rx_bytes[T2C][_OTHER] += size
+            try:
+                framing.decode(frame)
+            except framing.FrameError:
+                return self._drop(T2C, relay_pb2.DROP_REASON_BAD_FRAME, size)
+            return self._drop(T2C, relay_pb2.DROP_REASON_NO_BINDING, size)
+        payload = frame[header_len:]
+        size = len(payload)
+        kind = _CLASS_OF_FIRST_BYTE[payload[0]] if size else _OTHER
+        self.rx_packets[T2C][kind] += 1
+        self.rx_bytes[T2C][kind] += size
+        if binding.media != source:
+            return self._drop(T2C, relay_pb2.DROP_REASON_UNKNOWN_SOURCE, size)
+        binding.packets += 1
+        binding.bytes += size
+        self.fwd_packets[T2C][kind] += 1
+        self.fwd_bytes[T2C][kind] += size
+        return Forward(binding.client, payload)
+
+    def count_send_failed(self, direction: int, size: int) -> None:
+        self._drop(direction, relay_pb2.DROP_REASON_SEND_FAILED, size)
+
+    def count_dropped(self, direction: int, reason: int, size: int) -> None:
+        self._drop(direction, reason, size)
+
+    @property
+    def packets_received(self) -> int:
+        return sum(sum(row) for row in self.rx_packets)
+
+    @property
+    def packets_forwarded(self) -> int:
+        return sum(sum(row) for row in self.fwd_packets)
+
+    @property
+    def packets_dropped(self) -> int:
+        return sum(sum(row) for row in self.drop_packets)
+
+
+def binding_request_for(
+    keyring: ufrag.Keyring, cluster_id: int, transceiver_id: int, client_ufrag: str = "cli1"
+) -> tuple[bytes, str]:
+    """A valid browser-like Binding request for a freshly minted token (tests, benchmark)."""
+    server = ufrag.mint(keyring, cluster_id, transceiver_id)
+    password = ufrag.password(server, keyring)
+    txid = secrets.token_bytes(12)
+    return stun.binding_request(f"{server}:{client_ufrag}", password, txid), server

@@ -1,0 +1,270 @@
+"""The pure routing core, table-driven: what is forwarded, what is dropped and why."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from libs.wire import framing, stun, ufrag
+from services.relay.router import C2T, T2C, Binding, Drop, Forward, Router, binding_request_for
+from services.relay.topology import TopologyView, static_view
+from voiceedge.relay.v1 import relay_pb2
+
+KEYS = ufrag.dev_keyring()
+OTHER_KEYS = ufrag.Keyring.parse("1:" + "11" * 32)
+ROTATED = ufrag.Keyring.parse("9:" + "22" * 32)
+MEDIA = ("127.0.0.1", 40000)
+MEDIA_2 = ("127.0.0.1", 40001)
+FOREIGN = ("127.0.0.2", 40000)
+CLIENT = ("203.0.113.9", 50000)
+CLIENT_V6 = ("2001:db8::9", 50000)
+TOPOLOGY = static_view(["1/1=127.0.0.1:40000", "1/2=127.0.0.1:40001", "7/42=127.0.0.2:40000"])
+SRTP = bytes([0x80, 0x6F]) + b"\x00" * 198
+DTLS = bytes([22, 0xFE, 0xFD]) + b"\x00" * 50
+
+
+def router(**kwargs: object) -> Router:
+    return Router(KEYS, TOPOLOGY, **kwargs)  # type: ignore[arg-type]
+
+
+def request(
+    cluster: int = 1, transceiver: int = 1, keys: ufrag.Keyring = KEYS, client_ufrag: str = "cli1"
+) -> bytes:
+    return binding_request_for(keys, cluster, transceiver, client_ufrag)[0]
+
+
+def tampered_integrity() -> bytes:
+    data = bytearray(request())
+    mi = bytes(data).find(struct.pack("!HH", stun.ATTR_MESSAGE_INTEGRITY, 20))
+    data[mi + 4] ^= 0xFF
+    return bytes(data)
+
+
+def with_username(username: str) -> bytes:
+    return stun.binding_request(username, "x" * 32, b"t" * 12)
+
+
+def forged_mac() -> bytes:
+    server = ufrag.mint(KEYS, 1, 1)
+    flipped = server[:30] + ("A" if server[30] != "A" else "B") + server[31:]  # MAC bits
+    return stun.binding_request(f"{flipped}:cli1", ufrag.password(server, KEYS), b"f" * 12)
+
+
+def binding_success() -> bytes:
+    return stun.build(stun.BINDING_SUCCESS, b"s" * 12, [])
+
+
+# (name, datagram factory, expected drop reason or None for forward to MEDIA)
+FIRST_PACKET_CASES: list[tuple[str, Callable[[], bytes], int | None]] = [
+    ("valid binding request", request, None),
+    ("srtp without binding", lambda: SRTP, relay_pb2.DROP_REASON_NO_BINDING),
+    ("dtls without binding", lambda: DTLS, relay_pb2.DROP_REASON_NO_BINDING),
+    ("empty datagram", lambda: b"", relay_pb2.DROP_REASON_UNKNOWN_CLASS),
+    ("first byte 200", lambda: b"\xc8" * 40, relay_pb2.DROP_REASON_UNKNOWN_CLASS),
+    ("zrtp range", lambda: b"\x10" * 40, relay_pb2.DROP_REASON_UNKNOWN_CLASS),
+    ("short stun", lambda: b"\x00\x01\x00", relay_pb2.DROP_REASON_MALFORMED),
+    ("stun bad length", lambda: request()[:-4], relay_pb2.DROP_REASON_MALFORMED),
+    ("binding success", binding_success, relay_pb2.DROP_REASON_NOT_BINDING_REQUEST),
+    ("no username", lambda: stun.build(1, b"n" * 12, []), relay_pb2.DROP_REASON_BAD_UFRAG),
+    ("username without colon", lambda: with_username("abc"), relay_pb2.DROP_REASON_BAD_UFRAG),
+    ("ufrag not a token", lambda: with_username("abcd:efgh"), relay_pb2.DROP_REASON_BAD_UFRAG),
+    ("forged mac", forged_mac, relay_pb2.DROP_REASON_BAD_MAC),
+    ("other secret", lambda: request(keys=OTHER_KEYS), relay_pb2.DROP_REASON_BAD_MAC),
+    ("unknown key id", lambda: request(keys=ROTATED), relay_pb2.DROP_REASON_UNKNOWN_KEY_ID),
+    ("bad integrity", tampered_integrity, relay_pb2.DROP_REASON_BAD_MESSAGE_INTEGRITY),
+    ("unknown cluster", lambda: request(cluster=3), relay_pb2.DROP_REASON_UNKNOWN_CLUSTER),
+    ("unknown transceiver", lambda: request(1, 9), relay_pb2.DROP_REASON_UNKNOWN_TRANSCEIVER),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "reason"), FIRST_PACKET_CASES)
+def test_first_packet_from_unbound_client(
+    name: str, make: Callable[[], bytes], reason: int | None
+) -> None:
+    r = router()
+    data = make()
+    result = r.route_client_packet(data, CLIENT, 0.0)
+    if reason is None:
+        assert result == Forward(MEDIA, framing.encode(*CLIENT, data)), name
+        assert len(r) == 1
+    else:
+        assert result == Drop(reason), (name, result)
+        assert r.drop_packets[C2T][reason] == 1
+        assert len(r) == 0
+
+
+def test_binding_carries_dtls_srtp_and_stun_responses() -> None:
+    r = router()
+    assert isinstance(r.route_client_packet(request(), CLIENT, 0.0), Forward)
+    for data in (DTLS, SRTP, binding_success()):
+        result = r.route_client_packet(data, CLIENT, 1.0)
+        assert result == Forward(MEDIA, framing.encode(*CLIENT, data))
+    binding = r.get(CLIENT)
+    assert binding is not None
+    assert binding.packets == 4
+    assert binding.last_seen == 1.0
+    # Another address of the same NAT is another client: nothing passes.
+    assert r.route_client_packet(SRTP, ("203.0.113.9", 50001), 1.0) == Drop(
+        relay_pb2.DROP_REASON_NO_BINDING
+    )
+    assert r.route_client_packet(b"\xff" * 10, CLIENT, 1.0) == Drop(
+        relay_pb2.DROP_REASON_UNKNOWN_CLASS
+    )
+
+
+def test_ipv6_client_frame_matches_contract() -> None:
+    r = router()
+    data = request()
+    result = r.route_client_packet(data, CLIENT_V6, 0.0)
+    assert result == Forward(MEDIA, framing.encode(*CLIENT_V6, data))
+    reply = framing.encode(*CLIENT_V6, SRTP)
+    assert r.route_transceiver_packet(reply, MEDIA) == Forward(CLIENT_V6, SRTP)
+
+
+def test_frame_vector_from_contract() -> None:
+    vector = (Path(__file__).parents[2] / "libs/wire/testdata/frame_v4.bin").read_bytes()
+    r = router()
+    r.route_client_packet(request(), ("203.0.113.9", 50000), 0.0)
+    assert r.route_transceiver_packet(vector, MEDIA) == Forward(
+        ("203.0.113.9", 50000), bytes.fromhex("806f00017061796c6f6164")
+    )
+
+
+def test_ice_restart_rebinds_to_new_transceiver() -> None:
+    r = router()
+    r.route_client_packet(request(1, 1), CLIENT, 0.0)
+    restart = request(1, 2, client_ufrag="cli2")
+    assert r.route_client_packet(restart, CLIENT, 1.0) == Forward(
+        MEDIA_2, framing.encode(*CLIENT, restart)
+    )
+    assert r.route_client_packet(SRTP, CLIENT, 1.0)[0] == MEDIA_2
+    # The old transceiver no longer reaches the client.
+    reply = framing.encode(*CLIENT, SRTP)
+    assert r.route_transceiver_packet(reply, MEDIA) == Drop(relay_pb2.DROP_REASON_UNKNOWN_SOURCE)
+    assert r.route_transceiver_packet(reply, MEDIA_2) == Forward(CLIENT, SRTP)
+    # A forged restart does not move the binding.
+    assert r.route_client_packet(forged_mac(), CLIENT, 2.0) == Drop(relay_pb2.DROP_REASON_BAD_MAC)
+    assert r.route_client_packet(SRTP, CLIENT, 2.0)[0] == MEDIA_2
+
+
+def test_foreign_cluster_goes_to_its_transceiver() -> None:
+    r = router()
+    data = request(7, 42)
+    assert r.route_client_packet(data, CLIENT, 0.0) == Forward(
+        FOREIGN, framing.encode(*CLIENT, data)
+    )
+    assert r.route_transceiver_packet(framing.encode(*CLIENT, SRTP), FOREIGN) == Forward(
+        CLIENT, SRTP
+    )
+
+
+# (name, frame factory, source, expected drop reason or None for forward)
+TRANSCEIVER_CASES: list[tuple[str, Callable[[], bytes], tuple[str, int], int | None]] = [
+    ("reply to bound client", lambda: framing.encode(*CLIENT, SRTP), MEDIA, None),
+    (
+        "unknown source",
+        lambda: framing.encode(*CLIENT, SRTP),
+        ("127.0.0.1", 9),
+        relay_pb2.DROP_REASON_UNKNOWN_SOURCE,
+    ),
+    (
+        "other transceiver's client",
+        lambda: framing.encode(*CLIENT, SRTP),
+        MEDIA_2,
+        relay_pb2.DROP_REASON_UNKNOWN_SOURCE,
+    ),
+    (
+        "unbound client",
+        lambda: framing.encode("198.51.100.1", 1, SRTP),
+        MEDIA,
+        relay_pb2.DROP_REASON_NO_BINDING,
+    ),
+    ("short frame", lambda: b"VE\x01", MEDIA, relay_pb2.DROP_REASON_BAD_FRAME),
+    ("bad magic", lambda: b"XX" + framing.encode(*CLIENT, SRTP)[2:], MEDIA, 12),
+    ("bad version", lambda: b"VE\x02" + framing.encode(*CLIENT, SRTP)[3:], MEDIA, 12),
+    ("reserved flag", lambda: b"VE\x01\x02" + framing.encode(*CLIENT, SRTP)[4:], MEDIA, 12),
+    ("short v6 frame", lambda: b"VE\x01\x01\x00\x01" + b"\x00" * 8, MEDIA, 12),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "source", "reason"), TRANSCEIVER_CASES)
+def test_transceiver_frames(
+    name: str, make: Callable[[], bytes], source: tuple[str, int], reason: int | None
+) -> None:
+    r = router()
+    r.route_client_packet(request(), CLIENT, 0.0)
+    result = r.route_transceiver_packet(make(), source)
+    if reason is None:
+        assert result == Forward(CLIENT, SRTP)
+        assert r.fwd_packets[T2C][3] == 1
+    else:
+        assert result == Drop(reason), name
+        assert r.drop_packets[T2C][reason] == 1
+
+
+def test_idle_expiry_and_refresh() -> None:
+    r = router(idle_timeout_s=30.0)
+    r.route_client_packet(request(), CLIENT, 0.0)
+    r.route_client_packet(SRTP, CLIENT, 20.0)
+    assert r.expire_idle(49.0) == 0
+    assert r.expire_idle(51.0) == 1
+    assert r.route_client_packet(SRTP, CLIENT, 52.0) == Drop(relay_pb2.DROP_REASON_NO_BINDING)
+    assert r.route_transceiver_packet(framing.encode(*CLIENT, SRTP), MEDIA) == Drop(
+        relay_pb2.DROP_REASON_NO_BINDING
+    )
+    assert r.bindings_expired == 1
+
+
+def test_max_bindings_evicts_the_oldest() -> None:
+    r = router(max_bindings=2)
+    clients = [("203.0.113.1", p) for p in (1, 2, 3)]
+    for n, client in enumerate(clients):
+        r.route_client_packet(request(), client, float(n))
+    assert len(r) == 2
+    assert r.get(clients[0]) is None
+    assert r.get(clients[2]) is not None
+    assert r.bindings_evicted == 1
+
+
+def test_draining_refuses_new_clients_only() -> None:
+    r = router()
+    r.route_client_packet(request(), CLIENT, 0.0)
+    r.draining = True
+    assert isinstance(r.route_client_packet(SRTP, CLIENT, 1.0), Forward)
+    assert r.route_client_packet(request(), ("203.0.113.1", 1), 1.0) == Drop(
+        relay_pb2.DROP_REASON_DRAINING
+    )
+
+
+def test_integrity_check_can_be_disabled() -> None:
+    r = router(verify_message_integrity=False)
+    assert isinstance(r.route_client_packet(tampered_integrity(), CLIENT, 0.0), Forward)
+
+
+def test_restore_and_topology_changes() -> None:
+    created: list[Binding] = []
+    r = router(on_bind=created.append)
+    assert r.restore(CLIENT, 1, 2, 0.0)
+    assert not r.restore(("203.0.113.1", 1), 5, 5, 0.0)
+    assert r.route_client_packet(SRTP, CLIENT, 1.0)[0] == MEDIA_2
+    assert [b.client for b in created] == [CLIENT]
+    # The transceiver moved: the binding follows; it vanished: the binding stays.
+    r.set_topology(TopologyView({(1, 2): ("127.0.0.1", 41000)}))
+    assert r.route_client_packet(SRTP, CLIENT, 2.0)[0] == ("127.0.0.1", 41000)
+    r.set_topology(TopologyView({}))
+    assert r.route_client_packet(SRTP, CLIENT, 3.0)[0] == ("127.0.0.1", 41000)
+    assert r.route_client_packet(request(), ("203.0.113.1", 2), 3.0) == Drop(
+        relay_pb2.DROP_REASON_UNKNOWN_CLUSTER
+    )
+
+
+def test_testdata_vector_binds() -> None:
+    # The shared binding request vector (cluster 7, transceiver 42, dev key).
+    data = (Path(__file__).parents[2] / "libs/wire/testdata/binding_request_v1.bin").read_bytes()
+    r = Router(ufrag.Keyring({1: bytes(range(32))}, 1), TOPOLOGY)
+    assert r.route_client_packet(data, CLIENT, 0.0) == Forward(
+        FOREIGN, framing.encode(*CLIENT, data)
+    )

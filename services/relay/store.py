@@ -1,0 +1,160 @@
+"""The shared copy of `client address -> transceiver` that lets a restarted relay, or a
+sibling worker behind the same address, carry a call on without a new STUN packet.
+
+One small Protocol, two implementations chosen in `make_binding_store`: in-memory (no
+shared copy: a miss is a miss) and Redis. Redis errors are counted and never raised, so
+the data plane keeps forwarding from its own table while Redis is down.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from libs.observability.telemetry import log_event
+
+logger = logging.getLogger("voiceedge.relay.store")
+
+Address = tuple[str, int]
+KEY_PREFIX = "voiceedge:relay:binding:"
+
+
+def binding_key(client: Address) -> str:
+    return f"{KEY_PREFIX}{client[0]}:{client[1]}"
+
+
+def parse_value(value: bytes | str) -> tuple[int, int] | None:
+    """`"cluster/transceiver"` -> ids, None if it is not that."""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    cluster, sep, transceiver = text.partition("/")
+    if not sep:
+        return None
+    try:
+        return int(cluster), int(transceiver)
+    except ValueError:
+        return None
+
+
+class BindingStore(Protocol):
+    """Counters are plain ints read by the admin API and metrics."""
+
+    enabled: bool
+    hits: int
+    misses: int
+    errors: int
+    writes: int
+
+    async def put(self, client: Address, cluster_id: int, transceiver_id: int) -> bool: ...
+
+    async def refresh(self, entries: Sequence[tuple[Address, int, int]]) -> bool: ...
+
+    async def get(self, client: Address) -> tuple[int, int] | None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryBindingStore:
+    """No shared copy: the relay runs on its own table only."""
+
+    enabled = False
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.errors = self.writes = 0
+
+    async def put(self, client: Address, cluster_id: int, transceiver_id: int) -> bool:
+        return True
+
+    async def refresh(self, entries: Sequence[tuple[Address, int, int]]) -> bool:
+        return True
+
+    async def get(self, client: Address) -> tuple[int, int] | None:
+        self.misses += 1
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisBindingStore:
+    """`voiceedge:relay:binding:<ip>:<port>` -> `"<cluster>/<transceiver>"` with EX=ttl."""
+
+    enabled = True
+
+    def __init__(self, url: str, ttl_s: float, timeout_s: float) -> None:
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        self._ttl_ms = max(1, int(ttl_s * 1000))
+        self.hits = self.misses = self.errors = self.writes = 0
+        self._closed = False
+
+    def _failed(self, op: str, exc: Exception) -> None:
+        self.errors += 1
+        # One line per failure would flood the log when Redis is down for a while.
+        if self.errors == 1 or self.errors % 1000 == 0:
+            log_event(
+                logger,
+                "redis.error",
+                level=logging.WARNING,
+                db__operation=op,
+                error__type=type(exc).__name__,
+                errors=self.errors,
+            )
+
+    async def put(self, client: Address, cluster_id: int, transceiver_id: int) -> bool:
+        try:
+            await self._redis.set(
+                binding_key(client), f"{cluster_id}/{transceiver_id}", px=self._ttl_ms
+            )
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self._failed("set", exc)
+            return False
+        self.writes += 1
+        return True
+
+    async def refresh(self, entries: Sequence[tuple[Address, int, int]]) -> bool:
+        """Rewrites (not just re-expires) each entry, so keys lost while Redis was down or
+        restarted come back with the next refresh."""
+        if not entries:
+            return True
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for client, cluster_id, transceiver_id in entries:
+                    pipe.set(binding_key(client), f"{cluster_id}/{transceiver_id}", px=self._ttl_ms)
+                await pipe.execute()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self._failed("set", exc)
+            return False
+        self.writes += len(entries)
+        return True
+
+    async def get(self, client: Address) -> tuple[int, int] | None:
+        try:
+            value = await self._redis.get(binding_key(client))
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self._failed("get", exc)
+            return None
+        ids = parse_value(value) if value is not None else None
+        if ids is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return ids
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._redis.aclose()
+
+
+def make_binding_store(
+    redis_url: str, ttl_s: float, timeout_s: float
+) -> MemoryBindingStore | RedisBindingStore:
+    if redis_url:
+        return RedisBindingStore(redis_url, ttl_s, timeout_s)
+    return MemoryBindingStore()

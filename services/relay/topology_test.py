@@ -1,0 +1,104 @@
+"""Topology sources: the static setting and geosteer's WatchTopology over real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+import pytest
+
+from libs.config.settings import SettingsError
+from services.relay.topology import (
+    GeosteerTopology,
+    TopologyView,
+    cancel_and_wait,
+    static_view,
+    view_from_proto,
+)
+from voiceedge.common.v1 import common_pb2
+from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
+
+
+def _topology(revision: int, port: int) -> geosteer_pb2.Topology:
+    return geosteer_pb2.Topology(
+        revision=revision,
+        clusters=[
+            geosteer_pb2.Cluster(
+                cluster_id=2,
+                nodes=[
+                    geosteer_pb2.Node(
+                        node_id="t1",
+                        kind=common_pb2.NODE_KIND_TRANSCEIVER,
+                        cluster_id=2,
+                        transceiver_id=5,
+                        media_address=common_pb2.SocketAddress(ip="127.0.0.1", port=port),
+                    ),
+                    geosteer_pb2.Node(
+                        node_id="r1",
+                        kind=common_pb2.NODE_KIND_RELAY,
+                        cluster_id=2,
+                        media_address=common_pb2.SocketAddress(ip="127.0.0.1", port=1),
+                    ),
+                    geosteer_pb2.Node(node_id="t2", kind=common_pb2.NODE_KIND_TRANSCEIVER),
+                ],
+            )
+        ],
+    )
+
+
+def test_static_view() -> None:
+    view = static_view(["1/1=127.0.0.1:40000", "7/42=[::1]:40001"])
+    assert view.transceivers == {(1, 1): ("127.0.0.1", 40000), (7, 42): ("::1", 40001)}
+    assert view.clusters == frozenset({1, 7})
+    assert ("::1", 40001) in view.media_sources
+    for bad in ("1=127.0.0.1:1", "a/b=127.0.0.1:1", "1/1=127.0.0.1:0", "1/70000=1.2.3.4:5"):
+        with pytest.raises(SettingsError):
+            static_view([bad])
+
+
+def test_view_from_proto_keeps_transceivers_with_media() -> None:
+    view = view_from_proto(_topology(3, 41000))
+    assert view.transceivers == {(2, 5): ("127.0.0.1", 41000)}
+    assert view.revision == 3
+    merged = TopologyView({(2, 5): ("127.0.0.1", 9)}).merged(view)
+    assert merged.transceivers == {(2, 5): ("127.0.0.1", 9)}
+
+
+class _Geosteer(geosteer_pb2_grpc.GeosteerServiceServicer):
+    def __init__(self) -> None:
+        self.topologies: asyncio.Queue[geosteer_pb2.Topology] = asyncio.Queue()
+
+    async def WatchTopology(  # noqa: N802 (gRPC method name)
+        self,
+        request: geosteer_pb2.WatchTopologyRequest,
+        context: grpc.aio.ServicerContext[
+            geosteer_pb2.WatchTopologyRequest, geosteer_pb2.WatchTopologyResponse
+        ],
+    ) -> AsyncIterator[geosteer_pb2.WatchTopologyResponse]:
+        while True:  # until the client cancels
+            topology = await self.topologies.get()
+            yield geosteer_pb2.WatchTopologyResponse(topology=topology, revision=topology.revision)
+
+
+async def test_geosteer_watch_updates_the_view() -> None:
+    servicer = _Geosteer()  # type: ignore[abstract]  # only WatchTopology is needed
+    server = grpc.aio.server()
+    geosteer_pb2_grpc.add_GeosteerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    updates: asyncio.Queue[TopologyView] = asyncio.Queue()
+    source = GeosteerTopology(f"127.0.0.1:{port}", static_view(["1/1=127.0.0.1:40000"]))
+    task = asyncio.create_task(source.run(updates.put_nowait))
+    try:
+        await servicer.topologies.put(_topology(1, 41000))
+        view = await asyncio.wait_for(updates.get(), 10)
+        assert view.transceivers == {(1, 1): ("127.0.0.1", 40000), (2, 5): ("127.0.0.1", 41000)}
+        await servicer.topologies.put(_topology(2, 42000))
+        view = await asyncio.wait_for(updates.get(), 10)
+        assert view.transceivers[(2, 5)] == ("127.0.0.1", 42000)
+        assert source.current() is view
+    finally:
+        await cancel_and_wait(task)
+        await server.stop(0)

@@ -1,0 +1,359 @@
+"""Relay forwarding benchmark: `./bazelw run //tests/bench:relay`.
+
+The relay runs pinned to core 1 (taskset -c 1); a C load generator and sink (loadgen.c,
+compiled here with gcc -O2) run on core 0. Clients send 200-byte SRTP-class packets; each
+client first binds with a valid STUN Binding request minted with the dev keyring. The sink
+plays the transceiver and measures one-way latency from a send timestamp in the payload.
+
+Per forwarder: saturation = the highest offered rate with < 0.1% loss (a bounded descending
+search from the unthrottled throughput, confirmed over 5 s), then p50/p99 latency at 10%,
+50% and 90% of it. The same for a C recvmmsg/sendmmsg reference forwarder
+(ref_forwarder.c), then the ratios. Also prints memory per binding of the router table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from dataclasses import dataclass
+from pathlib import Path
+
+from libs.wire import ufrag
+from services.relay.dataplane import set_buffers
+from services.relay.router import Router, binding_request_for
+from services.relay.topology import static_view
+
+HERE = Path(os.path.abspath(__file__)).parent
+WORKSPACE = HERE.parents[1]
+RELAY_BINARY = WORKSPACE / "services" / "relay" / "relay"
+PACKET_SIZE = 200
+LOSS_LIMIT = 0.001
+SEARCH_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3)
+LOAD_POINTS = (0.1, 0.5, 0.9)
+
+
+@dataclass
+class Run:
+    rate: float
+    duration_s: float
+    sent: int
+    received: int
+    p50_us: float
+    p99_us: float
+
+    @property
+    def loss(self) -> float:
+        return 1.0 - self.received / self.sent if self.sent else 1.0
+
+    @property
+    def received_pps(self) -> float:
+        return self.received / self.duration_s
+
+
+@dataclass
+class Result:
+    name: str
+    unthrottled_pps: float
+    saturation: Run
+    latency: dict[float, Run]
+
+
+def compile_tools(workdir: Path) -> tuple[Path, Path]:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise SystemExit("gcc missing: apt-get install gcc")
+    loadgen, forwarder = workdir / "loadgen", workdir / "ref_forwarder"
+    subprocess.run(
+        [gcc, "-O2", "-o", str(loadgen), str(HERE / "loadgen.c"), "-lpthread"], check=True
+    )
+    subprocess.run([gcc, "-O2", "-o", str(forwarder), str(HERE / "ref_forwarder.c")], check=True)
+    return loadgen, forwarder
+
+
+def udp(rcvbuf: int = 8 << 20) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    set_buffers(sock, rcvbuf)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def port_of(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return port_of(sock)
+
+
+def read_line(process: subprocess.Popen[str], prefix: str, timeout_s: float) -> str:
+    """The first stdout line starting with `prefix`, within `timeout_s`."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not selector.select(remaining):
+                break
+            line = process.stdout.readline()
+            if not line:
+                break
+            if line.startswith(prefix):
+                return line
+    process.kill()
+    raise SystemExit(f"{process.args!r} did not print {prefix!r}")
+
+
+def drain(sink: socket.socket, settle_s: float = 0.3, limit: int = 10_000_000) -> None:
+    """Discards what earlier runs left queued (in the forwarder or the sink) so one run's
+    stragglers are not counted by the next."""
+    time.sleep(settle_s)
+    sink.setblocking(False)
+    try:
+        for _ in range(limit):
+            sink.recv(65535)
+    except BlockingIOError:
+        pass
+    finally:
+        sink.setblocking(True)
+
+
+def run_load(
+    loadgen: Path,
+    target_port: int,
+    rate: float,
+    duration_s: float,
+    sink: socket.socket,
+    clients: list[socket.socket],
+) -> Run:
+    drain(sink)
+    fds = [sink.fileno(), *(c.fileno() for c in clients)]
+    command = [
+        "taskset",
+        "-c",
+        "0",
+        str(loadgen),
+        str(target_port),
+        f"{rate:.0f}",
+        str(duration_s),
+        str(PACKET_SIZE),
+        str(sink.fileno()),
+        ",".join(str(c.fileno()) for c in clients),
+    ]
+    out = subprocess.run(
+        command, pass_fds=fds, capture_output=True, text=True, timeout=duration_s + 30, check=True
+    ).stdout
+    fields = dict(item.split("=") for item in out.split())
+    return Run(
+        rate,
+        duration_s,
+        int(fields["sent"]),
+        int(fields["received"]),
+        float(fields["p50_us"]),
+        float(fields["p99_us"]),
+    )
+
+
+def measure(
+    name: str,
+    loadgen: Path,
+    target_port: int,
+    sink: socket.socket,
+    clients: list[socket.socket],
+    trial_s: float,
+    confirm_s: float,
+) -> Result:
+    unthrottled = run_load(loadgen, target_port, 0, trial_s, sink, clients)
+    ceiling = unthrottled.received_pps
+    print(f"  {name}: unthrottled {ceiling:,.0f} pps received", flush=True)
+    saturation: Run | None = None
+    best: Run | None = None
+    for factor in SEARCH_FACTORS:  # bounded descending search
+        trial = run_load(loadgen, target_port, ceiling * factor, trial_s, sink, clients)
+        print(f"  {name}: offered {trial.rate:,.0f} pps, loss {trial.loss:.4%}", flush=True)
+        if best is None or trial.loss < best.loss:
+            best = trial
+        if trial.loss < LOSS_LIMIT:
+            saturation = run_load(loadgen, target_port, trial.rate, confirm_s, sink, clients)
+            if saturation.loss < LOSS_LIMIT:
+                break
+    if saturation is None or saturation.loss >= LOSS_LIMIT:
+        # A busy shared machine can stall either side past any buffer: report the
+        # lowest-loss rate seen, with its loss, rather than nothing.
+        assert best is not None
+        print(f"  {name}: no rate held loss < {LOSS_LIMIT:.1%}; using the lowest-loss trial")
+        saturation = best
+    latency = {
+        point: run_load(loadgen, target_port, saturation.rate * point, trial_s, sink, clients)
+        for point in LOAD_POINTS
+    }
+    return Result(name, ceiling, saturation, latency)
+
+
+def bench_relay(
+    loadgen: Path,
+    sink: socket.socket,
+    clients: list[socket.socket],
+    trial_s: float,
+    confirm_s: float,
+    extra_args: list[str],
+) -> Result:
+    vip_port = free_udp_port()
+    process = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            "1",
+            str(RELAY_BINARY),
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--udp-listen",
+            f"127.0.0.1:{vip_port}",
+            "--transceivers",
+            f"1/1=127.0.0.1:{port_of(sink)}",
+            "--log-level",
+            "WARNING",
+            *extra_args,
+        ],
+        cwd=WORKSPACE,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        json.loads(read_line(process, "{", 60))
+        keyring = ufrag.dev_keyring()
+        sink.settimeout(5)
+        for client in clients:
+            client.sendto(binding_request_for(keyring, 1, 1)[0], ("127.0.0.1", vip_port))
+            sink.recv(65535)  # the framed Binding request: the client is bound
+        return measure("relay", loadgen, vip_port, sink, clients, trial_s, confirm_s)
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def bench_reference(
+    forwarder: Path,
+    loadgen: Path,
+    sink: socket.socket,
+    clients: list[socket.socket],
+    trial_s: float,
+    confirm_s: float,
+) -> Result:
+    process = subprocess.Popen(
+        ["taskset", "-c", "1", str(forwarder), "0", str(port_of(sink))],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = int(read_line(process, "ready", 10).split()[1])
+        return measure("reference", loadgen, port, sink, clients, trial_s, confirm_s)
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def memory_per_binding(count: int) -> float:
+    """Bytes of Python heap per binding in the router table (tracemalloc)."""
+    keyring = ufrag.dev_keyring()
+    router = Router(keyring, static_view(["1/1=127.0.0.1:40000"]), max_bindings=count + 1)
+    requests = [binding_request_for(keyring, 1, 1)[0] for _ in range(count)]
+    clients = [
+        (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000 + i % 20000) for i in range(count)
+    ]
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for request, client in zip(requests, clients, strict=True):
+        router.route_client_packet(request, client, 0.0)
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    # The client tuples existed before (built above); a socket layer creates them per packet
+    # anyway, and the table keeps one per binding: count them too.
+    client_bytes = sum(sys.getsizeof(c) + sys.getsizeof(c[0]) for c in clients)
+    assert len(router) == count
+    return (grown + client_bytes) / count
+
+
+def print_table(relay: Result, reference: Result) -> None:
+    print()
+    print(f"packet size {PACKET_SIZE} B, forwarder pinned to core 1, load generator on core 0")
+    print(f"{'':28}{'relay':>14}{'reference (C)':>16}{'ratio':>10}")
+    rows = [
+        ("unthrottled received pps", relay.unthrottled_pps, reference.unthrottled_pps),
+        (
+            "saturation pps (<0.1% loss)",
+            relay.saturation.received_pps,
+            reference.saturation.received_pps,
+        ),
+    ]
+    for label, a, b in rows:
+        print(f"{label:28}{a:>14,.0f}{b:>16,.0f}{a / b:>10.2f}")
+    print(
+        f"{'loss at saturation':28}{relay.saturation.loss:>14.4%}{reference.saturation.loss:>16.4%}"
+    )
+    for point in LOAD_POINTS:
+        for stat in ("p50_us", "p99_us"):
+            a = getattr(relay.latency[point], stat)
+            b = getattr(reference.latency[point], stat)
+            label = f"{stat[:3]} latency us @ {point:.0%}"
+            ratio = a / b if b else float("nan")
+            print(f"{label:28}{a:>14.1f}{b:>16.1f}{ratio:>10.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--trial-s", type=float, default=2.0)
+    parser.add_argument("--confirm-s", type=float, default=5.0)
+    parser.add_argument("--bindings", type=int, default=100_000, help="for memory per binding")
+    parser.add_argument(
+        "--relay-arg",
+        action="append",
+        default=[],
+        help="extra relay flag, repeatable, e.g. --relay-arg=--batched-io=false",
+    )
+    args = parser.parse_args(argv)
+    if (os.cpu_count() or 1) < 2:
+        raise SystemExit("needs 2 cores (forwarder on core 1, load on core 0)")
+    os.sched_setaffinity(0, {0})
+    print(
+        f"memory per binding: {memory_per_binding(args.bindings):.0f} B "
+        f"({args.bindings:,} bindings, tracemalloc)",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        loadgen, forwarder = compile_tools(Path(tmp))
+        sink = udp()
+        clients = [udp() for _ in range(args.clients)]
+        try:
+            relay = bench_relay(
+                loadgen, sink, clients, args.trial_s, args.confirm_s, args.relay_arg
+            )
+            reference = bench_reference(
+                forwarder, loadgen, sink, clients, args.trial_s, args.confirm_s
+            )
+        finally:
+            for sock in (sink, *clients):
+                sock.close()
+    print_table(relay, reference)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
