@@ -21,4 +21,6 @@ def test_bad_setting_is_a_clear_error() -> None:
 
 
 def test_serves_health_and_reflection_then_drains() -> None:
-    assert_service_lifecycle(COMMAND, "voiceedge.transceiver.v1.TransceiverService")
+    assert_service_lifecycle(
+        COMMAND, "voiceedge.transceiver.v1.TransceiverService", ["--media-listen", "127.0.0.1:0"]
+    )

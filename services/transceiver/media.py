@@ -1,0 +1,155 @@
+"""Audio between aiortc and the bridge: caller frames -> fixed 20 ms PCM chunks, and bridge
+PCM -> a paced outbound track with a small jitter buffer that barge-in clears at once."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from collections import deque
+from collections.abc import Callable
+
+import av
+from aiortc.mediastreams import MediaStreamTrack
+
+FRAME_MS = 20
+BYTES_PER_SAMPLE = 2  # s16le
+
+
+def frame_bytes(rate_hz: int, channels: int = 1) -> int:
+    return rate_hz * FRAME_MS // 1000 * channels * BYTES_PER_SAMPLE
+
+
+class Rechunker:
+    """Cuts a byte stream into fixed-size chunks, keeping the remainder. Pure."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._pending = bytearray()
+
+    def push(self, data: bytes) -> list[bytes]:
+        self._pending += data
+        count = len(self._pending) // self.size
+        chunks = [bytes(self._pending[i * self.size : (i + 1) * self.size]) for i in range(count)]
+        del self._pending[: count * self.size]
+        return chunks
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+
+class PcmFramer:
+    """Any decoded av.AudioFrame -> 20 ms mono s16le chunks at `rate_hz`."""
+
+    def __init__(self, rate_hz: int) -> None:
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=rate_hz)
+        self._chunks = Rechunker(frame_bytes(rate_hz))
+
+    def push(self, frame: av.AudioFrame) -> list[bytes]:
+        out: list[bytes] = []
+        for resampled in self._resampler.resample(frame):
+            out += self._chunks.push(bytes(resampled.planes[0])[: resampled.samples * 2])
+        return out
+
+
+class PlayoutTrack(MediaStreamTrack):
+    """Outbound audio paced at 20 ms. Bridge audio queues here (bounded, the oldest frames
+    drop first); playout starts once `prebuffer` frames are queued or the first one has
+    waited that long, and silence fills gaps. `clear()` drops everything queued (barge-in)."""
+
+    kind = "audio"
+
+    def __init__(
+        self,
+        rate_hz: int,
+        *,
+        prebuffer: int,
+        max_frames: int,
+        on_first_audio: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.rate_hz = rate_hz
+        self._samples = rate_hz * FRAME_MS // 1000
+        self._chunks = Rechunker(frame_bytes(rate_hz))
+        self._queue: deque[bytes] = deque(maxlen=max_frames)
+        self._prebuffer = prebuffer
+        self._first_queued_at: float | None = None
+        self._playing = False
+        self._start: float | None = None
+        self._sent = 0
+        self._silence = bytes(frame_bytes(rate_hz))
+        self._on_first_audio = on_first_audio
+        self.frames_played = 0
+        self.frames_dropped = 0
+        self.clears = 0
+
+    def set_rate(self, rate_hz: int) -> None:
+        """The bridge's output rate, known once it accepted; before any audio is queued."""
+        if rate_hz == self.rate_hz:
+            return
+        self.clear()
+        self.clears -= 1
+        self.rate_hz = rate_hz
+        self._samples = rate_hz * FRAME_MS // 1000
+        self._chunks = Rechunker(frame_bytes(rate_hz))
+        self._silence = bytes(frame_bytes(rate_hz))
+        self._sent = 0
+        self._start = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def push(self, pcm: bytes) -> None:
+        for chunk in self._chunks.push(pcm):
+            if len(self._queue) == self._queue.maxlen:
+                self.frames_dropped += 1
+            self._queue.append(chunk)
+        if self._queue and self._first_queued_at is None:
+            self._first_queued_at = time.monotonic()
+
+    def clear(self) -> int:
+        dropped = len(self._queue)
+        self._queue.clear()
+        self._chunks.clear()
+        self._first_queued_at = None
+        self._playing = False
+        self.clears += 1
+        return dropped
+
+    def _next_payload(self) -> bytes:
+        if not self._playing and self._queue:
+            waited = time.monotonic() - (self._first_queued_at or 0.0)
+            if len(self._queue) >= self._prebuffer or waited >= self._prebuffer * FRAME_MS / 1000:
+                self._playing = True
+        if self._playing and self._queue:
+            payload = self._queue.popleft()
+            if not self._queue:
+                self._first_queued_at = None
+            if self.frames_played == 0 and self._on_first_audio is not None:
+                self._on_first_audio()
+            self.frames_played += 1
+            return payload
+        self._playing = False
+        return self._silence
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            from aiortc.mediastreams import MediaStreamError
+
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._start is None or now - (self._start + self._sent * FRAME_MS / 1000) > 0.2:
+            # First frame, or so far behind (event loop stall) that catching up would burst.
+            self._start = now - self._sent * FRAME_MS / 1000
+        else:
+            wait = self._start + self._sent * FRAME_MS / 1000 - now
+            if wait > 0:
+                await asyncio.sleep(wait)
+        frame = av.AudioFrame(format="s16", layout="mono", samples=self._samples)
+        frame.planes[0].update(self._next_payload())
+        frame.sample_rate = self.rate_hz
+        frame.pts = self._sent * self._samples
+        frame.time_base = fractions.Fraction(1, self.rate_hz)
+        self._sent += 1
+        return frame
