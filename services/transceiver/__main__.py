@@ -21,6 +21,7 @@ from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
 
 async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceParts:
     aiortc_compat.check_versions()
+    aiortc_compat.install_fast_audio_level()
     mux = UdpMux()
     host, port = parse_host_port(settings.media_listen, "media_listen")
     media_host, media_port = await mux.start(host, port)

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from services.transceiver.session import Session
 from services.transceiver.testkit import Client, Stack, peak_frequency, rms
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2
@@ -43,6 +44,7 @@ async def test_call_connects_echoes_tone_and_events_then_closes_once() -> None:
         async with asyncio.timeout(10):
             await client.connected.wait()
         session = stack.manager.find("s1")
+        assert isinstance(session, Session)
         await wait_for(lambda: session.state == transceiver_pb2.SESSION_STATE_CONNECTED)
 
         # Data channel, both ways: the echo bridge sends the client's event back.
@@ -102,6 +104,7 @@ async def test_barge_in_clears_queued_audio_at_once() -> None:
             await stack.bridge.opened.wait()
         stream = stack.bridge.streams["s1"]
         session = stack.manager.find("s1")
+        assert isinstance(session, Session)
         # 5 s of 24 kHz tone at once, far faster than real time: it queues in the transceiver.
         t = np.arange(24000 * 5) / 24000.0
         tone = (0.3 * 32767 * np.sin(2 * np.pi * 660.0 * t)).astype(np.int16).tobytes()

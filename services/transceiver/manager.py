@@ -8,6 +8,7 @@ import contextlib
 import ipaddress
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import grpc
 import grpc.aio
@@ -32,12 +33,28 @@ class SessionError(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class ClosedSession:
+    """What is retained of a closed session: its final info, none of its resources."""
+
+    id: str
+    final_info: transceiver_pb2.SessionInfo
+
+    async def info(self) -> transceiver_pb2.SessionInfo:
+        return self.final_info
+
+    def close(self, reason: int, detail: str = "") -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
 class SessionManager:
     def __init__(self, settings: TransceiverSettings, mux: UdpMux) -> None:
         self.settings = settings
         self.mux = mux
         self._open: dict[str, Session] = {}
-        self._closed: OrderedDict[str, Session] = OrderedDict()
+        self._closed: OrderedDict[str, ClosedSession] = OrderedDict()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.draining = False
         self._drain_deadline: float | None = None
@@ -136,14 +153,14 @@ class SessionManager:
     def _session_closed(self, session: Session) -> None:
         self._open.pop(session.id, None)
         retain = self.settings.closed_sessions_retained
-        if retain:
-            self._closed[session.id] = session
+        if retain and session.final_info is not None:
+            self._closed[session.id] = ClosedSession(session.id, session.final_info)
             while len(self._closed) > retain:
                 self._closed.popitem(last=False)
         if not self._open:
             self._idle.set()
 
-    def find(self, session_id: str) -> Session:
+    def find(self, session_id: str) -> Session | ClosedSession:
         session = self._open.get(session_id) or self._closed.get(session_id)
         if session is None:
             raise SessionError(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r}")
@@ -154,7 +171,9 @@ class SessionManager:
         await session.close(reason, "close requested")
         return await session.info()
 
-    async def list(self, page_size: int, page_token: str) -> tuple[list[Session], str]:
+    async def list(
+        self, page_size: int, page_token: str
+    ) -> tuple[list[Session | ClosedSession], str]:
         size = min(page_size or 100, 1000)
         ids = sorted({*self._open, *self._closed})
         ids = [i for i in ids if i > page_token] if page_token else ids

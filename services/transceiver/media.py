@@ -8,6 +8,7 @@ import fractions
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import av
 from aiortc.mediastreams import MediaStreamTrack
@@ -52,10 +53,62 @@ class PcmFramer:
         return out
 
 
+OPUS_CLOCK_HZ = 48000  # RTP clock of Opus, whatever the encoded rate (RFC 7587 §4.1)
+OPUS_BITRATE = 48000
+
+
+class OpusPacketizer:
+    """PCM (mono s16le, 20 ms) -> one Opus packet, with our own libopus encoder.
+
+    Why not aiortc's encoder: it resamples every frame to 48 kHz stereo, hops to a thread,
+    and computes an audio level in pure Python; and a track that yields packets lets gaps
+    be filled with a ready-made silence packet at no cost."""
+
+    def __init__(self, rate_hz: int) -> None:
+        self.rate_hz = rate_hz
+        self.samples = rate_hz * FRAME_MS // 1000
+        codec = av.CodecContext.create("libopus", "w")
+        codec.sample_rate = rate_hz
+        codec.layout = "mono"
+        codec.format = "s16"
+        codec.bit_rate = OPUS_BITRATE
+        codec.time_base = fractions.Fraction(1, rate_hz)
+        codec.options = {"application": "voip", "frame_duration": str(FRAME_MS)}
+        self._codec = codec
+        self._pts = 0
+
+    def encode(self, pcm: bytes) -> bytes | None:
+        frame = av.AudioFrame(format="s16", layout="mono", samples=self.samples)
+        frame.planes[0].update(pcm)
+        frame.sample_rate = self.rate_hz
+        frame.pts = self._pts
+        frame.time_base = fractions.Fraction(1, self.rate_hz)
+        self._pts += self.samples
+        packets = self._codec.encode(frame)
+        return bytes(packets[-1]) if packets else None
+
+
+_SILENCE: dict[int, bytes] = {}
+
+
+def silence_packet(rate_hz: int) -> bytes:
+    """An Opus packet of 20 ms digital silence, encoded once per rate."""
+    packet = _SILENCE.get(rate_hz)
+    if packet is None:
+        encoder = OpusPacketizer(rate_hz)
+        zeros = bytes(frame_bytes(rate_hz))
+        for _ in range(5):  # past the encoder's look-ahead
+            packet = encoder.encode(zeros) or packet
+        assert packet is not None
+        _SILENCE[rate_hz] = packet
+    return packet
+
+
 class PlayoutTrack(MediaStreamTrack):
-    """Outbound audio paced at 20 ms. Bridge audio queues here (bounded, the oldest frames
-    drop first); playout starts once `prebuffer` frames are queued or the first one has
-    waited that long, and silence fills gaps. `clear()` drops everything queued (barge-in)."""
+    """Outbound audio paced at 20 ms, yielding Opus packets. Bridge audio queues here
+    (bounded, the oldest frames drop first); playout starts once `prebuffer` frames are
+    queued or the first one has waited that long, and a silence packet fills gaps.
+    `clear()` drops everything queued (barge-in)."""
 
     kind = "audio"
 
@@ -77,7 +130,8 @@ class PlayoutTrack(MediaStreamTrack):
         self._playing = False
         self._start: float | None = None
         self._sent = 0
-        self._silence = bytes(frame_bytes(rate_hz))
+        self._encoder = OpusPacketizer(rate_hz)
+        self._silence = silence_packet(rate_hz)
         self._on_first_audio = on_first_audio
         self.frames_played = 0
         self.frames_dropped = 0
@@ -92,8 +146,8 @@ class PlayoutTrack(MediaStreamTrack):
         self.rate_hz = rate_hz
         self._samples = rate_hz * FRAME_MS // 1000
         self._chunks = Rechunker(frame_bytes(rate_hz))
-        self._silence = bytes(frame_bytes(rate_hz))
-        self._sent = 0
+        self._encoder = OpusPacketizer(rate_hz)
+        self._silence = silence_packet(rate_hz)
         self._start = None
 
     @property
@@ -117,7 +171,7 @@ class PlayoutTrack(MediaStreamTrack):
         self.clears += 1
         return dropped
 
-    def _next_payload(self) -> bytes:
+    def _next_packet(self) -> bytes:
         if not self._playing and self._queue:
             waited = time.monotonic() - (self._first_queued_at or 0.0)
             if len(self._queue) >= self._prebuffer or waited >= self._prebuffer * FRAME_MS / 1000:
@@ -129,11 +183,11 @@ class PlayoutTrack(MediaStreamTrack):
             if self.frames_played == 0 and self._on_first_audio is not None:
                 self._on_first_audio()
             self.frames_played += 1
-            return payload
+            return self._encoder.encode(payload) or self._silence
         self._playing = False
         return self._silence
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.Packet[Any]:
         if self.readyState != "live":
             from aiortc.mediastreams import MediaStreamError
 
@@ -146,10 +200,8 @@ class PlayoutTrack(MediaStreamTrack):
             wait = self._start + self._sent * FRAME_MS / 1000 - now
             if wait > 0:
                 await asyncio.sleep(wait)
-        frame = av.AudioFrame(format="s16", layout="mono", samples=self._samples)
-        frame.planes[0].update(self._next_payload())
-        frame.sample_rate = self.rate_hz
-        frame.pts = self._sent * self._samples
-        frame.time_base = fractions.Fraction(1, self.rate_hz)
+        packet = av.Packet(self._next_packet())
+        packet.pts = self._sent * (OPUS_CLOCK_HZ * FRAME_MS // 1000)
+        packet.time_base = fractions.Fraction(1, OPUS_CLOCK_HZ)
         self._sent += 1
-        return frame
+        return packet

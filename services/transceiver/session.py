@@ -110,7 +110,7 @@ class Session:
         self._mux = mux
         self._channel_for = channel_for
         self._on_closed = on_closed
-        self.state: int = ST.SESSION_STATE_NEW
+        self._state: int = ST.SESSION_STATE_NEW
         self.created_at = time.time()
         self._created_mono = time.monotonic()
         self.close_reason: int = CR.CLOSE_REASON_UNSPECIFIED
@@ -138,6 +138,14 @@ class Session:
             max_frames=params.max_queued_frames,
             on_first_audio=self._first_audio_out,
         )
+
+    @property
+    def state(self) -> int:
+        """NEW until the first ICE check arrives through a relay, then CONNECTING."""
+        mux_session = self._mux_session
+        if self._state == ST.SESSION_STATE_NEW and mux_session and mux_session.counters.packets_in:
+            return ST.SESSION_STATE_CONNECTING
+        return self._state
 
     # ---- set-up
 
@@ -199,9 +207,7 @@ class Session:
 
     def _on_ice_state(self) -> None:
         state = self.pc.iceConnectionState
-        if state == "checking" and self.state == ST.SESSION_STATE_NEW:
-            self.state = ST.SESSION_STATE_CONNECTING
-        elif state == "completed":
+        if state == "completed":
             self._ice_connected = True
         elif state == "failed":
             if self._ice_connected:
@@ -213,7 +219,7 @@ class Session:
         state = self.pc.connectionState
         if state == "connected" and self.state != ST.SESSION_STATE_CONNECTED:
             if self._teardown is None:
-                self.state = ST.SESSION_STATE_CONNECTED
+                self._state = ST.SESSION_STATE_CONNECTED
                 log_event(logger, "session.connected", session__id=self.id)
                 self._spawn(self._run_bridge())
         elif state == "failed":
@@ -222,7 +228,14 @@ class Session:
             else:
                 self.close(CR.CLOSE_REASON_DTLS_FAILED, "DTLS transport failed")
         elif state == "closed":
-            self.close(CR.CLOSE_REASON_CLIENT_HANGUP, "peer connection closed by the client")
+            if (
+                self._ice_connected
+                and self._connection is not None
+                and aiortc_compat.consent_expired(self._connection)
+            ):
+                self.close(CR.CLOSE_REASON_CONSENT_LOST, "ICE consent expired (RFC 7675)")
+            else:
+                self.close(CR.CLOSE_REASON_CLIENT_HANGUP, "peer connection closed by the client")
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
@@ -366,7 +379,7 @@ class Session:
         if self._mux_session is not None:
             self._mux.unregister(self._mux_session)
         self.closed_at = time.time()
-        self.state = ST.SESSION_STATE_CLOSED
+        self._state = ST.SESSION_STATE_CLOSED
         info.state = ST.SESSION_STATE_CLOSED
         info.stats.close_reason = reason  # type: ignore[assignment]
         info.stats.closed_at.CopyFrom(_timestamp(self.closed_at))

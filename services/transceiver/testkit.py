@@ -44,6 +44,7 @@ class TestRelay(asyncio.DatagramProtocol):
         self.address: Address = ("", 0)
         self.forwarded = 0
         self.returned = 0
+        self.closed = asyncio.Event()
 
     @classmethod
     async def start(cls, upstream: Address, port: int = 0) -> TestRelay:
@@ -69,10 +70,15 @@ class TestRelay(asyncio.DatagramProtocol):
             self.forwarded += 1
             self.transport.sendto(framing.encode(addr[0], addr[1], data), self.upstream)
 
-    def close(self) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+
+    async def close(self) -> None:
+        """Closes the socket and waits until the port is free again."""
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+            await self.closed.wait()
 
 
 Resp = inference_pb2.StreamSessionResponse
@@ -90,11 +96,12 @@ class BridgeStream:
 
 class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
     """Accepts every session at 24 kHz and echoes caller audio and data-channel events back
-    (unless `echo` is off); tests push extra messages through a stream's `inject` queue."""
+    (unless `echo` / `echo_events` are off); tests push more through a stream's `inject`."""
 
     def __init__(self) -> None:
         self.streams: dict[str, BridgeStream] = {}
         self.echo = True
+        self.echo_events = True
         self.opened = asyncio.Event()
         self.server: grpc.aio.Server | None = None
         self.address = ""
@@ -151,7 +158,7 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                         await write(Resp(audio_frame=request.audio_frame))
                 elif kind == "data_channel_message":
                     stream.events_in.append(request.data_channel_message.json)
-                    if self.echo:
+                    if self.echo_events:
                         await write(Resp(data_channel_message=request.data_channel_message))
                 elif kind == "session_end":
                     stream.end_reason = request.session_end.reason
@@ -170,8 +177,11 @@ class ToneTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, frequency_hz: float = 440.0, amplitude: float = 0.3) -> None:
+    def __init__(
+        self, frequency_hz: float = 440.0, amplitude: float = 0.3, frames: int | None = None
+    ) -> None:
         super().__init__()
+        self.frames = frames
         self.frequency_hz = frequency_hz
         self.amplitude = amplitude
         self._count = 0
@@ -181,6 +191,9 @@ class ToneTrack(MediaStreamTrack):
         loop = asyncio.get_running_loop()
         if self._start is None:
             self._start = loop.time()
+        if self.frames is not None and self._count >= self.frames:
+            self.stop()
+            raise MediaStreamError
         wait = self._start + self._count * 0.02 - loop.time()
         if wait > 0:
             await asyncio.sleep(wait)
@@ -219,9 +232,9 @@ def rms(samples: np.ndarray[Any, Any]) -> float:
 class Client:
     """An aiortc caller with a tone track and the 'oai-events' data channel."""
 
-    def __init__(self, tone_hz: float = 440.0) -> None:
+    def __init__(self, tone_hz: float = 440.0, tone_frames: int | None = None) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.tone = ToneTrack(tone_hz)
+        self.tone = ToneTrack(tone_hz, frames=tone_frames)
         self.pc.addTrack(self.tone)
         self.channel = self.pc.createDataChannel("oai-events")
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -305,6 +318,7 @@ class Stack:
 
     @classmethod
     async def start(cls, **settings: Any) -> Stack:
+        aiortc_compat.install_fast_audio_level()
         bridge = EchoBridge()
         await bridge.start()
         values: dict[str, Any] = {
@@ -352,5 +366,5 @@ class Stack:
         await self.manager.shutdown()
         await self.channel.close(None)
         await self.grpc_service.close()
-        self.relay.close()
+        await self.relay.close()
         await self.bridge.stop()
