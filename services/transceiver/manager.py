@@ -8,6 +8,7 @@ import contextlib
 import ipaddress
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -62,6 +63,7 @@ class SessionManager:
         self._idle = asyncio.Event()
         self._idle.set()
         self.created_total = 0
+        self.on_draining: Callable[[], None] | None = None
 
     @property
     def active(self) -> int:
@@ -185,6 +187,8 @@ class SessionManager:
         """Refuses new sessions from now on; closes what is left after `grace_s` (a second
         call may only shorten it). Returns the sessions open when it was called."""
         self.draining = True
+        if self.on_draining is not None:
+            self.on_draining()
         active = len(self._open)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s

@@ -56,6 +56,12 @@ class TransceiverSettings(ServiceSettings):
     transceiver_id: int = dataclasses.field(
         default=1, metadata={"help": "transceiver id within the cluster, as in the ICE ufrag"}
     )
+    grpc_advertise: str = dataclasses.field(
+        default="",
+        metadata={
+            "help": "host:port geosteer/signaling reach the gRPC server at; empty: grpc_listen"
+        },
+    )
     media_advertise: str = dataclasses.field(
         default="",
         metadata={"help": "host:port relays reach media_listen at; empty: the bound address"},
@@ -67,6 +73,8 @@ class TransceiverSettings(ServiceSettings):
         parse_host_port(self.bridge_address, "bridge_address")
         if self.geosteer_address:
             parse_host_port(self.geosteer_address, "geosteer_address")
+        if self.grpc_advertise:
+            parse_host_port(self.grpc_advertise, "grpc_advertise")
         if self.media_advertise:
             parse_host_port(self.media_advertise, "media_advertise")
         if self.max_sessions < 0:
