@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import queue
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,7 @@ import aiortc
 import aiortc.rtp
 import numpy as np
 from aioice.candidate import Candidate
-from aiortc import RTCPeerConnection
+from aiortc import RTCPeerConnection, RTCRtpReceiver
 from aiortc.rtcicetransport import RTCIceTransport
 
 PINNED_AIORTC = "1.16."
@@ -45,6 +47,7 @@ CONNECTION_ATTRIBUTES = (
     "_closing",
 )
 GATHERER_ATTRIBUTES = ("_connection",)
+RECEIVER_ATTRIBUTES = ("_RTCRtpReceiver__decoder_queue",)
 PEER_CONNECTION_ATTRIBUTES = ("_RTCPeerConnection__closeTask",)
 
 
@@ -185,6 +188,40 @@ def consent_expired(connection: aioice.Connection) -> bool:
     return bool(connection._closing) and connection._query_consent_task is None
 
 
+EncodedSink = Callable[[bytes, int], None]
+
+
+class _DecoderQueueTap:
+    """Stands in for RTCRtpReceiver's decoder queue: encoded frames (one Opus packet each,
+    after aiortc's jitter buffer, RTP timestamp) go to `sink` on the event loop instead of
+    to aiortc's decoder thread; the stop marker still reaches the thread so it ends."""
+
+    def __init__(self, real: queue.Queue[Any], sink: EncodedSink) -> None:
+        self._real = real
+        self._sink = sink
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is None:
+            self._real.put(None)
+            return
+        _codec, encoded_frame = item
+        self._sink(bytes(encoded_frame.data), int(encoded_frame.timestamp))
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return self._real.get(block, timeout)
+
+
+def tap_encoded_audio(receiver: RTCRtpReceiver, sink: EncodedSink) -> None:
+    """Receives the caller's Opus packets undecoded (call before the receiver starts, i.e.
+    before setLocalDescription). The transceiver decodes them itself, straight to the
+    bridge's rate, or forwards them as they are (Opus passthrough)."""
+    name = "_RTCRtpReceiver__decoder_queue"
+    real = getattr(receiver, name, None)
+    if not isinstance(real, queue.Queue):
+        raise CompatError(f"aiortc.RTCRtpReceiver.{name[15:]} is gone")
+    setattr(receiver, name, _DecoderQueueTap(real, sink))
+
+
 @dataclass(frozen=True)
 class SelectedPair:
     local: tuple[str, int]
@@ -218,6 +255,10 @@ def check_versions() -> None:
     for name in PEER_CONNECTION_ATTRIBUTES:
         if not hasattr(pc, name):
             raise CompatError(f"aiortc.RTCPeerConnection.{name} is gone: update aiortc_compat.py")
+    receiver = pc.addTransceiver("audio").receiver
+    for name in RECEIVER_ATTRIBUTES:
+        if not isinstance(getattr(receiver, name, None), queue.Queue):
+            raise CompatError(f"aiortc.RTCRtpReceiver.{name} is gone: update aiortc_compat.py")
     for method in ("connection_made", "datagram_received", "connection_lost", "send_stun"):
         if not hasattr(aioice.ice.StunProtocol, method):
             raise CompatError(f"aioice.ice.StunProtocol.{method} is gone")

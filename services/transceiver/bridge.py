@@ -148,6 +148,15 @@ def _describe(exc: BaseException) -> str:
     return repr(exc)
 
 
+def opus_format() -> common_pb2.AudioFormat:
+    return common_pb2.AudioFormat(
+        encoding=common_pb2.AUDIO_ENCODING_OPUS,
+        sample_rate_hz=48000,
+        channels=2,
+        frame_duration_ms=20,
+    )
+
+
 def pcm_format(rate_hz: int) -> common_pb2.AudioFormat:
     return common_pb2.AudioFormat(
         encoding=common_pb2.AUDIO_ENCODING_PCM_S16LE,

@@ -94,6 +94,27 @@ async def test_call_connects_echoes_tone_and_events_then_closes_once() -> None:
 
 
 @pytest.mark.timeout_s(60)
+async def test_opus_passthrough_echoes_the_tone_undecoded() -> None:
+    stack = await Stack.start()
+    client = Client(tone_hz=440.0)
+    try:
+        await stack.connect("p", client, opus_passthrough=True)
+        async with asyncio.timeout(10):
+            await client.got_audio.wait()
+        stream = stack.bridge.streams["p"]
+        assert stream.passthrough
+        assert stream.input_format is not None
+        assert stream.input_format.encoding == common_pb2.AUDIO_ENCODING_OPUS
+        start = len(client.frames)
+        await wait_for(lambda: len(client.frames) >= start + 50)
+        samples = np.concatenate(client.frames[start + 10 : start + 50])
+        assert peak_frequency(samples, client.frame_rate) == pytest.approx(440.0, rel=0.05)
+    finally:
+        await client.close()
+        await stack.stop()
+
+
+@pytest.mark.timeout_s(60)
 async def test_barge_in_clears_queued_audio_at_once() -> None:
     stack = await Stack.start(jitter_buffer_frames=2)
     stack.bridge.echo = False

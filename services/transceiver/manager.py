@@ -107,6 +107,7 @@ class SessionManager:
             rate_hz=rate,
             prebuffer_frames=self.settings.jitter_buffer_frames,
             max_queued_frames=self.settings.playout_queue_max_frames,
+            opus_passthrough=options.opus_passthrough,
             metadata=dict(options.metadata),
             session_config=options.session_config if options.HasField("session_config") else None,
         )

@@ -39,22 +39,45 @@ class Rechunker:
         self._pending.clear()
 
 
-class PcmFramer:
-    """Any decoded av.AudioFrame -> 20 ms mono s16le chunks at `rate_hz`."""
+class OpusToPcm:
+    """Caller Opus packets -> 20 ms mono s16le chunks at `rate_hz`, on the event loop (no
+    thread hop per frame). FFmpeg's libopus decoder always outputs 48 kHz, so anything else
+    goes through one resampler."""
 
     def __init__(self, rate_hz: int) -> None:
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=rate_hz)
+        codec = av.CodecContext.create("libopus", "r")
+        codec.sample_rate = rate_hz
+        codec.layout = "mono"
+        codec.format = "s16"
+        self._codec = codec
         self._chunks = Rechunker(frame_bytes(rate_hz))
+        self._resampler: av.AudioResampler | None = None
+        self._rate_hz = rate_hz
 
-    def push(self, frame: av.AudioFrame) -> list[bytes]:
+    def push(self, packet: bytes) -> list[bytes]:
         out: list[bytes] = []
-        for resampled in self._resampler.resample(frame):
-            out += self._chunks.push(bytes(resampled.planes[0])[: resampled.samples * 2])
+        try:
+            frames = self._codec.decode(av.Packet(packet))
+        except av.FFmpegError:
+            return out  # a corrupt packet is skipped, as a lost one would be
+        for frame in frames:
+            if (
+                frame.format.name != "s16"
+                or len(frame.layout.channels) != 1
+                or frame.sample_rate != self._rate_hz
+            ):
+                if self._resampler is None:
+                    self._resampler = av.AudioResampler("s16", "mono", self._rate_hz)
+                for resampled in self._resampler.resample(frame):
+                    out += self._chunks.push(bytes(resampled.planes[0])[: resampled.samples * 2])
+                continue
+            out += self._chunks.push(bytes(frame.planes[0])[: frame.samples * 2])
         return out
 
 
 OPUS_CLOCK_HZ = 48000  # RTP clock of Opus, whatever the encoded rate (RFC 7587 §4.1)
 OPUS_BITRATE = 48000
+OPUS_SAMPLES_PER_FRAME = OPUS_CLOCK_HZ * FRAME_MS // 1000
 
 
 class OpusPacketizer:
@@ -121,6 +144,7 @@ class PlayoutTrack(MediaStreamTrack):
         on_first_audio: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
+        self.passthrough = False  # True: the queue holds Opus packets from the bridge
         self.rate_hz = rate_hz
         self._samples = rate_hz * FRAME_MS // 1000
         self._chunks = Rechunker(frame_bytes(rate_hz))
@@ -155,7 +179,9 @@ class PlayoutTrack(MediaStreamTrack):
         return len(self._queue)
 
     def push(self, pcm: bytes) -> None:
-        for chunk in self._chunks.push(pcm):
+        """Queues bridge audio: PCM at rate_hz (any length), or one Opus packet in
+        passthrough mode."""
+        for chunk in [pcm] if self.passthrough else self._chunks.push(pcm):
             if len(self._queue) == self._queue.maxlen:
                 self.frames_dropped += 1
             self._queue.append(chunk)
@@ -183,6 +209,8 @@ class PlayoutTrack(MediaStreamTrack):
             if self.frames_played == 0 and self._on_first_audio is not None:
                 self._on_first_audio()
             self.frames_played += 1
+            if self.passthrough:
+                return payload
             return self._encoder.encode(payload) or self._silence
         self._playing = False
         return self._silence

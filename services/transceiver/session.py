@@ -14,13 +14,19 @@ from typing import Any
 
 import grpc.aio
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import MediaStreamTrack
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from libs.observability.telemetry import log_event
 from services.transceiver import aiortc_compat, sdp
-from services.transceiver.bridge import BridgeEndedError, BridgeError, BridgeLink, pcm_format
-from services.transceiver.media import FRAME_MS, PcmFramer, PlayoutTrack
+from services.transceiver.bridge import (
+    BridgeEndedError,
+    BridgeError,
+    BridgeLink,
+    opus_format,
+    pcm_format,
+)
+from services.transceiver.media import FRAME_MS, OPUS_SAMPLES_PER_FRAME, OpusToPcm, PlayoutTrack
 from services.transceiver.udpmux import MuxSession, UdpMux
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2
@@ -49,6 +55,7 @@ class SessionParams:
     rate_hz: int
     prebuffer_frames: int
     max_queued_frames: int
+    opus_passthrough: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
     session_config: struct_pb2.Struct | None = None
 
@@ -130,6 +137,8 @@ class Session:
         self._pending_events: list[str] = []
         self._events_to_bridge: list[str] = []
         self._mux_session: MuxSession | None = None
+        self._decoder = OpusToPcm(params.rate_hz)
+        self._passthrough = False
         self._connection: Any = None
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.playout = PlayoutTrack(
@@ -178,6 +187,7 @@ class Session:
         audio = [t for t in pc.getTransceivers() if t.kind == "audio"]
         if not audio:
             raise sdp.SdpError("offer_sdp: no audio m-line")
+        aiortc_compat.tap_encoded_audio(audio[0].receiver, self._on_caller_opus)
         audio[0].sender.replaceTrack(self.playout)
         audio[0].direction = "sendrecv"
         answer = await pc.createAnswer()
@@ -238,8 +248,7 @@ class Session:
                 self.close(CR.CLOSE_REASON_CLIENT_HANGUP, "peer connection closed by the client")
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        if track.kind == "audio":
-            self._spawn(self._pump_inbound(track))
+        pass  # caller audio arrives undecoded through _on_caller_opus (no decoder thread)
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != DATA_CHANNEL_LABEL:
@@ -276,30 +285,34 @@ class Session:
 
     # ---- media
 
-    async def _pump_inbound(self, track: MediaStreamTrack) -> None:
-        framer = PcmFramer(self.params.rate_hz)
+    def _on_caller_opus(self, packet: bytes, rtp_timestamp: int) -> None:
+        """One Opus packet from the caller, in order after aiortc's jitter buffer."""
+        if self._closing_or_closed:
+            return
+        if not self.ttfa_in_ms:
+            self.ttfa_in_ms = self._elapsed_ms()
+        bridge = self._bridge
+        if bridge is None or bridge.accepted is None:
+            return  # the bridge is not listening yet
+        if self._passthrough:
+            bridge.send_audio(packet, OPUS_SAMPLES_PER_FRAME)
+            self.frames_in += 1
+            return
         samples = self.params.rate_hz * FRAME_MS // 1000
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if not self.ttfa_in_ms:
-                self.ttfa_in_ms = self._elapsed_ms()
-            bridge = self._bridge
-            for chunk in framer.push(frame):  # type: ignore[arg-type]
-                if bridge is not None:
-                    bridge.send_audio(chunk, samples)
-                    self.frames_in += 1
+        for chunk in self._decoder.push(packet):
+            bridge.send_audio(chunk, samples)
+            self.frames_in += 1
 
     async def _run_bridge(self) -> None:
         address = self.params.bridge_address
         link = BridgeLink(self._channel_for(address), address)
         start = inference_pb2.SessionStart(
             session_id=self.id,
-            input_format=pcm_format(self.params.rate_hz),
+            input_format=opus_format()
+            if self.params.opus_passthrough
+            else pcm_format(self.params.rate_hz),
             metadata=self.params.metadata,
-            opus_passthrough=False,
+            opus_passthrough=self.params.opus_passthrough,
         )
         if self.params.session_config is not None:
             start.session_config.CopyFrom(self.params.session_config)
@@ -310,7 +323,10 @@ class Session:
             self.close(CR.CLOSE_REASON_BRIDGE_ERROR, str(exc))
             return
         accepted = link.accepted
-        if accepted is not None and accepted.output_format.sample_rate_hz:
+        if accepted is not None and accepted.opus_passthrough and self.params.opus_passthrough:
+            self._passthrough = True
+            self.playout.passthrough = True
+        elif accepted is not None and accepted.output_format.sample_rate_hz:
             self.playout.set_rate(accepted.output_format.sample_rate_hz)
         log_event(logger, "session.bridge_open", session__id=self.id, bridge=address)
         pending, self._events_to_bridge = self._events_to_bridge, []
@@ -340,6 +356,10 @@ class Session:
             self._send_event(event)
 
     # ---- lifecycle
+
+    @property
+    def _closing_or_closed(self) -> bool:
+        return self._teardown is not None
 
     @property
     def is_closed(self) -> bool:

@@ -25,6 +25,7 @@ from libs.wire import framing, ufrag
 from services.transceiver import aiortc_compat
 from services.transceiver.manager import SessionManager
 from services.transceiver.servicer import TransceiverServicer
+from services.transceiver.session import Session
 from services.transceiver.settings import TransceiverSettings
 from services.transceiver.udpmux import UdpMux
 from voiceedge.common.v1 import common_pb2
@@ -92,11 +93,14 @@ class BridgeStream:
     events_in: list[str] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end_reason: int = 0
+    passthrough: bool = False
+    input_format: common_pb2.AudioFormat | None = None
 
 
 class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
-    """Accepts every session at 24 kHz and echoes caller audio and data-channel events back
-    (unless `echo` / `echo_events` are off); tests push more through a stream's `inject`."""
+    """Accepts every session at 24 kHz (Opus passthrough when offered) and echoes caller
+    audio and data-channel events back (unless `echo` / `echo_events` are off); tests push
+    more through a stream's `inject`."""
 
     def __init__(self) -> None:
         self.streams: dict[str, BridgeStream] = {}
@@ -136,7 +140,12 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
         fmt = common_pb2.AudioFormat(
             encoding=common_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=24000, channels=1
         )
-        await write(Resp(session_accepted=inference_pb2.SessionAccepted(output_format=fmt)))
+        accepted = inference_pb2.SessionAccepted(
+            output_format=fmt, opus_passthrough=start.opus_passthrough
+        )
+        stream.passthrough = start.opus_passthrough
+        stream.input_format = start.input_format
+        await write(Resp(session_accepted=accepted))
         self.opened.set()
 
         async def pump_injected() -> None:
@@ -368,3 +377,23 @@ class Stack:
         await self.grpc_service.close()
         await self.relay.close()
         await self.bridge.stop()
+
+
+async def wait_for(condition: Any, timeout_s: float = 10.0) -> None:
+    """Polls a cheap in-memory condition every 10 ms, bounded in time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def closed_reason(stack: Stack, session_id: str) -> int:
+    session = stack.manager.find(session_id)
+    if isinstance(session, Session):
+        async with asyncio.timeout(10):
+            await session.wait_closed()
+    info = await stack.manager.find(session_id).info()
+    assert info.state == transceiver_pb2.SESSION_STATE_CLOSED
+    return int(info.stats.close_reason)
