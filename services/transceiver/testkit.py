@@ -95,6 +95,7 @@ class BridgeStream:
     end_reason: int = 0
     passthrough: bool = False
     input_format: common_pb2.AudioFormat | None = None
+    arrivals: list[tuple[int, float]] = field(default_factory=list)  # (sequence, loop time)
 
 
 class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
@@ -106,6 +107,7 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
         self.streams: dict[str, BridgeStream] = {}
         self.echo = True
         self.echo_events = True
+        self.record_arrivals = False
         self.opened = asyncio.Event()
         self.server: grpc.aio.Server | None = None
         self.address = ""
@@ -163,6 +165,9 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                 kind = request.WhichOneof("payload")
                 if kind == "audio_frame":
                     stream.audio_in += 1
+                    if self.record_arrivals:
+                        loop_time = asyncio.get_running_loop().time()
+                        stream.arrivals.append((request.audio_frame.sequence, loop_time))
                     if self.echo:
                         await write(Resp(audio_frame=request.audio_frame))
                 elif kind == "data_channel_message":
