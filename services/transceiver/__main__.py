@@ -30,7 +30,7 @@ async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceP
     mux = UdpMux()
     host, port = parse_host_port(settings.media_listen, "media_listen")
     media_host, media_port = await mux.start(host, port)
-    manager = SessionManager(settings, mux)
+    manager = SessionManager(settings, mux, telemetry.meter)
     reporter = start_reporter(settings, manager, (media_host, media_port))
     servicer = TransceiverServicer(manager, settings.drain_grace_s)
     full_name = transceiver_pb2.DESCRIPTOR.services_by_name["TransceiverService"].full_name

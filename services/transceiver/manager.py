@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from opentelemetry import metrics
 
 from libs.observability.telemetry import log_event
 from services.transceiver import sdp
@@ -51,7 +52,9 @@ class ClosedSession:
 
 
 class SessionManager:
-    def __init__(self, settings: TransceiverSettings, mux: UdpMux) -> None:
+    def __init__(
+        self, settings: TransceiverSettings, mux: UdpMux, meter: metrics.Meter | None = None
+    ) -> None:
         self.settings = settings
         self.mux = mux
         self._open: dict[str, Session] = {}
@@ -64,6 +67,29 @@ class SessionManager:
         self._idle.set()
         self.created_total = 0
         self.on_draining: Callable[[], None] | None = None
+        meter = meter or metrics.get_meter("voiceedge.transceiver")
+        self._created = meter.create_counter(
+            "voiceedge.transceiver.sessions.created", unit="1", description="sessions created"
+        )
+        self._ended = meter.create_counter(
+            "voiceedge.transceiver.sessions.closed", unit="1", description="by close.reason"
+        )
+        meter.create_observable_up_down_counter(
+            "voiceedge.transceiver.sessions.active",
+            callbacks=[lambda _: [metrics.Observation(len(self._open))]],
+            unit="1",
+        )
+        meter.create_observable_counter(
+            "voiceedge.transceiver.udpmux.dropped",
+            callbacks=[
+                lambda _: [
+                    metrics.Observation(count, {"drop.reason": reason})
+                    for reason, count in self.mux.drops.items()
+                ]
+            ],
+            unit="1",
+            description="datagrams dropped by the shared socket, by drop.reason",
+        )
 
     @property
     def active(self) -> int:
@@ -144,6 +170,7 @@ class SessionManager:
                 raise SessionError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             raise
         self.created_total += 1
+        self._created.add(1)
         log_event(
             logger,
             "session.created",
@@ -155,6 +182,8 @@ class SessionManager:
 
     def _session_closed(self, session: Session) -> None:
         self._open.pop(session.id, None)
+        reason = common_pb2.CloseReason.Name(session.close_reason)  # type: ignore[arg-type]
+        self._ended.add(1, {"close.reason": reason})
         retain = self.settings.closed_sessions_retained
         if retain and session.final_info is not None:
             self._closed[session.id] = ClosedSession(session.id, session.final_info)

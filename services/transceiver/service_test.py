@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import signal
 import time
+import urllib.request
 from concurrent import futures
 from typing import Any
 
@@ -80,6 +81,8 @@ def test_registers_with_geosteer_and_reports_draining() -> None:
         "5",
         "--drain-grace-s",
         "2",
+        "--metrics-listen",
+        "127.0.0.1:0",
     ]
     try:
         with running_service(COMMAND, args) as service:
@@ -91,6 +94,10 @@ def test_registers_with_geosteer_and_reports_draining() -> None:
             assert node.capacity_sessions == 5
             beat = geosteer.beats.get(timeout=30)
             assert not beat.draining
+            url = f"http://{service.ready['metrics']}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                exposition = response.read().decode()
+            assert "voiceedge_transceiver_sessions_active" in exposition
             service.process.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 30
             while not geosteer.beats.get(timeout=30).draining:

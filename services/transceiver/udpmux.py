@@ -133,6 +133,9 @@ class UdpMux(asyncio.DatagramProtocol):
         self._by_ufrag: dict[str, MuxSession] = {}
         self._by_address: dict[Address, MuxSession] = {}
         self._relay_of: dict[Address, Address] = {}
+        # framing.header() per bound client: encoding parses the address (ipaddress), too
+        # slow to repeat for every packet.
+        self._header_of: dict[Address, bytes] = {}
         self.drops: Counter[str] = Counter()
         self.frames_in = 0
         self.frames_out = 0
@@ -216,6 +219,7 @@ class UdpMux(asyncio.DatagramProtocol):
             if self._by_address.get(client) is session:
                 del self._by_address[client]
                 self._relay_of.pop(client, None)
+                self._header_of.pop(client, None)
         session.addresses.clear()
 
     def send(self, session: MuxSession, client: Address, payload: bytes) -> None:
@@ -226,7 +230,10 @@ class UdpMux(asyncio.DatagramProtocol):
         session.counters.packets_out += 1
         session.counters.bytes_out += len(payload)
         self.frames_out += 1
-        self._transport.sendto(framing.encode(client[0], client[1], payload), relay)
+        header = self._header_of.get(client)
+        if header is None:
+            header = self._header_of[client] = framing.header(client[0], client[1])
+        self._transport.sendto(header + payload, relay)
 
     @property
     def session_count(self) -> int:

@@ -157,9 +157,11 @@ def late_fraction(arrivals: Sequence[tuple[int, float]]) -> tuple[int, int]:
     return late, len(arrivals)
 
 
-def start_transceiver(bridge_address: str) -> subprocess.Popen[str]:
+def start_transceiver(bridge_address: str, profile: str) -> subprocess.Popen[str]:
     """The transceiver under test, pinned to core 0 when there is more than one."""
     command = binary("services/transceiver")
+    if profile:
+        command = [*binary("tests/bench/transceiver", "profiled_transceiver"), profile]
     pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) > 1 else []
     return subprocess.Popen(
         [
@@ -173,6 +175,8 @@ def start_transceiver(bridge_address: str) -> subprocess.Popen[str]:
             bridge_address,
             "--max-sessions",
             "10000",
+            "--drain-grace-s",
+            "1",
             "--log-level",
             "WARNING",
         ],
@@ -182,11 +186,11 @@ def start_transceiver(bridge_address: str) -> subprocess.Popen[str]:
     )
 
 
-async def end_to_end(sessions: int, seconds: float, passthrough: bool) -> None:
+async def end_to_end(sessions: int, seconds: float, passthrough: bool, profile: str) -> None:
     bridge = EchoBridge()
     bridge.record_arrivals = True
     await bridge.start()
-    process = start_transceiver(bridge.address)
+    process = start_transceiver(bridge.address, profile)
     clients: list[Client] = []
     relay: TestRelay | None = None
     try:
@@ -233,7 +237,7 @@ async def end_to_end(sessions: int, seconds: float, passthrough: bool) -> None:
         if relay is not None:
             await relay.close()
         process.terminate()
-        process.wait(timeout=30)
+        process.wait(timeout=60)
         await bridge.stop()
 
 
@@ -245,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument(
+        "--profile", default="", help="write cProfile stats of the transceiver to PATH.{mode}"
+    )
     args = parser.parse_args(argv)
     media_path(args.frames)
     sys.stdout.flush()
@@ -252,8 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (os.cpu_count() or 1) > 1:
             os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
         aiortc_compat.install_fast_audio_level()
-        asyncio.run(end_to_end(args.sessions, args.seconds, passthrough=False))
-        asyncio.run(end_to_end(args.sessions, args.seconds, passthrough=True))
+        for passthrough in (False, True):
+            profile = f"{args.profile}.{'passthrough' if passthrough else 'pcm'}"
+            asyncio.run(
+                end_to_end(
+                    args.sessions, args.seconds, passthrough, profile if args.profile else ""
+                )
+            )
     return 0
 
 
