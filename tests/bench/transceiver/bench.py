@@ -35,7 +35,7 @@ from libs.service.testing import binary, read_ready_line
 from services.transceiver import aiortc_compat
 from services.transceiver.media import OpusPacketizer, OpusToPcm
 from services.transceiver.testkit import Client, EchoBridge, TestRelay, create_request
-from voiceedge.inference.v1 import inference_pb2
+from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 from voiceedge.transceiver.v1 import transceiver_pb2_grpc
 
 RATE = 24000
@@ -121,6 +121,34 @@ def media_path(frames: int) -> None:
     ]:
         cost = per_frame_us(step, frames)
         print(f"  {name:38} {cost:9.1f} {FRAME_S * 1e6 / cost:14.0f}")
+
+
+async def grpc_echo(frames: int) -> None:
+    """grpc.aio cost of one bridge frame pair: the transceiver writes an AudioFrame and reads
+    the echo; both ends run in this process, so the figure covers both sides of the stream."""
+    bridge = EchoBridge()
+    await bridge.start()
+    channel = grpc.aio.insecure_channel(bridge.address)
+    stub = inference_pb2_grpc.InferenceBridgeServiceStub(channel)
+    call = stub.StreamSession()
+    start_msg = inference_pb2.SessionStart(session_id="bench")
+    await call.write(inference_pb2.StreamSessionRequest(session_start=start_msg))
+    await call.read()
+    frame = inference_pb2.AudioFrame(data=bytes(960))
+    cpu = 0.0
+    for i in range(frames + 50):
+        if i == 50:
+            cpu = time.process_time()
+        await call.write(inference_pb2.StreamSessionRequest(audio_frame=frame))
+        await call.read()
+    used = (time.process_time() - cpu) / frames * 1e6
+    await call.done_writing()
+    await channel.close(None)
+    await bridge.stop()
+    print(
+        f"  {'grpc.aio bridge frame pair (both ends)':38} {used:9.1f} "
+        f"{FRAME_S * 1e6 / (used / 2):14.0f}  (transceiver side ~half)"
+    )
 
 
 def _encode_tone(frames: int) -> list[bytes]:
@@ -254,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     media_path(args.frames)
+    asyncio.run(grpc_echo(args.frames))
     sys.stdout.flush()
     if not args.skip_e2e:
         if (os.cpu_count() or 1) > 1:
