@@ -185,6 +185,9 @@ class ServiceParts:
     drain: DrainHook | None = None
     close: Callable[[], Awaitable[None]] | None = None
     ready: dict[str, Any] | None = None
+    # Called with the bound gRPC address ("host:port") once the server listens: what a
+    # service announces to others (geosteer registration) must carry the real port.
+    started: Callable[[str], Awaitable[None]] | None = None
 
 
 def service_main(
@@ -223,6 +226,8 @@ async def _serve(
             if parts.close is not None:
                 await parts.close()
             raise
+        if parts.started is not None:
+            await parts.started(service.address)
         ready = dict(parts.ready or {})
         if telemetry.metrics_port:
             ready["metrics"] = (

@@ -31,7 +31,11 @@ async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceP
     host, port = parse_host_port(settings.media_listen, "media_listen")
     media_host, media_port = await mux.start(host, port)
     manager = SessionManager(settings, mux, telemetry.meter)
-    reporter = start_reporter(settings, manager, (media_host, media_port))
+    reporter: GeosteerReporter | None = None
+
+    async def started(grpc_address: str) -> None:
+        nonlocal reporter
+        reporter = start_reporter(settings, manager, (media_host, media_port), grpc_address)
     servicer = TransceiverServicer(manager, settings.drain_grace_s)
     full_name = transceiver_pb2.DESCRIPTOR.services_by_name["TransceiverService"].full_name
 
@@ -55,11 +59,15 @@ async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceP
         drain=drain,
         close=close,
         ready={"media": f"{media_host}:{media_port}"},
+        started=started,
     )
 
 
 def start_reporter(
-    settings: TransceiverSettings, manager: SessionManager, media: tuple[str, int]
+    settings: TransceiverSettings,
+    manager: SessionManager,
+    media: tuple[str, int],
+    grpc_address: str,
 ) -> GeosteerReporter | None:
     """Registers with geosteer and heartbeats, if geosteer_address is set."""
     if not settings.geosteer_address:
@@ -72,7 +80,7 @@ def start_reporter(
         kind=common_pb2.NODE_KIND_TRANSCEIVER,
         cluster_id=settings.cluster_id,
         transceiver_id=settings.transceiver_id,
-        grpc_address=settings.grpc_advertise or settings.grpc_listen,
+        grpc_address=settings.grpc_advertise or grpc_address,
         media_address=common_pb2.SocketAddress(ip=media_ip, port=media_port),
         capacity_sessions=settings.max_sessions,
     )
