@@ -9,20 +9,24 @@ import sys
 from collections.abc import Sequence
 
 from libs.observability.telemetry import Telemetry
-from libs.service.runtime import ServiceParts, Servicer, service_main, unimplemented_servicer
+from libs.service.runtime import ServiceParts, Servicer, service_main
+from services.bridge.service import BridgeServicer
 from services.bridge.settings import BridgeSettings
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 
 
 async def build(settings: BridgeSettings, telemetry: Telemetry) -> ServiceParts:
-    servicer = unimplemented_servicer(inference_pb2_grpc.InferenceBridgeServiceServicer)
+    servicer = BridgeServicer(settings, telemetry)
     full_name = inference_pb2.DESCRIPTOR.services_by_name["InferenceBridgeService"].full_name
     return ServiceParts(
         servicers=[
             Servicer(
                 full_name, inference_pb2_grpc.add_InferenceBridgeServiceServicer_to_server, servicer
             )
-        ]
+        ],
+        drain=servicer.drain,
+        close=servicer.close,
+        ready={"backend": settings.backend},
     )
 
 

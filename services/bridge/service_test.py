@@ -22,3 +22,12 @@ def test_bad_setting_is_a_clear_error() -> None:
 
 def test_serves_health_and_reflection_then_drains() -> None:
     assert_service_lifecycle(COMMAND, "voiceedge.inference.v1.InferenceBridgeService")
+
+
+def test_realtime_backend_needs_a_url() -> None:
+    result = run_cli(COMMAND, ["--backend", "realtime"])
+    assert result.returncode == 2
+    assert "realtime_url: required" in result.stderr
+    result = run_cli(COMMAND, ["--backend", "llm"])
+    assert result.returncode == 2
+    assert "backend: expected one of echo, realtime" in result.stderr

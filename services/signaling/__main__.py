@@ -12,6 +12,7 @@ import os
 import secrets
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from aiohttp import web
 
@@ -57,6 +58,10 @@ def call_settings(settings: SignalingSettings) -> CallSettings:
     )
 
 
+# web/demo/index.html, next to this package in the runfiles (data of //services/signaling).
+DEMO_PAGE = Path(os.path.abspath(__file__)).parents[2] / "web" / "demo" / "index.html"
+
+
 async def build(settings: SignalingSettings, telemetry: Telemetry) -> ServiceParts:
     keys, dev_key = api_keys(settings, os.environ)
     if dev_key:
@@ -81,6 +86,8 @@ async def build(settings: SignalingSettings, telemetry: Telemetry) -> ServicePar
         service,
         trusted_proxies=parse_networks(settings.trusted_proxies),
         cors_origins=settings.cors_origins,
+        demo_page=DEMO_PAGE if settings.demo_page else None,
+        demo_api_key=keys[0],
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -55,6 +57,8 @@ def build_app(
     *,
     trusted_proxies: Sequence[Network] = (),
     cors_origins: Sequence[str] = ("*",),
+    demo_page: Path | None = None,
+    demo_api_key: str = "",
 ) -> web.Application:
     max_body = service.settings.max_body_bytes
 
@@ -218,6 +222,24 @@ def build_app(
             headers["Accept-Post"] = SDP  # RFC 9725 §4.1
         return web.Response(status=204, headers=headers)
 
+    async def get_demo_page(request: web.Request) -> web.FileResponse:
+        assert demo_page is not None
+        return web.FileResponse(demo_page, headers={"Cache-Control": "no-store"})
+
+    async def post_demo_client_secret(request: web.Request) -> web.Response:
+        # The page is a development aid: it holds no key of its own, so signaling mints a
+        # short-lived ek_ for it, and only for a browser on this very machine.
+        ip = peer_ip(request)
+        service.check_ip_rate(ip)
+        if not ipaddress.ip_address(ip).is_loopback:
+            raise errors.forbidden("The demo page mints client secrets for loopback peers only.")
+        principal = await service.authenticate(f"Bearer {demo_api_key}")
+        secret = await service.create_client_secret(principal, 0, None)
+        return web.json_response({"value": secret.value, "expires_at": int(secret.expires_at)})
+
+    if demo_page is not None:
+        app.router.add_get("/", get_demo_page)
+        app.router.add_post("/demo/client_secret", post_demo_client_secret)
     app.router.add_post(CALLS, post_call)
     app.router.add_get(CALLS + "/{call_id}", get_call)
     app.router.add_delete(CALLS + "/{call_id}", delete_call)

@@ -66,3 +66,29 @@ def test_configured_api_key_is_not_printed() -> None:
         COMMAND, ARGS, env={"VOICEEDGE_API_KEY": "sk-configured-0123456789"}
     ) as service:
         assert "dev_api_key" not in service.ready
+
+
+def test_demo_page_and_its_client_secrets() -> None:
+    env = {"VOICEEDGE_API_KEY": "sk-configured-0123456789"}
+    with running_service(COMMAND, [*ARGS, "--demo-page", "true"], env=env) as service:
+        http = service.ready["http"]
+        with urllib.request.urlopen(f"http://{http}/", timeout=10) as response:
+            page = response.read().decode()
+        assert response.headers["Content-Type"].startswith("text/html")
+        assert "/v1/realtime/calls" in page
+        assert "/demo/client_secret" in page
+        request = urllib.request.Request(f"http://{http}/demo/client_secret", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            assert json.loads(response.read())["value"].startswith("ek_")
+
+
+def test_demo_page_is_off_by_default() -> None:
+    with running_service(COMMAND, ARGS) as service:
+        http = service.ready["http"]
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"http://{http}/", timeout=10)
+        assert caught.value.code == 404
+        request = urllib.request.Request(f"http://{http}/demo/client_secret", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)  # noqa: S310
+        assert caught.value.code in (404, 405)

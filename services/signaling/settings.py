@@ -82,6 +82,13 @@ class SignalingSettings(ServiceSettings):
     cors_origins: tuple[str, ...] = dataclasses.field(
         default=("*",), metadata={"help": "origins allowed by CORS ('*': any)"}
     )
+    demo_page: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "serve the demo page at / and mint client secrets for it at "
+            "POST /demo/client_secret (loopback peers only; a development aid)"
+        },
+    )
     retry_after_s: int = dataclasses.field(
         default=2, metadata={"help": "Retry-After of 503 answers when no cluster has capacity"}
     )

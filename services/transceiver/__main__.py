@@ -8,22 +8,84 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+import grpc.aio
+
+from libs.config.settings import parse_host_port
 from libs.observability.telemetry import Telemetry
-from libs.service.runtime import ServiceParts, Servicer, service_main, unimplemented_servicer
+from libs.service.runtime import ServiceParts, Servicer, service_main
+from services.transceiver import aiortc_compat
+from services.transceiver.heartbeat import GeosteerReporter, Load
+from services.transceiver.manager import SessionManager
+from services.transceiver.servicer import TransceiverServicer
 from services.transceiver.settings import TransceiverSettings
+from services.transceiver.udpmux import UdpMux
+from voiceedge.common.v1 import common_pb2
+from voiceedge.geosteer.v1 import geosteer_pb2
 from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
 
 
 async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceParts:
-    servicer = unimplemented_servicer(transceiver_pb2_grpc.TransceiverServiceServicer)
+    aiortc_compat.check_versions()
+    aiortc_compat.install_fast_audio_level()
+    mux = UdpMux()
+    host, port = parse_host_port(settings.media_listen, "media_listen")
+    media_host, media_port = await mux.start(host, port)
+    manager = SessionManager(settings, mux, telemetry.meter)
+    reporter = start_reporter(settings, manager, (media_host, media_port))
+    servicer = TransceiverServicer(manager, settings.drain_grace_s)
     full_name = transceiver_pb2.DESCRIPTOR.services_by_name["TransceiverService"].full_name
+
+    async def drain(grace_s: float) -> None:
+        await manager.drain(grace_s)
+        if reporter is not None:
+            await reporter.report_now()
+        await manager.wait_idle()
+
+    async def close() -> None:
+        if reporter is not None:
+            await reporter.stop()
+        await manager.shutdown()
+
     return ServiceParts(
         servicers=[
             Servicer(
                 full_name, transceiver_pb2_grpc.add_TransceiverServiceServicer_to_server, servicer
             )
-        ]
+        ],
+        drain=drain,
+        close=close,
+        ready={"media": f"{media_host}:{media_port}"},
     )
+
+
+def start_reporter(
+    settings: TransceiverSettings, manager: SessionManager, media: tuple[str, int]
+) -> GeosteerReporter | None:
+    """Registers with geosteer and heartbeats, if geosteer_address is set."""
+    if not settings.geosteer_address:
+        return None
+    media_ip, media_port = media
+    if settings.media_advertise:
+        media_ip, media_port = parse_host_port(settings.media_advertise, "media_advertise")
+    node = geosteer_pb2.Node(
+        node_id=settings.node_id or f"transceiver-{settings.cluster_id}-{settings.transceiver_id}",
+        kind=common_pb2.NODE_KIND_TRANSCEIVER,
+        cluster_id=settings.cluster_id,
+        transceiver_id=settings.transceiver_id,
+        grpc_address=settings.grpc_advertise or settings.grpc_listen,
+        media_address=common_pb2.SocketAddress(ip=media_ip, port=media_port),
+        capacity_sessions=settings.max_sessions,
+    )
+    channel = grpc.aio.insecure_channel(settings.geosteer_address)
+    reporter = GeosteerReporter(
+        channel,
+        node,
+        lambda: Load(manager.active, manager.draining),
+        on_stop=lambda: channel.close(None),
+    )
+    manager.on_draining = reporter.poke
+    reporter.start()
+    return reporter
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,264 @@
+"""Every access to aiortc/aioice internals lives here, pinned to aiortc 1.16 / aioice 0.13.
+
+The transceiver needs four things the public APIs do not offer:
+- force the ICE credentials signaling minted (aioice `Connection._local_username`,
+  `Connection._local_password`) after setRemoteDescription and before createAnswer;
+- skip host gathering (which opens one UDP socket per session and ignores loopback) and
+  put our own shared-socket protocol and relay candidate in its place
+  (`Connection._local_candidates`, `_local_candidates_start`, `_local_candidates_end`,
+  `_protocols`, and `aioice.ice.StunProtocol`);
+- read the selected candidate pair (`Connection._nominated`);
+- reach the ICE connection from the gatherer (`RTCIceGatherer._connection`).
+
+private_api_test.py fails with the attribute's name if an upgrade moves any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aioice
+import aioice.ice
+import aiortc
+import aiortc.rtp
+import numpy as np
+from aioice.candidate import Candidate
+from aiortc import RTCPeerConnection, RTCRtpReceiver
+from aiortc.rtcicetransport import RTCIceTransport
+
+PINNED_AIORTC = "1.16."
+PINNED_AIOICE = "0.13."
+
+# (owner, attribute) pairs the code below relies on; the test checks each one exists.
+CONNECTION_ATTRIBUTES = (
+    "_local_username",
+    "_local_password",
+    "_local_candidates",
+    "_local_candidates_start",
+    "_local_candidates_end",
+    "_protocols",
+    "_nominated",
+    "_query_consent_task",
+    "_closing",
+)
+GATHERER_ATTRIBUTES = ("_connection",)
+RECEIVER_ATTRIBUTES = ("_RTCRtpReceiver__decoder_queue",)
+PEER_CONNECTION_ATTRIBUTES = ("_RTCPeerConnection__closeTask",)
+
+
+class CompatError(RuntimeError):
+    """aiortc/aioice no longer look like the versions this module was written for."""
+
+
+def ice_transports(pc: RTCPeerConnection) -> list[RTCIceTransport]:
+    """The distinct ICE transports of a peer connection, through public attributes only
+    (transceiver.receiver.transport.transport and sctp.transport.transport)."""
+    found: list[RTCIceTransport] = []
+    for transceiver in pc.getTransceivers():
+        ice = transceiver.receiver.transport.transport
+        if all(ice is not other for other in found):
+            found.append(ice)
+    if pc.sctp is not None:
+        ice = pc.sctp.transport.transport
+        if all(ice is not other for other in found):
+            found.append(ice)
+    return found
+
+
+def connection_of(ice: RTCIceTransport) -> aioice.Connection:
+    connection = getattr(ice.iceGatherer, "_connection", None)
+    if not isinstance(connection, aioice.Connection):
+        raise CompatError("aiortc RTCIceGatherer._connection is not an aioice.Connection")
+    return connection
+
+
+def set_local_credentials(connection: aioice.Connection, ufrag: str, pwd: str) -> None:
+    """Forces the server-side ICE ufrag/password (RFC 8445 §5.3) signaling minted."""
+    connection._local_username = ufrag
+    connection._local_password = pwd
+
+
+def make_stun_protocol(connection: aioice.Connection) -> aioice.ice.StunProtocol:
+    return aioice.ice.StunProtocol(connection)
+
+
+def install_protocol(
+    connection: aioice.Connection,
+    protocol: aioice.ice.StunProtocol,
+    transport: asyncio.DatagramTransport,
+    host: str,
+    port: int,
+    *,
+    reconnect: bool = True,
+) -> Candidate:
+    """Replaces host gathering: one protocol over our virtual transport whose local
+    candidate is the relay endpoint (typ host, RFC 8445 §5.1.2 priority for a host)."""
+    if connection._local_candidates_start:
+        raise CompatError("ICE gathering already started; install the protocol before")
+    candidate = Candidate(
+        foundation="relay0",
+        component=1,
+        transport="udp",
+        priority=aioice.candidate.candidate_priority(1, "host"),
+        host=host,
+        port=port,
+        type="host",
+    )
+    if reconnect:
+        protocol.connection_made(transport)
+    protocol.local_candidate = candidate
+    connection._protocols.append(protocol)
+    connection._local_candidates = [candidate]
+    connection._local_candidates_start = True
+    connection._local_candidates_end = True
+    return candidate
+
+
+_PC_TASK_NAMES = ("RTCPeerConnection.__connect", "RTCPeerConnection.close")
+
+
+async def wait_pc_closed(pc: RTCPeerConnection, timeout_s: float = 5.0) -> None:
+    """After pc.close(): wait for the fire-and-forget tasks aiortc keeps no handle on
+    (`__connect`, started by setLocalDescription/setRemoteDescription, ends one ICE pacing
+    tick after close) and for `__closeTask` (aiortc closes by itself once the client's DTLS
+    closed), so no task outlives the session."""
+    pending: list[asyncio.Future[Any]] = []
+    close_task = getattr(pc, "_RTCPeerConnection__closeTask", None)
+    if isinstance(close_task, asyncio.Future) and not close_task.done():
+        pending.append(close_task)
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        if task.done() or getattr(coro, "__qualname__", "") not in _PC_TASK_NAMES:
+            continue
+        frame = getattr(coro, "cr_frame", None)
+        if frame is not None and frame.f_locals.get("self") is pc:
+            pending.append(task)
+    current = asyncio.current_task()
+    pending = [t for t in pending if t is not current]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout_s)
+
+
+async def add_loopback_host_candidate(pc: RTCPeerConnection) -> list[asyncio.BaseTransport]:
+    """Test clients only: aioice gathers no 127.0.0.1 candidate, so give each ICE transport
+    of `pc` a real UDP socket on 127.0.0.1 as its host candidate (call before
+    setLocalDescription). Returns the transports; aioice closes them with the connection."""
+    loop = asyncio.get_running_loop()
+    opened: list[asyncio.BaseTransport] = []
+    for ice in ice_transports(pc):
+        connection = connection_of(ice)
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda connection=connection: aioice.ice.StunProtocol(connection),  # type: ignore[misc]
+            local_addr=("127.0.0.1", 0),
+        )
+        host, port = transport.get_extra_info("sockname")[:2]
+        install_protocol(connection, protocol, transport, host, port, reconnect=False)
+        opened.append(transport)
+    return opened
+
+
+def audio_level_dbov(frame: Any) -> int:
+    """RFC 6465 Appendix A audio level, the same value aiortc's pure-Python loop computes
+    (over the whole first plane, divided by frame.samples), with numpy: ~0.7 ms -> ~10 us
+    per 20 ms frame."""
+    samples = np.frombuffer(bytes(frame.planes[0]), dtype=np.int16).astype(np.float64)
+    rms = math.sqrt(float(np.dot(samples, samples)) / (frame.samples * 32767 * 32767))
+    if rms <= 0:
+        return -127
+    return round(min(max(20 * math.log10(rms), -127), 0))
+
+
+def install_fast_audio_level() -> None:
+    """aiortc's RTCRtpSender looks `rtp.compute_audio_level_dbov` up on every sent audio
+    frame; point it at the numpy version. Idempotent."""
+    if not hasattr(aiortc.rtp, "compute_audio_level_dbov"):
+        raise CompatError("aiortc.rtp.compute_audio_level_dbov is gone")
+    aiortc.rtp.compute_audio_level_dbov = audio_level_dbov
+
+
+def consent_expired(connection: aioice.Connection) -> bool:
+    """True if aioice closed the connection because consent freshness failed (RFC 7675):
+    its consent loop clears `_query_consent_task` before closing, while close() from a
+    hang-up only cancels it."""
+    return bool(connection._closing) and connection._query_consent_task is None
+
+
+EncodedSink = Callable[[bytes, int], None]
+
+
+class _DecoderQueueTap:
+    """Stands in for RTCRtpReceiver's decoder queue: encoded frames (one Opus packet each,
+    after aiortc's jitter buffer, RTP timestamp) go to `sink` on the event loop instead of
+    to aiortc's decoder thread; the stop marker still reaches the thread so it ends."""
+
+    def __init__(self, real: queue.Queue[Any], sink: EncodedSink) -> None:
+        self._real = real
+        self._sink = sink
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is None:
+            self._real.put(None)
+            return
+        _codec, encoded_frame = item
+        self._sink(bytes(encoded_frame.data), int(encoded_frame.timestamp))
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return self._real.get(block, timeout)
+
+
+def tap_encoded_audio(receiver: RTCRtpReceiver, sink: EncodedSink) -> None:
+    """Receives the caller's Opus packets undecoded (call before the receiver starts, i.e.
+    before setLocalDescription). The transceiver decodes them itself, straight to the
+    bridge's rate, or forwards them as they are (Opus passthrough)."""
+    name = "_RTCRtpReceiver__decoder_queue"
+    real = getattr(receiver, name, None)
+    if not isinstance(real, queue.Queue):
+        raise CompatError(f"aiortc.RTCRtpReceiver.{name[15:]} is gone")
+    setattr(receiver, name, _DecoderQueueTap(real, sink))
+
+
+@dataclass(frozen=True)
+class SelectedPair:
+    local: tuple[str, int]
+    remote: tuple[str, int]
+
+
+def selected_pair(connection: aioice.Connection) -> SelectedPair | None:
+    nominated: dict[int, Any] = connection._nominated
+    pair = nominated.get(1)
+    if pair is None:
+        return None
+    local = pair.local_candidate
+    return SelectedPair((str(local.host), int(local.port)), tuple(pair.remote_addr))
+
+
+def check_versions() -> None:
+    """Raises CompatError naming what moved; called at start-up and by the test."""
+    if not aiortc.__version__.startswith(PINNED_AIORTC):
+        raise CompatError(f"aiortc {aiortc.__version__} is not the pinned {PINNED_AIORTC}x")
+    if not aioice.__version__.startswith(PINNED_AIOICE):
+        raise CompatError(f"aioice {aioice.__version__} is not the pinned {PINNED_AIOICE}x")
+    connection = aioice.Connection(ice_controlling=False)
+    for name in CONNECTION_ATTRIBUTES:
+        if not hasattr(connection, name):
+            raise CompatError(f"aioice.Connection.{name} is gone: update aiortc_compat.py")
+    gatherer = aiortc.RTCIceGatherer(iceServers=[])
+    for name in GATHERER_ATTRIBUTES:
+        if not hasattr(gatherer, name):
+            raise CompatError(f"aiortc.RTCIceGatherer.{name} is gone: update aiortc_compat.py")
+    pc = RTCPeerConnection(aiortc.RTCConfiguration(iceServers=[]))
+    for name in PEER_CONNECTION_ATTRIBUTES:
+        if not hasattr(pc, name):
+            raise CompatError(f"aiortc.RTCPeerConnection.{name} is gone: update aiortc_compat.py")
+    receiver = pc.addTransceiver("audio").receiver
+    for name in RECEIVER_ATTRIBUTES:
+        if not isinstance(getattr(receiver, name, None), queue.Queue):
+            raise CompatError(f"aiortc.RTCRtpReceiver.{name} is gone: update aiortc_compat.py")
+    for method in ("connection_made", "datagram_received", "connection_lost", "send_stun"):
+        if not hasattr(aioice.ice.StunProtocol, method):
+            raise CompatError(f"aioice.ice.StunProtocol.{method} is gone")

@@ -1,0 +1,256 @@
+"""Sessions of one transceiver: admission (max_sessions, draining), lookup, retention of
+closed sessions, drain, and the shared bridge channels."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from opentelemetry import metrics
+
+from libs.observability.telemetry import log_event
+from services.transceiver import sdp
+from services.transceiver.session import Session, SessionParams, endpoints_of
+from services.transceiver.settings import TransceiverSettings
+from services.transceiver.udpmux import UdpMux
+from voiceedge.common.v1 import common_pb2
+from voiceedge.transceiver.v1 import transceiver_pb2
+
+logger = logging.getLogger("voiceedge.transceiver")
+
+
+class SessionError(Exception):
+    """A refused request: a gRPC status code and a message saying what is wrong."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ClosedSession:
+    """What is retained of a closed session: its final info, none of its resources."""
+
+    id: str
+    final_info: transceiver_pb2.SessionInfo
+
+    async def info(self) -> transceiver_pb2.SessionInfo:
+        return self.final_info
+
+    def close(self, reason: int, detail: str = "") -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+class SessionManager:
+    def __init__(
+        self, settings: TransceiverSettings, mux: UdpMux, meter: metrics.Meter | None = None
+    ) -> None:
+        self.settings = settings
+        self.mux = mux
+        self._open: dict[str, Session] = {}
+        self._closed: OrderedDict[str, ClosedSession] = OrderedDict()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.draining = False
+        self._drain_deadline: float | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.created_total = 0
+        self.on_draining: Callable[[], None] | None = None
+        meter = meter or metrics.get_meter("voiceedge.transceiver")
+        self._created = meter.create_counter(
+            "voiceedge.transceiver.sessions.created", unit="1", description="sessions created"
+        )
+        self._ended = meter.create_counter(
+            "voiceedge.transceiver.sessions.closed", unit="1", description="by close.reason"
+        )
+        meter.create_observable_up_down_counter(
+            "voiceedge.transceiver.sessions.active",
+            callbacks=[lambda _: [metrics.Observation(len(self._open))]],
+            unit="1",
+        )
+        meter.create_observable_counter(
+            "voiceedge.transceiver.udpmux.dropped",
+            callbacks=[
+                lambda _: [
+                    metrics.Observation(count, {"drop.reason": reason})
+                    for reason, count in self.mux.drops.items()
+                ]
+            ],
+            unit="1",
+            description="datagrams dropped by the shared socket, by drop.reason",
+        )
+
+    @property
+    def active(self) -> int:
+        return len(self._open)
+
+    def channel_for(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address)
+            self._channels[address] = channel
+        return channel
+
+    def _params(self, request: transceiver_pb2.CreateSessionRequest) -> SessionParams:
+        if not request.session_id:
+            raise sdp.SdpError("session_id: required")
+        sdp.check_credentials(request.ice_ufrag, request.ice_pwd)
+        endpoints = endpoints_of(request.relay_endpoints)
+        for ip, _ in endpoints:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise sdp.SdpError(f"relay_endpoints: {ip!r} is not an IP literal") from None
+        options = request.options
+        rate = options.output_format.sample_rate_hz or self.settings.sample_rate_hz
+        if rate not in (8000, 16000, 24000, 48000):
+            raise sdp.SdpError(f"options.output_format.sample_rate_hz: {rate} unsupported")
+        if options.output_format.encoding not in (
+            common_pb2.AUDIO_ENCODING_UNSPECIFIED,
+            common_pb2.AUDIO_ENCODING_PCM_S16LE,
+        ) or options.output_format.channels not in (0, 1):
+            raise sdp.SdpError("options.output_format: only mono PCM s16le is supported")
+        bridge = options.bridge_address or self.settings.bridge_address
+        timeout_ms = options.ice_timeout_ms or self.settings.ice_timeout_ms
+        return SessionParams(
+            session_id=request.session_id,
+            ufrag=request.ice_ufrag,
+            pwd=request.ice_pwd,
+            endpoints=endpoints,
+            ice_timeout_s=timeout_ms / 1000.0,
+            bridge_address=bridge,
+            rate_hz=rate,
+            prebuffer_frames=self.settings.jitter_buffer_frames,
+            max_queued_frames=self.settings.playout_queue_max_frames,
+            opus_passthrough=options.opus_passthrough,
+            metadata=dict(options.metadata),
+            session_config=options.session_config if options.HasField("session_config") else None,
+        )
+
+    async def create(self, request: transceiver_pb2.CreateSessionRequest) -> str:
+        if self.draining:
+            raise SessionError(grpc.StatusCode.RESOURCE_EXHAUSTED, "transceiver is draining")
+        if len(self._open) >= self.settings.max_sessions:
+            raise SessionError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"max_sessions ({self.settings.max_sessions}) reached",
+            )
+        try:
+            params = self._params(request)
+        except sdp.SdpError as exc:
+            raise SessionError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if params.session_id in self._open or params.session_id in self._closed:
+            raise SessionError(
+                grpc.StatusCode.ALREADY_EXISTS, f"session_id {params.session_id!r} exists"
+            )
+        if any(s.params.ufrag == params.ufrag for s in self._open.values()):
+            raise SessionError(
+                grpc.StatusCode.ALREADY_EXISTS, "ice_ufrag already in use by another session"
+            )
+        session = Session(params, self.mux, self.channel_for, self._session_closed)
+        self._open[session.id] = session  # holds the slot across the awaits below
+        self._idle.clear()
+        try:
+            answer = await session.negotiate(request.offer_sdp)
+        except BaseException as exc:
+            await session.close(common_pb2.CLOSE_REASON_INTERNAL_ERROR, "negotiation failed")
+            self._closed.pop(session.id, None)
+            if isinstance(exc, sdp.SdpError):
+                raise SessionError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise
+        self.created_total += 1
+        self._created.add(1)
+        log_event(
+            logger,
+            "session.created",
+            session__id=session.id,
+            ice__ufrag=params.ufrag,
+            bridge=params.bridge_address,
+        )
+        return answer
+
+    def _session_closed(self, session: Session) -> None:
+        self._open.pop(session.id, None)
+        reason = common_pb2.CloseReason.Name(session.close_reason)  # type: ignore[arg-type]
+        self._ended.add(1, {"close.reason": reason})
+        retain = self.settings.closed_sessions_retained
+        if retain and session.final_info is not None:
+            self._closed[session.id] = ClosedSession(session.id, session.final_info)
+            while len(self._closed) > retain:
+                self._closed.popitem(last=False)
+        if not self._open:
+            self._idle.set()
+
+    def find(self, session_id: str) -> Session | ClosedSession:
+        session = self._open.get(session_id) or self._closed.get(session_id)
+        if session is None:
+            raise SessionError(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r}")
+        return session
+
+    async def close(self, session_id: str, reason: int) -> transceiver_pb2.SessionInfo:
+        session = self.find(session_id)
+        await session.close(reason, "close requested")
+        return await session.info()
+
+    async def list(
+        self, page_size: int, page_token: str
+    ) -> tuple[list[Session | ClosedSession], str]:
+        size = min(page_size or 100, 1000)
+        ids = sorted({*self._open, *self._closed})
+        ids = [i for i in ids if i > page_token] if page_token else ids
+        page = ids[:size]
+        token = page[-1] if len(ids) > size else ""
+        return [self.find(i) for i in page], token
+
+    async def drain(self, grace_s: float) -> int:
+        """Refuses new sessions from now on; closes what is left after `grace_s` (a second
+        call may only shorten it). Returns the sessions open when it was called."""
+        self.draining = True
+        if self.on_draining is not None:
+            self.on_draining()
+        active = len(self._open)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        if self._drain_deadline is None or deadline < self._drain_deadline:
+            self._drain_deadline = deadline
+            if self._drain_task is not None:
+                self._drain_task.cancel()
+            self._drain_task = loop.create_task(self._drain_after(grace_s))
+        log_event(logger, "transceiver.draining", active_sessions=active, grace_s=grace_s)
+        return active
+
+    async def _drain_after(self, grace_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+            return
+        await self.close_all(common_pb2.CLOSE_REASON_DRAINED)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def close_all(self, reason: int) -> None:
+        tasks = [s.close(reason, "transceiver shutting down") for s in list(self._open.values())]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain_task
+        await self.close_all(common_pb2.CLOSE_REASON_DRAINED)
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()
+        await self.mux.close()

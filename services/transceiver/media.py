@@ -1,0 +1,235 @@
+"""Audio between aiortc and the bridge: caller frames -> fixed 20 ms PCM chunks, and bridge
+PCM -> a paced outbound track with a small jitter buffer that barge-in clears at once."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import av
+from aiortc.mediastreams import MediaStreamTrack
+
+FRAME_MS = 20
+BYTES_PER_SAMPLE = 2  # s16le
+
+
+def frame_bytes(rate_hz: int, channels: int = 1) -> int:
+    return rate_hz * FRAME_MS // 1000 * channels * BYTES_PER_SAMPLE
+
+
+class Rechunker:
+    """Cuts a byte stream into fixed-size chunks, keeping the remainder. Pure."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._pending = bytearray()
+
+    def push(self, data: bytes) -> list[bytes]:
+        self._pending += data
+        count = len(self._pending) // self.size
+        chunks = [bytes(self._pending[i * self.size : (i + 1) * self.size]) for i in range(count)]
+        del self._pending[: count * self.size]
+        return chunks
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+
+class OpusToPcm:
+    """Caller Opus packets -> 20 ms mono s16le chunks at `rate_hz`, on the event loop (no
+    thread hop per frame). FFmpeg's libopus decoder always outputs 48 kHz, so anything else
+    goes through one resampler."""
+
+    def __init__(self, rate_hz: int) -> None:
+        codec = av.CodecContext.create("libopus", "r")
+        codec.sample_rate = rate_hz
+        codec.layout = "mono"
+        codec.format = "s16"
+        self._codec = codec
+        self._chunks = Rechunker(frame_bytes(rate_hz))
+        self._resampler: av.AudioResampler | None = None
+        self._rate_hz = rate_hz
+
+    def push(self, packet: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        try:
+            frames = self._codec.decode(av.Packet(packet))
+        except av.FFmpegError:
+            return out  # a corrupt packet is skipped, as a lost one would be
+        for frame in frames:
+            if (
+                frame.format.name != "s16"
+                or len(frame.layout.channels) != 1
+                or frame.sample_rate != self._rate_hz
+            ):
+                if self._resampler is None:
+                    self._resampler = av.AudioResampler("s16", "mono", self._rate_hz)
+                for resampled in self._resampler.resample(frame):
+                    out += self._chunks.push(bytes(resampled.planes[0])[: resampled.samples * 2])
+                continue
+            out += self._chunks.push(bytes(frame.planes[0])[: frame.samples * 2])
+        return out
+
+
+OPUS_CLOCK_HZ = 48000  # RTP clock of Opus, whatever the encoded rate (RFC 7587 §4.1)
+OPUS_BITRATE = 48000
+OPUS_SAMPLES_PER_FRAME = OPUS_CLOCK_HZ * FRAME_MS // 1000
+
+
+class OpusPacketizer:
+    """PCM (mono s16le, 20 ms) -> one Opus packet, with our own libopus encoder.
+
+    Why not aiortc's encoder: it resamples every frame to 48 kHz stereo, hops to a thread,
+    and computes an audio level in pure Python; and a track that yields packets lets gaps
+    be filled with a ready-made silence packet at no cost."""
+
+    def __init__(self, rate_hz: int) -> None:
+        self.rate_hz = rate_hz
+        self.samples = rate_hz * FRAME_MS // 1000
+        codec = av.CodecContext.create("libopus", "w")
+        codec.sample_rate = rate_hz
+        codec.layout = "mono"
+        codec.format = "s16"
+        codec.bit_rate = OPUS_BITRATE
+        codec.time_base = fractions.Fraction(1, rate_hz)
+        codec.options = {"application": "voip", "frame_duration": str(FRAME_MS)}
+        self._codec = codec
+        self._pts = 0
+
+    def encode(self, pcm: bytes) -> bytes | None:
+        frame = av.AudioFrame(format="s16", layout="mono", samples=self.samples)
+        frame.planes[0].update(pcm)
+        frame.sample_rate = self.rate_hz
+        frame.pts = self._pts
+        frame.time_base = fractions.Fraction(1, self.rate_hz)
+        self._pts += self.samples
+        packets = self._codec.encode(frame)
+        return bytes(packets[-1]) if packets else None
+
+
+_SILENCE: dict[int, bytes] = {}
+
+
+def silence_packet(rate_hz: int) -> bytes:
+    """An Opus packet of 20 ms digital silence, encoded once per rate."""
+    packet = _SILENCE.get(rate_hz)
+    if packet is None:
+        encoder = OpusPacketizer(rate_hz)
+        zeros = bytes(frame_bytes(rate_hz))
+        for _ in range(5):  # past the encoder's look-ahead
+            packet = encoder.encode(zeros) or packet
+        assert packet is not None
+        _SILENCE[rate_hz] = packet
+    return packet
+
+
+class PlayoutTrack(MediaStreamTrack):
+    """Outbound audio paced at 20 ms, yielding Opus packets. Bridge audio queues here
+    (bounded, the oldest frames drop first); playout starts once `prebuffer` frames are
+    queued or the first one has waited that long, and a silence packet fills gaps.
+    `clear()` drops everything queued (barge-in)."""
+
+    kind = "audio"
+
+    def __init__(
+        self,
+        rate_hz: int,
+        *,
+        prebuffer: int,
+        max_frames: int,
+        on_first_audio: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.passthrough = False  # True: the queue holds Opus packets from the bridge
+        self.rate_hz = rate_hz
+        self._samples = rate_hz * FRAME_MS // 1000
+        self._chunks = Rechunker(frame_bytes(rate_hz))
+        self._queue: deque[bytes] = deque(maxlen=max_frames)
+        self._prebuffer = prebuffer
+        self._first_queued_at: float | None = None
+        self._playing = False
+        self._start: float | None = None
+        self._sent = 0
+        self._encoder = OpusPacketizer(rate_hz)
+        self._silence = silence_packet(rate_hz)
+        self._on_first_audio = on_first_audio
+        self.frames_played = 0
+        self.frames_dropped = 0
+        self.clears = 0
+
+    def set_rate(self, rate_hz: int) -> None:
+        """The bridge's output rate, known once it accepted; before any audio is queued."""
+        if rate_hz == self.rate_hz:
+            return
+        self.clear()
+        self.clears -= 1
+        self.rate_hz = rate_hz
+        self._samples = rate_hz * FRAME_MS // 1000
+        self._chunks = Rechunker(frame_bytes(rate_hz))
+        self._encoder = OpusPacketizer(rate_hz)
+        self._silence = silence_packet(rate_hz)
+        self._start = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def push(self, pcm: bytes) -> None:
+        """Queues bridge audio: PCM at rate_hz (any length), or one Opus packet in
+        passthrough mode."""
+        for chunk in [pcm] if self.passthrough else self._chunks.push(pcm):
+            if len(self._queue) == self._queue.maxlen:
+                self.frames_dropped += 1
+            self._queue.append(chunk)
+        if self._queue and self._first_queued_at is None:
+            self._first_queued_at = time.monotonic()
+
+    def clear(self) -> int:
+        dropped = len(self._queue)
+        self._queue.clear()
+        self._chunks.clear()
+        self._first_queued_at = None
+        self._playing = False
+        self.clears += 1
+        return dropped
+
+    def _next_packet(self) -> bytes:
+        if not self._playing and self._queue:
+            waited = time.monotonic() - (self._first_queued_at or 0.0)
+            if len(self._queue) >= self._prebuffer or waited >= self._prebuffer * FRAME_MS / 1000:
+                self._playing = True
+        if self._playing and self._queue:
+            payload = self._queue.popleft()
+            if not self._queue:
+                self._first_queued_at = None
+            if self.frames_played == 0 and self._on_first_audio is not None:
+                self._on_first_audio()
+            self.frames_played += 1
+            if self.passthrough:
+                return payload
+            return self._encoder.encode(payload) or self._silence
+        self._playing = False
+        return self._silence
+
+    async def recv(self) -> av.Packet[Any]:
+        if self.readyState != "live":
+            from aiortc.mediastreams import MediaStreamError
+
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._start is None or now - (self._start + self._sent * FRAME_MS / 1000) > 0.2:
+            # First frame, or so far behind (event loop stall) that catching up would burst.
+            self._start = now - self._sent * FRAME_MS / 1000
+        else:
+            wait = self._start + self._sent * FRAME_MS / 1000 - now
+            if wait > 0:
+                await asyncio.sleep(wait)
+        packet = av.Packet(self._next_packet())
+        packet.pts = self._sent * (OPUS_CLOCK_HZ * FRAME_MS // 1000)
+        packet.time_base = fractions.Fraction(1, OPUS_CLOCK_HZ)
+        self._sent += 1
+        return packet

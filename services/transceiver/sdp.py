@@ -1,0 +1,80 @@
+"""Pure SDP edits around aiortc: strip the offer's candidates, put the relay endpoints in the
+answer, and check ICE credentials. No parsing beyond lines: aiortc parses the rest."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+# RFC 8445 §5.3 / RFC 8839 §5.4: ice-char = ALPHA / DIGIT / "+" / "/".
+_ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
+UFRAG_LEN = (4, 256)
+PWD_LEN = (22, 256)
+
+
+class SdpError(ValueError):
+    """The offer or the credentials cannot be used; the message says what is wrong."""
+
+
+def check_credentials(ufrag: str, pwd: str) -> None:
+    for name, value, (low, high) in (
+        ("ice_ufrag", ufrag, UFRAG_LEN),
+        ("ice_pwd", pwd, PWD_LEN),
+    ):
+        if not low <= len(value) <= high:
+            raise SdpError(f"{name}: length {len(value)} outside {low} to {high} characters")
+        if not _ICE_CHARS.fullmatch(value):
+            raise SdpError(f"{name}: only ice-chars [A-Za-z0-9+/] are allowed (RFC 8445 §5.3)")
+
+
+def _lines(sdp: str) -> list[str]:
+    return [line for line in sdp.replace("\r\n", "\n").split("\n") if line]
+
+
+def strip_candidates(offer: str) -> str:
+    """Drops every a=candidate and a=end-of-candidates: the transceiver must learn the client
+    only as a peer-reflexive candidate through the relay (RFC 8445 §7.3.1.3). Checks the
+    offer is an SDP with an audio m-line first."""
+    lines = _lines(offer)
+    if not lines or lines[0] != "v=0":
+        raise SdpError("offer_sdp: not an SDP (must start with v=0)")
+    if not any(line.startswith("m=audio ") for line in lines):
+        raise SdpError("offer_sdp: no audio m-line")
+    kept = [
+        line
+        for line in lines
+        if not line.startswith("a=candidate:") and line != "a=end-of-candidates"
+    ]
+    return "\r\n".join(kept) + "\r\n"
+
+
+def relay_candidate(index: int, ip: str, port: int) -> str:
+    """A host candidate line for a relay endpoint; earlier endpoints get higher priority
+    (RFC 8445 §5.1.2.1 with type preference 126, local preference 65535 - index)."""
+    priority = (126 << 24) | ((65535 - index) << 8) | (256 - 1)
+    return f"a=candidate:relay{index} 1 udp {priority} {ip} {port} typ host"
+
+
+def rewrite_answer(answer: str, endpoints: Sequence[tuple[str, int]]) -> str:
+    """Replaces every candidate of the answer with the relay endpoints, signals
+    end-of-candidates (RFC 8838 §8.2), and points m=/c= at the first endpoint."""
+    if not endpoints:
+        raise SdpError("relay_endpoints: at least one is required")
+    first_ip, first_port = endpoints[0]
+    family = "IP6" if ":" in first_ip else "IP4"
+    out: list[str] = []
+    for line in _lines(answer):
+        if line.startswith("a=candidate:") or line == "a=end-of-candidates":
+            continue
+        if line.startswith("m="):
+            parts = line.split(" ")
+            if parts[1] != "0":  # port 0: rejected m-section, leave it
+                parts[1] = str(first_port)
+            line = " ".join(parts)
+        elif line.startswith("c=IN "):
+            line = f"c=IN {family} {first_ip}"
+        out.append(line)
+        if line.startswith("a=ice-pwd:"):
+            out.extend(relay_candidate(i, ip, port) for i, (ip, port) in enumerate(endpoints))
+            out.append("a=end-of-candidates")
+    return "\r\n".join(out) + "\r\n"

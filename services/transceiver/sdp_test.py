@@ -1,0 +1,90 @@
+"""Pure SDP edits and credential checks, table-driven."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.transceiver import sdp
+
+OFFER = "\r\n".join(
+    [
+        "v=0",
+        "o=- 1 1 IN IP4 0.0.0.0",
+        "s=-",
+        "t=0 0",
+        "a=group:BUNDLE 0",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+        "c=IN IP4 0.0.0.0",
+        "a=ice-ufrag:abcd",
+        "a=ice-pwd:abcdefghijklmnopqrstuvwxyz",
+        "a=candidate:1 1 udp 2130706431 192.0.2.1 5000 typ host",
+        "a=candidate:2 1 udp 1694498815 198.51.100.1 6000 typ srflx raddr 0.0.0.0 rport 0",
+        "a=end-of-candidates",
+        "a=rtpmap:111 opus/48000/2",
+        "",
+    ]
+)
+
+
+def test_strip_candidates_removes_candidates_and_end_marker() -> None:
+    stripped = sdp.strip_candidates(OFFER)
+    assert "a=candidate" not in stripped
+    assert "a=end-of-candidates" not in stripped
+    assert "a=ice-ufrag:abcd" in stripped
+    assert stripped.endswith("\r\n")
+
+
+@pytest.mark.parametrize(
+    ("offer", "message"),
+    [
+        ("", "not an SDP"),
+        ("garbage\r\n", "not an SDP"),
+        ("v=0\r\ns=-\r\nm=video 9 RTP/AVP 96\r\n", "no audio m-line"),
+    ],
+)
+def test_strip_candidates_rejects_unusable_offers(offer: str, message: str) -> None:
+    with pytest.raises(sdp.SdpError, match=message):
+        sdp.strip_candidates(offer)
+
+
+def test_rewrite_answer_puts_only_relay_endpoints() -> None:
+    answer = OFFER.replace("a=group", "a=group")
+    out = sdp.rewrite_answer(answer, [("203.0.113.7", 3478), ("2001:db8::1", 3478)])
+    lines = out.split("\r\n")
+    candidates = [line for line in lines if line.startswith("a=candidate")]
+    assert candidates == [
+        sdp.relay_candidate(0, "203.0.113.7", 3478),
+        sdp.relay_candidate(1, "2001:db8::1", 3478),
+    ]
+    assert "192.0.2.1" not in out
+    assert "198.51.100.1" not in out
+    assert lines.count("a=end-of-candidates") == 1
+    assert "m=audio 3478 UDP/TLS/RTP/SAVPF 111" in lines
+    assert "c=IN IP4 203.0.113.7" in lines
+    # The first endpoint has the highest priority.
+    priorities = [int(c.split()[3]) for c in candidates]
+    assert priorities[0] > priorities[1]
+
+
+def test_rewrite_answer_needs_an_endpoint() -> None:
+    with pytest.raises(sdp.SdpError, match="relay_endpoints"):
+        sdp.rewrite_answer(OFFER, [])
+
+
+@pytest.mark.parametrize(
+    ("ufrag", "pwd", "message"),
+    [
+        ("abc", "a" * 22, "ice_ufrag: length 3"),
+        ("a" * 257, "a" * 22, "ice_ufrag: length 257"),
+        ("ab-d", "a" * 22, "ice_ufrag: only ice-chars"),
+        ("abcd", "a" * 21, "ice_pwd: length 21"),
+        ("abcd", "a" * 21 + " ", "ice_pwd: only ice-chars"),
+    ],
+)
+def test_check_credentials_names_the_problem(ufrag: str, pwd: str, message: str) -> None:
+    with pytest.raises(sdp.SdpError, match=message):
+        sdp.check_credentials(ufrag, pwd)
+
+
+def test_check_credentials_accepts_minted_shapes() -> None:
+    sdp.check_credentials("ABCD+/09" * 4 + "abcd", "x" * 32)

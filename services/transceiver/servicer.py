@@ -1,0 +1,60 @@
+"""TransceiverService over gRPC: thin mapping of requests onto the SessionManager."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from services.transceiver.manager import SessionError, SessionManager
+from voiceedge.common.v1 import common_pb2
+from voiceedge.transceiver.v1 import transceiver_pb2 as pb
+from voiceedge.transceiver.v1 import transceiver_pb2_grpc
+
+
+class TransceiverServicer(transceiver_pb2_grpc.TransceiverServiceServicer):
+    def __init__(self, manager: SessionManager, default_grace_s: float) -> None:
+        self._manager = manager
+        self._default_grace_s = default_grace_s
+
+    async def CreateSession(  # noqa: N802 (gRPC method name)
+        self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CreateSessionResponse:
+        try:
+            answer = await self._manager.create(request)
+        except SessionError as exc:
+            await context.abort(exc.code, exc.message)
+        return pb.CreateSessionResponse(answer_sdp=answer, session_id=request.session_id)
+
+    async def CloseSession(  # noqa: N802 (gRPC method name)
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CloseSessionResponse:
+        try:
+            info = await self._manager.close(request.session_id, common_pb2.CLOSE_REASON_CLOSE_RPC)
+        except SessionError as exc:
+            await context.abort(exc.code, exc.message)
+        return pb.CloseSessionResponse(session=info)
+
+    async def GetSession(  # noqa: N802 (gRPC method name)
+        self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetSessionResponse:
+        try:
+            session = self._manager.find(request.session_id)
+        except SessionError as exc:
+            await context.abort(exc.code, exc.message)
+        return pb.GetSessionResponse(session=await session.info())
+
+    async def ListSessions(  # noqa: N802 (gRPC method name)
+        self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListSessionsResponse:
+        sessions, token = await self._manager.list(request.page_size, request.page_token)
+        infos = [await s.info() for s in sessions]
+        return pb.ListSessionsResponse(sessions=infos, next_page_token=token)
+
+    async def Drain(  # noqa: N802 (gRPC method name)
+        self, request: pb.DrainRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DrainResponse:
+        grace_s = request.grace_period_ms / 1000.0 if request.grace_period_ms else None
+        active = await self._manager.drain(self._default_grace_s if grace_s is None else grace_s)
+        return pb.DrainResponse(active_sessions=active)

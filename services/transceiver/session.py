@@ -1,0 +1,493 @@
+"""One WebRTC session: an aiortc peer connection on the shared socket, its bridge stream,
+and a lifecycle that ends exactly once with a recorded reason."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc.aio
+from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from libs.observability.telemetry import log_event
+from services.transceiver import aiortc_compat, sdp
+from services.transceiver.bridge import (
+    BridgeEndedError,
+    BridgeError,
+    BridgeLink,
+    opus_format,
+    pcm_format,
+)
+from services.transceiver.media import FRAME_MS, OPUS_SAMPLES_PER_FRAME, OpusToPcm, PlayoutTrack
+from services.transceiver.udpmux import MuxSession, UdpMux
+from voiceedge.common.v1 import common_pb2
+from voiceedge.inference.v1 import inference_pb2
+from voiceedge.transceiver.v1 import transceiver_pb2
+
+logger = logging.getLogger("voiceedge.transceiver.session")
+
+DATA_CHANNEL_LABEL = "oai-events"
+PENDING_EVENTS_MAX = 256
+BRIDGE_OPEN_TIMEOUT_S = 5.0
+
+CR = common_pb2
+ST = transceiver_pb2
+
+
+@dataclass(frozen=True)
+class SessionParams:
+    """Everything a session needs, resolved from the request and the settings."""
+
+    session_id: str
+    ufrag: str
+    pwd: str
+    endpoints: tuple[tuple[str, int], ...]
+    ice_timeout_s: float
+    bridge_address: str
+    rate_hz: int
+    prebuffer_frames: int
+    max_queued_frames: int
+    opus_passthrough: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+    session_config: struct_pb2.Struct | None = None
+
+
+def bridge_event_json(message: inference_pb2.StreamSessionResponse) -> str | None:
+    """Bridge turn-taking events as OpenAI Realtime style server events for the data
+    channel. Pure; None for messages that are not forwarded as events."""
+    kind = message.WhichOneof("payload")
+    event: dict[str, Any]
+    if kind == "speech_started":
+        m = message.speech_started
+        event = {
+            "type": "input_audio_buffer.speech_started",
+            "audio_start_ms": m.audio_start_ms,
+            "item_id": m.item_id,
+        }
+    elif kind == "speech_stopped":
+        s = message.speech_stopped
+        event = {
+            "type": "input_audio_buffer.speech_stopped",
+            "audio_end_ms": s.audio_end_ms,
+            "item_id": s.item_id,
+        }
+    elif kind == "transcript_delta":
+        t = message.transcript_delta
+        if t.source == inference_pb2.TRANSCRIPT_SOURCE_INPUT:
+            name = "conversation.item.input_audio_transcription." + (
+                "completed" if t.final else "delta"
+            )
+        else:
+            name = "response.audio_transcript." + ("done" if t.final else "delta")
+        event = {"type": name, "item_id": t.item_id, "delta": t.delta}
+    elif kind == "response_started":
+        event = {
+            "type": "response.created",
+            "response": {"id": message.response_started.response_id},
+        }
+    elif kind == "response_done":
+        d = message.response_done
+        status = "cancelled" if d.cancelled else "completed"
+        event = {"type": "response.done", "response": {"id": d.response_id, "status": status}}
+    elif kind == "clear":
+        event = {"type": "output_audio_buffer.cleared"}
+    else:
+        return None
+    return json.dumps(event, separators=(",", ":"))
+
+
+class Session:
+    def __init__(
+        self,
+        params: SessionParams,
+        mux: UdpMux,
+        channel_for: Callable[[str], grpc.aio.Channel],
+        on_closed: Callable[[Session], None],
+    ) -> None:
+        self.params = params
+        self.id = params.session_id
+        self._mux = mux
+        self._channel_for = channel_for
+        self._on_closed = on_closed
+        self._state: int = ST.SESSION_STATE_NEW
+        self.created_at = time.time()
+        self._created_mono = time.monotonic()
+        self.close_reason: int = CR.CLOSE_REASON_UNSPECIFIED
+        self.close_detail = ""
+        self.closed_at: float | None = None
+        self.ttfa_in_ms = 0.0
+        self.ttfa_out_ms = 0.0
+        self.frames_in = 0
+        self.frames_out = 0
+        self.final_info: ST.SessionInfo | None = None
+        self._ice_connected = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._teardown: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self._bridge: BridgeLink | None = None
+        self._channel: RTCDataChannel | None = None
+        self._pending_events: list[str] = []
+        self._events_to_bridge: list[str] = []
+        self._mux_session: MuxSession | None = None
+        self._decoder = OpusToPcm(params.rate_hz)
+        self._passthrough = False
+        self._connection: Any = None
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.playout = PlayoutTrack(
+            params.rate_hz,
+            prebuffer=params.prebuffer_frames,
+            max_frames=params.max_queued_frames,
+            on_first_audio=self._first_audio_out,
+        )
+
+    @property
+    def state(self) -> int:
+        """NEW until the first ICE check arrives through a relay, then CONNECTING."""
+        mux_session = self._mux_session
+        if self._state == ST.SESSION_STATE_NEW and mux_session and mux_session.counters.packets_in:
+            return ST.SESSION_STATE_CONNECTING
+        return self._state
+
+    # ---- set-up
+
+    async def negotiate(self, offer_sdp: str) -> str:
+        """Offer in, answer out (raises sdp.SdpError for an unusable offer). The answer
+        carries our ICE credentials and the relay endpoints as its only candidates."""
+        stripped = sdp.strip_candidates(offer_sdp)
+        pc = self.pc
+        pc.on("connectionstatechange", self._on_connection_state)
+        pc.on("iceconnectionstatechange", self._on_ice_state)
+        pc.on("track", self._on_track)
+        pc.on("datachannel", self._on_datachannel)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(stripped, "offer"))
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise sdp.SdpError(f"offer_sdp: {exc}") from None
+        transports = aiortc_compat.ice_transports(pc)
+        if len(transports) != 1:
+            raise sdp.SdpError(
+                f"offer_sdp: {len(transports)} ICE transports; the offer must BUNDLE everything"
+            )
+        connection = aiortc_compat.connection_of(transports[0])
+        aiortc_compat.set_local_credentials(connection, self.params.ufrag, self.params.pwd)
+        local = self.params.endpoints[0]
+        self._mux_session = self._mux.register(self.params.ufrag, self.params.pwd, local)
+        protocol = aiortc_compat.make_stun_protocol(connection)
+        transport = self._mux.transport_for(self._mux_session, protocol)
+        aiortc_compat.install_protocol(connection, protocol, transport, local[0], local[1])
+        self._connection = connection
+        audio = [t for t in pc.getTransceivers() if t.kind == "audio"]
+        if not audio:
+            raise sdp.SdpError("offer_sdp: no audio m-line")
+        aiortc_compat.tap_encoded_audio(audio[0].receiver, self._on_caller_opus)
+        audio[0].sender.replaceTrack(self.playout)
+        audio[0].direction = "sendrecv"
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)
+        self._spawn(self._ice_timer())
+        return sdp.rewrite_answer(pc.localDescription.sdp, self.params.endpoints)
+
+    # ---- helpers
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _elapsed_ms(self) -> float:
+        return (time.monotonic() - self._created_mono) * 1000.0
+
+    def _first_audio_out(self) -> None:
+        self.ttfa_out_ms = self._elapsed_ms()
+
+    # ---- aiortc events
+
+    async def _ice_timer(self) -> None:
+        await asyncio.sleep(self.params.ice_timeout_s)
+        if not self._ice_connected:
+            self.close(CR.CLOSE_REASON_ICE_TIMEOUT, f"no ICE within {self.params.ice_timeout_s}s")
+
+    def _on_ice_state(self) -> None:
+        state = self.pc.iceConnectionState
+        if state == "completed":
+            self._ice_connected = True
+        elif state == "failed":
+            if self._ice_connected:
+                self.close(CR.CLOSE_REASON_CONSENT_LOST, "ICE consent expired (RFC 7675)")
+            else:
+                self.close(CR.CLOSE_REASON_ICE_FAILED, "ICE checks failed")
+
+    def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        if state == "connected" and self.state != ST.SESSION_STATE_CONNECTED:
+            if self._teardown is None:
+                self._state = ST.SESSION_STATE_CONNECTED
+                log_event(logger, "session.connected", session__id=self.id)
+                self._spawn(self._run_bridge())
+        elif state == "failed":
+            if self.pc.iceConnectionState == "failed":
+                self._on_ice_state()
+            else:
+                self.close(CR.CLOSE_REASON_DTLS_FAILED, "DTLS transport failed")
+        elif state == "closed":
+            if (
+                self._ice_connected
+                and self._connection is not None
+                and aiortc_compat.consent_expired(self._connection)
+            ):
+                self.close(CR.CLOSE_REASON_CONSENT_LOST, "ICE consent expired (RFC 7675)")
+            else:
+                self.close(CR.CLOSE_REASON_CLIENT_HANGUP, "peer connection closed by the client")
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        pass  # caller audio arrives undecoded through _on_caller_opus (no decoder thread)
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != DATA_CHANNEL_LABEL:
+            return
+        self._channel = channel
+
+        def on_message(message: str | bytes) -> None:
+            if not isinstance(message, str):
+                return
+            if self._bridge is not None and self._bridge.accepted is not None:
+                self._bridge.send_event(message)
+            elif len(self._events_to_bridge) < PENDING_EVENTS_MAX:
+                self._events_to_bridge.append(message)  # sent once the bridge accepts
+
+        def on_open() -> None:
+            self._flush_events()
+
+        channel.on("message", on_message)
+        channel.on("open", on_open)
+        self._flush_events()
+
+    def _send_event(self, text: str) -> None:
+        if len(self._pending_events) < PENDING_EVENTS_MAX:
+            self._pending_events.append(text)
+        self._flush_events()
+
+    def _flush_events(self) -> None:
+        channel = self._channel
+        if channel is None or channel.readyState != "open":
+            return
+        pending, self._pending_events = self._pending_events, []
+        for text in pending:
+            channel.send(text)
+
+    # ---- media
+
+    def _on_caller_opus(self, packet: bytes, rtp_timestamp: int) -> None:
+        """One Opus packet from the caller, in order after aiortc's jitter buffer."""
+        if self._closing_or_closed:
+            return
+        if not self.ttfa_in_ms:
+            self.ttfa_in_ms = self._elapsed_ms()
+        bridge = self._bridge
+        if bridge is None or bridge.accepted is None:
+            return  # the bridge is not listening yet
+        if self._passthrough:
+            bridge.send_audio(packet, OPUS_SAMPLES_PER_FRAME)
+            self.frames_in += 1
+            return
+        samples = self.params.rate_hz * FRAME_MS // 1000
+        for chunk in self._decoder.push(packet):
+            bridge.send_audio(chunk, samples)
+            self.frames_in += 1
+
+    async def _run_bridge(self) -> None:
+        address = self.params.bridge_address
+        link = BridgeLink(self._channel_for(address), address)
+        start = inference_pb2.SessionStart(
+            session_id=self.id,
+            input_format=opus_format()
+            if self.params.opus_passthrough
+            else pcm_format(self.params.rate_hz),
+            metadata=self.params.metadata,
+            opus_passthrough=self.params.opus_passthrough,
+        )
+        if self.params.session_config is not None:
+            start.session_config.CopyFrom(self.params.session_config)
+        self._bridge = link
+        try:
+            await link.open(start, BRIDGE_OPEN_TIMEOUT_S)
+        except BridgeError as exc:
+            self.close(CR.CLOSE_REASON_BRIDGE_ERROR, str(exc))
+            return
+        accepted = link.accepted
+        if accepted is not None and accepted.opus_passthrough and self.params.opus_passthrough:
+            self._passthrough = True
+            self.playout.passthrough = True
+        elif accepted is not None and accepted.output_format.sample_rate_hz:
+            self.playout.set_rate(accepted.output_format.sample_rate_hz)
+        log_event(logger, "session.bridge_open", session__id=self.id, bridge=address)
+        pending, self._events_to_bridge = self._events_to_bridge, []
+        for text in pending:
+            link.send_event(text)
+        try:
+            await link.read_loop(self._on_bridge_message)
+        except BridgeEndedError as exc:
+            self.close(CR.CLOSE_REASON_BRIDGE_ENDED, exc.detail)
+        except BridgeError as exc:
+            self.close(CR.CLOSE_REASON_BRIDGE_ERROR, str(exc))
+
+    def _on_bridge_message(self, message: inference_pb2.StreamSessionResponse) -> None:
+        kind = message.WhichOneof("payload")
+        if kind == "audio_frame":
+            self.playout.push(message.audio_frame.data)
+            self.frames_out += 1
+            return
+        if kind == "data_channel_message":
+            self._send_event(message.data_channel_message.json)
+            return
+        if kind == "clear":
+            dropped = self.playout.clear()
+            log_event(logger, "session.barge_in", session__id=self.id, frames_dropped=dropped)
+        event = bridge_event_json(message)
+        if event is not None:
+            self._send_event(event)
+
+    # ---- lifecycle
+
+    @property
+    def _closing_or_closed(self) -> bool:
+        return self._teardown is not None
+
+    @property
+    def is_closed(self) -> bool:
+        return self._teardown is not None
+
+    def close(self, reason: int, detail: str = "") -> asyncio.Task[None]:
+        """Ends the session once; later calls return the same teardown task."""
+        if self._teardown is None:
+            self.close_reason = reason
+            self.close_detail = detail
+            self._teardown = asyncio.get_running_loop().create_task(self._close(reason, detail))
+        return self._teardown
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def _close(self, reason: int, detail: str) -> None:
+        try:
+            info = await self._snapshot()
+        except Exception:  # stats are best effort; closing must not fail
+            info = ST.SessionInfo(session_id=self.id)
+        if self._bridge is not None:
+            # Before cancelling the reader: cancelling a pending read cancels the whole call,
+            # and the bridge should hear SessionEnd with our reason.
+            ended_by_bridge = reason in (
+                CR.CLOSE_REASON_BRIDGE_ENDED,
+                CR.CLOSE_REASON_BRIDGE_ERROR,
+            )
+            await self._bridge.close(reason, detail, notify=not ended_by_bridge)
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.playout.stop()
+        await self.pc.close()
+        await aiortc_compat.wait_pc_closed(self.pc)
+        if self._mux_session is not None:
+            self._mux.unregister(self._mux_session)
+        self.closed_at = time.time()
+        self._state = ST.SESSION_STATE_CLOSED
+        info.state = ST.SESSION_STATE_CLOSED
+        info.stats.close_reason = reason  # type: ignore[assignment]
+        info.stats.closed_at.CopyFrom(_timestamp(self.closed_at))
+        info.stats.ice_state = "closed"
+        info.stats.dtls_state = "closed"
+        self.final_info = info
+        log_event(
+            logger,
+            "session.closed",
+            session__id=self.id,
+            close__reason=CR.CloseReason.Name(reason),  # type: ignore[arg-type]
+            detail=detail,
+            duration_ms=round(self._elapsed_ms()),
+            audio_frames_in=self.frames_in,
+            audio_frames_out=self.frames_out,
+        )
+        self._closed.set()
+        self._on_closed(self)
+
+    # ---- stats
+
+    async def info(self) -> ST.SessionInfo:
+        if self.final_info is not None:
+            return self.final_info
+        return await self._snapshot()
+
+    async def _snapshot(self) -> ST.SessionInfo:
+        stats = common_pb2.SessionStats(
+            ice_state=self.pc.iceConnectionState,
+            time_to_first_audio_in_ms=self.ttfa_in_ms,
+            time_to_first_audio_out_ms=self.ttfa_out_ms,
+            audio_frames_in=self.frames_in,
+            audio_frames_out=self.frames_out,
+            close_reason=self.close_reason,  # type: ignore[arg-type]
+        )
+        stats.created_at.CopyFrom(_timestamp(self.created_at))
+        transceivers = self.pc.getTransceivers()
+        if transceivers:
+            stats.dtls_state = transceivers[0].receiver.transport.state
+        if self._connection is not None:
+            pair = aiortc_compat.selected_pair(self._connection)
+            if pair is not None:
+                stats.selected_local_address.ip, stats.selected_local_address.port = pair.local
+                stats.selected_remote_address.ip, stats.selected_remote_address.port = pair.remote
+        if self._mux_session is not None:
+            counters = self._mux_session.counters
+            stats.bytes_received = counters.bytes_in
+            stats.bytes_sent = counters.bytes_out
+        if self.pc.connectionState != "closed":
+            report = await self.pc.getStats()
+            for entry in report.values():
+                kind = getattr(entry, "type", "")
+                if kind == "inbound-rtp":
+                    stats.packets_received = int(entry.packetsReceived)
+                    stats.packets_lost = int(entry.packetsLost)
+                    stats.jitter_ms = float(entry.jitter) / 48.0  # RTP clock 48 kHz (RFC 7587)
+                elif kind == "outbound-rtp":
+                    stats.packets_sent = int(entry.packetsSent)
+                elif kind == "remote-inbound-rtp":
+                    stats.rtt_ms = float(entry.roundTripTime or 0.0) * 1000.0
+                    stats.loss_fraction = float(entry.fractionLost or 0) / 256.0
+        return ST.SessionInfo(
+            session_id=self.id,
+            state=self.state,  # type: ignore[arg-type]
+            stats=stats,
+            metadata=self.params.metadata,
+            ice_ufrag=self.params.ufrag,
+            bridge_address=self._bridge.address if self._bridge is not None else "",
+        )
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def endpoints_of(addresses: Sequence[common_pb2.SocketAddress]) -> tuple[tuple[str, int], ...]:
+    out: list[tuple[str, int]] = []
+    for address in addresses:
+        if not address.ip or not 1 <= address.port <= 65535:
+            raise sdp.SdpError(f"relay_endpoints: bad address {address.ip!r}:{address.port}")
+        out.append((address.ip, int(address.port)))
+    if not out:
+        raise sdp.SdpError("relay_endpoints: at least one is required")
+    return tuple(out)
+
+
+def discard_task_errors(task: asyncio.Task[Any]) -> None:
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()

@@ -1,0 +1,404 @@
+"""Test stand-ins for the transceiver's neighbours, all real sockets on 127.0.0.1:
+a framing UDP relay, an echoing inference bridge, an aiortc client, and the transceiver
+itself in-process behind a real gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import json
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import av
+import grpc
+import grpc.aio
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from libs.service.runtime import GrpcService, Servicer
+from libs.wire import framing, ufrag
+from services.transceiver import aiortc_compat
+from services.transceiver.manager import SessionManager
+from services.transceiver.servicer import TransceiverServicer
+from services.transceiver.session import Session
+from services.transceiver.settings import TransceiverSettings
+from services.transceiver.udpmux import UdpMux
+from voiceedge.common.v1 import common_pb2
+from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
+from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
+
+Address = tuple[str, int]
+
+
+class TestRelay(asyncio.DatagramProtocol):
+    """The relay, reduced to its wire contract: client datagrams in on `address`, framed to
+    the transceiver; framed replies unwrapped and sent to the client they name."""
+
+    def __init__(self, upstream: Address) -> None:
+        self.upstream = upstream
+        self.transport: asyncio.DatagramTransport | None = None
+        self.address: Address = ("", 0)
+        self.forwarded = 0
+        self.returned = 0
+        self.closed = asyncio.Event()
+
+    @classmethod
+    async def start(cls, upstream: Address, port: int = 0) -> TestRelay:
+        relay = cls(upstream)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: relay, local_addr=("127.0.0.1", port)
+        )
+        host, bound = transport.get_extra_info("sockname")[:2]
+        relay.address = (host, bound)
+        return relay
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        assert self.transport is not None
+        if (addr[0], addr[1]) == self.upstream:
+            ip, port, payload = framing.decode(data)
+            self.returned += 1
+            self.transport.sendto(payload, (ip, port))
+        else:
+            self.forwarded += 1
+            self.transport.sendto(framing.encode(addr[0], addr[1], data), self.upstream)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+
+    async def close(self) -> None:
+        """Closes the socket and waits until the port is free again."""
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+            await self.closed.wait()
+
+
+Resp = inference_pb2.StreamSessionResponse
+
+
+@dataclass
+class BridgeStream:
+    session_id: str
+    inject: asyncio.Queue[Resp | None] = field(default_factory=asyncio.Queue)
+    audio_in: int = 0
+    events_in: list[str] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    end_reason: int = 0
+    passthrough: bool = False
+    input_format: common_pb2.AudioFormat | None = None
+    arrivals: list[tuple[int, float]] = field(default_factory=list)  # (sequence, loop time)
+
+
+class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
+    """Accepts every session at 24 kHz (Opus passthrough when offered) and echoes caller
+    audio and data-channel events back (unless `echo` / `echo_events` are off); tests push
+    more through a stream's `inject`."""
+
+    def __init__(self) -> None:
+        self.streams: dict[str, BridgeStream] = {}
+        self.echo = True
+        self.echo_events = True
+        self.record_arrivals = False
+        self.opened = asyncio.Event()
+        self.server: grpc.aio.Server | None = None
+        self.address = ""
+
+    async def start(self) -> None:
+        self.server = grpc.aio.server()
+        inference_pb2_grpc.add_InferenceBridgeServiceServicer_to_server(self, self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        self.address = f"127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0)
+
+    async def StreamSession(  # type: ignore[override]  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[inference_pb2.StreamSessionRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        first = await context.read()
+        assert isinstance(first, inference_pb2.StreamSessionRequest)
+        start = first.session_start
+        stream = BridgeStream(start.session_id)
+        self.streams[start.session_id] = stream
+        lock = asyncio.Lock()
+
+        async def write(message: Resp) -> None:
+            async with lock:
+                await context.write(message)
+
+        fmt = common_pb2.AudioFormat(
+            encoding=common_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=24000, channels=1
+        )
+        accepted = inference_pb2.SessionAccepted(
+            output_format=fmt, opus_passthrough=start.opus_passthrough
+        )
+        stream.passthrough = start.opus_passthrough
+        stream.input_format = start.input_format
+        await write(Resp(session_accepted=accepted))
+        self.opened.set()
+
+        async def pump_injected() -> None:
+            while (item := await stream.inject.get()) is not None:
+                await write(item)
+                if item.WhichOneof("payload") == "session_end":
+                    return
+
+        injector = asyncio.create_task(pump_injected())
+        try:
+            while True:
+                request = await context.read()
+                if not isinstance(request, inference_pb2.StreamSessionRequest):  # grpc.aio.EOF
+                    break
+                kind = request.WhichOneof("payload")
+                if kind == "audio_frame":
+                    stream.audio_in += 1
+                    if self.record_arrivals:
+                        loop_time = asyncio.get_running_loop().time()
+                        stream.arrivals.append((request.audio_frame.sequence, loop_time))
+                    if self.echo:
+                        await write(Resp(audio_frame=request.audio_frame))
+                elif kind == "data_channel_message":
+                    stream.events_in.append(request.data_channel_message.json)
+                    if self.echo_events:
+                        await write(Resp(data_channel_message=request.data_channel_message))
+                elif kind == "session_end":
+                    stream.end_reason = request.session_end.reason
+                    break
+                if injector.done():
+                    break
+        finally:
+            stream.ended.set()
+            injector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await injector
+
+
+class ToneTrack(MediaStreamTrack):
+    """A paced 48 kHz mono sine wave, 20 ms per frame."""
+
+    kind = "audio"
+
+    def __init__(
+        self, frequency_hz: float = 440.0, amplitude: float = 0.3, frames: int | None = None
+    ) -> None:
+        super().__init__()
+        self.frames = frames
+        self.frequency_hz = frequency_hz
+        self.amplitude = amplitude
+        self._count = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        loop = asyncio.get_running_loop()
+        if self._start is None:
+            self._start = loop.time()
+        if self.frames is not None and self._count >= self.frames:
+            self.stop()
+            raise MediaStreamError
+        wait = self._start + self._count * 0.02 - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        n = 960
+        t = (np.arange(n) + self._count * n) / 48000.0
+        samples = (self.amplitude * 32767 * np.sin(2 * math.pi * self.frequency_hz * t)).astype(
+            np.int16
+        )
+        frame = av.AudioFrame(format="s16", layout="mono", samples=n)
+        frame.planes[0].update(samples.tobytes())
+        frame.sample_rate = 48000
+        frame.pts = self._count * n
+        frame.time_base = fractions.Fraction(1, 48000)
+        self._count += 1
+        return frame
+
+
+def mono(frame: av.AudioFrame) -> np.ndarray[Any, np.dtype[np.int16]]:
+    data = np.frombuffer(bytes(frame.planes[0]), dtype=np.int16)
+    channels = len(frame.layout.channels)
+    data = data[: frame.samples * channels]
+    return data.reshape(-1, channels)[:, 0] if channels > 1 else data
+
+
+def peak_frequency(samples: np.ndarray[Any, Any], rate_hz: int) -> float:
+    window = samples.astype(np.float64) * np.hanning(len(samples))
+    spectrum = np.abs(np.fft.rfft(window))
+    spectrum[0] = 0.0
+    return float(np.argmax(spectrum) * rate_hz / len(samples))
+
+
+def rms(samples: np.ndarray[Any, Any]) -> float:
+    return float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) if len(samples) else 0.0
+
+
+class Client:
+    """An aiortc caller with a tone track and the 'oai-events' data channel."""
+
+    def __init__(self, tone_hz: float = 440.0, tone_frames: int | None = None) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.tone = ToneTrack(tone_hz, frames=tone_frames)
+        self.pc.addTrack(self.tone)
+        self.channel = self.pc.createDataChannel("oai-events")
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.frames: list[np.ndarray[Any, Any]] = []
+        self.frame_rate = 48000
+        self.got_audio = asyncio.Event()
+        self.connected = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.channel.on("message", self._on_message)
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_state)
+
+    def _on_state(self) -> None:
+        if self.pc.connectionState == "connected":
+            self.connected.set()
+
+    def _on_message(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            self.events.put_nowait(json.loads(message))
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        self._tasks.append(asyncio.create_task(self._collect(track)))
+
+    async def _collect(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            assert isinstance(frame, av.AudioFrame)
+            self.frame_rate = frame.sample_rate
+            self.frames.append(mono(frame))
+            if rms(self.frames[-1]) > 500:
+                self.got_audio.set()
+
+    async def offer(self) -> str:
+        await aiortc_compat.add_loopback_host_candidate(self.pc)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return str(self.pc.localDescription.sdp)
+
+    async def accept(self, answer_sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await aiortc_compat.wait_pc_closed(self.pc)
+
+
+KEYRING = ufrag.dev_keyring()
+
+
+def create_request(
+    session_id: str, offer_sdp: str, relay: Address, **options: Any
+) -> transceiver_pb2.CreateSessionRequest:
+    minted = ufrag.mint(KEYRING, 1, 1)
+    return transceiver_pb2.CreateSessionRequest(
+        session_id=session_id,
+        offer_sdp=offer_sdp,
+        ice_ufrag=minted,
+        ice_pwd=ufrag.password(minted, KEYRING),
+        relay_endpoints=[common_pb2.SocketAddress(ip=relay[0], port=relay[1])],
+        options=transceiver_pb2.SessionOptions(**options),
+    )
+
+
+@dataclass
+class Stack:
+    """The transceiver in-process (real gRPC server, real UDP mux), a relay and a bridge."""
+
+    settings: TransceiverSettings
+    mux: UdpMux
+    manager: SessionManager
+    grpc_service: GrpcService
+    channel: grpc.aio.Channel
+    stub: Any  # the generated stub on an aio channel (grpc-stubs type it as synchronous)
+    relay: TestRelay
+    bridge: EchoBridge
+
+    @classmethod
+    async def start(cls, **settings: Any) -> Stack:
+        aiortc_compat.install_fast_audio_level()
+        bridge = EchoBridge()
+        await bridge.start()
+        values: dict[str, Any] = {
+            "media_listen": "127.0.0.1:0",
+            "grpc_listen": "127.0.0.1:0",
+            "bridge_address": bridge.address,
+        }
+        values.update(settings)
+        config = TransceiverSettings(**values)
+        config.validate()
+        mux = UdpMux()
+        await mux.start("127.0.0.1", 0)
+        manager = SessionManager(config, mux)
+        servicer = TransceiverServicer(manager, config.drain_grace_s)
+        name = transceiver_pb2.DESCRIPTOR.services_by_name["TransceiverService"].full_name
+        service = GrpcService(
+            "transceiver",
+            "127.0.0.1:0",
+            [
+                Servicer(
+                    name, transceiver_pb2_grpc.add_TransceiverServiceServicer_to_server, servicer
+                )
+            ],
+        )
+        await service.start()
+        channel = grpc.aio.insecure_channel(service.address)
+        relay = await TestRelay.start(mux.address)
+        return cls(
+            config,
+            mux,
+            manager,
+            service,
+            channel,
+            transceiver_pb2_grpc.TransceiverServiceStub(channel),
+            relay,
+            bridge,
+        )
+
+    async def connect(self, session_id: str, client: Client, **options: Any) -> None:
+        request = create_request(session_id, await client.offer(), self.relay.address, **options)
+        response = await self.stub.CreateSession(request, timeout=10)
+        await client.accept(response.answer_sdp)
+
+    async def stop(self) -> None:
+        await self.manager.shutdown()
+        await self.channel.close(None)
+        await self.grpc_service.close()
+        await self.relay.close()
+        await self.bridge.stop()
+
+
+async def wait_for(condition: Any, timeout_s: float = 10.0) -> None:
+    """Polls a cheap in-memory condition every 10 ms, bounded in time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def closed_reason(stack: Stack, session_id: str) -> int:
+    session = stack.manager.find(session_id)
+    if isinstance(session, Session):
+        async with asyncio.timeout(10):
+            await session.wait_closed()
+    info = await stack.manager.find(session_id).info()
+    assert info.state == transceiver_pb2.SESSION_STATE_CLOSED
+    return int(info.stats.close_reason)

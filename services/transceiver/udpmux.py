@@ -1,0 +1,244 @@
+"""One internal UDP port for every session (wire contract: protos/wire/relay-framing-v1.md).
+
+Relays send each client datagram wrapped in the framing header carrying the client's public
+address. This socket unwraps it and hands the payload to the session's aioice protocol as if
+it came from the client itself, so XOR-MAPPED-ADDRESS tells the client its real address.
+Demux: by client address; an unknown address is admitted only by a STUN Binding request
+whose USERNAME names a session's server ufrag and whose MESSAGE-INTEGRITY verifies with that
+session's password (RFC 8445 §7.2.2, RFC 8489 §9.1.3). Replies go, framed, to the relay that
+last sent for that client, so a restarted or different relay takes over at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
+
+from libs.observability.telemetry import log_event
+from libs.wire import framing, stun
+
+logger = logging.getLogger("voiceedge.transceiver.udpmux")
+
+Address = tuple[str, int]
+
+
+class DatagramSink(Protocol):
+    """What the mux delivers to: aioice's StunProtocol has exactly this shape."""
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None: ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+
+# Drop reasons (counted in UdpMux.drops).
+DROP_BAD_FRAME = "bad_frame"
+DROP_NOT_STUN = "unknown_address_not_stun"
+DROP_NOT_BINDING = "unknown_address_not_binding_request"
+DROP_NO_USERNAME = "no_username"
+DROP_UNKNOWN_UFRAG = "unknown_ufrag"
+DROP_BAD_INTEGRITY = "bad_integrity"
+DROP_NO_RELAY = "no_relay_for_client"
+
+
+def admit(payload: bytes, password_of: Callable[[str], str | None]) -> tuple[str | None, str]:
+    """Decides whether a datagram from an unknown client address may open a binding.
+
+    Returns (server ufrag, "") to admit, or (None, drop reason). Pure: `password_of` maps a
+    server ufrag to its session's ICE password, or None if no session owns it."""
+    try:
+        message = stun.parse(payload)
+    except stun.StunError:
+        return None, DROP_NOT_STUN
+    if message.message_type != stun.BINDING_REQUEST:
+        return None, DROP_NOT_BINDING
+    username = message.username
+    ufrag = stun.server_ufrag(username) if username else None
+    if ufrag is None:
+        return None, DROP_NO_USERNAME
+    password = password_of(ufrag)
+    if password is None:
+        return None, DROP_UNKNOWN_UFRAG
+    # Short-term credentials: the key is the password itself (RFC 8489 §9.1.2).
+    if not message.verify_integrity(password.encode("utf-8")):
+        return None, DROP_BAD_INTEGRITY
+    return ufrag, ""
+
+
+@dataclass
+class MuxCounters:
+    """Per-session UDP payload counters (all of STUN, DTLS and SRTP)."""
+
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass(eq=False)
+class MuxSession:
+    """One session's slot on the mux: its aioice protocol and the client addresses bound."""
+
+    ufrag: str
+    password: str
+    local: Address
+    sink: DatagramSink | None = None
+    addresses: set[Address] = field(default_factory=set)
+    counters: MuxCounters = field(default_factory=MuxCounters)
+
+
+class VirtualTransport(asyncio.DatagramTransport):
+    """The per-connection datagram transport aioice sees; writes go through the mux."""
+
+    def __init__(self, mux: UdpMux, session: MuxSession) -> None:
+        super().__init__()
+        self._mux = mux
+        self._session = session
+        self._closing = False
+
+    def sendto(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
+        if self._closing or addr is None:
+            return
+        self._mux.send(self._session, (str(addr[0]), int(addr[1])), bytes(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "sockname":
+            return self._session.local
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._mux.unregister(self._session)
+        sink = self._session.sink
+        if sink is not None:
+            asyncio.get_running_loop().call_soon(sink.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+
+class UdpMux(asyncio.DatagramProtocol):
+    """The shared socket. `start()` binds it; `register()` gives each session a slot."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.DatagramTransport | None = None
+        self._by_ufrag: dict[str, MuxSession] = {}
+        self._by_address: dict[Address, MuxSession] = {}
+        self._relay_of: dict[Address, Address] = {}
+        # framing.header() per bound client: encoding parses the address (ipaddress), too
+        # slow to repeat for every packet.
+        self._header_of: dict[Address, bytes] = {}
+        self.drops: Counter[str] = Counter()
+        self.frames_in = 0
+        self.frames_out = 0
+        self.address: Address = ("", 0)
+
+    async def start(self, host: str, port: int) -> Address:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+        sockname = transport.get_extra_info("sockname")
+        self.address = (str(sockname[0]), int(sockname[1]))
+        return self.address
+
+    async def close(self) -> None:
+        for session in list(self._by_ufrag.values()):
+            self.unregister(session)
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    # asyncio.DatagramProtocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        relay: Address = (str(addr[0]), int(addr[1]))
+        try:
+            client_ip, client_port, payload = framing.decode(data)
+        except framing.FrameError:
+            self.drops[DROP_BAD_FRAME] += 1
+            return
+        client: Address = (client_ip, client_port)
+        session = self._by_address.get(client)
+        if session is None:
+            ufrag, reason = admit(payload, self._password_of)
+            if ufrag is None:
+                self.drops[reason] += 1
+                return
+            session = self._by_ufrag[ufrag]
+            session.addresses.add(client)
+            self._by_address[client] = session
+            log_event(
+                logger,
+                "udpmux.client_bound",
+                level=logging.DEBUG,
+                ice__ufrag=ufrag,
+                client__address=client_ip,
+                client__port=client_port,
+            )
+        self.frames_in += 1
+        self._relay_of[client] = relay
+        session.counters.packets_in += 1
+        session.counters.bytes_in += len(payload)
+        if session.sink is not None:
+            session.sink.datagram_received(payload, client)
+
+    def error_received(self, exc: Exception) -> None:
+        self.drops["socket_error"] += 1
+
+    # sessions
+
+    def _password_of(self, ufrag: str) -> str | None:
+        session = self._by_ufrag.get(ufrag)
+        return None if session is None else session.password
+
+    def register(self, ufrag: str, password: str, local: Address) -> MuxSession:
+        if ufrag in self._by_ufrag:
+            raise ValueError(f"ufrag {ufrag!r} already has a session on this transceiver")
+        session = MuxSession(ufrag, password, local)
+        self._by_ufrag[ufrag] = session
+        return session
+
+    def transport_for(self, session: MuxSession, sink: DatagramSink) -> VirtualTransport:
+        session.sink = sink
+        return VirtualTransport(self, session)
+
+    def unregister(self, session: MuxSession) -> None:
+        if self._by_ufrag.get(session.ufrag) is session:
+            del self._by_ufrag[session.ufrag]
+        for client in session.addresses:
+            if self._by_address.get(client) is session:
+                del self._by_address[client]
+                self._relay_of.pop(client, None)
+                self._header_of.pop(client, None)
+        session.addresses.clear()
+
+    def send(self, session: MuxSession, client: Address, payload: bytes) -> None:
+        relay = self._relay_of.get(client)
+        if relay is None or self._transport is None:
+            self.drops[DROP_NO_RELAY] += 1
+            return
+        session.counters.packets_out += 1
+        session.counters.bytes_out += len(payload)
+        self.frames_out += 1
+        header = self._header_of.get(client)
+        if header is None:
+            header = self._header_of[client] = framing.header(client[0], client[1])
+        self._transport.sendto(header + payload, relay)
+
+    @property
+    def session_count(self) -> int:
+        return len(self._by_ufrag)
+
+    @property
+    def bound_addresses(self) -> int:
+        return len(self._by_address)

@@ -1,0 +1,144 @@
+"""The shared socket: admission by STUN USERNAME + MESSAGE-INTEGRITY (table-driven, pure),
+then real UDP on 127.0.0.1: demux by client address, replies to the relay that last sent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+
+from libs.wire import framing, stun
+from services.transceiver import udpmux
+
+UFRAG = "SERVERUFRAG1"
+PWD = "p" * 32
+PASSWORDS = {UFRAG: PWD}
+
+
+def request(username: str, password: str) -> bytes:
+    return stun.binding_request(username, password, os.urandom(12))
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (request(f"{UFRAG}:cli1", PWD), (UFRAG, "")),
+        (request(f"{UFRAG}:cli1", "q" * 32), (None, udpmux.DROP_BAD_INTEGRITY)),
+        (request("OTHER:cli1", PWD), (None, udpmux.DROP_UNKNOWN_UFRAG)),
+        (request(f"{UFRAG}", PWD), (None, udpmux.DROP_NO_USERNAME)),
+        (b"\x16\xfe\xfd" + bytes(40), (None, udpmux.DROP_NOT_STUN)),
+        (b"", (None, udpmux.DROP_NOT_STUN)),
+        (
+            stun.build(stun.BINDING_SUCCESS, os.urandom(12), [], integrity_key=PWD.encode()),
+            (None, udpmux.DROP_NOT_BINDING),
+        ),
+    ],
+    ids=["ok", "bad-integrity", "unknown-ufrag", "no-colon", "dtls", "empty", "response"],
+)
+def test_admit(payload: bytes, expected: tuple[str | None, str]) -> None:
+    assert udpmux.admit(payload, PASSWORDS.get) == expected
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[tuple[bytes, tuple[Any, ...]]] = asyncio.Queue()
+        self.lost = asyncio.Event()
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.received.put_nowait((data, addr))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+
+class Socket(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[tuple[bytes, tuple[Any, ...]]] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.received.put_nowait((data, addr))
+
+
+async def open_socket() -> tuple[asyncio.DatagramTransport, Socket]:
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(Socket, local_addr=("127.0.0.1", 0))
+    return transport, protocol
+
+
+async def test_demux_and_reply_to_the_relay_that_last_sent() -> None:
+    mux = udpmux.UdpMux()
+    address = await mux.start("127.0.0.1", 0)
+    relay_a, relay_a_in = await open_socket()
+    relay_b, relay_b_in = await open_socket()
+    try:
+        one = mux.register(UFRAG, PWD, ("203.0.113.7", 3478))
+        sink_one = Sink()
+        transport_one = mux.transport_for(one, sink_one)
+        two = mux.register("SECONDUFRAG", "s" * 32, ("203.0.113.7", 3478))
+        sink_two = Sink()
+        mux.transport_for(two, sink_two)
+        client = ("198.51.100.9", 50000)
+
+        # Garbage and non-STUN from an unknown client are counted drops.
+        relay_a.sendto(b"not a frame", address)
+        relay_a.sendto(framing.encode(*client, b"\x16\xfe\xfd" + bytes(20)), address)
+        forged = request(f"{UFRAG}:cli", "wrong" * 8)
+        relay_a.sendto(framing.encode(*client, forged), address)
+        good = request(f"{UFRAG}:cli", PWD)
+        relay_a.sendto(framing.encode(*client, good), address)
+        async with asyncio.timeout(5):
+            data, addr = await sink_one.received.get()
+        assert data == good
+        assert addr == client
+        assert mux.drops == {
+            udpmux.DROP_BAD_FRAME: 1,
+            udpmux.DROP_NOT_STUN: 1,
+            udpmux.DROP_BAD_INTEGRITY: 1,
+        }
+        assert sink_two.received.empty()
+
+        # Once bound, anything from that client address (DTLS, SRTP) goes to the session.
+        relay_a.sendto(framing.encode(*client, b"\x17dtls"), address)
+        async with asyncio.timeout(5):
+            assert (await sink_one.received.get())[0] == b"\x17dtls"
+
+        # Replies go framed to relay A; after relay B carries the client, to relay B.
+        transport_one.sendto(b"reply-1", client)
+        async with asyncio.timeout(5):
+            frame, _ = await relay_a_in.received.get()
+        assert framing.decode(frame) == (client[0], client[1], b"reply-1")
+        relay_b.sendto(framing.encode(*client, b"\x17more"), address)
+        async with asyncio.timeout(5):
+            await sink_one.received.get()
+        transport_one.sendto(b"reply-2", client)
+        async with asyncio.timeout(5):
+            frame, _ = await relay_b_in.received.get()
+        assert framing.decode(frame)[2] == b"reply-2"
+        assert relay_a_in.received.empty()
+        assert one.counters.packets_in == 3
+        assert one.counters.packets_out == 2
+
+        # Closing the transport unbinds the session and tells aioice the socket is gone.
+        transport_one.close()
+        async with asyncio.timeout(5):
+            await sink_one.lost.wait()
+        assert mux.bound_addresses == 0
+        assert mux.session_count == 1
+        relay_a.sendto(framing.encode(*client, b"\x17late"), address)
+        relay_a.sendto(framing.encode(*client, good), address)
+        await asyncio.sleep(0.05)  # nothing may arrive; nothing to await for an absence
+        assert sink_one.received.empty()
+        assert mux.drops[udpmux.DROP_UNKNOWN_UFRAG] == 1
+    finally:
+        relay_a.close()
+        relay_b.close()
+        await mux.close()
+
+
+async def test_register_refuses_a_ufrag_in_use() -> None:
+    mux = udpmux.UdpMux()
+    mux.register(UFRAG, PWD, ("127.0.0.1", 1))
+    with pytest.raises(ValueError, match="already has a session"):
+        mux.register(UFRAG, PWD, ("127.0.0.1", 1))

@@ -1,0 +1,123 @@
+"""End to end with aiortc: HTTP offer -> 201 answer whose only candidate is the relay ->
+ICE through the relay -> the echo agent's turn comes back -> hang-up leaves nothing behind.
+
+Every service is its own process (the Bazel binaries), talking real gRPC and real UDP on
+127.0.0.1; the client is examples/python_client, an independent aiortc peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from aiortc import RTCPeerConnection
+
+from examples.python_client.client import CallResult, ToneTrack, dominant_frequency, run_call
+from tools.demo.stack import Stack, StackConfig, start_stack
+from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
+from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
+
+API_KEY = "sk-e2e-0123456789abcdef"
+TONE_HZ = 440.0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("stack")
+    with (workdir / "services.log").open("w") as log:
+        running = start_stack(
+            StackConfig(
+                relay_udp_port=0,
+                http_port=0,
+                api_key=API_KEY,
+                workdir=workdir,
+                log=log,
+                # Short idle timeout so the hang-up test can see bindings expire.
+                extra_flags={"relay": ["--idle-timeout-s", "2"]},
+            )
+        )
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+def _candidates(sdp: str) -> list[tuple[str, int]]:
+    found = []
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            parts = line.split()
+            found.append((parts[4], int(parts[5])))
+    return found
+
+
+def _active_sessions(stack: Stack) -> int:
+    with grpc.insecure_channel(stack.grpc("transceiver")) as channel:
+        stub = transceiver_pb2_grpc.TransceiverServiceStub(channel)
+        sessions = stub.ListSessions(transceiver_pb2.ListSessionsRequest(), timeout=5).sessions
+    return sum(1 for s in sessions if s.state != transceiver_pb2.SESSION_STATE_CLOSED)
+
+
+def _bindings(stack: Stack) -> int:
+    with grpc.insecure_channel(stack.grpc("relay")) as channel:
+        stub = relay_pb2_grpc.RelayAdminServiceStub(channel)
+        return len(stub.ListBindings(relay_pb2.ListBindingsRequest(), timeout=5).bindings)
+
+
+async def _wait_for(what: str, check: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(check):
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.timeout_s(60)
+async def test_call_connects_only_through_the_relay(stack: Stack) -> None:
+    result = await run_call(stack.http_base, API_KEY, seconds=0.5)
+    assert result.status == 201, result.error_body
+    assert result.call_url.startswith("/v1/realtime/calls/")
+    assert _candidates(result.answer_sdp) == [stack.relay_udp]
+    assert result.connected
+    assert result.remote_candidate == stack.relay_udp
+
+
+@pytest.mark.timeout_s(90)
+async def test_echo_turn_comes_back_at_the_same_frequency(stack: Stack) -> None:
+    track = ToneTrack(frequency_hz=TONE_HZ)
+
+    async def speak_then_listen(pc: RTCPeerConnection, result: CallResult) -> None:
+        await asyncio.sleep(1.2)  # one utterance
+        track.silent = True
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # the agent answers after the end-of-turn silence
+            types = [e.get("type") for e in result.events]
+            if any(t and "response" in t and "done" in t for t in types):
+                break
+            await asyncio.sleep(0.1)
+
+    result = await run_call(stack.http_base, API_KEY, track=track, during=speak_then_listen)
+    assert result.connected
+    types = [e.get("type") for e in result.events]
+    assert any("speech_started" in str(t) for t in types), types
+    assert any("speech_stopped" in str(t) for t in types), types
+    audio = result.audio()
+    loud = audio[abs(audio.astype("int32")) > 1000]
+    assert len(loud) > result.received_rate // 2, "less than 0.5 s of audible reply"
+    heard = dominant_frequency(loud, result.received_rate)
+    assert abs(heard - TONE_HZ) < TONE_HZ * 0.05, heard
+
+
+@pytest.mark.timeout_s(120)
+async def test_hang_up_and_call_again_leaves_nothing_behind(stack: Stack) -> None:
+    for _ in range(5):
+        result = await run_call(stack.http_base, API_KEY, seconds=0.3)
+        assert result.connected
+    await _wait_for("no active transceiver sessions", lambda: _active_sessions(stack) == 0, 15)
+    await _wait_for("relay bindings to expire", lambda: _bindings(stack) == 0, 15)
+    assert stack.check_alive() is None

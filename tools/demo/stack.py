@@ -1,0 +1,235 @@
+"""Starts the whole edge as separate processes on loopback, wired together over real gRPC.
+
+Used by `//:demo` and by the end-to-end tests. Each service is its own process (the Bazel
+binary), started in dependency order; the stack waits for each one's JSON ready line, and
+for the transceiver to be registered in geosteer before it starts the relay and signaling.
+`Stack.stop()` sends one SIGTERM to each (drain), then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+
+from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
+
+READY_TIMEOUT_S = 60.0
+REGISTER_TIMEOUT_S = 30.0
+STOP_GRACE_S = 10.0
+ROOT = Path(os.path.abspath(__file__)).parents[2]
+
+
+@dataclass
+class StackConfig:
+    """Where things listen. Port 0 means any free port (tests); the demo uses fixed ones."""
+
+    relay_udp_port: int = 3478
+    http_port: int = 8080
+    grpc_ports: dict[str, int] = field(default_factory=dict)  # service -> port (0: free)
+    api_key: str = ""
+    redis_url: str = ""
+    extra_flags: dict[str, list[str]] = field(default_factory=dict)
+    log: TextIO | None = None  # where child stderr goes (default: our stderr)
+    workdir: Path | None = None  # for generated config files
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[str]
+    ready: dict[str, Any]
+
+
+@dataclass
+class Stack:
+    services: dict[str, Service] = field(default_factory=dict)
+    relay_udp: tuple[str, int] = ("127.0.0.1", 0)
+    http_base: str = ""
+    api_key: str = ""
+
+    def grpc(self, name: str) -> str:
+        return str(self.services[name].ready["grpc"])
+
+    def stop(self) -> None:
+        procs = [(s.name, s.process) for s in reversed(list(self.services.values()))]
+        stop_processes(procs)
+
+    def check_alive(self) -> str | None:
+        for service in self.services.values():
+            if service.process.poll() is not None:
+                return f"{service.name} exited with {service.process.returncode}"
+        return None
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _binary(name: str) -> str:
+    path = ROOT / "services" / name / name
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing: depend on //services/{name} in data")
+    return str(path)
+
+
+def _pump(name: str, stream: TextIO, sink: TextIO) -> None:
+    for line in stream:
+        sink.write(f"[{name}] {line}")
+        sink.flush()
+
+
+def _wait_ready(name: str, process: subprocess.Popen[str]) -> dict[str, Any]:
+    assert process.stdout is not None
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while (remaining := deadline - time.monotonic()) > 0 and selector.select(remaining):
+            line = process.stdout.readline()
+            if not line:
+                break
+            if line.startswith("{"):
+                message: dict[str, Any] = json.loads(line)
+                if message.get("event") == "ready":
+                    return message
+    raise RuntimeError(f"{name} did not become ready (exit code {process.poll()})")
+
+
+def stop_processes(processes: Sequence[tuple[str, subprocess.Popen[str]]]) -> None:
+    """One SIGTERM each (drain), then SIGKILL whoever is still there after the grace."""
+    for _, process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for name, process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(
+                f"stack: {name} did not stop in {STOP_GRACE_S:.0f} s; killing it", file=sys.stderr
+            )
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _wait_until(what: str, check: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def _transceiver_registered(geosteer: str) -> bool:
+    with grpc.insecure_channel(geosteer) as channel:
+        stub = geosteer_pb2_grpc.GeosteerServiceStub(channel)
+        topology = stub.ListTopology(geosteer_pb2.ListTopologyRequest(), timeout=5).topology
+    return any(
+        node.kind == 2 and not node.draining  # NODE_KIND_TRANSCEIVER
+        for cluster in topology.clusters
+        for node in cluster.nodes
+    )
+
+
+def start_stack(config: StackConfig) -> Stack:
+    """Starts geosteer, bridge, transceiver, relay, signaling; returns once all are ready."""
+    sink = config.log or sys.stderr
+    workdir = config.workdir or Path(os.environ.get("TEST_TMPDIR") or tempfile.gettempdir())
+    stack = Stack(api_key=config.api_key)
+    relay_port = config.relay_udp_port or free_udp_port()
+    stack.relay_udp = ("127.0.0.1", relay_port)
+    topology = workdir / f"topology-{os.getpid()}-{relay_port}.toml"
+    topology.write_text(
+        "[[clusters]]\n"
+        'id = 1\nname = "local"\nregion = "dev"\n'
+        "latitude = 50.11\nlongitude = 8.68\ncapacity_sessions = 1000\n"
+        f'relay_vips = ["127.0.0.1:{relay_port}"]\n'
+    )
+    env = dict(os.environ)
+    if config.api_key:
+        env["VOICEEDGE_API_KEY"] = config.api_key
+    redis = ["--redis-url", config.redis_url] if config.redis_url else []
+
+    def launch(name: str, flags: list[str]) -> Service:
+        port = config.grpc_ports.get(name, 0)
+        command = [_binary(name), "--grpc-listen", f"127.0.0.1:{port}", *flags]
+        command += config.extra_flags.get(name, [])
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            # Own session: a terminal's Ctrl-C reaches only the supervisor, which then
+            # drains each child with exactly one SIGTERM.
+            start_new_session=True,
+        )
+        assert process.stderr is not None
+        assert process.stdout is not None
+        threading.Thread(target=_pump, args=(name, process.stderr, sink), daemon=True).start()
+        try:
+            ready = _wait_ready(name, process)
+        except RuntimeError:
+            stop_processes([(name, process)])
+            raise
+        threading.Thread(target=_pump, args=(name, process.stdout, sink), daemon=True).start()
+        service = Service(name, process, ready)
+        stack.services[name] = service
+        return service
+
+    try:
+        geosteer = launch("geosteer", ["--topology-path", str(topology)]).ready["grpc"]
+        bridge = launch("bridge", []).ready["grpc"]
+        launch(
+            "transceiver",
+            [
+                "--geosteer-address",
+                geosteer,
+                "--bridge-address",
+                bridge,
+                "--media-listen",
+                "127.0.0.1:0",
+            ],
+        )
+        _wait_until(
+            "the transceiver to register",
+            lambda: _transceiver_registered(geosteer),
+            REGISTER_TIMEOUT_S,
+        )
+        launch(
+            "relay",
+            ["--geosteer-address", geosteer, "--udp-listen", f"127.0.0.1:{relay_port}", *redis],
+        )
+        signaling = launch(
+            "signaling",
+            [
+                "--geosteer-address",
+                geosteer,
+                "--http-listen",
+                f"127.0.0.1:{config.http_port}",
+                *redis,
+            ],
+        )
+        stack.http_base = f"http://{signaling.ready['http']}"
+        stack.api_key = config.api_key or str(signaling.ready.get("dev_api_key", ""))
+        return stack
+    except BaseException:
+        stack.stop()
+        raise
