@@ -147,3 +147,19 @@ def test_fuzz_random_datagrams_never_reach_the_transceiver(
     payloads: list[bytes], batched_io: bool
 ) -> None:
     asyncio.run(_fuzz_once(payloads, batched_io))
+
+
+async def test_oversized_datagram_is_dropped_not_cut() -> None:
+    with contextlib.ExitStack() as stack:
+        transceiver, client = (stack.enter_context(udp_socket()) for _ in range(2))
+        media = _name(transceiver)
+        async with data_plane([f"1/1={media[0]}:{media[1]}"]) as plane:
+            vip = address_of(plane.public_addresses[0])
+            request, _ = binding_request_for(KEYS, 1, 1)
+            client.sendto(request, vip)
+            await recv(transceiver)
+            client.sendto(bytes([0x80]) + bytes(4000), vip)  # SRTP-class, too long
+            client.sendto(SRTP, vip)
+            frame, _ = await recv(transceiver)
+            assert frame == framing.encode(*_name(client), SRTP)
+            assert plane.router.packets_dropped == 1

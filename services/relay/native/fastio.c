@@ -52,18 +52,21 @@ static PyObject *recv_batch(PyObject *self, PyObject *args) {
     msgs[i].msg_hdr.msg_name = &from[i];
     msgs[i].msg_hdr.msg_namelen = sizeof from[i];
   }
-  int n;
-  Py_BEGIN_ALLOW_THREADS n = recvmmsg(fd, msgs, max, MSG_DONTWAIT, NULL);
-  Py_END_ALLOW_THREADS if (n < 0) {
+  /* The GIL stays held: the call never blocks (MSG_DONTWAIT), and the shared static
+   * buffers are then safe even if several threads used the module. */
+  int n = recvmmsg(fd, msgs, max, MSG_DONTWAIT, NULL);
+  if (n < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return PyList_New(0);
     return PyErr_SetFromErrno(PyExc_OSError);
   }
   PyObject *out = PyList_New(n);
   if (out == NULL) return NULL;
   for (int i = 0; i < n; i++) {
-    /* Truncated datagrams (> 2048 bytes: not WebRTC media) are passed as they are; the
-     * router sees a malformed packet and drops it. */
-    PyObject *data = PyBytes_FromStringAndSize(rx_buffers[i], msgs[i].msg_len);
+    /* A datagram longer than 2048 bytes (not WebRTC media, whose packets stay under the
+     * path MTU) arrives truncated: it is handed over empty, so the router counts a drop
+     * instead of forwarding a cut packet. */
+    Py_ssize_t size = (msgs[i].msg_hdr.msg_flags & MSG_TRUNC) ? 0 : msgs[i].msg_len;
+    PyObject *data = PyBytes_FromStringAndSize(rx_buffers[i], size);
     PyObject *addr = address_tuple(&from[i]);
     if (data == NULL || addr == NULL) {
       Py_XDECREF(data);
@@ -138,9 +141,8 @@ static PyObject *send_batch(PyObject *self, PyObject *args) {
       msgs[i].msg_hdr.msg_name = &to[i];
       msgs[i].msg_hdr.msg_namelen = len;
     }
-    int sent;
-    Py_BEGIN_ALLOW_THREADS sent = sendmmsg(fd, msgs, n, MSG_DONTWAIT);
-    Py_END_ALLOW_THREADS if (sent <= 0) break;
+    int sent = sendmmsg(fd, msgs, n, MSG_DONTWAIT);
+    if (sent <= 0) break;
     done += sent;
     if (sent < n) break;
   }
