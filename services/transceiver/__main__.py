@@ -36,6 +36,7 @@ async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceP
     async def started(grpc_address: str) -> None:
         nonlocal reporter
         reporter = start_reporter(settings, manager, (media_host, media_port), grpc_address)
+
     servicer = TransceiverServicer(manager, settings.drain_grace_s)
     full_name = transceiver_pb2.DESCRIPTOR.services_by_name["TransceiverService"].full_name
 
