@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
 
+from examples.grpc_call.create_call import server_side_call
 from examples.python_client.client import CallResult, ToneTrack, dominant_frequency, run_call
 from tools.demo.stack import Stack, StackConfig, start_stack
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
@@ -138,3 +139,9 @@ async def test_hang_up_and_call_again_leaves_nothing_behind(stack: Stack) -> Non
     await _wait_for("no active transceiver sessions", lambda: _active_sessions(stack) == 0, 15)
     await _wait_for("relay bindings to expire", lambda: _bindings(stack) == 0, 15)
     assert stack.check_alive() is None
+
+
+@pytest.mark.timeout_s(60)
+async def test_server_side_call_through_the_grpc_api(stack: Stack) -> None:
+    call_id = await server_side_call(stack.grpc("signaling"), API_KEY)
+    assert call_id.startswith("rtc_")
