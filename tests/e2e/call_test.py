@@ -145,3 +145,32 @@ async def test_hang_up_and_call_again_leaves_nothing_behind(stack: Stack) -> Non
 async def test_server_side_call_through_the_grpc_api(stack: Stack) -> None:
     call_id = await server_side_call(stack.grpc("signaling"), API_KEY)
     assert call_id.startswith("rtc_")
+
+
+@pytest.mark.timeout_s(90)
+async def test_speaking_during_the_reply_clears_it(stack: Stack) -> None:
+    track = ToneTrack(frequency_hz=TONE_HZ)
+
+    def types(result: CallResult) -> list[str]:
+        return [str(e.get("type")) for e in result.events]
+
+    async def interrupt(pc: RTCPeerConnection, result: CallResult) -> None:
+        await asyncio.sleep(1.2)
+        track.silent = True
+        deadline = time.monotonic() + 15
+        while "response.created" not in types(result) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # the reply is playing
+        track.silent = False  # barge in
+        while "output_audio_buffer.cleared" not in types(result) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    result = await run_call(stack.http_base, API_KEY, track=track, during=interrupt)
+    seen = types(result)
+    assert "response.created" in seen, seen
+    assert "output_audio_buffer.cleared" in seen, seen
+    cleared = seen.index("output_audio_buffer.cleared")
+    assert seen.index("response.created") < cleared
+    done = [e for e in result.events[cleared:] if e.get("type") == "response.done"]
+    assert done, seen
+    assert done[0]["response"]["status"] == "cancelled"
