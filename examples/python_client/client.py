@@ -86,6 +86,29 @@ class CallResult:
     events: list[dict[str, Any]] = field(default_factory=list)
     received: list[np.ndarray] = field(default_factory=list)
     received_rate: int = SAMPLE_RATE
+    _new_event: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def add_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self._new_event.set()
+
+    def event_types(self) -> list[str]:
+        return [str(e.get("type")) for e in self.events]
+
+    async def wait_event(self, event_type: str, timeout_s: float) -> bool:
+        """Waits until a data-channel event whose type contains `event_type` has arrived."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not any(event_type in t for t in self.event_types()):
+            self._new_event.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._new_event.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
 
     def audio(self) -> np.ndarray:
         if not self.received:
@@ -144,9 +167,9 @@ async def run_call(
         @channel.on("message")
         def on_message(message: str | bytes) -> None:
             try:
-                result.events.append(json.loads(message))
+                result.add_event(json.loads(message))
             except (ValueError, TypeError):
-                result.events.append({"type": "unparseable", "raw": str(message)})
+                result.add_event({"type": "unparseable", "raw": str(message)})
 
         @pc.on("track")
         def on_track(remote: MediaStreamTrack) -> None:

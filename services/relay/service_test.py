@@ -13,9 +13,10 @@ import urllib.request
 import grpc
 import pytest
 
+from libs.service.redis_testing import redis_server
 from libs.service.testing import assert_service_lifecycle, binary, run_cli, running_service
 from libs.wire import framing, ufrag
-from services.relay.relay_testing import free_udp_port, redis_server
+from services.relay.relay_testing import free_udp_port
 from services.relay.router import binding_request_for
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc

@@ -8,6 +8,7 @@ import socket
 
 import redis.asyncio as aioredis
 
+from libs.service.redis_testing import redis_server
 from libs.wire import framing
 from services.relay.relay_testing import (
     KEYS,
@@ -15,7 +16,6 @@ from services.relay.relay_testing import (
     data_plane,
     recv,
     recv_until_quiet,
-    redis_server,
     udp_socket,
 )
 from services.relay.router import binding_request_for

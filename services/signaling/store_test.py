@@ -3,8 +3,6 @@ a free loopback port), calls shared between two signaling replicas, and a store 
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -12,6 +10,7 @@ from dataclasses import replace
 import aiohttp
 import pytest
 
+from libs.service.redis_testing import free_port, redis_server
 from services.signaling.fakes import fake_cluster, running_signaling
 from services.signaling.store import (
     CallRecord,
@@ -24,44 +23,10 @@ from services.signaling.store import (
 from services.signaling.testkit import API_KEY, AUTH, CHROME_OFFER, SDP, expect_error, no_sessions
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                time.sleep(0.05)  # redis-server offers no readiness signal but its port
-        else:
-            raise AssertionError("redis-server did not start")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.kill()
-        process.wait(timeout=10)
+    with redis_server() as redis:
+        yield redis.url
 
 
 def _call(call_id: str = "rtc_1") -> CallRecord:
@@ -153,7 +118,7 @@ async def test_a_call_created_on_one_replica_ends_on_another(redis_url: str) -> 
 
 async def test_store_outage_closes_the_created_session() -> None:
     # A Redis URL where nothing listens: the session is created, recording it fails.
-    dead = f"redis://127.0.0.1:{_free_port()}/0"
+    dead = f"redis://127.0.0.1:{free_port()}/0"
     async with (
         fake_cluster() as cluster,
         running_signaling(cluster.geosteer_address, [API_KEY], store=make_store(dead, 60.0)) as s,

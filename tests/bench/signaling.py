@@ -132,8 +132,11 @@ class _MetricsReceiver(metrics_service_pb2_grpc.MetricsServiceServicer):
 async def run_stack(calls: int, concurrency: int, warmup: int) -> None:
     receiver = _TraceReceiver()
     server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsReceiver(), server)
+    # opentelemetry-proto ships no type hints for its generated gRPC modules.
+    add_trace = trace_service_pb2_grpc.add_TraceServiceServicer_to_server
+    add_metrics = metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server
+    add_trace(receiver, server)  # type: ignore[no-untyped-call]
+    add_metrics(_MetricsReceiver(), server)  # type: ignore[no-untyped-call]
     otlp_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     config = StackConfig(

@@ -111,20 +111,16 @@ async def test_echo_turn_comes_back_at_the_same_frequency(stack: Stack) -> None:
     track = ToneTrack(frequency_hz=TONE_HZ)
 
     async def speak_then_listen(pc: RTCPeerConnection, result: CallResult) -> None:
-        await asyncio.sleep(1.2)  # one utterance
+        await asyncio.sleep(1.2)  # one utterance (the track is paced in real time)
         track.silent = True
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:  # the agent answers after the end-of-turn silence
-            types = [e.get("type") for e in result.events]
-            if any(t and "response" in t and "done" in t for t in types):
-                break
-            await asyncio.sleep(0.1)
+        # The agent answers after the end-of-turn silence.
+        assert await result.wait_event("response.done", timeout_s=15), result.event_types()
 
     result = await run_call(stack.http_base, API_KEY, track=track, during=speak_then_listen)
     assert result.connected
-    types = [e.get("type") for e in result.events]
-    assert any("speech_started" in str(t) for t in types), types
-    assert any("speech_stopped" in str(t) for t in types), types
+    types = result.event_types()
+    assert any("speech_started" in t for t in types), types
+    assert any("speech_stopped" in t for t in types), types
     loud = _longest_loud_run(result.audio(), result.received_rate)
     assert len(loud) > result.received_rate // 2, "less than 0.5 s of audible reply"
     heard = dominant_frequency(loud, result.received_rate)
@@ -151,22 +147,16 @@ async def test_server_side_call_through_the_grpc_api(stack: Stack) -> None:
 async def test_speaking_during_the_reply_clears_it(stack: Stack) -> None:
     track = ToneTrack(frequency_hz=TONE_HZ)
 
-    def types(result: CallResult) -> list[str]:
-        return [str(e.get("type")) for e in result.events]
-
     async def interrupt(pc: RTCPeerConnection, result: CallResult) -> None:
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(1.2)  # one utterance (the track is paced in real time)
         track.silent = True
-        deadline = time.monotonic() + 15
-        while "response.created" not in types(result) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)  # the reply is playing
+        assert await result.wait_event("response.created", timeout_s=15), result.event_types()
+        await asyncio.sleep(0.2)  # let the reply play a little: a fixed span of audio
         track.silent = False  # barge in
-        while "output_audio_buffer.cleared" not in types(result) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await result.wait_event("output_audio_buffer.cleared", timeout_s=10)
 
     result = await run_call(stack.http_base, API_KEY, track=track, during=interrupt)
-    seen = types(result)
+    seen = result.event_types()
     assert "response.created" in seen, seen
     assert "output_audio_buffer.cleared" in seen, seen
     cleared = seen.index("output_audio_buffer.cleared")
