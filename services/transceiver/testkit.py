@@ -246,10 +246,17 @@ def rms(samples: np.ndarray[Any, Any]) -> float:
 class Client:
     """An aiortc caller with a tone track and the 'oai-events' data channel."""
 
-    def __init__(self, tone_hz: float = 440.0, tone_frames: int | None = None) -> None:
+    def __init__(
+        self, tone_hz: float = 440.0, tone_frames: int | None = None, decode_audio: bool = True
+    ) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.tone = ToneTrack(tone_hz, frames=tone_frames)
         self.pc.addTrack(self.tone)
+        self.packets_received = 0
+        if not decode_audio:
+            # Many clients in one process: count the server's Opus packets, decode none.
+            (audio,) = self.pc.getTransceivers()
+            aiortc_compat.tap_encoded_audio(audio.receiver, self._count_packet)
         self.channel = self.pc.createDataChannel("oai-events")
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.frames: list[np.ndarray[Any, Any]] = []
@@ -260,6 +267,9 @@ class Client:
         self.channel.on("message", self._on_message)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
+
+    def _count_packet(self, packet: bytes, timestamp: int) -> None:
+        self.packets_received += 1
 
     def _on_state(self) -> None:
         if self.pc.connectionState == "connected":

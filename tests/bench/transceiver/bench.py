@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import av
 import grpc.aio
@@ -129,7 +130,7 @@ async def grpc_echo(frames: int) -> None:
     bridge = EchoBridge()
     await bridge.start()
     channel = grpc.aio.insecure_channel(bridge.address)
-    stub = inference_pb2_grpc.InferenceBridgeServiceStub(channel)
+    stub: Any = inference_pb2_grpc.InferenceBridgeServiceStub(channel)  # aio, typed as sync
     call = stub.StreamSession()
     start_msg = inference_pb2.SessionStart(session_id="bench")
     await call.write(inference_pb2.StreamSessionRequest(session_start=start_msg))
