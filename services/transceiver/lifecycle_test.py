@@ -15,8 +15,8 @@ import pytest
 from services.transceiver.session import Session
 from services.transceiver.testkit import (
     Client,
+    FramingRelay,
     Stack,
-    TestRelay,
     closed_reason,
     create_request,
     rms,
@@ -151,7 +151,7 @@ async def test_call_survives_a_relay_restart() -> None:
             await client.got_audio.wait()
         port = stack.relay.address[1]
         await stack.relay.close()
-        stack.relay = await TestRelay.start(stack.mux.address, port=port)
+        stack.relay = await FramingRelay.start(stack.mux.address, port=port)
         mark = len(client.frames)
         await wait_for(lambda: len(client.frames) >= mark + 100)
         # Audio flows again through the new relay instance: the transceiver answers the

@@ -35,7 +35,7 @@ from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
 Address = tuple[str, int]
 
 
-class TestRelay(asyncio.DatagramProtocol):
+class FramingRelay(asyncio.DatagramProtocol):
     """The relay, reduced to its wire contract: client datagrams in on `address`, framed to
     the transceiver; framed replies unwrapped and sent to the client they name."""
 
@@ -48,7 +48,7 @@ class TestRelay(asyncio.DatagramProtocol):
         self.closed = asyncio.Event()
 
     @classmethod
-    async def start(cls, upstream: Address, port: int = 0) -> TestRelay:
+    async def start(cls, upstream: Address, port: int = 0) -> FramingRelay:
         relay = cls(upstream)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
@@ -337,7 +337,7 @@ class Stack:
     grpc_service: GrpcService
     channel: grpc.aio.Channel
     stub: Any  # the generated stub on an aio channel (grpc-stubs type it as synchronous)
-    relay: TestRelay
+    relay: FramingRelay
     bridge: EchoBridge
 
     @classmethod
@@ -369,7 +369,7 @@ class Stack:
         )
         await service.start()
         channel = grpc.aio.insecure_channel(service.address)
-        relay = await TestRelay.start(mux.address)
+        relay = await FramingRelay.start(mux.address)
         return cls(
             config,
             mux,
