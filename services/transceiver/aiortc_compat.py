@@ -48,7 +48,7 @@ CONNECTION_ATTRIBUTES = (
 )
 GATHERER_ATTRIBUTES = ("_connection",)
 RECEIVER_ATTRIBUTES = ("_RTCRtpReceiver__decoder_queue",)
-PEER_CONNECTION_ATTRIBUTES = ("_RTCPeerConnection__closeTask",)
+PEER_CONNECTION_ATTRIBUTES = ("_RTCPeerConnection__closeTask", "_RTCPeerConnection__connect")
 
 
 class CompatError(RuntimeError):
@@ -122,6 +122,30 @@ def install_protocol(
 _PC_TASK_NAMES = ("RTCPeerConnection.__connect", "RTCPeerConnection.close")
 
 
+def _pc_tasks(pc: RTCPeerConnection, names: tuple[str, ...]) -> list[asyncio.Task[Any]]:
+    found = []
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        if task.done() or getattr(coro, "__qualname__", "") not in names:
+            continue
+        frame = getattr(coro, "cr_frame", None)
+        if frame is not None and frame.f_locals.get("self") is pc:
+            found.append(task)
+    return found
+
+
+async def let_early_connect_return(pc: RTCPeerConnection) -> None:
+    """setRemoteDescription schedules aiortc's `__connect`; run it while the gatherer has no
+    local candidate, so it returns at once as in stock aiortc. Otherwise it would start
+    ICE/DTLS/SCTP beside the `__connect` of setLocalDescription, and the two SCTP starts
+    race (seen as data channels that never open)."""
+    for _ in range(10):
+        if not _pc_tasks(pc, ("RTCPeerConnection.__connect",)):
+            return
+        await asyncio.sleep(0)
+    raise CompatError("aiortc's RTCPeerConnection.__connect did not return at once")
+
+
 async def wait_pc_closed(pc: RTCPeerConnection, timeout_s: float = 5.0) -> None:
     """After pc.close(): wait for the fire-and-forget tasks aiortc keeps no handle on
     (`__connect`, started by setLocalDescription/setRemoteDescription, ends one ICE pacing
@@ -131,13 +155,7 @@ async def wait_pc_closed(pc: RTCPeerConnection, timeout_s: float = 5.0) -> None:
     close_task = getattr(pc, "_RTCPeerConnection__closeTask", None)
     if isinstance(close_task, asyncio.Future) and not close_task.done():
         pending.append(close_task)
-    for task in asyncio.all_tasks():
-        coro = task.get_coro()
-        if task.done() or getattr(coro, "__qualname__", "") not in _PC_TASK_NAMES:
-            continue
-        frame = getattr(coro, "cr_frame", None)
-        if frame is not None and frame.f_locals.get("self") is pc:
-            pending.append(task)
+    pending += _pc_tasks(pc, _PC_TASK_NAMES)
     current = asyncio.current_task()
     pending = [t for t in pending if t is not current]
     if pending:

@@ -1,6 +1,7 @@
 """Session lifecycle and the gRPC contract: every end (ICE timeout, client hang-up, bridge
 end, close RPC, drain) happens once with its reason; refusals carry the right status;
-a relay restart is survived. (20 concurrent sessions: concurrency_test.py.)"""
+a relay restart is survived, a relay gone for good is consent loss. (20 concurrent
+sessions: concurrency_test.py.)"""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import pytest
 from services.transceiver.session import Session
 from services.transceiver.testkit import (
     Client,
+    FramingRelay,
     Stack,
-    TestRelay,
     closed_reason,
     create_request,
     rms,
@@ -151,7 +152,7 @@ async def test_call_survives_a_relay_restart() -> None:
             await client.got_audio.wait()
         port = stack.relay.address[1]
         await stack.relay.close()
-        stack.relay = await TestRelay.start(stack.mux.address, port=port)
+        stack.relay = await FramingRelay.start(stack.mux.address, port=port)
         mark = len(client.frames)
         await wait_for(lambda: len(client.frames) >= mark + 100)
         # Audio flows again through the new relay instance: the transceiver answers the
@@ -162,6 +163,30 @@ async def test_call_survives_a_relay_restart() -> None:
         session = stack.manager.find("r")
         assert isinstance(session, Session)
         assert not session.is_closed
+    finally:
+        await client.close()
+        await stack.stop()
+
+
+@pytest.mark.timeout_s(90)
+async def test_consent_loss_when_the_client_goes_silent() -> None:
+    """The relay dies and nothing replaces it: the client's packets stop reaching us and
+    aioice's consent checks (RFC 7675, every ~5 s, 6 failures) expire after ~30 s."""
+    stack = await Stack.start()
+    client = Client(tone_hz=440.0, tone_frames=50, decode_audio=False)
+    try:
+        await stack.connect("c", client)
+        async with asyncio.timeout(10):
+            await stack.bridge.opened.wait()
+        await stack.relay.close()
+        session = stack.manager.find("c")
+        assert isinstance(session, Session)
+        async with asyncio.timeout(75):
+            await session.wait_closed()
+        assert await closed_reason(stack, "c") == CR.CLOSE_REASON_CONSENT_LOST
+        async with asyncio.timeout(5):
+            await stack.bridge.streams["c"].ended.wait()
+        assert stack.bridge.streams["c"].end_reason == CR.CLOSE_REASON_CONSENT_LOST
     finally:
         await client.close()
         await stack.stop()

@@ -4,7 +4,6 @@ and a lifecycle that ends exactly once with a recorded reason."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -14,7 +13,6 @@ from typing import Any
 
 import grpc.aio
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamTrack
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from libs.observability.telemetry import log_event
@@ -165,12 +163,12 @@ class Session:
         pc = self.pc
         pc.on("connectionstatechange", self._on_connection_state)
         pc.on("iceconnectionstatechange", self._on_ice_state)
-        pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(stripped, "offer"))
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise sdp.SdpError(f"offer_sdp: {exc}") from None
+        await aiortc_compat.let_early_connect_return(pc)
         transports = aiortc_compat.ice_transports(pc)
         if len(transports) != 1:
             raise sdp.SdpError(
@@ -246,9 +244,6 @@ class Session:
                 self.close(CR.CLOSE_REASON_CONSENT_LOST, "ICE consent expired (RFC 7675)")
             else:
                 self.close(CR.CLOSE_REASON_CLIENT_HANGUP, "peer connection closed by the client")
-
-    def _on_track(self, track: MediaStreamTrack) -> None:
-        pass  # caller audio arrives undecoded through _on_caller_opus (no decoder thread)
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != DATA_CHANNEL_LABEL:
@@ -486,8 +481,3 @@ def endpoints_of(addresses: Sequence[common_pb2.SocketAddress]) -> tuple[tuple[s
     if not out:
         raise sdp.SdpError("relay_endpoints: at least one is required")
     return tuple(out)
-
-
-def discard_task_errors(task: asyncio.Task[Any]) -> None:
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        task.result()

@@ -35,7 +35,7 @@ from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
 Address = tuple[str, int]
 
 
-class TestRelay(asyncio.DatagramProtocol):
+class FramingRelay(asyncio.DatagramProtocol):
     """The relay, reduced to its wire contract: client datagrams in on `address`, framed to
     the transceiver; framed replies unwrapped and sent to the client they name."""
 
@@ -48,7 +48,7 @@ class TestRelay(asyncio.DatagramProtocol):
         self.closed = asyncio.Event()
 
     @classmethod
-    async def start(cls, upstream: Address, port: int = 0) -> TestRelay:
+    async def start(cls, upstream: Address, port: int = 0) -> FramingRelay:
         relay = cls(upstream)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
@@ -246,10 +246,17 @@ def rms(samples: np.ndarray[Any, Any]) -> float:
 class Client:
     """An aiortc caller with a tone track and the 'oai-events' data channel."""
 
-    def __init__(self, tone_hz: float = 440.0, tone_frames: int | None = None) -> None:
+    def __init__(
+        self, tone_hz: float = 440.0, tone_frames: int | None = None, decode_audio: bool = True
+    ) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.tone = ToneTrack(tone_hz, frames=tone_frames)
         self.pc.addTrack(self.tone)
+        self.packets_received = 0
+        if not decode_audio:
+            # Many clients in one process: count the server's Opus packets, decode none.
+            (audio,) = self.pc.getTransceivers()
+            aiortc_compat.tap_encoded_audio(audio.receiver, self._count_packet)
         self.channel = self.pc.createDataChannel("oai-events")
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.frames: list[np.ndarray[Any, Any]] = []
@@ -260,6 +267,9 @@ class Client:
         self.channel.on("message", self._on_message)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
+
+    def _count_packet(self, packet: bytes, timestamp: int) -> None:
+        self.packets_received += 1
 
     def _on_state(self) -> None:
         if self.pc.connectionState == "connected":
@@ -327,7 +337,7 @@ class Stack:
     grpc_service: GrpcService
     channel: grpc.aio.Channel
     stub: Any  # the generated stub on an aio channel (grpc-stubs type it as synchronous)
-    relay: TestRelay
+    relay: FramingRelay
     bridge: EchoBridge
 
     @classmethod
@@ -359,7 +369,7 @@ class Stack:
         )
         await service.start()
         channel = grpc.aio.insecure_channel(service.address)
-        relay = await TestRelay.start(mux.address)
+        relay = await FramingRelay.start(mux.address)
         return cls(
             config,
             mux,

@@ -35,7 +35,7 @@ from aiortc.jitterbuffer import JitterFrame
 from libs.service.testing import binary, read_ready_line
 from services.transceiver import aiortc_compat
 from services.transceiver.media import OpusPacketizer, OpusToPcm
-from services.transceiver.testkit import Client, EchoBridge, TestRelay, create_request
+from services.transceiver.testkit import Client, EchoBridge, FramingRelay, create_request
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 from voiceedge.transceiver.v1 import transceiver_pb2_grpc
 
@@ -130,8 +130,7 @@ async def grpc_echo(frames: int) -> None:
     bridge = EchoBridge()
     await bridge.start()
     channel = grpc.aio.insecure_channel(bridge.address)
-    # grpc-stubs type the generated stub as synchronous; on an aio channel it is not.
-    stub: Any = inference_pb2_grpc.InferenceBridgeServiceStub(channel)
+    stub: Any = inference_pb2_grpc.InferenceBridgeServiceStub(channel)  # aio, typed as sync
     call = stub.StreamSession()
     start_msg = inference_pb2.SessionStart(session_id="bench")
     await call.write(inference_pb2.StreamSessionRequest(session_start=start_msg))
@@ -222,11 +221,11 @@ async def end_to_end(sessions: int, seconds: float, passthrough: bool, profile: 
     await bridge.start()
     process = start_transceiver(bridge.address, profile)
     clients: list[Client] = []
-    relay: TestRelay | None = None
+    relay: FramingRelay | None = None
     try:
         ready = read_ready_line(process, 60)
         host, port = ready["media"].rsplit(":", 1)
-        relay = await TestRelay.start((host, int(port)))
+        relay = await FramingRelay.start((host, int(port)))
         channel = grpc.aio.insecure_channel(ready["grpc"])
         stub = transceiver_pb2_grpc.TransceiverServiceStub(channel)
         idle_rss = rss_kib(process.pid)
