@@ -72,13 +72,13 @@ async def _wait_for(what: str, check: Any, timeout_s: float) -> None:
 
 @pytest.mark.timeout_s(120)
 async def test_calls_in_a_row_leave_nothing_behind_in_redis(stack: Stack, redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         for _ in range(3):
             result = await run_call(stack.http_base, API_KEY, seconds=0.3)
             assert result.connected
         # While calls ran, the relay wrote its bindings and signaling its call records.
-        keys = [k.decode() for k in client.keys("*")]
+        keys = [str(k) for k in client.keys("*")]
         assert any(k.startswith("voiceedge:") and "call" in k for k in keys), keys
         await _wait_for("no active sessions", lambda: _active_sessions(stack) == 0, 15)
         await _wait_for(
