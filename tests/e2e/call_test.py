@@ -8,9 +8,7 @@ Every service is its own process (the Bazel binaries), talking real gRPC and rea
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 import numpy as np
@@ -19,9 +17,9 @@ from aiortc import RTCPeerConnection
 
 from examples.grpc_call.create_call import server_side_call
 from examples.python_client.client import CallResult, ToneTrack, dominant_frequency, run_call
-from tools.demo.stack import Stack, StackConfig, start_stack
+from tests.e2e.edge import active_sessions, edge, wait_for
+from tools.demo.stack import Stack
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
-from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
 
 API_KEY = "sk-e2e-0123456789abcdef"
 TONE_HZ = 440.0
@@ -29,23 +27,10 @@ TONE_HZ = 440.0
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("stack")
-    with (workdir / "services.log").open("w") as log:
-        running = start_stack(
-            StackConfig(
-                relay_udp_port=0,
-                http_port=0,
-                api_key=API_KEY,
-                workdir=workdir,
-                log=log,
-                # Short idle timeout so the hang-up test can see bindings expire.
-                extra_flags={"relay": ["--idle-timeout-s", "2"]},
-            )
-        )
-        try:
-            yield running
-        finally:
-            running.stop()
+    # Short idle timeout so the hang-up test can see bindings expire.
+    flags = {"relay": ["--idle-timeout-s", "2"]}
+    with edge(tmp_path_factory.mktemp("stack"), API_KEY, extra_flags=flags) as running:
+        yield running
 
 
 def _candidates(sdp: str) -> list[tuple[str, int]]:
@@ -55,13 +40,6 @@ def _candidates(sdp: str) -> list[tuple[str, int]]:
             parts = line.split()
             found.append((parts[4], int(parts[5])))
     return found
-
-
-def _active_sessions(stack: Stack) -> int:
-    with grpc.insecure_channel(stack.grpc("transceiver")) as channel:
-        stub = transceiver_pb2_grpc.TransceiverServiceStub(channel)
-        sessions = stub.ListSessions(transceiver_pb2.ListSessionsRequest(), timeout=5).sessions
-    return sum(1 for s in sessions if s.state != transceiver_pb2.SESSION_STATE_CLOSED)
 
 
 def _bindings(stack: Stack) -> int:
@@ -84,15 +62,6 @@ def _longest_loud_run(audio: np.ndarray, rate: int) -> np.ndarray:
                 best_start, best_len = start, index - start
             start = None
     return blocks[best_start : best_start + best_len].reshape(-1)
-
-
-async def _wait_for(what: str, check: Any, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(check):
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.timeout_s(60)
@@ -132,8 +101,8 @@ async def test_hang_up_and_call_again_leaves_nothing_behind(stack: Stack) -> Non
     for _ in range(5):
         result = await run_call(stack.http_base, API_KEY, seconds=0.3)
         assert result.connected
-    await _wait_for("no active transceiver sessions", lambda: _active_sessions(stack) == 0, 15)
-    await _wait_for("relay bindings to expire", lambda: _bindings(stack) == 0, 15)
+    await wait_for("no active transceiver sessions", lambda: active_sessions(stack) == 0, 15)
+    await wait_for("relay bindings to expire", lambda: _bindings(stack) == 0, 15)
     assert stack.check_alive() is None
 
 

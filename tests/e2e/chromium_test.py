@@ -23,7 +23,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tools.demo.stack import Stack, StackConfig, start_stack
+from tests.e2e.edge import edge
+from tools.demo.stack import Stack
 
 API_KEY = "sk-e2e-chromium-0123456789"
 TONE_HZ = 440.0
@@ -45,22 +46,9 @@ def _write_tone_wav(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("stack")
-    with (workdir / "services.log").open("w") as log:
-        running = start_stack(
-            StackConfig(
-                relay_udp_port=0,
-                http_port=0,
-                api_key=API_KEY,
-                workdir=workdir,
-                log=log,
-                extra_flags={"signaling": ["--demo-page", "true"]},
-            )
-        )
-        try:
-            yield running
-        finally:
-            running.stop()
+    flags = {"signaling": ["--demo-page", "true"]}
+    with edge(tmp_path_factory.mktemp("stack"), API_KEY, extra_flags=flags) as running:
+        yield running
 
 
 @pytest.fixture

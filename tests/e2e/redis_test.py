@@ -6,19 +6,15 @@ A real redis-server on a free loopback port; relay and signaling both use it.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Iterator
-from typing import Any
 
-import grpc
 import pytest
 import redis
 
 from examples.python_client.client import run_call
 from libs.service.redis_testing import redis_server
-from tools.demo.stack import Stack, StackConfig, start_stack
-from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
+from tests.e2e.edge import active_sessions, edge, wait_for
+from tools.demo.stack import Stack
 
 API_KEY = "sk-e2e-redis-0123456789"
 BINDING_PREFIX = "voiceedge:relay:binding:"
@@ -32,42 +28,13 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    flags = {
+        "relay": ["--idle-timeout-s", "2", "--binding-ttl-s", "2"],
+        "signaling": ["--call-retention-s", "60"],
+    }
     workdir = tmp_path_factory.mktemp("stack")
-    with (workdir / "services.log").open("w") as log:
-        running = start_stack(
-            StackConfig(
-                relay_udp_port=0,
-                http_port=0,
-                api_key=API_KEY,
-                redis_url=redis_url,
-                workdir=workdir,
-                log=log,
-                extra_flags={
-                    "relay": ["--idle-timeout-s", "2", "--binding-ttl-s", "2"],
-                    "signaling": ["--call-retention-s", "60"],
-                },
-            )
-        )
-        try:
-            yield running
-        finally:
-            running.stop()
-
-
-def _active_sessions(stack: Stack) -> int:
-    with grpc.insecure_channel(stack.grpc("transceiver")) as channel:
-        stub = transceiver_pb2_grpc.TransceiverServiceStub(channel)
-        sessions = stub.ListSessions(transceiver_pb2.ListSessionsRequest(), timeout=5).sessions
-    return sum(1 for s in sessions if s.state != transceiver_pb2.SESSION_STATE_CLOSED)
-
-
-async def _wait_for(what: str, check: Any, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(check):
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    with edge(workdir, API_KEY, redis_url=redis_url, extra_flags=flags) as running:
+        yield running
 
 
 @pytest.mark.timeout_s(120)
@@ -80,8 +47,8 @@ async def test_calls_in_a_row_leave_nothing_behind_in_redis(stack: Stack, redis_
         # While calls ran, the relay wrote its bindings and signaling its call records.
         keys = [str(k) for k in client.keys("*")]
         assert any(k.startswith("voiceedge:") and "call" in k for k in keys), keys
-        await _wait_for("no active sessions", lambda: _active_sessions(stack) == 0, 15)
-        await _wait_for(
+        await wait_for("no active sessions", lambda: active_sessions(stack) == 0, 15)
+        await wait_for(
             "relay binding keys to expire",
             lambda: not client.keys(BINDING_PREFIX + "*"),
             15,
