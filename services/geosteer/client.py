@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +43,21 @@ class NodeReport:
     rtt_samples: Sequence[geosteer_pb2.RttSample] = field(default=())
 
 
+class ProcessCpuMeter:
+    """This process's CPU time over wall time since the previous reading, 0.0 to 1.0 of one
+    core (services run their sessions on one event loop): the `cpu_load` of heartbeats."""
+
+    def __init__(self) -> None:
+        self._cpu = time.process_time()
+        self._wall = time.monotonic()
+
+    def read(self) -> float:
+        cpu, wall = time.process_time(), time.monotonic()
+        used = (cpu - self._cpu) / max(wall - self._wall, 1e-6)
+        self._cpu, self._wall = cpu, wall
+        return min(max(used, 0.0), 1.0)
+
+
 class HeartbeatLoop:
     """Keeps one node registered with geosteer for as long as it runs."""
 
@@ -52,6 +68,7 @@ class HeartbeatLoop:
         report: Callable[[], NodeReport] = NodeReport,
     ) -> None:
         self._stub = geosteer_pb2_grpc.GeosteerServiceStub(channel)
+        self._owned_channel: grpc.aio.Channel | None = None
         self._node = node
         self._report = report
         self._task: asyncio.Task[None] | None = None
@@ -59,14 +76,44 @@ class HeartbeatLoop:
         self.registered = asyncio.Event()
         self.registrations = 0
         self.heartbeats = 0
+        self._wake = asyncio.Event()
+
+    @classmethod
+    def to_address(
+        cls, address: str, node: geosteer_pb2.Node, report: Callable[[], NodeReport] = NodeReport
+    ) -> HeartbeatLoop:
+        """A loop with its own channel to `address`, closed by `close()`."""
+        channel = grpc.aio.insecure_channel(address)
+        loop = cls(channel, node, report)
+        loop._owned_channel = channel
+        return loop
+
+    def poke(self) -> None:
+        """Report now (e.g. draining just started) instead of at the next interval."""
+        self._wake.set()
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    async def report_now(self) -> None:
+        """One heartbeat right away, best effort (draining started; the loop may stop next)."""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.beat()
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.ensure_future(self.run())
 
     async def register(self) -> None:
+        node = geosteer_pb2.Node()
+        node.CopyFrom(self._node)
+        report = self._report()
+        node.active_sessions = report.active_sessions
+        node.draining = report.draining
         response = await self._stub.RegisterNode(
-            geosteer_pb2.RegisterNodeRequest(node=self._node), timeout=RPC_TIMEOUT_S
+            geosteer_pb2.RegisterNodeRequest(node=node), timeout=RPC_TIMEOUT_S
         )
         self.interval_s = max(0.01, response.heartbeat_interval_ms / 1000)
         self.registrations += 1
@@ -106,7 +153,7 @@ class HeartbeatLoop:
                         log_event(logger, "geosteer.unknown_node", node__id=self._node.node_id)
                         continue
                 backoff_s = 0.1
-                await asyncio.sleep(self.interval_s)
+                await self._pause(self.interval_s)
             except grpc.aio.AioRpcError as exc:
                 log_event(
                     logger,
@@ -132,3 +179,6 @@ class HeartbeatLoop:
                     geosteer_pb2.DeregisterNodeRequest(node_id=self._node.node_id),
                     timeout=RPC_TIMEOUT_S,
                 )
+        channel, self._owned_channel = self._owned_channel, None
+        if channel is not None:
+            await channel.close(None)

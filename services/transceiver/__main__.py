@@ -8,13 +8,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-import grpc.aio
-
 from libs.config.settings import parse_host_port
 from libs.observability.telemetry import Telemetry
 from libs.service.runtime import ServiceParts, Servicer, service_main
+from services.geosteer.client import HeartbeatLoop, NodeReport, ProcessCpuMeter
 from services.transceiver import aiortc_compat
-from services.transceiver.heartbeat import GeosteerReporter, Load
 from services.transceiver.manager import SessionManager
 from services.transceiver.servicer import TransceiverServicer
 from services.transceiver.settings import TransceiverSettings
@@ -31,7 +29,7 @@ async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceP
     host, port = parse_host_port(settings.media_listen, "media_listen")
     media_host, media_port = await mux.start(host, port)
     manager = SessionManager(settings, mux, telemetry.meter)
-    reporter: GeosteerReporter | None = None
+    reporter: HeartbeatLoop | None = None
 
     async def started(grpc_address: str) -> None:
         nonlocal reporter
@@ -48,7 +46,7 @@ async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceP
 
     async def close() -> None:
         if reporter is not None:
-            await reporter.stop()
+            await reporter.close()  # deregisters from geosteer, closes the channel
         await manager.shutdown()
 
     return ServiceParts(
@@ -69,7 +67,7 @@ def start_reporter(
     manager: SessionManager,
     media: tuple[str, int],
     grpc_address: str,
-) -> GeosteerReporter | None:
+) -> HeartbeatLoop | None:
     """Registers with geosteer and heartbeats, if geosteer_address is set."""
     if not settings.geosteer_address:
         return None
@@ -85,12 +83,16 @@ def start_reporter(
         media_address=common_pb2.SocketAddress(ip=media_ip, port=media_port),
         capacity_sessions=settings.max_sessions,
     )
-    channel = grpc.aio.insecure_channel(settings.geosteer_address)
-    reporter = GeosteerReporter(
-        channel,
+    cpu = ProcessCpuMeter()
+    reporter = HeartbeatLoop.to_address(
+        settings.geosteer_address,
         node,
-        lambda: Load(manager.active, manager.draining),
-        on_stop=lambda: channel.close(None),
+        lambda: NodeReport(
+            active_sessions=manager.active,
+            capacity_sessions=settings.max_sessions,
+            draining=manager.draining,
+            cpu_load=cpu.read(),
+        ),
     )
     manager.on_draining = reporter.poke
     reporter.start()

@@ -1,4 +1,6 @@
-"""Registration and heartbeats against a real in-test GeosteerService on 127.0.0.1:0."""
+"""The transceiver's geosteer registration (services/geosteer/client.HeartbeatLoop) against
+a real in-test GeosteerService on 127.0.0.1:0: what it reports, re-registration, draining
+reported at once, deregistration."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from typing import Any
 
 import grpc.aio
 
-from services.transceiver.heartbeat import GeosteerReporter, Load
+from services.geosteer.client import HeartbeatLoop, NodeReport, ProcessCpuMeter
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
@@ -45,8 +47,8 @@ async def test_registers_heartbeats_reregisters_and_deregisters() -> None:
     geosteer_pb2_grpc.add_GeosteerServiceServicer_to_server(geosteer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    load = Load(active_sessions=3, draining=False)
+    load = NodeReport(active_sessions=3, capacity_sessions=200, draining=False)
+    cpu = ProcessCpuMeter()
     node = geosteer_pb2.Node(
         node_id="tx-1",
         kind=common_pb2.NODE_KIND_TRANSCEIVER,
@@ -56,7 +58,13 @@ async def test_registers_heartbeats_reregisters_and_deregisters() -> None:
         media_address=common_pb2.SocketAddress(ip="127.0.0.1", port=40000),
         capacity_sessions=200,
     )
-    reporter = GeosteerReporter(channel, node, lambda: load, on_stop=lambda: channel.close(None))
+    reporter = HeartbeatLoop.to_address(
+        f"127.0.0.1:{port}",
+        node,
+        lambda: NodeReport(
+            load.active_sessions, load.capacity_sessions, load.draining, cpu_load=cpu.read()
+        ),
+    )
     try:
         reporter.start()
         async with asyncio.timeout(5):
@@ -77,12 +85,12 @@ async def test_registers_heartbeats_reregisters_and_deregisters() -> None:
                 await geosteer.heartbeats.get()
 
         # Draining is reported at once when poked.
-        load = Load(active_sessions=1, draining=True)
+        load = NodeReport(active_sessions=1, capacity_sessions=200, draining=True)
         reporter.poke()
         async with asyncio.timeout(5):
             while not (await geosteer.heartbeats.get()).draining:
                 pass
     finally:
-        await reporter.stop()
+        await reporter.close()
         await server.stop(0)
     assert geosteer.deregistered == ["tx-1"]
