@@ -36,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         grpc_ports=DEV_PORTS,
         api_key=os.environ.get("VOICEEDGE_API_KEY", ""),
         redis_url=os.environ.get("REDIS_URL", ""),
+        # The page at / and its loopback-only client secrets.
+        extra_flags={"signaling": ["--demo-page", "true"]},
     )
     print("demo: starting geosteer, bridge, transceiver, relay, signaling ...", flush=True)
     try:

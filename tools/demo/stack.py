@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,10 +89,12 @@ def _binary(name: str) -> str:
     return str(path)
 
 
-def _pump(name: str, stream: TextIO, sink: TextIO) -> None:
+def _pump(name: str, stream: TextIO, sink: TextIO, tail: deque[str] | None = None) -> None:
     for line in stream:
         sink.write(f"[{name}] {line}")
         sink.flush()
+        if tail is not None:
+            tail.append(line.rstrip())
 
 
 def _wait_ready(name: str, process: subprocess.Popen[str]) -> dict[str, Any]:
@@ -183,12 +186,16 @@ def start_stack(config: StackConfig) -> Stack:
         )
         assert process.stderr is not None
         assert process.stdout is not None
-        threading.Thread(target=_pump, args=(name, process.stderr, sink), daemon=True).start()
+        last_lines: deque[str] = deque(maxlen=1)
+        threading.Thread(
+            target=_pump, args=(name, process.stderr, sink, last_lines), daemon=True
+        ).start()
         try:
             ready = _wait_ready(name, process)
-        except RuntimeError:
+        except RuntimeError as exc:
             stop_processes([(name, process)])
-            raise
+            said = f": {last_lines[-1]}" if last_lines else ""
+            raise RuntimeError(f"{exc}{said}") from None
         threading.Thread(target=_pump, args=(name, process.stdout, sink), daemon=True).start()
         service = Service(name, process, ready)
         stack.services[name] = service
