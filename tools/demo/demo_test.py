@@ -1,0 +1,80 @@
+"""The README's first command, `./bazelw run //:demo`, as a user runs it: the whole edge
+comes up on the documented ports, the page and its client secrets are served, and Ctrl-C
+(SIGINT) stops every process and frees every port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from queue import Empty, Queue
+
+DEMO = Path(os.path.abspath(__file__)).parent / "demo"
+PORTS_TCP = [8080, 50051, 50052, 50053, 50054, 50055]
+
+
+def _read_until(process: subprocess.Popen[str], marker: str, timeout_s: float) -> list[str]:
+    """Lines until `marker`; a reader thread, since buffered pipes and select() disagree."""
+    assert process.stdout is not None
+    stdout = process.stdout
+    queue: Queue[str] = Queue()
+
+    def pump() -> None:
+        for line in stdout:
+            queue.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            line = queue.get(timeout=remaining)
+        except Empty:
+            break
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError(f"no {marker!r} in demo output:\n{''.join(lines)}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_demo_comes_up_serves_the_page_and_stops_cleanly() -> None:
+    busy = [p for p in PORTS_TCP if not _port_free(p)]
+    assert not busy, f"ports {busy} are taken (is a demo already running?)"
+    process = subprocess.Popen(
+        [str(DEMO)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "VOICEEDGE_API_KEY": "sk-demo-test-0123456789"},
+    )
+    try:
+        lines = _read_until(process, "Ctrl-C stops every process", 120)
+        text = "".join(lines)
+        assert "open          http://127.0.0.1:8080/" in text
+        assert "API key       sk-demo-test-0123456789" in text
+        assert "relay UDP     127.0.0.1:3478" in text
+        with urllib.request.urlopen("http://127.0.0.1:8080/", timeout=10) as response:
+            assert "Talk" in response.read().decode()
+        request = urllib.request.Request("http://127.0.0.1:8080/demo/client_secret", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            assert json.loads(response.read())["value"].startswith("ek_")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    still_bound = [p for p in PORTS_TCP if not _port_free(p)]
+    assert still_bound == [], f"ports still bound after Ctrl-C: {still_bound}"
