@@ -9,13 +9,14 @@ goes out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -29,7 +30,14 @@ from services.signaling import errors
 from services.signaling.errors import ApiError
 from services.signaling.ratelimit import RateLimiter, retry_after_header
 from services.signaling.sdp import OfferError, validate_offer
-from services.signaling.store import CallRecord, CallStore, SecretRecord, StoreError
+from services.signaling.store import (
+    CALL_CONNECTED,
+    CALL_ENDED,
+    CallRecord,
+    CallStore,
+    SecretRecord,
+    StoreError,
+)
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
@@ -397,15 +405,49 @@ class CallService:
         )
 
     async def get_call(self, principal: Principal, call_id: str) -> CallRecord:
+        """The call as stored, refreshed from its transceiver while it is not ended."""
+        call = await self._owned(principal, call_id)
+        if call.state == CALL_ENDED:
+            return call
+        return await self._refresh(call)
+
+    async def _owned(self, principal: Principal, call_id: str) -> CallRecord:
         call = await self._load(call_id)
         if call.owner != principal.owner:
             raise errors.forbidden("This call belongs to another API key.")
         return call
 
+    async def _refresh(self, call: CallRecord) -> CallRecord:
+        """Asks the owning transceiver how the session is; an unreachable transceiver leaves
+        the stored state as it is (it may come back), a forgotten session ends the call."""
+        stub = transceiver_pb2_grpc.TransceiverServiceStub(self._channel(call.transceiver_address))
+        try:
+            info = (
+                await stub.GetSession(
+                    transceiver_pb2.GetSessionRequest(session_id=call.session_id),
+                    timeout=self._settings.create_session_timeout_s,
+                )
+            ).session
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                return call
+            updated = call.ended(self._clock(), common_pb2.CLOSE_REASON_INTERNAL_ERROR)
+        else:
+            if info.state == transceiver_pb2.SESSION_STATE_CLOSED:
+                updated = call.ended(self._clock(), int(info.stats.close_reason))
+            elif info.state == transceiver_pb2.SESSION_STATE_CONNECTED:
+                updated = replace(call, state=CALL_CONNECTED)
+            else:
+                return call
+        if updated != call:
+            with contextlib.suppress(StoreError):  # the answer stands; the next read retries
+                await self._store.put_call(updated)
+        return updated
+
     async def delete_call(self, principal: Principal, call_id: str) -> CallRecord:
         """Closes the session and marks the call ended; ending an ended call succeeds."""
-        call = await self.get_call(principal, call_id)
-        if call.state == "ended":
+        call = await self._owned(principal, call_id)
+        if call.state == CALL_ENDED:
             return call
         await self._close_quietly(call.transceiver_address, call.session_id)
         ended = call.ended(self._clock(), common_pb2.CLOSE_REASON_CLOSE_RPC)

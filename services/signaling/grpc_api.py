@@ -10,7 +10,7 @@ from google.protobuf import timestamp_pb2
 
 from services.signaling.calls import CallService, Principal, struct_to_dict
 from services.signaling.errors import ApiError
-from services.signaling.store import CALL_ENDED, CallRecord
+from services.signaling.store import CALL_CONNECTED, CALL_CONNECTING, CALL_ENDED, CallRecord
 from voiceedge.signaling.v1 import signaling_pb2, signaling_pb2_grpc
 
 
@@ -20,6 +20,13 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+_CALL_STATES = {
+    CALL_CONNECTING: signaling_pb2.CALL_STATE_CONNECTING,
+    CALL_CONNECTED: signaling_pb2.CALL_STATE_CONNECTED,
+    CALL_ENDED: signaling_pb2.CALL_STATE_ENDED,
+}
+
+
 def call_message(call: CallRecord) -> signaling_pb2.Call:
     message = signaling_pb2.Call(
         call_id=call.call_id,
@@ -27,9 +34,7 @@ def call_message(call: CallRecord) -> signaling_pb2.Call:
         transceiver_node_id=call.transceiver_node_id,
         session_id=call.session_id,
         created_at=_timestamp(call.created_at),
-        state=signaling_pb2.CALL_STATE_ENDED
-        if call.state == CALL_ENDED
-        else signaling_pb2.CALL_STATE_CONNECTING,
+        state=_CALL_STATES.get(call.state, signaling_pb2.CALL_STATE_CONNECTING),
         close_reason=call.close_reason,  # type: ignore[arg-type,unused-ignore]
     )
     if call.ended_at:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 CALL_CONNECTING = "connecting"
+CALL_CONNECTED = "connected"
 CALL_ENDED = "ended"
 
 

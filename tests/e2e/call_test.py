@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
+import aiohttp
 import grpc
 import numpy as np
 import pytest
@@ -133,3 +135,26 @@ async def test_speaking_during_the_reply_clears_it(stack: Stack) -> None:
     done = [e for e in result.events[cleared:] if e.get("type") == "response.done"]
     assert done, seen
     assert done[0]["response"]["status"] == "cancelled"
+
+
+@pytest.mark.timeout_s(60)
+async def test_get_call_follows_the_session(stack: Stack) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    states: list[str] = []
+
+    async def get_call(url: str) -> dict[str, Any]:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(stack.http_base + url, headers=headers) as response,
+        ):
+            body: dict[str, Any] = await response.json()
+            return body
+
+    async def look(pc: RTCPeerConnection, result: CallResult) -> None:
+        states.append((await get_call(result.call_url))["status"])
+
+    result = await run_call(stack.http_base, API_KEY, during=look)
+    assert states == ["connected"]
+    body = await get_call(result.call_url)
+    assert body["status"] == "ended"
+    assert body["ended_at"]
