@@ -14,12 +14,22 @@ from libs.service.runtime import ServiceParts, Servicer, service_main
 from services.geosteer.client import HeartbeatLoop, NodeReport, ProcessCpuMeter
 from services.transceiver import aiortc_compat
 from services.transceiver.manager import SessionManager
+from services.transceiver.rtt_report import RttCollector
 from services.transceiver.servicer import TransceiverServicer
 from services.transceiver.settings import TransceiverSettings
 from services.transceiver.udpmux import UdpMux
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2
 from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
+
+# How often live sessions' RTTs are sampled for geosteer (each batch goes out once).
+RTT_SAMPLE_INTERVAL_S = 10.0
+
+
+async def live_sessions(manager: SessionManager) -> list[transceiver_pb2.SessionInfo]:
+    sessions, _ = await manager.list(1000, "")
+    infos = [await s.info() for s in sessions]
+    return [i for i in infos if i.state != transceiver_pb2.SESSION_STATE_CLOSED]
 
 
 async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceParts:
@@ -30,10 +40,13 @@ async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceP
     media_host, media_port = await mux.start(host, port)
     manager = SessionManager(settings, mux, telemetry.meter)
     reporter: HeartbeatLoop | None = None
+    rtts = RttCollector(lambda: live_sessions(manager), RTT_SAMPLE_INTERVAL_S)
 
     async def started(grpc_address: str) -> None:
         nonlocal reporter
-        reporter = start_reporter(settings, manager, (media_host, media_port), grpc_address)
+        reporter = start_reporter(settings, manager, (media_host, media_port), grpc_address, rtts)
+        if reporter is not None:
+            rtts.start()
 
     servicer = TransceiverServicer(manager, settings.drain_grace_s)
     full_name = transceiver_pb2.DESCRIPTOR.services_by_name["TransceiverService"].full_name
@@ -45,6 +58,7 @@ async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceP
         await manager.wait_idle()
 
     async def close() -> None:
+        await rtts.close()
         if reporter is not None:
             await reporter.close()  # deregisters from geosteer, closes the channel
         await manager.shutdown()
@@ -67,6 +81,7 @@ def start_reporter(
     manager: SessionManager,
     media: tuple[str, int],
     grpc_address: str,
+    rtts: RttCollector,
 ) -> HeartbeatLoop | None:
     """Registers with geosteer and heartbeats, if geosteer_address is set."""
     if not settings.geosteer_address:
@@ -92,6 +107,7 @@ def start_reporter(
             capacity_sessions=settings.max_sessions,
             draining=manager.draining,
             cpu_load=cpu.read(),
+            rtt_samples=rtts.take(),
         ),
     )
     manager.on_draining = reporter.poke
