@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-import selectors
 import signal
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +14,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from libs.service.readiness import wait_for_ready
 
 # Not resolve(): runfiles are symlinks into the source tree, and the child must import the
 # runfiles copy (generated protos live only there).
@@ -42,21 +41,10 @@ def binary(package: str, name: str | None = None) -> list[str]:
 
 
 def read_ready_line(process: subprocess.Popen[str], timeout_s: float) -> dict[str, Any]:
-    """Reads stdout lines until the JSON ready line, or fails with what the process said."""
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not selector.select(remaining):
-                break
-            line = process.stdout.readline()
-            if not line:
-                break
-            if line.startswith("{"):
-                message: dict[str, Any] = json.loads(line)
-                if message.get("event") == "ready":
-                    return message
+    """The JSON ready line, or fail with what the process said on stderr."""
+    ready = wait_for_ready(process, timeout_s)
+    if ready is not None:
+        return ready
     process.kill()
     _, err = process.communicate(timeout=10)
     raise AssertionError(f"service never became ready (rc={process.returncode}):\n{err}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
 import shutil
 import socket
 import subprocess
@@ -27,6 +26,7 @@ import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
+from libs.service.readiness import wait_for_line
 from libs.wire import ufrag
 from services.relay.dataplane import set_buffers
 from services.relay.router import Router, binding_request_for
@@ -98,20 +98,10 @@ def free_udp_port() -> int:
 
 def read_line(process: subprocess.Popen[str], prefix: str, timeout_s: float) -> str:
     """The first stdout line starting with `prefix`, within `timeout_s`."""
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not selector.select(remaining):
-                break
-            line = process.stdout.readline()
-            if not line:
-                break
-            if line.startswith(prefix):
-                return line
-    process.kill()
-    raise SystemExit(f"{process.args!r} did not print {prefix!r}")
+    line = wait_for_line(process, lambda text: text.startswith(prefix), timeout_s)
+    if line is None:
+        raise RuntimeError(f"no line starting with {prefix!r} within {timeout_s} s")
+    return line
 
 
 def drain(sink: socket.socket, settle_s: float = 0.3, limit: int = 10_000_000) -> None:

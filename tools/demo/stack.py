@@ -8,9 +8,7 @@ for the transceiver to be registered in geosteer before it starts the relay and 
 
 from __future__ import annotations
 
-import json
 import os
-import selectors
 import signal
 import socket
 import subprocess
@@ -26,6 +24,7 @@ from typing import Any, TextIO
 
 import grpc
 
+from libs.service.readiness import wait_for_ready
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
 READY_TIMEOUT_S = 60.0
@@ -98,19 +97,10 @@ def _pump(name: str, stream: TextIO, sink: TextIO, tail: deque[str] | None = Non
 
 
 def _wait_ready(name: str, process: subprocess.Popen[str]) -> dict[str, Any]:
-    assert process.stdout is not None
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while (remaining := deadline - time.monotonic()) > 0 and selector.select(remaining):
-            line = process.stdout.readline()
-            if not line:
-                break
-            if line.startswith("{"):
-                message: dict[str, Any] = json.loads(line)
-                if message.get("event") == "ready":
-                    return message
-    raise RuntimeError(f"{name} did not become ready (exit code {process.poll()})")
+    ready = wait_for_ready(process, READY_TIMEOUT_S)
+    if ready is None:
+        raise RuntimeError(f"{name} did not become ready (exit code {process.poll()})")
+    return ready
 
 
 def stop_processes(processes: Sequence[tuple[str, subprocess.Popen[str]]]) -> None:
