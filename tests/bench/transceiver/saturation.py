@@ -48,7 +48,7 @@ from libs.service.testing import binary, read_ready_line
 from services.transceiver import aiortc_compat
 from services.transceiver.media import OpusPacketizer
 from services.transceiver.testkit import EchoBridge, FramingRelay, create_request
-from tests.bench.transceiver.bench import cpu_seconds, late_fraction, rss_kib, start_transceiver
+from tests.bench.transceiver.bench import cpu_seconds, rss_kib, start_transceiver
 from voiceedge.transceiver.v1 import transceiver_pb2_grpc
 
 FRAME_S = 0.02
@@ -139,17 +139,27 @@ class LoadClient:
         await aiortc_compat.wait_pc_closed(self.pc)
 
 
-def echo_late(arrivals: Sequence[tuple[float, int]], expected: int) -> tuple[int, int]:
-    """(late, frames) for one session's received RTP: see the module docstring. Pure."""
+def lateness(points: Sequence[tuple[float, float]]) -> tuple[int, int, float]:
+    """(late, frames, worst lateness in s) of one stream's (frame index k, arrival time)
+    points against its best-aligned 20 ms clock; frames missing inside the span are late.
+    Pure."""
+    if not points:
+        return 0, 0, 0.0
+    base = min(t - k * FRAME_S for k, t in points)
+    delays = [t - (base + k * FRAME_S) for k, t in points]
+    late = sum(1 for d in delays if d > LATE_S)
+    first = min(k for k, _ in points)
+    span = round(max(k for k, _ in points) - first) + 1
+    missing = max(0, span - len({round(k) for k, _ in points}))
+    return late + missing, max(span, len(points)), max(delays)
+
+
+def echo_points(arrivals: Sequence[tuple[float, int]]) -> list[tuple[float, float]]:
+    """Received RTP (arrival, timestamp) -> (frame index from the RTP timestamp, arrival)."""
     if not arrivals:
-        return expected, expected
+        return []
     first_ts = arrivals[0][1]
-    indexed = [(((ts - first_ts) & 0xFFFFFFFF) / OPUS_TICKS, t) for t, ts in arrivals]
-    base = min(t - k * FRAME_S for k, t in indexed)
-    late = sum(1 for k, t in indexed if t - (base + k * FRAME_S) > LATE_S)
-    span = round(max(k for k, _ in indexed)) + 1
-    missing = max(0, span - len({round(k) for k, _ in indexed}))
-    return late + missing, max(span, len(indexed))
+    return [(((ts - first_ts) & 0xFFFFFFFF) / OPUS_TICKS, t) for t, ts in arrivals]
 
 
 @dataclass
@@ -157,6 +167,7 @@ class StepResult:
     sessions: int
     late_echo: tuple[int, int]
     late_bridge: tuple[int, int] | None
+    worst_ms: float
     server_cpu: float
     generator_cpu: float
     send_lag_p99_ms: float
@@ -265,21 +276,25 @@ async def ramp(
             generator_cpu = (time.process_time() - gen0) / wall
             expected = int(step_seconds / FRAME_S)
             late = total = 0
+            worst = 0.0
             for client in clients:
-                lt, n = echo_late(client.arrivals, expected)
-                late, total = late + lt, total + n
+                lt, n, w = lateness(echo_points(client.arrivals))
+                if n == 0:
+                    lt, n, w = expected, expected, step_seconds  # heard nothing in the step
+                late, total, worst = late + lt, total + n, max(worst, w)
             late_bridge: tuple[int, int] | None = None
             if bridge is not None:
                 blate = btotal = 0
                 for stream in bridge.streams.values():
-                    lt, n = late_fraction(stream.arrivals)
-                    blate, btotal = blate + lt, btotal + n
+                    lt, n, w = lateness([(float(k), t) for k, t in stream.arrivals])
+                    blate, btotal, worst = blate + lt, btotal + n, max(worst, w)
                 late_bridge = (blate, btotal)
             lags = sorted(pacer.lags) or [0.0]
             result = StepResult(
                 count,
                 (late, total),
                 late_bridge,
+                worst * 1000,
                 server_cpu,
                 generator_cpu,
                 lags[int(len(lags) * 0.99)] * 1000,
@@ -301,7 +316,8 @@ def print_row(name: str, r: StepResult) -> None:
         bridge = f"{100 * r.late_bridge[0] / max(r.late_bridge[1], 1):.2f}%"
     print(
         f"  {name:22} {r.sessions:5d} sessions  late: echo "
-        f"{100 * r.late_echo[0] / max(r.late_echo[1], 1):6.2f}% bridge {bridge:>7}  "
+        f"{100 * r.late_echo[0] / max(r.late_echo[1], 1):6.2f}% bridge {bridge:>7} "
+        f"worst {r.worst_ms:5.0f} ms  "
         f"server CPU {100 * r.server_cpu:4.0f}%  generator CPU {100 * r.generator_cpu:4.0f}%  "
         f"send lag p99 {r.send_lag_p99_ms:5.1f} ms  RSS/session {r.rss_per_session_kib:6.0f} KiB",
         flush=True,
