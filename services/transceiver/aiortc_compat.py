@@ -10,6 +10,9 @@ The transceiver needs four things the public APIs do not offer:
 - read the selected candidate pair (`Connection._nominated`);
 - reach the ICE connection from the gatherer (`RTCIceGatherer._connection`).
 
+Test clients and the saturation benchmark's load generator also use the helpers at the end
+(`srtp_protect`: `RTCDtlsTransport._tx_srtp`; `tap_rtp_datagrams`); the service never does.
+
 private_api_test.py fails with the attribute's name if an upgrade moves any of them.
 """
 
