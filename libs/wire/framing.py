@@ -11,6 +11,7 @@ any session.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 
 MAGIC = b"VE"
@@ -27,11 +28,17 @@ class FrameError(ValueError):
 
 def encode(client_ip: str, client_port: int, payload: bytes) -> bytes:
     """Wraps `payload` for the client at (client_ip, client_port)."""
-    address = ipaddress.ip_address(client_ip)
     if not 0 <= client_port <= 0xFFFF:
         raise FrameError(f"port {client_port} out of range")
-    flags = FLAG_IPV6 if address.version == 6 else 0
-    return _PREFIX.pack(MAGIC, VERSION, flags, client_port) + address.packed + payload
+    try:
+        # Dotted quad, the common case: inet_pton is ~10x cheaper than ipaddress and just
+        # as strict (no short forms, no leading zeros).
+        packed, flags = socket.inet_pton(socket.AF_INET, client_ip), 0
+    except OSError:
+        address = ipaddress.ip_address(client_ip)  # IPv6, or a ValueError naming the input
+        packed = address.packed
+        flags = FLAG_IPV6 if address.version == 6 else 0
+    return _PREFIX.pack(MAGIC, VERSION, flags, client_port) + packed + payload
 
 
 def header(client_ip: str, client_port: int) -> bytes:
@@ -54,4 +61,5 @@ def decode(frame: bytes) -> tuple[str, int, bytes]:
         if len(frame) < HEADER_V6:
             raise FrameError("short IPv6 frame")
         return str(ipaddress.IPv6Address(frame[6:22])), port, frame[HEADER_V6:]
-    return str(ipaddress.IPv4Address(frame[6:10])), port, frame[HEADER_V4:]
+    # inet_ntop gives the same dotted quad as ipaddress, ~10x cheaper per datagram.
+    return socket.inet_ntop(socket.AF_INET, frame[6:10]), port, frame[HEADER_V4:]

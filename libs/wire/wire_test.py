@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import struct
 from pathlib import Path
 
@@ -212,6 +213,20 @@ def test_frame_vectors() -> None:
     assert framing.decode(v4) == ("203.0.113.9", 50000, b"\x80\x6f\x00\x01payload")
     assert framing.decode(v6) == ("2001:db8::9", 50000, b"\x16\xfe\xfd")
     assert len(framing.header("127.0.0.1", 1)) == framing.HEADER_V4
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "127.0.0.1", "203.0.113.9", "255.255.255.255"])
+def test_frame_v4_address_text(address: str) -> None:
+    # The fast IPv4 path (inet_pton/inet_ntop) agrees with ipaddress both ways.
+    frame = framing.encode(address, 1, b"")
+    assert frame[6:10] == ipaddress.IPv4Address(address).packed
+    assert framing.decode(frame)[0] == str(ipaddress.IPv4Address(address))
+
+
+@pytest.mark.parametrize("address", ["01.2.3.4", "1.2.3", "256.1.1.1", " 1.2.3.4", "host", ""])
+def test_frame_bad_address(address: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 (ipaddress's message names the input)
+        framing.encode(address, 1, b"")
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,11 @@ Run: ./bazelw run //services/transceiver -- --help
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Sequence
+
+import uvloop
 
 from libs.config.settings import parse_host_port
 from libs.observability.telemetry import Telemetry
@@ -116,6 +119,9 @@ def start_reporter(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # uvloop: the per-datagram, per-timer and per-task loop overhead aiortc's media path
+    # pays ~2x per packet is cheaper than on the default loop (BENCHMARKS.md, transceiver).
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return service_main(
         argv,
         name="transceiver",

@@ -10,6 +10,9 @@ The transceiver needs four things the public APIs do not offer:
 - read the selected candidate pair (`Connection._nominated`);
 - reach the ICE connection from the gatherer (`RTCIceGatherer._connection`).
 
+Test clients and the saturation benchmark's load generator also use the helpers at the end
+(`srtp_protect`: `RTCDtlsTransport._tx_srtp`; `tap_rtp_datagrams`); the service never does.
+
 private_api_test.py fails with the attribute's name if an upgrade moves any of them.
 """
 
@@ -280,3 +283,37 @@ def check_versions() -> None:
     for method in ("connection_made", "datagram_received", "connection_lost", "send_stun"):
         if not hasattr(aioice.ice.StunProtocol, method):
             raise CompatError(f"aioice.ice.StunProtocol.{method} is gone")
+
+
+# ---- load generator only (tests/bench/transceiver/saturation.py)
+
+RtpSink = Callable[[bytes], None]
+
+
+def srtp_protect(pc: RTCPeerConnection) -> Callable[[bytes], bytes]:
+    """Load generators only: the outbound SRTP `protect` of `pc`'s (BUNDLEd) DTLS transport
+    (`RTCDtlsTransport._tx_srtp`, keyed once DTLS connected), so a benchmark client can send
+    ready RTP without aiortc's per-packet sender task."""
+    (audio,) = [t for t in pc.getTransceivers() if t.kind == "audio"]
+    session = getattr(audio.sender.transport, "_tx_srtp", None)
+    protect = getattr(session, "protect", None)
+    if protect is None:
+        raise CompatError("aiortc RTCDtlsTransport._tx_srtp is gone or not keyed yet")
+    return protect  # type: ignore[no-any-return]
+
+
+def tap_rtp_datagrams(transport: asyncio.BaseTransport, sink: RtpSink) -> None:
+    """Load generators only: SRTP datagrams (RTP, not RTCP; RFC 5761 §4 demux, RFC 7983
+    first-byte ranges) reaching `transport`'s aioice protocol go to `sink` still encrypted
+    (the RTP header is clear text, RFC 3711 §3.1) instead of through aiortc's unprotect,
+    parse and jitter buffer; STUN, DTLS and RTCP go on as before."""
+    protocol = transport.get_protocol()
+    original = protocol.datagram_received  # type: ignore[attr-defined]
+
+    def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
+        if len(data) >= 12 and 127 < data[0] < 192 and not 63 < (data[1] & 0x7F) < 96:
+            sink(data)
+        else:
+            original(data, addr)
+
+    protocol.datagram_received = datagram_received  # type: ignore[attr-defined]

@@ -78,6 +78,7 @@ class OpusToPcm:
 OPUS_CLOCK_HZ = 48000  # RTP clock of Opus, whatever the encoded rate (RFC 7587 §4.1)
 OPUS_BITRATE = 48000
 OPUS_SAMPLES_PER_FRAME = OPUS_CLOCK_HZ * FRAME_MS // 1000
+OPUS_TIME_BASE = fractions.Fraction(1, OPUS_CLOCK_HZ)  # built once, not per packet
 
 
 class OpusPacketizer:
@@ -95,7 +96,8 @@ class OpusPacketizer:
         codec.layout = "mono"
         codec.format = "s16"
         codec.bit_rate = OPUS_BITRATE
-        codec.time_base = fractions.Fraction(1, rate_hz)
+        self._time_base = fractions.Fraction(1, rate_hz)
+        codec.time_base = self._time_base
         codec.options = {"application": "voip", "frame_duration": str(FRAME_MS)}
         self._codec = codec
         self._pts = 0
@@ -105,7 +107,7 @@ class OpusPacketizer:
         frame.planes[0].update(pcm)
         frame.sample_rate = self.rate_hz
         frame.pts = self._pts
-        frame.time_base = fractions.Fraction(1, self.rate_hz)
+        frame.time_base = self._time_base
         self._pts += self.samples
         packets = self._codec.encode(frame)
         return bytes(packets[-1]) if packets else None
@@ -230,6 +232,6 @@ class PlayoutTrack(MediaStreamTrack):
                 await asyncio.sleep(wait)
         packet = av.Packet(self._next_packet())
         packet.pts = self._sent * (OPUS_CLOCK_HZ * FRAME_MS // 1000)
-        packet.time_base = fractions.Fraction(1, OPUS_CLOCK_HZ)
+        packet.time_base = OPUS_TIME_BASE
         self._sent += 1
         return packet
