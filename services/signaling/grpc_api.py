@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -12,6 +13,8 @@ from services.signaling.calls import CallService, Principal, struct_to_dict
 from services.signaling.errors import ApiError
 from services.signaling.store import CALL_CONNECTED, CALL_CONNECTING, CALL_ENDED, CallRecord
 from voiceedge.signaling.v1 import signaling_pb2, signaling_pb2_grpc
+
+T = TypeVar("T")
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -61,20 +64,32 @@ class SignalingServicer(signaling_pb2_grpc.SignalingServiceServicer):
         context.set_trailing_metadata(trailers)
         await context.abort(exc.grpc_code, exc.message)
 
+    async def _as_caller(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        action: Callable[[Principal], Awaitable[T]],
+    ) -> T:
+        """Authenticates the caller from the metadata, runs `action` as them, and turns an
+        ApiError into the gRPC status (and trailers) the HTTP API's error maps to."""
+        try:
+            principal = await self._principal(context)
+            return await action(principal)
+        except ApiError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from exc
+
     async def CreateCall(  # noqa: N802 (gRPC method name)
         self,
         request: signaling_pb2.CreateCallRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> signaling_pb2.CreateCallResponse:
-        try:
-            principal = await self._principal(context)
-            session = struct_to_dict(request.session) if request.HasField("session") else None
-            created = await self._service.create_call(
+        session = struct_to_dict(request.session) if request.HasField("session") else None
+        created = await self._as_caller(
+            context,
+            lambda principal: self._service.create_call(
                 principal, request.offer_sdp, session, request.client_ip
-            )
-        except ApiError as exc:
-            await self._abort(context, exc)
-            raise AssertionError("unreachable") from exc
+            ),
+        )
         return signaling_pb2.CreateCallResponse(
             call_id=created.call.call_id,
             answer_sdp=created.answer_sdp,
@@ -84,12 +99,9 @@ class SignalingServicer(signaling_pb2_grpc.SignalingServiceServicer):
     async def GetCall(  # noqa: N802 (gRPC method name)
         self, request: signaling_pb2.GetCallRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> signaling_pb2.GetCallResponse:
-        try:
-            principal = await self._principal(context)
-            call = await self._service.get_call(principal, request.call_id)
-        except ApiError as exc:
-            await self._abort(context, exc)
-            raise AssertionError("unreachable") from exc
+        call = await self._as_caller(
+            context, lambda principal: self._service.get_call(principal, request.call_id)
+        )
         return signaling_pb2.GetCallResponse(call=call_message(call))
 
     async def DeleteCall(  # noqa: N802 (gRPC method name)
@@ -97,12 +109,9 @@ class SignalingServicer(signaling_pb2_grpc.SignalingServiceServicer):
         request: signaling_pb2.DeleteCallRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> signaling_pb2.DeleteCallResponse:
-        try:
-            principal = await self._principal(context)
-            call = await self._service.delete_call(principal, request.call_id)
-        except ApiError as exc:
-            await self._abort(context, exc)
-            raise AssertionError("unreachable") from exc
+        call = await self._as_caller(
+            context, lambda principal: self._service.delete_call(principal, request.call_id)
+        )
         return signaling_pb2.DeleteCallResponse(call=call_message(call))
 
     async def CreateClientSecret(  # noqa: N802 (gRPC method name)
@@ -110,15 +119,13 @@ class SignalingServicer(signaling_pb2_grpc.SignalingServiceServicer):
         request: signaling_pb2.CreateClientSecretRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> signaling_pb2.CreateClientSecretResponse:
-        try:
-            principal = await self._principal(context)
-            session = struct_to_dict(request.session) if request.HasField("session") else None
-            secret = await self._service.create_client_secret(
+        session = struct_to_dict(request.session) if request.HasField("session") else None
+        secret = await self._as_caller(
+            context,
+            lambda principal: self._service.create_client_secret(
                 principal, request.expires_after_s, session
-            )
-        except ApiError as exc:
-            await self._abort(context, exc)
-            raise AssertionError("unreachable") from exc
+            ),
+        )
         response = signaling_pb2.CreateClientSecretResponse(
             value=secret.value, expires_at=_timestamp(secret.expires_at)
         )

@@ -125,6 +125,7 @@ async def test_speaking_during_the_reply_clears_it(stack: Stack) -> None:
         await asyncio.sleep(0.2)  # let the reply play a little: a fixed span of audio
         track.silent = False  # barge in
         await result.wait_event("output_audio_buffer.cleared", timeout_s=10)
+        await result.wait_event("response.done", timeout_s=5)  # the cancelled reply
 
     result = await run_call(stack.http_base, API_KEY, track=track, during=interrupt)
     seen = result.event_types()
