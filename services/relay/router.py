@@ -117,7 +117,28 @@ class Binding:
         self.via = via  # index of the public socket the client talks to
 
 
-class Router:
+class CounterTotals:
+    """Totals over the per-direction counter matrices a router (or a worker's snapshot of
+    one) keeps: rows are directions, columns packet classes or drop reasons."""
+
+    rx_packets: list[list[int]]
+    fwd_packets: list[list[int]]
+    drop_packets: list[list[int]]
+
+    @property
+    def packets_received(self) -> int:
+        return sum(sum(row) for row in self.rx_packets)
+
+    @property
+    def packets_forwarded(self) -> int:
+        return sum(sum(row) for row in self.fwd_packets)
+
+    @property
+    def packets_dropped(self) -> int:
+        return sum(sum(row) for row in self.drop_packets)
+
+
+class Router(CounterTotals):
     """Binding table and counters. All methods are synchronous and never raise on input."""
 
     def __init__(
@@ -343,18 +364,6 @@ class Router:
 
     def count_dropped(self, direction: int, reason: int, size: int) -> None:
         self._drop(direction, reason, size)
-
-    @property
-    def packets_received(self) -> int:
-        return sum(sum(row) for row in self.rx_packets)
-
-    @property
-    def packets_forwarded(self) -> int:
-        return sum(sum(row) for row in self.fwd_packets)
-
-    @property
-    def packets_dropped(self) -> int:
-        return sum(sum(row) for row in self.drop_packets)
 
 
 def binding_request_for(

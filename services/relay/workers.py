@@ -24,7 +24,7 @@ import uvloop
 from libs.observability.telemetry import configure_logging, log_event
 from libs.wire import ufrag
 from services.relay.dataplane import DataPlane
-from services.relay.router import Router
+from services.relay.router import CounterTotals, Router
 from services.relay.settings import RelaySettings
 from services.relay.store import BindingStore, make_binding_store
 from services.relay.topology import make_topology_source
@@ -35,7 +35,7 @@ SNAPSHOT_S = 0.5
 _COUNTERS = ("rx_packets", "rx_bytes", "fwd_packets", "fwd_bytes", "drop_packets", "drop_bytes")
 
 
-class CounterSnapshot:
+class CounterSnapshot(CounterTotals):
     """The last counters a child reported, shaped like the Router fields the admin reads."""
 
     def __init__(self) -> None:
@@ -59,18 +59,6 @@ class CounterSnapshot:
 
     def __len__(self) -> int:
         return self.bindings_active
-
-    @property
-    def packets_received(self) -> int:
-        return sum(sum(row) for row in self.rx_packets)
-
-    @property
-    def packets_forwarded(self) -> int:
-        return sum(sum(row) for row in self.fwd_packets)
-
-    @property
-    def packets_dropped(self) -> int:
-        return sum(sum(row) for row in self.drop_packets)
 
 
 @dataclass(frozen=True, slots=True)
