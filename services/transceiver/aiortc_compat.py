@@ -8,6 +8,9 @@ The transceiver needs four things the public APIs do not offer:
   (`Connection._local_candidates`, `_local_candidates_start`, `_local_candidates_end`,
   `_protocols`, and `aioice.ice.StunProtocol`);
 - read the selected candidate pair (`Connection._nominated`);
+- replace aioice's consent-freshness loop (`Connection.query_consent`, `build_request`,
+  `_query_consent_task`), whose checks give up after one 0.5 s try, with one that follows
+  RFC 7675 §5.1: consent expires 30 s after the last answered check;
 - reach the ICE connection from the gatherer (`RTCIceGatherer._connection`).
 
 Test clients and the saturation benchmark's load generator also use the helpers at the end
@@ -19,14 +22,17 @@ private_api_test.py fails with the attribute's name if an upgrade moves any of t
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import queue
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aioice
 import aioice.ice
+import aioice.stun
 import aiortc
 import aiortc.rtp
 import numpy as np
@@ -202,6 +208,74 @@ def install_fast_audio_level() -> None:
     aiortc.rtp.compute_audio_level_dbov = audio_level_dbov
 
 
+CONSENT_INTERVAL_S = 5.0  # RFC 7675 §5.1: checks every 5 s, randomised to 0.8-1.2x
+CONSENT_EXPIRY_S = 30.0  # RFC 7675 §5.1: no answered check for 30 s ends consent
+# STUN retransmissions per check (RFC 8489 §6.2.1, RTO 0.5 s doubling): a check stays open
+# 0.5 + 1 + 2 + 4 = 7.5 s, so an answer delayed by a busy event loop or network still counts.
+CONSENT_RETRANSMISSIONS = 3
+
+
+def install_consent_freshness(
+    connection: aioice.Connection,
+    *,
+    interval_s: float = CONSENT_INTERVAL_S,
+    expiry_s: float = CONSENT_EXPIRY_S,
+    retransmissions: int = CONSENT_RETRANSMISSIONS,
+) -> None:
+    """Replaces aioice's consent loop for `connection` (call before ICE connects).
+
+    aioice 0.13 sends each check once, waits 0.5 s and closes after 6 consecutive misses,
+    so an event loop that lags over 0.5 s for 30 s ends calls whose every check was
+    answered. Here each check is a STUN transaction with retransmissions, several may be
+    open at once, and consent expires only `expiry_s` after the last answer (RFC 7675)."""
+    run = functools.partial(_consent_loop, connection, interval_s, expiry_s, retransmissions)
+    setattr(connection, "query_consent", run)  # noqa: B010 (shadowing a method on purpose)
+
+
+async def _consent_loop(
+    connection: aioice.Connection, interval_s: float, expiry_s: float, retransmissions: int
+) -> None:
+    password = connection.remote_password
+    if password is None:
+        raise CompatError("aioice started consent checks without the remote password")
+    loop = asyncio.get_running_loop()
+    last_answer = loop.time()
+    checks: set[asyncio.Task[None]] = set()
+
+    async def check(pair: Any) -> None:
+        nonlocal last_answer
+        request = connection.build_request(pair, nominate=False)
+        try:
+            await pair.protocol.request(
+                request,
+                pair.remote_addr,
+                integrity_key=password.encode("utf8"),
+                retransmissions=retransmissions,
+            )
+        except aioice.stun.TransactionError:
+            return
+        last_answer = max(last_answer, loop.time())
+
+    try:
+        while True:
+            await asyncio.sleep(interval_s * (0.8 + 0.4 * random.random()))
+            if loop.time() - last_answer >= expiry_s:
+                # As aioice does: clear the task handle first (consent_expired() reads it),
+                # so close() does not cancel this coroutine.
+                connection._query_consent_task = None
+                await connection.close()
+                return
+            for pair in list(connection._nominated.values()):
+                task = loop.create_task(check(pair))
+                checks.add(task)
+                task.add_done_callback(checks.discard)
+    finally:
+        for task in list(checks):
+            task.cancel()
+        if checks:
+            await asyncio.gather(*checks, return_exceptions=True)
+
+
 def consent_expired(connection: aioice.Connection) -> bool:
     """True if aioice closed the connection because consent freshness failed (RFC 7675):
     its consent loop clears `_query_consent_task` before closing, while close() from a
@@ -280,6 +354,9 @@ def check_versions() -> None:
     for name in RECEIVER_ATTRIBUTES:
         if not isinstance(getattr(receiver, name, None), queue.Queue):
             raise CompatError(f"aiortc.RTCRtpReceiver.{name} is gone: update aiortc_compat.py")
+    for name in ("query_consent", "build_request", "remote_password"):
+        if not hasattr(connection, name):
+            raise CompatError(f"aioice.Connection.{name} is gone: update aiortc_compat.py")
     for method in ("connection_made", "datagram_received", "connection_lost", "send_stun"):
         if not hasattr(aioice.ice.StunProtocol, method):
             raise CompatError(f"aioice.ice.StunProtocol.{method} is gone")

@@ -24,6 +24,7 @@ from libs.service.runtime import GrpcService, Servicer
 from libs.wire import framing, ufrag
 from services.transceiver import aiortc_compat
 from services.transceiver.manager import SessionManager
+from services.transceiver.media import OPUS_TIME_BASE, OpusPacketizer
 from services.transceiver.servicer import TransceiverServicer
 from services.transceiver.session import Session
 from services.transceiver.settings import TransceiverSettings
@@ -225,6 +226,44 @@ class ToneTrack(MediaStreamTrack):
         return frame
 
 
+class OpusToneTrack(MediaStreamTrack):
+    """The same paced tone as ToneTrack, but as ready Opus packets (one second encoded once
+    and repeated): aiortc's sender only packs them, so many clients fit in one process."""
+
+    kind = "audio"
+
+    def __init__(self, frequency_hz: float = 440.0, frames: int | None = None) -> None:
+        super().__init__()
+        self.frames = frames
+        encoder = OpusPacketizer(48000)
+        self._packets: list[bytes] = []
+        n = 960
+        for count in range(50 + 5):  # one second, past the encoder's look-ahead
+            t = (np.arange(n) + count * n) / 48000.0
+            samples = 0.3 * 32767 * np.sin(2 * math.pi * frequency_hz * t)
+            packet = encoder.encode(samples.astype(np.int16).tobytes())
+            if count >= 5 and packet is not None:
+                self._packets.append(packet)
+        self._count = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.Packet[Any]:
+        loop = asyncio.get_running_loop()
+        if self._start is None:
+            self._start = loop.time()
+        if self.frames is not None and self._count >= self.frames:
+            self.stop()
+            raise MediaStreamError
+        wait = self._start + self._count * 0.02 - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        packet = av.Packet(self._packets[self._count % len(self._packets)])
+        packet.pts = self._count * 960
+        packet.time_base = OPUS_TIME_BASE
+        self._count += 1
+        return packet
+
+
 def mono(frame: av.AudioFrame) -> np.ndarray[Any, np.dtype[np.int16]]:
     data = np.frombuffer(bytes(frame.planes[0]), dtype=np.int16)
     channels = len(frame.layout.channels)
@@ -247,10 +286,18 @@ class Client:
     """An aiortc caller with a tone track and the 'oai-events' data channel."""
 
     def __init__(
-        self, tone_hz: float = 440.0, tone_frames: int | None = None, decode_audio: bool = True
+        self,
+        tone_hz: float = 440.0,
+        tone_frames: int | None = None,
+        decode_audio: bool = True,
+        pre_encoded: bool = False,
     ) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.tone = ToneTrack(tone_hz, frames=tone_frames)
+        self.tone: MediaStreamTrack = (
+            OpusToneTrack(tone_hz, frames=tone_frames)
+            if pre_encoded
+            else ToneTrack(tone_hz, frames=tone_frames)
+        )
         self.pc.addTrack(self.tone)
         self.packets_received = 0
         if not decode_audio:
