@@ -11,10 +11,13 @@ The transceiver needs four things the public APIs do not offer:
 - replace aioice's consent-freshness loop (`Connection.query_consent`, `build_request`,
   `_query_consent_task`), whose checks give up after one 0.5 s try, with one that follows
   RFC 7675 §5.1: consent expires 30 s after the last answered check;
-- reach the ICE connection from the gatherer (`RTCIceGatherer._connection`).
+- reach the ICE connection from the gatherer (`RTCIceGatherer._connection`);
+- run audio RTP on our own path (services/transceiver/rtp.py) once DTLS keyed SRTP: the
+  SRTP sessions (`RTCDtlsTransport._rx_srtp`, `_tx_srtp`), and what aiortc's RTCP sender
+  reports need from the packets we send (`RTCRtpSender.__ntp_timestamp`, `__rtp_timestamp`,
+  `__packet_count`, `__octet_count`).
 
-Test clients and the saturation benchmark's load generator also use the helpers at the end
-(`srtp_protect`: `RTCDtlsTransport._tx_srtp`; `tap_rtp_datagrams`); the service never does.
+The saturation benchmark's load generator also uses `tap_rtp_datagrams` (end of file).
 
 private_api_test.py fails with the attribute's name if an upgrade moves any of them.
 """
@@ -26,6 +29,7 @@ import functools
 import math
 import queue
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +61,13 @@ CONNECTION_ATTRIBUTES = (
 )
 GATHERER_ATTRIBUTES = ("_connection",)
 RECEIVER_ATTRIBUTES = ("_RTCRtpReceiver__decoder_queue",)
+SENDER_REPORT_ATTRIBUTES = (
+    "_RTCRtpSender__ntp_timestamp",
+    "_RTCRtpSender__rtp_timestamp",
+    "_RTCRtpSender__packet_count",
+    "_RTCRtpSender__octet_count",
+)
+DTLS_ATTRIBUTES = ("_rx_srtp", "_tx_srtp")
 PEER_CONNECTION_ATTRIBUTES = ("_RTCPeerConnection__closeTask", "_RTCPeerConnection__connect")
 
 
@@ -350,7 +361,14 @@ def check_versions() -> None:
     for name in PEER_CONNECTION_ATTRIBUTES:
         if not hasattr(pc, name):
             raise CompatError(f"aiortc.RTCPeerConnection.{name} is gone: update aiortc_compat.py")
-    receiver = pc.addTransceiver("audio").receiver
+    transceiver = pc.addTransceiver("audio")
+    receiver = transceiver.receiver
+    for name in SENDER_REPORT_ATTRIBUTES:
+        if not isinstance(getattr(transceiver.sender, name, None), int):
+            raise CompatError(f"aiortc.RTCRtpSender.{name[13:]} is gone: update aiortc_compat.py")
+    for name in DTLS_ATTRIBUTES:
+        if not hasattr(transceiver.sender.transport, name):
+            raise CompatError(f"aiortc.RTCDtlsTransport.{name} is gone: update aiortc_compat.py")
     for name in RECEIVER_ATTRIBUTES:
         if not isinstance(getattr(receiver, name, None), queue.Queue):
             raise CompatError(f"aiortc.RTCRtpReceiver.{name} is gone: update aiortc_compat.py")
@@ -362,21 +380,51 @@ def check_versions() -> None:
             raise CompatError(f"aioice.ice.StunProtocol.{method} is gone")
 
 
+# ---- our own RTP path (services/transceiver/rtp.py)
+
+SrtpTransform = Callable[[bytes], bytes]
+
+
+def srtp_transforms(pc: RTCPeerConnection) -> tuple[SrtpTransform, SrtpTransform]:
+    """(unprotect, protect) of the audio stream's (BUNDLEd) DTLS transport, keyed once DTLS
+    connected. pylibsrtp's, in C; the same sessions aiortc uses for RTCP, on the same loop."""
+    (audio,) = [t for t in pc.getTransceivers() if t.kind == "audio"]
+    dtls = audio.sender.transport
+    rx = getattr(dtls, "_rx_srtp", None)
+    tx = getattr(dtls, "_tx_srtp", None)
+    if rx is None or tx is None:
+        raise CompatError("aiortc RTCDtlsTransport._rx_srtp/_tx_srtp are gone or not keyed yet")
+    return rx.unprotect, tx.protect
+
+
+NTP_EPOCH_OFFSET_S = 2208988800  # 1900-01-01 to 1970-01-01 (RFC 5905 §6)
+
+
+def sender_report_sink(pc: RTCPeerConnection) -> Callable[[int, int, int], None]:
+    """What aiortc's RTCRtpSender puts in its RTCP sender reports (RFC 3550 §6.4.1) comes
+    from its own RTP loop; ours sends instead, so it records the same four values here."""
+    (audio,) = [t for t in pc.getTransceivers() if t.kind == "audio"]
+    sender = audio.sender
+    ntp, rtp_ts, packets_name, octets_name = SENDER_REPORT_ATTRIBUTES
+
+    def record(rtp_timestamp: int, packets: int, octets: int) -> None:
+        setattr(sender, ntp, int((time.time() + NTP_EPOCH_OFFSET_S) * 4294967296.0))
+        setattr(sender, rtp_ts, rtp_timestamp)
+        setattr(sender, packets_name, packets)
+        setattr(sender, octets_name, octets)
+
+    return record
+
+
+def nominated_remote(connection: aioice.Connection) -> tuple[str, int] | None:
+    """The client address of the selected pair (component 1), or None before nomination."""
+    pair = connection._nominated.get(1)
+    return None if pair is None else pair.remote_addr
+
+
 # ---- load generator only (tests/bench/transceiver/saturation.py)
 
 RtpSink = Callable[[bytes], None]
-
-
-def srtp_protect(pc: RTCPeerConnection) -> Callable[[bytes], bytes]:
-    """Load generators only: the outbound SRTP `protect` of `pc`'s (BUNDLEd) DTLS transport
-    (`RTCDtlsTransport._tx_srtp`, keyed once DTLS connected), so a benchmark client can send
-    ready RTP without aiortc's per-packet sender task."""
-    (audio,) = [t for t in pc.getTransceivers() if t.kind == "audio"]
-    session = getattr(audio.sender.transport, "_tx_srtp", None)
-    protect = getattr(session, "protect", None)
-    if protect is None:
-        raise CompatError("aiortc RTCDtlsTransport._tx_srtp is gone or not keyed yet")
-    return protect  # type: ignore[no-any-return]
 
 
 def tap_rtp_datagrams(transport: asyncio.BaseTransport, sink: RtpSink) -> None:

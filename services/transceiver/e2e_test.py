@@ -75,8 +75,24 @@ async def test_call_connects_echoes_tone_and_events_then_closes_once() -> None:
         assert info.stats.time_to_first_audio_in_ms > 0
         assert info.stats.time_to_first_audio_out_ms > 0
         assert info.stats.bytes_received > 0
-        assert info.stats.packets_received > 0
+        # RTP both ways on our own path (rtp.py): its counters, RFC 3550 loss and jitter.
+        assert info.stats.packets_received > 50
+        assert info.stats.packets_sent > 50
+        assert info.stats.packets_lost == 0
+        assert 0 <= info.stats.jitter_ms < 20
         assert info.bridge_address == stack.bridge.address
+
+        # RTT from RTCP: the caller's receiver reports answer the sender reports aiortc
+        # builds from what our RTP path recorded (every 0.5-1.5 s).
+        async def rtt_ms() -> float:
+            request = transceiver_pb2.GetSessionRequest(session_id="s1")
+            return float((await stack.stub.GetSession(request)).session.stats.rtt_ms)
+
+        for _ in range(100):  # polls an RPC: at most 100 x 0.1 s
+            if (rtt := await rtt_ms()) > 0:
+                break
+            await asyncio.sleep(0.1)
+        assert 0 < rtt < 500
 
         closed = await stack.stub.CloseSession(transceiver_pb2.CloseSessionRequest(session_id="s1"))
         assert closed.session.state == transceiver_pb2.SESSION_STATE_CLOSED

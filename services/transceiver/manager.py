@@ -16,7 +16,7 @@ import grpc.aio
 from opentelemetry import metrics
 
 from libs.observability.telemetry import log_event
-from services.transceiver import sdp
+from services.transceiver import rtp, sdp
 from services.transceiver.session import Session, SessionParams, endpoints_of
 from services.transceiver.settings import TransceiverSettings
 from services.transceiver.udpmux import UdpMux
@@ -57,6 +57,7 @@ class SessionManager:
     ) -> None:
         self.settings = settings
         self.mux = mux
+        self.pacer = rtp.Pacer()  # one 20 ms send clock for every session's audio
         self._open: dict[str, Session] = {}
         self._closed: OrderedDict[str, ClosedSession] = OrderedDict()
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -158,7 +159,7 @@ class SessionManager:
             raise SessionError(
                 grpc.StatusCode.ALREADY_EXISTS, "ice_ufrag already in use by another session"
             )
-        session = Session(params, self.mux, self.channel_for, self._session_closed)
+        session = Session(params, self.mux, self.channel_for, self._session_closed, self.pacer)
         self._open[session.id] = session  # holds the slot across the awaits below
         self._idle.clear()
         try:
@@ -253,4 +254,5 @@ class SessionManager:
         for channel in self._channels.values():
             await channel.close(None)
         self._channels.clear()
+        self.pacer.close()
         await self.mux.close()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import av
-from aiortc.mediastreams import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 FRAME_MS = 20
 BYTES_PER_SAMPLE = 2  # s16le
@@ -129,13 +129,31 @@ def silence_packet(rate_hz: int) -> bytes:
     return packet
 
 
-class PlayoutTrack(MediaStreamTrack):
-    """Outbound audio paced at 20 ms, yielding Opus packets. Bridge audio queues here
-    (bounded, the oldest frames drop first); playout starts once `prebuffer` frames are
-    queued or the first one has waited that long, and a silence packet fills gaps.
-    `clear()` drops everything queued (barge-in)."""
+class IdleTrack(MediaStreamTrack):
+    """The track aiortc's RTCRtpSender holds so the answer is sendrecv and its RTCP runs;
+    it never yields (our `rtp.RtpSender` sends the audio), so aiortc's per-session sender
+    task sleeps until the track stops."""
 
     kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stopped = asyncio.Event()
+
+    async def recv(self) -> av.Packet[Any]:
+        await self._stopped.wait()
+        raise MediaStreamError
+
+    def stop(self) -> None:
+        super().stop()
+        self._stopped.set()
+
+
+class Playout:
+    """Outbound audio, one Opus packet per 20 ms tick (`next_packet`). Bridge audio queues
+    here (bounded, the oldest frames drop first); playout starts once `prebuffer` frames are
+    queued or the first one has waited that long, and a silence packet fills gaps.
+    `clear()` drops everything queued (barge-in)."""
 
     def __init__(
         self,
@@ -145,7 +163,6 @@ class PlayoutTrack(MediaStreamTrack):
         max_frames: int,
         on_first_audio: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__()
         self.passthrough = False  # True: the queue holds Opus packets from the bridge
         self.rate_hz = rate_hz
         self._samples = rate_hz * FRAME_MS // 1000
@@ -154,8 +171,6 @@ class PlayoutTrack(MediaStreamTrack):
         self._prebuffer = prebuffer
         self._first_queued_at: float | None = None
         self._playing = False
-        self._start: float | None = None
-        self._sent = 0
         self._encoder = OpusPacketizer(rate_hz)
         self._silence = silence_packet(rate_hz)
         self._on_first_audio = on_first_audio
@@ -174,7 +189,6 @@ class PlayoutTrack(MediaStreamTrack):
         self._chunks = Rechunker(frame_bytes(rate_hz))
         self._encoder = OpusPacketizer(rate_hz)
         self._silence = silence_packet(rate_hz)
-        self._start = None
 
     @property
     def queued(self) -> int:
@@ -199,7 +213,7 @@ class PlayoutTrack(MediaStreamTrack):
         self.clears += 1
         return dropped
 
-    def _next_packet(self) -> bytes:
+    def next_packet(self) -> bytes:
         if not self._playing and self._queue:
             waited = time.monotonic() - (self._first_queued_at or 0.0)
             if len(self._queue) >= self._prebuffer or waited >= self._prebuffer * FRAME_MS / 1000:
@@ -216,22 +230,3 @@ class PlayoutTrack(MediaStreamTrack):
             return self._encoder.encode(payload) or self._silence
         self._playing = False
         return self._silence
-
-    async def recv(self) -> av.Packet[Any]:
-        if self.readyState != "live":
-            from aiortc.mediastreams import MediaStreamError
-
-            raise MediaStreamError
-        now = time.monotonic()
-        if self._start is None or now - (self._start + self._sent * FRAME_MS / 1000) > 0.2:
-            # First frame, or so far behind (event loop stall) that catching up would burst.
-            self._start = now - self._sent * FRAME_MS / 1000
-        else:
-            wait = self._start + self._sent * FRAME_MS / 1000 - now
-            if wait > 0:
-                await asyncio.sleep(wait)
-        packet = av.Packet(self._next_packet())
-        packet.pts = self._sent * (OPUS_CLOCK_HZ * FRAME_MS // 1000)
-        packet.time_base = OPUS_TIME_BASE
-        self._sent += 1
-        return packet

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 # RFC 8445 §5.3 / RFC 8839 §5.4: ice-char = ALPHA / DIGIT / "+" / "/".
 _ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
@@ -78,3 +79,53 @@ def rewrite_answer(answer: str, endpoints: Sequence[tuple[str, int]]) -> str:
             out.extend(relay_candidate(i, ip, port) for i, (ip, port) in enumerate(endpoints))
             out.append("a=end-of-candidates")
     return "\r\n".join(out) + "\r\n"
+
+
+MID_EXTENSION = "urn:ietf:params:rtp-hdrext:sdes:mid"  # RFC 8843 §15.1
+
+
+@dataclass(frozen=True)
+class AudioRtpParams:
+    """What our own RTP path needs from the answer's audio m-section (RFC 8866 lines)."""
+
+    payload_type: int
+    ssrc: int
+    mid: str
+    mid_extension_id: int  # 0: not negotiated
+
+
+def audio_rtp_params(answer: str) -> AudioRtpParams:
+    """Reads the Opus payload type, our SSRC, the mid and the mid header-extension id from
+    the first audio m-section of `answer` (the answer aiortc wrote); SdpError if any of
+    payload type or SSRC is missing."""
+    section: list[str] = []
+    inside = False
+    for line in _lines(answer):
+        if line.startswith("m="):
+            if inside:
+                break
+            inside = line.startswith("m=audio ")
+            continue
+        if inside:
+            section.append(line)
+    payload_type = ssrc = None
+    mid = ""
+    mid_extension_id = 0
+    for line in section:
+        if line.startswith("a=rtpmap:") and payload_type is None:
+            number, _, encoding = line[len("a=rtpmap:") :].partition(" ")
+            if encoding.lower().startswith("opus/48000"):
+                payload_type = int(number)
+        elif line.startswith("a=ssrc:") and ssrc is None:
+            ssrc = int(line[len("a=ssrc:") :].split(" ", 1)[0])
+        elif line.startswith("a=mid:"):
+            mid = line[len("a=mid:") :].strip()
+        elif line.startswith("a=extmap:"):
+            number, _, rest = line[len("a=extmap:") :].partition(" ")
+            if rest.split(" ", 1)[0] == MID_EXTENSION:
+                mid_extension_id = int(number.split("/", 1)[0])
+    if payload_type is None:
+        raise SdpError("answer: no opus/48000 payload type in the audio m-section")
+    if ssrc is None:
+        raise SdpError("answer: no a=ssrc in the audio m-section")
+    return AudioRtpParams(payload_type, ssrc, mid, mid_extension_id)

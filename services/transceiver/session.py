@@ -16,7 +16,7 @@ from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessi
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from libs.observability.telemetry import log_event
-from services.transceiver import aiortc_compat, sdp
+from services.transceiver import aiortc_compat, rtp, sdp
 from services.transceiver.bridge import (
     BridgeEndedError,
     BridgeError,
@@ -24,7 +24,13 @@ from services.transceiver.bridge import (
     opus_format,
     pcm_format,
 )
-from services.transceiver.media import FRAME_MS, OPUS_SAMPLES_PER_FRAME, OpusToPcm, PlayoutTrack
+from services.transceiver.media import (
+    FRAME_MS,
+    OPUS_SAMPLES_PER_FRAME,
+    IdleTrack,
+    OpusToPcm,
+    Playout,
+)
 from services.transceiver.udpmux import MuxSession, UdpMux
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2
@@ -109,8 +115,10 @@ class Session:
         mux: UdpMux,
         channel_for: Callable[[str], grpc.aio.Channel],
         on_closed: Callable[[Session], None],
+        pacer: rtp.Pacer,
     ) -> None:
         self.params = params
+        self._pacer = pacer
         self.id = params.session_id
         self._mux = mux
         self._channel_for = channel_for
@@ -139,7 +147,11 @@ class Session:
         self._passthrough = False
         self._connection: Any = None
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.playout = PlayoutTrack(
+        self._idle_track = IdleTrack()
+        self._rtp_params: sdp.AudioRtpParams | None = None
+        self._rtp_in: rtp.RtpReceiver | None = None
+        self._rtp_out: rtp.RtpSender | None = None
+        self.playout = Playout(
             params.rate_hz,
             prebuffer=params.prebuffer_frames,
             max_frames=params.max_queued_frames,
@@ -187,10 +199,11 @@ class Session:
         if not audio:
             raise sdp.SdpError("offer_sdp: no audio m-line")
         aiortc_compat.tap_encoded_audio(audio[0].receiver, self._on_caller_opus)
-        audio[0].sender.replaceTrack(self.playout)
+        audio[0].sender.replaceTrack(self._idle_track)
         audio[0].direction = "sendrecv"
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)
+        self._rtp_params = sdp.audio_rtp_params(pc.localDescription.sdp)
         self._spawn(self._ice_timer())
         return sdp.rewrite_answer(pc.localDescription.sdp, self.params.endpoints)
 
@@ -230,6 +243,7 @@ class Session:
             if self._teardown is None:
                 self._state = ST.SESSION_STATE_CONNECTED
                 log_event(logger, "session.connected", session__id=self.id)
+                self._start_rtp()
                 self._spawn(self._run_bridge())
         elif state == "failed":
             if self.pc.iceConnectionState == "failed":
@@ -280,6 +294,31 @@ class Session:
             channel.send(text)
 
     # ---- media
+
+    def _start_rtp(self) -> None:
+        """DTLS keyed SRTP: audio RTP leaves aiortc's per-packet path for ours (rtp.py)."""
+        params = self._rtp_params
+        mux_session = self._mux_session
+        if params is None or mux_session is None:
+            return
+        unprotect, protect = aiortc_compat.srtp_transforms(self.pc)
+        self._rtp_in = rtp.RtpReceiver(unprotect, params.payload_type, self._on_caller_opus)
+        mux_session.rtp_sink = self._rtp_in.datagram
+        self._rtp_out = rtp.RtpSender(
+            params, protect, self._send_media, aiortc_compat.sender_report_sink(self.pc)
+        )
+        self._pacer.add(self)
+
+    def tick(self, frame_index: int) -> None:
+        """The pacer's 20 ms clock: send the next outbound packet (audio or silence)."""
+        sender = self._rtp_out
+        if sender is not None and self._teardown is None:
+            sender.send(self.playout.next_packet(), frame_index, OPUS_SAMPLES_PER_FRAME)
+
+    def _send_media(self, data: bytes) -> None:
+        remote = aiortc_compat.nominated_remote(self._connection)
+        if remote is not None and self._mux_session is not None:
+            self._mux.send(self._mux_session, remote, data)
 
     def _on_caller_opus(self, packet: bytes, rtp_timestamp: int) -> None:
         """One Opus packet from the caller, in order after aiortc's jitter buffer."""
@@ -385,11 +424,14 @@ class Session:
                 CR.CLOSE_REASON_BRIDGE_ERROR,
             )
             await self._bridge.close(reason, detail, notify=not ended_by_bridge)
+        self._pacer.remove(self)
+        if self._mux_session is not None:
+            self._mux_session.rtp_sink = None
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.playout.stop()
+        self._idle_track.stop()
         await self.pc.close()
         await aiortc_compat.wait_pc_closed(self.pc)
         if self._mux_session is not None:
@@ -444,17 +486,18 @@ class Session:
             counters = self._mux_session.counters
             stats.bytes_received = counters.bytes_in
             stats.bytes_sent = counters.bytes_out
+        if self._rtp_in is not None:
+            received = self._rtp_in.stats
+            stats.packets_received = received.packets
+            stats.packets_lost = received.lost
+            stats.jitter_ms = received.jitter_ms
+        if self._rtp_out is not None:
+            stats.packets_sent = self._rtp_out.packets
         if self.pc.connectionState != "closed":
+            # RTT: aiortc's RTCP (our sender reports, the caller's receiver reports).
             report = await self.pc.getStats()
             for entry in report.values():
-                kind = getattr(entry, "type", "")
-                if kind == "inbound-rtp":
-                    stats.packets_received = int(entry.packetsReceived)
-                    stats.packets_lost = int(entry.packetsLost)
-                    stats.jitter_ms = float(entry.jitter) / 48.0  # RTP clock 48 kHz (RFC 7587)
-                elif kind == "outbound-rtp":
-                    stats.packets_sent = int(entry.packetsSent)
-                elif kind == "remote-inbound-rtp":
+                if getattr(entry, "type", "") == "remote-inbound-rtp":
                     stats.rtt_ms = float(entry.roundTripTime or 0.0) * 1000.0
                     stats.loss_fraction = float(entry.fractionLost or 0) / 256.0
         return ST.SessionInfo(

@@ -86,6 +86,8 @@ class MuxSession:
     password: str
     local: Address
     sink: DatagramSink | None = None
+    # Once set (DTLS keyed SRTP), RTP (not RTCP) goes here instead of through aioice/aiortc.
+    rtp_sink: Callable[[bytes], None] | None = None
     addresses: set[Address] = field(default_factory=set)
     counters: MuxCounters = field(default_factory=MuxCounters)
 
@@ -187,9 +189,19 @@ class UdpMux(asyncio.DatagramProtocol):
             )
         self.frames_in += 1
         self._relay_of[client] = relay
-        session.counters.packets_in += 1
-        session.counters.bytes_in += len(payload)
-        if session.sink is not None:
+        counters = session.counters
+        counters.packets_in += 1
+        counters.bytes_in += len(payload)
+        rtp_sink = session.rtp_sink
+        # RFC 7983 first byte 128-191 is RTP/RTCP; RFC 5761 §4: payload types 64-95 are RTCP.
+        if (
+            rtp_sink is not None
+            and len(payload) >= 12
+            and 127 < payload[0] < 192
+            and not 63 < (payload[1] & 0x7F) < 96
+        ):
+            rtp_sink(payload)
+        elif session.sink is not None:
             session.sink.datagram_received(payload, client)
 
     def error_received(self, exc: Exception) -> None:
@@ -221,6 +233,7 @@ class UdpMux(asyncio.DatagramProtocol):
                 self._relay_of.pop(client, None)
                 self._header_of.pop(client, None)
         session.addresses.clear()
+        session.rtp_sink = None
 
     def send(self, session: MuxSession, client: Address, payload: bytes) -> None:
         relay = self._relay_of.get(client)

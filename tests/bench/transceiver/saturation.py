@@ -123,7 +123,7 @@ class LoadClient:
         pair = aiortc_compat.selected_pair(aiortc_compat.connection_of(ice))
         assert pair is not None
         self._remote = pair.remote
-        self._protect = aiortc_compat.srtp_protect(self.pc)
+        _unprotect, self._protect = aiortc_compat.srtp_transforms(self.pc)
 
     def send(self, index: int, payload: bytes) -> None:
         if self._protect is None or self._transport is None:

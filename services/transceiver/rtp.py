@@ -1,0 +1,266 @@
+"""The transceiver's own audio RTP path, beside aiortc (which keeps ICE, DTLS, SCTP, RTCP).
+
+Per packet aiortc runs an asyncio task per sender, builds RtpPacket objects with header
+extensions, hops through the DTLS, ICE and aioice layers, and on receipt parses into objects,
+feeds a jitter buffer and statistics. Here, once DTLS has keyed SRTP:
+- `RtpReceiver`: SRTP unprotect, a header parse with one struct, order check, RFC 3550
+  loss and jitter, then the Opus payload to the session. The UDP mux calls it directly.
+- `RtpSender`: RFC 3550 header (+ the RFC 8843 mid extension, RFC 8285 one-byte form)
+  around a ready Opus packet, SRTP protect, straight to the mux.
+- `Pacer`: one timer for every session's 20 ms send clock instead of a task per session.
+
+Pure apart from the callables handed in (protect/unprotect are pylibsrtp's, in C).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import pylibsrtp
+
+from services.transceiver.sdp import AudioRtpParams
+
+HEADER = struct.Struct("!BBHII")  # V/P/X/CC, M/PT, sequence, timestamp, SSRC (RFC 3550 §5.1)
+VERSION_BITS = 0x80
+EXTENSION_BIT = 0x10
+PADDING_BIT = 0x20
+ONE_BYTE_PROFILE = 0xBEDE  # RFC 8285 §4.2
+OPUS_CLOCK_HZ = 48000
+SEQ_MOD = 1 << 16
+MAX_DROPOUT = 3000  # RFC 3550 A.1: larger forward jumps are still accepted here (restart)
+MAX_MISORDER = 100
+
+
+def mid_extension(extension_id: int, mid: str) -> bytes:
+    """RFC 8285 one-byte-header extension block carrying the mid (RFC 8843 §15.1)."""
+    value = mid.encode("ascii")
+    if not 1 <= extension_id <= 14 or not 1 <= len(value) <= 16:
+        raise ValueError(f"mid extension: id {extension_id}, mid {mid!r} do not fit")
+    element = bytes([(extension_id << 4) | (len(value) - 1)]) + value
+    element += bytes(-len(element) % 4)
+    return struct.pack("!HH", ONE_BYTE_PROFILE, len(element) // 4) + element
+
+
+class RtpError(ValueError):
+    """Not an RTP packet we can use; the message names the field."""
+
+
+def parse(packet: bytes) -> tuple[int, int, int, int, bytes]:
+    """(payload type, sequence, timestamp, SSRC, payload) of a clear RTP packet."""
+    if len(packet) < HEADER.size:
+        raise RtpError(f"{len(packet)} bytes, shorter than the 12-byte header")
+    first, second, sequence, timestamp, ssrc = HEADER.unpack_from(packet)
+    if first >> 6 != 2:
+        raise RtpError(f"version {first >> 6}")
+    offset = HEADER.size + 4 * (first & 0x0F)
+    end = len(packet)
+    if first & EXTENSION_BIT:
+        if end < offset + 4:
+            raise RtpError("header extension cut short")
+        words = (packet[offset + 2] << 8) | packet[offset + 3]
+        offset += 4 + 4 * words
+    if first & PADDING_BIT:
+        end -= packet[-1]
+    if offset > end:
+        raise RtpError("header, extension and padding longer than the packet")
+    return second & 0x7F, sequence, timestamp, ssrc, packet[offset:end]
+
+
+@dataclass
+class ReceiveStats:
+    """RFC 3550 A.3 / A.8 figures for the caller's stream."""
+
+    packets: int = 0
+    bytes: int = 0
+    lost: int = 0
+    jitter_ticks: float = 0.0  # in 48 kHz RTP ticks
+    dropped_srtp: int = 0
+    dropped_malformed: int = 0
+    dropped_payload_type: int = 0
+    dropped_late: int = 0
+
+    @property
+    def jitter_ms(self) -> float:
+        return self.jitter_ticks * 1000.0 / OPUS_CLOCK_HZ
+
+
+PayloadSink = Callable[[bytes, int], None]
+
+
+class RtpReceiver:
+    """SRTP in, Opus payloads out in arrival order; packets older than the newest one seen
+    (reordered or duplicated) are dropped and counted, as a jitter buffer would for audio
+    that already played."""
+
+    def __init__(
+        self,
+        unprotect: Callable[[bytes], bytes],
+        payload_type: int,
+        sink: PayloadSink,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._unprotect = unprotect
+        self._payload_type = payload_type
+        self._sink = sink
+        self._clock = clock
+        self.stats = ReceiveStats()
+        self._base: int | None = None  # extended sequence of the first packet
+        self._highest = 0  # extended highest sequence
+        self._last_transit: float | None = None
+
+    def datagram(self, data: bytes) -> None:
+        stats = self.stats
+        try:
+            clear = self._unprotect(data)
+        except pylibsrtp.Error:
+            stats.dropped_srtp += 1
+            return
+        try:
+            payload_type, sequence, timestamp, _ssrc, payload = parse(clear)
+        except RtpError:
+            stats.dropped_malformed += 1
+            return
+        if payload_type != self._payload_type:
+            stats.dropped_payload_type += 1
+            return
+        if self._base is None:
+            self._base = self._highest = sequence
+        else:
+            delta = (sequence - self._highest) % SEQ_MOD
+            if delta == 0 or delta > SEQ_MOD - MAX_MISORDER:
+                stats.dropped_late += 1
+                return
+            self._highest += delta
+        stats.packets += 1
+        stats.bytes += len(payload)
+        stats.lost = max(0, self._highest - self._base + 1 - stats.packets)
+        transit = self._clock() * OPUS_CLOCK_HZ - timestamp
+        if self._last_transit is not None:
+            difference = abs(transit - self._last_transit)
+            if difference < 1 << 30:  # not a timestamp wrap or a new stream
+                stats.jitter_ticks += (difference - stats.jitter_ticks) / 16.0
+        self._last_transit = transit
+        self._sink(payload, timestamp)
+
+
+# (RTP timestamp, packets, octets) after each packet: what RTCP sender reports need
+# (RFC 3550 §6.4.1).
+SenderReportSink = Callable[[int, int, int], None]
+
+
+class RtpSender:
+    """One outbound stream: a ready Opus packet per 20 ms tick -> SRTP -> `send`."""
+
+    def __init__(
+        self,
+        params: AudioRtpParams,
+        protect: Callable[[bytes], bytes],
+        send: Callable[[bytes], None],
+        on_sent: SenderReportSink | None = None,
+    ) -> None:
+        self._protect = protect
+        self._send = send
+        self._on_sent = on_sent
+        self._payload_type = params.payload_type
+        self._ssrc = params.ssrc
+        self._extension = (
+            mid_extension(params.mid_extension_id, params.mid)
+            if params.mid_extension_id and params.mid
+            else b""
+        )
+        self._first_byte = VERSION_BITS | (EXTENSION_BIT if self._extension else 0)
+        self.sequence = random.randrange(SEQ_MOD)
+        self._timestamp_origin = random.randrange(1 << 32)
+        self.packets = 0
+        self.octets = 0
+
+    def send(self, payload: bytes, frame_index: int, ticks_per_frame: int) -> None:
+        """Sends frame `frame_index` of the stream (its RTP timestamp follows from it, so a
+        skipped tick shows as a gap, RFC 3550 §5.1)."""
+        timestamp = (self._timestamp_origin + frame_index * ticks_per_frame) & 0xFFFFFFFF
+        marker = 0x80 if self.packets == 0 else 0  # first packet of a talkspurt (RFC 3551 §4.1)
+        header = HEADER.pack(
+            self._first_byte, marker | self._payload_type, self.sequence, timestamp, self._ssrc
+        )
+        self._send(self._protect(header + self._extension + payload))
+        self.sequence = (self.sequence + 1) % SEQ_MOD
+        self.packets += 1
+        self.octets += len(payload)
+        if self._on_sent is not None:
+            self._on_sent(timestamp, self.packets, self.octets)
+
+
+class Paced(Protocol):
+    """A stream the pacer drives: `tick(frame_index)` sends that frame."""
+
+    def tick(self, frame_index: int) -> None: ...
+
+
+FRAME_S = 0.02
+MAX_CATCH_UP_FRAMES = 10  # after a longer stall the stream skips ahead instead of bursting
+
+
+class Pacer:
+    """One loop timer every 20 ms for every registered stream. Each stream keeps its own
+    frame clock from when it was added; a late tick sends the frames that came due (up to
+    MAX_CATCH_UP_FRAMES, then skips, so the RTP timestamps show the gap)."""
+
+    def __init__(self) -> None:
+        self._streams: dict[Paced, tuple[float, int]] = {}  # stream -> (start, frames sent)
+        self._handle: asyncio.TimerHandle | None = None
+        self._next_at = 0.0
+        self.ticks = 0
+        self.late_ticks = 0
+        self.skipped_frames = 0
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def add(self, stream: Paced) -> None:
+        loop = asyncio.get_running_loop()
+        self._streams[stream] = (loop.time(), 0)
+        if self._handle is None:
+            self._next_at = loop.time() + FRAME_S
+            self._handle = loop.call_at(self._next_at, self._tick)
+
+    def remove(self, stream: Paced) -> None:
+        self._streams.pop(stream, None)
+        if not self._streams and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def close(self) -> None:
+        self._streams.clear()
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self.ticks += 1
+        if now - self._next_at > FRAME_S:
+            self.late_ticks += 1
+        for stream, (start, sent) in list(self._streams.items()):
+            due = int((now - start) / FRAME_S) + 1
+            if due - sent > MAX_CATCH_UP_FRAMES:
+                self.skipped_frames += due - sent - 1
+                sent = due - 1
+            while sent < due:
+                stream.tick(sent)
+                sent += 1
+            if stream in self._streams:  # tick() may have closed the session
+                self._streams[stream] = (start, sent)
+        if not self._streams:
+            self._handle = None
+            return
+        self._next_at += FRAME_S
+        if self._next_at < now:  # more than a frame behind: re-anchor the timer, not streams
+            self._next_at = now + FRAME_S
+        self._handle = loop.call_at(self._next_at, self._tick)

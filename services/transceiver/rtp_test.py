@@ -1,0 +1,178 @@
+"""rtp.py: header parse, the mid extension, the receiver's order/loss/jitter bookkeeping over
+real SRTP sessions (pylibsrtp), the sender's headers, and the shared pacer on a real loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import time
+
+import pylibsrtp
+import pytest
+
+from services.transceiver import rtp
+from services.transceiver.sdp import AudioRtpParams
+
+KEY = os.urandom(30)  # SRTP_AES128_CM_SHA1_80 master key + salt
+
+
+def srtp_pair() -> tuple[pylibsrtp.Session, pylibsrtp.Session]:
+    tx = pylibsrtp.Session(pylibsrtp.Policy(key=KEY, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND))
+    rx = pylibsrtp.Session(pylibsrtp.Policy(key=KEY, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND))
+    return tx, rx
+
+
+def packet(seq: int, ts: int, payload: bytes = b"opus", pt: int = 111, ssrc: int = 7) -> bytes:
+    return rtp.HEADER.pack(0x80, pt, seq, ts, ssrc) + payload
+
+
+def test_parse_skips_csrcs_extension_and_padding() -> None:
+    extension = rtp.mid_extension(3, "0")
+    header = rtp.HEADER.pack(0x80 | 0x20 | 0x10 | 2, 0x80 | 111, 65535, 4294967295, 9)
+    data = header + bytes(8) + extension + b"PAYLOAD" + b"\x00\x00\x03"
+    assert rtp.parse(data) == (111, 65535, 4294967295, 9, b"PAYLOAD")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x80\x6f\x00", "shorter than the 12-byte header"),
+        (rtp.HEADER.pack(0x40, 111, 1, 1, 1), "version 1"),
+        (rtp.HEADER.pack(0x90, 111, 1, 1, 1) + b"\xbe", "extension cut short"),
+        (rtp.HEADER.pack(0xA0, 111, 1, 1, 1) + b"\x01\x09", "longer than the packet"),
+        (rtp.HEADER.pack(0x8F, 111, 1, 1, 1), "longer than the packet"),
+    ],
+)
+def test_parse_rejects_malformed_headers(data: bytes, message: str) -> None:
+    with pytest.raises(rtp.RtpError, match=message):
+        rtp.parse(data)
+
+
+def test_mid_extension_is_rfc8285_one_byte_form() -> None:
+    block = rtp.mid_extension(4, "audio")
+    assert struct.unpack_from("!HH", block) == (0xBEDE, 2)
+    assert block[4] == (4 << 4) | (5 - 1)
+    assert block[5:10] == b"audio"
+    assert block[10:] == b"\x00\x00"
+    with pytest.raises(ValueError, match="do not fit"):
+        rtp.mid_extension(15, "0")
+    with pytest.raises(ValueError, match="do not fit"):
+        rtp.mid_extension(1, "x" * 17)
+
+
+class FakeClock:
+    """Arrival times for jitter arithmetic (not for synchronisation)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_receiver_orders_counts_loss_and_drops_what_it_cannot_use() -> None:
+    tx, rx = srtp_pair()
+    got: list[tuple[bytes, int]] = []
+    clock = FakeClock()
+    receiver = rtp.RtpReceiver(rx.unprotect, 111, lambda p, ts: got.append((p, ts)), clock)
+
+    def deliver(seq: int, pt: int = 111) -> bytes:
+        clock.now = 100.0 + seq * 0.02
+        datagram = tx.protect(packet(seq, seq * 960, pt=pt))
+        receiver.datagram(datagram)
+        return datagram
+
+    for seq in (65533, 65534, 65535, 0):  # across the 16-bit wrap
+        deliver(seq)
+    receiver.datagram(deliver(1))  # a duplicate: SRTP's replay check drops it, counted
+    deliver(3)  # 2 lost
+    receiver.datagram(tx.protect(packet(2, 2 * 960)))  # late: older than 3
+    deliver(4, pt=0)  # a PCMU packet: not the negotiated Opus payload type
+    receiver.datagram(b"\x80" + os.urandom(40))  # garbage that fails authentication
+    assert [ts for _, ts in got] == [s * 960 % (1 << 32) for s in (65533, 65534, 65535, 0, 1, 3)]
+    stats = receiver.stats
+    assert stats.packets == 6
+    assert stats.lost == 1
+    assert stats.dropped_late == 1
+    assert stats.dropped_payload_type == 1
+    assert stats.dropped_srtp == 2  # the SRTP replay and the garbage
+    assert stats.jitter_ticks == 0.0  # perfectly paced arrivals
+
+
+def test_receiver_jitter_follows_rfc3550() -> None:
+    tx, rx = srtp_pair()
+    clock = FakeClock()
+    receiver = rtp.RtpReceiver(rx.unprotect, 111, lambda p, ts: None, clock)
+    for seq in range(200):
+        clock.now = 100.0 + seq * 0.02 + (0.005 if seq % 2 else 0.0)  # +-5 ms alternating
+        receiver.datagram(tx.protect(packet(seq, seq * 960)))
+    # |D| is 5 ms every packet, so J converges to 5 ms (RFC 3550 A.8).
+    assert receiver.stats.jitter_ms == pytest.approx(5.0, rel=0.01)
+
+
+def test_sender_writes_headers_the_receiver_reads() -> None:
+    tx, rx = srtp_pair()
+    sent: list[bytes] = []
+    reports: list[tuple[int, int, int]] = []
+    params = AudioRtpParams(payload_type=111, ssrc=1234, mid="0", mid_extension_id=9)
+    sender = rtp.RtpSender(
+        params, tx.protect, sent.append, lambda ts, n, o: reports.append((ts, n, o))
+    )
+    first_sequence = sender.sequence
+    for index in (0, 1, 3):  # frame 2 skipped: the timestamp shows the gap
+        sender.send(b"P" * 10, index, 960)
+    clear = [rx.unprotect(d) for d in sent]
+    parsed = [rtp.parse(c) for c in clear]
+    assert [p[1] for p in parsed] == [(first_sequence + i) % 65536 for i in range(3)]
+    base = parsed[0][2]
+    assert [(p[2] - base) % (1 << 32) for p in parsed] == [0, 960, 2880]
+    assert all(p[0] == 111 and p[3] == 1234 and p[4] == b"P" * 10 for p in parsed)
+    assert [c[1] >> 7 for c in clear] == [1, 0, 0]  # marker on the first packet only
+    assert all(rtp.mid_extension(9, "0") in c for c in clear)
+    assert reports[-1] == (parsed[-1][2], 3, 30)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.frames: list[int] = []
+        self.enough = asyncio.Event()
+        self.want = 0
+
+    def tick(self, frame_index: int) -> None:
+        self.frames.append(frame_index)
+        if len(self.frames) >= self.want:
+            self.enough.set()
+
+
+@pytest.mark.timeout_s(10)
+async def test_pacer_keeps_each_stream_contiguous_through_a_stall() -> None:
+    pacer = rtp.Pacer()
+    a, b = Recorder(), Recorder()
+    a.want = 5
+    pacer.add(a)
+    await a.enough.wait()
+    pacer.add(b)
+    b.want = 3
+    await b.enough.wait()
+    # A 100 ms stall of the loop (on purpose): the next tick sends every frame that came due.
+    time.sleep(0.1)  # noqa: ASYNC251 (the stall under test)
+    a.want = len(a.frames) + 6
+    a.enough.clear()
+    await a.enough.wait()
+    assert a.frames == list(range(len(a.frames)))
+    assert b.frames == list(range(len(b.frames)))
+    assert pacer.late_ticks >= 1
+    assert pacer.skipped_frames == 0
+    # A stall longer than MAX_CATCH_UP_FRAMES skips ahead instead of bursting.
+    time.sleep(0.3)  # noqa: ASYNC251 (the stall under test)
+    before = len(a.frames)
+    a.want = before + 2
+    a.enough.clear()
+    await a.enough.wait()
+    assert pacer.skipped_frames > 0
+    assert a.frames[before] > a.frames[before - 1] + 1
+    pacer.remove(a)
+    pacer.remove(b)
+    assert len(pacer) == 0
+    pacer.close()
