@@ -115,6 +115,41 @@ def make_backend_factory(settings: BridgeSettings) -> BackendFactory:
     return realtime if settings.backend == "realtime" else echo
 
 
+class _RefusedError(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _Refusal:
+    """The one ServicerContext method StreamSession uses, for a session on StreamSessions:
+    a refusal becomes that session's session_end instead of the stream's status."""
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        raise _RefusedError(code, details)
+
+
+async def _drain_queue(queue: asyncio.Queue[Request | None]) -> AsyncIterator[Request]:
+    while (request := await queue.get()) is not None:
+        yield request
+
+
+class _Batch:
+    """Responses of every session on one StreamSessions stream, waiting for the writer."""
+
+    def __init__(self) -> None:
+        self.items: list[inference_pb2.SessionResponseItem] = []
+        self.wake = asyncio.Event()
+        self.reading = True
+
+    def add(self, session_id: str, response: Response) -> None:
+        self.items.append(
+            inference_pb2.SessionResponseItem(session_id=session_id, response=response)
+        )
+        self.wake.set()
+
+
 class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
     """StreamSession for every backend; `drain`/`close` are the service's lifecycle hooks."""
 
@@ -245,6 +280,74 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
             if self._active is not None:
                 self._active.add(-1)
             log_event(logger, "bridge.session_closed", session__id=session_id)
+
+    async def StreamSessions(  # noqa: N802  # the generated name
+        self,
+        request_iterator: AsyncIterator[inference_pb2.StreamSessionsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[inference_pb2.StreamSessionsResponse]:
+        """Every session of one transceiver on one stream, batched (inference.proto): each
+        session runs through StreamSession exactly as on a stream of its own; what they
+        answer in one event-loop turn goes back as one batch."""
+        batch = _Batch()
+        sessions: dict[str, asyncio.Queue[Request | None]] = {}
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def run(session_id: str, requests: asyncio.Queue[Request | None]) -> None:
+            try:
+                async for response in self.StreamSession(_drain_queue(requests), _Refusal()):  # type: ignore[arg-type]
+                    batch.add(session_id, response)
+            except _RefusedError as exc:
+                end = inference_pb2.SessionEnd(
+                    reason=common_pb2.CLOSE_REASON_BRIDGE_ERROR,
+                    detail=f"{exc.code.name}: {exc.details}",
+                )
+                batch.add(session_id, Response(session_end=end))
+            finally:
+                if sessions.get(session_id) is requests:
+                    del sessions[session_id]
+                current = asyncio.current_task()
+                if current is not None:
+                    tasks.discard(current)  # before the wake: the writer checks `tasks`
+                batch.wake.set()
+
+        async def read() -> None:
+            try:
+                async for incoming in request_iterator:
+                    for item in incoming.items:
+                        queue = sessions.get(item.session_id)
+                        if queue is None:
+                            if item.request.WhichOneof("payload") != "session_start":
+                                continue  # a message for a session that has ended: dropped
+                            queue = sessions[item.session_id] = asyncio.Queue()
+                            task = asyncio.create_task(run(item.session_id, queue))
+                            tasks.add(task)
+                            task.add_done_callback(tasks.discard)
+                        queue.put_nowait(item.request)
+                        if item.request.WhichOneof("payload") == "session_end":
+                            queue.put_nowait(None)
+                            del sessions[item.session_id]
+            except grpc.aio.AioRpcError:
+                pass
+            finally:
+                for queue in sessions.values():
+                    queue.put_nowait(None)  # the stream ended: so does every session on it
+                batch.reading = False
+                batch.wake.set()
+
+        reader = asyncio.create_task(read())
+        try:
+            while batch.reading or tasks or batch.items:
+                await batch.wake.wait()
+                batch.wake.clear()
+                if batch.items:
+                    items, batch.items = batch.items, []
+                    yield inference_pb2.StreamSessionsResponse(items=items)
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(reader, *tasks, return_exceptions=True)
 
     async def _read(
         self,

@@ -164,3 +164,225 @@ def pcm_format(rate_hz: int) -> common_pb2.AudioFormat:
         channels=1,
         frame_duration_ms=20,
     )
+
+
+# ---- StreamSessions: every session to one bridge on one stream, batched
+
+BatchRequest = inference_pb2.StreamSessionsRequest
+Item = inference_pb2.SessionRequestItem
+
+
+class BatchingUnsupportedError(BridgeError):
+    """The bridge answered StreamSessions with UNIMPLEMENTED: use StreamSession."""
+
+
+class BatchedBridge:
+    """One StreamSessions stream to one bridge address, shared by the sessions using it.
+
+    Messages queued during one event-loop turn (and while a write is in flight) go out as
+    one batch; each received batch is dispatched to the sessions' callbacks directly, with
+    no task switch per message. The stream opens with the first session and is reopened
+    by the next one after it broke."""
+
+    def __init__(self, channel: grpc.aio.Channel, address: str) -> None:
+        self.address = address
+        self._stub: Any = inference_pb2_grpc.InferenceBridgeServiceStub(channel)
+        self._call: Any = None
+        self._links: dict[str, BatchedLink] = {}
+        self._pending: list[inference_pb2.SessionRequestItem] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.unimplemented = False
+        self.batches_out = 0
+        self.batches_in = 0
+
+    def _ensure_stream(self) -> None:
+        if self._call is not None:
+            return
+        self._call = self._stub.StreamSessions()
+        self._tasks = [
+            asyncio.create_task(self._write_loop(self._call)),
+            asyncio.create_task(self._read_loop(self._call)),
+        ]
+
+    def attach(self, link: BatchedLink) -> None:
+        if link.session_id in self._links:
+            raise BridgeError(f"bridge {self.address}: session {link.session_id} already open")
+        self._links[link.session_id] = link
+        self._ensure_stream()
+
+    def detach(self, link: BatchedLink) -> None:
+        if self._links.get(link.session_id) is link:
+            del self._links[link.session_id]
+
+    def enqueue(self, session_id: str, request: Request, *, audio: bool = False) -> bool:
+        """Queues one message; audio is refused (False) beyond OUTBOX_MAX per session."""
+        if audio and len(self._pending) >= OUTBOX_MAX * max(1, len(self._links)):
+            return False
+        self._pending.append(Item(session_id=session_id, request=request))
+        self._wake.set()
+        return True
+
+    async def _write_loop(self, call: Any) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._pending:
+                    items, self._pending = self._pending, []
+                    await call.write(BatchRequest(items=items))
+                    self.batches_out += 1
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return  # the reader sees the same failure and ends the sessions
+
+    async def _read_loop(self, call: Any) -> None:
+        detail = "bridge ended the StreamSessions stream"
+        unimplemented = False
+        try:
+            while True:
+                batch = await call.read()
+                if not isinstance(batch, inference_pb2.StreamSessionsResponse):  # EOF
+                    break
+                self.batches_in += 1
+                self._dispatch(batch)
+        except grpc.aio.AioRpcError as exc:
+            unimplemented = exc.code() == grpc.StatusCode.UNIMPLEMENTED
+            detail = f"bridge {self.address}: {_describe(exc)}"
+        if call is self._call:
+            self._call = None
+            self._pending.clear()
+            for task in self._tasks:
+                if task is not asyncio.current_task():
+                    task.cancel()
+        self.unimplemented = self.unimplemented or unimplemented
+        for link in list(self._links.values()):
+            link.broken(detail, unimplemented=unimplemented)
+
+    def _dispatch(self, batch: inference_pb2.StreamSessionsResponse) -> None:
+        # A method of its own: a loop variable in the long-lived reader would keep the last
+        # session it delivered to alive after that session closed.
+        for item in batch.items:
+            link = self._links.get(item.session_id)
+            if link is not None:
+                link.deliver(item.response)
+
+    async def close(self) -> None:
+        """Ends the stream and its tasks (the transceiver is shutting down)."""
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+
+class BatchedLink:
+    """BridgeLink's interface for one session on a BatchedBridge."""
+
+    def __init__(self, bridge: BatchedBridge, session_id: str) -> None:
+        self.address = bridge.address
+        self.session_id = session_id
+        self._bridge = bridge
+        self.accepted: inference_pb2.SessionAccepted | None = None
+        self.audio_sequence = 0
+        self.audio_samples = 0
+        self.dropped_audio = 0
+        self._ended = False
+        self._opened: asyncio.Future[Response] | None = None
+        self._finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._on_message: Callable[[Response], None] | None = None
+        self._early: list[Response] = []
+
+    async def open(self, start: inference_pb2.SessionStart, timeout_s: float) -> None:
+        self._opened = asyncio.get_running_loop().create_future()
+        self._bridge.attach(self)
+        self._bridge.enqueue(self.session_id, Request(session_start=start))
+        try:
+            first = await asyncio.wait_for(asyncio.shield(self._opened), timeout_s)
+        except TimeoutError:
+            self._opened.cancel()
+            self._bridge.detach(self)
+            raise BridgeError(f"bridge {self.address}: timed out") from None
+        except BridgeError:
+            self._bridge.detach(self)
+            raise
+        kind = first.WhichOneof("payload")
+        if kind == "session_end":
+            self._bridge.detach(self)
+            raise BridgeError(
+                f"bridge {self.address}: refused: {first.session_end.detail or 'session_end'}"
+            )
+        if kind != "session_accepted":
+            self._bridge.detach(self)
+            raise BridgeError(f"bridge {self.address}: expected session_accepted, got {kind}")
+        self.accepted = first.session_accepted
+
+    def deliver(self, message: Response) -> None:
+        """A message for this session from the shared reader."""
+        if self._opened is not None and not self._opened.done():
+            self._opened.set_result(message)
+            return
+        if self._finished.done():
+            return
+        if message.WhichOneof("payload") == "session_end":
+            self._finish(BridgeEndedError(message.session_end.detail or "session_end from bridge"))
+            return
+        if self._on_message is None:
+            self._early.append(message)
+        else:
+            self._on_message(message)
+
+    def broken(self, detail: str, *, unimplemented: bool) -> None:
+        error: BridgeError = (
+            BatchingUnsupportedError(detail) if unimplemented else BridgeError(detail)
+        )
+        if self._opened is not None and not self._opened.done():
+            self._opened.set_exception(error)
+            return
+        self._finish(error)
+
+    def _finish(self, error: Exception) -> None:
+        if not self._finished.done():
+            self._finished.set_exception(error)
+        self._bridge.detach(self)
+
+    async def read_loop(self, on_message: Callable[[Response], None]) -> None:
+        """Hands this session's messages to `on_message` until it ends; raises like
+        BridgeLink.read_loop."""
+        self._on_message = on_message
+        early, self._early = self._early, []
+        for message in early:
+            on_message(message)
+        await self._finished
+
+    def send_audio(self, data: bytes, samples: int) -> None:
+        frame = inference_pb2.AudioFrame(
+            data=data, sequence=self.audio_sequence, timestamp_samples=self.audio_samples
+        )
+        self.audio_sequence += 1
+        self.audio_samples += samples
+        if self._ended or not self._bridge.enqueue(
+            self.session_id, Request(audio_frame=frame), audio=True
+        ):
+            self.dropped_audio += 1
+
+    def send_event(self, text: str) -> None:
+        if not self._ended:
+            message = inference_pb2.DataChannelMessage(json=text)
+            self._bridge.enqueue(self.session_id, Request(data_channel_message=message))
+
+    async def close(self, reason: int, detail: str, *, notify: bool) -> None:
+        """SessionEnd to the bridge (unless it ended the session), then forget the session.
+        Idempotent."""
+        if self._ended:
+            return
+        self._ended = True
+        if notify and self.accepted is not None:
+            end = inference_pb2.SessionEnd(reason=reason, detail=detail)  # type: ignore[arg-type]
+            self._bridge.enqueue(self.session_id, Request(session_end=end))
+        self._bridge.detach(self)
+        if not self._finished.done():
+            self._finished.set_result(None)
+        elif not self._finished.cancelled():
+            self._finished.exception()  # retrieved: it was raised to read_loop already

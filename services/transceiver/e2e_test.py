@@ -81,6 +81,11 @@ async def test_call_connects_echoes_tone_and_events_then_closes_once() -> None:
         assert info.stats.packets_lost == 0
         assert 0 <= info.stats.jitter_ms < 20
         assert info.bridge_address == stack.bridge.address
+        # The bridge implements StreamSessions, so this session rode the batched stream.
+        batched = stack.manager.batched_for(stack.bridge.address)
+        assert batched.batches_out > 0
+        assert batched.batches_in > 0
+        assert not batched.unimplemented
 
         # RTT from RTCP: the caller's receiver reports answer the sender reports aiortc
         # builds from what our RTP path recorded (every 0.5-1.5 s).
@@ -176,4 +181,29 @@ async def test_barge_in_clears_queued_audio_at_once() -> None:
         assert started["audio_start_ms"] == 120
     finally:
         await client.close()
+        await stack.stop()
+
+
+@pytest.mark.timeout_s(60)
+async def test_bridge_without_stream_sessions_gets_one_stream_per_session() -> None:
+    stack = await Stack.start()
+    stack.bridge.batching = False  # StreamSessions answers UNIMPLEMENTED
+    clients = [Client(tone_hz=440.0, pre_encoded=True) for _ in range(2)]
+    try:
+        for i, client in enumerate(clients):
+            await stack.connect(f"u{i}", client)
+            async with asyncio.timeout(10):
+                await client.connected.wait()
+            await wait_for(lambda i=i: stack.bridge.streams.get(f"u{i}") is not None)
+        await wait_for(lambda: all(s.audio_in > 10 for s in stack.bridge.streams.values()))
+        batched = stack.manager.batched_for(stack.bridge.address)
+        assert batched.unimplemented
+        assert batched.batches_out <= 1  # the first session's try; the second did not try
+        for i in range(2):
+            session = stack.manager.find(f"u{i}")
+            assert isinstance(session, Session)
+            assert session.state == transceiver_pb2.SESSION_STATE_CONNECTED
+    finally:
+        for client in clients:
+            await client.close()
         await stack.stop()

@@ -17,6 +17,7 @@ from opentelemetry import metrics
 
 from libs.observability.telemetry import log_event
 from services.transceiver import rtp, sdp
+from services.transceiver.bridge import BatchedBridge
 from services.transceiver.session import Session, SessionParams, endpoints_of
 from services.transceiver.settings import TransceiverSettings
 from services.transceiver.udpmux import UdpMux
@@ -61,6 +62,7 @@ class SessionManager:
         self._open: dict[str, Session] = {}
         self._closed: OrderedDict[str, ClosedSession] = OrderedDict()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._batched: dict[str, BatchedBridge] = {}
         self.draining = False
         self._drain_deadline: float | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -95,6 +97,13 @@ class SessionManager:
     @property
     def active(self) -> int:
         return len(self._open)
+
+    def batched_for(self, address: str) -> BatchedBridge:
+        """The shared StreamSessions stream to `address` (opened by its first session)."""
+        batched = self._batched.get(address)
+        if batched is None:
+            batched = self._batched[address] = BatchedBridge(self.channel_for(address), address)
+        return batched
 
     def channel_for(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -135,6 +144,7 @@ class SessionManager:
             prebuffer_frames=self.settings.jitter_buffer_frames,
             max_queued_frames=self.settings.playout_queue_max_frames,
             opus_passthrough=options.opus_passthrough,
+            bridge_batching=self.settings.bridge_batching,
             metadata=dict(options.metadata),
             session_config=options.session_config if options.HasField("session_config") else None,
         )
@@ -159,7 +169,14 @@ class SessionManager:
             raise SessionError(
                 grpc.StatusCode.ALREADY_EXISTS, "ice_ufrag already in use by another session"
             )
-        session = Session(params, self.mux, self.channel_for, self._session_closed, self.pacer)
+        session = Session(
+            params,
+            self.mux,
+            self.channel_for,
+            self._session_closed,
+            self.pacer,
+            self.batched_for,
+        )
         self._open[session.id] = session  # holds the slot across the awaits below
         self._idle.clear()
         try:
@@ -251,6 +268,9 @@ class SessionManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drain_task
         await self.close_all(common_pb2.CLOSE_REASON_DRAINED)
+        for batched in self._batched.values():
+            await batched.close()
+        self._batched.clear()
         for channel in self._channels.values():
             await channel.close(None)
         self._channels.clear()

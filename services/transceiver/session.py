@@ -18,6 +18,9 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from libs.observability.telemetry import log_event
 from services.transceiver import aiortc_compat, rtp, sdp
 from services.transceiver.bridge import (
+    BatchedBridge,
+    BatchedLink,
+    BatchingUnsupportedError,
     BridgeEndedError,
     BridgeError,
     BridgeLink,
@@ -60,6 +63,7 @@ class SessionParams:
     prebuffer_frames: int
     max_queued_frames: int
     opus_passthrough: bool = False
+    bridge_batching: bool = False  # StreamSessions (one batched stream per bridge)
     metadata: dict[str, str] = field(default_factory=dict)
     session_config: struct_pb2.Struct | None = None
 
@@ -116,9 +120,11 @@ class Session:
         channel_for: Callable[[str], grpc.aio.Channel],
         on_closed: Callable[[Session], None],
         pacer: rtp.Pacer,
+        batched_for: Callable[[str], BatchedBridge] | None = None,
     ) -> None:
         self.params = params
         self._pacer = pacer
+        self._batched_for = batched_for
         self.id = params.session_id
         self._mux = mux
         self._channel_for = channel_for
@@ -138,7 +144,7 @@ class Session:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._teardown: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
-        self._bridge: BridgeLink | None = None
+        self._bridge: BridgeLink | BatchedLink | None = None
         self._channel: RTCDataChannel | None = None
         self._pending_events: list[str] = []
         self._events_to_bridge: list[str] = []
@@ -340,7 +346,6 @@ class Session:
 
     async def _run_bridge(self) -> None:
         address = self.params.bridge_address
-        link = BridgeLink(self._channel_for(address), address)
         start = inference_pb2.SessionStart(
             session_id=self.id,
             input_format=opus_format()
@@ -351,9 +356,20 @@ class Session:
         )
         if self.params.session_config is not None:
             start.session_config.CopyFrom(self.params.session_config)
-        self._bridge = link
+        link: BridgeLink | BatchedLink
+        batched = self._batched_for(address) if self._batched_for is not None else None
         try:
-            await link.open(start, BRIDGE_OPEN_TIMEOUT_S)
+            if batched is not None and self.params.bridge_batching and not batched.unimplemented:
+                link = self._bridge = BatchedLink(batched, self.id)
+                try:
+                    await link.open(start, BRIDGE_OPEN_TIMEOUT_S)
+                except BatchingUnsupportedError:
+                    log_event(logger, "session.bridge_unbatched", session__id=self.id)
+                    link = self._bridge = BridgeLink(self._channel_for(address), address)
+                    await link.open(start, BRIDGE_OPEN_TIMEOUT_S)
+            else:
+                link = self._bridge = BridgeLink(self._channel_for(address), address)
+                await link.open(start, BRIDGE_OPEN_TIMEOUT_S)
         except BridgeError as exc:
             self.close(CR.CLOSE_REASON_BRIDGE_ERROR, str(exc))
             return

@@ -30,6 +30,13 @@ class TransceiverSettings(ServiceSettings):
         default="127.0.0.1:50055",
         metadata={"help": "default inference bridge gRPC target host:port"},
     )
+    bridge_batching: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "all sessions to a bridge on one batched StreamSessions stream; falls back "
+            "to a StreamSession per session where the bridge answers UNIMPLEMENTED"
+        },
+    )
     sample_rate_hz: int = dataclasses.field(
         default=24000, metadata={"help": "PCM rate of caller audio sent to the bridge (mono s16le)"}
     )

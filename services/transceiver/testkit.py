@@ -108,6 +108,7 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
         self.streams: dict[str, BridgeStream] = {}
         self.echo = True
         self.echo_events = True
+        self.batching = True  # False: StreamSessions answers UNIMPLEMENTED
         self.record_arrivals = False
         self.opened = asyncio.Event()
         self.server: grpc.aio.Server | None = None
@@ -185,6 +186,90 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
             injector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await injector
+
+    async def StreamSessions(  # type: ignore[override]  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[inference_pb2.StreamSessionsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        """The same echo on the batched stream: one response batch per request batch."""
+        if not self.batching:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "StreamSessions disabled")
+        lock = asyncio.Lock()
+        injectors: dict[str, asyncio.Task[None]] = {}
+
+        async def write(items: list[inference_pb2.SessionResponseItem]) -> None:
+            async with lock:
+                await context.write(inference_pb2.StreamSessionsResponse(items=items))
+
+        async def pump_injected(stream: BridgeStream) -> None:
+            while (item := await stream.inject.get()) is not None:
+                await write(
+                    [inference_pb2.SessionResponseItem(session_id=stream.session_id, response=item)]
+                )
+                if item.WhichOneof("payload") == "session_end":
+                    stream.ended.set()
+                    return
+
+        try:
+            while True:
+                batch = await context.read()
+                if not isinstance(batch, inference_pb2.StreamSessionsRequest):  # grpc.aio.EOF
+                    break
+                out: list[inference_pb2.SessionResponseItem] = []
+                for item in batch.items:
+                    request, session_id = item.request, item.session_id
+                    kind = request.WhichOneof("payload")
+                    response: Resp | None = None
+                    if kind == "session_start":
+                        started = BridgeStream(session_id)
+                        self.streams[session_id] = started
+                        started.passthrough = request.session_start.opus_passthrough
+                        started.input_format = request.session_start.input_format
+                        fmt = common_pb2.AudioFormat(
+                            encoding=common_pb2.AUDIO_ENCODING_PCM_S16LE,
+                            sample_rate_hz=24000,
+                            channels=1,
+                        )
+                        response = Resp(
+                            session_accepted=inference_pb2.SessionAccepted(
+                                output_format=fmt, opus_passthrough=started.passthrough
+                            )
+                        )
+                        injectors[session_id] = asyncio.create_task(pump_injected(started))
+                        self.opened.set()
+                    elif (stream := self.streams.get(session_id)) is None:
+                        continue
+                    elif kind == "audio_frame":
+                        stream.audio_in += 1
+                        if self.record_arrivals:
+                            loop_time = asyncio.get_running_loop().time()
+                            stream.arrivals.append((request.audio_frame.sequence, loop_time))
+                        if self.echo:
+                            response = Resp(audio_frame=request.audio_frame)
+                    elif kind == "data_channel_message":
+                        stream.events_in.append(request.data_channel_message.json)
+                        if self.echo_events:
+                            response = Resp(data_channel_message=request.data_channel_message)
+                    elif kind == "session_end":
+                        stream.end_reason = request.session_end.reason
+                        stream.ended.set()
+                        task = injectors.pop(session_id, None)
+                        if task is not None:
+                            task.cancel()
+                    if response is not None:
+                        out.append(
+                            inference_pb2.SessionResponseItem(
+                                session_id=session_id, response=response
+                            )
+                        )
+                if out:
+                    await write(out)
+        finally:
+            for session_id, task in injectors.items():
+                task.cancel()
+                self.streams[session_id].ended.set()
+            await asyncio.gather(*injectors.values(), return_exceptions=True)
 
 
 class ToneTrack(MediaStreamTrack):
