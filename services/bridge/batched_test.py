@@ -97,3 +97,55 @@ async def test_refusal_detail_names_the_status() -> None:
         assert "AUDIO_ENCODING_OPUS" in item.response.session_end.detail
         await call.done_writing()
         await servicer.wait_idle()
+
+
+class StuckBackend:
+    """Takes the first frame and holds on_audio until released."""
+
+    def __init__(self, release: asyncio.Event, entered: asyncio.Event) -> None:
+        self.release = release
+        self.entered = entered
+        self.frames = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def on_audio(self, frame: inference_pb2.AudioFrame) -> None:
+        self.frames += 1
+        self.entered.set()
+        await self.release.wait()
+
+    async def on_data_channel(self, text: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.timeout_s(30)
+async def test_a_stuck_backend_loses_audio_not_memory() -> None:
+    from services.bridge.service import BATCHED_BACKLOG_MAX
+    from services.bridge.testing import audio_requests, tone
+
+    release, entered = asyncio.Event(), asyncio.Event()
+    backend = StuckBackend(release, entered)
+    servicer = BridgeServicer(BridgeSettings(), backend_factory=lambda ctx: backend)
+    async with serve(servicer) as stub:
+        call = stub.StreamSessions(None)
+        await call.write(batch(("s", session_start("s"))))
+        assert await responses(call, 1) == [("s", "session_accepted")]
+        frames = audio_requests(tone(440, 0.02 * (BATCHED_BACKLOG_MAX + 100)))
+        await call.write(batch(("s", frames[0])))
+        await entered.wait()  # the backend now holds frame 0
+        await call.write(batch(*(("s", f) for f in frames[1:])))
+        await call.write(batch(("s", end())))  # control messages are never dropped
+        for _ in range(500):  # polls in-memory state: at most 500 x 10 ms
+            if servicer.batched_audio_dropped >= 99:
+                break
+            await asyncio.sleep(0.01)
+        assert servicer.batched_audio_dropped == len(frames) - 1 - BATCHED_BACKLOG_MAX
+        release.set()
+        async with asyncio.timeout(10):
+            await servicer.wait_idle()  # the session_end behind the backlog still ended it
+        assert backend.frames == 1 + BATCHED_BACKLOG_MAX
+        await call.done_writing()

@@ -115,6 +115,10 @@ def make_backend_factory(settings: BridgeSettings) -> BackendFactory:
     return realtime if settings.backend == "realtime" else echo
 
 
+# Caller messages queued per session on StreamSessions before audio is dropped (~5 s).
+BATCHED_BACKLOG_MAX = 256
+
+
 class _RefusedError(Exception):
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
@@ -165,6 +169,7 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
         self._empty = asyncio.Event()
         self._empty.set()
         self._draining = False
+        self.batched_audio_dropped = 0
         self._output_format = common_pb2.AudioFormat(
             encoding=common_pb2.AUDIO_ENCODING_PCM_S16LE,
             sample_rate_hz=settings.sample_rate_hz,
@@ -323,6 +328,14 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
                             task = asyncio.create_task(run(item.session_id, queue))
                             tasks.add(task)
                             task.add_done_callback(tasks.discard)
+                        if (
+                            queue.qsize() >= BATCHED_BACKLOG_MAX
+                            and item.request.WhichOneof("payload") == "audio_frame"
+                        ):
+                            # No per-session flow control on a shared stream: a backend this
+                            # far behind loses caller audio (counted) rather than memory.
+                            self.batched_audio_dropped += 1
+                            continue
                         queue.put_nowait(item.request)
                         if item.request.WhichOneof("payload") == "session_end":
                             queue.put_nowait(None)

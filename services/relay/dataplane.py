@@ -17,8 +17,8 @@ import time
 from typing import Any
 
 from libs.config.settings import parse_host_port
+from libs.fastio import fastio
 from libs.observability.telemetry import log_event
-from services.relay import fastio
 from services.relay.router import C2T, T2C, Binding, Forward, Router
 from services.relay.store import Address, BindingStore
 from voiceedge.relay.v1 import relay_pb2

@@ -71,7 +71,7 @@ async def data_plane(
         batched_io=batched_io,
     )
     # Under Bazel the native extension is in the runfiles: never test only the fallback.
-    assert plane.batched == batched_io, "services/relay/native:fastio.so did not load"
+    assert plane.batched == batched_io, "libs/fastio/native:fastio.so did not load"
     await plane.start()
     try:
         yield plane

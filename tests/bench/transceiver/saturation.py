@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -46,7 +47,7 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
-from libs.service.testing import binary, read_ready_line
+from libs.service.testing import binary, read_ready_line, running_service
 from services.transceiver import aiortc_compat
 from services.transceiver.media import OpusPacketizer
 from services.transceiver.testkit import EchoBridge, FramingRelay, create_request
@@ -333,34 +334,59 @@ def print_row(name: str, r: StepResult, note: str = "") -> None:
     )
 
 
-async def run_ours(passthrough: bool, steps: list[int], step_seconds: float) -> list[StepResult]:
+def native_relay(media: tuple[str, int]) -> contextlib.AbstractContextManager[Any]:
+    """The real relay (services/relay, native recvmmsg/sendmmsg path, one worker) on core 1,
+    with a static route to the transceiver under test."""
+    pin = ["taskset", "-c", "1"] if (os.cpu_count() or 1) > 1 else []
+    args = [
+        "--workers",
+        "1",
+        "--udp-listen",
+        "127.0.0.1:0",
+        "--transceivers",
+        f"1/1={media[0]}:{media[1]}",
+        "--log-level",
+        "WARNING",
+    ]
+    return running_service([*pin, *binary("services/relay")], args)
+
+
+async def run_ours(
+    passthrough: bool, steps: list[int], step_seconds: float, relay_kind: str
+) -> list[StepResult]:
     bridge = EchoBridge()
     bridge.record_arrivals = True
     await bridge.start()
     process = start_transceiver(bridge.address, "")
-    relay: FramingRelay | None = None
+    python_relay: FramingRelay | None = None
     try:
-        ready = read_ready_line(process, 60)
-        host, port = ready["media"].rsplit(":", 1)
-        relay = await FramingRelay.start((host, int(port)))
-        channel = grpc.aio.insecure_channel(ready["grpc"])
-        stub = transceiver_pb2_grpc.TransceiverServiceStub(channel)
-        relay_address = relay.address
+        with contextlib.ExitStack() as stack:
+            ready = read_ready_line(process, 60)
+            host, port = ready["media"].rsplit(":", 1)
+            if relay_kind == "native":
+                relay = stack.enter_context(native_relay((host, int(port))))
+                vip_host, _, vip_port = str(relay.ready["udp"][0]).rpartition(":")
+                relay_address = (vip_host, int(vip_port))
+            else:
+                python_relay = await FramingRelay.start((host, int(port)))
+                relay_address = python_relay.address
+            channel = grpc.aio.insecure_channel(ready["grpc"])
+            stub = transceiver_pb2_grpc.TransceiverServiceStub(channel)
 
-        async def connect(client: LoadClient, index: int) -> None:
-            request = create_request(
-                f"s{index}", await client.offer(), relay_address, opus_passthrough=passthrough
-            )
-            response = await stub.CreateSession(request, timeout=30)
-            await client.accept(response.answer_sdp)
+            async def connect(client: LoadClient, index: int) -> None:
+                request = create_request(
+                    f"s{index}", await client.offer(), relay_address, opus_passthrough=passthrough
+                )
+                response = await stub.CreateSession(request, timeout=30)
+                await client.accept(response.answer_sdp)
 
-        name = "ours, passthrough" if passthrough else "ours, transcoding"
-        results = await ramp(name, process.pid, connect, steps, step_seconds, bridge)
-        await channel.close(None)
-        return results
+            name = "ours, passthrough" if passthrough else "ours, transcoding"
+            results = await ramp(name, process.pid, connect, steps, step_seconds, bridge)
+            await channel.close(None)
+            return results
     finally:
-        if relay is not None:
-            await relay.close()
+        if python_relay is not None:
+            await python_relay.close()
         process.terminate()
         process.wait(timeout=60)
         await bridge.stop()
@@ -424,6 +450,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--modes", default="stock,transcoding,passthrough", help="which servers, in order"
     )
+    parser.add_argument(
+        "--relay",
+        choices=("native", "python"),
+        default="native",
+        help="between clients and our transceiver: the real relay process (native batched "
+        "I/O, core 1) or the testkit's Python FramingRelay inside the generator process",
+    )
     args = parser.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",")]
     if (os.cpu_count() or 1) > 1:
@@ -435,7 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if mode == "stock":
             all_results["stock aiortc echo"] = asyncio.run(run_stock(steps, args.step_seconds))
         elif mode in ("transcoding", "passthrough"):
-            results = asyncio.run(run_ours(mode == "passthrough", steps, args.step_seconds))
+            results = asyncio.run(
+                run_ours(mode == "passthrough", steps, args.step_seconds, args.relay)
+            )
             all_results[f"ours, {mode}"] = results
         else:
             parser.error(f"unknown mode {mode}")

@@ -1,7 +1,8 @@
-"""Loads the native batched-I/O extension (services/relay/native/fastio.c) if it was built.
+"""Loads the native batched-I/O extension (libs/fastio/native/fastio.c) if it was built.
 
-recvmmsg/sendmmsg move up to 64 datagrams per system call; routing stays in Python. The
-data plane falls back to asyncio datagram endpoints when this returns None.
+recvmmsg/sendmmsg move up to 64 datagrams per system call; what to send where stays in
+Python. The relay's data plane and the transceiver's UDP mux fall back to plain asyncio
+datagram I/O when this returns None.
 """
 
 from __future__ import annotations
