@@ -58,7 +58,8 @@ class SessionManager:
     ) -> None:
         self.settings = settings
         self.mux = mux
-        self.pacer = rtp.Pacer()  # one 20 ms send clock for every session's audio
+        # One 20 ms send clock for every session's audio; each tick's packets leave together.
+        self.pacer = rtp.Pacer(before_tick=mux.hold, after_tick=mux.flush)
         self._open: dict[str, Session] = {}
         self._closed: OrderedDict[str, ClosedSession] = OrderedDict()
         self._channels: dict[str, grpc.aio.Channel] = {}

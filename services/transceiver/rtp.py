@@ -15,6 +15,7 @@ Pure apart from the callables handed in (protect/unprotect are pylibsrtp's, in C
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import struct
 import time
@@ -25,6 +26,8 @@ from typing import Protocol
 import pylibsrtp
 
 from services.transceiver.sdp import AudioRtpParams
+
+logger = logging.getLogger("voiceedge.transceiver.rtp")
 
 HEADER = struct.Struct("!BBHII")  # V/P/X/CC, M/PT, sequence, timestamp, SSRC (RFC 3550 §5.1)
 VERSION_BITS = 0x80
@@ -211,8 +214,16 @@ class Pacer:
     frame clock from when it was added; a late tick sends the frames that came due (up to
     MAX_CATCH_UP_FRAMES, then skips, so the RTP timestamps show the gap)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        before_tick: Callable[[], None] | None = None,
+        after_tick: Callable[[], None] | None = None,
+    ) -> None:
+        # before/after: around every tick (the mux holds sends, then flushes them batched).
+        self._before = before_tick
+        self._after = after_tick
         self._streams: dict[Paced, tuple[float, int]] = {}  # stream -> (start, frames sent)
+        self.failed_streams = 0
         self._handle: asyncio.TimerHandle | None = None
         self._next_at = 0.0
         self.ticks = 0
@@ -247,16 +258,28 @@ class Pacer:
         self.ticks += 1
         if now - self._next_at > FRAME_S:
             self.late_ticks += 1
-        for stream, (start, sent) in list(self._streams.items()):
-            due = int((now - start) / FRAME_S) + 1
-            if due - sent > MAX_CATCH_UP_FRAMES:
-                self.skipped_frames += due - sent - 1
-                sent = due - 1
-            while sent < due:
-                stream.tick(sent)
-                sent += 1
-            if stream in self._streams:  # tick() may have closed the session
-                self._streams[stream] = (start, sent)
+        if self._before is not None:
+            self._before()
+        try:
+            for stream, (start, sent) in list(self._streams.items()):
+                due = int((now - start) / FRAME_S) + 1
+                if due - sent > MAX_CATCH_UP_FRAMES:
+                    self.skipped_frames += due - sent - 1
+                    sent = due - 1
+                try:
+                    while sent < due:
+                        stream.tick(sent)
+                        sent += 1
+                except Exception:  # one stream's bug must not silence every other stream
+                    logger.exception("pacer.stream_failed")
+                    self.failed_streams += 1
+                    self._streams.pop(stream, None)
+                    continue
+                if stream in self._streams:  # tick() may have closed the session
+                    self._streams[stream] = (start, sent)
+        finally:
+            if self._after is not None:
+                self._after()
         if not self._streams:
             self._handle = None
             return

@@ -176,3 +176,25 @@ async def test_pacer_keeps_each_stream_contiguous_through_a_stall() -> None:
     pacer.remove(b)
     assert len(pacer) == 0
     pacer.close()
+
+
+class Broken:
+    def tick(self, frame_index: int) -> None:
+        raise RuntimeError("a bug in one session")
+
+
+@pytest.mark.timeout_s(10)
+async def test_one_failing_stream_does_not_stop_the_others() -> None:
+    around: list[str] = []
+    pacer = rtp.Pacer(
+        before_tick=lambda: around.append("hold"), after_tick=lambda: around.append("flush")
+    )
+    good = Recorder()
+    good.want = 3
+    pacer.add(Broken())
+    pacer.add(good)
+    await good.enough.wait()
+    assert pacer.failed_streams == 1
+    assert len(pacer) == 1
+    assert around[:4] == ["hold", "flush", "hold", "flush"]
+    pacer.close()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+from libs.fastio import fastio
 from libs.observability.telemetry import log_event
 from libs.wire import framing, stun
 
@@ -139,6 +140,12 @@ class UdpMux(asyncio.DatagramProtocol):
         # slow to repeat for every packet.
         self._header_of: dict[Address, bytes] = {}
         self.drops: Counter[str] = Counter()
+        # sendmmsg for what the pacer sends in one tick (hold/flush), when the extension
+        # is there; otherwise one sendto per datagram.
+        self._fastio = fastio.load()
+        self._fd = -1
+        self._held: list[tuple[Address, bytes]] | None = None
+        self.send_batches = 0
         self.frames_in = 0
         self.frames_out = 0
         self.address: Address = ("", 0)
@@ -153,6 +160,7 @@ class UdpMux(asyncio.DatagramProtocol):
     async def close(self) -> None:
         for session in list(self._by_ufrag.values()):
             self.unregister(session)
+        self._held = None
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -161,6 +169,8 @@ class UdpMux(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.DatagramTransport, transport)
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         relay: Address = (str(addr[0]), int(addr[1]))
@@ -246,7 +256,26 @@ class UdpMux(asyncio.DatagramProtocol):
         header = self._header_of.get(client)
         if header is None:
             header = self._header_of[client] = framing.header(client[0], client[1])
-        self._transport.sendto(header + payload, relay)
+        if self._held is not None:
+            self._held.append((relay, header + payload))
+        else:
+            self._transport.sendto(header + payload, relay)
+
+    def hold(self) -> None:
+        """Collects sends until flush() (one pacer tick: every session's next packet)."""
+        if self._fastio is not None and self._transport is not None and self._fd >= 0:
+            self._held = []
+
+    def flush(self) -> None:
+        """Sends what hold() collected with sendmmsg; what the socket did not take (buffer
+        full) goes through the transport, which queues it."""
+        held, self._held = self._held, None
+        if not held or self._fastio is None or self._transport is None:
+            return
+        sent = self._fastio.send_batch(self._fd, held)
+        self.send_batches += 1
+        for relay, data in held[sent:]:
+            self._transport.sendto(data, relay)
 
     @property
     def session_count(self) -> int:

@@ -142,3 +142,45 @@ async def test_register_refuses_a_ufrag_in_use() -> None:
     mux.register(UFRAG, PWD, ("127.0.0.1", 1))
     with pytest.raises(ValueError, match="already has a session"):
         mux.register(UFRAG, PWD, ("127.0.0.1", 1))
+
+
+async def test_held_sends_leave_in_one_batch_and_rtp_bypasses_aioice() -> None:
+    mux = udpmux.UdpMux()
+    address = await mux.start("127.0.0.1", 0)
+    relay, relay_in = await open_socket()
+    try:
+        session = mux.register(UFRAG, PWD, ("203.0.113.7", 3478))
+        sink = Sink()
+        transport = mux.transport_for(session, sink)
+        clients = [("198.51.100.9", 50000 + i) for i in range(3)]
+        for i, client in enumerate(clients):
+            relay.sendto(framing.encode(*client, request(f"{UFRAG}:c{i}", PWD)), address)
+            async with asyncio.timeout(5):
+                await sink.received.get()
+        # RTP (not RTCP) goes to rtp_sink once set; RTCP and the rest still reach aioice.
+        rtp_in: list[bytes] = []
+        session.rtp_sink = rtp_in.append
+        rtp = b"\x80\x6f" + bytes(10) + b"opus"
+        rtcp = b"\x80\xc8" + bytes(26)
+        relay.sendto(framing.encode(*clients[0], rtp), address)
+        relay.sendto(framing.encode(*clients[0], rtcp), address)
+        relay.sendto(framing.encode(*clients[0], b"\x80\x6f"), address)  # too short for RTP
+        async with asyncio.timeout(5):
+            assert (await sink.received.get())[0] == rtcp
+            assert (await sink.received.get())[0] == b"\x80\x6f"
+        assert rtp_in == [rtp]
+
+        mux.hold()
+        for i, client in enumerate(clients):
+            transport.sendto(f"tick-{i}".encode(), client)
+        assert relay_in.received.empty()  # held until flush
+        mux.flush()
+        got = []
+        async with asyncio.timeout(5):
+            for _ in clients:
+                got.append(framing.decode((await relay_in.received.get())[0]))
+        assert sorted(got) == [(c[0], c[1], f"tick-{i}".encode()) for i, c in enumerate(clients)]
+        assert mux.send_batches == 1  # the native extension is built with this target
+    finally:
+        relay.close()
+        await mux.close()
