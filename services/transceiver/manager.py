@@ -18,6 +18,7 @@ from opentelemetry import metrics
 from libs.observability.telemetry import log_event
 from services.transceiver import rtp, sdp
 from services.transceiver.bridge import BatchedBridge
+from services.transceiver.media import EncoderOptions
 from services.transceiver.session import Session, SessionParams, endpoints_of
 from services.transceiver.settings import TransceiverSettings
 from services.transceiver.udpmux import UdpMux
@@ -146,6 +147,7 @@ class SessionManager:
             max_queued_frames=self.settings.playout_queue_max_frames,
             opus_passthrough=options.opus_passthrough,
             bridge_batching=self.settings.bridge_batching,
+            encoder=EncoderOptions(self.settings.opus_application, self.settings.opus_complexity),
             metadata=dict(options.metadata),
             session_config=options.session_config if options.HasField("session_config") else None,
         )

@@ -8,10 +8,13 @@ import fractions
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from services.transceiver.settings import OPUS_APPLICATIONS
 
 FRAME_MS = 20
 BYTES_PER_SAMPLE = 2  # s16le
@@ -81,6 +84,24 @@ OPUS_SAMPLES_PER_FRAME = OPUS_CLOCK_HZ * FRAME_MS // 1000
 OPUS_TIME_BASE = fractions.Fraction(1, OPUS_CLOCK_HZ)  # built once, not per packet
 
 
+@dataclass(frozen=True)
+class EncoderOptions:
+    """libopus encoder choices for the audio we send (RFC 6716 modes follow from them).
+
+    Defaults measured on the dev machine (BENCHMARKS.md, transceiver): "audio" at complexity
+    5 encodes a 20 ms 24 kHz frame in ~50 us, "voip" at complexity 10 (libopus' default, its
+    SILK speech path) in ~200 us, at the same 48 kbit/s."""
+
+    application: str = "audio"
+    complexity: int = 5
+
+    def __post_init__(self) -> None:
+        if self.application not in OPUS_APPLICATIONS:
+            raise ValueError(f"opus application {self.application!r}: one of {OPUS_APPLICATIONS}")
+        if not 0 <= self.complexity <= 10:
+            raise ValueError(f"opus complexity {self.complexity}: 0 to 10")
+
+
 class OpusPacketizer:
     """PCM (mono s16le, 20 ms) -> one Opus packet, with our own libopus encoder.
 
@@ -88,7 +109,8 @@ class OpusPacketizer:
     and computes an audio level in pure Python; and a track that yields packets lets gaps
     be filled with a ready-made silence packet at no cost."""
 
-    def __init__(self, rate_hz: int) -> None:
+    def __init__(self, rate_hz: int, options: EncoderOptions | None = None) -> None:
+        options = options or EncoderOptions()
         self.rate_hz = rate_hz
         self.samples = rate_hz * FRAME_MS // 1000
         codec = av.CodecContext.create("libopus", "w")
@@ -98,7 +120,11 @@ class OpusPacketizer:
         codec.bit_rate = OPUS_BITRATE
         self._time_base = fractions.Fraction(1, rate_hz)
         codec.time_base = self._time_base
-        codec.options = {"application": "voip", "frame_duration": str(FRAME_MS)}
+        codec.options = {
+            "application": options.application,
+            "frame_duration": str(FRAME_MS),
+            "compression_level": str(options.complexity),  # OPUS_SET_COMPLEXITY
+        }
         self._codec = codec
         self._pts = 0
 
@@ -162,8 +188,12 @@ class Playout:
         prebuffer: int,
         max_frames: int,
         on_first_audio: Callable[[], None] | None = None,
+        encoder: EncoderOptions | None = None,
     ) -> None:
-        self.passthrough = False  # True: the queue holds Opus packets from the bridge
+        self.passthrough = False
+        self._encoder_options = (
+            encoder or EncoderOptions()
+        )  # True: the queue holds Opus packets from the bridge
         self.rate_hz = rate_hz
         self._samples = rate_hz * FRAME_MS // 1000
         self._chunks = Rechunker(frame_bytes(rate_hz))
@@ -171,7 +201,7 @@ class Playout:
         self._prebuffer = prebuffer
         self._first_queued_at: float | None = None
         self._playing = False
-        self._encoder = OpusPacketizer(rate_hz)
+        self._encoder = OpusPacketizer(rate_hz, self._encoder_options)
         self._silence = silence_packet(rate_hz)
         self._on_first_audio = on_first_audio
         self.frames_played = 0
@@ -187,7 +217,7 @@ class Playout:
         self.rate_hz = rate_hz
         self._samples = rate_hz * FRAME_MS // 1000
         self._chunks = Rechunker(frame_bytes(rate_hz))
-        self._encoder = OpusPacketizer(rate_hz)
+        self._encoder = OpusPacketizer(rate_hz, self._encoder_options)
         self._silence = silence_packet(rate_hz)
 
     @property

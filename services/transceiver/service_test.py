@@ -10,6 +10,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import pytest
 
 from libs.service.testing import assert_service_lifecycle, binary, run_cli, running_service
 from voiceedge.common.v1 import common_pb2
@@ -25,10 +26,18 @@ def test_help_lists_settings() -> None:
     assert "VOICEEDGE_TRANSCEIVER_" in result.stdout
 
 
-def test_bad_setting_is_a_clear_error() -> None:
-    result = run_cli(COMMAND, ["--grpc-listen", "nowhere"])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--grpc-listen", "nowhere"], "grpc_listen: expected host:port"),
+        (["--opus-application", "music"], "opus_application: one of voip, audio, lowdelay"),
+        (["--opus-complexity", "11"], "opus_complexity: 0 to 10"),
+    ],
+)
+def test_bad_setting_is_a_clear_error(args: list[str], message: str) -> None:
+    result = run_cli(COMMAND, args)
     assert result.returncode == 2
-    assert "grpc_listen: expected host:port" in result.stderr
+    assert message in result.stderr
 
 
 def test_serves_health_and_reflection_then_drains() -> None:

@@ -30,6 +30,7 @@ from services.transceiver.bridge import (
 from services.transceiver.media import (
     FRAME_MS,
     OPUS_SAMPLES_PER_FRAME,
+    EncoderOptions,
     IdleTrack,
     OpusToPcm,
     Playout,
@@ -64,6 +65,7 @@ class SessionParams:
     max_queued_frames: int
     opus_passthrough: bool = False
     bridge_batching: bool = False  # StreamSessions (one batched stream per bridge)
+    encoder: EncoderOptions = field(default_factory=EncoderOptions)
     metadata: dict[str, str] = field(default_factory=dict)
     session_config: struct_pb2.Struct | None = None
 
@@ -162,6 +164,7 @@ class Session:
             prebuffer=params.prebuffer_frames,
             max_frames=params.max_queued_frames,
             on_first_audio=self._first_audio_out,
+            encoder=params.encoder,
         )
 
     @property
