@@ -352,12 +352,12 @@ def native_relay(media: tuple[str, int]) -> contextlib.AbstractContextManager[An
 
 
 async def run_ours(
-    passthrough: bool, steps: list[int], step_seconds: float, relay_kind: str
+    passthrough: bool, steps: list[int], step_seconds: float, relay_kind: str, profile: str = ""
 ) -> list[StepResult]:
     bridge = EchoBridge()
     bridge.record_arrivals = True
     await bridge.start()
-    process = start_transceiver(bridge.address, "")
+    process = start_transceiver(bridge.address, profile)
     python_relay: FramingRelay | None = None
     try:
         with contextlib.ExitStack() as stack:
@@ -457,6 +457,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="between clients and our transceiver: the real relay process (native batched "
         "I/O, core 1) or the testkit's Python FramingRelay inside the generator process",
     )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="run our transceiver under cProfile, stats to PATH.<mode> (figures then include "
+        "the profiler's cost)",
+    )
     args = parser.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",")]
     if (os.cpu_count() or 1) > 1:
@@ -469,7 +475,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             all_results["stock aiortc echo"] = asyncio.run(run_stock(steps, args.step_seconds))
         elif mode in ("transcoding", "passthrough"):
             results = asyncio.run(
-                run_ours(mode == "passthrough", steps, args.step_seconds, args.relay)
+                run_ours(
+                    mode == "passthrough",
+                    steps,
+                    args.step_seconds,
+                    args.relay,
+                    f"{args.profile}.{mode}" if args.profile else "",
+                )
             )
             all_results[f"ours, {mode}"] = results
         else:
