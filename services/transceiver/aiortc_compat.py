@@ -15,7 +15,8 @@ The transceiver needs four things the public APIs do not offer:
 - run audio RTP on our own path (services/transceiver/rtp.py) once DTLS keyed SRTP: the
   SRTP sessions (`RTCDtlsTransport._rx_srtp`, `_tx_srtp`), and what aiortc's RTCP sender
   reports need from the packets we send (`RTCRtpSender.__ntp_timestamp`, `__rtp_timestamp`,
-  `__packet_count`, `__octet_count`).
+  `__packet_count`, `__octet_count`), and the caller's last sender report for our receiver
+  reports (`RTCRtpReceiver.__lsr`, `__lsr_time`).
 
 The saturation benchmark's load generator also uses `tap_rtp_datagrams` (end of file).
 
@@ -68,6 +69,7 @@ SENDER_REPORT_ATTRIBUTES = (
     "_RTCRtpSender__octet_count",
 )
 DTLS_ATTRIBUTES = ("_rx_srtp", "_tx_srtp")
+RECEIVER_REPORT_ATTRIBUTES = ("_RTCRtpReceiver__lsr", "_RTCRtpReceiver__lsr_time")
 PEER_CONNECTION_ATTRIBUTES = ("_RTCPeerConnection__closeTask", "_RTCPeerConnection__connect")
 
 
@@ -369,6 +371,9 @@ def check_versions() -> None:
     for name in DTLS_ATTRIBUTES:
         if not hasattr(transceiver.sender.transport, name):
             raise CompatError(f"aiortc.RTCDtlsTransport.{name} is gone: update aiortc_compat.py")
+    for name in RECEIVER_REPORT_ATTRIBUTES:
+        if not isinstance(getattr(receiver, name, None), dict):
+            raise CompatError(f"aiortc.RTCRtpReceiver.{name[15:]} is gone: update aiortc_compat.py")
     for name in RECEIVER_ATTRIBUTES:
         if not isinstance(getattr(receiver, name, None), queue.Queue):
             raise CompatError(f"aiortc.RTCRtpReceiver.{name} is gone: update aiortc_compat.py")
@@ -395,6 +400,29 @@ def srtp_transforms(pc: RTCPeerConnection) -> tuple[SrtpTransform, SrtpTransform
     if rx is None or tx is None:
         raise CompatError("aiortc RTCDtlsTransport._rx_srtp/_tx_srtp are gone or not keyed yet")
     return rx.unprotect, tx.protect
+
+
+def srtcp_protect(pc: RTCPeerConnection) -> SrtpTransform:
+    """`protect_rtcp` of the same outbound SRTP session: our receiver reports go out there."""
+    (audio,) = [t for t in pc.getTransceivers() if t.kind == "audio"]
+    tx = getattr(audio.sender.transport, "_tx_srtp", None)
+    if tx is None:
+        raise CompatError("aiortc RTCDtlsTransport._tx_srtp is gone or not keyed yet")
+    return tx.protect_rtcp  # type: ignore[no-any-return]
+
+
+def last_sender_report(pc: RTCPeerConnection, ssrc: int) -> tuple[int, int]:
+    """(LSR, DLSR) for a receiver report on `ssrc` (RFC 3550 §6.4.1): aiortc's receiver
+    keeps the caller's last sender report (its RTCP still goes through aiortc); (0, 0)
+    before the first one."""
+    (audio,) = [t for t in pc.getTransceivers() if t.kind == "audio"]
+    receiver = audio.receiver
+    lsr: dict[int, int] = getattr(receiver, RECEIVER_REPORT_ATTRIBUTES[0], {})
+    lsr_time: dict[int, float] = getattr(receiver, RECEIVER_REPORT_ATTRIBUTES[1], {})
+    if ssrc not in lsr or ssrc not in lsr_time:
+        return 0, 0
+    delay = time.time() - lsr_time[ssrc]
+    return lsr[ssrc], int(delay * 65536) if 0 < delay < 65536 else 0
 
 
 NTP_EPOCH_OFFSET_S = 2208988800  # 1900-01-01 to 1970-01-01 (RFC 5905 §6)

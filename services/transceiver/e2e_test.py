@@ -99,6 +99,26 @@ async def test_call_connects_echoes_tone_and_events_then_closes_once() -> None:
             await asyncio.sleep(0.1)
         assert 0 < rtt < 500
 
+        # Our RTCP receiver reports reach the caller: its sender sees them as
+        # remote-inbound-rtp, with RTT from its own sender reports and no loss.
+        remote: object = None
+        for _ in range(100):  # polls the client's stats: at most 100 x 0.1 s
+            report = await client.pc.getStats()
+            remote = next(
+                (
+                    e
+                    for e in report.values()
+                    if getattr(e, "type", "") == "remote-inbound-rtp"
+                    and getattr(e, "roundTripTime", None)
+                ),
+                None,
+            )
+            if remote is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert remote is not None, "the caller never got a receiver report with an RTT"
+        assert getattr(remote, "packetsLost", None) == 0
+
         closed = await stack.stub.CloseSession(transceiver_pb2.CloseSessionRequest(session_id="s1"))
         assert closed.session.state == transceiver_pb2.SESSION_STATE_CLOSED
         assert closed.session.stats.close_reason == common_pb2.CLOSE_REASON_CLOSE_RPC

@@ -116,6 +116,9 @@ class RtpReceiver:
         self._base: int | None = None  # extended sequence of the first packet
         self._highest = 0  # extended highest sequence
         self._last_transit: float | None = None
+        self.source_ssrc: int | None = None
+        self._expected_prior = 0
+        self._received_prior = 0
 
     def datagram(self, data: bytes) -> None:
         stats = self.stats
@@ -125,7 +128,7 @@ class RtpReceiver:
             stats.dropped_srtp += 1
             return
         try:
-            payload_type, sequence, timestamp, _ssrc, payload = parse(clear)
+            payload_type, sequence, timestamp, ssrc, payload = parse(clear)
         except RtpError:
             stats.dropped_malformed += 1
             return
@@ -134,6 +137,7 @@ class RtpReceiver:
             return
         if self._base is None:
             self._base = self._highest = sequence
+            self.source_ssrc = ssrc
         else:
             delta = (sequence - self._highest) % SEQ_MOD
             if delta == 0 or delta > SEQ_MOD - MAX_MISORDER:
@@ -151,6 +155,37 @@ class RtpReceiver:
         self._last_transit = transit
         self._sink(payload, timestamp)
 
+    def receiver_report(self, reporter_ssrc: int, lsr: int, dlsr: int) -> bytes | None:
+        """An RTCP receiver report (RFC 3550 §6.4.2, one report block) on what arrived so
+        far, or None before the first packet. `lsr`/`dlsr`: the middle 32 bits of the last
+        sender report's NTP time and the delay since it in 1/65536 s (0, 0 without one)."""
+        if self._base is None or self.source_ssrc is None:
+            return None
+        stats = self.stats
+        expected = self._highest - self._base + 1
+        expected_interval = expected - self._expected_prior
+        received_interval = stats.packets - self._received_prior
+        self._expected_prior, self._received_prior = expected, stats.packets
+        lost_interval = expected_interval - received_interval
+        fraction = 0
+        if expected_interval > 0 and lost_interval > 0:
+            fraction = min(255, (lost_interval << 8) // expected_interval)
+        cumulative = max(-(1 << 23), min((1 << 23) - 1, expected - stats.packets))
+        return RECEIVER_REPORT.pack(
+            0x81,  # V=2, P=0, RC=1
+            201,  # RR
+            7,  # length in 32-bit words minus one
+            reporter_ssrc,
+            self.source_ssrc,
+            (fraction << 24) | (cumulative & 0xFFFFFF),
+            self._highest & 0xFFFFFFFF,
+            int(stats.jitter_ticks) & 0xFFFFFFFF,
+            lsr & 0xFFFFFFFF,
+            dlsr & 0xFFFFFFFF,
+        )
+
+
+RECEIVER_REPORT = struct.Struct("!BBHIIIIIII")
 
 # (RTP timestamp, packets, octets) after each packet: what RTCP sender reports need
 # (RFC 3550 §6.4.1).

@@ -198,3 +198,31 @@ async def test_one_failing_stream_does_not_stop_the_others() -> None:
     assert len(pacer) == 1
     assert around[:4] == ["hold", "flush", "hold", "flush"]
     pacer.close()
+
+
+def test_receiver_report_follows_rfc3550_6_4_2() -> None:
+    tx, rx = srtp_pair()
+    clock = FakeClock()
+    receiver = rtp.RtpReceiver(rx.unprotect, 111, lambda p, ts: None, clock)
+    assert receiver.receiver_report(1, 0, 0) is None  # nothing received yet
+    for i, seq in enumerate([*range(65530, 65536), *range(0, 4)]):  # 10 across the wrap...
+        clock.now = 100.0 + i * 0.02  # paced: jitter stays 0
+        if seq != 65534:  # ...1 lost
+            receiver.datagram(tx.protect(packet(seq, i * 960, ssrc=4242)))
+    report = receiver.receiver_report(99, 0x12345678, 65536)
+    assert report is not None
+    fields = rtp.RECEIVER_REPORT.unpack(report)
+    first, pt, length, reporter, source, loss, highest, jitter, lsr, dlsr = fields
+    assert (first >> 6, first & 0x1F, pt, length) == (2, 1, 201, 7)
+    assert (reporter, source) == (99, 4242)
+    assert loss >> 24 == 25  # 1 of 10 lost: floor(256 / 10)
+    assert loss & 0xFFFFFF == 1
+    assert highest == 65536 + 3  # one wrap counted in the extended sequence
+    assert jitter == 0
+    assert (lsr, dlsr) == (0x12345678, 65536)
+    for i, seq in enumerate(range(4, 8), start=10):
+        clock.now = 100.0 + i * 0.02
+        receiver.datagram(tx.protect(packet(seq, i * 960, ssrc=4242)))
+    again = rtp.RECEIVER_REPORT.unpack(receiver.receiver_report(99, 0, 0) or b"")
+    assert again[5] >> 24 == 0  # nothing lost since the last report
+    assert again[5] & 0xFFFFFF == 1  # cumulative

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from voiceedge.transceiver.v1 import transceiver_pb2
 logger = logging.getLogger("voiceedge.transceiver.session")
 
 DATA_CHANNEL_LABEL = "oai-events"
+REPORT_EVERY_FRAMES = 50  # one RTCP receiver report per second of 20 ms ticks
 PENDING_EVENTS_MAX = 256
 BRIDGE_OPEN_TIMEOUT_S = 5.0
 
@@ -159,6 +161,10 @@ class Session:
         self._rtp_params: sdp.AudioRtpParams | None = None
         self._rtp_in: rtp.RtpReceiver | None = None
         self._rtp_out: rtp.RtpSender | None = None
+        self._protect_rtcp: Callable[[bytes], bytes] | None = None
+        # Receiver reports once a second (RFC 3550 §6.2 allows 5 s; WebRTC sends ~1 s),
+        # spread over the pacer's ticks.
+        self._report_phase = random.randrange(REPORT_EVERY_FRAMES)
         self.playout = Playout(
             params.rate_hz,
             prebuffer=params.prebuffer_frames,
@@ -316,6 +322,7 @@ class Session:
         self._rtp_out = rtp.RtpSender(
             params, protect, self._send_media, aiortc_compat.sender_report_sink(self.pc)
         )
+        self._protect_rtcp = aiortc_compat.srtcp_protect(self.pc)
         self._pacer.add(self)
 
     def tick(self, frame_index: int) -> None:
@@ -323,6 +330,22 @@ class Session:
         sender = self._rtp_out
         if sender is not None and self._teardown is None:
             sender.send(self.playout.next_packet(), frame_index, OPUS_SAMPLES_PER_FRAME)
+            if frame_index % REPORT_EVERY_FRAMES == self._report_phase:
+                self._send_receiver_report()
+
+    def _send_receiver_report(self) -> None:
+        """RTCP RR on the caller's stream: aiortc's receiver no longer sees our RTP, and the
+        caller's encoder adapts to the loss it reports (RFC 3550 §6.4.2)."""
+        receiver, params, protect = self._rtp_in, self._rtp_params, self._protect_rtcp
+        if receiver is None or params is None or protect is None:
+            return
+        source = receiver.source_ssrc
+        if source is None:
+            return
+        lsr, dlsr = aiortc_compat.last_sender_report(self.pc, source)
+        report = receiver.receiver_report(params.ssrc, lsr, dlsr)
+        if report is not None:
+            self._send_media(protect(report))
 
     def _send_media(self, data: bytes) -> None:
         remote = aiortc_compat.nominated_remote(self._connection)
