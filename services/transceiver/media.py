@@ -14,6 +14,7 @@ from typing import Any
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from services.transceiver import opus
 from services.transceiver.settings import OPUS_APPLICATIONS
 
 FRAME_MS = 20
@@ -38,44 +39,31 @@ class Rechunker:
         del self._pending[: count * self.size]
         return chunks
 
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
     def clear(self) -> None:
         self._pending.clear()
 
 
 class OpusToPcm:
     """Caller Opus packets -> 20 ms mono s16le chunks at `rate_hz`, on the event loop (no
-    thread hop per frame). FFmpeg's libopus decoder always outputs 48 kHz, so anything else
-    goes through one resampler."""
+    thread hop per frame), decoded by libopus at that rate (no resampler)."""
 
     def __init__(self, rate_hz: int) -> None:
-        codec = av.CodecContext.create("libopus", "r")
-        codec.sample_rate = rate_hz
-        codec.layout = "mono"
-        codec.format = "s16"
-        self._codec = codec
-        self._chunks = Rechunker(frame_bytes(rate_hz))
-        self._resampler: av.AudioResampler | None = None
-        self._rate_hz = rate_hz
+        self._decoder = opus.Decoder(rate_hz)
+        self._size = frame_bytes(rate_hz)
+        self._chunks = Rechunker(self._size)
 
     def push(self, packet: bytes) -> list[bytes]:
-        out: list[bytes] = []
         try:
-            frames = self._codec.decode(av.Packet(packet))
-        except av.FFmpegError:
-            return out  # a corrupt packet is skipped, as a lost one would be
-        for frame in frames:
-            if (
-                frame.format.name != "s16"
-                or len(frame.layout.channels) != 1
-                or frame.sample_rate != self._rate_hz
-            ):
-                if self._resampler is None:
-                    self._resampler = av.AudioResampler("s16", "mono", self._rate_hz)
-                for resampled in self._resampler.resample(frame):
-                    out += self._chunks.push(bytes(resampled.planes[0])[: resampled.samples * 2])
-                continue
-            out += self._chunks.push(bytes(frame.planes[0])[: frame.samples * 2])
-        return out
+            pcm = self._decoder.decode(packet)
+        except opus.OpusError:
+            return []  # a corrupt packet is skipped, as a lost one would be
+        if len(pcm) == self._size and not self._chunks.pending:
+            return [pcm]  # the usual 20 ms packet: no copy into the rechunker
+        return self._chunks.push(pcm)
 
 
 OPUS_CLOCK_HZ = 48000  # RTP clock of Opus, whatever the encoded rate (RFC 7587 §4.1)
@@ -113,30 +101,13 @@ class OpusPacketizer:
         options = options or EncoderOptions()
         self.rate_hz = rate_hz
         self.samples = rate_hz * FRAME_MS // 1000
-        codec = av.CodecContext.create("libopus", "w")
-        codec.sample_rate = rate_hz
-        codec.layout = "mono"
-        codec.format = "s16"
-        codec.bit_rate = OPUS_BITRATE
-        self._time_base = fractions.Fraction(1, rate_hz)
-        codec.time_base = self._time_base
-        codec.options = {
-            "application": options.application,
-            "frame_duration": str(FRAME_MS),
-            "compression_level": str(options.complexity),  # OPUS_SET_COMPLEXITY
-        }
-        self._codec = codec
-        self._pts = 0
+        self._encoder = opus.Encoder(rate_hz, options.application, OPUS_BITRATE, options.complexity)
 
     def encode(self, pcm: bytes) -> bytes | None:
-        frame = av.AudioFrame(format="s16", layout="mono", samples=self.samples)
-        frame.planes[0].update(pcm)
-        frame.sample_rate = self.rate_hz
-        frame.pts = self._pts
-        frame.time_base = self._time_base
-        self._pts += self.samples
-        packets = self._codec.encode(frame)
-        return bytes(packets[-1]) if packets else None
+        try:
+            return self._encoder.encode(pcm, self.samples)
+        except (opus.OpusError, ValueError):
+            return None  # the caller plays silence instead
 
 
 _SILENCE: dict[int, bytes] = {}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import random
@@ -274,8 +275,15 @@ async def ramp(
                     for stream in bridge.streams.values():
                         stream.arrivals.clear()
                 pacer.lags = []
+                # The generator's own full garbage collections (hundreds of aiortc peers,
+                # arrival logs) paused its pacer for tens of ms; none during the window.
+                gc.collect()
+                gc.disable()
                 cpu0, gen0, wall0 = cpu_seconds(pid), time.process_time(), time.monotonic()
-                await asyncio.sleep(step_seconds)
+                try:
+                    await asyncio.sleep(step_seconds)
+                finally:
+                    gc.enable()
                 wall = time.monotonic() - wall0
                 server_cpu = (cpu_seconds(pid) - cpu0) / wall
                 generator_cpu = (time.process_time() - gen0) / wall
