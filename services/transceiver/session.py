@@ -495,11 +495,24 @@ class Session:
             duration_ms=round(self._elapsed_ms()),
             audio_frames_in=self.frames_in,
             audio_frames_out=self.frames_out,
+            **self._rtp_drops(),
         )
         self._closed.set()
         self._on_closed(self)
 
     # ---- stats
+
+    def _rtp_drops(self) -> dict[str, int]:
+        """Caller RTP our path did not use, by reason (for the close log)."""
+        if self._rtp_in is None:
+            return {}
+        s = self._rtp_in.stats
+        return {
+            "rtp__dropped_srtp": s.dropped_srtp,
+            "rtp__dropped_late": s.dropped_late,
+            "rtp__dropped_malformed": s.dropped_malformed,
+            "rtp__dropped_payload_type": s.dropped_payload_type,
+        }
 
     async def info(self) -> ST.SessionInfo:
         if self.final_info is not None:
