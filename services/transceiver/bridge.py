@@ -191,6 +191,8 @@ class BatchedBridge:
         self._links: dict[str, BatchedLink] = {}
         self._pending: list[inference_pb2.SessionRequestItem] = []
         self._wake = asyncio.Event()
+        self._flushed = asyncio.Event()  # set while nothing is pending or being written
+        self._flushed.set()
         self._tasks: list[asyncio.Task[None]] = []
         self.unimplemented = False
         self.batches_out = 0
@@ -220,6 +222,7 @@ class BatchedBridge:
         if audio and len(self._pending) >= OUTBOX_MAX * max(1, len(self._links)):
             return False
         self._pending.append(Item(session_id=session_id, request=request))
+        self._flushed.clear()
         self._wake.set()
         return True
 
@@ -232,8 +235,11 @@ class BatchedBridge:
                     items, self._pending = self._pending, []
                     await call.write(BatchRequest(items=items))
                     self.batches_out += 1
+                self._flushed.set()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             return  # the reader sees the same failure and ends the sessions
+        finally:
+            self._flushed.set()
 
     async def _read_loop(self, call: Any) -> None:
         detail = "bridge ended the StreamSessions stream"
@@ -266,10 +272,16 @@ class BatchedBridge:
             if link is not None:
                 link.deliver(item.response)
 
-    async def close(self) -> None:
-        """Ends the stream and its tasks (the transceiver is shutting down)."""
+    async def close(self, flush_timeout_s: float = 1.0) -> None:
+        """Ends the stream and its tasks (the transceiver is shutting down): what is queued
+        (the sessions' SessionEnd) goes out first, for up to `flush_timeout_s`."""
+        if self._call is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flushed.wait(), flush_timeout_s)
         call, self._call = self._call, None
         if call is not None:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await asyncio.wait_for(call.done_writing(), flush_timeout_s)
             call.cancel()
         for task in self._tasks:
             task.cancel()

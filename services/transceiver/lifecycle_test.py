@@ -190,3 +190,29 @@ async def test_consent_loss_when_the_client_goes_silent() -> None:
     finally:
         await client.close()
         await stack.stop()
+
+
+@pytest.mark.timeout_s(60)
+async def test_shutdown_tells_the_bridge_on_the_batched_stream() -> None:
+    stack = await Stack.start()
+    clients = [Client(pre_encoded=True) for _ in range(3)]
+    stopped = False
+    try:
+        for i, client in enumerate(clients):
+            await stack.connect(f"d{i}", client)
+        await wait_for(lambda: len(stack.bridge.streams) == 3, 20)
+        assert stack.manager.batched_for(stack.bridge.address).batches_out > 0
+        await stack.manager.shutdown()  # what SIGTERM's last step does
+        stopped = True
+        for i in range(3):
+            stream = stack.bridge.streams[f"d{i}"]
+            assert stream.end_reason == CR.CLOSE_REASON_DRAINED, f"d{i}"
+    finally:
+        for client in clients:
+            await client.close()
+        if not stopped:
+            await stack.manager.shutdown()
+        await stack.channel.close(None)
+        await stack.grpc_service.close()
+        await stack.relay.close()
+        await stack.bridge.stop()
