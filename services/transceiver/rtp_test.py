@@ -130,7 +130,11 @@ def test_sender_writes_headers_the_receiver_reads() -> None:
     assert all(p[0] == 111 and p[3] == 1234 and p[4] == b"P" * 10 for p in parsed)
     assert [c[1] >> 7 for c in clear] == [1, 0, 0]  # marker on the first packet only
     assert all(rtp.mid_extension(9, "0") in c for c in clear)
-    assert reports[-1] == (parsed[-1][2], 3, 30)
+    # Sender-report samples: the 1st packet, then every 5th (RTP time with its counts).
+    assert reports == [(parsed[0][2], 1, 10)]
+    for index in range(4, 8):
+        sender.send(b"P" * 10, index, 960)
+    assert [r[1:] for r in reports] == [(1, 10), (6, 60)]
 
 
 class Recorder:

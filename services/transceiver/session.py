@@ -162,6 +162,7 @@ class Session:
         self._rtp_in: rtp.RtpReceiver | None = None
         self._rtp_out: rtp.RtpSender | None = None
         self._protect_rtcp: Callable[[bytes], bytes] | None = None
+        self._remote: tuple[str, int] | None = None  # the selected pair's client address
         # Receiver reports once a second (RFC 3550 §6.2 allows 5 s; WebRTC sends ~1 s),
         # spread over the pacer's ticks.
         self._report_phase = random.randrange(REPORT_EVERY_FRAMES)
@@ -331,6 +332,7 @@ class Session:
         if sender is not None and self._teardown is None:
             sender.send(self.playout.next_packet(), frame_index, OPUS_SAMPLES_PER_FRAME)
             if frame_index % REPORT_EVERY_FRAMES == self._report_phase:
+                self._remote = None  # re-read the selected pair (aioice may switch it)
                 self._send_receiver_report()
 
     def _send_receiver_report(self) -> None:
@@ -348,7 +350,10 @@ class Session:
             self._send_media(protect(report))
 
     def _send_media(self, data: bytes) -> None:
-        remote = aiortc_compat.nominated_remote(self._connection)
+        remote = self._remote
+        if remote is None:
+            # The selected pair, looked up again once a second (tick) rather than per packet.
+            remote = self._remote = aiortc_compat.nominated_remote(self._connection)
         if remote is not None and self._mux_session is not None:
             self._mux.send(self._mux_session, remote, data)
 
