@@ -278,10 +278,16 @@ class BatchedBridge:
         if self._call is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flushed.wait(), flush_timeout_s)
-        call, self._call = self._call, None
+        call = self._call
         if call is not None:
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # Half-close, then let the bridge finish the stream (the reader ends at its EOF):
+            # cancelling at once could drop the SessionEnds it has not read yet.
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
                 await asyncio.wait_for(call.done_writing(), flush_timeout_s)
+                reader = self._tasks[-1] if self._tasks else None
+                if reader is not None:
+                    await asyncio.wait_for(asyncio.shield(reader), flush_timeout_s)
+            self._call = None
             call.cancel()
         for task in self._tasks:
             task.cancel()
@@ -315,6 +321,13 @@ class BatchedLink:
         except TimeoutError:
             self._opened.cancel()
             self._bridge.detach(self)
+            # The bridge may still accept later; end the session there either way.
+            end = inference_pb2.SessionEnd(
+                reason=common_pb2.CLOSE_REASON_BRIDGE_ERROR,
+                detail="timed out waiting for session_accepted",
+            )
+            self._bridge.enqueue(self.session_id, Request(session_end=end))
+            self._ended = True
             raise BridgeError(f"bridge {self.address}: timed out") from None
         except BridgeError:
             self._bridge.detach(self)
@@ -390,7 +403,9 @@ class BatchedLink:
         if self._ended:
             return
         self._ended = True
-        if notify and self.accepted is not None:
+        if notify and self._opened is not None:
+            # Also while the bridge's answer is still on its way: on a shared stream there
+            # is no per-session cancel, and a session started must be ended.
             end = inference_pb2.SessionEnd(reason=reason, detail=detail)  # type: ignore[arg-type]
             self._bridge.enqueue(self.session_id, Request(session_end=end))
         self._bridge.detach(self)
