@@ -88,3 +88,50 @@ def test_check_credentials_names_the_problem(ufrag: str, pwd: str, message: str)
 
 def test_check_credentials_accepts_minted_shapes() -> None:
     sdp.check_credentials("ABCD+/09" * 4 + "abcd", "x" * 32)
+
+
+ANSWER = "\r\n".join(
+    [
+        "v=0",
+        "o=- 1 1 IN IP4 0.0.0.0",
+        "s=-",
+        "t=0 0",
+        "a=group:BUNDLE 0 1",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111 0",
+        "a=mid:0",
+        "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
+        "a=extmap:4/sendrecv urn:ietf:params:rtp-hdrext:sdes:mid",
+        "a=rtpmap:0 PCMU/8000",
+        "a=rtpmap:111 opus/48000/2",
+        "a=ssrc:3735928559 cname:x",
+        "a=ssrc:3735928559 msid:a b",
+        "m=application 9 UDP/DTLS/SCTP webrtc-datachannel",
+        "a=mid:1",
+        "a=ssrc:1 cname:not-audio",
+        "",
+    ]
+)
+
+
+def test_audio_rtp_params_reads_the_audio_section_only() -> None:
+    params = sdp.audio_rtp_params(ANSWER)
+    assert params == sdp.AudioRtpParams(
+        payload_type=111, ssrc=3735928559, mid="0", mid_extension_id=4
+    )
+
+
+@pytest.mark.parametrize(
+    ("remove", "message"),
+    [
+        ("a=rtpmap:111 opus/48000/2", "no opus/48000 payload type"),
+        ("a=ssrc:3735928559 cname:x\r\na=ssrc:3735928559 msid:a b", "no a=ssrc"),
+    ],
+)
+def test_audio_rtp_params_refuses_what_our_rtp_path_cannot_use(remove: str, message: str) -> None:
+    with pytest.raises(sdp.SdpError, match=message):
+        sdp.audio_rtp_params(ANSWER.replace(remove + "\r\n", ""))
+
+
+def test_audio_rtp_params_without_the_mid_extension() -> None:
+    answer = ANSWER.replace("a=extmap:4/sendrecv urn:ietf:params:rtp-hdrext:sdes:mid\r\n", "")
+    assert sdp.audio_rtp_params(answer).mid_extension_id == 0
