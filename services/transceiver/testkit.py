@@ -272,22 +272,19 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
             await asyncio.gather(*injectors.values(), return_exceptions=True)
 
 
-class ToneTrack(MediaStreamTrack):
-    """A paced 48 kHz mono sine wave, 20 ms per frame."""
+class PacedTrack(MediaStreamTrack):
+    """A track that yields one 20 ms frame on its own clock, `frames` of them (None: no end)."""
 
     kind = "audio"
 
-    def __init__(
-        self, frequency_hz: float = 440.0, amplitude: float = 0.3, frames: int | None = None
-    ) -> None:
+    def __init__(self, frames: int | None) -> None:
         super().__init__()
         self.frames = frames
-        self.frequency_hz = frequency_hz
-        self.amplitude = amplitude
         self._count = 0
         self._start: float | None = None
 
-    async def recv(self) -> av.AudioFrame:
+    async def _next_index(self) -> int:
+        """Waits for the next frame's time; its index. MediaStreamError after the last."""
         loop = asyncio.get_running_loop()
         if self._start is None:
             self._start = loop.time()
@@ -297,55 +294,56 @@ class ToneTrack(MediaStreamTrack):
         wait = self._start + self._count * 0.02 - loop.time()
         if wait > 0:
             await asyncio.sleep(wait)
+        self._count += 1
+        return self._count - 1
+
+
+class ToneTrack(PacedTrack):
+    """A paced 48 kHz mono sine wave, 20 ms per frame."""
+
+    def __init__(
+        self, frequency_hz: float = 440.0, amplitude: float = 0.3, frames: int | None = None
+    ) -> None:
+        super().__init__(frames)
+        self.frequency_hz = frequency_hz
+        self.amplitude = amplitude
+
+    async def recv(self) -> av.AudioFrame:
+        index = await self._next_index()
         n = 960
-        t = (np.arange(n) + self._count * n) / 48000.0
+        t = (np.arange(n) + index * n) / 48000.0
         samples = (self.amplitude * 32767 * np.sin(2 * math.pi * self.frequency_hz * t)).astype(
             np.int16
         )
         frame = av.AudioFrame(format="s16", layout="mono", samples=n)
         frame.planes[0].update(samples.tobytes())
         frame.sample_rate = 48000
-        frame.pts = self._count * n
+        frame.pts = index * n
         frame.time_base = fractions.Fraction(1, 48000)
-        self._count += 1
         return frame
 
 
-class OpusToneTrack(MediaStreamTrack):
+class OpusToneTrack(PacedTrack):
     """The same paced tone as ToneTrack, but as ready Opus packets (one second encoded once
     and repeated): aiortc's sender only packs them, so many clients fit in one process."""
 
-    kind = "audio"
-
     def __init__(self, frequency_hz: float = 440.0, frames: int | None = None) -> None:
-        super().__init__()
-        self.frames = frames
+        super().__init__(frames)
         encoder = OpusPacketizer(48000)
         self._packets: list[bytes] = []
         n = 960
-        for count in range(50 + 5):  # one second, past the encoder's look-ahead
+        for count in range(50):  # one second: a whole number of 440 Hz periods
             t = (np.arange(n) + count * n) / 48000.0
             samples = 0.3 * 32767 * np.sin(2 * math.pi * frequency_hz * t)
             packet = encoder.encode(samples.astype(np.int16).tobytes())
-            if count >= 5 and packet is not None:
-                self._packets.append(packet)
-        self._count = 0
-        self._start: float | None = None
+            assert packet is not None
+            self._packets.append(packet)
 
     async def recv(self) -> av.Packet[Any]:
-        loop = asyncio.get_running_loop()
-        if self._start is None:
-            self._start = loop.time()
-        if self.frames is not None and self._count >= self.frames:
-            self.stop()
-            raise MediaStreamError
-        wait = self._start + self._count * 0.02 - loop.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        packet = av.Packet(self._packets[self._count % len(self._packets)])
-        packet.pts = self._count * 960
+        index = await self._next_index()
+        packet = av.Packet(self._packets[index % len(self._packets)])
+        packet.pts = index * 960
         packet.time_base = OPUS_TIME_BASE
-        self._count += 1
         return packet
 
 
