@@ -37,8 +37,31 @@ Request = inference_pb2.StreamSessionRequest
 Response = inference_pb2.StreamSessionResponse
 
 
-class BridgeLink:
+class AudioNumbering:
+    """Caller frames numbered as inference.proto says: `sequence` +1 per frame and
+    `timestamp_samples` from the stream's start; skip_audio() leaves the gap that tells the
+    bridge frames were lost."""
+
+    def __init__(self) -> None:
+        self.audio_sequence = 0
+        self.audio_samples = 0
+
+    def _next_frame(self, data: bytes, samples: int) -> inference_pb2.AudioFrame:
+        frame = inference_pb2.AudioFrame(
+            data=data, sequence=self.audio_sequence, timestamp_samples=self.audio_samples
+        )
+        self.audio_sequence += 1
+        self.audio_samples += samples
+        return frame
+
+    def skip_audio(self, frames: int, samples_per_frame: int) -> None:
+        self.audio_sequence += frames
+        self.audio_samples += frames * samples_per_frame
+
+
+class BridgeLink(AudioNumbering):
     def __init__(self, channel: grpc.aio.Channel, address: str) -> None:
+        super().__init__()
         self.address = address
         # grpc-stubs type the generated stub as synchronous; on an aio channel it is not.
         self._stub: Any = inference_pb2_grpc.InferenceBridgeServiceStub(channel)
@@ -46,8 +69,6 @@ class BridgeLink:
         self._outbox: asyncio.Queue[Request | None] = asyncio.Queue(OUTBOX_MAX)
         self._writer: asyncio.Task[None] | None = None
         self.accepted: inference_pb2.SessionAccepted | None = None
-        self.audio_sequence = 0
-        self.audio_samples = 0
         self.dropped_audio = 0
         self._ended = False
 
@@ -106,11 +127,7 @@ class BridgeLink:
         return True
 
     def send_audio(self, data: bytes, samples: int) -> None:
-        frame = inference_pb2.AudioFrame(
-            data=data, sequence=self.audio_sequence, timestamp_samples=self.audio_samples
-        )
-        self.audio_sequence += 1
-        self.audio_samples += samples
+        frame = self._next_frame(data, samples)
         if not self._put(Request(audio_frame=frame)):
             self.dropped_audio += 1
 
@@ -295,16 +312,15 @@ class BatchedBridge:
         self._tasks = []
 
 
-class BatchedLink:
+class BatchedLink(AudioNumbering):
     """BridgeLink's interface for one session on a BatchedBridge."""
 
     def __init__(self, bridge: BatchedBridge, session_id: str) -> None:
+        super().__init__()
         self.address = bridge.address
         self.session_id = session_id
         self._bridge = bridge
         self.accepted: inference_pb2.SessionAccepted | None = None
-        self.audio_sequence = 0
-        self.audio_samples = 0
         self.dropped_audio = 0
         self._ended = False
         self._opened: asyncio.Future[Response] | None = None
@@ -382,11 +398,7 @@ class BatchedLink:
         await self._finished
 
     def send_audio(self, data: bytes, samples: int) -> None:
-        frame = inference_pb2.AudioFrame(
-            data=data, sequence=self.audio_sequence, timestamp_samples=self.audio_samples
-        )
-        self.audio_sequence += 1
-        self.audio_samples += samples
+        frame = self._next_frame(data, samples)
         if self._ended or not self._bridge.enqueue(
             self.session_id, Request(audio_frame=frame), audio=True
         ):

@@ -4,6 +4,7 @@ port) and an echoing inference bridge, all on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 import numpy as np
@@ -226,4 +227,30 @@ async def test_bridge_without_stream_sessions_gets_one_stream_per_session() -> N
     finally:
         for client in clients:
             await client.close()
+        await stack.stop()
+
+
+@pytest.mark.parametrize("passthrough", [False, True])
+@pytest.mark.timeout_s(60)
+async def test_lost_caller_packets_are_concealed_or_left_as_gaps(passthrough: bool) -> None:
+    stack = await Stack.start()
+    stack.bridge.record_arrivals = True
+    client = Client(tone_hz=440.0, pre_encoded=True)
+    try:
+        await stack.connect("l", client, opus_passthrough=passthrough)
+        await wait_for(lambda: stack.bridge.streams.get("l") is not None)
+        stream = stack.bridge.streams["l"]
+        await wait_for(lambda: stream.audio_in >= 10)
+        stack.relay.drop_rtp_every = 10  # 10 % loss on the caller's path from now on
+        await wait_for(lambda: stack.relay.dropped_rtp >= 5)
+        await wait_for(lambda: stream.audio_in >= len(stream.arrivals) and stream.audio_in >= 80)
+        sequences = [sequence for sequence, _ in stream.arrivals]
+        gaps = sum(b - a - 1 for a, b in itertools.pairwise(sequences) if b > a + 1)
+        if passthrough:
+            assert gaps >= 5  # one missing sequence number per lost Opus packet
+        else:
+            assert gaps == 0  # PCM: concealment fills each lost 20 ms
+        assert sequences == sorted(sequences)
+    finally:
+        await client.close()
         await stack.stop()

@@ -56,6 +56,16 @@ class OpusToPcm:
         self._size = frame_bytes(rate_hz)
         self._chunks = Rechunker(self._size)
 
+    def conceal(self, frames: int) -> list[bytes]:
+        """20 ms chunks of concealment for `frames` lost packets (libopus PLC)."""
+        out: list[bytes] = []
+        for _ in range(frames):
+            try:
+                out += self._chunks.push(self._decoder.conceal(self._size // 2))
+            except opus.OpusError:
+                break
+        return out
+
     def push(self, packet: bytes) -> list[bytes]:
         try:
             pcm = self._decoder.decode(packet)

@@ -91,6 +91,15 @@ class Decoder:
         self._max_samples = int(rate_hz * MAX_FRAME_S)
         self._pcm = ctypes.create_string_buffer(self._max_samples * 2)
 
+    def conceal(self, samples: int) -> bytes:
+        """`samples` of packet-loss concealment (libopus PLC, RFC 6716 §4.4) for a packet
+        that never came."""
+        samples = min(samples, self._max_samples)
+        got = lib().opus_decode(self._state, None, 0, self._pcm, samples, 0)
+        if got < 0:
+            raise OpusError(f"opus_decode (PLC): {_error(got)}")
+        return ctypes.string_at(self._pcm, got * 2)
+
     def decode(self, packet: bytes) -> bytes:
         """PCM of one packet; OpusError for a corrupt one."""
         samples = lib().opus_decode(

@@ -42,6 +42,18 @@ def test_media_wrappers_decode_to_20ms_chunks_and_skip_corrupt_packets() -> None
     assert packetizer.encode(b"\x00" * 10) is None  # wrong length: refused, not over-read
 
 
+def test_lost_packets_become_concealment_of_the_same_length() -> None:
+    packetizer = OpusPacketizer(24000)
+    to_pcm = OpusToPcm(24000)
+    for _ in range(10):
+        packet = packetizer.encode(tone(24000, 0.02))
+        assert packet is not None
+        to_pcm.push(packet)
+    concealed = to_pcm.conceal(3)
+    assert [len(c) for c in concealed] == [960, 960, 960]
+    assert any(concealed[0])  # PLC continues the tone rather than silence
+
+
 def test_bad_arguments_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="rate 44100"):
         opus.Decoder(44100)

@@ -107,7 +107,10 @@ class RtpReceiver:
         payload_type: int,
         sink: PayloadSink,
         clock: Callable[[], float] = time.monotonic,
+        on_loss: Callable[[int], None] | None = None,
     ) -> None:
+        # on_loss(n): n packets are missing just before the one about to reach `sink`.
+        self._on_loss = on_loss
         self._unprotect = unprotect
         self._payload_type = payload_type
         self._sink = sink
@@ -144,6 +147,8 @@ class RtpReceiver:
                 stats.dropped_late += 1
                 return
             self._highest += delta
+            if delta > 1 and self._on_loss is not None:
+                self._on_loss(delta - 1)
         stats.packets += 1
         stats.bytes += len(payload)
         stats.lost = max(0, self._highest - self._base + 1 - stats.packets)

@@ -74,8 +74,11 @@ class FakeClock:
 def test_receiver_orders_counts_loss_and_drops_what_it_cannot_use() -> None:
     tx, rx = srtp_pair()
     got: list[tuple[bytes, int]] = []
+    losses: list[int] = []
     clock = FakeClock()
-    receiver = rtp.RtpReceiver(rx.unprotect, 111, lambda p, ts: got.append((p, ts)), clock)
+    receiver = rtp.RtpReceiver(
+        rx.unprotect, 111, lambda p, ts: got.append((p, ts)), clock, on_loss=losses.append
+    )
 
     def deliver(seq: int, pt: int = 111) -> bytes:
         clock.now = 100.0 + seq * 0.02
@@ -98,6 +101,7 @@ def test_receiver_orders_counts_loss_and_drops_what_it_cannot_use() -> None:
     assert stats.dropped_payload_type == 1
     assert stats.dropped_srtp == 2  # the SRTP replay and the garbage
     assert stats.jitter_ticks == 0.0  # perfectly paced arrivals
+    assert losses == [1]  # told before packet 3 that 1 packet (2) is missing
 
 
 def test_receiver_jitter_follows_rfc3550() -> None:

@@ -44,6 +44,7 @@ from voiceedge.transceiver.v1 import transceiver_pb2
 logger = logging.getLogger("voiceedge.transceiver.session")
 
 DATA_CHANNEL_LABEL = "oai-events"
+MAX_CONCEALED_FRAMES = 5  # 100 ms of PLC at most; a longer gap stays a gap
 REPORT_EVERY_FRAMES = 50  # one RTCP receiver report per second of 20 ms ticks
 PENDING_EVENTS_MAX = 256
 BRIDGE_OPEN_TIMEOUT_S = 5.0
@@ -318,7 +319,9 @@ class Session:
         if params is None or mux_session is None:
             return
         unprotect, protect = aiortc_compat.srtp_transforms(self.pc)
-        self._rtp_in = rtp.RtpReceiver(unprotect, params.payload_type, self._on_caller_opus)
+        self._rtp_in = rtp.RtpReceiver(
+            unprotect, params.payload_type, self._on_caller_opus, on_loss=self._on_caller_loss
+        )
         mux_session.rtp_sink = self._rtp_in.datagram
         self._rtp_out = rtp.RtpSender(
             params, protect, self._send_media, aiortc_compat.sender_report_sink(self.pc)
@@ -356,6 +359,24 @@ class Session:
             remote = self._remote = aiortc_compat.nominated_remote(self._connection)
         if remote is not None and self._mux_session is not None:
             self._mux.send(self._mux_session, remote, data)
+
+    def _on_caller_loss(self, packets: int) -> None:
+        """Caller packets that never came (a sequence gap): PCM bridges get libopus packet
+        loss concealment for up to MAX_CONCEALED_FRAMES of them, the rest (and every lost
+        frame in passthrough) a gap in AudioFrame.sequence, as inference.proto says."""
+        bridge = self._bridge
+        if self._closing_or_closed or bridge is None or bridge.accepted is None:
+            return
+        if self._passthrough:
+            bridge.skip_audio(packets, OPUS_SAMPLES_PER_FRAME)
+            return
+        samples = self.params.rate_hz * FRAME_MS // 1000
+        concealed = self._decoder.conceal(min(packets, MAX_CONCEALED_FRAMES))
+        for chunk in concealed:
+            bridge.send_audio(chunk, samples)
+            self.frames_in += 1
+        if packets > len(concealed):
+            bridge.skip_audio(packets - len(concealed), samples)
 
     def _on_caller_opus(self, packet: bytes, rtp_timestamp: int) -> None:
         """One Opus packet from the caller, in order after aiortc's jitter buffer."""

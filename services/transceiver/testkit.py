@@ -46,6 +46,9 @@ class FramingRelay(asyncio.DatagramProtocol):
         self.address: Address = ("", 0)
         self.forwarded = 0
         self.returned = 0
+        self.drop_rtp_every = 0  # > 0: every Nth client RTP datagram is lost on the way in
+        self.dropped_rtp = 0
+        self._rtp_seen = 0
         self.closed = asyncio.Event()
 
     @classmethod
@@ -69,6 +72,12 @@ class FramingRelay(asyncio.DatagramProtocol):
             self.returned += 1
             self.transport.sendto(payload, (ip, port))
         else:
+            is_rtp = len(data) > 12 and 127 < data[0] < 192 and not 63 < (data[1] & 0x7F) < 96
+            if self.drop_rtp_every and is_rtp:  # RTP, not RTCP (RFC 5761 §4)
+                self._rtp_seen += 1
+                if self._rtp_seen % self.drop_rtp_every == 0:
+                    self.dropped_rtp += 1
+                    return
             self.forwarded += 1
             self.transport.sendto(framing.encode(addr[0], addr[1], data), self.upstream)
 
