@@ -15,7 +15,7 @@ from libs.config.settings import parse_host_port
 from libs.observability.telemetry import Telemetry
 from libs.service.runtime import ServiceParts, Servicer, service_main
 from services.geosteer.client import HeartbeatLoop, NodeReport, ProcessCpuMeter
-from services.transceiver import aiortc_compat
+from services.transceiver import aiortc_compat, opus
 from services.transceiver.manager import SessionManager
 from services.transceiver.rtt_report import RttCollector
 from services.transceiver.servicer import TransceiverServicer
@@ -38,6 +38,7 @@ async def live_sessions(manager: SessionManager) -> list[transceiver_pb2.Session
 async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceParts:
     aiortc_compat.check_versions()
     aiortc_compat.install_fast_audio_level()
+    opus.lib()  # no libopus: fail at start-up with the package to install, not per call
     mux = UdpMux()
     host, port = parse_host_port(settings.media_listen, "media_listen")
     media_host, media_port = await mux.start(host, port)
