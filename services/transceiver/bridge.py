@@ -336,14 +336,8 @@ class BatchedLink(AudioNumbering):
             first = await asyncio.wait_for(asyncio.shield(self._opened), timeout_s)
         except TimeoutError:
             self._opened.cancel()
-            self._bridge.detach(self)
             # The bridge may still accept later; end the session there either way.
-            end = inference_pb2.SessionEnd(
-                reason=common_pb2.CLOSE_REASON_BRIDGE_ERROR,
-                detail="timed out waiting for session_accepted",
-            )
-            self._bridge.enqueue(self.session_id, Request(session_end=end))
-            self._ended = True
+            self._abandon("timed out waiting for session_accepted")
             raise BridgeError(f"bridge {self.address}: timed out") from None
         except BridgeError:
             self._bridge.detach(self)
@@ -355,9 +349,16 @@ class BatchedLink(AudioNumbering):
                 f"bridge {self.address}: refused: {first.session_end.detail or 'session_end'}"
             )
         if kind != "session_accepted":
-            self._bridge.detach(self)
+            self._abandon(f"expected session_accepted, got {kind}")
             raise BridgeError(f"bridge {self.address}: expected session_accepted, got {kind}")
         self.accepted = first.session_accepted
+
+    def _abandon(self, detail: str) -> None:
+        """Gives up on a session the bridge may hold open: SessionEnd, then forget it."""
+        self._bridge.detach(self)
+        end = inference_pb2.SessionEnd(reason=common_pb2.CLOSE_REASON_BRIDGE_ERROR, detail=detail)
+        self._bridge.enqueue(self.session_id, Request(session_end=end))
+        self._ended = True
 
     def deliver(self, message: Response) -> None:
         """A message for this session from the shared reader."""

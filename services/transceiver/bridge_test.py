@@ -1,0 +1,85 @@
+"""BatchedLink against a real gRPC bridge that misbehaves: a session the transceiver gives
+up on (no answer in time, or an answer that is not session_accepted) is still ended at the
+bridge, since a shared stream has no per-session cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from services.transceiver.bridge import BatchedBridge, BatchedLink, BridgeError
+from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
+
+Resp = inference_pb2.StreamSessionResponse
+
+
+class OddBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
+    """Answers session "odd" with an event instead of session_accepted, "mute" not at all;
+    records every item it receives."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+        self.changed = asyncio.Event()
+
+    async def StreamSession(  # type: ignore[override]  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[inference_pb2.StreamSessionRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "batched only")
+
+    async def StreamSessions(  # type: ignore[override]  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[inference_pb2.StreamSessionsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        async for batch in request_iterator:
+            for item in batch.items:
+                kind = str(item.request.WhichOneof("payload"))
+                self.items.append((item.session_id, kind))
+                self.changed.set()
+                if kind == "session_start" and item.session_id == "odd":
+                    event = inference_pb2.DataChannelMessage(json="{}")
+                    response = inference_pb2.SessionResponseItem(
+                        session_id="odd", response=Resp(data_channel_message=event)
+                    )
+                    await context.write(inference_pb2.StreamSessionsResponse(items=[response]))
+
+
+async def wait_for_item(bridge: OddBridge, item: tuple[str, str]) -> None:
+    async with asyncio.timeout(5):
+        while item not in bridge.items:
+            bridge.changed.clear()
+            await bridge.changed.wait()
+
+
+@pytest.mark.timeout_s(30)
+async def test_sessions_given_up_on_are_ended_at_the_bridge() -> None:
+    bridge = OddBridge()
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceBridgeServiceServicer_to_server(bridge, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    batched = BatchedBridge(channel, f"127.0.0.1:{port}")
+    try:
+        odd = BatchedLink(batched, "odd")
+        with pytest.raises(BridgeError, match="expected session_accepted, got data_channel"):
+            await odd.open(inference_pb2.SessionStart(session_id="odd"), 5)
+        await wait_for_item(bridge, ("odd", "session_end"))
+
+        mute = BatchedLink(batched, "mute")
+        with pytest.raises(BridgeError, match="timed out"):
+            await mute.open(inference_pb2.SessionStart(session_id="mute"), 0.3)
+        await wait_for_item(bridge, ("mute", "session_end"))
+        await mute.close(0, "", notify=True)  # already ended: nothing more is sent
+        assert bridge.items.count(("mute", "session_end")) == 1
+    finally:
+        await batched.close()
+        await channel.close(None)
+        await server.stop(None)
