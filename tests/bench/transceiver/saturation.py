@@ -35,6 +35,7 @@ import json
 import os
 import random
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -48,7 +49,9 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
+from libs.fastio import fastio
 from libs.service.testing import binary, read_ready_line, running_service
+from libs.wire import framing
 from services.transceiver import aiortc_compat
 from services.transceiver.media import OpusPacketizer
 from services.transceiver.testkit import EchoBridge, FramingRelay, create_request
@@ -75,7 +78,65 @@ class IdleTrack(MediaStreamTrack):
         await asyncio.get_running_loop().create_future()
 
 
+class DirectMedia:
+    """`--relay direct`: the relay's wire contract for media inside the generator, batched.
+
+    ICE and DTLS set-up still go through the real relay. Then every client's RTP leaves this
+    one socket framed with the client's address (as the relay would frame it), one sendmmsg
+    per pacer tick, straight to the transceiver's mux; the mux answers the relay that last
+    sent, so echoes come back here, are unwrapped (recvmmsg) and handed to that client's
+    aioice protocol (RTP to its arrival log, the rest to aioice/aiortc as usual). This
+    takes the relay process and one sendto per packet off the generator's core."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        io = fastio.load()
+        if io is None:
+            raise SystemExit("--relay direct needs libs/fastio/native:fastio.so")
+        self._io = io
+        self.upstream = upstream
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.setblocking(False)
+        self._clients: dict[tuple[str, int], tuple[Any, tuple[str, int]]] = {}
+        self._headers: dict[tuple[str, int], bytes] = {}
+        self._out: list[tuple[tuple[str, int], bytes]] = []
+        self.unsent = 0
+        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._readable)
+
+    def register(self, client: tuple[str, int], protocol: Any, vip: tuple[str, int]) -> None:
+        self._clients[client] = (protocol, vip)
+        self._headers[client] = framing.header(client[0], client[1])
+
+    def queue(self, client: tuple[str, int], payload: bytes) -> None:
+        self._out.append((self.upstream, self._headers[client] + payload))
+
+    def flush(self) -> None:
+        out, self._out = self._out, []
+        if out:
+            self.unsent += len(out) - self._io.send_batch(self._sock.fileno(), out)
+
+    def _readable(self) -> None:
+        for _ in range(8):  # bounded per wake-up, then back to the loop
+            items = self._io.recv_batch(self._sock.fileno(), 64)
+            for data, _addr in items:
+                try:
+                    ip, port, payload = framing.decode(data)
+                except framing.FrameError:
+                    continue
+                entry = self._clients.get((ip, port))
+                if entry is not None:
+                    entry[0].datagram_received(payload, entry[1])
+            if len(items) < 64:
+                return
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
 class LoadClient:
+    direct: DirectMedia | None = None  # set for --relay direct
+
     def __init__(self) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.pc.addTrack(IdleTrack())
@@ -85,6 +146,7 @@ class LoadClient:
         self.failed = False
         self._transport: asyncio.DatagramTransport | None = None
         self._remote: tuple[str, int] = ("", 0)
+        self._local: tuple[str, int] = ("", 0)
         self._protect: Callable[[bytes], bytes] | None = None
         self._ssrc = 0
         self._pt = 0
@@ -126,6 +188,10 @@ class LoadClient:
         assert pair is not None
         self._remote = pair.remote
         _unprotect, self._protect = aiortc_compat.srtp_transforms(self.pc)
+        if self.direct is not None and self._transport is not None:
+            local = self._transport.get_extra_info("sockname")
+            self._local = (str(local[0]), int(local[1]))
+            self.direct.register(self._local, self._transport.get_protocol(), self._remote)
 
     def send(self, index: int, payload: bytes) -> None:
         if self._protect is None or self._transport is None:
@@ -137,7 +203,10 @@ class LoadClient:
             (self._ts0 + index * OPUS_TICKS) & 0xFFFFFFFF,
             self._ssrc,
         )
-        self._transport.sendto(self._protect(header + payload), self._remote)
+        if self.direct is not None:
+            self.direct.queue(self._local, self._protect(header + payload))
+        else:
+            self._transport.sendto(self._protect(header + payload), self._remote)
 
     async def close(self) -> None:
         await self.pc.close()
@@ -218,6 +287,8 @@ class Pacer:
             payload = self.payloads[frame % len(self.payloads)]
             for client in self.clients[group::GROUPS]:
                 client.send(frame, payload)
+            if LoadClient.direct is not None:
+                LoadClient.direct.flush()
             step += 1
 
 
@@ -371,10 +442,13 @@ async def run_ours(
         with contextlib.ExitStack() as stack:
             ready = read_ready_line(process, 60)
             host, port = ready["media"].rsplit(":", 1)
-            if relay_kind == "native":
+            if relay_kind in ("native", "direct"):
                 relay = stack.enter_context(native_relay((host, int(port))))
                 vip_host, _, vip_port = str(relay.ready["udp"][0]).rpartition(":")
                 relay_address = (vip_host, int(vip_port))
+                if relay_kind == "direct":
+                    LoadClient.direct = DirectMedia((host, int(port)))
+                    stack.callback(LoadClient.direct.close)
             else:
                 python_relay = await FramingRelay.start((host, int(port)))
                 relay_address = python_relay.address
@@ -460,10 +534,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--relay",
-        choices=("native", "python"),
+        choices=("native", "python", "direct"),
         default="native",
         help="between clients and our transceiver: the real relay process (native batched "
-        "I/O, core 1) or the testkit's Python FramingRelay inside the generator process",
+        "I/O, core 1), the testkit's Python FramingRelay inside the generator process, or "
+        "direct: set-up through the real relay, media framed by the generator itself with "
+        "batched I/O (see DirectMedia)",
     )
     parser.add_argument(
         "--profile",
