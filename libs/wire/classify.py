@@ -35,6 +35,20 @@ def _table() -> bytes:
 _CLASS_BY_FIRST_BYTE = _table()
 
 
+RTP_HEADER_BYTES = 12  # RFC 3550 §5.1 fixed header
+
+
+def is_rtp(datagram: bytes) -> bool:
+    """SRTP class (RFC 7983) and RTP rather than RTCP: with RTP and RTCP on one port the
+    second byte's low 7 bits are 64-95 only for RTCP (RFC 5761 §4). Shorter than an RTP
+    header: False."""
+    return (
+        len(datagram) >= RTP_HEADER_BYTES
+        and 127 < datagram[0] < 192
+        and not 63 < (datagram[1] & 0x7F) < 96
+    )
+
+
 def classify(datagram: bytes) -> PacketClass:
     """The class of a datagram; empty datagrams are OTHER."""
     if not datagram:

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libs.wire import framing, stun, ufrag
-from libs.wire.classify import PacketClass, classify
+from libs.wire.classify import PacketClass, classify, is_rtp
 
 TESTDATA = Path(__file__).parent / "testdata"
 VECTOR_KEYRING = ufrag.Keyring({1: bytes(range(32))}, 1)
@@ -142,6 +142,22 @@ def test_keyring_parse_current_is_highest() -> None:
 )
 def test_classify_rfc7983(first: int, expected: PacketClass) -> None:
     assert classify(bytes([first, 0, 0])) is expected
+
+
+@pytest.mark.parametrize(
+    ("datagram", "expected"),
+    [
+        (bytes([0x80, 111]) + bytes(10), True),  # Opus RTP
+        (bytes([0x80, 0x80 | 111]) + bytes(10), True),  # marker bit set
+        (bytes([0x80, 200]) + bytes(10), False),  # RTCP sender report
+        (bytes([0x80, 0x80 | 72]) + bytes(10), False),  # RTCP 200 read with the "marker"
+        (bytes([0x80, 111]) + bytes(9), False),  # shorter than the RTP header
+        (bytes([0x16, 0xFE]) + bytes(10), False),  # DTLS
+        (b"", False),
+    ],
+)
+def test_is_rtp_rfc5761(datagram: bytes, expected: bool) -> None:
+    assert is_rtp(datagram) is expected
 
 
 def test_classify_empty() -> None:

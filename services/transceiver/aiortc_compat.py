@@ -45,6 +45,8 @@ from aioice.candidate import Candidate
 from aiortc import RTCPeerConnection, RTCRtpReceiver
 from aiortc.rtcicetransport import RTCIceTransport
 
+from libs.wire.classify import is_rtp
+
 PINNED_AIORTC = "1.16."
 PINNED_AIOICE = "0.13."
 
@@ -464,7 +466,7 @@ def tap_rtp_datagrams(transport: asyncio.BaseTransport, sink: RtpSink) -> None:
     original = protocol.datagram_received  # type: ignore[attr-defined]
 
     def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
-        if len(data) >= 12 and 127 < data[0] < 192 and not 63 < (data[1] & 0x7F) < 96:
+        if is_rtp(data):
             sink(data)
         else:
             original(data, addr)

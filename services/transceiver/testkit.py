@@ -22,6 +22,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from libs.service.runtime import GrpcService, Servicer
 from libs.wire import framing, ufrag
+from libs.wire.classify import is_rtp
 from services.transceiver import aiortc_compat
 from services.transceiver.manager import SessionManager
 from services.transceiver.media import OPUS_TIME_BASE, OpusPacketizer
@@ -72,8 +73,7 @@ class FramingRelay(asyncio.DatagramProtocol):
             self.returned += 1
             self.transport.sendto(payload, (ip, port))
         else:
-            is_rtp = len(data) > 12 and 127 < data[0] < 192 and not 63 < (data[1] & 0x7F) < 96
-            if self.drop_rtp_every and is_rtp:  # RTP, not RTCP (RFC 5761 §4)
+            if self.drop_rtp_every and is_rtp(data):
                 self._rtp_seen += 1
                 if self._rtp_seen % self.drop_rtp_every == 0:
                     self.dropped_rtp += 1

@@ -21,6 +21,7 @@ from typing import Any, Protocol, cast
 from libs.fastio import fastio
 from libs.observability.telemetry import log_event
 from libs.wire import framing, stun
+from libs.wire.classify import is_rtp
 
 logger = logging.getLogger("voiceedge.transceiver.udpmux")
 
@@ -203,13 +204,7 @@ class UdpMux(asyncio.DatagramProtocol):
         counters.packets_in += 1
         counters.bytes_in += len(payload)
         rtp_sink = session.rtp_sink
-        # RFC 7983 first byte 128-191 is RTP/RTCP; RFC 5761 §4: payload types 64-95 are RTCP.
-        if (
-            rtp_sink is not None
-            and len(payload) >= 12
-            and 127 < payload[0] < 192
-            and not 63 < (payload[1] & 0x7F) < 96
-        ):
+        if rtp_sink is not None and is_rtp(payload):
             rtp_sink(payload)
         elif session.sink is not None:
             session.sink.datagram_received(payload, client)
