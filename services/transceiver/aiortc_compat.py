@@ -33,7 +33,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import aioice
 import aioice.ice
@@ -392,33 +392,34 @@ def check_versions() -> None:
 SrtpTransform = Callable[[bytes], bytes]
 
 
-def srtp_transforms(pc: RTCPeerConnection) -> tuple[SrtpTransform, SrtpTransform]:
-    """(unprotect, protect) of the audio stream's (BUNDLEd) DTLS transport, keyed once DTLS
-    connected. pylibsrtp's, in C; the same sessions aiortc uses for RTCP, on the same loop."""
+class SrtpTransforms(NamedTuple):
+    unprotect: SrtpTransform  # inbound SRTP
+    protect: SrtpTransform  # outbound SRTP
+    protect_rtcp: SrtpTransform  # outbound SRTCP (our receiver reports)
+
+
+def _audio(pc: RTCPeerConnection) -> Any:
+    """The peer connection's one audio RTCRtpTransceiver (the session checked the offer)."""
     (audio,) = [t for t in pc.getTransceivers() if t.kind == "audio"]
-    dtls = audio.sender.transport
+    return audio
+
+
+def srtp_transforms(pc: RTCPeerConnection) -> SrtpTransforms:
+    """The audio stream's (BUNDLEd) DTLS transport's SRTP sessions, keyed once DTLS
+    connected. pylibsrtp's, in C; the same sessions aiortc uses for RTCP, on the same loop."""
+    dtls = _audio(pc).sender.transport
     rx = getattr(dtls, "_rx_srtp", None)
     tx = getattr(dtls, "_tx_srtp", None)
     if rx is None or tx is None:
         raise CompatError("aiortc RTCDtlsTransport._rx_srtp/_tx_srtp are gone or not keyed yet")
-    return rx.unprotect, tx.protect
-
-
-def srtcp_protect(pc: RTCPeerConnection) -> SrtpTransform:
-    """`protect_rtcp` of the same outbound SRTP session: our receiver reports go out there."""
-    (audio,) = [t for t in pc.getTransceivers() if t.kind == "audio"]
-    tx = getattr(audio.sender.transport, "_tx_srtp", None)
-    if tx is None:
-        raise CompatError("aiortc RTCDtlsTransport._tx_srtp is gone or not keyed yet")
-    return tx.protect_rtcp  # type: ignore[no-any-return]
+    return SrtpTransforms(rx.unprotect, tx.protect, tx.protect_rtcp)
 
 
 def last_sender_report(pc: RTCPeerConnection, ssrc: int) -> tuple[int, int]:
     """(LSR, DLSR) for a receiver report on `ssrc` (RFC 3550 §6.4.1): aiortc's receiver
     keeps the caller's last sender report (its RTCP still goes through aiortc); (0, 0)
     before the first one."""
-    (audio,) = [t for t in pc.getTransceivers() if t.kind == "audio"]
-    receiver = audio.receiver
+    receiver = _audio(pc).receiver
     lsr: dict[int, int] = getattr(receiver, RECEIVER_REPORT_ATTRIBUTES[0], {})
     lsr_time: dict[int, float] = getattr(receiver, RECEIVER_REPORT_ATTRIBUTES[1], {})
     if ssrc not in lsr or ssrc not in lsr_time:
@@ -433,8 +434,7 @@ NTP_EPOCH_OFFSET_S = 2208988800  # 1900-01-01 to 1970-01-01 (RFC 5905 §6)
 def sender_report_sink(pc: RTCPeerConnection) -> Callable[[int, int, int], None]:
     """What aiortc's RTCRtpSender puts in its RTCP sender reports (RFC 3550 §6.4.1) comes
     from its own RTP loop; ours sends instead, so it records the same four values here."""
-    (audio,) = [t for t in pc.getTransceivers() if t.kind == "audio"]
-    sender = audio.sender
+    sender = _audio(pc).sender
     ntp, rtp_ts, packets_name, octets_name = SENDER_REPORT_ATTRIBUTES
 
     def record(rtp_timestamp: int, packets: int, octets: int) -> None:

@@ -318,15 +318,15 @@ class Session:
         mux_session = self._mux_session
         if params is None or mux_session is None:
             return
-        unprotect, protect = aiortc_compat.srtp_transforms(self.pc)
+        srtp = aiortc_compat.srtp_transforms(self.pc)
         self._rtp_in = rtp.RtpReceiver(
-            unprotect, params.payload_type, self._on_caller_opus, on_loss=self._on_caller_loss
+            srtp.unprotect, params.payload_type, self._on_caller_opus, on_loss=self._on_caller_loss
         )
         mux_session.rtp_sink = self._rtp_in.datagram
         self._rtp_out = rtp.RtpSender(
-            params, protect, self._send_media, aiortc_compat.sender_report_sink(self.pc)
+            params, srtp.protect, self._send_media, aiortc_compat.sender_report_sink(self.pc)
         )
-        self._protect_rtcp = aiortc_compat.srtcp_protect(self.pc)
+        self._protect_rtcp = srtp.protect_rtcp
         self._pacer.add(self)
 
     def tick(self, frame_index: int) -> None:
