@@ -81,7 +81,6 @@ class ReceiveStats:
 
     packets: int = 0
     bytes: int = 0
-    lost: int = 0
     jitter_ticks: float = 0.0  # in 48 kHz RTP ticks
     dropped_srtp: int = 0
     dropped_malformed: int = 0
@@ -151,7 +150,6 @@ class RtpReceiver:
                 self._on_loss(delta - 1)
         stats.packets += 1
         stats.bytes += len(payload)
-        stats.lost = max(0, self._highest - self._base + 1 - stats.packets)
         transit = self._clock() * OPUS_CLOCK_HZ - timestamp
         if self._last_transit is not None:
             difference = abs(transit - self._last_transit)
@@ -160,6 +158,16 @@ class RtpReceiver:
         self._last_transit = transit
         self._sink(payload, timestamp)
 
+    @property
+    def expected(self) -> int:
+        """Packets expected so far (RFC 3550 A.3): extended highest sequence - first + 1."""
+        return 0 if self._base is None else self._highest - self._base + 1
+
+    @property
+    def lost(self) -> int:
+        """Packets expected and never received (duplicates can make it negative; shown as 0)."""
+        return max(0, self.expected - self.stats.packets)
+
     def receiver_report(self, reporter_ssrc: int, lsr: int, dlsr: int) -> bytes | None:
         """An RTCP receiver report (RFC 3550 §6.4.2, one report block) on what arrived so
         far, or None before the first packet. `lsr`/`dlsr`: the middle 32 bits of the last
@@ -167,7 +175,7 @@ class RtpReceiver:
         if self._base is None or self.source_ssrc is None:
             return None
         stats = self.stats
-        expected = self._highest - self._base + 1
+        expected = self.expected
         expected_interval = expected - self._expected_prior
         received_interval = stats.packets - self._received_prior
         self._expected_prior, self._received_prior = expected, stats.packets

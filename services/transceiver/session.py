@@ -29,12 +29,12 @@ from services.transceiver.bridge import (
     pcm_format,
 )
 from services.transceiver.media import (
-    FRAME_MS,
     OPUS_SAMPLES_PER_FRAME,
     EncoderOptions,
     IdleTrack,
     OpusToPcm,
     Playout,
+    frame_samples,
 )
 from services.transceiver.udpmux import MuxSession, UdpMux
 from voiceedge.common.v1 import common_pb2
@@ -370,7 +370,7 @@ class Session:
         if self._passthrough:
             bridge.skip_audio(packets, OPUS_SAMPLES_PER_FRAME)
             return
-        samples = self.params.rate_hz * FRAME_MS // 1000
+        samples = frame_samples(self.params.rate_hz)
         concealed = self._decoder.conceal(min(packets, MAX_CONCEALED_FRAMES))
         for chunk in concealed:
             bridge.send_audio(chunk, samples)
@@ -391,7 +391,7 @@ class Session:
             bridge.send_audio(packet, OPUS_SAMPLES_PER_FRAME)
             self.frames_in += 1
             return
-        samples = self.params.rate_hz * FRAME_MS // 1000
+        samples = frame_samples(self.params.rate_hz)
         for chunk in self._decoder.push(packet):
             bridge.send_audio(chunk, samples)
             self.frames_in += 1
@@ -570,7 +570,7 @@ class Session:
         if self._rtp_in is not None:
             received = self._rtp_in.stats
             stats.packets_received = received.packets
-            stats.packets_lost = received.lost
+            stats.packets_lost = self._rtp_in.lost
             stats.jitter_ms = received.jitter_ms
         if self._rtp_out is not None:
             stats.packets_sent = self._rtp_out.packets

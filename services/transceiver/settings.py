@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from libs.config.settings import ServiceSettings, SettingsError, parse_host_port
-
-OPUS_APPLICATIONS = ("voip", "audio", "lowdelay")  # libopus OPUS_APPLICATION_*
+from services.transceiver import opus
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -100,8 +99,8 @@ class TransceiverSettings(ServiceSettings):
             raise SettingsError("max_sessions: must be >= 0")
         if self.ice_timeout_ms <= 0:
             raise SettingsError("ice_timeout_ms: must be > 0")
-        if self.opus_application not in OPUS_APPLICATIONS:
-            raise SettingsError(f"opus_application: one of {', '.join(OPUS_APPLICATIONS)}")
+        if self.opus_application not in opus.APPLICATIONS:
+            raise SettingsError(f"opus_application: one of {', '.join(opus.APPLICATIONS)}")
         if not 0 <= self.opus_complexity <= 10:
             raise SettingsError("opus_complexity: 0 to 10")
         if self.sample_rate_hz not in (8000, 16000, 24000, 48000):
