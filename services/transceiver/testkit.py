@@ -134,6 +134,39 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
         if self.server is not None:
             await self.server.stop(0)
 
+    def _accept(self, start: inference_pb2.SessionStart) -> tuple[BridgeStream, Resp]:
+        """Records a new session; its SessionAccepted (24 kHz PCM, passthrough if offered)."""
+        stream = BridgeStream(start.session_id)
+        stream.passthrough = start.opus_passthrough
+        stream.input_format = start.input_format
+        self.streams[start.session_id] = stream
+        fmt = common_pb2.AudioFormat(
+            encoding=common_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=24000, channels=1
+        )
+        accepted = inference_pb2.SessionAccepted(
+            output_format=fmt, opus_passthrough=start.opus_passthrough
+        )
+        return stream, Resp(session_accepted=accepted)
+
+    def _answer(
+        self, stream: BridgeStream, request: inference_pb2.StreamSessionRequest
+    ) -> Resp | None:
+        """Records one caller message of an open session; the echo to send, if any."""
+        kind = request.WhichOneof("payload")
+        if kind == "audio_frame":
+            stream.audio_in += 1
+            if self.record_arrivals:
+                loop_time = asyncio.get_running_loop().time()
+                stream.arrivals.append((request.audio_frame.sequence, loop_time))
+            return Resp(audio_frame=request.audio_frame) if self.echo else None
+        if kind == "data_channel_message":
+            stream.events_in.append(request.data_channel_message.json)
+            if self.echo_events:
+                return Resp(data_channel_message=request.data_channel_message)
+        elif kind == "session_end":
+            stream.end_reason = request.session_end.reason
+        return None
+
     async def StreamSession(  # type: ignore[override]  # noqa: N802 (gRPC method name)
         self,
         request_iterator: AsyncIterator[inference_pb2.StreamSessionRequest],
@@ -141,24 +174,14 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
     ) -> None:
         first = await context.read()
         assert isinstance(first, inference_pb2.StreamSessionRequest)
-        start = first.session_start
-        stream = BridgeStream(start.session_id)
-        self.streams[start.session_id] = stream
+        stream, accepted = self._accept(first.session_start)
         lock = asyncio.Lock()
 
         async def write(message: Resp) -> None:
             async with lock:
                 await context.write(message)
 
-        fmt = common_pb2.AudioFormat(
-            encoding=common_pb2.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=24000, channels=1
-        )
-        accepted = inference_pb2.SessionAccepted(
-            output_format=fmt, opus_passthrough=start.opus_passthrough
-        )
-        stream.passthrough = start.opus_passthrough
-        stream.input_format = start.input_format
-        await write(Resp(session_accepted=accepted))
+        await write(accepted)
         self.opened.set()
 
         async def pump_injected() -> None:
@@ -173,22 +196,10 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                 request = await context.read()
                 if not isinstance(request, inference_pb2.StreamSessionRequest):  # grpc.aio.EOF
                     break
-                kind = request.WhichOneof("payload")
-                if kind == "audio_frame":
-                    stream.audio_in += 1
-                    if self.record_arrivals:
-                        loop_time = asyncio.get_running_loop().time()
-                        stream.arrivals.append((request.audio_frame.sequence, loop_time))
-                    if self.echo:
-                        await write(Resp(audio_frame=request.audio_frame))
-                elif kind == "data_channel_message":
-                    stream.events_in.append(request.data_channel_message.json)
-                    if self.echo_events:
-                        await write(Resp(data_channel_message=request.data_channel_message))
-                elif kind == "session_end":
-                    stream.end_reason = request.session_end.reason
-                    break
-                if injector.done():
+                answer = self._answer(stream, request)
+                if answer is not None:
+                    await write(answer)
+                if request.WhichOneof("payload") == "session_end" or injector.done():
                     break
         finally:
             stream.ended.set()
@@ -231,41 +242,16 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                     kind = request.WhichOneof("payload")
                     response: Resp | None = None
                     if kind == "session_start":
-                        started = BridgeStream(session_id)
-                        self.streams[session_id] = started
-                        started.passthrough = request.session_start.opus_passthrough
-                        started.input_format = request.session_start.input_format
-                        fmt = common_pb2.AudioFormat(
-                            encoding=common_pb2.AUDIO_ENCODING_PCM_S16LE,
-                            sample_rate_hz=24000,
-                            channels=1,
-                        )
-                        response = Resp(
-                            session_accepted=inference_pb2.SessionAccepted(
-                                output_format=fmt, opus_passthrough=started.passthrough
-                            )
-                        )
+                        started, response = self._accept(request.session_start)
                         injectors[session_id] = asyncio.create_task(pump_injected(started))
                         self.opened.set()
-                    elif (stream := self.streams.get(session_id)) is None:
-                        continue
-                    elif kind == "audio_frame":
-                        stream.audio_in += 1
-                        if self.record_arrivals:
-                            loop_time = asyncio.get_running_loop().time()
-                            stream.arrivals.append((request.audio_frame.sequence, loop_time))
-                        if self.echo:
-                            response = Resp(audio_frame=request.audio_frame)
-                    elif kind == "data_channel_message":
-                        stream.events_in.append(request.data_channel_message.json)
-                        if self.echo_events:
-                            response = Resp(data_channel_message=request.data_channel_message)
-                    elif kind == "session_end":
-                        stream.end_reason = request.session_end.reason
-                        stream.ended.set()
-                        task = injectors.pop(session_id, None)
-                        if task is not None:
-                            task.cancel()
+                    elif (stream := self.streams.get(session_id)) is not None:
+                        response = self._answer(stream, request)
+                        if kind == "session_end":
+                            stream.ended.set()
+                            task = injectors.pop(session_id, None)
+                            if task is not None:
+                                task.cancel()
                     if response is not None:
                         out.append(
                             inference_pb2.SessionResponseItem(
