@@ -23,7 +23,7 @@ import io
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 import grpc
@@ -51,6 +51,30 @@ def percentile(values: Sequence[float], q: float) -> float:
         return 0.0
     index = min(len(ordered) - 1, max(0, round(q / 100.0 * (len(ordered) - 1))))
     return ordered[index]
+
+
+async def drive(
+    one: Callable[[bool], Awaitable[None]],
+    warmup: int,
+    calls: int,
+    concurrency: int,
+    after_warmup: Callable[[], None] | None = None,
+) -> float:
+    """`warmup` unrecorded calls, then `calls` recorded ones from `concurrency` workers;
+    the seconds the recorded ones took."""
+    for _ in range(warmup):
+        await one(False)
+    if after_warmup is not None:
+        after_warmup()
+    queue = iter(range(calls))
+
+    async def worker() -> None:
+        for _ in queue:
+            await one(True)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started
 
 
 async def run(calls: int, concurrency: int, warmup: int) -> None:
@@ -83,18 +107,7 @@ async def run(calls: int, concurrency: int, warmup: int) -> None:
             if record:
                 latencies_ms.append((time.perf_counter() - started) * 1000.0)
 
-        for _ in range(warmup):
-            await one(False)
-        exporter.clear()
-        queue = iter(range(calls))
-
-        async def worker() -> None:
-            for _ in queue:
-                await one(True)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed_s = time.perf_counter() - started
+        elapsed_s = await drive(one, warmup, calls, concurrency, after_warmup=exporter.clear)
 
     hops: dict[str, list[float]] = {}
     for span in exporter.get_finished_spans():
@@ -179,17 +192,7 @@ async def run_stack(calls: int, concurrency: int, warmup: int) -> None:
                 async with http.delete(stack.http_base + location, headers=headers) as response:
                     await response.read()
 
-            for _ in range(warmup):
-                await one(False)
-            queue = iter(range(calls))
-
-            async def worker() -> None:
-                for _ in queue:
-                    await one(True)
-
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            elapsed_s = time.perf_counter() - started
+            elapsed_s = await drive(one, warmup, calls, concurrency)
     finally:
         await asyncio.to_thread(stack.stop)  # signaling flushes its spans on SIGTERM
         await server.stop(1.0)
