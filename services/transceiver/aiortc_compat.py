@@ -322,9 +322,10 @@ class _DecoderQueueTap:
 
 
 def tap_encoded_audio(receiver: RTCRtpReceiver, sink: EncodedSink) -> None:
-    """Receives the caller's Opus packets undecoded (call before the receiver starts, i.e.
-    before setLocalDescription). The transceiver decodes them itself, straight to the
-    bridge's rate, or forwards them as they are (Opus passthrough)."""
+    """Test clients only: the peer's Opus packets reach `sink` undecoded (call before the
+    receiver starts, i.e. before setLocalDescription), so many clients in one process count
+    what they receive without decoding it. The transceiver's own audio never reaches
+    aiortc's receiver (rtp.py takes it at the mux)."""
     name = "_RTCRtpReceiver__decoder_queue"
     real = getattr(receiver, name, None)
     if not isinstance(real, queue.Queue):

@@ -155,6 +155,7 @@ class Session:
         self._events_to_bridge: list[str] = []
         self._mux_session: MuxSession | None = None
         self._decoder = OpusToPcm(params.rate_hz)
+        self._pcm_frame_samples = frame_samples(params.rate_hz)
         self._passthrough = False
         self._connection: Any = None
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -215,7 +216,6 @@ class Session:
         audio = [t for t in pc.getTransceivers() if t.kind == "audio"]
         if not audio:
             raise sdp.SdpError("offer_sdp: no audio m-line")
-        aiortc_compat.tap_encoded_audio(audio[0].receiver, self._on_caller_opus)
         audio[0].sender.replaceTrack(self._idle_track)
         audio[0].direction = "sendrecv"
         answer = await pc.createAnswer()
@@ -370,7 +370,7 @@ class Session:
         if self._passthrough:
             bridge.skip_audio(packets, OPUS_SAMPLES_PER_FRAME)
             return
-        samples = frame_samples(self.params.rate_hz)
+        samples = self._pcm_frame_samples
         concealed = self._decoder.conceal(min(packets, MAX_CONCEALED_FRAMES))
         for chunk in concealed:
             bridge.send_audio(chunk, samples)
@@ -379,7 +379,7 @@ class Session:
             bridge.skip_audio(packets - len(concealed), samples)
 
     def _on_caller_opus(self, packet: bytes, rtp_timestamp: int) -> None:
-        """One Opus packet from the caller, in order after aiortc's jitter buffer."""
+        """One Opus packet from the caller (rtp.RtpReceiver: in order, late ones dropped)."""
         if self._closing_or_closed:
             return
         if not self.ttfa_in_ms:
@@ -391,7 +391,7 @@ class Session:
             bridge.send_audio(packet, OPUS_SAMPLES_PER_FRAME)
             self.frames_in += 1
             return
-        samples = frame_samples(self.params.rate_hz)
+        samples = self._pcm_frame_samples
         for chunk in self._decoder.push(packet):
             bridge.send_audio(chunk, samples)
             self.frames_in += 1
@@ -410,16 +410,17 @@ class Session:
             start.session_config.CopyFrom(self.params.session_config)
         link: BridgeLink | BatchedLink
         batched = self._batched_for(address) if self._batched_for is not None else None
+        if not self.params.bridge_batching or batched is None or batched.unimplemented:
+            batched = None
         try:
-            if batched is not None and self.params.bridge_batching and not batched.unimplemented:
+            if batched is not None:
                 link = self._bridge = BatchedLink(batched, self.id)
                 try:
                     await link.open(start, BRIDGE_OPEN_TIMEOUT_S)
                 except BatchingUnsupportedError:
                     log_event(logger, "session.bridge_unbatched", session__id=self.id)
-                    link = self._bridge = BridgeLink(self._channel_for(address), address)
-                    await link.open(start, BRIDGE_OPEN_TIMEOUT_S)
-            else:
+                    batched = None
+            if batched is None:
                 link = self._bridge = BridgeLink(self._channel_for(address), address)
                 await link.open(start, BRIDGE_OPEN_TIMEOUT_S)
         except BridgeError as exc:
