@@ -88,6 +88,7 @@ class Decoder:
         self._state = lib().opus_decoder_create(rate_hz, 1, ctypes.byref(error))
         if not self._state:
             raise OpusError(f"opus_decoder_create: {_error(error.value)}")
+        self._decode = lib().opus_decode  # looked up once: called per 20 ms frame
         self._max_samples = int(rate_hz * MAX_FRAME_S)
         self._pcm = ctypes.create_string_buffer(self._max_samples * 2)
 
@@ -95,16 +96,14 @@ class Decoder:
         """`samples` of packet-loss concealment (libopus PLC, RFC 6716 §4.4) for a packet
         that never came."""
         samples = min(samples, self._max_samples)
-        got = lib().opus_decode(self._state, None, 0, self._pcm, samples, 0)
+        got = self._decode(self._state, None, 0, self._pcm, samples, 0)
         if got < 0:
             raise OpusError(f"opus_decode (PLC): {_error(got)}")
         return ctypes.string_at(self._pcm, got * 2)
 
     def decode(self, packet: bytes) -> bytes:
         """PCM of one packet; OpusError for a corrupt one."""
-        samples = lib().opus_decode(
-            self._state, packet, len(packet), self._pcm, self._max_samples, 0
-        )
+        samples = self._decode(self._state, packet, len(packet), self._pcm, self._max_samples, 0)
         if samples < 0:
             raise OpusError(f"opus_decode: {_error(samples)}")
         return ctypes.string_at(self._pcm, samples * 2)
@@ -136,12 +135,13 @@ class Encoder:
             )
             if code != 0:
                 raise OpusError(f"opus_encoder_ctl({request}, {value}): {_error(code)}")
+        self._encode = lib().opus_encode  # looked up once: called per 20 ms frame
         self._out = ctypes.create_string_buffer(MAX_PACKET)
 
     def encode(self, pcm: bytes, samples: int) -> bytes:
         if len(pcm) != samples * 2:  # libopus reads samples * 2 bytes, whatever pcm holds
             raise ValueError(f"opus encode: {len(pcm)} bytes for {samples} samples")
-        size = lib().opus_encode(self._state, pcm, samples, self._out, MAX_PACKET)
+        size = self._encode(self._state, pcm, samples, self._out, MAX_PACKET)
         if size < 0:
             raise OpusError(f"opus_encode: {_error(size)}")
         return ctypes.string_at(self._out, size)
