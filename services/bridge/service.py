@@ -320,24 +320,21 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
             try:
                 async for incoming in request_iterator:
                     for item in incoming.items:
+                        kind = item.request.WhichOneof("payload")
                         queue = sessions.get(item.session_id)
                         if queue is None:
-                            if item.request.WhichOneof("payload") != "session_start":
+                            if kind != "session_start":
                                 continue  # a message for a session that has ended: dropped
                             queue = sessions[item.session_id] = asyncio.Queue()
-                            task = asyncio.create_task(run(item.session_id, queue))
-                            tasks.add(task)
-                            task.add_done_callback(tasks.discard)
-                        if (
-                            queue.qsize() >= BATCHED_BACKLOG_MAX
-                            and item.request.WhichOneof("payload") == "audio_frame"
-                        ):
+                            # run() takes itself out of `tasks` when it ends.
+                            tasks.add(asyncio.create_task(run(item.session_id, queue)))
+                        if queue.qsize() >= BATCHED_BACKLOG_MAX and kind == "audio_frame":
                             # No per-session flow control on a shared stream: a backend this
                             # far behind loses caller audio (counted) rather than memory.
                             self.batched_audio_dropped += 1
                             continue
                         queue.put_nowait(item.request)
-                        if item.request.WhichOneof("payload") == "session_end":
+                        if kind == "session_end":
                             queue.put_nowait(None)
                             del sessions[item.session_id]
             except grpc.aio.AioRpcError:
