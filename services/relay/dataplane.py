@@ -27,24 +27,9 @@ logger = logging.getLogger("voiceedge.relay")
 
 TICK_S = 0.25
 MAX_ROUNDS = 8  # batched I/O: at most 8 x 64 datagrams per wake-up of one socket
-SOCKET_BUFFER_BYTES = 4 << 20
 NEGATIVE_CACHE_S = 1.0
 NEGATIVE_CACHE_MAX = 100_000
 _NO_BINDING = relay_pb2.DROP_REASON_NO_BINDING
-# Linux socket(7) option numbers; the socket module does not export them.
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
-
-
-def set_buffers(sock: socket.socket, size: int = SOCKET_BUFFER_BYTES) -> None:
-    """Large socket buffers absorb scheduling hiccups. The *FORCE options (root or
-    CAP_NET_ADMIN) pass net.core.rmem_max/wmem_max; otherwise the capped request stands."""
-    for forced, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, forced, size)
-        except OSError:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
 def bind_udp(address: str, *, reuse_port: bool) -> socket.socket:
@@ -57,7 +42,7 @@ def bind_udp(address: str, *, reuse_port: bool) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        set_buffers(sock)
+        fastio.set_buffers(sock)
         sock.bind((host, port))
         sock.setblocking(False)
     except BaseException:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,6 +141,10 @@ class UdpMux(asyncio.DatagramProtocol):
         # framing.header() per bound client: encoding parses the address (ipaddress), too
         # slow to repeat for every packet.
         self._header_of: dict[Address, bytes] = {}
+        # The whole framing header of a bound IPv4 client -> (its session, its address): a
+        # datagram starting with a known header needs no decode (the header was validated
+        # when the client was bound, and an IPv6 header differs in its flags byte).
+        self._route_of: dict[bytes, tuple[MuxSession, Address]] = {}
         self.drops: Counter[str] = Counter()
         # sendmmsg for what the pacer sends in one tick (hold/flush), when the extension
         # is there; otherwise one sendto per datagram.
@@ -153,10 +158,41 @@ class UdpMux(asyncio.DatagramProtocol):
 
     async def start(self, host: str, port: int) -> Address:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+        family, _, _, _, sockaddr = (await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM))[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            # Every session's packets share this socket: the default ~200 KiB receive
+            # buffer overflows within one busy loop turn at a few hundred sessions.
+            fastio.set_buffers(sock)
+            sock.bind(sockaddr)
+            sock.setblocking(False)
+            transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         sockname = transport.get_extra_info("sockname")
         self.address = (str(sockname[0]), int(sockname[1]))
+        receive, send = self.socket_buffers()
+        log_event(
+            logger,
+            "udpmux.started",
+            media__address=self.address[0],
+            media__port=self.address[1],
+            receive_buffer_bytes=receive,  # below 2x fastio.SOCKET_BUFFER_BYTES: capped by
+            send_buffer_bytes=send,  # net.core.rmem_max / wmem_max (no CAP_NET_ADMIN)
+        )
         return self.address
+
+    def socket_buffers(self) -> tuple[int, int]:
+        """(receive, send) buffer sizes of the shared socket as the kernel reports them
+        (twice what was granted, socket(7)); (0, 0) before start()."""
+        sock = self._transport.get_extra_info("socket") if self._transport else None
+        if sock is None:
+            return 0, 0
+        return (
+            int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)),
+            int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)),
+        )
 
     async def close(self) -> None:
         for session in list(self._by_ufrag.values()):
@@ -174,30 +210,16 @@ class UdpMux(asyncio.DatagramProtocol):
         self._fd = sock.fileno() if sock is not None else -1
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        relay: Address = (str(addr[0]), int(addr[1]))
-        try:
-            client_ip, client_port, payload = framing.decode(data)
-        except framing.FrameError:
-            self.drops[DROP_BAD_FRAME] += 1
-            return
-        client: Address = (client_ip, client_port)
-        session = self._by_address.get(client)
-        if session is None:
-            ufrag, reason = admit(payload, self._password_of)
-            if ufrag is None:
-                self.drops[reason] += 1
+        relay: Address = addr if len(addr) == 2 else (addr[0], addr[1])
+        route = self._route_of.get(data[: framing.HEADER_V4])
+        if route is not None:
+            session, client = route
+            payload = data[framing.HEADER_V4 :]
+        else:
+            found = self._bind(data)
+            if found is None:
                 return
-            session = self._by_ufrag[ufrag]
-            session.addresses.add(client)
-            self._by_address[client] = session
-            log_event(
-                logger,
-                "udpmux.client_bound",
-                level=logging.DEBUG,
-                ice__ufrag=ufrag,
-                client__address=client_ip,
-                client__port=client_port,
-            )
+            session, client, payload = found
         self.frames_in += 1
         self._relay_of[client] = relay
         counters = session.counters
@@ -208,6 +230,37 @@ class UdpMux(asyncio.DatagramProtocol):
             rtp_sink(payload)
         elif session.sink is not None:
             session.sink.datagram_received(payload, client)
+
+    def _bind(self, data: bytes) -> tuple[MuxSession, Address, bytes] | None:
+        """A datagram whose header is not a bound client's: decoded in full, and admitted
+        (which binds the client to a session) or dropped and counted."""
+        try:
+            client_ip, client_port, payload = framing.decode(data)
+        except framing.FrameError:
+            self.drops[DROP_BAD_FRAME] += 1
+            return None
+        client: Address = (client_ip, client_port)
+        session = self._by_address.get(client)
+        if session is None:
+            ufrag, reason = admit(payload, self._password_of)
+            if ufrag is None:
+                self.drops[reason] += 1
+                return None
+            session = self._by_ufrag[ufrag]
+            session.addresses.add(client)
+            self._by_address[client] = session
+            if len(data) - len(payload) == framing.HEADER_V4:
+                header = self._header_of[client] = data[: framing.HEADER_V4]
+                self._route_of[header] = (session, client)
+            log_event(
+                logger,
+                "udpmux.client_bound",
+                level=logging.DEBUG,
+                ice__ufrag=ufrag,
+                client__address=client_ip,
+                client__port=client_port,
+            )
+        return session, client, payload
 
     def error_received(self, exc: Exception) -> None:
         self.drops["socket_error"] += 1
@@ -236,7 +289,9 @@ class UdpMux(asyncio.DatagramProtocol):
             if self._by_address.get(client) is session:
                 del self._by_address[client]
                 self._relay_of.pop(client, None)
-                self._header_of.pop(client, None)
+                header = self._header_of.pop(client, None)
+                if header is not None:
+                    self._route_of.pop(header, None)
         session.addresses.clear()
         session.rtp_sink = None
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from typing import Any
 
 import pytest
 
+from libs.fastio import fastio
 from libs.wire import framing, stun
 from services.transceiver import udpmux
 
@@ -183,4 +185,56 @@ async def test_held_sends_leave_in_one_batch_and_rtp_bypasses_aioice() -> None:
         assert mux.send_batches == 1  # the native extension is built with this target
     finally:
         relay.close()
+        await mux.close()
+
+
+async def test_ipv4_and_ipv6_clients_stay_apart_once_bound() -> None:
+    # A bound IPv4 client's frames skip the decode (matched by their whole header); an
+    # IPv6 client whose address starts with the same 4 bytes (198.51.100.9 = c633:6409)
+    # differs from that header only in its flags byte, so it never matches it.
+    mux = udpmux.UdpMux()
+    address = await mux.start("127.0.0.1", 0)
+    relay, _ = await open_socket()
+    try:
+        sinks = {}
+        clients = {"v4": ("198.51.100.9", 50000), "v6": ("c633:6409::", 50000)}
+        for name, client in clients.items():
+            ufrag = f"UFRAG{name.upper()}"
+            session = mux.register(ufrag, PWD, ("203.0.113.7", 3478))
+            sinks[name] = Sink()
+            mux.transport_for(session, sinks[name])
+            relay.sendto(framing.encode(*client, request(f"{ufrag}:c", PWD)), address)
+            async with asyncio.timeout(5):
+                await sinks[name].received.get()
+        for round_ in range(2):
+            for name, client in clients.items():
+                relay.sendto(framing.encode(*client, f"\x17{name}{round_}".encode()), address)
+        async with asyncio.timeout(5):
+            for name, client in clients.items():
+                for round_ in range(2):
+                    data, addr = await sinks[name].received.get()
+                    assert (data, addr) == (f"\x17{name}{round_}".encode(), client)
+        assert mux.bound_addresses == 2
+        assert not mux.drops
+    finally:
+        relay.close()
+        await mux.close()
+
+
+async def test_the_shared_socket_gets_the_large_buffers() -> None:
+    # What fastio.set_buffers obtains on this machine (the kernel may cap it) is what the
+    # mux's socket must have; Linux's ~200 KiB default dropped packets at 400 sessions.
+    reference = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    fastio.set_buffers(reference)
+    expected = (
+        reference.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+        reference.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+    )
+    reference.close()
+    mux = udpmux.UdpMux()
+    assert mux.socket_buffers() == (0, 0)
+    await mux.start("127.0.0.1", 0)
+    try:
+        assert mux.socket_buffers() == expected
+    finally:
         await mux.close()

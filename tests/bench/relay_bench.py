@@ -26,9 +26,9 @@ import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
+from libs.fastio import fastio
 from libs.service.readiness import wait_for_line
 from libs.wire import ufrag
-from services.relay.dataplane import set_buffers
 from services.relay.router import Router, binding_request_for
 from services.relay.topology import static_view
 
@@ -81,7 +81,7 @@ def compile_tools(workdir: Path) -> tuple[Path, Path]:
 
 def udp(rcvbuf: int = 8 << 20) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    set_buffers(sock, rcvbuf)
+    fastio.set_buffers(sock, rcvbuf)
     sock.bind(("127.0.0.1", 0))
     return sock
 
