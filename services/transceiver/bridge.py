@@ -46,13 +46,16 @@ class AudioNumbering:
         self.audio_sequence = 0
         self.audio_samples = 0
 
+    def _number(self, samples: int) -> tuple[int, int]:
+        """(sequence, timestamp_samples) of the next frame, which holds `samples`."""
+        sequence, offset = self.audio_sequence, self.audio_samples
+        self.audio_sequence = sequence + 1
+        self.audio_samples = offset + samples
+        return sequence, offset
+
     def _next_frame(self, data: bytes, samples: int) -> inference_pb2.AudioFrame:
-        frame = inference_pb2.AudioFrame(
-            data=data, sequence=self.audio_sequence, timestamp_samples=self.audio_samples
-        )
-        self.audio_sequence += 1
-        self.audio_samples += samples
-        return frame
+        sequence, offset = self._number(samples)
+        return inference_pb2.AudioFrame(data=data, sequence=sequence, timestamp_samples=offset)
 
     def skip_audio(self, frames: int, samples_per_frame: int) -> None:
         self.audio_sequence += frames
@@ -186,7 +189,6 @@ def pcm_format(rate_hz: int) -> common_pb2.AudioFormat:
 # ---- StreamSessions: every session to one bridge on one stream, batched
 
 BatchRequest = inference_pb2.StreamSessionsRequest
-Item = inference_pb2.SessionRequestItem
 
 
 class BatchingUnsupportedError(BridgeError):
@@ -197,16 +199,17 @@ class BatchedBridge:
     """One StreamSessions stream to one bridge address, shared by the sessions using it.
 
     Messages queued during one event-loop turn (and while a write is in flight) go out as
-    one batch; each received batch is dispatched to the sessions' callbacks directly, with
-    no task switch per message. The stream opens with the first session and is reopened
-    by the next one after it broke."""
+    one batch, built in place (audio frames are written straight into the next batch's
+    items: no per-frame messages copied into it); each received batch is dispatched to the
+    sessions' callbacks directly, with no task switch per message. The stream opens with
+    the first session and is reopened by the next one after it broke."""
 
     def __init__(self, channel: grpc.aio.Channel, address: str) -> None:
         self.address = address
         self._stub: Any = inference_pb2_grpc.InferenceBridgeServiceStub(channel)
         self._call: Any = None
         self._links: dict[str, BatchedLink] = {}
-        self._pending: list[inference_pb2.SessionRequestItem] = []
+        self._batch = BatchRequest()  # the next write
         self._wake = asyncio.Event()
         self._flushed = asyncio.Event()  # set while nothing is pending or being written
         self._flushed.set()
@@ -234,13 +237,28 @@ class BatchedBridge:
         if self._links.get(link.session_id) is link:
             del self._links[link.session_id]
 
-    def enqueue(self, session_id: str, request: Request, *, audio: bool = False) -> bool:
-        """Queues one message; audio is refused (False) beyond OUTBOX_MAX per session."""
-        if audio and len(self._pending) >= OUTBOX_MAX * max(1, len(self._links)):
+    def enqueue(self, session_id: str, request: Request) -> None:
+        """Queues one message (not audio: enqueue_audio)."""
+        items = self._batch.items
+        items.add(session_id=session_id, request=request)
+        if len(items) == 1:
+            self._flushed.clear()
+            self._wake.set()
+
+    def enqueue_audio(self, session_id: str, data: bytes, sequence: int, samples: int) -> bool:
+        """Queues one caller audio frame; refused (False) beyond OUTBOX_MAX per session."""
+        items = self._batch.items
+        if len(items) >= OUTBOX_MAX * max(1, len(self._links)):
             return False
-        self._pending.append(Item(session_id=session_id, request=request))
-        self._flushed.clear()
-        self._wake.set()
+        item = items.add()
+        item.session_id = session_id
+        frame = item.request.audio_frame
+        frame.data = data
+        frame.sequence = sequence
+        frame.timestamp_samples = samples
+        if len(items) == 1:
+            self._flushed.clear()
+            self._wake.set()
         return True
 
     async def _write_loop(self, call: Any) -> None:
@@ -248,9 +266,9 @@ class BatchedBridge:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                while self._pending:
-                    items, self._pending = self._pending, []
-                    await call.write(BatchRequest(items=items))
+                while self._batch.items:
+                    batch, self._batch = self._batch, BatchRequest()
+                    await call.write(batch)
                     self.batches_out += 1
                 self._flushed.set()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -273,7 +291,7 @@ class BatchedBridge:
             detail = f"bridge {self.address}: {_describe(exc)}"
         if call is self._call:
             self._call = None
-            self._pending.clear()
+            self._batch = BatchRequest()
             for task in self._tasks:
                 if task is not asyncio.current_task():
                     task.cancel()
@@ -362,6 +380,15 @@ class BatchedLink(AudioNumbering):
 
     def deliver(self, message: Response) -> None:
         """A message for this session from the shared reader."""
+        on_message = self._on_message
+        if on_message is not None and not self._finished.done():  # streaming: most calls
+            if message.WhichOneof("payload") == "session_end":
+                self._finish(
+                    BridgeEndedError(message.session_end.detail or "session_end from bridge")
+                )
+            else:
+                on_message(message)
+            return
         if self._opened is not None and not self._opened.done():
             self._opened.set_result(message)
             return
@@ -399,10 +426,8 @@ class BatchedLink(AudioNumbering):
         await self._finished
 
     def send_audio(self, data: bytes, samples: int) -> None:
-        frame = self._next_frame(data, samples)
-        if self._ended or not self._bridge.enqueue(
-            self.session_id, Request(audio_frame=frame), audio=True
-        ):
+        sequence, offset = self._number(samples)
+        if self._ended or not self._bridge.enqueue_audio(self.session_id, data, sequence, offset):
             self.dropped_audio += 1
 
     def send_event(self, text: str) -> None:
