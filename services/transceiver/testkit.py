@@ -9,6 +9,7 @@ import contextlib
 import fractions
 import json
 import math
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -105,7 +106,7 @@ class BridgeStream:
     end_reason: int = 0
     passthrough: bool = False
     input_format: common_pb2.AudioFormat | None = None
-    arrivals: list[tuple[int, float]] = field(default_factory=list)  # (sequence, loop time)
+    arrivals: list[tuple[int, float]] = field(default_factory=list)  # (sequence, monotonic)
 
 
 class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
@@ -156,8 +157,7 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
         if kind == "audio_frame":
             stream.audio_in += 1
             if self.record_arrivals:
-                loop_time = asyncio.get_running_loop().time()
-                stream.arrivals.append((request.audio_frame.sequence, loop_time))
+                stream.arrivals.append((request.audio_frame.sequence, time.monotonic()))
             return Resp(audio_frame=request.audio_frame) if self.echo else None
         if kind == "data_channel_message":
             stream.events_in.append(request.data_channel_message.json)
@@ -212,7 +212,9 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
         request_iterator: AsyncIterator[inference_pb2.StreamSessionsRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        """The same echo on the batched stream: one response batch per request batch."""
+        """The same echo on the batched stream: one response batch per request batch,
+        written by a task of its own so that reading (and the arrival times recorded) never
+        waits for a write to drain."""
         if not self.batching:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "StreamSessions disabled")
         lock = asyncio.Lock()
@@ -231,6 +233,13 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                     stream.ended.set()
                     return
 
+        outbox: asyncio.Queue[list[inference_pb2.SessionResponseItem] | None] = asyncio.Queue()
+
+        async def pump_answers() -> None:
+            while (answers := await outbox.get()) is not None:
+                await write(answers)
+
+        writer = asyncio.create_task(pump_answers())
         try:
             while True:
                 batch = await context.read()
@@ -259,8 +268,13 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                             )
                         )
                 if out:
-                    await write(out)
+                    outbox.put_nowait(out)
+                if writer.done():  # the stream broke under the writer
+                    break
         finally:
+            outbox.put_nowait(None)
+            with contextlib.suppress(Exception):  # TimeoutError: a write that never drained
+                await asyncio.wait_for(writer, 5.0)
             for session_id, task in injectors.items():
                 task.cancel()
                 self.streams[session_id].ended.set()

@@ -7,11 +7,24 @@ stock aiortc echo server (stock_echo.py: one peer connection and UDP port per se
 relay) measured in the same run. The session count steps up (--steps); each step runs
 --step-seconds after a warm-up; the search stops at the first step with >= 1 % late frames.
 
-Load generator (this process, the other core): real aiortc peer connections for ICE, DTLS
-and SRTP keys, but media bypasses aiortc's per-packet path: a pacer sends pre-encoded Opus
-(a 440 Hz tone) as ready RTP through the connection's SRTP session, staggered over the
-20 ms period, and received SRTP is time-stamped from its clear-text RTP header, never
-decrypted or decoded.
+Load generator (this process on uvloop, the other core; the echo bridge runs in it too):
+real aiortc peer connections for ICE, DTLS and SRTP keys, but media bypasses aiortc's
+per-packet path: a pacer sends pre-encoded Opus (a 440 Hz tone) as ready RTP through the
+connection's SRTP session, staggered over the 20 ms period, and received SRTP is
+time-stamped from its clear-text RTP header, never decrypted or decoded.
+
+Between clients and our transceiver (--relay): by default `direct`, ICE and DTLS set-up
+through the real relay process, then media framed by the generator itself exactly as the
+relay frames it, on one socket with batched I/O (DirectMedia): the transceiver sees the
+relay's wire format on its one port, and the other core is left to the generator and the
+bridge. `native` puts the real relay process on that core as well (it forwards every
+packet twice, and at 300+ sessions competes with the generator); the relay's own cost is
+measured by tests/bench/relay_bench.py.
+
+The generator's full garbage collections took 100+ ms at 400 sessions (hundreds of aiortc
+peers) and counted as the server's late frames: one runs before each measured window, the
+survivors are frozen out of later ones (gc.freeze), none runs inside the window, and a
+settle second lets the pacer catch up first.
 
 Late, per session and direction, against that stream's own 20 ms clock: frame k (from the
 RTP timestamp / the bridge's frame sequence) is expected at base + k * 20 ms, where base is
@@ -46,12 +59,14 @@ from typing import Any, cast
 
 import grpc.aio
 import numpy as np
+import uvloop
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
 from libs.fastio import fastio
 from libs.service.testing import binary, read_ready_line, running_service
 from libs.wire import framing
+from libs.wire.classify import is_rtp
 from services.transceiver import aiortc_compat
 from services.transceiver.media import OpusPacketizer
 from services.transceiver.testkit import EchoBridge, FramingRelay, create_request
@@ -62,6 +77,7 @@ FRAME_S = 0.02
 LATE_S = 0.06
 LATE_LIMIT = 0.01
 LAG_LIMIT_MS = 10.0  # pacer p99 lag above this: the load generator, not the server, lagged
+SETTLE_S = 1.0  # after the generator's pre-window garbage collection
 GROUPS = 10  # the pacer sends to one tenth of the sessions every 2 ms
 RTP_HEADER = struct.Struct("!BBHII")
 RTP_TS = struct.Struct("!I")
@@ -95,17 +111,21 @@ class DirectMedia:
         self._io = io
         self.upstream = upstream
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        fastio.set_buffers(self._sock)  # every echo arrives here: the server's 20 ms bursts
         self._sock.bind(("127.0.0.1", 0))
         self._sock.setblocking(False)
-        self._clients: dict[tuple[str, int], tuple[Any, tuple[str, int]]] = {}
+        # by the framing header of the client's address: (load client, aioice protocol, vip)
+        self._clients: dict[bytes, tuple[LoadClient, Any, tuple[str, int]]] = {}
         self._headers: dict[tuple[str, int], bytes] = {}
         self._out: list[tuple[tuple[str, int], bytes]] = []
         self.unsent = 0
         asyncio.get_running_loop().add_reader(self._sock.fileno(), self._readable)
 
-    def register(self, client: tuple[str, int], protocol: Any, vip: tuple[str, int]) -> None:
-        self._clients[client] = (protocol, vip)
-        self._headers[client] = framing.header(client[0], client[1])
+    def register(
+        self, address: tuple[str, int], client: LoadClient, protocol: Any, vip: tuple[str, int]
+    ) -> None:
+        header = self._headers[address] = framing.header(address[0], address[1])
+        self._clients[header] = (client, protocol, vip)
 
     def queue(self, client: tuple[str, int], payload: bytes) -> None:
         self._out.append((self.upstream, self._headers[client] + payload))
@@ -116,16 +136,22 @@ class DirectMedia:
             self.unsent += len(out) - self._io.send_batch(self._sock.fileno(), out)
 
     def _readable(self) -> None:
+        """RTP is time-stamped once per recvmmsg batch straight into the client's log; the
+        rest (STUN, DTLS, RTCP) goes to the client's aioice protocol. Frames are matched
+        by their whole IPv4 header (every client here is on 127.0.0.1)."""
+        clients = self._clients
         for _ in range(8):  # bounded per wake-up, then back to the loop
             items = self._io.recv_batch(self._sock.fileno(), 64)
+            now = time.monotonic()
             for data, _addr in items:
-                try:
-                    ip, port, payload = framing.decode(data)
-                except framing.FrameError:
+                entry = clients.get(data[: framing.HEADER_V4])
+                if entry is None:
                     continue
-                entry = self._clients.get((ip, port))
-                if entry is not None:
-                    entry[0].datagram_received(payload, entry[1])
+                payload = data[framing.HEADER_V4 :]
+                if is_rtp(payload):
+                    entry[0].record(now, payload)
+                else:
+                    entry[1].datagram_received(payload, entry[2])
             if len(items) < 64:
                 return
 
@@ -162,7 +188,10 @@ class LoadClient:
             self.connected.set()
 
     def _on_rtp(self, data: bytes) -> None:
-        self.arrivals.append((time.monotonic(), RTP_TS.unpack_from(data, 4)[0]))
+        self.record(time.monotonic(), data)
+
+    def record(self, arrival: float, data: bytes) -> None:
+        self.arrivals.append((arrival, RTP_TS.unpack_from(data, 4)[0]))
         if len(self.arrivals) == 1:
             self.heard.set()
 
@@ -191,7 +220,7 @@ class LoadClient:
         if self.direct is not None and self._transport is not None:
             local = self._transport.get_extra_info("sockname")
             self._local = (str(local[0]), int(local[1]))
-            self.direct.register(self._local, self._transport.get_protocol(), self._remote)
+            self.direct.register(self._local, self, self._transport.get_protocol(), self._remote)
 
     def send(self, index: int, payload: bytes) -> None:
         if self._protect is None or self._transport is None:
@@ -229,11 +258,15 @@ def lateness(points: Sequence[tuple[float, float]]) -> tuple[int, int, float]:
 
 
 def echo_points(arrivals: Sequence[tuple[float, int]]) -> list[tuple[float, float]]:
-    """Received RTP (arrival, timestamp) -> (frame index from the RTP timestamp, arrival)."""
+    """Received RTP (arrival, timestamp) -> (frame index from the RTP timestamp, arrival);
+    timestamps before the first arrival's (reordered) give negative indices, not a wrap."""
     if not arrivals:
         return []
     first_ts = arrivals[0][1]
-    return [(((ts - first_ts) & 0xFFFFFFFF) / OPUS_TICKS, t) for t, ts in arrivals]
+    return [
+        ((((ts - first_ts + 0x80000000) & 0xFFFFFFFF) - 0x80000000) / OPUS_TICKS, t)
+        for t, ts in arrivals
+    ]
 
 
 @dataclass
@@ -280,8 +313,9 @@ class Pacer:
         while True:
             target = start + step * tick
             delay = target - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            # Behind schedule it still yields once per tick, so arrivals are read (and
+            # time-stamped) between catch-up sends instead of after all of them.
+            await asyncio.sleep(max(delay, 0.0))
             self.lags.append(loop.time() - target)
             group, frame = step % GROUPS, step // GROUPS
             payload = self.payloads[frame % len(self.payloads)]
@@ -340,18 +374,22 @@ async def ramp(
                 await asyncio.gather(*(c.heard.wait() for c in new))
             await asyncio.sleep(2.0)  # warm-up: jitter buffers, playout prebuffer
             for attempt in range(2):
-                for client in clients:
-                    client.arrivals = []
-                if bridge is not None:
-                    for stream in bridge.streams.values():
-                        stream.arrivals.clear()
-                pacer.lags = []
                 # The generator's own full garbage collections (hundreds of aiortc peers,
-                # arrival logs) paused its pacer for tens of ms; none during the window.
+                # arrival logs) pause its loop for 100+ ms at 400 sessions: one now, the
+                # survivors frozen out of later ones, none during the window, and a settle
+                # second before it so the pacer has caught up with the collection's pause.
                 gc.collect()
+                gc.freeze()
                 gc.disable()
-                cpu0, gen0, wall0 = cpu_seconds(pid), time.process_time(), time.monotonic()
                 try:
+                    await asyncio.sleep(SETTLE_S)
+                    for client in clients:
+                        client.arrivals = []
+                    if bridge is not None:
+                        for stream in bridge.streams.values():
+                            stream.arrivals.clear()
+                    pacer.lags = []
+                    cpu0, gen0, wall0 = cpu_seconds(pid), time.process_time(), time.monotonic()
                     await asyncio.sleep(step_seconds)
                 finally:
                     gc.enable()
@@ -535,11 +573,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--relay",
         choices=("native", "python", "direct"),
-        default="native",
-        help="between clients and our transceiver: the real relay process (native batched "
-        "I/O, core 1), the testkit's Python FramingRelay inside the generator process, or "
-        "direct: set-up through the real relay, media framed by the generator itself with "
-        "batched I/O (see DirectMedia)",
+        default="direct",
+        help="between clients and our transceiver: direct (the default): set-up through "
+        "the real relay, media framed by the generator itself with batched I/O (see "
+        "DirectMedia); native: the real relay process (batched I/O, core 1) for media too; "
+        "python: the testkit's FramingRelay inside the generator process",
     )
     parser.add_argument(
         "--profile",
@@ -548,6 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the profiler's cost)",
     )
     args = parser.parse_args(argv)
+    # The generator's own loop: uvloop, as the transceiver under test uses (the stock echo
+    # server keeps aiortc's example set-up, the default loop).
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     steps = [int(s) for s in args.steps.split(",")]
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
