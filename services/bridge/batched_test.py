@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
-from services.bridge.service import BridgeServicer
+from services.bridge.service import BATCH_BYTES_MAX, BridgeServicer, _Batch
 from services.bridge.settings import BridgeSettings
 from services.bridge.testing import serve, session_start
 from voiceedge.common.v1 import common_pb2
@@ -149,3 +149,21 @@ async def test_a_stuck_backend_loses_audio_not_memory() -> None:
             await servicer.wait_idle()  # the session_end behind the backlog still ended it
         assert backend.frames == 1 + BATCHED_BACKLOG_MAX
         await call.done_writing()
+
+
+def test_response_batches_close_at_the_byte_limit() -> None:
+    # gRPC refuses messages over 4 MiB by default: a writer that fell behind sends its
+    # backlog as several batches under BATCH_BYTES_MAX, oldest first, none lost.
+    pending = _Batch()
+    frame = bytes(100_000)
+    for sequence in range(50):  # ~5 MB
+        audio = inference_pb2.AudioFrame(data=frame, sequence=sequence)
+        pending.add("s1", inference_pb2.StreamSessionResponse(audio_frame=audio))
+    sizes, sequences = [], []
+    while (items := pending.take()) is not None:
+        sizes.append(inference_pb2.StreamSessionsResponse(items=items).ByteSize())
+        sequences += [item.response.audio_frame.sequence for item in items]
+    assert not pending.pending
+    assert sequences == list(range(50))
+    assert len(sizes) >= 5
+    assert max(sizes) <= BATCH_BYTES_MAX

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -117,6 +118,10 @@ def make_backend_factory(settings: BridgeSettings) -> BackendFactory:
 
 # Caller messages queued per session on StreamSessions before audio is dropped (~5 s).
 BATCHED_BACKLOG_MAX = 256
+# A StreamSessions response batch is closed at this size: gRPC refuses messages over 4 MiB
+# by default, and PCM answers (~1 KB per 20 ms at 24 kHz) for hundreds of sessions reach
+# that in under a second when the transceiver reads slowly (inference.proto).
+BATCH_BYTES_MAX = 1 << 20
 
 
 class _RefusedError(Exception):
@@ -140,18 +145,38 @@ async def _drain_queue(queue: asyncio.Queue[Request | None]) -> AsyncIterator[Re
 
 
 class _Batch:
-    """Responses of every session on one StreamSessions stream, waiting for the writer."""
+    """Responses of every session on one StreamSessions stream, waiting for the writer, in
+    batches closed at BATCH_BYTES_MAX."""
 
     def __init__(self) -> None:
         self.items: list[inference_pb2.SessionResponseItem] = []
+        self.bytes = 0
+        self.full: deque[list[inference_pb2.SessionResponseItem]] = deque()
         self.wake = asyncio.Event()
         self.reading = True
 
     def add(self, session_id: str, response: Response) -> None:
-        self.items.append(
-            inference_pb2.SessionResponseItem(session_id=session_id, response=response)
-        )
+        item = inference_pb2.SessionResponseItem(session_id=session_id, response=response)
+        size = item.ByteSize()
+        if self.items and self.bytes + size > BATCH_BYTES_MAX:
+            self.full.append(self.items)
+            self.items, self.bytes = [], 0
+        self.items.append(item)
+        self.bytes += size
         self.wake.set()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.full or self.items)
+
+    def take(self) -> list[inference_pb2.SessionResponseItem] | None:
+        """The oldest batch for the writer; None when nothing waits."""
+        if self.full:
+            return self.full.popleft()
+        if self.items:
+            items, self.items, self.bytes = self.items, [], 0
+            return items
+        return None
 
 
 class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
@@ -347,11 +372,10 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while batch.reading or tasks or batch.items:
+            while batch.reading or tasks or batch.pending:
                 await batch.wake.wait()
                 batch.wake.clear()
-                if batch.items:
-                    items, batch.items = batch.items, []
+                while (items := batch.take()) is not None:
                     yield inference_pb2.StreamSessionsResponse(items=items)
         finally:
             reader.cancel()

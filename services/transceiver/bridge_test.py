@@ -12,7 +12,12 @@ import grpc
 import grpc.aio
 import pytest
 
-from services.transceiver.bridge import BatchedBridge, BatchedLink, BridgeError
+from services.transceiver.bridge import (
+    BATCH_BYTES_MAX,
+    BatchedBridge,
+    BatchedLink,
+    BridgeError,
+)
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 
 Resp = inference_pb2.StreamSessionResponse
@@ -79,6 +84,66 @@ async def test_sessions_given_up_on_are_ended_at_the_bridge() -> None:
         await wait_for_item(bridge, ("mute", "session_end"))
         await mute.close(0, "", notify=True)  # already ended: nothing more is sent
         assert bridge.items.count(("mute", "session_end")) == 1
+    finally:
+        await batched.close()
+        await channel.close(None)
+        await server.stop(None)
+
+
+class AcceptingBridge(OddBridge):
+    """Batched only, accepts every session; records the size of every batch and each audio
+    frame's (session, sequence)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_bytes: list[int] = []
+        self.frames: list[tuple[str, int]] = []
+
+    async def StreamSessions(  # type: ignore[override]  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[inference_pb2.StreamSessionsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        async for batch in request_iterator:
+            self.batch_bytes.append(batch.ByteSize())
+            for item in batch.items:
+                if item.request.WhichOneof("payload") == "session_start":
+                    accepted = Resp(session_accepted=inference_pb2.SessionAccepted())
+                    response = inference_pb2.SessionResponseItem(
+                        session_id=item.session_id, response=accepted
+                    )
+                    await context.write(inference_pb2.StreamSessionsResponse(items=[response]))
+                elif item.request.WhichOneof("payload") == "audio_frame":
+                    self.frames.append((item.session_id, item.request.audio_frame.sequence))
+            self.changed.set()
+
+
+@pytest.mark.timeout_s(30)
+async def test_a_large_backlog_goes_as_batches_under_the_message_limit() -> None:
+    # 80 frames of 64 KiB queued in one loop turn: 5 MiB, over gRPC's default 4 MiB message
+    # limit, which as one batch would end the stream (and every session on it).
+    bridge = AcceptingBridge()
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceBridgeServiceServicer_to_server(bridge, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    batched = BatchedBridge(channel, f"127.0.0.1:{port}")
+    try:
+        link = BatchedLink(batched, "big")
+        await link.open(inference_pb2.SessionStart(session_id="big"), 5)
+        frame = bytes(64 << 10)
+        for _ in range(80):
+            link.send_audio(frame, 960)
+        async with asyncio.timeout(10):
+            while len(bridge.frames) < 80:
+                bridge.changed.clear()
+                await bridge.changed.wait()
+        assert bridge.frames == [("big", sequence) for sequence in range(80)]
+        assert link.dropped_audio == 0
+        audio_batches = bridge.batch_bytes[1:]  # after the one with session_start
+        assert len(audio_batches) >= 5
+        assert max(audio_batches) <= BATCH_BYTES_MAX + len(frame) + 64
     finally:
         await batched.close()
         await channel.close(None)
