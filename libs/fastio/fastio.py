@@ -13,7 +13,7 @@ import importlib.util
 import os
 import socket
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 Address = tuple[str, int]
 BATCH = 64
@@ -42,14 +42,20 @@ class FastIO(Protocol):
     def send_batch(self, fd: int, items: list[tuple[Address, bytes]], /) -> int: ...
 
 
-def load() -> FastIO | None:
-    path = Path(os.path.abspath(__file__)).parent / "native" / "fastio.so"
+def load_extension(path: Path) -> Any:
+    """The CPython extension module at `path` (its name: the file's stem), or None when it
+    was not built (the optional native parts here and in services/transceiver/native)."""
     if not path.exists():
         return None
-    loader = importlib.machinery.ExtensionFileLoader("fastio", str(path))
-    spec = importlib.util.spec_from_file_location("fastio", path, loader=loader)
+    loader = importlib.machinery.ExtensionFileLoader(path.stem, str(path))
+    spec = importlib.util.spec_from_file_location(path.stem, path, loader=loader)
     if spec is None:
         return None
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
-    return cast(FastIO, module)
+    return module
+
+
+def load() -> FastIO | None:
+    module = load_extension(Path(os.path.abspath(__file__)).parent / "native" / "fastio.so")
+    return cast(FastIO | None, module)

@@ -41,6 +41,7 @@ import aioice.stun
 import aiortc
 import aiortc.rtp
 import numpy as np
+import pylibsrtp
 from aioice.candidate import Candidate
 from aiortc import RTCPeerConnection, RTCRtpReceiver
 from aiortc.rtcicetransport import RTCIceTransport
@@ -397,6 +398,8 @@ class SrtpTransforms(NamedTuple):
     unprotect: SrtpTransform  # inbound SRTP
     protect: SrtpTransform  # outbound SRTP
     protect_rtcp: SrtpTransform  # outbound SRTCP (our receiver reports)
+    inbound: pylibsrtp.Session  # the sessions themselves, for rtp.py's C core
+    outbound: pylibsrtp.Session
 
 
 def _audio(pc: RTCPeerConnection) -> Any:
@@ -413,7 +416,7 @@ def srtp_transforms(pc: RTCPeerConnection) -> SrtpTransforms:
     tx = getattr(dtls, "_tx_srtp", None)
     if rx is None or tx is None:
         raise CompatError("aiortc RTCDtlsTransport._rx_srtp/_tx_srtp are gone or not keyed yet")
-    return SrtpTransforms(rx.unprotect, tx.protect, tx.protect_rtcp)
+    return SrtpTransforms(rx.unprotect, tx.protect, tx.protect_rtcp, rx, tx)
 
 
 def last_sender_report(pc: RTCPeerConnection, ssrc: int) -> tuple[int, int]:

@@ -53,3 +53,23 @@ async def test_forced_credentials_and_installed_protocol_reach_the_answer() -> N
         assert "a=ice-ufrag:UFRAGtoken" in offer.sdp
     finally:
         await pc.close()
+
+
+def test_pylibsrtp_internals_the_native_rtp_core_uses() -> None:
+    # rtpcore.srtp_pointers falls back to the Python RTP path (slower, same behaviour) when
+    # these checks fail; fail here instead, so a pylibsrtp/libsrtp upgrade is looked at.
+    import os
+
+    import pylibsrtp
+
+    from services.transceiver import rtpcore
+
+    session = pylibsrtp.Session(
+        pylibsrtp.Policy(key=os.urandom(30), ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND)
+    )
+    pointers = rtpcore.srtp_pointers(session)
+    assert pointers is not None, (
+        f"pylibsrtp {pylibsrtp.__version__}: Session._srtp ({rtpcore.SRTP_CONTEXT_TYPE}) or "
+        f"lib.srtp_protect/srtp_unprotect ({rtpcore.SRTP_FUNCTION_TYPE}) changed"
+    )
+    assert all(pointers)

@@ -21,10 +21,11 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import pylibsrtp
 
+from services.transceiver import rtpcore
 from services.transceiver.sdp import AudioRtpParams
 
 logger = logging.getLogger("voiceedge.transceiver.rtp")
@@ -93,106 +94,160 @@ class ReceiveStats:
 
 
 PayloadSink = Callable[[bytes, int], None]
+LossSink = Callable[
+    [int], None
+]  # n packets are missing just before the one about to reach the sink
+Clock = Callable[[], float]
+
+
+class _ReceiverCore:
+    """The per-packet part of RtpReceiver in Python: the reference for rtpcore.Receiver (C,
+    same attributes and rules) and the fallback when that extension is missing."""
+
+    def __init__(
+        self,
+        srtp: pylibsrtp.Session,
+        payload_type: int,
+        sink: PayloadSink,
+        on_loss: LossSink | None,
+        clock: Clock | None,
+    ) -> None:
+        self._unprotect = srtp.unprotect
+        self._payload_type = payload_type
+        self._sink = sink
+        self._on_loss = on_loss
+        self._clock = clock or time.monotonic
+        self.started = False
+        self.base = self.highest = 0  # extended sequence numbers of the first / newest packet
+        self.source_ssrc = 0
+        self.packets = self.bytes = 0
+        self.jitter_ticks = 0.0
+        self.dropped_srtp = self.dropped_malformed = 0
+        self.dropped_payload_type = self.dropped_late = 0
+        self._last_transit: float | None = None
+
+    def datagram(self, data: bytes) -> None:
+        try:
+            clear = self._unprotect(data)
+        except (pylibsrtp.Error, ValueError):  # ValueError: longer than pylibsrtp's buffer
+            self.dropped_srtp += 1
+            return
+        try:
+            payload_type, sequence, timestamp, ssrc, payload = parse(clear)
+        except RtpError:
+            self.dropped_malformed += 1
+            return
+        if payload_type != self._payload_type:
+            self.dropped_payload_type += 1
+            return
+        if not self.started:
+            self.started = True
+            self.base = self.highest = sequence
+            self.source_ssrc = ssrc
+        else:
+            delta = (sequence - self.highest) % SEQ_MOD
+            if delta == 0 or delta > SEQ_MOD - MAX_MISORDER:
+                self.dropped_late += 1
+                return
+            self.highest += delta
+            if delta > 1 and self._on_loss is not None:
+                self._on_loss(delta - 1)
+        self.packets += 1
+        self.bytes += len(payload)
+        transit = self._clock() * OPUS_CLOCK_HZ - timestamp
+        if self._last_transit is not None:
+            difference = abs(transit - self._last_transit)
+            if difference < 1 << 30:  # not a timestamp wrap or a new stream
+                self.jitter_ticks += (difference - self.jitter_ticks) / 16.0
+        self._last_transit = transit
+        self._sink(payload, timestamp)
 
 
 class RtpReceiver:
     """SRTP in, Opus payloads out in arrival order; packets older than the newest one seen
     (reordered or duplicated) are dropped and counted, as a jitter buffer would for audio
-    that already played."""
+    that already played. `datagram` is the per-packet entry: rtpcore's C receiver when the
+    extension is there (`native`), else _ReceiverCore."""
 
     def __init__(
         self,
-        unprotect: Callable[[bytes], bytes],
+        srtp: pylibsrtp.Session,
         payload_type: int,
         sink: PayloadSink,
-        clock: Callable[[], float] = time.monotonic,
-        on_loss: Callable[[int], None] | None = None,
+        clock: Clock | None = None,
+        on_loss: LossSink | None = None,
+        *,
+        native: bool = True,
     ) -> None:
-        # on_loss(n): n packets are missing just before the one about to reach `sink`.
-        self._on_loss = on_loss
-        self._unprotect = unprotect
-        self._payload_type = payload_type
-        self._sink = sink
-        self._clock = clock
-        self.stats = ReceiveStats()
-        self._base: int | None = None  # extended sequence of the first packet
-        self._highest = 0  # extended highest sequence
-        self._last_transit: float | None = None
-        self.source_ssrc: int | None = None
+        pointers = rtpcore.srtp_pointers(srtp) if native else None
+        core = rtpcore.load() if pointers is not None else None
+        self._core: Any
+        if core is not None and pointers is not None:
+            self._core = core.Receiver(
+                srtp, pointers.context, pointers.unprotect, payload_type, sink, on_loss, clock
+            )
+        else:
+            self._core = _ReceiverCore(srtp, payload_type, sink, on_loss, clock)
+        self.native = not isinstance(self._core, _ReceiverCore)
+        self.datagram: Callable[[bytes], None] = self._core.datagram
         self._expected_prior = 0
         self._received_prior = 0
 
-    def datagram(self, data: bytes) -> None:
-        stats = self.stats
-        try:
-            clear = self._unprotect(data)
-        except pylibsrtp.Error:
-            stats.dropped_srtp += 1
-            return
-        try:
-            payload_type, sequence, timestamp, ssrc, payload = parse(clear)
-        except RtpError:
-            stats.dropped_malformed += 1
-            return
-        if payload_type != self._payload_type:
-            stats.dropped_payload_type += 1
-            return
-        if self._base is None:
-            self._base = self._highest = sequence
-            self.source_ssrc = ssrc
-        else:
-            delta = (sequence - self._highest) % SEQ_MOD
-            if delta == 0 or delta > SEQ_MOD - MAX_MISORDER:
-                stats.dropped_late += 1
-                return
-            self._highest += delta
-            if delta > 1 and self._on_loss is not None:
-                self._on_loss(delta - 1)
-        stats.packets += 1
-        stats.bytes += len(payload)
-        transit = self._clock() * OPUS_CLOCK_HZ - timestamp
-        if self._last_transit is not None:
-            difference = abs(transit - self._last_transit)
-            if difference < 1 << 30:  # not a timestamp wrap or a new stream
-                stats.jitter_ticks += (difference - stats.jitter_ticks) / 16.0
-        self._last_transit = transit
-        self._sink(payload, timestamp)
+    @property
+    def stats(self) -> ReceiveStats:
+        core = self._core
+        return ReceiveStats(
+            packets=core.packets,
+            bytes=core.bytes,
+            jitter_ticks=core.jitter_ticks,
+            dropped_srtp=core.dropped_srtp,
+            dropped_malformed=core.dropped_malformed,
+            dropped_payload_type=core.dropped_payload_type,
+            dropped_late=core.dropped_late,
+        )
+
+    @property
+    def source_ssrc(self) -> int | None:
+        return int(self._core.source_ssrc) if self._core.started else None
 
     @property
     def expected(self) -> int:
         """Packets expected so far (RFC 3550 A.3): extended highest sequence - first + 1."""
-        return 0 if self._base is None else self._highest - self._base + 1
+        core = self._core
+        return int(core.highest - core.base + 1) if core.started else 0
 
     @property
     def lost(self) -> int:
         """Packets expected and never received (duplicates can make it negative; shown as 0)."""
-        return max(0, self.expected - self.stats.packets)
+        return max(0, self.expected - int(self._core.packets))
 
     def receiver_report(self, reporter_ssrc: int, lsr: int, dlsr: int) -> bytes | None:
         """An RTCP receiver report (RFC 3550 §6.4.2, one report block) on what arrived so
         far, or None before the first packet. `lsr`/`dlsr`: the middle 32 bits of the last
         sender report's NTP time and the delay since it in 1/65536 s (0, 0 without one)."""
-        if self._base is None or self.source_ssrc is None:
+        source = self.source_ssrc
+        if source is None:
             return None
-        stats = self.stats
+        core = self._core
+        packets = int(core.packets)
         expected = self.expected
         expected_interval = expected - self._expected_prior
-        received_interval = stats.packets - self._received_prior
-        self._expected_prior, self._received_prior = expected, stats.packets
+        received_interval = packets - self._received_prior
+        self._expected_prior, self._received_prior = expected, packets
         lost_interval = expected_interval - received_interval
         fraction = 0
         if expected_interval > 0 and lost_interval > 0:
             fraction = min(255, (lost_interval << 8) // expected_interval)
-        cumulative = max(-(1 << 23), min((1 << 23) - 1, expected - stats.packets))
+        cumulative = max(-(1 << 23), min((1 << 23) - 1, expected - packets))
         return RECEIVER_REPORT.pack(
             0x81,  # V=2, P=0, RC=1
             201,  # RR
             7,  # length in 32-bit words minus one
             reporter_ssrc,
-            self.source_ssrc,
+            source,
             (fraction << 24) | (cumulative & 0xFFFFFF),
-            self._highest & 0xFFFFFFFF,
-            int(stats.jitter_ticks) & 0xFFFFFFFF,
+            int(core.highest) & 0xFFFFFFFF,
+            int(core.jitter_ticks) & 0xFFFFFFFF,
             lsr & 0xFFFFFFFF,
             dlsr & 0xFFFFFFFF,
         )
@@ -208,35 +263,34 @@ SenderReportSink = Callable[[int, int, int], None]
 REPORT_SAMPLE_EVERY = 5  # packets between samples for RTCP sender reports (100 ms)
 
 
-class RtpSender:
-    """One outbound stream: a ready Opus packet per 20 ms tick -> SRTP -> `send`."""
+class _SenderCore:
+    """The per-packet part of RtpSender in Python: the reference for rtpcore.Sender (C) and
+    the fallback without it."""
 
     def __init__(
         self,
-        params: AudioRtpParams,
-        protect: Callable[[bytes], bytes],
+        srtp: pylibsrtp.Session,
+        payload_type: int,
+        ssrc: int,
+        extension: bytes,
+        timestamp_origin: int,
+        sequence: int,
         send: Callable[[bytes], None],
-        on_sent: SenderReportSink | None = None,
+        on_sent: SenderReportSink | None,
     ) -> None:
-        self._protect = protect
+        self._protect = srtp.protect
         self._send = send
         self._on_sent = on_sent
-        self._payload_type = params.payload_type
-        self._ssrc = params.ssrc
-        self._extension = (
-            mid_extension(params.mid_extension_id, params.mid)
-            if params.mid_extension_id and params.mid
-            else b""
-        )
-        self._first_byte = VERSION_BITS | (EXTENSION_BIT if self._extension else 0)
-        self.sequence = random.randrange(SEQ_MOD)
-        self._timestamp_origin = random.randrange(1 << 32)
+        self._payload_type = payload_type
+        self._ssrc = ssrc
+        self._extension = extension
+        self._first_byte = VERSION_BITS | (EXTENSION_BIT if extension else 0)
+        self._timestamp_origin = timestamp_origin
+        self.sequence = sequence
         self.packets = 0
         self.octets = 0
 
     def send(self, payload: bytes, frame_index: int, ticks_per_frame: int) -> None:
-        """Sends frame `frame_index` of the stream (its RTP timestamp follows from it, so a
-        skipped tick shows as a gap, RFC 3550 §5.1)."""
         timestamp = (self._timestamp_origin + frame_index * ticks_per_frame) & 0xFFFFFFFF
         marker = 0x80 if self.packets == 0 else 0  # first packet of a talkspurt (RFC 3551 §4.1)
         header = HEADER.pack(
@@ -251,6 +305,64 @@ class RtpSender:
             # with its counts every 100 ms keeps them consistent (RFC 3550 §6.4.1 pairs
             # the RTP and NTP times of one instant) at a tenth of the cost.
             self._on_sent(timestamp, self.packets, self.octets)
+
+
+class RtpSender:
+    """One outbound stream: a ready Opus packet per 20 ms tick -> SRTP -> `send`.
+    `send(payload, frame_index, ticks_per_frame)` sends frame `frame_index` (its RTP
+    timestamp follows from it, so a skipped tick shows as a gap, RFC 3550 §5.1): rtpcore's
+    C sender when the extension is there (`native`), else _SenderCore."""
+
+    def __init__(
+        self,
+        params: AudioRtpParams,
+        srtp: pylibsrtp.Session,
+        send: Callable[[bytes], None],
+        on_sent: SenderReportSink | None = None,
+        *,
+        native: bool = True,
+    ) -> None:
+        extension = (
+            mid_extension(params.mid_extension_id, params.mid)
+            if params.mid_extension_id and params.mid
+            else b""
+        )
+        origin, sequence = random.randrange(1 << 32), random.randrange(SEQ_MOD)
+        pointers = rtpcore.srtp_pointers(srtp) if native else None
+        core = rtpcore.load() if pointers is not None else None
+        self._core: Any
+        if core is not None and pointers is not None:
+            self._core = core.Sender(
+                srtp,
+                pointers.context,
+                pointers.protect,
+                params.payload_type,
+                params.ssrc,
+                extension,
+                origin,
+                sequence,
+                send,
+                on_sent,
+            )
+        else:
+            self._core = _SenderCore(
+                srtp, params.payload_type, params.ssrc, extension, origin, sequence, send, on_sent
+            )
+        self.native = not isinstance(self._core, _SenderCore)
+        self.send: Callable[[bytes, int, int], None] = self._core.send
+
+    @property
+    def sequence(self) -> int:
+        """The sequence number of the next packet."""
+        return int(self._core.sequence)
+
+    @property
+    def packets(self) -> int:
+        return int(self._core.packets)
+
+    @property
+    def octets(self) -> int:
+        return int(self._core.octets)
 
 
 class Paced(Protocol):

@@ -4,14 +4,16 @@ real SRTP sessions (pylibsrtp), the sender's headers, and the shared pacer on a 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import struct
 import time
+import weakref
 
 import pylibsrtp
 import pytest
 
-from services.transceiver import rtp
+from services.transceiver import rtp, rtpcore
 from services.transceiver.sdp import AudioRtpParams
 
 KEY = os.urandom(30)  # SRTP_AES128_CM_SHA1_80 master key + salt
@@ -71,13 +73,30 @@ class FakeClock:
         return self.now
 
 
-def test_receiver_orders_counts_loss_and_drops_what_it_cannot_use() -> None:
+# Every receiver and sender test runs on both cores: rtpcore's C one (native) and the Python
+# reference it must match.
+BOTH_CORES = pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+
+
+def test_the_native_core_is_built_and_used() -> None:
+    # Without this, a missing or unusable extension would leave every test below passing
+    # twice on the Python core.
+    tx, rx = srtp_pair()
+    assert rtpcore.load() is not None
+    params = AudioRtpParams(payload_type=111, ssrc=1, mid="", mid_extension_id=0)
+    assert rtp.RtpReceiver(rx, 111, lambda p, ts: None).native
+    assert rtp.RtpSender(params, tx, lambda d: None).native
+    assert not rtp.RtpReceiver(rx, 111, lambda p, ts: None, native=False).native
+
+
+@BOTH_CORES
+def test_receiver_orders_counts_loss_and_drops_what_it_cannot_use(native: bool) -> None:
     tx, rx = srtp_pair()
     got: list[tuple[bytes, int]] = []
     losses: list[int] = []
     clock = FakeClock()
     receiver = rtp.RtpReceiver(
-        rx.unprotect, 111, lambda p, ts: got.append((p, ts)), clock, on_loss=losses.append
+        rx, 111, lambda p, ts: got.append((p, ts)), clock, on_loss=losses.append, native=native
     )
 
     def deliver(seq: int, pt: int = 111) -> bytes:
@@ -104,10 +123,34 @@ def test_receiver_orders_counts_loss_and_drops_what_it_cannot_use() -> None:
     assert losses == [1]  # told before packet 3 that 1 packet (2) is missing
 
 
-def test_receiver_jitter_follows_rfc3550() -> None:
+@BOTH_CORES
+@pytest.mark.parametrize(
+    "clear",
+    [
+        b"\xa0\x6f\x00\x05" + bytes(8) + b"opus\xc8",  # padding count 200: past the header
+        b"\x40\x6f\x00\x05" + bytes(8) + b"opus",  # RTP version 1
+    ],
+    ids=["padding", "version"],
+)
+def test_receiver_counts_malformed_clear_packets(native: bool, clear: bytes) -> None:
+    # Headers libsrtp protects but RTP parsing refuses (libsrtp itself refuses CSRC lists
+    # and extensions that overrun the packet).
+    tx, rx = srtp_pair()
+    got: list[tuple[bytes, int]] = []
+    receiver = rtp.RtpReceiver(rx, 111, lambda p, ts: got.append((p, ts)), native=native)
+    receiver.datagram(tx.protect(packet(1, 960)))
+    receiver.datagram(tx.protect(clear))
+    receiver.datagram(tx.protect(packet(6, 1920)))
+    assert [ts for _, ts in got] == [960, 1920]
+    assert receiver.stats.dropped_malformed == 1
+    assert receiver.lost == 4  # 2-5 never came as usable packets
+
+
+@BOTH_CORES
+def test_receiver_jitter_follows_rfc3550(native: bool) -> None:
     tx, rx = srtp_pair()
     clock = FakeClock()
-    receiver = rtp.RtpReceiver(rx.unprotect, 111, lambda p, ts: None, clock)
+    receiver = rtp.RtpReceiver(rx, 111, lambda p, ts: None, clock, native=native)
     for seq in range(200):
         clock.now = 100.0 + seq * 0.02 + (0.005 if seq % 2 else 0.0)  # +-5 ms alternating
         receiver.datagram(tx.protect(packet(seq, seq * 960)))
@@ -115,13 +158,14 @@ def test_receiver_jitter_follows_rfc3550() -> None:
     assert receiver.stats.jitter_ms == pytest.approx(5.0, rel=0.01)
 
 
-def test_sender_writes_headers_the_receiver_reads() -> None:
+@BOTH_CORES
+def test_sender_writes_headers_the_receiver_reads(native: bool) -> None:
     tx, rx = srtp_pair()
     sent: list[bytes] = []
     reports: list[tuple[int, int, int]] = []
     params = AudioRtpParams(payload_type=111, ssrc=1234, mid="0", mid_extension_id=9)
     sender = rtp.RtpSender(
-        params, tx.protect, sent.append, lambda ts, n, o: reports.append((ts, n, o))
+        params, tx, sent.append, lambda ts, n, o: reports.append((ts, n, o)), native=native
     )
     first_sequence = sender.sequence
     for index in (0, 1, 3):  # frame 2 skipped: the timestamp shows the gap
@@ -208,10 +252,11 @@ async def test_one_failing_stream_does_not_stop_the_others() -> None:
     pacer.close()
 
 
-def test_receiver_report_follows_rfc3550_6_4_2() -> None:
+@BOTH_CORES
+def test_receiver_report_follows_rfc3550_6_4_2(native: bool) -> None:
     tx, rx = srtp_pair()
     clock = FakeClock()
-    receiver = rtp.RtpReceiver(rx.unprotect, 111, lambda p, ts: None, clock)
+    receiver = rtp.RtpReceiver(rx, 111, lambda p, ts: None, clock, native=native)
     assert receiver.receiver_report(1, 0, 0) is None  # nothing received yet
     for i, seq in enumerate([*range(65530, 65536), *range(0, 4)]):  # 10 across the wrap...
         clock.now = 100.0 + i * 0.02  # paced: jitter stays 0
@@ -234,3 +279,29 @@ def test_receiver_report_follows_rfc3550_6_4_2() -> None:
     again = rtp.RECEIVER_REPORT.unpack(receiver.receiver_report(99, 0, 0) or b"")
     assert again[5] >> 24 == 0  # nothing lost since the last report
     assert again[5] & 0xFFFFFF == 1  # cumulative
+
+
+@BOTH_CORES
+def test_a_session_holding_its_receiver_and_sender_is_collected(native: bool) -> None:
+    # The receiver's sink and the sender's send are the owning session's bound methods: a
+    # cycle through the C objects, which the collector must see (tp_traverse) to free it.
+    tx, rx = srtp_pair()
+    params = AudioRtpParams(payload_type=111, ssrc=1, mid="", mid_extension_id=0)
+
+    class Owner:
+        def __init__(self) -> None:
+            self.receiver = rtp.RtpReceiver(rx, 111, self.on_payload, native=native)
+            self.sender = rtp.RtpSender(params, tx, self.on_datagram, native=native)
+
+        def on_payload(self, payload: bytes, timestamp: int) -> None:
+            pass
+
+        def on_datagram(self, datagram: bytes) -> None:
+            pass
+
+    owner = Owner()
+    owner.sender.send(b"opus", 0, 960)
+    gone = weakref.ref(owner)
+    del owner
+    gc.collect()
+    assert gone() is None

@@ -320,11 +320,11 @@ class Session:
             return
         srtp = aiortc_compat.srtp_transforms(self.pc)
         self._rtp_in = rtp.RtpReceiver(
-            srtp.unprotect, params.payload_type, self._on_caller_opus, on_loss=self._on_caller_loss
+            srtp.inbound, params.payload_type, self._on_caller_opus, on_loss=self._on_caller_loss
         )
         mux_session.rtp_sink = self._rtp_in.datagram
         self._rtp_out = rtp.RtpSender(
-            params, srtp.protect, self._send_media, aiortc_compat.sender_report_sink(self.pc)
+            params, srtp.outbound, self._send_media, aiortc_compat.sender_report_sink(self.pc)
         )
         self._protect_rtcp = srtp.protect_rtcp
         self._pacer.add(self)
