@@ -7,7 +7,8 @@ stock aiortc echo server (stock_echo.py: one peer connection and UDP port per se
 relay) measured in the same run. The session count steps up (--steps); each step runs
 --step-seconds after a warm-up; the search stops at the first step with >= 1 % late frames.
 
-Load generator (this process on uvloop, the other core; the echo bridge runs in it too):
+Load generator (this process on uvloop, the other core; the echo bridge is a process of its
+own there, echo_bridge.py, so its arrival times never wait for the generator's loop):
 real aiortc peer connections for ICE, DTLS and SRTP keys, but media bypasses aiortc's
 per-packet path: a pacer sends pre-encoded Opus (a 440 Hz tone) as ready RTP through the
 connection's SRTP session, staggered over the 20 ms period, and received SRTP is
@@ -69,7 +70,7 @@ from libs.wire import framing
 from libs.wire.classify import is_rtp
 from services.transceiver import aiortc_compat
 from services.transceiver.media import OpusPacketizer
-from services.transceiver.testkit import EchoBridge, FramingRelay, create_request
+from services.transceiver.testkit import FramingRelay, create_request
 from tests.bench.transceiver.bench import cpu_seconds, rss_kib, start_transceiver
 from voiceedge.transceiver.v1 import transceiver_pb2_grpc
 
@@ -326,6 +327,64 @@ class Pacer:
             step += 1
 
 
+class BridgeProcess:
+    """The echo bridge (echo_bridge.py) in its own process on core 1: its arrival times
+    (the "caller at bridge" direction) do not wait for this generator's event loop."""
+
+    def __init__(self) -> None:
+        self.address = ""
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        pin = ["taskset", "-c", "1"] if (os.cpu_count() or 1) > 1 else []
+        self._process = await asyncio.create_subprocess_exec(
+            "nice",
+            "-n",
+            "10",
+            *pin,
+            *binary("tests/bench/transceiver", "echo_bridge"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            limit=1 << 28,  # the arrival logs of every stream come back as one line
+        )
+        self.address = str((await self._ask(None))["address"])
+
+    async def _ask(self, command: dict[str, bool] | None) -> dict[str, Any]:
+        process = self._process
+        assert process is not None
+        assert process.stdin is not None
+        assert process.stdout is not None
+        if command is not None:
+            process.stdin.write(json.dumps(command).encode() + b"\n")
+            await process.stdin.drain()
+        async with asyncio.timeout(60):
+            line = await process.stdout.readline()
+        if not line:
+            raise RuntimeError("echo bridge process ended")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    async def clear(self) -> None:
+        await self._ask({"clear": True})
+
+    async def arrivals(self) -> list[list[tuple[int, float]]]:
+        """Per stream: (frame sequence, arrival time.monotonic()) since the last clear()."""
+        streams = (await self._ask({"arrivals": True}))["streams"]
+        return [[(int(k), float(t)) for k, t in stream] for stream in streams]
+
+    async def stop(self) -> None:
+        process = self._process
+        if process is None or process.stdin is None:
+            return
+        process.stdin.close()
+        try:
+            async with asyncio.timeout(30):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
 def tone_packets(count: int) -> list[bytes]:
     encoder = OpusPacketizer(48000)
     out: list[bytes] = []
@@ -347,7 +406,7 @@ async def ramp(
     connect: Connect,
     steps: list[int],
     step_seconds: float,
-    bridge: EchoBridge | None,
+    bridge: BridgeProcess | None,
 ) -> list[StepResult]:
     clients: list[LoadClient] = []
     pacer = Pacer(clients, tone_packets(50))
@@ -386,32 +445,38 @@ async def ramp(
                     for client in clients:
                         client.arrivals = []
                     if bridge is not None:
-                        for stream in bridge.streams.values():
-                            stream.arrivals.clear()
+                        await bridge.clear()
                     pacer.lags = []
                     cpu0, gen0, wall0 = cpu_seconds(pid), time.process_time(), time.monotonic()
                     await asyncio.sleep(step_seconds)
+                    # The window's logs, taken before any await or computation: the pacer and
+                    # the arrival logs go on while results are computed (hundreds of ms at
+                    # 400 sessions), which must not count as the window's lag.
+                    lags = sorted(pacer.lags) or [0.0]
+                    echo_logs = [client.arrivals for client in clients]
+                    for client in clients:
+                        client.arrivals = []
+                    wall = time.monotonic() - wall0
+                    server_cpu = (cpu_seconds(pid) - cpu0) / wall
+                    generator_cpu = (time.process_time() - gen0) / wall
+                    bridge_logs = await bridge.arrivals() if bridge is not None else None
                 finally:
                     gc.enable()
-                wall = time.monotonic() - wall0
-                server_cpu = (cpu_seconds(pid) - cpu0) / wall
-                generator_cpu = (time.process_time() - gen0) / wall
                 expected = int(step_seconds / FRAME_S)
                 late = total = 0
                 worst = 0.0
-                for client in clients:
-                    lt, n, w = lateness(echo_points(client.arrivals))
+                for log in echo_logs:
+                    lt, n, w = lateness(echo_points(log))
                     if n == 0:
                         lt, n, w = expected, expected, step_seconds  # heard nothing in the step
                     late, total, worst = late + lt, total + n, max(worst, w)
                 late_bridge: tuple[int, int] | None = None
-                if bridge is not None:
+                if bridge_logs is not None:
                     blate = btotal = 0
-                    for stream in bridge.streams.values():
-                        lt, n, w = lateness([(float(k), t) for k, t in stream.arrivals])
+                    for arrivals in bridge_logs:
+                        lt, n, w = lateness([(float(k), t) for k, t in arrivals])
                         blate, btotal, worst = blate + lt, btotal + n, max(worst, w)
                     late_bridge = (blate, btotal)
-                lags = sorted(pacer.lags) or [0.0]
                 result = StepResult(
                     count,
                     (late, total),
@@ -471,8 +536,7 @@ def native_relay(media: tuple[str, int]) -> contextlib.AbstractContextManager[An
 async def run_ours(
     passthrough: bool, steps: list[int], step_seconds: float, relay_kind: str, profile: str = ""
 ) -> list[StepResult]:
-    bridge = EchoBridge()
-    bridge.record_arrivals = True
+    bridge = BridgeProcess()
     await bridge.start()
     process = start_transceiver(bridge.address, profile)
     python_relay: FramingRelay | None = None
