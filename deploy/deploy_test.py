@@ -93,10 +93,17 @@ def test_env_settings_exist_and_validate() -> None:
 
 def test_dockerfile_has_a_target_per_service() -> None:
     text = (HERE / "docker" / "Dockerfile").read_text()
-    targets = set(re.findall(r"^FROM \S+ AS (\w+)$", text, re.MULTILINE)) - {"base"}
-    assert targets == set(SETTINGS)
+    stages = set(re.findall(r"^FROM \S+ AS (\w+)$", text, re.MULTILINE))
+    assert stages - {"base", "native"} == set(SETTINGS)  # native: builds the C extensions
     for service in SETTINGS:
         assert f'ENTRYPOINT ["python", "-m", "services.{service}"]' in text
+    # Each extension lands where its loader looks (native/ beside the loading module).
+    for loader, extension in [
+        ("libs/fastio/fastio.py", "fastio.so"),
+        ("services/transceiver/rtpcore.py", "rtpcore.so"),
+    ]:
+        target = f"/app/{Path(loader).parent}/native/{extension}"
+        assert f"COPY --from=native /src/{extension} {target}" in text, target
 
 
 def test_dockerfile_lints_clean() -> None:
