@@ -172,14 +172,16 @@ class UdpMux(asyncio.DatagramProtocol):
             raise
         sockname = transport.get_extra_info("sockname")
         self.address = (str(sockname[0]), int(sockname[1]))
+        # Below 2x fastio.SOCKET_BUFFER_BYTES, the kernel capped the buffers at
+        # net.core.rmem_max / wmem_max (no CAP_NET_ADMIN): raise those for many sessions.
         receive, send = self.socket_buffers()
         log_event(
             logger,
             "udpmux.started",
             media__address=self.address[0],
             media__port=self.address[1],
-            receive_buffer_bytes=receive,  # below 2x fastio.SOCKET_BUFFER_BYTES: capped by
-            send_buffer_bytes=send,  # net.core.rmem_max / wmem_max (no CAP_NET_ADMIN)
+            receive_buffer_bytes=receive,
+            send_buffer_bytes=send,
         )
         return self.address
 
