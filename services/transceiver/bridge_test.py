@@ -5,6 +5,7 @@ bridge, since a shared stream has no per-session cancel."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -63,16 +64,29 @@ async def wait_for_item(bridge: OddBridge, item: tuple[str, str]) -> None:
             await bridge.changed.wait()
 
 
-@pytest.mark.timeout_s(30)
-async def test_sessions_given_up_on_are_ended_at_the_bridge() -> None:
-    bridge = OddBridge()
+@contextlib.asynccontextmanager
+async def batched_bridge(
+    servicer: inference_pb2_grpc.InferenceBridgeServiceServicer,
+) -> AsyncIterator[BatchedBridge]:
+    """A BatchedBridge to `servicer` served by a real gRPC server on 127.0.0.1."""
     server = grpc.aio.server()
-    inference_pb2_grpc.add_InferenceBridgeServiceServicer_to_server(bridge, server)
+    inference_pb2_grpc.add_InferenceBridgeServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     batched = BatchedBridge(channel, f"127.0.0.1:{port}")
     try:
+        yield batched
+    finally:
+        await batched.close()
+        await channel.close(None)
+        await server.stop(None)
+
+
+@pytest.mark.timeout_s(30)
+async def test_sessions_given_up_on_are_ended_at_the_bridge() -> None:
+    bridge = OddBridge()
+    async with batched_bridge(bridge) as batched:
         odd = BatchedLink(batched, "odd")
         with pytest.raises(BridgeError, match="expected session_accepted, got data_channel"):
             await odd.open(inference_pb2.SessionStart(session_id="odd"), 5)
@@ -84,10 +98,6 @@ async def test_sessions_given_up_on_are_ended_at_the_bridge() -> None:
         await wait_for_item(bridge, ("mute", "session_end"))
         await mute.close(0, "", notify=True)  # already ended: nothing more is sent
         assert bridge.items.count(("mute", "session_end")) == 1
-    finally:
-        await batched.close()
-        await channel.close(None)
-        await server.stop(None)
 
 
 class AcceptingBridge(OddBridge):
@@ -123,13 +133,7 @@ async def test_a_large_backlog_goes_as_batches_under_the_message_limit() -> None
     # 80 frames of 64 KiB queued in one loop turn: 5 MiB, over gRPC's default 4 MiB message
     # limit, which as one batch would end the stream (and every session on it).
     bridge = AcceptingBridge()
-    server = grpc.aio.server()
-    inference_pb2_grpc.add_InferenceBridgeServiceServicer_to_server(bridge, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    batched = BatchedBridge(channel, f"127.0.0.1:{port}")
-    try:
+    async with batched_bridge(bridge) as batched:
         link = BatchedLink(batched, "big")
         await link.open(inference_pb2.SessionStart(session_id="big"), 5)
         frame = bytes(64 << 10)
@@ -144,7 +148,3 @@ async def test_a_large_backlog_goes_as_batches_under_the_message_limit() -> None
         audio_batches = bridge.batch_bytes[1:]  # after the one with session_start
         assert len(audio_batches) >= 5
         assert max(audio_batches) <= BATCH_BYTES_MAX + len(frame) + 64
-    finally:
-        await batched.close()
-        await channel.close(None)
-        await server.stop(None)
