@@ -31,6 +31,7 @@ import math
 import queue
 import random
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -145,16 +146,55 @@ def install_protocol(
 
 
 _PC_TASK_NAMES = ("RTCPeerConnection.__connect", "RTCPeerConnection.close")
+_indexed_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+_pc_task_index: weakref.WeakKeyDictionary[Any, set[asyncio.Task[Any]]] = weakref.WeakKeyDictionary()
+
+
+def _owner(coro: Any) -> Any:
+    """The RTCPeerConnection a `__connect` / `close` coroutine runs for (its `self`)."""
+    frame = getattr(coro, "cr_frame", None)
+    return frame.f_locals.get("self") if frame is not None else None
+
+
+def index_pc_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Records the tasks aiortc starts without keeping a handle (`__connect`, and `close`
+    when DTLS ended) per peer connection as they are created, so that finding a session's
+    is a lookup, not a scan of every task on the loop: ~1 ms per scan with 400 sessions'
+    tasks, two or three scans per session, and 400 at once when a drain or a broken bridge
+    stream closes them all. Chains a task factory already set. Idempotent per loop."""
+    if loop in _indexed_loops:
+        return
+    previous = loop.get_task_factory()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        task: Any
+        if previous is not None:
+            task = previous(loop, coro, **kwargs)
+        else:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+        if getattr(coro, "__qualname__", "") in _PC_TASK_NAMES:
+            pc = _owner(coro)
+            if pc is not None:
+                tasks = _pc_task_index.setdefault(pc, set())
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        return task
+
+    loop.set_task_factory(factory)
+    _indexed_loops.add(loop)
 
 
 def _pc_tasks(pc: RTCPeerConnection, names: tuple[str, ...]) -> list[asyncio.Task[Any]]:
+    """`pc`'s live tasks among `names`: from the index on an indexed loop, else by scanning
+    every task."""
+    indexed = asyncio.get_running_loop() in _indexed_loops
+    candidates = list(_pc_task_index.get(pc, ())) if indexed else asyncio.all_tasks()
     found = []
-    for task in asyncio.all_tasks():
+    for task in candidates:
         coro = task.get_coro()
         if task.done() or getattr(coro, "__qualname__", "") not in names:
             continue
-        frame = getattr(coro, "cr_frame", None)
-        if frame is not None and frame.f_locals.get("self") is pc:
+        if _owner(coro) is pc:
             found.append(task)
     return found
 

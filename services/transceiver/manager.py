@@ -16,7 +16,7 @@ import grpc.aio
 from opentelemetry import metrics
 
 from libs.observability.telemetry import log_event
-from services.transceiver import rtp, sdp
+from services.transceiver import aiortc_compat, rtp, sdp
 from services.transceiver.bridge import BatchedBridge
 from services.transceiver.media import EncoderOptions
 from services.transceiver.session import Session, SessionParams, endpoints_of
@@ -59,6 +59,7 @@ class SessionManager:
     ) -> None:
         self.settings = settings
         self.mux = mux
+        aiortc_compat.index_pc_tasks(asyncio.get_running_loop())
         # One 20 ms send clock for every session's audio; each tick's packets leave together.
         self.pacer = rtp.Pacer(before_tick=mux.hold, after_tick=mux.flush)
         self._open: dict[str, Session] = {}

@@ -73,3 +73,39 @@ def test_pylibsrtp_internals_the_native_rtp_core_uses() -> None:
         f"lib.srtp_protect/srtp_unprotect ({rtpcore.SRTP_FUNCTION_TYPE}) changed"
     )
     assert all(pointers)
+
+
+async def test_the_task_index_finds_what_a_scan_of_every_task_finds() -> None:
+    # index_pc_tasks (installed by SessionManager) must see every `__connect` aiortc
+    # starts, or a session would skip waiting for one (a data-channel race at set-up, a
+    # task outliving the session at close).
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    previous = loop.get_task_factory()
+    aiortc_compat.index_pc_tasks(loop)
+    pcs = [aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=[])) for _ in range(3)]
+    try:
+        names = ("RTCPeerConnection.__connect",)
+        for pc in pcs:
+            pc.addTransceiver("audio")
+            await pc.setLocalDescription(await pc.createOffer())
+            # setLocalDescription has just started `__connect`: compare before it runs.
+            indexed = aiortc_compat._pc_tasks(pc, names)
+            scanned = [
+                task
+                for task in asyncio.all_tasks()
+                if not task.done()
+                and task.get_coro().__qualname__ in names  # type: ignore[union-attr]
+                and aiortc_compat._owner(task.get_coro()) is pc
+            ]
+            assert indexed
+            assert set(indexed) == set(scanned)
+    finally:
+        for pc in pcs:
+            await pc.close()
+        for pc in pcs:
+            await aiortc_compat.wait_pc_closed(pc)
+        assert not any(aiortc_compat._pc_tasks(pc, aiortc_compat._PC_TASK_NAMES) for pc in pcs)
+        loop.set_task_factory(previous)
+        aiortc_compat._indexed_loops.discard(loop)
