@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libs.wire import framing, stun, ufrag
+from libs.wire.batches import SizedBatches
 from libs.wire.classify import PacketClass, classify, is_rtp
 
 TESTDATA = Path(__file__).parent / "testdata"
@@ -333,3 +334,18 @@ def test_stun_build_rejects_bad_txid() -> None:
 def test_priority_attribute_roundtrip() -> None:
     data = stun.binding_request("a:b", "p" * 22, VECTOR_TXID, priority=7)
     assert struct.unpack("!I", stun.parse(data).get(stun.ATTR_PRIORITY) or b"") == (7,)
+
+
+def test_sized_batches_close_at_the_limit_and_hand_out_oldest_first() -> None:
+    batches: SizedBatches[list[int]] = SizedBatches(list, limit=100)
+    assert batches.take() is None
+    for item, size in [(1, 40), (2, 40), (3, 40), (4, 250), (5, 10)]:
+        batches.room(size).append(item)
+    assert batches.items == 5
+    # 3 would pass 100 bytes: a new batch; 4 is larger than the limit: a batch of its own.
+    assert [batches.take() for _ in range(5)] == [[1, 2], [3], [4], [5], None]
+    assert batches.items == 0
+    batches.room(10).append(6)
+    batches.clear()
+    assert batches.take() is None
+    assert batches.items == 0

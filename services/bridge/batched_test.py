@@ -10,7 +10,8 @@ from typing import Any
 import grpc
 import pytest
 
-from services.bridge.service import BATCH_BYTES_MAX, BridgeServicer, _Batch
+from libs.wire.batches import BATCH_BYTES_MAX
+from services.bridge.service import BridgeServicer, _Batch
 from services.bridge.settings import BridgeSettings
 from services.bridge.testing import serve, session_start
 from voiceedge.common.v1 import common_pb2
@@ -160,10 +161,10 @@ def test_response_batches_close_at_the_byte_limit() -> None:
         audio = inference_pb2.AudioFrame(data=frame, sequence=sequence)
         pending.add("s1", inference_pb2.StreamSessionResponse(audio_frame=audio))
     sizes, sequences = [], []
-    while (items := pending.take()) is not None:
+    while (items := pending.batches.take()) is not None:
         sizes.append(inference_pb2.StreamSessionsResponse(items=items).ByteSize())
         sequences += [item.response.audio_frame.sequence for item in items]
-    assert not pending.pending
+    assert pending.batches.items == 0
     assert sequences == list(range(50))
     assert len(sizes) >= 5
     assert max(sizes) <= BATCH_BYTES_MAX

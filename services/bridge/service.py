@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,6 +21,7 @@ import grpc.aio
 from google.protobuf import json_format
 
 from libs.observability.telemetry import Telemetry, log_event
+from libs.wire.batches import SizedBatches
 from services.bridge.audio import FRAME_MS
 from services.bridge.echo import EchoAgent
 from services.bridge.session import Outbox, Response
@@ -118,10 +118,6 @@ def make_backend_factory(settings: BridgeSettings) -> BackendFactory:
 
 # Caller messages queued per session on StreamSessions before audio is dropped (~5 s).
 BATCHED_BACKLOG_MAX = 256
-# A StreamSessions response batch is closed at this size: gRPC refuses messages over 4 MiB
-# by default, and PCM answers (~1 KB per 20 ms at 24 kHz) for hundreds of sessions reach
-# that in under a second when the transceiver reads slowly (inference.proto).
-BATCH_BYTES_MAX = 1 << 20
 
 
 class _RefusedError(Exception):
@@ -146,37 +142,17 @@ async def _drain_queue(queue: asyncio.Queue[Request | None]) -> AsyncIterator[Re
 
 class _Batch:
     """Responses of every session on one StreamSessions stream, waiting for the writer, in
-    batches closed at BATCH_BYTES_MAX."""
+    batches under libs/wire/batches' limit."""
 
     def __init__(self) -> None:
-        self.items: list[inference_pb2.SessionResponseItem] = []
-        self.bytes = 0
-        self.full: deque[list[inference_pb2.SessionResponseItem]] = deque()
+        self.batches: SizedBatches[list[inference_pb2.SessionResponseItem]] = SizedBatches(list)
         self.wake = asyncio.Event()
         self.reading = True
 
     def add(self, session_id: str, response: Response) -> None:
         item = inference_pb2.SessionResponseItem(session_id=session_id, response=response)
-        size = item.ByteSize()
-        if self.items and self.bytes + size > BATCH_BYTES_MAX:
-            self.full.append(self.items)
-            self.items, self.bytes = [], 0
-        self.items.append(item)
-        self.bytes += size
+        self.batches.room(item.ByteSize()).append(item)
         self.wake.set()
-
-    @property
-    def pending(self) -> bool:
-        return bool(self.full or self.items)
-
-    def take(self) -> list[inference_pb2.SessionResponseItem] | None:
-        """The oldest batch for the writer; None when nothing waits."""
-        if self.full:
-            return self.full.popleft()
-        if self.items:
-            items, self.items, self.bytes = self.items, [], 0
-            return items
-        return None
 
 
 class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
@@ -372,10 +348,10 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while batch.reading or tasks or batch.pending:
+            while batch.reading or tasks or batch.batches.items:
                 await batch.wake.wait()
                 batch.wake.clear()
-                while (items := batch.take()) is not None:
+                while (items := batch.batches.take()) is not None:
                     yield inference_pb2.StreamSessionsResponse(items=items)
         finally:
             reader.cancel()

@@ -9,22 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 import grpc.aio
 
+from libs.wire.batches import SizedBatches
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 
 OUTBOX_MAX = 256  # about 5 s of 20 ms frames
-# A StreamSessions batch is closed at this size and the next one started: gRPC refuses
-# messages over 4 MiB by default (RESOURCE_EXHAUSTED, which would end every session on the
-# stream), and a backlog of 24 kHz PCM frames (~1 KB each) from hundreds of sessions
-# reaches that within half a second of a slow writer.
-BATCH_BYTES_MAX = 1 << 20
 ITEM_OVERHEAD_BYTES = 32  # session id, tags and lengths around an audio frame's data
 
 
@@ -207,7 +202,7 @@ class BatchedBridge:
 
     Messages queued during one event-loop turn (and while a write is in flight) go out as
     one batch, built in place (audio frames are written straight into the next batch's
-    items: no per-frame messages copied into it), several if they exceed BATCH_BYTES_MAX;
+    items: no per-frame messages copied into it), several past libs/wire/batches' limit;
     each received batch is dispatched to the sessions' callbacks directly, with no task
     switch per message. The stream opens with the first session and is reopened by the
     next one after it broke."""
@@ -217,10 +212,7 @@ class BatchedBridge:
         self._stub: Any = inference_pb2_grpc.InferenceBridgeServiceStub(channel)
         self._call: Any = None
         self._links: dict[str, BatchedLink] = {}
-        self._batch = BatchRequest()  # being filled
-        self._batch_bytes = 0
-        self._full: deque[BatchRequest] = deque()  # closed at BATCH_BYTES_MAX, oldest first
-        self._queued = 0  # items in _full and _batch
+        self._batches = SizedBatches(BatchRequest)
         self._wake = asyncio.Event()
         self._flushed = asyncio.Event()  # set while nothing is pending or being written
         self._flushed.set()
@@ -249,16 +241,12 @@ class BatchedBridge:
             del self._links[link.session_id]
 
     def _room(self, size: int) -> Any:
-        """The batch to add an item of about `size` bytes to (a new one past the limit)."""
-        if self._batch_bytes + size > BATCH_BYTES_MAX and self._batch.items:
-            self._full.append(self._batch)
-            self._batch, self._batch_bytes = BatchRequest(), 0
-        self._batch_bytes += size
-        self._queued += 1
-        if self._queued == 1:
+        """The items of the batch to add an item of about `size` bytes to."""
+        batch = self._batches.room(size)
+        if self._batches.items == 1:
             self._flushed.clear()
             self._wake.set()
-        return self._batch.items
+        return batch.items
 
     def enqueue(self, session_id: str, request: Request) -> None:
         """Queues one message (not audio: enqueue_audio)."""
@@ -267,7 +255,7 @@ class BatchedBridge:
 
     def enqueue_audio(self, session_id: str, data: bytes, sequence: int, samples: int) -> bool:
         """Queues one caller audio frame; refused (False) beyond OUTBOX_MAX per session."""
-        if self._queued >= OUTBOX_MAX * max(1, len(self._links)):
+        if self._batches.items >= OUTBOX_MAX * max(1, len(self._links)):
             return False
         item = self._room(len(data) + len(session_id) + ITEM_OVERHEAD_BYTES).add()
         item.session_id = session_id
@@ -277,23 +265,12 @@ class BatchedBridge:
         frame.timestamp_samples = samples
         return True
 
-    def _take(self) -> BatchRequest | None:
-        """The oldest queued batch, for the writer; None when nothing is queued."""
-        if self._full:
-            batch = self._full.popleft()
-        elif self._batch.items:
-            batch, self._batch, self._batch_bytes = self._batch, BatchRequest(), 0
-        else:
-            return None
-        self._queued -= len(batch.items)
-        return batch
-
     async def _write_loop(self, call: Any) -> None:
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                while (batch := self._take()) is not None:
+                while (batch := self._batches.take()) is not None:
                     await call.write(batch)
                     self.batches_out += 1
                 self._flushed.set()
@@ -317,8 +294,7 @@ class BatchedBridge:
             detail = f"bridge {self.address}: {_describe(exc)}"
         if call is self._call:
             self._call = None
-            self._batch, self._batch_bytes, self._queued = BatchRequest(), 0, 0
-            self._full.clear()
+            self._batches.clear()
             for task in self._tasks:
                 if task is not asyncio.current_task():
                     task.cancel()

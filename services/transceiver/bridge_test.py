@@ -13,12 +13,8 @@ import grpc
 import grpc.aio
 import pytest
 
-from services.transceiver.bridge import (
-    BATCH_BYTES_MAX,
-    BatchedBridge,
-    BatchedLink,
-    BridgeError,
-)
+from libs.wire.batches import BATCH_BYTES_MAX
+from services.transceiver.bridge import BatchedBridge, BatchedLink, BridgeError
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 
 Resp = inference_pb2.StreamSessionResponse
