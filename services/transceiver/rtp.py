@@ -94,9 +94,8 @@ class ReceiveStats:
 
 
 PayloadSink = Callable[[bytes, int], None]
-LossSink = Callable[
-    [int], None
-]  # n packets are missing just before the one about to reach the sink
+# on_loss(n): n packets are missing just before the one about to reach the sink
+LossSink = Callable[[int], None]
 Clock = Callable[[], float]
 
 
@@ -179,16 +178,11 @@ class RtpReceiver:
         *,
         native: bool = True,
     ) -> None:
-        pointers = rtpcore.srtp_pointers(srtp) if native else None
-        core = rtpcore.load() if pointers is not None else None
-        self._core: Any
-        if core is not None and pointers is not None:
-            self._core = core.Receiver(
-                srtp, pointers.context, pointers.unprotect, payload_type, sink, on_loss, clock
-            )
-        else:
-            self._core = _ReceiverCore(srtp, payload_type, sink, on_loss, clock)
-        self.native = not isinstance(self._core, _ReceiverCore)
+        core = rtpcore.receiver(srtp, payload_type, sink, on_loss, clock) if native else None
+        self.native = core is not None
+        self._core: Any = (
+            core if core is not None else _ReceiverCore(srtp, payload_type, sink, on_loss, clock)
+        )
         self.datagram: Callable[[bytes], None] = self._core.datagram
         self._expected_prior = 0
         self._received_prior = 0
@@ -328,27 +322,10 @@ class RtpSender:
             else b""
         )
         origin, sequence = random.randrange(1 << 32), random.randrange(SEQ_MOD)
-        pointers = rtpcore.srtp_pointers(srtp) if native else None
-        core = rtpcore.load() if pointers is not None else None
-        self._core: Any
-        if core is not None and pointers is not None:
-            self._core = core.Sender(
-                srtp,
-                pointers.context,
-                pointers.protect,
-                params.payload_type,
-                params.ssrc,
-                extension,
-                origin,
-                sequence,
-                send,
-                on_sent,
-            )
-        else:
-            self._core = _SenderCore(
-                srtp, params.payload_type, params.ssrc, extension, origin, sequence, send, on_sent
-            )
-        self.native = not isinstance(self._core, _SenderCore)
+        args = (srtp, params.payload_type, params.ssrc, extension, origin, sequence, send, on_sent)
+        core = rtpcore.sender(*args) if native else None
+        self.native = core is not None
+        self._core: Any = core if core is not None else _SenderCore(*args)
         self.send: Callable[[bytes, int, int], None] = self._core.send
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -69,3 +70,48 @@ def srtp_pointers(session: pylibsrtp.Session) -> SrtpPointers | None:
     if ffi.typeof(holder).cname != SRTP_CONTEXT_TYPE or holder[0] == ffi.NULL:
         return None
     return SrtpPointers(int(ffi.cast("uintptr_t", holder[0])), *functions)
+
+
+def receiver(
+    srtp: pylibsrtp.Session,
+    payload_type: int,
+    sink: Callable[[bytes, int], None],
+    on_loss: Callable[[int], None] | None,
+    clock: Callable[[], float] | None,
+) -> Any:
+    """An rtpcore.Receiver unprotecting with `srtp` (rtp._ReceiverCore's arguments), or
+    None (see srtp_pointers)."""
+    pointers = srtp_pointers(srtp)
+    if pointers is None:
+        return None
+    return load().Receiver(
+        srtp, pointers.context, pointers.unprotect, payload_type, sink, on_loss, clock
+    )
+
+
+def sender(
+    srtp: pylibsrtp.Session,
+    payload_type: int,
+    ssrc: int,
+    extension: bytes,
+    timestamp_origin: int,
+    sequence: int,
+    send: Callable[[bytes], None],
+    on_sent: Callable[[int, int, int], None] | None,
+) -> Any:
+    """An rtpcore.Sender protecting with `srtp` (rtp._SenderCore's arguments), or None."""
+    pointers = srtp_pointers(srtp)
+    if pointers is None:
+        return None
+    return load().Sender(
+        srtp,
+        pointers.context,
+        pointers.protect,
+        payload_type,
+        ssrc,
+        extension,
+        timestamp_origin,
+        sequence,
+        send,
+        on_sent,
+    )
