@@ -231,15 +231,19 @@ def late_fraction(arrivals: Sequence[tuple[int, float]]) -> tuple[int, int]:
     return late, len(arrivals)
 
 
+def pinned(core: int) -> list[str]:
+    """`taskset` to run a command on `core`, when the machine has more than one."""
+    return ["taskset", "-c", str(core)] if (os.cpu_count() or 1) > 1 else []
+
+
 def start_transceiver(bridge_address: str, profile: str) -> subprocess.Popen[str]:
     """The transceiver under test, pinned to core 0 when there is more than one."""
     command = binary("services/transceiver")
     if profile:
         command = [*binary("tests/bench/transceiver", "profiled_transceiver"), profile]
-    pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) > 1 else []
     return subprocess.Popen(
         [
-            *pin,
+            *pinned(0),
             *command,
             "--grpc-listen",
             "127.0.0.1:0",

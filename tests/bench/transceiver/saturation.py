@@ -71,7 +71,7 @@ from libs.wire.classify import is_rtp
 from services.transceiver import aiortc_compat
 from services.transceiver.media import OpusPacketizer
 from services.transceiver.testkit import FramingRelay, create_request
-from tests.bench.transceiver.bench import cpu_seconds, rss_kib, start_transceiver
+from tests.bench.transceiver.bench import cpu_seconds, pinned, rss_kib, start_transceiver
 from voiceedge.transceiver.v1 import transceiver_pb2_grpc
 
 FRAME_S = 0.02
@@ -336,12 +336,11 @@ class BridgeProcess:
         self._process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        pin = ["taskset", "-c", "1"] if (os.cpu_count() or 1) > 1 else []
         self._process = await asyncio.create_subprocess_exec(
             "nice",
             "-n",
             "10",
-            *pin,
+            *pinned(1),
             *binary("tests/bench/transceiver", "echo_bridge"),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -367,10 +366,11 @@ class BridgeProcess:
     async def clear(self) -> None:
         await self._ask({"clear": True})
 
-    async def arrivals(self) -> list[list[tuple[int, float]]]:
-        """Per stream: (frame sequence, arrival time.monotonic()) since the last clear()."""
+    async def arrivals(self) -> list[list[tuple[float, float]]]:
+        """Per stream since the last clear(): (frame sequence, arrival time.monotonic())
+        points, as lateness() takes them."""
         streams = (await self._ask({"arrivals": True}))["streams"]
-        return [[(int(k), float(t)) for k, t in stream] for stream in streams]
+        return [[(float(k), float(t)) for k, t in stream] for stream in streams]
 
     async def stop(self) -> None:
         process = self._process
@@ -473,8 +473,8 @@ async def ramp(
                 late_bridge: tuple[int, int] | None = None
                 if bridge_logs is not None:
                     blate = btotal = 0
-                    for arrivals in bridge_logs:
-                        lt, n, w = lateness([(float(k), t) for k, t in arrivals])
+                    for points in bridge_logs:
+                        lt, n, w = lateness(points)
                         blate, btotal, worst = blate + lt, btotal + n, max(worst, w)
                     late_bridge = (blate, btotal)
                 result = StepResult(
@@ -519,7 +519,6 @@ def print_row(name: str, r: StepResult, note: str = "") -> None:
 def native_relay(media: tuple[str, int]) -> contextlib.AbstractContextManager[Any]:
     """The real relay (services/relay, native recvmmsg/sendmmsg path, one worker) on core 1,
     with a static route to the transceiver under test."""
-    pin = ["taskset", "-c", "1"] if (os.cpu_count() or 1) > 1 else []
     args = [
         "--workers",
         "1",
@@ -530,7 +529,7 @@ def native_relay(media: tuple[str, int]) -> contextlib.AbstractContextManager[An
         "--log-level",
         "WARNING",
     ]
-    return running_service([*pin, *binary("services/relay")], args)
+    return running_service([*pinned(1), *binary("services/relay")], args)
 
 
 async def run_ours(
@@ -577,9 +576,8 @@ async def run_ours(
 
 
 async def run_stock(steps: list[int], step_seconds: float) -> list[StepResult]:
-    pin = ["taskset", "-c", "0"] if (os.cpu_count() or 1) > 1 else []
     process = await asyncio.create_subprocess_exec(
-        *pin,
+        *pinned(0),
         *binary("tests/bench/transceiver", "stock_echo"),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
