@@ -38,6 +38,17 @@ static int read_pointer(PyObject *value, void **out) {
   return 0;
 }
 
+static uint32_t get_u32(const unsigned char *p) { /* network byte order */
+  return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static void put_u32(unsigned char *p, uint32_t value) {
+  p[0] = (unsigned char)(value >> 24);
+  p[1] = (unsigned char)(value >> 16);
+  p[2] = (unsigned char)(value >> 8);
+  p[3] = (unsigned char)value;
+}
+
 /* ---- Receiver */
 
 typedef struct {
@@ -159,13 +170,11 @@ static PyObject *receiver_datagram(Receiver *self, PyObject *data) {
     Py_RETURN_NONE;
   }
   long long sequence = (packet[2] << 8) | packet[3];
-  uint32_t timestamp = ((uint32_t)packet[4] << 24) | ((uint32_t)packet[5] << 16) |
-                       ((uint32_t)packet[6] << 8) | packet[7];
+  uint32_t timestamp = get_u32(packet + 4);
   if (!self->started) {
     self->started = 1;
     self->base = self->highest = sequence;
-    self->source_ssrc = ((uint32_t)packet[8] << 24) | ((uint32_t)packet[9] << 16) |
-                        ((uint32_t)packet[10] << 8) | packet[11];
+    self->source_ssrc = get_u32(packet + 8);
   } else {
     long long delta = (sequence - self->highest) % SEQ_MOD;
     if (delta < 0) delta += SEQ_MOD;
@@ -338,14 +347,8 @@ static PyObject *sender_send(Sender *self, PyObject *const *args, Py_ssize_t nar
   packet[1] = (self->packets == 0 ? 0x80 : 0) | self->payload_type; /* marker: RFC 3551 §4.1 */
   packet[2] = (unsigned char)(self->sequence >> 8);
   packet[3] = (unsigned char)self->sequence;
-  packet[4] = (unsigned char)(timestamp >> 24);
-  packet[5] = (unsigned char)(timestamp >> 16);
-  packet[6] = (unsigned char)(timestamp >> 8);
-  packet[7] = (unsigned char)timestamp;
-  packet[8] = (unsigned char)(self->ssrc >> 24);
-  packet[9] = (unsigned char)(self->ssrc >> 16);
-  packet[10] = (unsigned char)(self->ssrc >> 8);
-  packet[11] = (unsigned char)self->ssrc;
+  put_u32(packet + 4, timestamp);
+  put_u32(packet + 8, self->ssrc);
   memcpy(packet + 12, self->extension, (size_t)self->extension_length);
   memcpy(packet + header, PyBytes_AS_STRING(args[0]), (size_t)payload_length);
   int length = header + (int)payload_length;
