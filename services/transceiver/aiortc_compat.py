@@ -431,15 +431,10 @@ def check_versions() -> None:
 
 # ---- our own RTP path (services/transceiver/rtp.py)
 
-SrtpTransform = Callable[[bytes], bytes]
 
-
-class SrtpTransforms(NamedTuple):
-    unprotect: SrtpTransform  # inbound SRTP
-    protect: SrtpTransform  # outbound SRTP
-    protect_rtcp: SrtpTransform  # outbound SRTCP (our receiver reports)
-    inbound: pylibsrtp.Session  # the sessions themselves, for rtp.py's C core
-    outbound: pylibsrtp.Session
+class SrtpSessions(NamedTuple):
+    inbound: pylibsrtp.Session  # unprotects the caller's SRTP
+    outbound: pylibsrtp.Session  # protects our SRTP and SRTCP (receiver reports)
 
 
 def _audio(pc: RTCPeerConnection) -> Any:
@@ -448,7 +443,7 @@ def _audio(pc: RTCPeerConnection) -> Any:
     return audio
 
 
-def srtp_transforms(pc: RTCPeerConnection) -> SrtpTransforms:
+def srtp_sessions(pc: RTCPeerConnection) -> SrtpSessions:
     """The audio stream's (BUNDLEd) DTLS transport's SRTP sessions, keyed once DTLS
     connected. pylibsrtp's, in C; the same sessions aiortc uses for RTCP, on the same loop."""
     dtls = _audio(pc).sender.transport
@@ -456,7 +451,7 @@ def srtp_transforms(pc: RTCPeerConnection) -> SrtpTransforms:
     tx = getattr(dtls, "_tx_srtp", None)
     if rx is None or tx is None:
         raise CompatError("aiortc RTCDtlsTransport._rx_srtp/_tx_srtp are gone or not keyed yet")
-    return SrtpTransforms(rx.unprotect, tx.protect, tx.protect_rtcp, rx, tx)
+    return SrtpSessions(rx, tx)
 
 
 def last_sender_report(pc: RTCPeerConnection, ssrc: int) -> tuple[int, int]:

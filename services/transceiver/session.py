@@ -318,7 +318,7 @@ class Session:
         mux_session = self._mux_session
         if params is None or mux_session is None:
             return
-        srtp = aiortc_compat.srtp_transforms(self.pc)
+        srtp = aiortc_compat.srtp_sessions(self.pc)
         self._rtp_in = rtp.RtpReceiver(
             srtp.inbound, params.payload_type, self._on_caller_opus, on_loss=self._on_caller_loss
         )
@@ -326,7 +326,7 @@ class Session:
         self._rtp_out = rtp.RtpSender(
             params, srtp.outbound, self._send_media, aiortc_compat.sender_report_sink(self.pc)
         )
-        self._protect_rtcp = srtp.protect_rtcp
+        self._protect_rtcp = srtp.outbound.protect_rtcp
         self._pacer.add(self)
 
     def tick(self, frame_index: int) -> None:

@@ -217,7 +217,7 @@ class LoadClient:
         pair = aiortc_compat.selected_pair(aiortc_compat.connection_of(ice))
         assert pair is not None
         self._remote = pair.remote
-        self._protect = aiortc_compat.srtp_transforms(self.pc).protect
+        self._protect = aiortc_compat.srtp_sessions(self.pc).outbound.protect
         if self.direct is not None and self._transport is not None:
             local = self._transport.get_extra_info("sockname")
             self._local = (str(local[0]), int(local[1]))
