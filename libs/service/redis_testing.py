@@ -24,6 +24,7 @@ class Redis:
     url: str
     port: int
     process: subprocess.Popen[bytes] | None
+    host: str = "127.0.0.1"  # tools/netsim binds it on a cluster host's address
 
     def start(self) -> None:
         executable = shutil.which("redis-server")
@@ -35,10 +36,13 @@ class Redis:
                 "--port",
                 str(self.port),
                 "--bind",
-                "127.0.0.1",
+                self.host,
                 "--save",
                 "",
                 "--appendonly",
+                "no",
+                # Off the loopback, protected mode refuses clients without a password.
+                "--protected-mode",
                 "no",
             ],
             stdout=subprocess.DEVNULL,
@@ -47,7 +51,7 @@ class Redis:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # bounded wait for the port to accept
             with socket.socket() as probe, contextlib.suppress(OSError):
-                probe.connect(("127.0.0.1", self.port))
+                probe.connect((self.host, self.port))
                 probe.sendall(b"PING\r\n")
                 if probe.recv(16).startswith(b"+PONG"):
                     return

@@ -11,6 +11,8 @@ The transceiver needs four things the public APIs do not offer:
 - replace aioice's consent-freshness loop (`Connection.query_consent`, `build_request`,
   `_query_consent_task`), whose checks give up after one 0.5 s try, with one that follows
   RFC 7675 §5.1: consent expires 30 s after the last answered check;
+- follow the client to a new address after a NAT rebinding (`Connection.check_incoming`,
+  `check_complete`, `_check_list`, `_nominated`): see `install_follow_client`;
 - reach the ICE connection from the gatherer (`RTCIceGatherer._connection`);
 - run audio RTP on our own path (services/transceiver/rtp.py) once DTLS keyed SRTP: the
   SRTP sessions (`RTCDtlsTransport._rx_srtp`, `_tx_srtp`), and what aiortc's RTCP sender
@@ -63,6 +65,9 @@ CONNECTION_ATTRIBUTES = (
     "_nominated",
     "_query_consent_task",
     "_closing",
+    "_check_list",
+    "check_incoming",
+    "check_complete",
 )
 GATHERER_ATTRIBUTES = ("_connection",)
 RECEIVER_ATTRIBUTES = ("_RTCRtpReceiver__decoder_queue",)
@@ -330,6 +335,51 @@ async def _consent_loop(
             task.cancel()
         if checks:
             await asyncio.gather(*checks, return_exceptions=True)
+
+
+def install_follow_client(connection: aioice.Connection) -> None:
+    """Lets the selected pair follow the client to a new address (a NAT rebinding) with the
+    same credentials and no renegotiation (call before ICE connects).
+
+    aioice, as the controlled agent, selects a pair only on USE-CANDIDATE (RFC 8445
+    §7.3.1.5), and a browser nominates once: after its NAT changes the public port, its
+    checks arrive from a new address, aioice learns it as a peer-reflexive candidate and
+    runs a triggered check (§7.3.1.3-4), but keeps sending to the dead old address. Here a
+    pair becomes the selected one when both hold: the latest check from the client came
+    from its remote address (that request passed MESSAGE-INTEGRITY with our password, so it
+    is the client's), and our own check to that address succeeded (answered with the
+    client's password: consent to receive there, RFC 7675 §5.1). A forged request fails the
+    first test; a replayed one from another address fails the second, so neither moves the
+    pair. Only after ICE completed: before that, nomination is aioice's."""
+    original_incoming = connection.check_incoming
+    original_complete = connection.check_complete
+    last_from: dict[int, tuple[str, int]] = {}
+
+    def follow(pair: Any) -> None:
+        component = pair.component
+        current = connection._nominated.get(component)
+        if current is None or current is pair or connection.ice_controlling:
+            return
+        if pair.state != aioice.ice.CandidatePair.State.SUCCEEDED:
+            return
+        if last_from.get(component) != tuple(pair.remote_addr):
+            return
+        pair.nominated = True
+        connection._nominated[component] = pair
+
+    def check_incoming(message: Any, addr: tuple[str, int], protocol: Any) -> None:
+        original_incoming(message, addr, protocol)
+        last_from[protocol.local_candidate.component] = (addr[0], addr[1])
+        for pair in list(connection._check_list):
+            if pair.protocol is protocol and tuple(pair.remote_addr) == tuple(addr):
+                follow(pair)  # back to a pair already proven (the client returned)
+
+    def check_complete(pair: Any) -> None:
+        original_complete(pair)
+        follow(pair)
+
+    setattr(connection, "check_incoming", check_incoming)  # noqa: B010 (on purpose)
+    setattr(connection, "check_complete", check_complete)  # noqa: B010
 
 
 def consent_expired(connection: aioice.Connection) -> bool:

@@ -54,27 +54,33 @@ def test_probe_sees_the_configured_delay_and_jitter(
     link.set("up", delay_ms=30, jitter_ms=5)
     link.set("down", delay_ms=10)
     with _udp(testbed, "client") as sock:
-        summary = summarise(probe(sock, echo, count=100, interval_s=0.01))
+        samples = probe(sock, echo, count=100, interval_s=0.01)
+    summary = summarise(samples)
     assert summary.loss == 0, summary.line()
     # 40 ms configured, jitter +-5 ms one way; the forwarder adds well under 2 ms, but a
-    # busy 2-core machine stalls a probe now and then: bound the bulk, not the maximum.
+    # busy 2-core machine stalls a probe now and then: bound the bulk, not the tail.
     assert summary.rtt_min_ms >= 34, summary.line()
-    assert summary.rtt_p95_ms <= 55, summary.line()
-    assert 38 <= summary.rtt_median_ms <= 44, summary.line()
+    assert 38 <= summary.rtt_median_ms <= 45, summary.line()
+    inside = [s for s in samples if s is not None and 0.034 <= s <= 0.050]
+    assert len(inside) >= 80, summary.line()
 
 
 def test_probe_sees_the_configured_loss_and_the_link_changes_while_running(
     testbed: net.Testbed, link: ImpairedLink, echo: tuple[str, int]
 ) -> None:
     link.set("up", loss=0.10, burst=3)
+    before = link.stats()["up"]
     with _udp(testbed, "client") as sock:
-        lossy = summarise(probe(sock, echo, count=1500, interval_s=0.001, timeout_s=0.5))
+        lossy = summarise(probe(sock, echo, count=3000, interval_s=0.001, timeout_s=0.5))
         link.set("up", loss=0.0)
         clean = summarise(probe(sock, echo, count=200, interval_s=0.001, timeout_s=0.5))
-    assert 0.06 <= lossy.loss <= 0.14, lossy.line()
+    after = link.stats()["up"]
+    dropped = after["dropped_loss"] - before["dropped_loss"]
+    # What the probe lost is what the link dropped (nothing else on the path loses) ...
+    assert abs(lossy.loss * lossy.sent - dropped) <= 3, (lossy.line(), dropped)
+    # ... and that is the configured rate, within the spread of ~100 bursts of 3.
+    assert 0.06 <= lossy.loss <= 0.15, lossy.line()
     assert clean.loss == 0, clean.line()
-    counters = link.stats()["up"]
-    assert counters["dropped_loss"] >= 90
 
 
 def test_rate_cap_limits_throughput(

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 import grpc
 
 from libs.service.readiness import wait_for_ready
+from tools.netsim.net import entered_namespace
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
 READY_TIMEOUT_S = 60.0
@@ -33,9 +34,19 @@ STOP_GRACE_S = 10.0
 ROOT = Path(os.path.abspath(__file__)).parents[2]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where one service runs: a network namespace ("": this one) and the address its
+    listeners bind (gRPC, and the transceiver's media socket)."""
+
+    netns: str = ""
+    host: str = "127.0.0.1"
+
+
 @dataclass
 class StackConfig:
-    """Where things listen. Port 0 means any free port (tests); the demo uses fixed ones."""
+    """Where things listen. Port 0 means any free port (tests); the demo uses fixed ones.
+    By default everything is on 127.0.0.1 here; tools/netsim places services on hosts."""
 
     relay_udp_port: int = 3478
     http_port: int = 8080
@@ -45,6 +56,9 @@ class StackConfig:
     extra_flags: dict[str, list[str]] = field(default_factory=dict)
     log: TextIO | None = None  # where child stderr goes (default: our stderr)
     workdir: Path | None = None  # for generated config files
+    placement: dict[str, Placement] = field(default_factory=dict)  # service -> where
+    relay_public_host: str = "127.0.0.1"  # the relay's public UDP address (the VIP)
+    http_host: str = "127.0.0.1"  # where signaling's public HTTP API listens
 
 
 @dataclass
@@ -129,8 +143,8 @@ def _wait_until(what: str, check: Callable[[], bool], timeout_s: float) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def _transceiver_registered(geosteer: str) -> bool:
-    with grpc.insecure_channel(geosteer) as channel:
+def _transceiver_registered(geosteer: str, netns: str = "") -> bool:
+    with entered_namespace(netns), grpc.insecure_channel(geosteer) as channel:
         stub = geosteer_pb2_grpc.GeosteerServiceStub(channel)
         topology = stub.ListTopology(geosteer_pb2.ListTopologyRequest(), timeout=5).topology
     return any(
@@ -146,22 +160,27 @@ def start_stack(config: StackConfig) -> Stack:
     workdir = config.workdir or Path(os.environ.get("TEST_TMPDIR") or tempfile.gettempdir())
     stack = Stack(api_key=config.api_key)
     relay_port = config.relay_udp_port or free_udp_port()
-    stack.relay_udp = ("127.0.0.1", relay_port)
+    stack.relay_udp = (config.relay_public_host, relay_port)
     topology = workdir / f"topology-{os.getpid()}-{relay_port}.toml"
     topology.write_text(
         "[[clusters]]\n"
         'id = 1\nname = "local"\nregion = "dev"\n'
         "latitude = 50.11\nlongitude = 8.68\ncapacity_sessions = 1000\n"
-        f'relay_vips = ["127.0.0.1:{relay_port}"]\n'
+        f'relay_vips = ["{config.relay_public_host}:{relay_port}"]\n'
     )
     env = dict(os.environ)
     if config.api_key:
         env["VOICEEDGE_API_KEY"] = config.api_key
     redis = ["--redis-url", config.redis_url] if config.redis_url else []
 
+    def where(name: str) -> Placement:
+        return config.placement.get(name, Placement())
+
     def launch(name: str, flags: list[str]) -> Service:
         port = config.grpc_ports.get(name, 0)
-        command = [_binary(name), "--grpc-listen", f"127.0.0.1:{port}", *flags]
+        command = [_binary(name), "--grpc-listen", f"{where(name).host}:{port}", *flags]
+        if where(name).netns:
+            command = ["ip", "netns", "exec", where(name).netns, *command]
         command += config.extra_flags.get(name, [])
         process = subprocess.Popen(
             command,
@@ -202,25 +221,25 @@ def start_stack(config: StackConfig) -> Stack:
                 "--bridge-address",
                 bridge,
                 "--media-listen",
-                "127.0.0.1:0",
+                f"{where('transceiver').host}:0",
             ],
         )
         _wait_until(
             "the transceiver to register",
-            lambda: _transceiver_registered(geosteer),
+            lambda: _transceiver_registered(geosteer, where("geosteer").netns),
             REGISTER_TIMEOUT_S,
         )
-        launch(
-            "relay",
-            ["--geosteer-address", geosteer, "--udp-listen", f"127.0.0.1:{relay_port}", *redis],
-        )
+        relay_flags = ["--udp-listen", f"{config.relay_public_host}:{relay_port}"]
+        if where("relay").netns:  # the internal leg faces the transceivers
+            relay_flags += ["--internal-listen", f"{where('relay').host}:0"]
+        launch("relay", ["--geosteer-address", geosteer, *relay_flags, *redis])
         signaling = launch(
             "signaling",
             [
                 "--geosteer-address",
                 geosteer,
                 "--http-listen",
-                f"127.0.0.1:{config.http_port}",
+                f"{config.http_host}:{config.http_port}",
                 *redis,
             ],
         )

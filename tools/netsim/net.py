@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import json
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from tools.netsim.layout import Layout
 RUN_ROOT = Path("/run/netsim")
 COMMAND_TIMEOUT_S = 20.0
 STOP_GRACE_S = 5.0
+LINK_UP_TIMEOUT_S = 5.0
 CLONE_NEWNET = 0x40000000
 _PREFIX_RE = re.compile(rf"^{layout_mod.PREFIX_TAG}(\d+)x(\d+)-")
 _counter = itertools.count()
@@ -133,10 +135,35 @@ class Testbed:
                 if argv[:3] == ["ip", "netns", "add"]:
                     self._made.append(argv[3])
                 run(argv)
+            self._wait_links_up()
         except BaseException:
             self.close()
             raise
         return self
+
+    def _wait_links_up(self) -> None:
+        """Waits (bounded) for every veth to report carrier. Now and then this kernel leaves
+        one end of a fresh veth pair at NO-CARRIER although both ends are up; taking that
+        end down and up again fixes it."""
+        deadline = time.monotonic() + LINK_UP_TIMEOUT_S
+        kicked: set[tuple[str, str]] = set()
+        while True:
+            down = [
+                (ns, link["ifname"])
+                for ns in self._made
+                for link in json.loads(run(["ip", "-n", ns, "-j", "link", "show"]))
+                if link["ifname"] != "lo" and link.get("operstate") != "UP"
+            ]
+            if not down:
+                return
+            if time.monotonic() > deadline:
+                raise NetsimError(f"links without carrier: {down}")
+            time.sleep(0.1)
+            for ns, name in down:
+                if (ns, name) not in kicked:
+                    kicked.add((ns, name))
+                    run(["ip", "-n", ns, "link", "set", name, "down"])
+                    run(["ip", "-n", ns, "link", "set", name, "up"])
 
     def close(self) -> None:
         """Idempotent: stops our processes, then deletes our namespaces."""
@@ -217,6 +244,10 @@ def _setns(fd: int) -> None:
 
 @contextlib.contextmanager
 def entered_namespace(ns: str) -> Iterator[None]:
+    """The calling thread in namespace `ns` for the body; "" stays where it is."""
+    if not ns:
+        yield
+        return
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     try:
