@@ -25,6 +25,7 @@ from libs.wire import framing, stun
 from libs.wire.classify import is_rtp
 
 logger = logging.getLogger("voiceedge.transceiver.udpmux")
+_BINDING_REQUEST_TYPE = stun.BINDING_REQUEST.to_bytes(2, "big")
 
 Address = tuple[str, int]
 
@@ -45,6 +46,11 @@ DROP_NO_USERNAME = "no_username"
 DROP_UNKNOWN_UFRAG = "unknown_ufrag"
 DROP_BAD_INTEGRITY = "bad_integrity"
 DROP_NO_RELAY = "no_relay_for_client"
+DROP_REPLAYED = "replayed_transaction"
+# Binding-request transaction ids remembered per session: a check from a new address that
+# repeats one of them is a replay of the client's own packet (RFC 8489 §6: ids are random
+# per transaction; retransmissions come from the same address).
+REMEMBERED_TRANSACTIONS = 64
 
 
 def admit(payload: bytes, password_of: Callable[[str], str | None]) -> tuple[str | None, str]:
@@ -93,6 +99,12 @@ class MuxSession:
     rtp_sink: Callable[[bytes], None] | None = None
     addresses: set[Address] = field(default_factory=set)
     counters: MuxCounters = field(default_factory=MuxCounters)
+    transactions: dict[bytes, None] = field(default_factory=dict)  # insertion-ordered
+
+    def remember(self, transaction_id: bytes) -> None:
+        self.transactions[transaction_id] = None
+        if len(self.transactions) > REMEMBERED_TRANSACTIONS:
+            del self.transactions[next(iter(self.transactions))]
 
 
 class VirtualTransport(asyncio.DatagramTransport):
@@ -231,6 +243,8 @@ class UdpMux(asyncio.DatagramProtocol):
         if rtp_sink is not None and is_rtp(payload):
             rtp_sink(payload)
         elif session.sink is not None:
+            if payload[:2] == _BINDING_REQUEST_TYPE:
+                session.remember(payload[8:20])
             session.sink.datagram_received(payload, client)
 
     def _bind(self, data: bytes) -> tuple[MuxSession, Address, bytes] | None:
@@ -249,6 +263,11 @@ class UdpMux(asyncio.DatagramProtocol):
                 self.drops[reason] += 1
                 return None
             session = self._by_ufrag[ufrag]
+            if payload[8:20] in session.transactions:
+                # A bound client's own check, sent again from elsewhere: a replay, which
+                # must not bind the sender (it would get our answers and triggered checks).
+                self.drops[DROP_REPLAYED] += 1
+                return None
             session.addresses.add(client)
             self._by_address[client] = session
             if len(data) - len(payload) == framing.HEADER_V4:

@@ -238,3 +238,31 @@ async def test_the_shared_socket_gets_the_large_buffers() -> None:
         assert mux.socket_buffers() == expected
     finally:
         await mux.close()
+
+
+async def test_a_replayed_check_from_a_new_address_does_not_bind_it() -> None:
+    mux = udpmux.UdpMux()
+    address = await mux.start("127.0.0.1", 0)
+    relay, _ = await open_socket()
+    try:
+        session = mux.register(UFRAG, PWD, ("203.0.113.7", 3478))
+        sink = Sink()
+        mux.transport_for(session, sink)
+        client, attacker = ("198.51.100.9", 50000), ("192.0.2.2", 40000)
+        check = request(f"{UFRAG}:cli", PWD)
+        relay.sendto(framing.encode(*client, check), address)
+        async with asyncio.timeout(5):
+            assert (await sink.received.get())[1] == client
+        # The same bytes from elsewhere: a replay (valid MAC, seen transaction id).
+        relay.sendto(framing.encode(*attacker, check), address)
+        # A fresh check from a new address (the client after a NAT rebinding) binds.
+        moved = ("198.51.100.9", 50001)
+        fresh = request(f"{UFRAG}:cli", PWD)
+        relay.sendto(framing.encode(*moved, fresh), address)
+        async with asyncio.timeout(5):
+            assert await sink.received.get() == (fresh, moved)
+        assert mux.drops == {udpmux.DROP_REPLAYED: 1}
+        assert session.addresses == {client, moved}
+    finally:
+        relay.close()
+        await mux.close()

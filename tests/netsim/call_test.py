@@ -122,3 +122,63 @@ async def test_nat_rebinding_mid_call_keeps_the_call_both_ways(edge: NetEdge) ->
     assert result.connected
     # Generous bounds (behaviour, not speed): the figures are in BENCHMARKS.md.
     assert set(figures) == {"selected_pair_moved_s", "downstream_s", "upstream_s"}
+
+
+def _nothing_arrives(sock: socket.socket, within_s: float) -> bool:
+    """True if no datagram reaches `sock` within `within_s` (an absence: bounded wait)."""
+    sock.settimeout(within_s)
+    try:
+        sock.recv(2048)
+    except TimeoutError:
+        return True
+    return False
+
+
+@pytest.mark.timeout_s(150)
+async def test_forged_and_replayed_packets_from_a_third_host_never_move_the_call(
+    edge: NetEdge,
+) -> None:
+    outcome: dict[str, object] = {}
+
+    async def attack(pc: RTCPeerConnection, result: CallResult) -> None:
+        await calls.until("audio from the agent", lambda: len(result.received) > 10, 10)
+        selected = calls.live_session(edge).stats.selected_remote_address
+        client = (selected.ip, selected.port)
+        username, password = calls.ice_credentials(pc, result)
+
+        # 1. A check with the session's real USERNAME but a MAC made with a wrong password.
+        forged = stun.binding_request(username, "x" * len(password), calls.transaction_id())
+        with _stun_from(edge, "other", forged) as sock:
+            outcome["forged_answered"] = not await asyncio.to_thread(_nothing_arrives, sock, 2)
+        outcome["forged_bound"] = (edge.addresses.other, 0) in {
+            (ip, 0) for ip, _ in calls.relay_bindings(edge)
+        }
+
+        # 2. The client's own packets, captured on the internet router, sent again from
+        #    the third host: an SRTP packet, then a consent check (valid MAC), then SRTP.
+        capture = calls.Capture(edge, "inet", "to-nat", edge.relay)
+        try:
+            srtp = await asyncio.to_thread(capture.next_payload, calls.is_srtp, 10)
+            check = await asyncio.to_thread(capture.next_payload, calls.is_binding_request, 20)
+        finally:
+            capture.close()
+        with edge.testbed.entered("other"):
+            replayer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with replayer:
+            replayer.bind((edge.addresses.other, 0))
+            for payload in (srtp, check, srtp):
+                replayer.sendto(payload, edge.relay)
+            outcome["replay_answered"] = not await asyncio.to_thread(_nothing_arrives, replayer, 2)
+        count = len(result.received)
+        await calls.until("audio still flowing", lambda: len(result.received) > count + 25, 10)
+        after = calls.live_session(edge).stats.selected_remote_address
+        outcome["moved"] = (after.ip, after.port) != client
+
+    result = await calls.call_from_client(edge, attack)
+    assert result.connected
+    assert outcome == {
+        "forged_answered": False,
+        "forged_bound": False,
+        "replay_answered": False,
+        "moved": False,
+    }

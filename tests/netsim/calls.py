@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -134,3 +135,46 @@ async def until(what: str, check: Callable[[], bool], timeout_s: float) -> float
             return time.monotonic()
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class Capture:
+    """Copies the UDP payloads a host's interface sees go to `target` (AF_PACKET, IPv4):
+    the real packets a replay test sends again from somewhere else."""
+
+    def __init__(self, edge: NetEdge, host: str, ifname: str, target: tuple[str, int]) -> None:
+        with edge.testbed.entered(host):
+            self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+        self._sock.bind((ifname, 0x0800))
+        self._sock.settimeout(0.2)
+        self._target = (socket.inet_aton(target[0]), target[1])
+
+    def next_payload(self, accept: Callable[[bytes], bool], timeout_s: float) -> bytes:
+        """The first payload to target that `accept`s, within timeout_s (blocking)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                frame = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            ip = frame[14:]
+            header = (ip[0] & 0x0F) * 4
+            if ip[9] != 17 or ip[16:20] != self._target[0]:
+                continue
+            udp = ip[header:]
+            if int.from_bytes(udp[2:4], "big") != self._target[1]:
+                continue
+            payload = udp[8 : int.from_bytes(udp[4:6], "big")]
+            if accept(payload):
+                return bytes(payload)
+        raise AssertionError("no matching packet captured")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def is_binding_request(payload: bytes) -> bool:
+    return payload[:2] == b"\x00\x01"
+
+
+def is_srtp(payload: bytes) -> bool:
+    return len(payload) > 12 and 128 <= payload[0] <= 191 and not 192 <= payload[1] <= 223
