@@ -9,39 +9,21 @@ AnalyserNode) and exposes state, selected candidate and data-channel events on `
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import wave
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests.e2e.browser import TONE_HZ, start_chromium
+from tests.e2e.browser import js as _js
 from tests.e2e.edge import edge
 from tools.demo.stack import Stack
 
 API_KEY = "sk-e2e-chromium-0123456789"
-TONE_HZ = 440.0
-RATE = 48000
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-
-
-def _write_tone_wav(path: Path) -> None:
-    t = np.arange(int(RATE * 1.0)) / RATE
-    tone = (np.sin(2 * np.pi * TONE_HZ * t) * 0.4 * 32767).astype(np.int16)
-    silence = np.zeros(int(RATE * 1.6), dtype=np.int16)
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(RATE)
-        wav.writeframes(np.concatenate([tone, silence]).tobytes())
 
 
 @pytest.fixture(scope="module")
@@ -53,39 +35,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
-    for tool in (CHROMIUM, CHROMEDRIVER):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} missing: ./bazelw installs chromium and chromium-driver")
-    wav = tmp_path / "tone.wav"
-    _write_tone_wav(wav)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={wav}",
-        "--allow-loopback-in-peer-connection",
-        "--autoplay-policy=no-user-gesture-required",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = start_chromium(tmp_path)
     try:
         yield driver
     finally:
         driver.quit()
-
-
-def _js(driver: webdriver.Chrome, expression: str) -> Any:
-    return driver.execute_script(f"return {expression};")
 
 
 def test_browser_call_through_the_relay_with_echo_and_barge_in(

@@ -1,0 +1,76 @@
+"""Headless Chromium (fake microphone) behind the NAT calls the edge on its own hosts,
+through the demo page signaling serves on its public address.
+
+The demo page mints client secrets for loopback peers only, and Chromium here is not one:
+the test replaces that one fetch in the page with the API key, and everything else is the
+page as users get it. The test's thread sits in the client's namespace throughout, so
+chromedriver, Chromium and selenium's connection to chromedriver all live there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.e2e.browser import TONE_HZ, js, start_chromium
+from tests.netsim import calls
+from tests.netsim.calls import API_KEY
+from tools.netsim.edge import NetEdge, standard_edge
+
+KEY_INSTEAD_OF_SECRET = f"""
+const realFetch = window.fetch.bind(window);
+window.fetch = (url, options) => url === "/demo/client_secret"
+  ? Promise.resolve(new Response(JSON.stringify({{ value: "{API_KEY}" }})))
+  : realFetch(url, options);
+"""
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetEdge]:
+    flags = {"signaling": ["--demo-page", "true"]}
+    with standard_edge(tmp_path_factory.mktemp("netsim"), API_KEY, extra_flags=flags) as running:
+        yield running
+
+
+def test_chromium_behind_nat_calls_through_the_relay_and_hears_the_tone(
+    edge: NetEdge, tmp_path: Path
+) -> None:
+    with edge.testbed.entered("client"):
+        browser = start_chromium(tmp_path, secure_origin=edge.http_base)
+        try:
+            browser.get(edge.http_base + "/")
+            browser.execute_script(KEY_INSTEAD_OF_SECRET)
+            browser.find_element(By.ID, "talk").click()
+            wait = WebDriverWait(browser, timeout=30, poll_frequency=0.2)
+            with contextlib.suppress(TimeoutException):  # the assert below says what it saw
+                wait.until(lambda d: js(d, "window.voiceedgeState") in ("connected", "failed"))
+            page = js(browser, "document.getElementById('state').textContent + ' ice=' + "
+                "document.getElementById('ice').textContent + ' events: ' + "
+                "document.getElementById('events').textContent")  # fmt: skip
+            assert js(browser, "window.voiceedgeState") == "connected", page
+            relay = f"{edge.relay[0]}:{edge.relay[1]}"
+            wait.until(lambda d: js(d, "window.voiceedgeRemote") == relay)
+            with edge.testbed.entered("cluster"):
+                selected = calls.live_session(edge).stats.selected_remote_address
+            assert selected.ip == edge.addresses.nat_public  # the NAT, never the client
+
+            slow = WebDriverWait(browser, timeout=45, poll_frequency=0.25)
+            slow.until(
+                lambda d: (
+                    (js(d, "window.voiceedgeReceived && window.voiceedgeReceived.loudWindows") or 0)
+                    >= 8
+                )
+            )
+            heard = statistics.median(js(browser, "window.voiceedgeReceived.peaksHz"))
+            assert abs(heard - TONE_HZ) < TONE_HZ * 0.05, heard
+            browser.find_element(By.ID, "talk").click()  # hang up
+            wait.until(lambda d: js(d, "document.getElementById('state').textContent") == "idle")
+        finally:
+            browser.quit()
