@@ -182,3 +182,35 @@ async def test_forged_and_replayed_packets_from_a_third_host_never_move_the_call
         "replay_answered": False,
         "moved": False,
     }
+
+
+# Issue 12's lossy access link: 50 ms RTT, 20 ms jitter, 3 % loss in bursts of 3 (each way).
+LOSSY = {"delay_ms": 25.0, "jitter_ms": 20.0, "loss": 0.03, "burst": 3.0}
+PLAIN = {"delay_ms": 0.0, "jitter_ms": 0.0, "loss": 0.0, "burst": 1.0}
+
+
+@pytest.mark.timeout_s(120)
+async def test_call_over_a_lossy_jittery_link_connects_and_audio_flows(edge: NetEdge) -> None:
+    track = ToneTrack(frequency_hz=TONE_HZ)
+    frames: dict[str, int] = {}
+
+    async def speak_then_listen(pc: RTCPeerConnection, result: CallResult) -> None:
+        start = len(result.received)
+        await asyncio.sleep(1.2)  # one utterance (the track is paced in real time)
+        track.silent = True
+        assert await result.wait_event("response.done", timeout_s=30), result.event_types()
+        frames["down"] = len(result.received) - start
+        frames["up"] = calls.live_session(edge).stats.packets_received
+
+    edge.link.set("both", **LOSSY)  # changed while the edge runs
+    try:
+        result = await calls.call_from_client(edge, speak_then_listen, track=track)
+        stats = edge.link.stats()
+    finally:
+        edge.link.set("both", **PLAIN)
+    assert result.connected
+    assert stats["up"]["dropped_loss"] + stats["down"]["dropped_loss"] > 0  # it was lossy
+    assert frames["up"] > 50
+    assert frames["down"] > 50
+    heard = dominant_frequency(result.audio()[-result.received_rate * 2 :], result.received_rate)
+    assert abs(heard - TONE_HZ) < TONE_HZ * 0.05, heard
