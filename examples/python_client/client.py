@@ -86,6 +86,10 @@ class CallResult:
     events: list[dict[str, Any]] = field(default_factory=list)
     received: list[np.ndarray] = field(default_factory=list)
     received_rate: int = SAMPLE_RATE
+    # time.monotonic() of each received frame, and of the call's steps: "post", "answer"
+    # (the 201 arrived), "connected" (for the netsim benchmark's set-up figures).
+    arrivals: list[float] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)
     _new_event: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def add_event(self, event: dict[str, Any]) -> None:
@@ -141,6 +145,7 @@ async def _record(track: MediaStreamTrack, result: CallResult, stop: asyncio.Eve
         mono = pcm.reshape(-1, channels)[:, 0] if channels > 1 else pcm.reshape(-1)
         result.received_rate = frame.sample_rate
         result.received.append(mono.astype(np.int16))
+        result.arrivals.append(time.monotonic())
 
 
 async def run_call(
@@ -183,6 +188,7 @@ async def run_call(
         await pc.setLocalDescription(await pc.createOffer())
         headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/sdp"}
         async with aiohttp.ClientSession() as http:
+            result.times["post"] = time.monotonic()
             async with http.post(
                 base_url + path, data=pc.localDescription.sdp, headers=headers
             ) as response:
@@ -193,8 +199,10 @@ async def run_call(
                     return result
                 result.answer_sdp = body
                 result.call_url = response.headers.get("Location", "")
+                result.times["answer"] = time.monotonic()
             await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
             await asyncio.wait_for(connected.wait(), timeout=connect_timeout_s)
+            result.times["connected"] = time.monotonic()
             result.connected = True
             pair = pc.sctp.transport.transport._connection._nominated  # type: ignore[union-attr]
             for candidate_pair in pair.values():

@@ -337,7 +337,9 @@ async def _consent_loop(
             await asyncio.gather(*checks, return_exceptions=True)
 
 
-def install_follow_client(connection: aioice.Connection) -> None:
+def install_follow_client(
+    connection: aioice.Connection, on_move: Callable[[], None] | None = None
+) -> None:
     """Lets the selected pair follow the client to a new address (a NAT rebinding) with the
     same credentials and no renegotiation (call before ICE connects).
 
@@ -350,7 +352,8 @@ def install_follow_client(connection: aioice.Connection) -> None:
     is the client's), and our own check to that address succeeded (answered with the
     client's password: consent to receive there, RFC 7675 §5.1). A forged request fails the
     first test; a replayed one from another address fails the second, so neither moves the
-    pair. Only after ICE completed: before that, nomination is aioice's."""
+    pair. Only after ICE completed: before that, nomination is aioice's. `on_move` runs
+    after each switch (the session re-reads the pair its own RTP path sends to)."""
     original_incoming = connection.check_incoming
     original_complete = connection.check_complete
     last_from: dict[int, tuple[str, int]] = {}
@@ -366,6 +369,8 @@ def install_follow_client(connection: aioice.Connection) -> None:
             return
         pair.nominated = True
         connection._nominated[component] = pair
+        if on_move is not None:
+            on_move()
 
     def check_incoming(message: Any, addr: tuple[str, int], protocol: Any) -> None:
         original_incoming(message, addr, protocol)

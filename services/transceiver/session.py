@@ -207,7 +207,10 @@ class Session:
         connection = aiortc_compat.connection_of(transports[0])
         aiortc_compat.set_local_credentials(connection, self.params.ufrag, self.params.pwd)
         aiortc_compat.install_consent_freshness(connection)
-        aiortc_compat.install_follow_client(connection)  # NAT rebinding, issue 12
+        # NAT rebinding (issue 12): the RTP path re-reads the pair at once, not at the tick.
+        aiortc_compat.install_follow_client(
+            connection, on_move=lambda: setattr(self, "_remote", None)
+        )
         local = self.params.endpoints[0]
         self._mux_session = self._mux.register(self.params.ufrag, self.params.pwd, local)
         protocol = aiortc_compat.make_stun_protocol(connection)

@@ -51,9 +51,12 @@ def test_chromium_behind_nat_calls_through_the_relay_and_hears_the_tone(
             wait = WebDriverWait(browser, timeout=30, poll_frequency=0.2)
             with contextlib.suppress(TimeoutException):  # the assert below says what it saw
                 wait.until(lambda d: js(d, "window.voiceedgeState") in ("connected", "failed"))
-            page = js(browser, "document.getElementById('state').textContent + ' ice=' + "
+            page = js(
+                browser,
+                "document.getElementById('state').textContent + ' ice=' + "
                 "document.getElementById('ice').textContent + ' events: ' + "
-                "document.getElementById('events').textContent")  # fmt: skip
+                "document.getElementById('events').textContent",
+            )
             assert js(browser, "window.voiceedgeState") == "connected", page
             relay = f"{edge.relay[0]}:{edge.relay[1]}"
             wait.until(lambda d: js(d, "window.voiceedgeRemote") == relay)

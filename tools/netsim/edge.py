@@ -51,6 +51,13 @@ class NetEdge:
         return self.stack.relay_udp
 
 
+def _with_defaults(flags: dict[str, list[str]]) -> dict[str, list[str]]:
+    # The relay drains until its bindings idle out (30 s); a torn-down testbed need not.
+    merged = dict(flags)
+    merged["relay"] = ["--drain-grace-s", "1", *flags.get("relay", [])]
+    return merged
+
+
 @contextlib.contextmanager
 def standard_edge(
     workdir: Path,
@@ -84,7 +91,7 @@ def standard_edge(
                     redis_url=redis.url,
                     log=log,
                     workdir=workdir,
-                    extra_flags=extra_flags or {},
+                    extra_flags=_with_defaults(extra_flags or {}),
                     placement={
                         "geosteer": cluster,
                         "bridge": cluster,

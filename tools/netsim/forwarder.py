@@ -25,9 +25,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from tools.netsim.impair import Profile, Schedule
+from tools.netsim.net import Testbed
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4  # linux/if_packet.h: our own transmissions, seen on the same socket
@@ -161,45 +163,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 class ImpairedLink:
     """The test side of one forwarder: started in a Testbed, changed while it runs."""
 
-    def __init__(self, testbed: Any, index: int = 0, up: Profile | None = None,
-                 down: Profile | None = None) -> None:  # fmt: skip
-        self._control_path = str(testbed.run_dir / f"imp{index}.sock")
-        self._client_path = str(testbed.run_dir / f"imp{index}-client-{os.getpid()}.sock")
+    def __init__(
+        self,
+        testbed: Testbed,
+        index: int = 0,
+        up: Profile | None = None,
+        down: Profile | None = None,
+    ) -> None:
+        self._control_path = control_path(testbed.run_dir, index)
         argv = [
-            sys.executable, "-m", "tools.netsim.forwarder", "--control", self._control_path,
-            "--up", json.dumps(_as_dict(up or Profile())),
-            "--down", json.dumps(_as_dict(down or Profile())),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "tools.netsim.forwarder",
+            "--control",
+            self._control_path,
+            "--up",
+            json.dumps(_as_dict(up or Profile())),
+            "--down",
+            json.dumps(_as_dict(down or Profile())),
+        ]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.process = testbed.start(
-            testbed.impair_ns(index), argv, name=f"impair{index}",
-            stdout=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
+            testbed.impair_ns(index),
+            argv,
+            name=f"impair{index}",
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         line = _read_line(self.process, READY_TIMEOUT_S)
         if '"ready"' not in line:
             raise RuntimeError(f"impairment forwarder {index} did not start: {line!r}")
 
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            if os.path.exists(self._client_path):
-                os.unlink(self._client_path)
-            sock.bind(self._client_path)
-            sock.settimeout(5.0)
-            try:
-                sock.sendto(json.dumps(request).encode(), self._control_path)
-                reply: dict[str, Any] = json.loads(sock.recv(65536))
-            finally:
-                os.unlink(self._client_path)
-        if not reply.get("ok"):
-            raise ValueError(reply.get("error"))
-        return reply
+        return ask(self._control_path, request)
 
     def set(self, direction: str = "both", **profile: float) -> None:
         """Changes `direction` ("up": a->b, "down": b->a, "both") while running."""
@@ -210,6 +210,28 @@ class ImpairedLink:
 
 
 READY_TIMEOUT_S = 20.0
+
+
+def control_path(run_dir: Path, index: int) -> str:
+    return str(run_dir / f"imp{index}.sock")
+
+
+def ask(control: str, request: dict[str, Any]) -> dict[str, Any]:
+    """One request to a running forwarder's control socket; ValueError if it refused."""
+    client = f"{control}.client-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        if os.path.exists(client):
+            os.unlink(client)
+        sock.bind(client)
+        sock.settimeout(5.0)
+        try:
+            sock.sendto(json.dumps(request).encode(), control)
+            reply: dict[str, Any] = json.loads(sock.recv(65536))
+        finally:
+            os.unlink(client)
+    if not reply.get("ok"):
+        raise ValueError(reply.get("error"))
+    return reply
 
 
 def _as_dict(profile: Profile) -> dict[str, float]:
@@ -224,3 +246,7 @@ def _read_line(process: subprocess.Popen[str], timeout_s: float) -> str:
     if not ready.select(timeout_s):
         return ""
     return process.stdout.readline()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,8 @@ Firewall profiles for a client host: `udp-dns-only` (UDP blocked except port 53)
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 from tools.netsim import net
@@ -86,20 +88,29 @@ class Nat:
     """NAT on one router host of a Testbed."""
 
     def __init__(self, testbed: net.Testbed, router: str, outside_peer: str, profile: str):
-        self._testbed = testbed
         self._ns = testbed.ns(router)
         self.config = NatConfig(profile, testbed.ifname(router, outside_peer))
 
+        self._state = testbed.run_dir / f"nat-{router}.json"
+
     def apply(self) -> Nat:
         apply_ruleset(self._ns, nat_ruleset(self.config))
+        # Kept beside the run, so `netsim rebind` in another process knows the generation.
+        self._state.write_text(json.dumps(dataclasses.asdict(self.config)))
         return self
+
+    @classmethod
+    def running(cls, testbed: net.Testbed, router: str) -> Nat:
+        """The NAT another process applied on this testbed (by `apply`)."""
+        state = json.loads((testbed.run_dir / f"nat-{router}.json").read_text())
+        found = cls(testbed, router, "", state["profile"])
+        found.config = NatConfig(**state)
+        return found
 
     def rebind(self) -> None:
         """Every UDP flow through this NAT gets a new public port from its next packet on."""
-        self.config = NatConfig(
-            self.config.profile, self.config.outside_if, self.config.generation + 1
-        )
-        apply_ruleset(self._ns, nat_ruleset(self.config))
+        self.config = dataclasses.replace(self.config, generation=self.config.generation + 1)
+        self.apply()
         # conntrack exits 1 when nothing matched; that is fine.
         net.run(["ip", "netns", "exec", self._ns, "conntrack", "-D", "-p", "udp"], check=False)
 
