@@ -1,5 +1,6 @@
 """Headless Chromium (fake microphone) behind the NAT calls the edge on its own hosts,
-through the demo page signaling serves on its public address.
+through the demo page signaling serves on its public address; then the NAT rebinds and the
+call follows.
 
 The demo page mints client secrets for loopback peers only, and Chromium here is not one:
 the test replaces that one fetch in the page with the API key, and everything else is the
@@ -30,6 +31,16 @@ window.fetch = (url, options) => url === "/demo/client_secret"
   ? Promise.resolve(new Response(JSON.stringify({{ value: "{API_KEY}" }})))
   : realFetch(url, options);
 """
+
+
+# The page's own peer connection (a top-level `let`): audio RTP packets received so far.
+INBOUND_PACKETS = """pc.getStats().then((stats) => {
+  let received = 0;
+  stats.forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "audio") received = s.packetsReceived;
+  });
+  return received;
+})"""
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +84,36 @@ def test_chromium_behind_nat_calls_through_the_relay_and_hears_the_tone(
             )
             heard = statistics.median(js(browser, "window.voiceedgeReceived.peaksHz"))
             assert abs(heard - TONE_HZ) < TONE_HZ * 0.05, heard
+
+            # The NAT rebinds mid-call: Chromium's next check comes from a new public port,
+            # the call follows it both ways with the same session and no renegotiation.
+            with edge.testbed.entered("cluster"):
+                before = calls.live_session(edge)
+            edge.nat.rebind()
+
+            def moved(_: object) -> bool:
+                with edge.testbed.entered("cluster"):
+                    now = calls.live_session(edge)
+                return now.stats.selected_remote_address.port not in (
+                    0,
+                    before.stats.selected_remote_address.port,
+                )
+
+            slow.until(moved)
+            with edge.testbed.entered("cluster"):
+                after = calls.live_session(edge)
+            assert after.session_id == before.session_id
+            assert after.ice_ufrag == before.ice_ufrag
+            down_at = js(browser, INBOUND_PACKETS)
+            slow.until(lambda d: js(d, INBOUND_PACKETS) > down_at + 50)
+
+            def up_flows(_: object) -> bool:
+                with edge.testbed.entered("cluster"):
+                    now = calls.live_session(edge)
+                return bool(now.stats.packets_received > after.stats.packets_received + 50)
+
+            slow.until(up_flows)
+            assert js(browser, "window.voiceedgeState") == "connected"
             browser.find_element(By.ID, "talk").click()  # hang up
             wait.until(lambda d: js(d, "document.getElementById('state').textContent") == "idle")
         finally:
