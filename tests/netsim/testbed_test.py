@@ -4,13 +4,18 @@ and rebinds, firewall profiles block what they say, and nothing is left behind."
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
-from tools.netsim import layout, nat, net
+from tools.netsim import cli, layout, nat, net
 from tools.netsim.forwarder import ImpairedLink
 from tools.netsim.impair import Profile
 from tools.netsim.probe import EchoServer, probe, summarise
@@ -116,7 +121,7 @@ def test_nat_maps_to_its_public_address_and_rebinding_changes_the_port(
 def test_symmetric_nat_gives_each_destination_its_own_port(
     testbed: net.Testbed, link: ImpairedLink
 ) -> None:
-    symmetric = nat.Nat(testbed, "nat", "inet", "symmetric").apply()
+    nat.Nat(testbed, "nat", "inet", "symmetric").apply()
     try:
         with (
             _udp(testbed, "relay", (ADDR.relay_public, 7002)) as one,
@@ -133,7 +138,6 @@ def test_symmetric_nat_gives_each_destination_its_own_port(
         assert seen_one[1] != seen_two[1]
     finally:
         nat.Nat(testbed, "nat", "inet", "masquerade").apply()
-        del symmetric
 
 
 def test_firewall_profiles_block_what_they_say(testbed: net.Testbed, link: ImpairedLink) -> None:
@@ -191,3 +195,29 @@ def test_only_allowed_addresses() -> None:
     with pytest.raises(layout.LayoutError):
         layout.parse("host a\nhost b\nlink a 192.168.1.1/24 b 192.168.1.2/24\n")
     assert Profile().delay_ms == 0
+
+
+def test_the_netsim_command_brings_a_layout_up_changes_it_and_tears_it_down() -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    up = subprocess.Popen(
+        [sys.executable, "-m", "tools.netsim.cli", "up", "--hold-s", "60"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert up.stdout is not None
+        ready = select.select([up.stdout], [], [], 30)[0]
+        assert ready, "netsim up printed nothing in 30 s"
+        started = json.loads(up.stdout.readline())
+        prefix, names = started["prefix"], started["namespaces"]
+        assert set(names) <= set(net.run(["ip", "netns", "list"]).split())
+        assert cli.main(["impair", "--prefix", prefix, "up", "delay_ms=5"]) == 0
+        assert cli.main(["rebind", "--prefix", prefix]) == 0
+        bed = net.Testbed(layout.standard(), prefix=prefix)
+        assert "30000-39999" in bed.run_in("nat", ["nft", "list", "table", "ip", "netsim_nat"])
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=30)
+    assert up.returncode == 0
+    assert not set(names) & set(net.run(["ip", "netns", "list"]).split())
