@@ -5,6 +5,7 @@ asserted. Results are recorded in BENCHMARKS.md.
     ./bazelw run //tests/bench:netsim -- --calls 3            # a clean access link
     ./bazelw run //tests/bench:netsim -- --delay-ms 25 --jitter-ms 20 --loss 0.03 --burst 3
     ./bazelw run //tests/bench:netsim -- --rebind              # NAT rebinding mid-call
+    ./bazelw run //tests/bench:netsim -- --chromium-rebind 3   # the same with Chromium
     ./bazelw run //tests/bench:netsim -- --seconds 600 --loss 0.02   # the long call
 
 Per call: POST to 201, answer to connected, first audio each way (ms and in RTTs of the
@@ -144,6 +145,57 @@ async def _rebind(edge: NetEdge, arrivals: list[float]) -> dict[str, float]:
     }
 
 
+def _longest_stall(samples: list[tuple[float, int]]) -> float:
+    """Longest time a packet counter (sampled as (time, count)) did not move."""
+    longest, since, last = 0.0, samples[0][0], samples[0][1]
+    for at, count in samples[1:]:
+        if count != last:
+            longest = max(longest, at - since)
+            since, last = at, count
+    return max(longest, samples[-1][0] - since)
+
+
+def chromium_rebind(edge: NetEdge, workdir: Path, calls_n: int) -> None:
+    """Chromium on the demo page from the client host; the NAT rebinds 2 s into each call.
+    Prints how long each direction's packet counter stood still around the rebinding."""
+    from selenium.webdriver.common.by import By  # only this mode needs a browser
+
+    from tests.e2e.browser import js, start_chromium
+
+    with edge.testbed.entered("client"):
+        browser = start_chromium(workdir, secure_origin=edge.http_base)
+        try:
+            for index in range(calls_n):
+                browser.get(edge.http_base + "/")
+                browser.execute_script(calls.KEY_INSTEAD_OF_SECRET)
+                browser.find_element(By.ID, "talk").click()
+                deadline = time.monotonic() + 30
+                while js(browser, "window.voiceedgeState") != "connected":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("Chromium did not connect")
+                    time.sleep(0.05)
+                time.sleep(2.0)
+                down: list[tuple[float, int]] = []
+                up: list[tuple[float, int]] = []
+                edge.nat.rebind()
+                t0 = time.monotonic()
+                while time.monotonic() < t0 + 10:
+                    down.append((time.monotonic(), int(js(browser, calls.INBOUND_PACKETS))))
+                    with edge.testbed.entered("cluster"):
+                        count = calls.live_session(edge).stats.packets_received
+                    up.append((time.monotonic(), int(count)))
+                    time.sleep(0.02)
+                print(
+                    f"chromium call {index + 1}: rebinding outage down "
+                    f"{_longest_stall(down):.2f} s, up {_longest_stall(up):.2f} s"
+                )
+                browser.find_element(By.ID, "talk").click()
+                while js(browser, "document.getElementById('state').textContent") != "idle":
+                    time.sleep(0.05)
+        finally:
+            browser.quit()
+
+
 def stun_rtts(edge: NetEdge, username: str, password: str, count: int) -> Summary:
     """Round trips of Binding requests through relay and transceiver, from the client host."""
     with edge.testbed.entered("client"):
@@ -268,8 +320,12 @@ async def calls_run(args: argparse.Namespace) -> None:
         delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, loss=args.loss, burst=args.burst
     )
     workdir = Path(tempfile.mkdtemp(prefix="netsim-bench-"))
-    with standard_edge(workdir, calls.API_KEY, up=profile, down=profile) as edge:
+    flags = {"signaling": ["--demo-page", "true"]}
+    with standard_edge(workdir, calls.API_KEY, up=profile, down=profile, extra_flags=flags) as edge:
         print(f"impairment each way: {json.dumps(asdict(profile))}")
+        if args.chromium_rebind:
+            chromium_rebind(edge, workdir, args.chromium_rebind)
+            return
         base = path_rtt(edge)
         rtt = base.rtt_median_ms
         print(f"path RTT client -> relay host (UDP probe): {base.line()}")
@@ -308,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--burst", type=float, default=1.0)
     parser.add_argument("--rebind", action="store_true", help="rebind the NAT 2 s into each call")
     parser.add_argument("--relay-probes", type=int, default=200)
+    parser.add_argument(
+        "--chromium-rebind", type=int, default=0, help="N Chromium calls with a NAT rebinding"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("netsim needs root (network namespaces)", file=sys.stderr)

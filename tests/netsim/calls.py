@@ -178,3 +178,23 @@ def is_binding_request(payload: bytes) -> bool:
 
 def is_srtp(payload: bytes) -> bool:
     return len(payload) > 12 and 128 <= payload[0] <= 191 and not 192 <= payload[1] <= 223
+
+
+# Chromium on the demo page: the page mints client secrets for loopback peers only, so
+# the one fetch for a secret answers with the API key instead.
+KEY_INSTEAD_OF_SECRET = f"""
+const realFetch = window.fetch.bind(window);
+window.fetch = (url, options) => url === "/demo/client_secret"
+  ? Promise.resolve(new Response(JSON.stringify({{ value: "{API_KEY}" }})))
+  : realFetch(url, options);
+"""
+
+
+# The page's own peer connection (a top-level `let`): audio RTP packets received so far.
+INBOUND_PACKETS = """pc.getStats().then((stats) => {
+  let received = 0;
+  stats.forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "audio") received = s.packetsReceived;
+  });
+  return received;
+})"""

@@ -22,25 +22,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.e2e.browser import TONE_HZ, js, start_chromium
 from tests.netsim import calls
-from tests.netsim.calls import API_KEY
+from tests.netsim.calls import API_KEY, INBOUND_PACKETS, KEY_INSTEAD_OF_SECRET
 from tools.netsim.edge import NetEdge, standard_edge
-
-KEY_INSTEAD_OF_SECRET = f"""
-const realFetch = window.fetch.bind(window);
-window.fetch = (url, options) => url === "/demo/client_secret"
-  ? Promise.resolve(new Response(JSON.stringify({{ value: "{API_KEY}" }})))
-  : realFetch(url, options);
-"""
-
-
-# The page's own peer connection (a top-level `let`): audio RTP packets received so far.
-INBOUND_PACKETS = """pc.getStats().then((stats) => {
-  let received = 0;
-  stats.forEach((s) => {
-    if (s.type === "inbound-rtp" && s.kind === "audio") received = s.packetsReceived;
-  });
-  return received;
-})"""
 
 
 @pytest.fixture(scope="module")
