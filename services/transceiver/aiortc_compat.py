@@ -380,7 +380,14 @@ def install_follow_client(
                 follow(pair)  # back to a pair already proven (the client returned)
 
     def check_complete(pair: Any) -> None:
+        before = connection._nominated.get(pair.component)
         original_complete(pair)
+        if before is not None and connection._nominated.get(pair.component) is not before:
+            # aioice switched by itself (the client's check carried USE-CANDIDATE, as
+            # Chromium's do): the session must still hear of it.
+            if on_move is not None:
+                on_move()
+            return
         follow(pair)
 
     setattr(connection, "check_incoming", check_incoming)  # noqa: B010 (on purpose)
