@@ -9,39 +9,21 @@ AnalyserNode) and exposes state, selected candidate and data-channel events on `
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import wave
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests.e2e.browser import chromium, js, write_tone_wav
 from tests.e2e.edge import edge
 from tools.demo.stack import Stack
 
 API_KEY = "sk-e2e-chromium-0123456789"
 TONE_HZ = 440.0
-RATE = 48000
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-
-
-def _write_tone_wav(path: Path) -> None:
-    t = np.arange(int(RATE * 1.0)) / RATE
-    tone = (np.sin(2 * np.pi * TONE_HZ * t) * 0.4 * 32767).astype(np.int16)
-    silence = np.zeros(int(RATE * 1.6), dtype=np.int16)
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(RATE)
-        wav.writeframes(np.concatenate([tone, silence]).tobytes())
 
 
 @pytest.fixture(scope="module")
@@ -53,39 +35,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
-    for tool in (CHROMIUM, CHROMEDRIVER):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} missing: ./bazelw installs chromium and chromium-driver")
     wav = tmp_path / "tone.wav"
-    _write_tone_wav(wav)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={wav}",
-        "--allow-loopback-in-peer-connection",
-        "--autoplay-policy=no-user-gesture-required",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
+    write_tone_wav(wav, tone_s=1.0, silence_s=1.6, tone_hz=TONE_HZ)
+    with chromium(tmp_path, wav) as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def _js(driver: webdriver.Chrome, expression: str) -> Any:
-    return driver.execute_script(f"return {expression};")
 
 
 def test_browser_call_through_the_relay_with_echo_and_barge_in(
@@ -94,30 +47,30 @@ def test_browser_call_through_the_relay_with_echo_and_barge_in(
     browser.get(stack.http_base + "/")
     browser.find_element(By.ID, "talk").click()
     wait = WebDriverWait(browser, timeout=20, poll_frequency=0.2)
-    wait.until(lambda d: _js(d, "window.voiceedgeState") == "connected")
+    wait.until(lambda d: js(d, "window.voiceedgeState") == "connected")
     relay = f"{stack.relay_udp[0]}:{stack.relay_udp[1]}"
-    wait.until(lambda d: _js(d, "window.voiceedgeRemote") == relay)
+    wait.until(lambda d: js(d, "window.voiceedgeRemote") == relay)
 
     # Two tone/answer cycles: the agent's answer is heard at the tone's frequency.
     slow = WebDriverWait(browser, timeout=40, poll_frequency=0.25)
     slow.until(
         lambda d: (
-            (_js(d, "window.voiceedgeReceived && window.voiceedgeReceived.loudWindows") or 0) >= 8
+            (js(d, "window.voiceedgeReceived && window.voiceedgeReceived.loudWindows") or 0) >= 8
         )
     )
-    peaks = _js(browser, "window.voiceedgeReceived.peaksHz")
+    peaks = js(browser, "window.voiceedgeReceived.peaksHz")
     heard = statistics.median(peaks)
     assert abs(heard - TONE_HZ) < TONE_HZ * 0.05, peaks
 
     # The next tone starts while the answer plays: the agent is interrupted (barge-in).
     slow.until(
         lambda d: any(
-            "cancel" in e or "clear" in e for e in (_js(d, "window.voiceedgeEvents") or [])
+            "cancel" in e or "clear" in e for e in (js(d, "window.voiceedgeEvents") or [])
         )
     )
-    events = _js(browser, "window.voiceedgeEvents")
+    events = js(browser, "window.voiceedgeEvents")
     assert any("speech_started" in e for e in events), events
     assert any("speech_stopped" in e for e in events), events
 
     browser.find_element(By.ID, "talk").click()  # hang up
-    wait.until(lambda d: _js(d, "document.getElementById('state').textContent") == "idle")
+    wait.until(lambda d: js(d, "document.getElementById('state').textContent") == "idle")
