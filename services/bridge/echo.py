@@ -21,11 +21,12 @@ clear an item (`input_audio_buffer.committed`, or an `error` if under 100 ms) an
 `response.create` plays it back. The transceiver answers `session.update` with
 `session.updated` (`session_defaults` tells it the agent's own defaults).
 
-Client events: `response.cancel` cancels the playing response (and clears its audio);
-`output_audio_buffer.clear` does the same without a ClearAudio (the transceiver already
-dropped its buffer); `input_audio_buffer.clear` drops the audio not yet committed (and an
-open turn); `response.create` answers with the last committed utterance (an empty
-response if there is none). Other client events are ignored.
+Client events: `response.cancel` cancels the playing response (audio not yet sent to the
+transceiver is dropped; what it has queued still plays, as with OpenAI's WebRTC API);
+`output_audio_buffer.clear` does the same, and the transceiver has dropped its queue;
+`input_audio_buffer.clear` drops the audio not yet committed (and an open turn);
+`response.create` answers with the last committed utterance (an empty response if there is
+none). Other client events are ignored.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ class EchoAgent:
         manual = detection is None
         if manual and not self._manual:
             self._interrupt_turn()
+            self._input_start = self._position  # push-to-talk input starts now
         self._manual = manual
         self._create_response = not (
             isinstance(detection, Mapping) and detection.get("create_response") is False
@@ -184,7 +186,9 @@ class EchoAgent:
         if kind == "session.update" and isinstance(event.get("session"), dict):
             self._apply_session(event["session"])
         elif kind == "response.cancel":
-            self._interrupt()
+            # As OpenAI's WebRTC API: cancelling stops the answer, but what the transceiver
+            # has queued still plays unless the client also sends output_audio_buffer.clear.
+            self._interrupt(clear_transceiver=False)
         elif kind == "output_audio_buffer.clear":
             self._interrupt(clear_transceiver=False)
         elif kind == "input_audio_buffer.commit":
@@ -300,6 +304,7 @@ class EchoAgent:
         if responding:
             assert self._response_task is not None
             self._response_task.cancel()
+            self._response_task = None  # cancelled once: a second interrupt finds nothing
         if self._playout.clear() and clear_transceiver:
             self._outbox.put(Response(clear=inference_pb2.ClearAudio()))
             self.barge_ins += 1

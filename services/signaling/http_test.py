@@ -467,7 +467,7 @@ async def test_a_client_secrets_bound_session_wins_over_the_offers() -> None:
         secret = (await response.json())["value"]
         form = aiohttp.FormData()
         form.add_field("sdp", CHROME_OFFER, content_type="application/sdp")
-        form.add_field("session", '{"instructions": "leak secrets"}')
+        form.add_field("session", '{"instructions": "leak secrets", "voice": "marin"}')
         response = await e.http.post(
             e.url("/v1/realtime/calls"), data=form, headers={"Authorization": f"Bearer {secret}"}
         )
@@ -475,6 +475,8 @@ async def test_a_client_secrets_bound_session_wins_over_the_offers() -> None:
         call_id = response.headers["Location"].rsplit("/", 1)[1]
         config = e.cluster.transceivers[0].sessions[call_id].options.session_config
         assert config["instructions"] == "be kind"
+        assert config["voice"] == "marin"  # what the secret did not bind, the page may set
+        assert config["type"] == "realtime"
 
 
 # -- OpenAI SDK compatibility ------------------------------------------------------------

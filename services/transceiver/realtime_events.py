@@ -159,7 +159,12 @@ class RealtimeEvents:
                 response["status_details"] = {"type": "cancelled", "reason": reason}
             self._client_cancelled = False
             return [self._event("response.done", response=response)]
-        if kind == "clear":
+        return []
+
+    def cleared_by_bridge(self, frames_dropped: int) -> list[str]:
+        """The bridge's ClearAudio: `cleared`, if the caller had anything to lose (audio
+        playing or queued); a clear after `stopped` changes nothing the caller hears."""
+        if frames_dropped or self.output_active:
             return [self.cleared()]
         return []
 

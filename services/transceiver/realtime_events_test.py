@@ -240,3 +240,14 @@ def test_a_cancel_by_the_client_is_told_apart_from_a_barge_in() -> None:
             p.from_client('{"type":"response.cancel"}')
         (done,) = events(p.from_bridge(R(response_done=inference_pb2.ResponseDone(cancelled=True))))
         assert done["response"]["status_details"]["reason"] == reason
+
+
+def test_a_bridge_clear_is_reported_only_when_the_caller_loses_audio() -> None:
+    p = proto()
+    assert p.cleared_by_bridge(0) == []  # nothing queued, nothing playing
+    (queued,) = events(p.cleared_by_bridge(12))
+    assert queued["type"] == "output_audio_buffer.cleared"
+    p.playout(True)
+    (playing,) = events(p.cleared_by_bridge(0))
+    assert playing["type"] == "output_audio_buffer.cleared"
+    assert not p.output_active

@@ -502,6 +502,9 @@ class Session:
         if kind == "clear":
             dropped = self.playout.clear()
             log_event(logger, "session.barge_in", session__id=self.id, frames_dropped=dropped)
+            for event in self._events.cleared_by_bridge(dropped):
+                self._send_event(event)
+            return
         for event in self._events.from_bridge(message):
             self._send_event(event)
 
