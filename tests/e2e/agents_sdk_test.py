@@ -193,6 +193,15 @@ def test_agents_sdk_connects_hears_the_echo_and_interrupts(
         browser, "output_audio_buffer.cleared", "window.sdk.typed['output_audio_buffer.cleared']", 5
     )
     _until(browser, "the interrupted turn_done", f"window.sdk.turnDone > {turns_before}", 5)
+    interrupt = _until(
+        browser,
+        "the jitter buffer figure",
+        "window.sdk.interrupt.jitterBufferMs !== undefined && window.sdk.interrupt",
+        5,
+    )
+    if interrupt["clearedMs"] is not None:
+        figure("interrupt_to_cleared_event_ms", float(interrupt["clearedMs"]))
+    figure("jitter_buffer_mean_ms", float(interrupt["jitterBufferMs"]))
 
     sdk = js(browser, "window.sdk")
     # Each event type the page counts (TYPED there) reached it as a typed SDK event.
