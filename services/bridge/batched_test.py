@@ -5,6 +5,7 @@ stream's end ends every session on it."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -102,6 +103,9 @@ async def test_refusal_detail_names_the_status() -> None:
 
 class StuckBackend:
     """Takes the first frame and holds on_audio until released."""
+
+    sends_session_events = False
+    session_defaults: Mapping[str, Any] | None = None
 
     def __init__(self, release: asyncio.Event, entered: asyncio.Event) -> None:
         self.release = release

@@ -12,9 +12,21 @@ finished sending, then SpeechStarted.
 Caller audio is kept for at most `max_utterance_s` (plus the prefix): a longer monologue is
 echoed by its last `max_utterance_s` only.
 
-Data channel: `session.update` with `turn_detection.silence_duration_ms` retunes the end of
-turn mid-session; `response.cancel` cancels the playing response; other client events are
-ignored.
+Session: the agent keeps the session object (SessionStart.session_config, then every
+`session.update` merged over it; libs/wire/realtime_session.py) and follows its turn
+detection: `silence_duration_ms` retunes the end of turn, `create_response: false` leaves
+answering to `response.create`, and `turn_detection: null` is push-to-talk: no voice
+activity events; `input_audio_buffer.commit` makes the audio since the last commit or
+clear an item (`input_audio_buffer.committed`, or an `error` if under 100 ms) and
+`response.create` plays it back. The transceiver answers `session.update` with
+`session.updated` (`session_defaults` tells it the agent's own defaults).
+
+Client events: `response.cancel` cancels the playing response (audio not yet sent to the
+transceiver is dropped; what it has queued still plays, as with OpenAI's WebRTC API);
+`output_audio_buffer.clear` does the same, and the transceiver has dropped its queue;
+`input_audio_buffer.clear` drops the audio not yet committed (and an open turn);
+`response.create` answers with the last committed utterance (an empty response if there is
+none). Other client events are ignored.
 """
 
 from __future__ import annotations
@@ -24,11 +36,13 @@ import collections
 import contextlib
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from libs.observability.telemetry import log_event
+from libs.wire.realtime_session import MISSING, merge_session, turn_detection
 from services.bridge.audio import (
     Samples,
     frame_bytes,
@@ -50,6 +64,9 @@ from voiceedge.inference.v1 import inference_pb2
 
 logger = logging.getLogger("voiceedge.bridge.echo")
 
+MIN_COMMIT_MS = 100  # OpenAI refuses to commit less (input_audio_buffer_commit_empty)
+_EMPTY: Samples = np.zeros(0, dtype=np.int16)
+
 
 class EchoAgent:
     """One session of the echo backend. Call `start()`, feed `on_audio` / `on_data_channel`,
@@ -64,6 +81,7 @@ class EchoAgent:
         input_channels: int,
         output_rate_hz: int,
         turn_config: TurnConfig,
+        session_config: Mapping[str, Any],
         vad_aggressiveness: int,
         prefix_padding_ms: int,
         max_utterance_s: float,
@@ -77,6 +95,7 @@ class EchoAgent:
         self._base_turn_config = turn_config
         self._detector = TurnDetector(turn_config)
         self._vad = VoiceActivity(vad_aggressiveness, input_rate_hz)
+        self._prefix_padding_ms = prefix_padding_ms
         self._prefix_samples = input_rate_hz * prefix_padding_ms // 1000
         self._max_samples = int(input_rate_hz * max_utterance_s) + self._prefix_samples
         self._playout = Playout(outbox, output_rate_hz, playout_lead_ms)
@@ -90,6 +109,47 @@ class EchoAgent:
         self._response_id = ""
         self._playout_task: asyncio.Task[None] | None = None
         self.barge_ins = 0
+        self._session: dict[str, Any] = {}
+        self._manual = False  # turn_detection null: the client commits (push-to-talk)
+        self._create_response = True
+        self._input_start = 0  # sample position where the uncommitted input begins
+        self._committed: Samples | None = None  # the last committed utterance
+        # SessionAccepted: the transceiver answers session.update with the agent's view.
+        self.sends_session_events = False
+        self.session_defaults: Mapping[str, Any] | None = {
+            "audio": {"input": {"turn_detection": self._detection(turn_config, True)}}
+        }
+        self._apply_session(session_config)
+
+    def _detection(self, config: TurnConfig, create_response: bool) -> dict[str, Any]:
+        return {
+            "type": "server_vad",
+            "silence_duration_ms": config.end_of_turn_silence_ms,
+            "prefix_padding_ms": self._prefix_padding_ms,
+            "create_response": create_response,
+            "interrupt_response": True,
+        }
+
+    def _apply_session(self, update: Mapping[str, Any]) -> None:
+        self._session = merge_session(self._session, update)
+        detection = turn_detection(self._session)
+        manual = detection is None
+        if manual and not self._manual:
+            self._interrupt_turn()
+            self._input_start = self._position  # push-to-talk input starts now
+        self._manual = manual
+        self._create_response = not (
+            isinstance(detection, Mapping) and detection.get("create_response") is False
+        )
+        self._detector.config = turn_config_for_session(self._base_turn_config, self._session)
+        if detection is not MISSING:
+            log_event(
+                logger,
+                "echo.turn_config",
+                session__id=self.session_id,
+                manual=manual,
+                end_of_turn_silence_ms=self._detector.config.end_of_turn_silence_ms,
+            )
 
     async def start(self) -> None:
         self._playout_task = asyncio.create_task(self._playout.run(), name="echo-playout")
@@ -108,9 +168,10 @@ class EchoAgent:
             return
         self._history.append((self._position, samples))
         self._position += len(samples)
-        for is_speech in self._vad.feed(samples):
-            for event in self._detector.feed(is_speech):
-                self._on_turn_event(event)
+        if not self._manual:
+            for is_speech in self._vad.feed(samples):
+                for event in self._detector.feed(is_speech):
+                    self._on_turn_event(event)
         self._trim_history()
 
     async def on_data_channel(self, text: str) -> None:
@@ -123,17 +184,62 @@ class EchoAgent:
             return
         kind = event.get("type")
         if kind == "session.update" and isinstance(event.get("session"), dict):
-            self._detector.config = turn_config_for_session(
-                self._base_turn_config, event["session"]
-            )
-            log_event(
-                logger,
-                "echo.turn_config",
-                session__id=self.session_id,
-                end_of_turn_silence_ms=self._detector.config.end_of_turn_silence_ms,
-            )
+            self._apply_session(event["session"])
         elif kind == "response.cancel":
-            self._interrupt()
+            # As OpenAI's WebRTC API: cancelling stops the answer, but what the transceiver
+            # has queued still plays unless the client also sends output_audio_buffer.clear.
+            self._interrupt(clear_transceiver=False)
+        elif kind == "output_audio_buffer.clear":
+            self._interrupt(clear_transceiver=False)
+        elif kind == "input_audio_buffer.commit":
+            self._commit()
+        elif kind == "input_audio_buffer.clear":
+            self._interrupt_turn()
+            self._input_start = self._position
+            self._event({"type": "input_audio_buffer.cleared"})
+        elif kind == "response.create":
+            utterance, self._committed = self._committed, None
+            self._start_response(utterance if utterance is not None else _EMPTY)
+
+    def _event(self, event: dict[str, Any]) -> None:
+        """A server event of the agent's own (the transceiver adds its event_id)."""
+        self._outbox.put(
+            Response(data_channel_message=inference_pb2.DataChannelMessage(json=json.dumps(event)))
+        )
+
+    def _commit(self) -> None:
+        """input_audio_buffer.commit: the audio since the last commit or clear is an item."""
+        start = self._turn_start if self._turn_start is not None else self._input_start
+        end = self._position
+        if end - start < self._samples(MIN_COMMIT_MS):
+            self._event(
+                {
+                    "type": "error",
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "input_audio_buffer_commit_empty",
+                        "message": f"Less than {MIN_COMMIT_MS} ms of audio to commit.",
+                        "param": None,
+                    },
+                }
+            )
+            return
+        self._interrupt_turn()
+        self._items += 1
+        self._committed = self._utterance(start, end)
+        self._input_start = end
+        self._event(
+            {
+                "type": "input_audio_buffer.committed",
+                "item_id": self._item_id(),
+                "previous_item_id": None,
+            }
+        )
+
+    def _interrupt_turn(self) -> None:
+        """Forgets the open turn (the detector starts afresh)."""
+        self._turn_start = None
+        self._detector = TurnDetector(self._detector.config)
 
     def _ms(self, samples: int) -> int:
         return samples * 1000 // self._in_rate
@@ -163,26 +269,43 @@ class EchoAgent:
             )
         else:
             self._turn_start = None
+            end = self._samples(event.audio_end_ms)
             utterance = self._utterance(
-                self._samples(event.audio_start_ms) - self._prefix_samples,
-                self._samples(event.audio_end_ms),
+                self._samples(event.audio_start_ms) - self._prefix_samples, end
             )
-            self._responses += 1
-            self._response_id = f"resp_echo_{self._responses}"
-            self._response_task = asyncio.create_task(
-                self._respond(self._response_id, utterance), name="echo-response"
+            self._input_start = end
+            self._event(
+                {
+                    "type": "input_audio_buffer.committed",
+                    "item_id": self._item_id(),
+                    "previous_item_id": None,
+                }
             )
+            if self._create_response:
+                self._start_response(utterance)
+            else:
+                self._committed = utterance
+
+    def _start_response(self, utterance: Samples) -> None:
+        self._interrupt()
+        self._responses += 1
+        self._response_id = f"resp_echo_{self._responses}"
+        self._response_task = asyncio.create_task(
+            self._respond(self._response_id, utterance), name="echo-response"
+        )
 
     def _item_id(self) -> str:
         return f"item_echo_{self._items}"
 
-    def _interrupt(self) -> None:
-        """Barge-in: stop the current response at once."""
+    def _interrupt(self, *, clear_transceiver: bool = True) -> None:
+        """Barge-in: stop the current response at once. The transceiver is told to drop the
+        audio it has queued, unless it already did (the client's output_audio_buffer.clear)."""
         responding = self._response_task is not None and not self._response_task.done()
         if responding:
             assert self._response_task is not None
             self._response_task.cancel()
-        if self._playout.clear():
+            self._response_task = None  # cancelled once: a second interrupt finds nothing
+        if self._playout.clear() and clear_transceiver:
             self._outbox.put(Response(clear=inference_pb2.ClearAudio()))
             self.barge_ins += 1
             log_event(
@@ -207,7 +330,9 @@ class EchoAgent:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
 
     def _trim_history(self) -> None:
-        if self._turn_start is None:
+        if self._manual:
+            keep_from = max(self._input_start, self._position - self._max_samples)
+        elif self._turn_start is None:
             keep_from = self._position - self._prefix_samples
         else:
             keep_from = max(

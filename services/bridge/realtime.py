@@ -4,7 +4,10 @@ One WebSocket per session to `realtime_url` (Authorization: Bearer `realtime_api
 set). The bridge sends `session.update` (the session's `session_config` as given, else PCM
 24 kHz in and out with server VAD tuned by our turn settings), then the caller's audio as
 `input_audio_buffer.append` (base64 PCM16, mono, 24 kHz). Client data-channel events are
-forwarded as-is: the browser speaks the same event protocol.
+forwarded as-is (the browser speaks the same event protocol), but for the WebRTC-only
+`output_audio_buffer.clear`: the transceiver has already dropped its audio, so the adapter
+drops its own queue and sends `conversation.item.truncate` for what was heard. The model's
+`session.created`/`session.updated` reach the caller as they are (`sends_session_events`).
 
 Server events (`ServerEventMapper`, pure) -> messages to the transceiver:
 
@@ -39,6 +42,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -264,6 +268,9 @@ class RealtimeAdapter:
         self._tasks: list[asyncio.Task[None]] = []
         self._playing_item = ""  # output item whose audio is being played
         self._item_first_sequence = 0  # Playout sequence of that item's first frame
+        # The model sends session.created / session.updated itself (passed through).
+        self.sends_session_events = True
+        self.session_defaults: Mapping[str, Any] | None = None
 
     async def start(self) -> None:
         headers = {}
@@ -316,7 +323,26 @@ class RealtimeAdapter:
         if not isinstance(event, dict):
             log_event(logger, "realtime.bad_client_event", session__id=self._ctx.session_id)
             return
+        if event.get("type") == "output_audio_buffer.clear":
+            # WebRTC-only: the transceiver has cleared its buffer; the model's WebSocket
+            # has no such event, so the adapter truncates the interrupted item instead.
+            await self._barge_in(clear_transceiver=False)
+            return
         await self._send(text)
+
+    async def _barge_in(self, *, clear_transceiver: bool) -> None:
+        """Drops the answer's queued audio and tells the model how much was heard. The
+        transceiver is told to clear too, unless it already did (the caller's
+        `output_audio_buffer.clear`)."""
+        self._mapper.barge_in()
+        played_frames = self._playout.played_sequence() - self._item_first_sequence
+        if self._playout.clear() or not clear_transceiver:
+            if clear_transceiver:
+                self._outbox.put(Response(clear=inference_pb2.ClearAudio()))
+            log_event(logger, "realtime.barge_in", session__id=self._ctx.session_id)
+            if self._playing_item:
+                await self._truncate(self._playing_item, max(0, played_frames) * FRAME_MS)
+        self._playing_item = ""
 
     async def _truncate(self, item_id: str, audio_end_ms: int) -> None:
         """Tells the model how much of its answer the caller heard before interrupting, so
@@ -383,14 +409,7 @@ class RealtimeAdapter:
         elif isinstance(action, AfterAudio):
             self._playout.enqueue_event(action.message)
         elif isinstance(action, BargeIn):
-            self._mapper.barge_in()
-            played_frames = self._playout.played_sequence() - self._item_first_sequence
-            if self._playout.clear():
-                self._outbox.put(Response(clear=inference_pb2.ClearAudio()))
-                log_event(logger, "realtime.barge_in", session__id=self._ctx.session_id)
-                if self._playing_item:
-                    await self._truncate(self._playing_item, max(0, played_frames) * FRAME_MS)
-            self._playing_item = ""
+            await self._barge_in(clear_transceiver=True)
         else:
             log_event(
                 logger,

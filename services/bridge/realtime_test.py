@@ -94,6 +94,15 @@ class FakeRealtime:
             await ws.send_json(
                 {"type": "response.done", "response": {"id": "resp_2", "status": "cancelled"}}
             )
+        elif kind == "test.long_answer":
+            await ws.send_json({"type": "response.created", "response": {"id": "resp_3"}})
+            await ws.send_json(
+                {
+                    "type": "response.output_audio.delta",
+                    "item_id": "item_c",
+                    "delta": b64(tone(440, 2.0)),
+                }
+            )
         elif kind == "test.error":
             await ws.send_json(
                 {"type": "error", "error": {"type": "server_error", "message": "boom"}}
@@ -256,6 +265,30 @@ async def test_server_speech_interrupts_playing_audio() -> None:
             assert 0 <= truncate["audio_end_ms"] <= 200
             call.cancel()
             await asyncio.wait_for(servicer.wait_idle(), 5)
+
+
+async def test_client_clear_truncates_without_reaching_the_model() -> None:
+    """`output_audio_buffer.clear` is WebRTC-only: the transceiver already dropped its audio;
+    the adapter drops its own queue and tells the model what was heard, nothing more."""
+    async with fake_realtime() as (fake, url):
+        servicer = BridgeServicer(settings(url))
+        async with serve(servicer) as stub:
+            call = await open_session(stub)
+            await call.write(client_event({"type": "test.long_answer"}))
+            await read_until(call, "audio_frame")
+            await call.write(client_event({"type": "output_audio_buffer.clear"}))
+            await asyncio.wait_for(fake.truncated.wait(), 5)
+            kinds = [e["type"] for e in fake.received]
+            assert "output_audio_buffer.clear" not in kinds
+            (truncate,) = [e for e in fake.received if e["type"] == "conversation.item.truncate"]
+            assert truncate["item_id"] == "item_c"
+            assert 0 <= truncate["audio_end_ms"] <= 400
+            # Nothing of the 2 s answer follows the clear, and no ClearAudio goes back.
+            await call.write(client_event({"type": "test.error"}))
+            after = await read_until(call, "session_end")
+            payloads = [m.WhichOneof("payload") for m in after]
+            assert "clear" not in payloads
+            assert payloads.count("audio_frame") <= 2  # at most what was already in flight
 
 
 async def test_error_event_ends_the_session() -> None:

@@ -26,7 +26,7 @@ from services.bridge.audio import FRAME_MS
 from services.bridge.echo import EchoAgent
 from services.bridge.session import Outbox, Response
 from services.bridge.settings import BridgeSettings
-from services.bridge.turns import TurnConfig, turn_config_for_session
+from services.bridge.turns import TurnConfig
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 
@@ -40,7 +40,14 @@ class BackendError(Exception):
 
 
 class Backend(Protocol):
-    """One session of a backend; the servicer calls start, then the on_* hooks, then close."""
+    """One session of a backend; the servicer calls start, then the on_* hooks, then close.
+
+    `sends_session_events` and `session_defaults` go out in SessionAccepted (see
+    inference.proto): whether the backend answers `session.update` itself, else the
+    defaults the transceiver reports under the session's own configuration."""
+
+    sends_session_events: bool
+    session_defaults: Mapping[str, Any] | None
 
     async def start(self) -> None: ...
 
@@ -100,7 +107,8 @@ def make_backend_factory(settings: BridgeSettings) -> BackendFactory:
             input_rate_hz=ctx.input_rate_hz,
             input_channels=ctx.input_channels,
             output_rate_hz=settings.sample_rate_hz,
-            turn_config=turn_config_for_session(base_turns, ctx.session_config),
+            turn_config=base_turns,
+            session_config=ctx.session_config,
             vad_aggressiveness=settings.vad_aggressiveness,
             prefix_padding_ms=settings.prefix_padding_ms,
             max_utterance_s=settings.max_utterance_s,
@@ -114,6 +122,19 @@ def make_backend_factory(settings: BridgeSettings) -> BackendFactory:
         return RealtimeAdapter(ctx, settings)
 
     return realtime if settings.backend == "realtime" else echo
+
+
+def _accepted(
+    output_format: common_pb2.AudioFormat, backend: Backend
+) -> inference_pb2.SessionAccepted:
+    accepted = inference_pb2.SessionAccepted(
+        output_format=output_format,
+        opus_passthrough=False,
+        sends_session_events=backend.sends_session_events,
+    )
+    if backend.session_defaults:
+        accepted.session_defaults.update(dict(backend.session_defaults))
+    return accepted
 
 
 # Caller messages queued per session on StreamSessions before audio is dropped (~5 s).
@@ -264,11 +285,7 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
                     )
                 )
                 return
-            yield Response(
-                session_accepted=inference_pb2.SessionAccepted(
-                    output_format=self._output_format, opus_passthrough=False
-                )
-            )
+            yield Response(session_accepted=_accepted(self._output_format, backend))
             reader = asyncio.create_task(
                 self._read(session_id, request_iterator, backend, outbox), name="bridge-reader"
             )

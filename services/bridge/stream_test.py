@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -130,6 +132,9 @@ async def test_unknown_client_events_are_ignored() -> None:
 
 class CrashingBackend:
     """A backend with a bug: the first audio frame raises."""
+
+    sends_session_events = False
+    session_defaults: Mapping[str, Any] | None = None
 
     async def start(self) -> None:
         pass

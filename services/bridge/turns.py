@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import webrtcvad
 
+from libs.wire.realtime_session import turn_detection
 from services.bridge.audio import FRAME_MS, Samples, resample_linear
 
 
@@ -55,14 +56,7 @@ def turn_config_for_session(base: TurnConfig, session_config: Mapping[str, Any])
     Missing, null or malformed values keep the base setting: a client typo must not end the
     session.
     """
-    detection: Any = session_config.get("turn_detection")
-    audio = session_config.get("audio")
-    if isinstance(audio, Mapping):
-        audio_input = audio.get("input")
-        if isinstance(audio_input, Mapping) and isinstance(
-            audio_input.get("turn_detection"), Mapping
-        ):
-            detection = audio_input["turn_detection"]
+    detection = turn_detection(session_config)
     if not isinstance(detection, Mapping):
         return base
     silence = detection.get("silence_duration_ms")

@@ -26,6 +26,7 @@ from opentelemetry import metrics, trace
 
 from libs.observability.telemetry import log_event
 from libs.wire import ufrag as ufrag_codec
+from libs.wire.realtime_session import merge_session
 from services.signaling import errors
 from services.signaling.errors import ApiError
 from services.signaling.ratelimit import RateLimiter, retry_after_header
@@ -58,6 +59,12 @@ _RETRYABLE = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.ABORTED,
 }
+
+
+# A call's StreamSessionEvents stream on its transceiver (the sideband WebSocket's far end).
+SidebandCall = grpc.aio.StreamStreamCall[
+    transceiver_pb2.StreamSessionEventsRequest, transceiver_pb2.StreamSessionEventsResponse
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,8 +244,9 @@ class CallService:
                 self._settings.retry_after_s,
                 exhausted=False,
             )
-        # A browser holding an ek_ must not override what its issuer bound to the key.
-        session_config = principal.bound_session if principal.bound_session else session
+        # A browser holding an ek_ must not override what its issuer bound to the key: the
+        # bound fields go over the offer's session part.
+        session_config = merge_session(session or {}, principal.bound_session or {}) or None
         call_id = "rtc_" + secrets.token_hex(12)
         with self._tracer.start_as_current_span(
             "signaling.create_call",
@@ -458,6 +466,47 @@ class CallService:
         log_event(logger, "call.deleted", call__id=call_id, session__id=call.session_id)
         return ended
 
+    async def hangup(self, principal: Principal, call_id: str) -> CallRecord:
+        """OpenAI's `POST /v1/realtime/calls/{id}/hangup`: like delete_call, but hanging up
+        a call that has already ended is an error (OpenAI answers 400), not a no-op."""
+        call = await self.get_call(principal, call_id)
+        if call.state == CALL_ENDED:
+            raise errors.bad_request("call_not_active", f"Call '{call_id}' has already ended.")
+        return await self.delete_call(principal, call_id)
+
+    async def open_sideband(self, principal: Principal, call_id: str) -> SidebandCall:
+        """The call's event stream on its transceiver (the sideband WebSocket's other end),
+        attached: the caller sends client events on it and reads server events."""
+        if principal.kind != "api_key":
+            raise errors.forbidden("The sideband of a call takes the API key, not a client secret.")
+        call = await self.get_call(principal, call_id)
+        if call.state == CALL_ENDED:
+            raise errors.bad_request("call_not_active", f"Call '{call_id}' has already ended.")
+        # Any: grpc-stubs type the call as synchronous, taking a request iterator.
+        stub: Any = transceiver_pb2_grpc.TransceiverServiceStub(
+            self._channel(call.transceiver_address)
+        )
+        stream: SidebandCall = stub.StreamSessionEvents()
+        try:
+            await stream.write(
+                transceiver_pb2.StreamSessionEventsRequest(session_id=call.session_id)
+            )
+        except grpc.aio.AioRpcError as exc:
+            stream.cancel()
+            raise self._sideband_error(call_id, exc) from None
+        log_event(logger, "call.sideband_opened", call__id=call_id, session__id=call.session_id)
+        return stream
+
+    def _sideband_error(self, call_id: str, exc: grpc.aio.AioRpcError) -> ApiError:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return errors.bad_request("call_not_active", f"Call '{call_id}' has already ended.")
+        return errors.unavailable(
+            "transceivers_unavailable",
+            "The call's transceiver did not answer; retry later.",
+            self._settings.retry_after_s,
+            exhausted=False,
+        )
+
     async def _load(self, call_id: str) -> CallRecord:
         if not call_id or len(call_id) > 128:
             raise errors.not_found(f"Call '{call_id[:128]}' not found.")
@@ -482,9 +531,15 @@ class CallService:
                 "invalid_expires_after",
                 f"expires_after.seconds must be {MIN_SECRET_TTL_S} to {MAX_SECRET_TTL_S}.",
             )
+        session = {"type": "realtime", **(session or {})}
+        if session["type"] != "realtime":
+            raise errors.bad_request(
+                "invalid_session",
+                f"session.type {session['type']!r} is not supported; voiceedge serves 'realtime'.",
+            )
         value = CLIENT_SECRET_PREFIX + secrets.token_urlsafe(32)
         expires_at = float(int(self._clock()) + ttl_s)
-        record = SecretRecord(principal.owner, expires_at, dict(session or {}))
+        record = SecretRecord(principal.owner, expires_at, session)
         try:
             await self._store.put_secret(fingerprint(value), record)
         except StoreError as exc:

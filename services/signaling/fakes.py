@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +70,7 @@ class FakeTransceiver(transceiver_pb2_grpc.TransceiverServiceServicer):
     sessions: dict[str, transceiver_pb2.CreateSessionRequest] = field(default_factory=dict)
     closed: list[str] = field(default_factory=list)
     address: str = ""
+    sideband_ends: dict[str, asyncio.Event] = field(default_factory=dict)
 
     async def CreateSession(  # noqa: N802 (gRPC method name)
         self,
@@ -100,11 +103,45 @@ class FakeTransceiver(transceiver_pb2_grpc.TransceiverServiceServicer):
         if self.sessions.pop(request.session_id, None) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, request.session_id)
         self.closed.append(request.session_id)
+        if request.session_id in self.sideband_ends:
+            self.sideband_ends[request.session_id].set()
         return transceiver_pb2.CloseSessionResponse(
             session=transceiver_pb2.SessionInfo(
                 session_id=request.session_id, state=transceiver_pb2.SESSION_STATE_CLOSED
             )
         )
+
+    async def StreamSessionEvents(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[transceiver_pb2.StreamSessionEventsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[transceiver_pb2.StreamSessionEventsResponse]:
+        """`session.created`, then each client event back inside a `fake.echo` event; ends
+        when the session is closed."""
+        first = await anext(request_iterator, None)
+        if first is None or first.session_id not in self.sessions:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such session")
+        assert first is not None
+        ended = asyncio.Event()
+        self.sideband_ends[first.session_id] = ended
+        yield transceiver_pb2.StreamSessionEventsResponse(
+            server_event='{"type":"session.created","event_id":"event_f0","session":{}}'
+        )
+        requests = asyncio.ensure_future(anext(request_iterator, None))
+        closed = asyncio.ensure_future(ended.wait())
+        try:
+            for number in itertools.count(1):
+                await asyncio.wait({requests, closed}, return_when=asyncio.FIRST_COMPLETED)
+                request = None if closed.done() else requests.result()
+                if request is None:
+                    return
+                event = json.loads(request.client_event)
+                echo = {"type": "fake.echo", "event_id": f"event_f{number}", "event": event}
+                yield transceiver_pb2.StreamSessionEventsResponse(server_event=json.dumps(echo))
+                requests = asyncio.ensure_future(anext(request_iterator, None))
+        finally:
+            requests.cancel()
+            closed.cancel()
 
     async def _unimplemented(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the fake")

@@ -6,6 +6,7 @@ ApiErrors; the flow lives in calls.py.
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import email.policy
 import ipaddress
@@ -15,13 +16,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+import grpc
+import grpc.aio
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from libs.observability.telemetry import log_event
 from services.signaling import errors
-from services.signaling.calls import CallService, Principal
+from services.signaling.calls import CallService, Principal, SidebandCall
 from services.signaling.clientip import Network, client_ip
 from services.signaling.errors import ApiError
+from voiceedge.transceiver.v1 import transceiver_pb2
 
 logger = logging.getLogger("voiceedge.signaling.http")
 
@@ -29,7 +33,24 @@ SDP = "application/sdp"
 CALLS = "/v1/realtime/calls"
 WHIP = "/whip"
 EXPOSED_HEADERS = "Location, Retry-After, Link, ETag"
-ALLOWED_HEADERS = "Authorization, Content-Type, If-Match"
+# Request headers a browser may send cross-origin (a preflight gets back those it asked
+# for that are here): ours, and what OpenAI's browser SDKs always send (the Agents SDK's
+# X-OpenAI-Agents-SDK, the openai package's OpenAI-* and X-Stainless-* headers).
+ALLOWED_HEADERS = frozenset(
+    {
+        "authorization",
+        "content-type",
+        "if-match",
+        "x-openai-agents-sdk",
+        "openai-beta",
+        "openai-organization",
+        "openai-project",
+        "x-request-id",
+    }
+)
+ALLOWED_HEADER_PREFIXES = ("x-stainless-",)
+# A sideband client event larger than this closes the WebSocket (1009, message too big).
+SIDEBAND_MAX_MESSAGE_BYTES = 1 << 20
 
 SERVICE_KEY: web.AppKey[CallService] = web.AppKey("service", CallService)
 
@@ -76,7 +97,8 @@ def build_app(
             api_error = _http_error(exc)
             api_error.headers.update({k: v for k, v in exc.headers.items() if k == "Allow"})
             response = error_response(api_error)
-        _cors(request, response, cors_origins)
+        if not response.prepared:  # a WebSocket has sent its headers already
+            _cors(request, response, cors_origins)
         return response
 
     app = web.Application(middlewares=[middleware], client_max_size=max_body)
@@ -148,6 +170,31 @@ def build_app(
         await service.delete_call(principal, request.match_info["call_id"])
         return web.Response(status=204)
 
+    async def hangup_call(request: web.Request) -> web.Response:
+        principal, _ = await begin(request)
+        call = await service.hangup(principal, request.match_info["call_id"])
+        log_event(logger, "call.hangup", call__id=call.call_id, session__id=call.session_id)
+        return web.json_response({})
+
+    async def sideband(request: web.Request) -> web.StreamResponse:
+        """`GET /v1/realtime?call_id=...`: the call's server events, and client events
+        back, for the server that owns the call (OpenAI's sideband connection)."""
+        principal, _ = await begin(request)
+        call_id = request.query.get("call_id", "")
+        if not call_id:
+            raise errors.bad_request(
+                "missing_call_id",
+                "voiceedge's realtime WebSocket joins an existing call: pass call_id.",
+            )
+        stream = await service.open_sideband(principal, call_id)
+        ws = web.WebSocketResponse(max_msg_size=SIDEBAND_MAX_MESSAGE_BYTES, heartbeat=20.0)
+        if not ws.can_prepare(request).ok:
+            stream.cancel()
+            raise errors.bad_request("websocket_required", "This URL takes a WebSocket upgrade.")
+        await ws.prepare(request)
+        await _pump_sideband(ws, stream, call_id)
+        return ws
+
     async def get_call(request: web.Request) -> web.Response:
         principal, _ = await begin(request)
         call = await service.get_call(principal, request.match_info["call_id"])
@@ -215,8 +262,11 @@ def build_app(
     async def preflight(request: web.Request) -> web.Response:
         headers = {
             "Access-Control-Allow-Methods": "POST, GET, DELETE, PATCH, OPTIONS",
-            "Access-Control-Allow-Headers": ALLOWED_HEADERS,
+            "Access-Control-Allow-Headers": allowed_request_headers(
+                request.headers.get("Access-Control-Request-Headers", "")
+            ),
             "Access-Control-Max-Age": "600",
+            "Vary": "Access-Control-Request-Headers",
         }
         if request.path == WHIP:
             headers["Accept-Post"] = SDP  # RFC 9725 §4.1
@@ -243,6 +293,8 @@ def build_app(
     app.router.add_post(CALLS, post_call)
     app.router.add_get(CALLS + "/{call_id}", get_call)
     app.router.add_delete(CALLS + "/{call_id}", delete_call)
+    app.router.add_post(CALLS + "/{call_id}/hangup", hangup_call)
+    app.router.add_get("/v1/realtime", sideband)
     app.router.add_post("/v1/realtime/client_secrets", post_client_secret)
     app.router.add_post(WHIP, post_whip)
     app.router.add_delete(WHIP + "/{call_id}", delete_call)
@@ -250,12 +302,65 @@ def build_app(
     for path in (
         CALLS,
         CALLS + "/{call_id}",
+        CALLS + "/{call_id}/hangup",
         "/v1/realtime/client_secrets",
         WHIP,
         WHIP + "/{call_id}",
     ):
         app.router.add_route("OPTIONS", path, preflight)
     return app
+
+
+def allowed_request_headers(requested: str) -> str:
+    """The preflight's answer: the requested headers that are allowed, as asked (a browser
+    refuses the request if one it needs is missing)."""
+    names = [name.strip() for name in requested.split(",") if name.strip()]
+    allowed = [
+        name
+        for name in names
+        if name.lower() in ALLOWED_HEADERS or name.lower().startswith(ALLOWED_HEADER_PREFIXES)
+    ]
+    return ", ".join(allowed) if names else "Authorization, Content-Type, If-Match"
+
+
+async def _pump_sideband(
+    ws: web.WebSocketResponse,
+    stream: SidebandCall,
+    call_id: str,
+) -> None:
+    """Server events to the WebSocket, client events to the transceiver, until either side
+    ends; then both are closed."""
+
+    async def to_transceiver() -> None:
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await stream.write(
+                    transceiver_pb2.StreamSessionEventsRequest(client_event=message.data)
+                )
+            elif message.type is WSMsgType.BINARY:
+                await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"text events only")
+                return
+
+    async def to_websocket() -> None:
+        async for response in stream:
+            await ws.send_str(response.server_event)
+
+    loop = asyncio.get_running_loop()
+    pumps = {loop.create_task(to_transceiver()), loop.create_task(to_websocket())}
+    done, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    reason = "closed"
+    for task in done:
+        error = task.exception()
+        if isinstance(error, grpc.aio.AioRpcError):
+            reason = error.code().name
+        elif error is not None and not isinstance(error, ConnectionError):
+            raise error
+    stream.cancel()
+    await ws.close()
+    log_event(logger, "call.sideband_closed", call__id=call_id, reason=reason)
 
 
 def _cors(request: web.Request, response: web.StreamResponse, origins: Sequence[str]) -> None:

@@ -137,7 +137,7 @@ async def test_whip_create_patch_delete_and_cors() -> None:
         )
         assert response.status == 204
         assert response.headers["Access-Control-Allow-Origin"] == "*"
-        assert "Authorization" in response.headers["Access-Control-Allow-Headers"]
+        assert "authorization" in response.headers["Access-Control-Allow-Headers"]
         assert "POST" in response.headers["Access-Control-Allow-Methods"]
         assert response.headers["Accept-Post"] == "application/sdp"
 
@@ -467,7 +467,7 @@ async def test_a_client_secrets_bound_session_wins_over_the_offers() -> None:
         secret = (await response.json())["value"]
         form = aiohttp.FormData()
         form.add_field("sdp", CHROME_OFFER, content_type="application/sdp")
-        form.add_field("session", '{"instructions": "leak secrets"}')
+        form.add_field("session", '{"instructions": "leak secrets", "voice": "marin"}')
         response = await e.http.post(
             e.url("/v1/realtime/calls"), data=form, headers={"Authorization": f"Bearer {secret}"}
         )
@@ -475,3 +475,135 @@ async def test_a_client_secrets_bound_session_wins_over_the_offers() -> None:
         call_id = response.headers["Location"].rsplit("/", 1)[1]
         config = e.cluster.transceivers[0].sessions[call_id].options.session_config
         assert config["instructions"] == "be kind"
+        assert config["voice"] == "marin"  # what the secret did not bind, the page may set
+        assert config["type"] == "realtime"
+
+
+# -- OpenAI SDK compatibility ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("requested", "allowed"),
+    [
+        # What @openai/agents-realtime sends with its SDP POST.
+        (
+            "authorization,content-type,x-openai-agents-sdk",
+            "authorization, content-type, x-openai-agents-sdk",
+        ),
+        # The openai package in a browser (dangerouslyAllowBrowser).
+        (
+            "Authorization, X-Stainless-Lang, x-stainless-os, OpenAI-Beta",
+            "Authorization, X-Stainless-Lang, x-stainless-os, OpenAI-Beta",
+        ),
+        ("authorization, x-evil, cookie", "authorization"),
+        ("", "Authorization, Content-Type, If-Match"),
+    ],
+)
+async def test_cors_preflight_reflects_the_allowed_headers_it_was_asked_for(
+    requested: str, allowed: str
+) -> None:
+    async with env() as e:
+        headers = {"Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST"}
+        if requested:
+            headers["Access-Control-Request-Headers"] = requested
+        response = await e.http.options(e.url("/v1/realtime/calls"), headers=headers)
+        assert response.status == 204
+        assert response.headers["Access-Control-Allow-Headers"] == allowed
+        assert response.headers["Vary"] == "Access-Control-Request-Headers"
+        response = await e.http.options(e.url("/v1/realtime/calls/rtc_x/hangup"), headers=headers)
+        assert response.status == 204
+
+
+async def test_hangup_ends_the_call_and_a_second_one_is_an_error() -> None:
+    async with env() as e:
+        response = await e.post_offer()
+        assert response.status == 201
+        call_id = response.headers["Location"].rsplit("/", 1)[1]
+        response = await e.http.post(e.url(f"/v1/realtime/calls/{call_id}/hangup"), headers=AUTH)
+        assert response.status == 200
+        assert await response.json() == {}
+        assert e.cluster.transceivers[0].closed == [call_id]
+        again = await e.http.post(e.url(f"/v1/realtime/calls/{call_id}/hangup"), headers=AUTH)
+        await expect_error(again, 400, "invalid_request_error", "call_not_active")
+        other = await e.http.post(
+            e.url(f"/v1/realtime/calls/{call_id}/hangup"),
+            headers={"Authorization": f"Bearer {OTHER_KEY}"},
+        )
+        await expect_error(other, 403, "invalid_request_error", "insufficient_permissions")
+        unknown = await e.http.post(e.url("/v1/realtime/calls/rtc_nope/hangup"), headers=AUTH)
+        await expect_error(unknown, 404, "invalid_request_error", "not_found")
+
+
+async def test_client_secret_session_type_defaults_to_realtime() -> None:
+    async with env() as e:
+        response = await e.http.post(e.url("/v1/realtime/client_secrets"), headers=AUTH)
+        assert (await response.json())["session"] == {"type": "realtime"}
+        response = await e.http.post(
+            e.url("/v1/realtime/client_secrets"),
+            json={"session": {"type": "transcription"}},
+            headers=AUTH,
+        )
+        await expect_error(response, 400, "invalid_request_error", "invalid_session")
+
+
+async def test_sideband_websocket_relays_both_ways_and_ends_with_the_call() -> None:
+    async with env() as e:
+        response = await e.post_offer()
+        call_id = response.headers["Location"].rsplit("/", 1)[1]
+        url = e.url(f"/v1/realtime?call_id={call_id}")
+        async with e.http.ws_connect(url, headers=AUTH) as ws:
+            created = await ws.receive_json(timeout=5)
+            assert created["type"] == "session.created"
+            await ws.send_json({"type": "response.create"})
+            echoed = await ws.receive_json(timeout=5)
+            assert echoed == {
+                "type": "fake.echo",
+                "event_id": "event_f1",
+                "event": {"type": "response.create"},
+            }
+            response = await e.http.delete(e.url(f"/v1/realtime/calls/{call_id}"), headers=AUTH)
+            assert response.status == 204
+            closing = await ws.receive(timeout=5)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+@pytest.mark.parametrize(
+    ("query", "auth", "status", "code"),
+    [
+        ("", AUTH, 400, "missing_call_id"),
+        ("?call_id=rtc_nope", AUTH, 404, "not_found"),
+        ("?call_id={call}", {}, 401, "missing_api_key"),
+        ("?call_id={call}", {"Authorization": f"Bearer {OTHER_KEY}"}, 403, None),
+    ],
+)
+async def test_sideband_refusals_are_openai_errors_before_the_upgrade(
+    query: str, auth: dict[str, str], status: int, code: str | None
+) -> None:
+    async with env() as e:
+        response = await e.post_offer()
+        call_id = response.headers["Location"].rsplit("/", 1)[1]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await e.http.ws_connect(
+                e.url("/v1/realtime" + query.format(call=call_id)), headers=auth
+            )
+        assert refused.value.status == status
+        if code is not None:
+            failed = await e.http.get(
+                e.url("/v1/realtime" + query.format(call=call_id)),
+                headers={**auth, "Connection": "Upgrade", "Upgrade": "websocket"},
+            )
+            assert (await failed.json())["error"]["code"] == code
+
+
+async def test_sideband_refuses_a_client_secret() -> None:
+    async with env() as e:
+        response = await e.http.post(e.url("/v1/realtime/client_secrets"), headers=AUTH)
+        secret = (await response.json())["value"]
+        response = await e.post_offer()
+        call_id = response.headers["Location"].rsplit("/", 1)[1]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await e.http.ws_connect(
+                e.url(f"/v1/realtime?call_id={call_id}"),
+                headers={"Authorization": f"Bearer {secret}"},
+            )
+        assert refused.value.status == 403

@@ -14,7 +14,7 @@ import weakref
 
 import pytest
 
-from services.transceiver.testkit import Client, Stack, closed_reason, wait_for
+from services.transceiver.testkit import Client, Stack, closed_reason, next_event, wait_for
 from voiceedge.common.v1 import common_pb2
 from voiceedge.transceiver.v1 import transceiver_pb2 as pb
 
@@ -51,7 +51,7 @@ async def test_concurrent_sessions_on_one_port_then_nothing_leaks() -> None:
                 for i, client in enumerate(clients):
                     client.channel.send(json.dumps({"type": "ping", "i": i}))
                 step = "event echo"
-                echoed = await asyncio.gather(*(c.events.get() for c in clients))
+                echoed = await asyncio.gather(*(next_event(c, "ping") for c in clients))
                 assert [e["i"] for e in echoed] == list(range(N))
                 step = "audio in"
                 await wait_for(

@@ -6,34 +6,26 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from typing import Any
 
+import grpc
+import grpc.aio
 import numpy as np
 import pytest
 
 from services.transceiver.session import Session
-from services.transceiver.testkit import Client, Stack, peak_frequency, rms
+from services.transceiver.testkit import (
+    BridgeStream,
+    Client,
+    Stack,
+    next_event,
+    peak_frequency,
+    rms,
+    wait_for,
+)
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2
 from voiceedge.transceiver.v1 import transceiver_pb2
-
-
-async def wait_for(condition: object, timeout_s: float = 10.0) -> None:
-    """Polls a cheap in-memory condition every 10 ms, bounded in time."""
-    assert callable(condition)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
-async def next_event(client: Client, kind: str, timeout_s: float = 5.0) -> dict[str, object]:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            event = await client.events.get()
-            if event.get("type") == kind:
-                return event
 
 
 @pytest.mark.timeout_s(60)
@@ -48,12 +40,19 @@ async def test_call_connects_echoes_tone_and_events_then_closes_once() -> None:
         assert isinstance(session, Session)
         await wait_for(lambda: session.state == transceiver_pb2.SESSION_STATE_CONNECTED)
 
-        # Data channel, both ways: the echo bridge sends the client's event back.
+        # Data channel, both ways: session.created first; session.update is answered by the
+        # transceiver and handed to the bridge, whose reply comes back with an event_id.
         await wait_for(lambda: client.channel.readyState == "open")
-        client.channel.send(json.dumps({"type": "session.update", "n": 1}))
+        created = await next_event(client, "session.created")
+        assert created["session"]["type"] == "realtime"
+        assert created["event_id"]
+        update = json.dumps({"type": "session.update", "session": {"instructions": "hi"}})
+        client.channel.send(update)
+        updated = await next_event(client, "session.updated")
+        assert updated["session"]["instructions"] == "hi"
         echoed = await next_event(client, "session.update")
-        assert echoed["n"] == 1
-        assert stack.bridge.streams["s1"].events_in == ['{"type": "session.update", "n": 1}']
+        assert echoed["event_id"] not in (created["event_id"], updated["event_id"])
+        assert stack.bridge.streams["s1"].events_in == [update]
 
         # Audio, both ways: the tone comes back at the same frequency.
         async with asyncio.timeout(10):
@@ -169,20 +168,22 @@ async def test_barge_in_clears_queued_audio_at_once() -> None:
         session = stack.manager.find("s1")
         assert isinstance(session, Session)
         # 5 s of 24 kHz tone at once, far faster than real time: it queues in the transceiver.
-        t = np.arange(24000 * 5) / 24000.0
-        tone = (0.3 * 32767 * np.sin(2 * np.pi * 660.0 * t)).astype(np.int16).tobytes()
-        for offset in range(0, len(tone), 960):
-            frame = inference_pb2.AudioFrame(data=tone[offset : offset + 960])
-            stream.inject.put_nowait(inference_pb2.StreamSessionResponse(audio_frame=frame))
+        _inject_tone(stream, 5.0)
         async with asyncio.timeout(10):
             await client.got_audio.wait()
         assert session.playout.queued > 100
+        started = await next_event(client, "output_audio_buffer.started")
+        assert started["response_id"] == ""  # audio with no ResponseStarted
 
         stream.inject.put_nowait(
             inference_pb2.StreamSessionResponse(clear=inference_pb2.ClearAudio())
         )
         cleared = await next_event(client, "output_audio_buffer.cleared")
-        assert cleared == {"type": "output_audio_buffer.cleared"}
+        assert cleared == {
+            "type": "output_audio_buffer.cleared",
+            "event_id": cleared["event_id"],
+            "response_id": "",
+        }
         assert session.playout.queued == 0
         # Within a bounded number of frames (client jitter buffer included) the client
         # hears silence, and keeps hearing it.
@@ -251,6 +252,130 @@ async def test_lost_caller_packets_are_concealed_or_left_as_gaps(passthrough: bo
         else:
             assert gaps == 0  # PCM: concealment fills each lost 20 ms
         assert sequences == sorted(sequences)
+    finally:
+        await client.close()
+        await stack.stop()
+
+
+@pytest.mark.timeout_s(60)
+async def test_client_clear_drops_playout_and_reaches_the_bridge() -> None:
+    stack = await Stack.start(jitter_buffer_frames=2)
+    stack.bridge.echo = False
+    stack.bridge.echo_events = False
+    client = Client(tone_hz=440.0)
+    try:
+        await stack.connect("s1", client)
+        async with asyncio.timeout(10):
+            await stack.bridge.opened.wait()
+        stream = stack.bridge.streams["s1"]
+        session = stack.manager.find("s1")
+        assert isinstance(session, Session)
+        stream.inject.put_nowait(
+            inference_pb2.StreamSessionResponse(
+                response_started=inference_pb2.ResponseStarted(response_id="resp_9")
+            )
+        )
+        _inject_tone(stream, 3.0)
+        started = await next_event(client, "output_audio_buffer.started", 10)
+        assert started["response_id"] == "resp_9"
+        await wait_for(lambda: session.frames_out == 150)  # all 3 s arrived, most queued
+        assert session.playout.queued > 50
+        client.channel.send('{"type":"output_audio_buffer.clear","event_id":"c1"}')
+        cleared = await next_event(client, "output_audio_buffer.cleared")
+        assert cleared["response_id"] == "resp_9"
+        assert session.playout.queued == 0
+        await wait_for(lambda: '"output_audio_buffer.clear"' in "".join(stream.events_in))
+        # A response that was cleared ends without output_audio_buffer.stopped.
+        stream.inject.put_nowait(
+            inference_pb2.StreamSessionResponse(
+                response_done=inference_pb2.ResponseDone(response_id="resp_9", cancelled=True)
+            )
+        )
+        done = await next_event(client, "response.done")
+        assert done["response"]["status_details"]["reason"] == "client_cancelled"
+        client.channel.send('{"type":"ping"}')  # a marker: events up to here arrived
+        await wait_for(lambda: '"ping"' in "".join(stream.events_in))
+        assert all(e.get("type") != "output_audio_buffer.stopped" for e in _drain(client))
+    finally:
+        await client.close()
+        await stack.stop()
+
+
+def _inject_tone(stream: BridgeStream, seconds: float) -> None:
+    """A 660 Hz answer from the bridge, 24 kHz PCM in 20 ms frames, all at once."""
+    t = np.arange(int(24000 * seconds)) / 24000.0
+    tone = (0.3 * 32767 * np.sin(2 * np.pi * 660.0 * t)).astype(np.int16).tobytes()
+    for offset in range(0, len(tone), 960):
+        frame = inference_pb2.AudioFrame(data=tone[offset : offset + 960])
+        stream.inject.put_nowait(inference_pb2.StreamSessionResponse(audio_frame=frame))
+
+
+def _drain(client: Client) -> list[dict[str, object]]:
+    out = []
+    while not client.events.empty():
+        out.append(client.events.get_nowait())
+    return out
+
+
+@pytest.mark.timeout_s(60)
+async def test_sideband_sees_every_event_and_steers_the_session() -> None:
+    stack = await Stack.start()
+    stack.bridge.echo_events = False
+    client = Client(tone_hz=440.0)
+    try:
+        await stack.connect("s1", client)
+        async with asyncio.timeout(10):
+            await stack.bridge.opened.wait()
+        await wait_for(lambda: client.channel.readyState == "open")
+        await next_event(client, "session.created")
+        sideband = stack.stub.StreamSessionEvents()
+        await sideband.write(transceiver_pb2.StreamSessionEventsRequest(session_id="s1"))
+
+        async def next_sideband(kind: str) -> dict[str, Any]:
+            async with asyncio.timeout(5):
+                while True:
+                    response = await sideband.read()
+                    event: dict[str, Any] = json.loads(response.server_event)
+                    if event["type"] == kind:
+                        return event
+
+        created = await next_sideband("session.created")
+        assert created["session"]["type"] == "realtime"
+        update = {"type": "session.update", "session": {"instructions": "from the server"}}
+        await sideband.write(
+            transceiver_pb2.StreamSessionEventsRequest(client_event=json.dumps(update))
+        )
+        on_sideband = await next_sideband("session.updated")
+        on_channel = await next_event(client, "session.updated")
+        assert on_sideband == on_channel
+        assert on_channel["session"]["instructions"] == "from the server"
+        stream = stack.bridge.streams["s1"]
+        await wait_for(lambda: json.dumps(update) in stream.events_in)
+        # A bridge event reaches both; a malformed client event is answered on the sideband
+        # only.
+        stream.inject.put_nowait(
+            inference_pb2.StreamSessionResponse(
+                speech_started=inference_pb2.SpeechStarted(audio_start_ms=5, item_id="i1")
+            )
+        )
+        assert (await next_sideband("input_audio_buffer.speech_started"))["item_id"] == "i1"
+        assert (await next_event(client, "input_audio_buffer.speech_started"))["item_id"] == "i1"
+        await sideband.write(transceiver_pb2.StreamSessionEventsRequest(client_event="{nope"))
+        error = await next_sideband("error")
+        assert error["error"]["code"] == "invalid_json"
+        # The session closes: the sideband ends with OK.
+        await stack.stub.CloseSession(transceiver_pb2.CloseSessionRequest(session_id="s1"))
+        async with asyncio.timeout(5):
+            while await sideband.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                pass
+        assert await sideband.code() == grpc.StatusCode.OK
+        assert all(e.get("type") != "error" for e in _drain(client))
+        # Attaching to a closed session is NOT_FOUND.
+        late = stack.stub.StreamSessionEvents()
+        await late.write(transceiver_pb2.StreamSessionEventsRequest(session_id="s1"))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await late.read()
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await client.close()
         await stack.stop()

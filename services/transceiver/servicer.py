@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import grpc.aio
 
 from services.transceiver.manager import SessionError, SessionManager
+from services.transceiver.session import Session
 from voiceedge.common.v1 import common_pb2
 from voiceedge.transceiver.v1 import transceiver_pb2 as pb
 from voiceedge.transceiver.v1 import transceiver_pb2_grpc
@@ -58,3 +62,40 @@ class TransceiverServicer(transceiver_pb2_grpc.TransceiverServiceServicer):
         grace_s = request.grace_period_ms / 1000.0 if request.grace_period_ms else None
         active = await self._manager.drain(self._default_grace_s if grace_s is None else grace_s)
         return pb.DrainResponse(active_sessions=active)
+
+    async def StreamSessionEvents(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[pb.StreamSessionEventsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.StreamSessionEventsResponse]:
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "session_id" or not first.session_id:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first request must name the session_id"
+            )
+        try:
+            session = self._manager.find(first.session_id)
+        except SessionError as exc:
+            await context.abort(exc.code, exc.message)
+        if not isinstance(session, Session) or session.is_closed:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"session {first.session_id!r} ended")
+        sideband = session.attach_sideband()
+
+        async def client_events() -> None:
+            async for request in request_iterator:
+                if request.WhichOneof("payload") == "client_event":
+                    session.client_event(request.client_event, sideband)
+
+        reader = asyncio.get_running_loop().create_task(client_events())
+        try:
+            while (text := await sideband.get()) is not None:
+                yield pb.StreamSessionEventsResponse(server_event=text)
+        finally:
+            session.detach_sideband(sideband)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reader
+        if sideband.behind:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "the reader fell behind the session's events"
+            )

@@ -4,7 +4,6 @@ and a lifecycle that ends exactly once with a recorded reason."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -14,7 +13,7 @@ from typing import Any
 
 import grpc.aio
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from libs.observability.telemetry import log_event
 from services.transceiver import aiortc_compat, rtp, sdp
@@ -36,6 +35,7 @@ from services.transceiver.media import (
     Playout,
     frame_samples,
 )
+from services.transceiver.realtime_events import SIDEBAND_BACKLOG_MAX, RealtimeEvents
 from services.transceiver.udpmux import MuxSession, UdpMux
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2
@@ -73,48 +73,33 @@ class SessionParams:
     session_config: struct_pb2.Struct | None = None
 
 
-def bridge_event_json(message: inference_pb2.StreamSessionResponse) -> str | None:
-    """Bridge turn-taking events as OpenAI Realtime style server events for the data
-    channel. Pure; None for messages that are not forwarded as events."""
-    kind = message.WhichOneof("payload")
-    event: dict[str, Any]
-    if kind == "speech_started":
-        m = message.speech_started
-        event = {
-            "type": "input_audio_buffer.speech_started",
-            "audio_start_ms": m.audio_start_ms,
-            "item_id": m.item_id,
-        }
-    elif kind == "speech_stopped":
-        s = message.speech_stopped
-        event = {
-            "type": "input_audio_buffer.speech_stopped",
-            "audio_end_ms": s.audio_end_ms,
-            "item_id": s.item_id,
-        }
-    elif kind == "transcript_delta":
-        t = message.transcript_delta
-        if t.source == inference_pb2.TRANSCRIPT_SOURCE_INPUT:
-            name = "conversation.item.input_audio_transcription." + (
-                "completed" if t.final else "delta"
-            )
-        else:
-            name = "response.audio_transcript." + ("done" if t.final else "delta")
-        event = {"type": name, "item_id": t.item_id, "delta": t.delta}
-    elif kind == "response_started":
-        event = {
-            "type": "response.created",
-            "response": {"id": message.response_started.response_id},
-        }
-    elif kind == "response_done":
-        d = message.response_done
-        status = "cancelled" if d.cancelled else "completed"
-        event = {"type": "response.done", "response": {"id": d.response_id, "status": status}}
-    elif kind == "clear":
-        event = {"type": "output_audio_buffer.cleared"}
-    else:
-        return None
-    return json.dumps(event, separators=(",", ":"))
+class Sideband:
+    """One reader of a session's server events (TransceiverService.StreamSessionEvents):
+    a bounded queue; None marks the end (session closed, or the reader fell behind)."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue(SIDEBAND_BACKLOG_MAX + 1)
+        self.behind = False
+        self._ended = False
+
+    def put(self, text: str) -> bool:
+        """False (and the stream ends) when the reader is SIDEBAND_BACKLOG_MAX behind."""
+        if self._ended:
+            return False
+        if self._queue.qsize() >= SIDEBAND_BACKLOG_MAX:
+            self.behind = True
+            self.end()
+            return False
+        self._queue.put_nowait(text)
+        return True
+
+    def end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._queue.put_nowait(None)
+
+    async def get(self) -> str | None:
+        return await self._queue.get()
 
 
 class Session:
@@ -151,8 +136,14 @@ class Session:
         self._closed = asyncio.Event()
         self._bridge: BridgeLink | BatchedLink | None = None
         self._channel: RTCDataChannel | None = None
-        self._pending_events: list[str] = []
-        self._events_to_bridge: list[str] = []
+        self._pending_events: list[str] = []  # server events until the channel opens
+        # Client events until the bridge accepted, with where their replies go.
+        self._client_backlog: list[tuple[str, Sideband | None]] = []
+        self._sidebands: set[Sideband] = set()
+        config = params.session_config
+        self._events = RealtimeEvents(
+            self.id, json_format.MessageToDict(config) if config is not None else None
+        )
         self._mux_session: MuxSession | None = None
         self._decoder = OpusToPcm(params.rate_hz)
         self._pcm_frame_samples = frame_samples(params.rate_hz)
@@ -287,12 +278,8 @@ class Session:
         self._channel = channel
 
         def on_message(message: str | bytes) -> None:
-            if not isinstance(message, str):
-                return
-            if self._bridge is not None and self._bridge.accepted is not None:
-                self._bridge.send_event(message)
-            elif len(self._events_to_bridge) < PENDING_EVENTS_MAX:
-                self._events_to_bridge.append(message)  # sent once the bridge accepts
+            if isinstance(message, str):
+                self.client_event(message)
 
         def on_open() -> None:
             self._flush_events()
@@ -301,7 +288,54 @@ class Session:
         channel.on("open", on_open)
         self._flush_events()
 
+    def client_event(self, text: str, sender: Sideband | None = None) -> None:
+        """One client event from the data channel (sender None) or a sideband: handled
+        by the event protocol (realtime_events.py) once the bridge has accepted."""
+        bridge = self._bridge
+        if self._closing_or_closed:
+            return
+        if bridge is None or bridge.accepted is None:
+            if len(self._client_backlog) < PENDING_EVENTS_MAX:
+                self._client_backlog.append((text, sender))
+            return
+        outcome = self._events.from_client(text)
+        if outcome.clear_playout:
+            dropped = self.playout.clear()
+            log_event(logger, "session.output_cleared", session__id=self.id, frames_dropped=dropped)
+        for event in outcome.broadcast:
+            self._send_event(event)
+        for event in outcome.reply:
+            if sender is None:
+                self._send_to_channel(event)
+            else:
+                sender.put(event)
+        if outcome.to_bridge is not None:
+            bridge.send_event(outcome.to_bridge)
+
+    def attach_sideband(self) -> Sideband:
+        """A reader of every server event from now on, starting with `session.created`
+        (once the bridge has accepted; before that the first one sent is it)."""
+        sideband = Sideband()
+        if self._closing_or_closed:
+            sideband.end()
+            return sideband
+        self._sidebands.add(sideband)
+        if self._bridge is not None and self._bridge.accepted is not None:
+            sideband.put(self._events.session_created())
+        return sideband
+
+    def detach_sideband(self, sideband: Sideband) -> None:
+        self._sidebands.discard(sideband)
+
     def _send_event(self, text: str) -> None:
+        """A server event for the caller and every sideband."""
+        for sideband in list(self._sidebands):
+            if not sideband.put(text):
+                self._sidebands.discard(sideband)
+                log_event(logger, "session.sideband_behind", session__id=self.id)
+        self._send_to_channel(text)
+
+    def _send_to_channel(self, text: str) -> None:
         if len(self._pending_events) < PENDING_EVENTS_MAX:
             self._pending_events.append(text)
         self._flush_events()
@@ -337,7 +371,15 @@ class Session:
         """The pacer's 20 ms clock: send the next outbound packet (audio or silence)."""
         sender = self._rtp_out
         if sender is not None and self._teardown is None:
-            sender.send(self.playout.next_packet(), frame_index, OPUS_SAMPLES_PER_FRAME)
+            playout = self.playout
+            played_before = playout.frames_played
+            sender.send(playout.next_packet(), frame_index, OPUS_SAMPLES_PER_FRAME)
+            events = self._events
+            played = playout.frames_played != played_before
+            if played != events.output_active:
+                event = events.playout(played)
+                if event is not None:
+                    self._send_event(event)
             if frame_index % REPORT_EVERY_FRAMES == self._report_phase:
                 self._remote = None  # re-read the selected pair (aioice may switch it)
                 self._send_receiver_report()
@@ -437,9 +479,17 @@ class Session:
         elif accepted is not None and accepted.output_format.sample_rate_hz:
             self.playout.set_rate(accepted.output_format.sample_rate_hz)
         log_event(logger, "session.bridge_open", session__id=self.id, bridge=address)
-        pending, self._events_to_bridge = self._events_to_bridge, []
-        for text in pending:
-            link.send_event(text)
+        if accepted is not None:
+            defaults = (
+                json_format.MessageToDict(accepted.session_defaults)
+                if accepted.HasField("session_defaults")
+                else None
+            )
+            for event in self._events.accepted(accepted.sends_session_events, defaults):
+                self._send_event(event)
+        backlog, self._client_backlog = self._client_backlog, []
+        for text, sender in backlog:
+            self.client_event(text, sender)
         try:
             await link.read_loop(self._on_bridge_message)
         except BridgeEndedError as exc:
@@ -453,14 +503,13 @@ class Session:
             self.playout.push(message.audio_frame.data)
             self.frames_out += 1
             return
-        if kind == "data_channel_message":
-            self._send_event(message.data_channel_message.json)
-            return
         if kind == "clear":
             dropped = self.playout.clear()
             log_event(logger, "session.barge_in", session__id=self.id, frames_dropped=dropped)
-        event = bridge_event_json(message)
-        if event is not None:
+            for event in self._events.cleared_by_bridge(dropped):
+                self._send_event(event)
+            return
+        for event in self._events.from_bridge(message):
             self._send_event(event)
 
     # ---- lifecycle
@@ -498,6 +547,9 @@ class Session:
             )
             await self._bridge.close(reason, detail, notify=not ended_by_bridge)
         self._pacer.remove(self)
+        for sideband in self._sidebands:
+            sideband.end()
+        self._sidebands.clear()
         if self._mux_session is not None:
             self._mux_session.rtp_sink = None
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]

@@ -543,6 +543,15 @@ async def wait_for(condition: Any, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def next_event(client: Client, kind: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The client's next data-channel event of type `kind` (earlier others are dropped)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            event = await client.events.get()
+            if event.get("type") == kind:
+                return event
+
+
 async def closed_reason(stack: Stack, session_id: str) -> int:
     session = stack.manager.find(session_id)
     if isinstance(session, Session):

@@ -160,40 +160,41 @@ def chromium_rebind(edge: NetEdge, workdir: Path, calls_n: int) -> None:
     Prints how long each direction's packet counter stood still around the rebinding."""
     from selenium.webdriver.common.by import By  # only this mode needs a browser
 
-    from tests.e2e.browser import js, start_chromium
+    from tests.e2e.browser import chromium, js, write_tone_wav
 
-    with edge.testbed.entered("client"):
-        browser = start_chromium(workdir, secure_origin=edge.http_base)
-        try:
-            for index in range(calls_n):
-                browser.get(edge.http_base + "/")
-                browser.execute_script(calls.KEY_INSTEAD_OF_SECRET)
-                browser.find_element(By.ID, "talk").click()
-                deadline = time.monotonic() + 30
-                while js(browser, "window.voiceedgeState") != "connected":
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("Chromium did not connect")
-                    time.sleep(0.05)
-                time.sleep(2.0)
-                down: list[tuple[float, int]] = []
-                up: list[tuple[float, int]] = []
-                edge.nat.rebind()
-                t0 = time.monotonic()
-                while time.monotonic() < t0 + 10:
-                    down.append((time.monotonic(), int(js(browser, calls.INBOUND_PACKETS))))
-                    with edge.testbed.entered("cluster"):
-                        count = calls.live_session(edge).stats.packets_received
-                    up.append((time.monotonic(), int(count)))
-                    time.sleep(0.02)
-                print(
-                    f"chromium call {index + 1}: rebinding outage down "
-                    f"{_longest_stall(down):.2f} s, up {_longest_stall(up):.2f} s"
-                )
-                browser.find_element(By.ID, "talk").click()
-                while js(browser, "document.getElementById('state').textContent") != "idle":
-                    time.sleep(0.05)
-        finally:
-            browser.quit()
+    wav = workdir / "tone.wav"
+    write_tone_wav(wav, tone_s=1.0, silence_s=1.6, tone_hz=calls.TONE_HZ)
+    with (
+        edge.testbed.entered("client"),
+        chromium(workdir, wav, secure_origin=edge.http_base) as browser,
+    ):
+        for index in range(calls_n):
+            browser.get(edge.http_base + "/")
+            browser.execute_script(calls.KEY_INSTEAD_OF_SECRET)
+            browser.find_element(By.ID, "talk").click()
+            deadline = time.monotonic() + 30
+            while js(browser, "window.voiceedgeState") != "connected":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("Chromium did not connect")
+                time.sleep(0.05)
+            time.sleep(2.0)
+            down: list[tuple[float, int]] = []
+            up: list[tuple[float, int]] = []
+            edge.nat.rebind()
+            t0 = time.monotonic()
+            while time.monotonic() < t0 + 10:
+                down.append((time.monotonic(), int(js(browser, calls.INBOUND_PACKETS))))
+                with edge.testbed.entered("cluster"):
+                    count = calls.live_session(edge).stats.packets_received
+                up.append((time.monotonic(), int(count)))
+                time.sleep(0.02)
+            print(
+                f"chromium call {index + 1}: rebinding outage down "
+                f"{_longest_stall(down):.2f} s, up {_longest_stall(up):.2f} s"
+            )
+            browser.find_element(By.ID, "talk").click()
+            while js(browser, "document.getElementById('state').textContent") != "idle":
+                time.sleep(0.05)
 
 
 def stun_rtts(edge: NetEdge, username: str, password: str, count: int) -> Summary:

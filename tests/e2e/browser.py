@@ -1,10 +1,11 @@
-"""Headless Debian Chromium with a fake microphone playing a tone WAV: shared by the
-loopback test (chromium_test.py) and the cross-host one (tests/netsim)."""
+"""Headless Debian Chromium with a fake microphone, shared by the browser end-to-end tests."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import wave
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,33 +14,34 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-TONE_HZ = 440.0
-RATE = 48000
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+WAV_RATE = 48000
 
 
-def write_tone_wav(path: Path) -> None:
-    """A 440 Hz tone for 1 s, then 1.6 s of silence (Chromium loops it)."""
-    t = np.arange(int(RATE * 1.0)) / RATE
-    tone = (np.sin(2 * np.pi * TONE_HZ * t) * 0.4 * 32767).astype(np.int16)
-    silence = np.zeros(int(RATE * 1.6), dtype=np.int16)
+def write_tone_wav(path: Path, *, tone_s: float, silence_s: float, tone_hz: float) -> None:
+    """A tone then silence, mono 48 kHz; Chromium loops it as the microphone."""
+    t = np.arange(int(WAV_RATE * tone_s)) / WAV_RATE
+    tone = (np.sin(2 * np.pi * tone_hz * t) * 0.4 * 32767).astype(np.int16)
+    silence = np.zeros(int(WAV_RATE * silence_s), dtype=np.int16)
     with wave.open(str(path), "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
-        wav.setframerate(RATE)
+        wav.setframerate(WAV_RATE)
         wav.writeframes(np.concatenate([tone, silence]).tobytes())
 
 
-def start_chromium(workdir: Path, secure_origin: str = "") -> webdriver.Chrome:
-    """Chromium (and chromedriver) in the calling thread's network namespace.
+@contextlib.contextmanager
+def chromium(
+    workdir: Path, microphone_wav: Path, *, secure_origin: str = ""
+) -> Iterator[webdriver.Chrome]:
+    """Chromium on loopback only, the WAV as its microphone, media and autoplay allowed.
     `secure_origin`: an http:// origin off the loopback that may still use the microphone
-    (getUserMedia needs a secure context; only localhost is one without TLS)."""
+    (getUserMedia needs a secure context; only localhost is one without TLS): tests/netsim
+    runs Chromium on a client host behind a NAT, in the calling thread's namespace."""
     for tool in (CHROMIUM, CHROMEDRIVER):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} missing: ./bazelw installs chromium and chromium-driver")
-    wav = workdir / "tone.wav"
-    write_tone_wav(wav)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (
@@ -53,7 +55,7 @@ def start_chromium(workdir: Path, secure_origin: str = "") -> webdriver.Chrome:
         "--disable-sync",
         "--use-fake-ui-for-media-stream",
         "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={wav}",
+        f"--use-file-for-fake-audio-capture={microphone_wav}",
         "--allow-loopback-in-peer-connection",
         "--autoplay-policy=no-user-gesture-required",
         f"--user-data-dir={workdir / 'profile'}",
@@ -61,8 +63,15 @@ def start_chromium(workdir: Path, secure_origin: str = "") -> webdriver.Chrome:
         options.add_argument(flag)
     if secure_origin:
         options.add_argument(f"--unsafely-treat-insecure-origin-as-secure={secure_origin}")
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    # Every console line, not just errors: a failing test prints CORS refusals and warnings.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 def js(driver: webdriver.Chrome, expression: str) -> Any:
+    """The value of a JavaScript expression in the page."""
     return driver.execute_script(f"return {expression};")

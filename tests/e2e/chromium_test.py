@@ -18,12 +18,12 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.e2e.browser import TONE_HZ, start_chromium
-from tests.e2e.browser import js as _js
+from tests.e2e.browser import chromium, js, write_tone_wav
 from tests.e2e.edge import edge
 from tools.demo.stack import Stack
 
 API_KEY = "sk-e2e-chromium-0123456789"
+TONE_HZ = 440.0
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +35,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
-    driver = start_chromium(tmp_path)
-    try:
+    wav = tmp_path / "tone.wav"
+    write_tone_wav(wav, tone_s=1.0, silence_s=1.6, tone_hz=TONE_HZ)
+    with chromium(tmp_path, wav) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_browser_call_through_the_relay_with_echo_and_barge_in(
@@ -48,30 +47,30 @@ def test_browser_call_through_the_relay_with_echo_and_barge_in(
     browser.get(stack.http_base + "/")
     browser.find_element(By.ID, "talk").click()
     wait = WebDriverWait(browser, timeout=20, poll_frequency=0.2)
-    wait.until(lambda d: _js(d, "window.voiceedgeState") == "connected")
+    wait.until(lambda d: js(d, "window.voiceedgeState") == "connected")
     relay = f"{stack.relay_udp[0]}:{stack.relay_udp[1]}"
-    wait.until(lambda d: _js(d, "window.voiceedgeRemote") == relay)
+    wait.until(lambda d: js(d, "window.voiceedgeRemote") == relay)
 
     # Two tone/answer cycles: the agent's answer is heard at the tone's frequency.
     slow = WebDriverWait(browser, timeout=40, poll_frequency=0.25)
     slow.until(
         lambda d: (
-            (_js(d, "window.voiceedgeReceived && window.voiceedgeReceived.loudWindows") or 0) >= 8
+            (js(d, "window.voiceedgeReceived && window.voiceedgeReceived.loudWindows") or 0) >= 8
         )
     )
-    peaks = _js(browser, "window.voiceedgeReceived.peaksHz")
+    peaks = js(browser, "window.voiceedgeReceived.peaksHz")
     heard = statistics.median(peaks)
     assert abs(heard - TONE_HZ) < TONE_HZ * 0.05, peaks
 
     # The next tone starts while the answer plays: the agent is interrupted (barge-in).
     slow.until(
         lambda d: any(
-            "cancel" in e or "clear" in e for e in (_js(d, "window.voiceedgeEvents") or [])
+            "cancel" in e or "clear" in e for e in (js(d, "window.voiceedgeEvents") or [])
         )
     )
-    events = _js(browser, "window.voiceedgeEvents")
+    events = js(browser, "window.voiceedgeEvents")
     assert any("speech_started" in e for e in events), events
     assert any("speech_stopped" in e for e in events), events
 
     browser.find_element(By.ID, "talk").click()  # hang up
-    wait.until(lambda d: _js(d, "document.getElementById('state').textContent") == "idle")
+    wait.until(lambda d: js(d, "document.getElementById('state').textContent") == "idle")

@@ -20,9 +20,9 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.e2e.browser import TONE_HZ, js, start_chromium
+from tests.e2e.browser import chromium, js, write_tone_wav
 from tests.netsim import calls
-from tests.netsim.calls import API_KEY, INBOUND_PACKETS, KEY_INSTEAD_OF_SECRET
+from tests.netsim.calls import API_KEY, INBOUND_PACKETS, KEY_INSTEAD_OF_SECRET, TONE_HZ
 from tools.netsim.edge import NetEdge, standard_edge
 
 
@@ -36,68 +36,69 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetEdge]:
 def test_chromium_behind_nat_calls_through_the_relay_and_hears_the_tone(
     edge: NetEdge, tmp_path: Path
 ) -> None:
-    with edge.testbed.entered("client"):
-        browser = start_chromium(tmp_path, secure_origin=edge.http_base)
-        try:
-            browser.get(edge.http_base + "/")
-            browser.execute_script(KEY_INSTEAD_OF_SECRET)
-            browser.find_element(By.ID, "talk").click()
-            wait = WebDriverWait(browser, timeout=30, poll_frequency=0.2)
-            with contextlib.suppress(TimeoutException):  # the assert below says what it saw
-                wait.until(lambda d: js(d, "window.voiceedgeState") in ("connected", "failed"))
-            page = js(
-                browser,
-                "document.getElementById('state').textContent + ' ice=' + "
-                "document.getElementById('ice').textContent + ' events: ' + "
-                "document.getElementById('events').textContent",
+    wav = tmp_path / "tone.wav"
+    write_tone_wav(wav, tone_s=1.0, silence_s=1.6, tone_hz=TONE_HZ)
+    with (
+        edge.testbed.entered("client"),
+        chromium(tmp_path, wav, secure_origin=edge.http_base) as browser,
+    ):
+        browser.get(edge.http_base + "/")
+        browser.execute_script(KEY_INSTEAD_OF_SECRET)
+        browser.find_element(By.ID, "talk").click()
+        wait = WebDriverWait(browser, timeout=30, poll_frequency=0.2)
+        with contextlib.suppress(TimeoutException):  # the assert below says what it saw
+            wait.until(lambda d: js(d, "window.voiceedgeState") in ("connected", "failed"))
+        page = js(
+            browser,
+            "document.getElementById('state').textContent + ' ice=' + "
+            "document.getElementById('ice').textContent + ' events: ' + "
+            "document.getElementById('events').textContent",
+        )
+        assert js(browser, "window.voiceedgeState") == "connected", page
+        relay = f"{edge.relay[0]}:{edge.relay[1]}"
+        wait.until(lambda d: js(d, "window.voiceedgeRemote") == relay)
+        with edge.testbed.entered("cluster"):
+            selected = calls.live_session(edge).stats.selected_remote_address
+        assert selected.ip == edge.addresses.nat_public  # the NAT, never the client
+
+        slow = WebDriverWait(browser, timeout=45, poll_frequency=0.25)
+        slow.until(
+            lambda d: (
+                (js(d, "window.voiceedgeReceived && window.voiceedgeReceived.loudWindows") or 0)
+                >= 8
             )
-            assert js(browser, "window.voiceedgeState") == "connected", page
-            relay = f"{edge.relay[0]}:{edge.relay[1]}"
-            wait.until(lambda d: js(d, "window.voiceedgeRemote") == relay)
-            with edge.testbed.entered("cluster"):
-                selected = calls.live_session(edge).stats.selected_remote_address
-            assert selected.ip == edge.addresses.nat_public  # the NAT, never the client
+        )
+        heard = statistics.median(js(browser, "window.voiceedgeReceived.peaksHz"))
+        assert abs(heard - TONE_HZ) < TONE_HZ * 0.05, heard
 
-            slow = WebDriverWait(browser, timeout=45, poll_frequency=0.25)
-            slow.until(
-                lambda d: (
-                    (js(d, "window.voiceedgeReceived && window.voiceedgeReceived.loudWindows") or 0)
-                    >= 8
-                )
+        # The NAT rebinds mid-call: Chromium's next check comes from a new public port,
+        # the call follows it both ways with the same session and no renegotiation.
+        with edge.testbed.entered("cluster"):
+            before = calls.live_session(edge)
+        edge.nat.rebind()
+
+        def moved(_: object) -> bool:
+            with edge.testbed.entered("cluster"):
+                now = calls.live_session(edge)
+            return now.stats.selected_remote_address.port not in (
+                0,
+                before.stats.selected_remote_address.port,
             )
-            heard = statistics.median(js(browser, "window.voiceedgeReceived.peaksHz"))
-            assert abs(heard - TONE_HZ) < TONE_HZ * 0.05, heard
 
-            # The NAT rebinds mid-call: Chromium's next check comes from a new public port,
-            # the call follows it both ways with the same session and no renegotiation.
+        slow.until(moved)
+        with edge.testbed.entered("cluster"):
+            after = calls.live_session(edge)
+        assert after.session_id == before.session_id
+        assert after.ice_ufrag == before.ice_ufrag
+        down_at = js(browser, INBOUND_PACKETS)
+        slow.until(lambda d: js(d, INBOUND_PACKETS) > down_at + 50)
+
+        def up_flows(_: object) -> bool:
             with edge.testbed.entered("cluster"):
-                before = calls.live_session(edge)
-            edge.nat.rebind()
+                now = calls.live_session(edge)
+            return bool(now.stats.packets_received > after.stats.packets_received + 50)
 
-            def moved(_: object) -> bool:
-                with edge.testbed.entered("cluster"):
-                    now = calls.live_session(edge)
-                return now.stats.selected_remote_address.port not in (
-                    0,
-                    before.stats.selected_remote_address.port,
-                )
-
-            slow.until(moved)
-            with edge.testbed.entered("cluster"):
-                after = calls.live_session(edge)
-            assert after.session_id == before.session_id
-            assert after.ice_ufrag == before.ice_ufrag
-            down_at = js(browser, INBOUND_PACKETS)
-            slow.until(lambda d: js(d, INBOUND_PACKETS) > down_at + 50)
-
-            def up_flows(_: object) -> bool:
-                with edge.testbed.entered("cluster"):
-                    now = calls.live_session(edge)
-                return bool(now.stats.packets_received > after.stats.packets_received + 50)
-
-            slow.until(up_flows)
-            assert js(browser, "window.voiceedgeState") == "connected"
-            browser.find_element(By.ID, "talk").click()  # hang up
-            wait.until(lambda d: js(d, "document.getElementById('state').textContent") == "idle")
-        finally:
-            browser.quit()
+        slow.until(up_flows)
+        assert js(browser, "window.voiceedgeState") == "connected"
+        browser.find_element(By.ID, "talk").click()  # hang up
+        wait.until(lambda d: js(d, "document.getElementById('state').textContent") == "idle")
