@@ -282,13 +282,14 @@ async def test_client_clear_truncates_without_reaching_the_model() -> None:
             assert "output_audio_buffer.clear" not in kinds
             (truncate,) = [e for e in fake.received if e["type"] == "conversation.item.truncate"]
             assert truncate["item_id"] == "item_c"
-            assert 0 <= truncate["audio_end_ms"] <= 400
+            assert 0 <= truncate["audio_end_ms"] < 1000  # of the 2 s answer
             # Nothing of the 2 s answer follows the clear, and no ClearAudio goes back.
             await call.write(client_event({"type": "test.error"}))
             after = await read_until(call, "session_end")
             payloads = [m.WhichOneof("payload") for m in after]
             assert "clear" not in payloads
-            assert payloads.count("audio_frame") <= 2  # at most what was already in flight
+            # Of 100 frames only the playout lead (200 ms) had gone out before the clear.
+            assert payloads.count("audio_frame") < 30
 
 
 async def test_error_event_ends_the_session() -> None:
