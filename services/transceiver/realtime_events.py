@@ -35,6 +35,8 @@ from typing import Any
 from libs.wire.realtime_session import merge_session
 from voiceedge.inference.v1 import inference_pb2
 
+# Playout ticks (20 ms) with no audio after a finished response before `stopped`.
+STOPPED_AFTER_IDLE_TICKS = 5
 # Events a slow sideband reader may fall behind by before it is cut off.
 SIDEBAND_BACKLOG_MAX = 1024
 
@@ -79,7 +81,8 @@ class RealtimeEvents:
         self._accepted = False
         self.response_id = ""
         self._response_finished = True  # no response open: audio alone starts and stops
-        self.output_active = False  # response audio played on the last tick
+        self.output_active = False  # response audio is playing (started, not yet stopped)
+        self.idle_ticks = 0  # playout ticks without audio since output_active
         self._client_cancelled = False  # the client cancelled the open response
         self._transcripts: dict[tuple[int, str], str] = {}  # (source, item) -> text so far
         self._speech: dict[str, tuple[int, int]] = {}  # item -> (start ms, end ms)
@@ -231,17 +234,26 @@ class RealtimeEvents:
     def cleared(self) -> str:
         """The output buffer was dropped: no `stopped` follows for this response."""
         self.output_active = False
+        self.idle_ticks = 0
         return self._event("output_audio_buffer.cleared", response_id=self.response_id)
 
     def playout(self, played: bool) -> str | None:
-        """One playout tick: `played` is true when response audio (not fill) went out."""
+        """One playout tick: `played` is true when response audio (not fill) went out. The
+        Session calls it only when `played` differs from `output_active`, or when audio
+        plays again after idle ticks (`idle_ticks`): a tick per 20 ms is the hot path."""
         if played:
+            self.idle_ticks = 0
             if not self.output_active:
                 self.output_active = True
                 return self._event("output_audio_buffer.started", response_id=self.response_id)
-        elif self.output_active and self._response_finished:
-            self.output_active = False
-            return self._event("output_audio_buffer.stopped", response_id=self.response_id)
+        elif self.output_active:
+            self.idle_ticks += 1
+            # A short gap (the bridge a frame late) is not the end: without the hold-off a
+            # bridge that streams audio with no response framing would flap started/stopped.
+            if self._response_finished and self.idle_ticks >= STOPPED_AFTER_IDLE_TICKS:
+                self.output_active = False
+                self.idle_ticks = 0
+                return self._event("output_audio_buffer.stopped", response_id=self.response_id)
         return None
 
     # ---- client events

@@ -8,7 +8,11 @@ from typing import Any
 
 import pytest
 
-from services.transceiver.realtime_events import RealtimeEvents, event_ids
+from services.transceiver.realtime_events import (
+    STOPPED_AFTER_IDLE_TICKS,
+    RealtimeEvents,
+    event_ids,
+)
 from voiceedge.inference.v1 import inference_pb2
 
 R = inference_pb2.StreamSessionResponse
@@ -167,10 +171,22 @@ def test_output_audio_buffer_started_and_stopped_follow_playout_and_response() -
     assert p.playout(False) is None  # a gap mid-response is not the end
     p.from_bridge(R(response_done=inference_pb2.ResponseDone(response_id="resp_1")))
     assert p.playout(True) is None  # queued audio still playing
-    stopped = json.loads(p.playout(False) or "{}")
+    idle = [p.playout(False) for _ in range(STOPPED_AFTER_IDLE_TICKS)]
+    assert idle[:-1] == [None] * (STOPPED_AFTER_IDLE_TICKS - 1)
+    stopped = json.loads(idle[-1] or "{}")
     assert stopped["type"] == "output_audio_buffer.stopped"
     assert stopped["response_id"] == "resp_1"
     assert p.playout(False) is None
+
+
+def test_audio_without_responses_does_not_flap_on_short_gaps() -> None:
+    """A bridge that streams audio with no ResponseStarted/Done (an echo): one `started`,
+    gaps shorter than the hold-off stay inside it, a long silence `stopped`."""
+    p = proto()
+    ticks = [True] * 10 + ([False] * (STOPPED_AFTER_IDLE_TICKS - 1) + [True] * 3) * 20
+    ticks += [False] * STOPPED_AFTER_IDLE_TICKS
+    kinds = [json.loads(e)["type"] for e in (p.playout(t) for t in ticks) if e is not None]
+    assert kinds == ["output_audio_buffer.started", "output_audio_buffer.stopped"]
 
 
 def test_transcripts_use_ga_names_and_carry_the_whole_text() -> None:

@@ -376,7 +376,7 @@ class Session:
             sender.send(playout.next_packet(), frame_index, OPUS_SAMPLES_PER_FRAME)
             events = self._events
             played = playout.frames_played != played_before
-            if played != events.output_active:
+            if played != events.output_active or (played and events.idle_ticks):
                 event = events.playout(played)
                 if event is not None:
                     self._send_event(event)

@@ -20,7 +20,7 @@ import numpy as np
 from services.bridge.echo import EchoAgent
 from services.bridge.session import Outbox
 from services.bridge.turns import TurnConfig
-from services.transceiver.realtime_events import RealtimeEvents, event_ids
+from services.transceiver.realtime_events import STOPPED_AFTER_IDLE_TICKS, RealtimeEvents, event_ids
 from voiceedge.inference.v1 import inference_pb2
 
 RATE = 24000
@@ -96,8 +96,9 @@ class _Script:
     def drained(self) -> None:
         """The caller's playout ran dry."""
         self.queued = 0
-        tick = self.events.playout(False)
-        self.out += [tick] if tick is not None else []
+        for _ in range(STOPPED_AFTER_IDLE_TICKS):
+            tick = self.events.playout(False)
+            self.out += [tick] if tick is not None else []
 
 
 async def generate() -> list[str]:
