@@ -37,6 +37,9 @@ from voiceedge.inference.v1 import inference_pb2
 
 # Playout ticks (20 ms) with no audio after a finished response before `stopped`.
 STOPPED_AFTER_IDLE_TICKS = 5
+# Conversation items whose speech span or partial transcript is kept for a later event: a
+# bridge that never finishes a transcript (or sends none, as the echo) must not grow them.
+ITEMS_REMEMBERED = 32
 # Events a slow sideband reader may fall behind by before it is cut off.
 SIDEBAND_BACKLOG_MAX = 1024
 
@@ -45,6 +48,14 @@ _JSON_SEPARATORS = (",", ":")
 
 def _dumps(event: Mapping[str, Any]) -> str:
     return json.dumps(event, separators=_JSON_SEPARATORS)
+
+
+def _remember(table: dict[Any, Any], key: Any, value: Any) -> None:
+    """table[key] = value, forgetting the oldest entries past ITEMS_REMEMBERED."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > ITEMS_REMEMBERED:
+        del table[next(iter(table))]
 
 
 def event_ids(prefix: str | None = None) -> Callable[[], str]:
@@ -126,7 +137,7 @@ class RealtimeEvents:
             return [text] if text is not None else []
         if kind == "speech_started":
             started = message.speech_started
-            self._speech[started.item_id] = (started.audio_start_ms, started.audio_start_ms)
+            _remember(self._speech, started.item_id, (started.audio_start_ms,) * 2)
             return [
                 self._event(
                     "input_audio_buffer.speech_started",
@@ -137,7 +148,7 @@ class RealtimeEvents:
         if kind == "speech_stopped":
             stopped = message.speech_stopped
             start = self._speech.get(stopped.item_id, (stopped.audio_end_ms, 0))[0]
-            self._speech[stopped.item_id] = (start, stopped.audio_end_ms)
+            _remember(self._speech, stopped.item_id, (start, stopped.audio_end_ms))
             return [
                 self._event(
                     "input_audio_buffer.speech_stopped",
@@ -186,7 +197,7 @@ class RealtimeEvents:
         if t.final:
             self._transcripts.pop(key, None)
         else:
-            self._transcripts[key] = text
+            _remember(self._transcripts, key, text)
         if t.source == inference_pb2.TRANSCRIPT_SOURCE_INPUT:
             if not t.final:
                 return self._event(

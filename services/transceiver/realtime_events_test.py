@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from services.transceiver.realtime_events import (
+    ITEMS_REMEMBERED,
     STOPPED_AFTER_IDLE_TICKS,
     RealtimeEvents,
     event_ids,
@@ -267,3 +268,19 @@ def test_a_bridge_clear_is_reported_only_when_the_caller_loses_audio() -> None:
     (playing,) = events(p.cleared_by_bridge(0))
     assert playing["type"] == "output_audio_buffer.cleared"
     assert not p.output_active
+
+
+def test_per_item_state_stays_bounded_when_transcripts_never_finish() -> None:
+    p = proto()
+    for n in range(ITEMS_REMEMBERED * 10):
+        item = f"i{n}"
+        p.from_bridge(R(speech_started=inference_pb2.SpeechStarted(item_id=item)))
+        p.from_bridge(
+            R(
+                transcript_delta=inference_pb2.TranscriptDelta(
+                    item_id=item, delta="x", source=inference_pb2.TRANSCRIPT_SOURCE_OUTPUT
+                )
+            )
+        )
+    assert len(p._speech) == ITEMS_REMEMBERED
+    assert len(p._transcripts) == ITEMS_REMEMBERED
