@@ -95,7 +95,6 @@ class EchoAgent:
         self._base_turn_config = turn_config
         self._detector = TurnDetector(turn_config)
         self._vad = VoiceActivity(vad_aggressiveness, input_rate_hz)
-        self._prefix_padding_ms = prefix_padding_ms
         self._prefix_samples = input_rate_hz * prefix_padding_ms // 1000
         self._max_samples = int(input_rate_hz * max_utterance_s) + self._prefix_samples
         self._playout = Playout(outbox, output_rate_hz, playout_lead_ms)
@@ -116,27 +115,24 @@ class EchoAgent:
         self._committed: Samples | None = None  # the last committed utterance
         # SessionAccepted: the transceiver answers session.update with the agent's view.
         self.sends_session_events = False
-        self.session_defaults: Mapping[str, Any] | None = {
-            "audio": {"input": {"turn_detection": self._detection(turn_config, True)}}
-        }
-        self._apply_session(session_config)
-
-    def _detection(self, config: TurnConfig, create_response: bool) -> dict[str, Any]:
-        return {
+        detection = {
             "type": "server_vad",
-            "silence_duration_ms": config.end_of_turn_silence_ms,
-            "prefix_padding_ms": self._prefix_padding_ms,
-            "create_response": create_response,
+            "silence_duration_ms": turn_config.end_of_turn_silence_ms,
+            "prefix_padding_ms": prefix_padding_ms,
+            "create_response": True,
             "interrupt_response": True,
         }
+        self.session_defaults: Mapping[str, Any] | None = {
+            "audio": {"input": {"turn_detection": detection}}
+        }
+        self._apply_session(session_config)
 
     def _apply_session(self, update: Mapping[str, Any]) -> None:
         self._session = merge_session(self._session, update)
         detection = turn_detection(self._session)
         manual = detection is None
         if manual and not self._manual:
-            self._interrupt_turn()
-            self._input_start = self._position  # push-to-talk input starts now
+            self._clear_input()  # push-to-talk input starts now
         self._manual = manual
         self._create_response = not (
             isinstance(detection, Mapping) and detection.get("create_response") is False
@@ -194,8 +190,7 @@ class EchoAgent:
         elif kind == "input_audio_buffer.commit":
             self._commit()
         elif kind == "input_audio_buffer.clear":
-            self._interrupt_turn()
-            self._input_start = self._position
+            self._clear_input()
             self._event({"type": "input_audio_buffer.cleared"})
         elif kind == "response.create":
             utterance, self._committed = self._committed, None
@@ -228,6 +223,10 @@ class EchoAgent:
         self._items += 1
         self._committed = self._utterance(start, end)
         self._input_start = end
+        self._event_committed()
+
+    def _event_committed(self) -> None:
+        """`input_audio_buffer.committed` for the current item (a turn's end, or a commit)."""
         self._event(
             {
                 "type": "input_audio_buffer.committed",
@@ -240,6 +239,11 @@ class EchoAgent:
         """Forgets the open turn (the detector starts afresh)."""
         self._turn_start = None
         self._detector = TurnDetector(self._detector.config)
+
+    def _clear_input(self) -> None:
+        """Drops the open turn and all input not yet committed."""
+        self._interrupt_turn()
+        self._input_start = self._position
 
     def _ms(self, samples: int) -> int:
         return samples * 1000 // self._in_rate
@@ -274,13 +278,7 @@ class EchoAgent:
                 self._samples(event.audio_start_ms) - self._prefix_samples, end
             )
             self._input_start = end
-            self._event(
-                {
-                    "type": "input_audio_buffer.committed",
-                    "item_id": self._item_id(),
-                    "previous_item_id": None,
-                }
-            )
+            self._event_committed()
             if self._create_response:
                 self._start_response(utterance)
             else:

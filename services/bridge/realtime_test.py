@@ -82,33 +82,26 @@ class FakeRealtime:
         elif kind == "conversation.item.truncate":
             self.truncated.set()
         elif kind == "test.barge_in":
-            await ws.send_json({"type": "response.created", "response": {"id": "resp_2"}})
-            await ws.send_json(
-                {
-                    "type": "response.output_audio.delta",
-                    "item_id": "item_b",
-                    "delta": b64(tone(440, 2.0)),
-                }
-            )
+            await self.long_answer(ws, "resp_2", "item_b")
             await ws.send_json({"type": "input_audio_buffer.speech_started", "audio_start_ms": 900})
             await ws.send_json(
                 {"type": "response.done", "response": {"id": "resp_2", "status": "cancelled"}}
             )
         elif kind == "test.long_answer":
-            await ws.send_json({"type": "response.created", "response": {"id": "resp_3"}})
-            await ws.send_json(
-                {
-                    "type": "response.output_audio.delta",
-                    "item_id": "item_c",
-                    "delta": b64(tone(440, 2.0)),
-                }
-            )
+            await self.long_answer(ws, "resp_3", "item_c")
         elif kind == "test.error":
             await ws.send_json(
                 {"type": "error", "error": {"type": "server_error", "message": "boom"}}
             )
         elif kind == "test.close":
             await ws.close()
+
+    async def long_answer(self, ws: web.WebSocketResponse, response: str, item: str) -> None:
+        """A response with 2 s of audio in one delta, left open."""
+        await ws.send_json({"type": "response.created", "response": {"id": response}})
+        await ws.send_json(
+            {"type": "response.output_audio.delta", "item_id": item, "delta": b64(tone(440, 2.0))}
+        )
 
     async def turn(self, ws: web.WebSocketResponse) -> None:
         item = {"item_id": "item_1"}

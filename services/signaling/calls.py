@@ -457,31 +457,37 @@ class CallService:
         call = await self._owned(principal, call_id)
         if call.state == CALL_ENDED:
             return call
+        return await self._end(call)
+
+    async def _end(self, call: CallRecord) -> CallRecord:
+        """Closes the call's session and records the call as ended."""
         await self._close_quietly(call.transceiver_address, call.session_id)
         ended = call.ended(self._clock(), common_pb2.CLOSE_REASON_CLOSE_RPC)
         try:
             await self._store.put_call(ended)
         except StoreError as exc:
             raise self._store_unavailable(exc) from exc
-        log_event(logger, "call.deleted", call__id=call_id, session__id=call.session_id)
+        log_event(logger, "call.deleted", call__id=call.call_id, session__id=call.session_id)
         return ended
 
     async def hangup(self, principal: Principal, call_id: str) -> CallRecord:
         """OpenAI's `POST /v1/realtime/calls/{id}/hangup`: like delete_call, but hanging up
         a call that has already ended is an error (OpenAI answers 400), not a no-op."""
+        return await self._end(await self._active_call(principal, call_id))
+
+    async def _active_call(self, principal: Principal, call_id: str) -> CallRecord:
+        """The caller's call, refreshed from its transceiver; an ended one is an error."""
         call = await self.get_call(principal, call_id)
         if call.state == CALL_ENDED:
-            raise errors.bad_request("call_not_active", f"Call '{call_id}' has already ended.")
-        return await self.delete_call(principal, call_id)
+            raise errors.call_not_active(call_id)
+        return call
 
     async def open_sideband(self, principal: Principal, call_id: str) -> SidebandCall:
         """The call's event stream on its transceiver (the sideband WebSocket's other end),
         attached: the caller sends client events on it and reads server events."""
         if principal.kind != "api_key":
             raise errors.forbidden("The sideband of a call takes the API key, not a client secret.")
-        call = await self.get_call(principal, call_id)
-        if call.state == CALL_ENDED:
-            raise errors.bad_request("call_not_active", f"Call '{call_id}' has already ended.")
+        call = await self._active_call(principal, call_id)
         # Any: grpc-stubs type the call as synchronous, taking a request iterator.
         stub: Any = transceiver_pb2_grpc.TransceiverServiceStub(
             self._channel(call.transceiver_address)
@@ -499,7 +505,7 @@ class CallService:
 
     def _sideband_error(self, call_id: str, exc: grpc.aio.AioRpcError) -> ApiError:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
-            return errors.bad_request("call_not_active", f"Call '{call_id}' has already ended.")
+            return errors.call_not_active(call_id)
         return errors.unavailable(
             "transceivers_unavailable",
             "The call's transceiver did not answer; retry later.",

@@ -47,6 +47,11 @@ def bad_request(code: str, message: str) -> ApiError:
     )
 
 
+def call_not_active(call_id: str) -> ApiError:
+    """Hangup or sideband of a call that has ended (OpenAI answers 400)."""
+    return bad_request("call_not_active", f"Call '{call_id}' has already ended.")
+
+
 def unauthorized(code: str, message: str) -> ApiError:
     return ApiError(
         401, "invalid_request_error", code, message, grpc_code=grpc.StatusCode.UNAUTHENTICATED

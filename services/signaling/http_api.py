@@ -49,6 +49,8 @@ ALLOWED_HEADERS = frozenset(
     }
 )
 ALLOWED_HEADER_PREFIXES = ("x-stainless-",)
+# The answer to a preflight that names no headers.
+DEFAULT_ALLOWED_HEADERS = "Authorization, Content-Type, If-Match"
 # A sideband client event larger than this closes the WebSocket (1009, message too big).
 SIDEBAND_MAX_MESSAGE_BYTES = 1 << 20
 
@@ -320,7 +322,7 @@ def allowed_request_headers(requested: str) -> str:
         for name in names
         if name.lower() in ALLOWED_HEADERS or name.lower().startswith(ALLOWED_HEADER_PREFIXES)
     ]
-    return ", ".join(allowed) if names else "Authorization, Content-Type, If-Match"
+    return ", ".join(allowed) if names else DEFAULT_ALLOWED_HEADERS
 
 
 async def _pump_sideband(

@@ -161,12 +161,7 @@ async def test_barge_in_clears_queued_audio_at_once() -> None:
     stack.bridge.echo = False
     client = Client(tone_hz=440.0)
     try:
-        await stack.connect("s1", client)
-        async with asyncio.timeout(10):
-            await stack.bridge.opened.wait()
-        stream = stack.bridge.streams["s1"]
-        session = stack.manager.find("s1")
-        assert isinstance(session, Session)
+        stream, session = await _open(stack, client)
         # 5 s of 24 kHz tone at once, far faster than real time: it queues in the transceiver.
         _inject_tone(stream, 5.0)
         async with asyncio.timeout(10):
@@ -264,12 +259,7 @@ async def test_client_clear_drops_playout_and_reaches_the_bridge() -> None:
     stack.bridge.echo_events = False
     client = Client(tone_hz=440.0)
     try:
-        await stack.connect("s1", client)
-        async with asyncio.timeout(10):
-            await stack.bridge.opened.wait()
-        stream = stack.bridge.streams["s1"]
-        session = stack.manager.find("s1")
-        assert isinstance(session, Session)
+        stream, session = await _open(stack, client)
         stream.inject.put_nowait(
             inference_pb2.StreamSessionResponse(
                 response_started=inference_pb2.ResponseStarted(response_id="resp_9")
@@ -299,6 +289,16 @@ async def test_client_clear_drops_playout_and_reaches_the_bridge() -> None:
     finally:
         await client.close()
         await stack.stop()
+
+
+async def _open(stack: Stack, client: Client) -> tuple[BridgeStream, Session]:
+    """Session "s1" for `client`, once its bridge stream is open."""
+    await stack.connect("s1", client)
+    async with asyncio.timeout(10):
+        await stack.bridge.opened.wait()
+    session = stack.manager.find("s1")
+    assert isinstance(session, Session)
+    return stack.bridge.streams["s1"], session
 
 
 def _inject_tone(stream: BridgeStream, seconds: float) -> None:

@@ -147,27 +147,15 @@ async def generate() -> list[str]:
         await script.until("response_done")
         script.drained()
         # Transcripts, as a realtime backend sends them (the echo agent has none).
-        for delta in (
-            inference_pb2.TranscriptDelta(
-                item_id="item_echo_1", delta="hel", source=inference_pb2.TRANSCRIPT_SOURCE_INPUT
-            ),
-            inference_pb2.TranscriptDelta(
-                item_id="item_echo_1",
-                delta="lo",
-                final=True,
-                source=inference_pb2.TRANSCRIPT_SOURCE_INPUT,
-            ),
-            inference_pb2.TranscriptDelta(
-                item_id="item_out_1", delta="hel", source=inference_pb2.TRANSCRIPT_SOURCE_OUTPUT
-            ),
-            inference_pb2.TranscriptDelta(
-                item_id="item_out_1",
-                delta="lo",
-                final=True,
-                source=inference_pb2.TRANSCRIPT_SOURCE_OUTPUT,
-            ),
+        for item, source in (
+            ("item_echo_1", inference_pb2.TRANSCRIPT_SOURCE_INPUT),
+            ("item_out_1", inference_pb2.TRANSCRIPT_SOURCE_OUTPUT),
         ):
-            script.out += script.events.from_bridge(R(transcript_delta=delta))
+            for delta in (
+                inference_pb2.TranscriptDelta(item_id=item, delta="hel", source=source),
+                inference_pb2.TranscriptDelta(item_id=item, delta="lo", final=True, source=source),
+            ):
+                script.out += script.events.from_bridge(R(transcript_delta=delta))
         # What a malformed client event gets back.
         await script.client("{not json")
     finally:
