@@ -3,18 +3,24 @@
 Layers, later wins: dataclass defaults, a TOML file (`--config PATH` or `<PREFIX>CONFIG`),
 environment variables `<PREFIX><FIELD>` (e.g. `VOICEEDGE_RELAY_MAX_BINDINGS`), then command
 line flags (`--max-bindings`). Unknown keys in the file or unknown `<PREFIX>*` variables are
-errors, not silently ignored. Each settings class validates itself in `validate()`.
+errors, not silently ignored.
+
+A field declares its own constraints with `setting(default, help, ge=..., choices=...,
+parse=...)`; `validate()` checks every field's rule, so a subclass overrides it only for
+rules that tie two fields together. The rule is also written into `--help` and the README
+settings tables (`settings_table`), so the documented range is the enforced one.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,47 +30,170 @@ class SettingsError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ServiceSettings:
-    """Settings every service has. Subclasses add their own fields, all with defaults."""
+class Rule:
+    """What a setting's value must satisfy. For a tuple setting the bounds, choices and parser
+    apply to each item and `nonempty` to the tuple."""
 
-    grpc_listen: str = dataclasses.field(
-        default="127.0.0.1:0", metadata={"help": "host:port of the gRPC server (port 0: any free)"}
-    )
-    metrics_listen: str = dataclasses.field(
-        default="", metadata={"help": "host:port of the Prometheus /metrics endpoint; empty: off"}
-    )
-    otlp_endpoint: str = dataclasses.field(
-        default="", metadata={"help": "OTLP/gRPC collector for traces and metrics; empty: off"}
-    )
-    log_level: str = dataclasses.field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING"})
-    drain_grace_s: float = dataclasses.field(
-        default=30.0, metadata={"help": "on the first SIGTERM, how long sessions may finish"}
-    )
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[object, ...] | None = None
+    # Raises ValueError (its message is shown) when the value is malformed.
+    parse: Callable[[Any], object] | None = None
+    # The empty string (or empty tuple) is allowed and skips `parse`: the setting is off.
+    optional: bool = False
+    nonempty: bool = False
+    what: str = ""  # shown in place of the parser's name in help: "host:port", "CIDR"
 
-    def validate(self) -> None:
-        parse_host_port(self.grpc_listen, "grpc_listen")
-        if self.metrics_listen:
-            parse_host_port(self.metrics_listen, "metrics_listen")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise SettingsError(f"log_level: unknown level {self.log_level!r}")
-        if self.drain_grace_s < 0:
-            raise SettingsError("drain_grace_s: must be >= 0")
+    def describe(self) -> str:
+        """The rule in words, for --help and the README tables."""
+        parts = []
+        if self.choices is not None:
+            parts.append("one of " + ", ".join(str(c) for c in self.choices))
+        if bounds := self.describe_bounds():
+            parts.append(bounds)
+        if self.what:
+            parts.append(self.what + (" or empty" if self.optional else ""))
+        if self.nonempty:
+            parts.append("at least one")
+        return "; ".join(parts)
+
+    def check(self, name: str, value: object) -> None:
+        if isinstance(value, tuple):
+            if self.nonempty and not value:
+                raise SettingsError(f"{name}: at least one value is needed")
+            for item in value:
+                self._check_one(name, item)
+        else:
+            self._check_one(name, value)
+
+    def _check_one(self, name: str, value: Any) -> None:
+        if self.optional and value == "":
+            return
+        if self.nonempty and value == "":
+            raise SettingsError(f"{name}: must not be empty")
+        if self.choices is not None and value not in self.choices:
+            allowed = ", ".join(str(c) for c in self.choices)
+            raise SettingsError(f"{name}: expected one of {allowed}, got {value!r}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingsError(f"{name}: must be a finite number")
+            bounds = self.describe_bounds()
+            if (
+                (self.ge is not None and value < self.ge)
+                or (self.gt is not None and value <= self.gt)
+                or (self.le is not None and value > self.le)
+                or (self.lt is not None and value >= self.lt)
+            ):
+                raise SettingsError(f"{name}: must be {bounds}, got {value!r}")
+        if self.parse is not None:
+            try:
+                self.parse(value)
+            except ValueError as exc:
+                raise SettingsError(f"{name}: {exc}") from None
+
+    def describe_bounds(self) -> str:
+        if self.ge is not None and self.le is not None:
+            return f"{self.ge:g} to {self.le:g}"
+        parts = []
+        if self.ge is not None:
+            parts.append(f">= {self.ge:g}")
+        if self.gt is not None:
+            parts.append(f"> {self.gt:g}")
+        if self.le is not None:
+            parts.append(f"<= {self.le:g}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt:g}")
+        return " and ".join(parts)
 
 
-def parse_host_port(value: str, name: str) -> tuple[str, int]:
-    """`127.0.0.1:80` or `[::1]:80` -> (host, port); raises SettingsError naming the setting."""
+def setting(
+    default: Any,
+    help: str,  # noqa: A002 - the argparse word, read by every reader of --help
+    **rule: Any,
+) -> Any:
+    """A settings field: its default, its help line and (keywords of `Rule`) its constraints."""
+    metadata: dict[str, object] = {"help": help}
+    if rule:
+        metadata["rule"] = Rule(**rule)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def rule_of(field: dataclasses.Field[Any]) -> Rule | None:
+    found = field.metadata.get("rule")
+    return found if isinstance(found, Rule) else None
+
+
+def host_port(value: str) -> tuple[str, int]:
+    """`127.0.0.1:80` or `[::1]:80` -> (host, port); ValueError says what is wrong. A
+    `Rule.parse` for address settings."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not host:
-        raise SettingsError(f"{name}: expected host:port, got {value!r}")
+        raise ValueError(f"expected host:port, got {value!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
         port = int(port_text)
     except ValueError:
-        raise SettingsError(f"{name}: port {port_text!r} is not a number") from None
+        raise ValueError(f"port {port_text!r} is not a number") from None
     if not 0 <= port <= 65535:
-        raise SettingsError(f"{name}: port {port} out of range")
+        raise ValueError(f"port {port} out of range")
     return host, port
+
+
+def log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise ValueError(f"unknown level {value!r}")
+    return value.upper()
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def redis_url(value: str) -> str:
+    """A `Rule.parse` for Redis URLs (the schemes redis-py's `from_url` takes)."""
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"expected redis://, rediss:// or unix://, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServiceSettings:
+    """Settings every service has. Subclasses add their own fields, all with defaults."""
+
+    grpc_listen: str = setting(
+        "127.0.0.1:0",
+        "host:port of the gRPC server (port 0: any free)",
+        parse=host_port,
+    )
+    metrics_listen: str = setting(
+        "",
+        "host:port of the Prometheus /metrics endpoint; empty: off",
+        parse=host_port,
+        optional=True,
+    )
+    otlp_endpoint: str = setting("", "OTLP/gRPC collector for traces and metrics; empty: off")
+    log_level: str = setting("INFO", "log threshold", parse=log_level, what="DEBUG, INFO, WARNING or ERROR")
+    drain_grace_s: float = setting(
+        30.0, "on the first SIGTERM, how long sessions may finish", ge=0
+    )
+
+    def validate(self) -> None:
+        """Checks every field's declared rule; override (calling super) for rules that tie
+        fields together."""
+        for field in dataclasses.fields(self):
+            rule = rule_of(field)
+            if rule is not None:
+                rule.check(field.name, getattr(self, field.name))
+
+
+def parse_host_port(value: str, name: str) -> tuple[str, int]:
+    """`host_port` for code that reads an address setting: raises SettingsError naming it."""
+    try:
+        return host_port(value)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
 
 
 T = TypeVar("T", bound=ServiceSettings)
@@ -116,6 +245,36 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def field_help(field: dataclasses.Field[Any]) -> str:
+    """A field's help line with its rule, as --help and the README tables show it."""
+    text = str(field.metadata.get("help", ""))
+    rule = rule_of(field)
+    if rule is not None and (described := rule.describe()):
+        text = f"{text} [{described}]"
+    return text
+
+
+def _default_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) if value else "(empty)"
+    if value == "":
+        return "(empty)"
+    return str(value)
+
+
+def settings_table(cls: type[ServiceSettings]) -> str:
+    """The markdown settings table of a service README, built from the same fields and help
+    lines as its --help (a test keeps every README's copy equal to this)."""
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for name, field in _fields(cls).items():
+        default = field.default if field.default is not dataclasses.MISSING else ""
+        meaning = field_help(field).replace("|", "\\|")
+        rows.append(f"| `{name}` | `{_default_text(default)}` | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -138,7 +297,7 @@ def build_parser(
             dest=name,
             metavar=name.upper(),
             default=argparse.SUPPRESS,
-            help=f"{field.metadata.get('help', '')} (default: {default!r})",
+            help=f"{field_help(field)} (default: {default!r})",
         )
     return parser
 

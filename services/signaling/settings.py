@@ -9,121 +9,95 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
-from libs.config.settings import ServiceSettings, SettingsError, parse_host_port
+from libs.config.settings import ServiceSettings, SettingsError, host_port, redis_url, setting
 from libs.wire.ufrag import DEV_KEYRING_SPEC, Keyring
+
+
+def _api_key(key: str) -> str:
+    if len(key) < 16 or key.startswith("ek_"):
+        raise ValueError("keys need >= 16 chars and must not start with ek_")
+    return key
+
+
+def _cidr(text: str) -> object:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a CIDR") from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SignalingSettings(ServiceSettings):
     """Settings of the signaling service."""
 
-    grpc_listen: str = dataclasses.field(
-        default="127.0.0.1:50053",
-        metadata={"help": "host:port of the gRPC server (port 0: any free)"},
+    grpc_listen: str = setting(
+        "127.0.0.1:50053", "host:port of the gRPC server (port 0: any free)", parse=host_port
     )
-    http_listen: str = dataclasses.field(
-        default="127.0.0.1:8080",
-        metadata={"help": "host:port of the public HTTP API (port 0: any free)"},
+    http_listen: str = setting(
+        "127.0.0.1:8080", "host:port of the public HTTP API (port 0: any free)", parse=host_port
     )
-    api_keys: tuple[str, ...] = dataclasses.field(
-        default=(),
-        metadata={
-            "help": "accepted API keys, comma separated (VOICEEDGE_API_KEY adds one; none at "
-            "all: a dev key is generated and printed)"
-        },
+    api_keys: tuple[str, ...] = setting(
+        (),
+        "accepted API keys, comma separated (VOICEEDGE_API_KEY adds one; none at all: a dev "
+        "key is generated and printed)",
+        parse=_api_key,
+        what="each >= 16 chars, not ek_",
     )
-    geosteer_address: str = dataclasses.field(
-        default="127.0.0.1:50051", metadata={"help": "gRPC target of geosteer"}
+    geosteer_address: str = setting("127.0.0.1:50051", "gRPC target of geosteer", parse=host_port)
+    geosteer_timeout_s: float = setting(2.0, "deadline of one RouteSession call", gt=0)
+    create_session_timeout_s: float = setting(
+        5.0, "deadline of one transceiver CreateSession call", gt=0
     )
-    geosteer_timeout_s: float = dataclasses.field(
-        default=2.0, metadata={"help": "deadline of one RouteSession call"}
+    max_transceiver_attempts: int = setting(
+        3, "ranked transceivers tried per call before giving up", ge=1
     )
-    create_session_timeout_s: float = dataclasses.field(
-        default=5.0, metadata={"help": "deadline of one transceiver CreateSession call"}
+    ufrag_keys: str = setting(
+        DEV_KEYRING_SPEC, "ufrag keyring '<id>:<hex>,...' (default: the public dev key)"
     )
-    max_transceiver_attempts: int = dataclasses.field(
-        default=3, metadata={"help": "ranked transceivers tried per call before giving up"}
+    ufrag_current_key_id: int = setting(
+        0, "key id used to mint new ufrags; 0: the highest id", ge=0, le=255
     )
-    ufrag_keys: str = dataclasses.field(
-        default=DEV_KEYRING_SPEC,
-        metadata={"help": "ufrag keyring '<id>:<hex>,...' (default: the public dev key)"},
+    max_body_bytes: int = setting(
+        65536, "largest accepted request body (413 above)", ge=1024, le=16 * 1024 * 1024
     )
-    ufrag_current_key_id: int = dataclasses.field(
-        default=0, metadata={"help": "key id used to mint new ufrags; 0: the highest id"}
+    redis_url: str = setting(
+        "",
+        "redis://host:port/db for call state; empty: in memory",
+        parse=redis_url,
+        optional=True,
     )
-    max_body_bytes: int = dataclasses.field(
-        default=65536, metadata={"help": "largest accepted request body (413 above)"}
+    call_retention_s: float = setting(
+        86400.0, "how long a call record is kept after creation", gt=0
     )
-    redis_url: str = dataclasses.field(
-        default="", metadata={"help": "redis://host:port/db for call state; empty: in memory"}
+    client_secret_ttl_s: int = setting(
+        600, "default lifetime of an ephemeral key", ge=10, le=7200
     )
-    call_retention_s: float = dataclasses.field(
-        default=86400.0, metadata={"help": "how long a call record is kept after creation"}
+    rate_per_key_per_s: float = setting(
+        20.0, "sustained requests per second per API/ephemeral key", gt=0
     )
-    client_secret_ttl_s: int = dataclasses.field(
-        default=600, metadata={"help": "default lifetime of an ephemeral key (10-7200)"}
+    burst_per_key: int = setting(40, "request burst allowed per key", ge=1)
+    rate_per_ip_per_s: float = setting(10.0, "sustained requests per second per client IP", gt=0)
+    burst_per_ip: int = setting(20, "request burst allowed per client IP", ge=1)
+    trusted_proxies: tuple[str, ...] = setting(
+        (), "CIDRs whose X-Forwarded-For is believed, comma separated", parse=_cidr
     )
-    rate_per_key_per_s: float = dataclasses.field(
-        default=20.0, metadata={"help": "sustained requests per second per API/ephemeral key"}
+    cors_origins: tuple[str, ...] = setting(("*",), "origins allowed by CORS ('*': any)")
+    demo_page: bool = setting(
+        False,
+        "serve the demo page at / and mint client secrets for it at POST /demo/client_secret "
+        "(loopback peers only; a development aid)",
     )
-    burst_per_key: int = dataclasses.field(
-        default=40, metadata={"help": "request burst allowed per key"}
-    )
-    rate_per_ip_per_s: float = dataclasses.field(
-        default=10.0, metadata={"help": "sustained requests per second per client IP"}
-    )
-    burst_per_ip: int = dataclasses.field(
-        default=20, metadata={"help": "request burst allowed per client IP"}
-    )
-    trusted_proxies: tuple[str, ...] = dataclasses.field(
-        default=(),
-        metadata={"help": "CIDRs whose X-Forwarded-For is believed, comma separated"},
-    )
-    cors_origins: tuple[str, ...] = dataclasses.field(
-        default=("*",), metadata={"help": "origins allowed by CORS ('*': any)"}
-    )
-    demo_page: bool = dataclasses.field(
-        default=False,
-        metadata={
-            "help": "serve the demo page at / and mint client secrets for it at "
-            "POST /demo/client_secret (loopback peers only; a development aid)"
-        },
-    )
-    retry_after_s: int = dataclasses.field(
-        default=2, metadata={"help": "Retry-After of 503 answers when no cluster has capacity"}
+    retry_after_s: int = setting(
+        2, "Retry-After of 503 answers when no cluster has capacity", ge=1
     )
 
     def validate(self) -> None:
         super().validate()
-        parse_host_port(self.http_listen, "http_listen")
-        parse_host_port(self.geosteer_address, "geosteer_address")
-        for name in ("geosteer_timeout_s", "create_session_timeout_s", "call_retention_s"):
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"{name}: must be > 0")
-        for name in ("rate_per_key_per_s", "rate_per_ip_per_s"):
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"{name}: must be > 0")
-        for name in ("burst_per_key", "burst_per_ip", "max_transceiver_attempts", "retry_after_s"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"{name}: must be >= 1")
-        if not 1024 <= self.max_body_bytes <= 16 * 1024 * 1024:
-            raise SettingsError("max_body_bytes: must be 1024 to 16777216")
-        if not 10 <= self.client_secret_ttl_s <= 7200:
-            raise SettingsError("client_secret_ttl_s: must be 10 to 7200")
+        # The keyring rule ties two fields: the current key id must be one of the keys.
         try:
             self.keyring()
         except ValueError as exc:
             raise SettingsError(f"ufrag_keys: {exc}") from None
-        for key in self.api_keys:
-            if len(key) < 16 or key.startswith("ek_"):
-                raise SettingsError("api_keys: keys need >= 16 chars and must not start with ek_")
-        for cidr in self.trusted_proxies:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise SettingsError(f"trusted_proxies: {cidr!r} is not a CIDR") from None
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError("redis_url: expected redis://, rediss:// or unix://")
 
     def keyring(self) -> Keyring:
         """The ufrag keyring; relays must hold the same keys (current and previous)."""

@@ -1,5 +1,6 @@
-"""Lint as tests: ruff (lint and format), mypy --strict, buildifier, over every package
-listed in tools/lint/BUILD.bazel (each exposes its files as :lint_srcs)."""
+"""Lint as tests: ruff (lint and format), mypy --strict, buildifier and the import graph (no
+cycles, services keep to their folder), over every package listed in tools/lint/BUILD.bazel
+(each exposes its files as :lint_srcs)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tools.lint import imports
 
 ROOT = Path.cwd()  # Bazel runs tests in the runfiles copy of the workspace.
 BIN = Path(sys.executable).parent
@@ -63,3 +66,14 @@ def test_buildifier() -> None:
     assert any(f.endswith("WORKSPACE") for f in files)
     result = _run([buildifier, "-mode=check", "-lint=warn", "-warnings=-native-py", *files])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_import_cycles() -> None:
+    graph = imports.import_graph(imports.read_tree(ROOT, _files(".py")))
+    assert len(graph) > 10
+    assert imports.cycles(graph) == []
+
+
+def test_services_import_only_libs_and_their_own_folder() -> None:
+    graph = imports.import_graph(imports.read_tree(ROOT, _files(".py")))
+    assert imports.layering_violations(graph) == []
