@@ -110,7 +110,7 @@ class Rule:
 
 def setting(
     default: Any,
-    help: str,  # noqa: A002 - the argparse word, read by every reader of --help
+    help: str,
     **rule: Any,
 ) -> Any:
     """A settings field: its default, its help line and (keywords of `Rule`) its constraints."""
@@ -174,10 +174,10 @@ class ServiceSettings:
         optional=True,
     )
     otlp_endpoint: str = setting("", "OTLP/gRPC collector for traces and metrics; empty: off")
-    log_level: str = setting("INFO", "log threshold", parse=log_level, what="DEBUG, INFO, WARNING or ERROR")
-    drain_grace_s: float = setting(
-        30.0, "on the first SIGTERM, how long sessions may finish", ge=0
+    log_level: str = setting(
+        "INFO", "log threshold", parse=log_level, what="DEBUG, INFO, WARNING or ERROR"
     )
+    drain_grace_s: float = setting(30.0, "on the first SIGTERM, how long sessions may finish", ge=0)
 
     def validate(self) -> None:
         """Checks every field's declared rule; override (calling super) for rules that tie

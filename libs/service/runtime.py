@@ -1,6 +1,9 @@
-"""A gRPC service process: health and reflection, readiness line, graceful drain.
+"""A gRPC service process: settings, logging, telemetry, health and reflection, the
+`StatusError` mapping, the readiness line, graceful drain.
 
-Every entry point builds a `GrpcService` with its servicers and calls `run_until_signal`.
+Every entry point's `main(argv)` calls `service_main` with its settings class and a `build`
+coroutine returning its `ServiceParts` (servicers and lifecycle hooks); `service_main` loads
+the settings (exit 2 on a bad one), serves a `GrpcService` and runs `run_until_signal`.
 First SIGTERM/SIGINT drains: health turns NOT_SERVING, the service's drain hook lets
 sessions finish up to `drain_grace_s`, then the server stops. A second signal forces an
 immediate stop. `close()` is idempotent.
@@ -28,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from libs.config.settings import ServiceSettings, SettingsError, load_settings
 from libs.observability.telemetry import Telemetry, configure_logging, log_event, setup_telemetry
+from libs.service.errors import StatusErrorInterceptor
 
 logger = logging.getLogger("voiceedge.service")
 
@@ -44,6 +48,12 @@ class Servicer:
     full_name: str
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     implementation: object
+
+
+def new_server() -> grpc.aio.Server:
+    """A gRPC server with the interceptors every voiceedge server has (StatusError mapping).
+    Test servers use it too, so they answer refusals exactly as a service does."""
+    return grpc.aio.server(interceptors=[StatusErrorInterceptor()])
 
 
 class GrpcService:
@@ -64,7 +74,7 @@ class GrpcService:
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
-        server = grpc.aio.server()
+        server = new_server()
         for servicer in self._servicers:
             servicer.add_to_server(servicer.implementation, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -15,7 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import grpc
+
 from libs.observability.telemetry import log_event
+from libs.service.errors import StatusError, invalid_argument
 from services.geosteer.rtt import RttSampleError, RttTable
 from services.geosteer.selection import ClusterConfig, ClusterState, NodeKind, NodeState
 
@@ -23,14 +26,6 @@ logger = logging.getLogger("voiceedge.geosteer")
 
 # Kinds whose records must name a configured cluster (they carry traffic for it).
 CLUSTER_BOUND_KINDS = frozenset({NodeKind.RELAY, NodeKind.TRANSCEIVER})
-
-
-class RegistryError(Exception):
-    """A registration the directory refuses; `code` names the gRPC status to answer."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class NodeStore(Protocol):
@@ -142,8 +137,8 @@ class Directory:
     async def register(self, node: NodeState) -> NodeState:
         """Adds or replaces `node` (its expires_at and last_heartbeat are set here)."""
         if node.kind in CLUSTER_BOUND_KINDS and node.cluster_id not in self.clusters:
-            raise RegistryError(
-                "INVALID_ARGUMENT", f"node {node.node_id}: unknown cluster_id {node.cluster_id}"
+            raise invalid_argument(
+                "unknown_cluster", f"node {node.node_id}: unknown cluster_id {node.cluster_id}"
             )
         now = self.now()
         await self.sweep()
@@ -156,8 +151,9 @@ class Directory:
                     and other.transceiver_id == node.transceiver_id
                     and other.is_live(now)
                 ):
-                    raise RegistryError(
-                        "ALREADY_EXISTS",
+                    raise StatusError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        "transceiver_id_taken",
                         f"transceiver_id {node.transceiver_id} of cluster {node.cluster_id} "
                         f"is held by live node {other.node_id}",
                     )

@@ -14,11 +14,11 @@ import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.observability.telemetry import Telemetry, log_event
+from libs.service.errors import StatusError, invalid_argument, resource_exhausted
 from services.geosteer.geoip import ClientLocator, MmdbLocator, bundled_db_path
 from services.geosteer.registry import (
     Directory,
     HeartbeatUpdate,
-    RegistryError,
     RttReport,
     Snapshot,
     make_node_store,
@@ -46,17 +46,18 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_NODE_ID_LEN = 256
 
 
-class InvalidNodeError(ValueError):
+def _invalid_node(message: str) -> StatusError:
     """A RegisterNode request missing what its kind needs."""
+    return invalid_argument("invalid_node", message)
 
 
 def _endpoint_from_proto(address: common_pb2.SocketAddress, where: str) -> Endpoint:
     try:
         ip = ipaddress.ip_address(address.ip)
     except ValueError:
-        raise InvalidNodeError(f"{where}.ip {address.ip!r} is not an IP literal") from None
+        raise _invalid_node(f"{where}.ip {address.ip!r} is not an IP literal") from None
     if not 1 <= address.port <= 65535:
-        raise InvalidNodeError(f"{where}.port {address.port} not in 1..65535")
+        raise _invalid_node(f"{where}.port {address.port} not in 1..65535")
     return Endpoint(str(ip), address.port)
 
 
@@ -65,30 +66,30 @@ def _endpoint_to_proto(endpoint: Endpoint) -> common_pb2.SocketAddress:
 
 
 def node_from_proto(node: geosteer_pb2.Node) -> NodeState:
-    """Validates a registration; raises InvalidNodeError naming the bad field."""
+    """Validates a registration; raises a StatusError naming the bad field."""
     if not node.node_id or len(node.node_id) > MAX_NODE_ID_LEN:
-        raise InvalidNodeError(f"node.node_id: required, at most {MAX_NODE_ID_LEN} characters")
+        raise _invalid_node(f"node.node_id: required, at most {MAX_NODE_ID_LEN} characters")
     try:
         kind = NodeKind(node.kind)
     except ValueError:
-        raise InvalidNodeError(f"node.kind: unknown value {node.kind}") from None
+        raise _invalid_node(f"node.kind: unknown value {node.kind}") from None
     if kind is NodeKind.UNSPECIFIED:
-        raise InvalidNodeError("node.kind: required")
+        raise _invalid_node("node.kind: required")
     media: Endpoint | None = None
     if kind is NodeKind.TRANSCEIVER:
         if not node.HasField("media_address"):
-            raise InvalidNodeError("node.media_address: required for a transceiver")
+            raise _invalid_node("node.media_address: required for a transceiver")
         media = _endpoint_from_proto(node.media_address, "node.media_address")
         if not node.grpc_address:
-            raise InvalidNodeError("node.grpc_address: required for a transceiver")
+            raise _invalid_node("node.grpc_address: required for a transceiver")
     public = tuple(
         _endpoint_from_proto(a, f"node.public_endpoints[{i}]")
         for i, a in enumerate(node.public_endpoints)
     )
     if kind is NodeKind.RELAY and not public:
-        raise InvalidNodeError("node.public_endpoints: required for a relay")
+        raise _invalid_node("node.public_endpoints: required for a relay")
     if node.active_sessions < 0 or node.capacity_sessions < 0:
-        raise InvalidNodeError("node sessions: must be >= 0")
+        raise _invalid_node("node sessions: must be >= 0")
     return NodeState(
         node_id=node.node_id,
         kind=kind,
@@ -170,10 +171,10 @@ class GeosteerServicer(geosteer_pb2_grpc.GeosteerServiceServicer):
             try:
                 location, located = self.locator.resolve(request.client_ip)
             except ValueError:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                raise invalid_argument(
+                    "invalid_client_ip",
                     f"client_ip {request.client_ip!r} is not an IP address literal",
-                )
+                ) from None
         hints = RouteHints(
             preferred_region=request.hints.preferred_region,
             preferred_cluster_id=(
@@ -197,8 +198,7 @@ class GeosteerServicer(geosteer_pb2_grpc.GeosteerServiceServicer):
                 logger, "route.none", level=logging.WARNING, client__address=request.client_ip
             )
             # The contract's code for "nothing left": signaling answers HTTP 503.
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            raise AssertionError("unreachable") from exc
+            raise resource_exhausted("no_cluster_capacity", str(exc)) from exc
         log_event(
             logger,
             "route.selected",
@@ -231,13 +231,7 @@ class GeosteerServicer(geosteer_pb2_grpc.GeosteerServiceServicer):
     async def RegisterNode(  # noqa: N802 (gRPC method name)
         self, request: geosteer_pb2.RegisterNodeRequest, context: Context
     ) -> geosteer_pb2.RegisterNodeResponse:
-        try:
-            node = node_from_proto(request.node)
-            await self.directory.register(node)
-        except InvalidNodeError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except RegistryError as exc:
-            await context.abort(grpc.StatusCode[exc.code], str(exc))
+        await self.directory.register(node_from_proto(request.node))
         return geosteer_pb2.RegisterNodeResponse(
             heartbeat_interval_ms=round(self.directory.heartbeat_interval_s * 1000),
             heartbeat_ttl_ms=round(self.directory.heartbeat_ttl_s * 1000),

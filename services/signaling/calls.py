@@ -25,10 +25,10 @@ from google.protobuf import json_format, struct_pb2
 from opentelemetry import metrics, trace
 
 from libs.observability.telemetry import log_event
+from libs.service.errors import StatusError
 from libs.wire import ufrag as ufrag_codec
 from libs.wire.realtime_session import merge_session
 from services.signaling import errors
-from services.signaling.errors import ApiError
 from services.signaling.ratelimit import RateLimiter, retry_after_header
 from services.signaling.sdp import OfferError, validate_offer
 from services.signaling.store import (
@@ -218,7 +218,7 @@ class CallService:
         started = self._monotonic()
         try:
             created = await self._create_call(principal, offer_sdp, session, client_ip)
-        except ApiError as exc:
+        except StatusError as exc:
             self._calls_counter.add(1, {"outcome": exc.code})
             raise
         self._calls_counter.add(1, {"outcome": "created"})
@@ -503,7 +503,7 @@ class CallService:
         log_event(logger, "call.sideband_opened", call__id=call_id, session__id=call.session_id)
         return stream
 
-    def _sideband_error(self, call_id: str, exc: grpc.aio.AioRpcError) -> ApiError:
+    def _sideband_error(self, call_id: str, exc: grpc.aio.AioRpcError) -> StatusError:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             return errors.call_not_active(call_id)
         return errors.unavailable(
@@ -578,7 +578,7 @@ class CallService:
                     rpc__grpc__status_code=exc.code().name,
                 )
 
-    def _store_unavailable(self, exc: Exception) -> ApiError:
+    def _store_unavailable(self, exc: Exception) -> StatusError:
         log_event(logger, "store.failed", level=logging.WARNING, error=str(exc))
         return errors.unavailable(
             "store_unavailable",

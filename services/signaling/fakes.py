@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from libs.service.runtime import new_server
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
@@ -215,7 +216,7 @@ class FakeCluster:
 
 
 async def _serve(add: Any, servicer: Any, stack: contextlib.AsyncExitStack) -> str:
-    server = grpc.aio.server()
+    server = new_server()
     add(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

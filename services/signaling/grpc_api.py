@@ -10,7 +10,6 @@ import grpc.aio
 from google.protobuf import timestamp_pb2
 
 from services.signaling.calls import CallService, Principal, struct_to_dict
-from services.signaling.errors import ApiError
 from services.signaling.store import CALL_CONNECTED, CALL_CONNECTING, CALL_ENDED, CallRecord
 from voiceedge.signaling.v1 import signaling_pb2, signaling_pb2_grpc
 
@@ -57,26 +56,16 @@ class SignalingServicer(signaling_pb2_grpc.SignalingServiceServicer):
         self._service.check_key_rate(principal)
         return principal
 
-    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: ApiError) -> None:
-        trailers: tuple[tuple[str, str], ...] = (("error-code", exc.code),)
-        if exc.retry_after_s is not None:
-            trailers += (("retry-after", str(exc.retry_after_s)),)
-        context.set_trailing_metadata(trailers)
-        await context.abort(exc.grpc_code, exc.message)
-
     async def _as_caller(
         self,
         context: grpc.aio.ServicerContext[Any, Any],
         action: Callable[[Principal], Awaitable[T]],
     ) -> T:
-        """Authenticates the caller from the metadata, runs `action` as them, and turns an
-        ApiError into the gRPC status (and trailers) the HTTP API's error maps to."""
-        try:
-            principal = await self._principal(context)
-            return await action(principal)
-        except ApiError as exc:
-            await self._abort(context, exc)
-            raise AssertionError("unreachable") from exc
+        """Authenticates the caller from the metadata and runs `action` as them; a refusal is
+        a StatusError, which the server's interceptor turns into the gRPC status and the
+        `error-code`/`retry-after` trailers."""
+        principal = await self._principal(context)
+        return await action(principal)
 
     async def CreateCall(  # noqa: N802 (gRPC method name)
         self,

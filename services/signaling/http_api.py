@@ -1,7 +1,7 @@
 """The public HTTP API: OpenAI Realtime WebRTC calls, client secrets, and WHIP (RFC 9725).
 
 Thin: it parses requests, picks the client IP, and renders CallService results and
-ApiErrors; the flow lives in calls.py.
+StatusErrors; the flow lives in calls.py.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import grpc.aio
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from libs.observability.telemetry import log_event
+from libs.service.errors import StatusError
 from services.signaling import errors
 from services.signaling.calls import CallService, Principal, SidebandCall
 from services.signaling.clientip import Network, client_ip
-from services.signaling.errors import ApiError
 from voiceedge.transceiver.v1 import transceiver_pb2
 
 logger = logging.getLogger("voiceedge.signaling.http")
@@ -57,22 +57,14 @@ SIDEBAND_MAX_MESSAGE_BYTES = 1 << 20
 SERVICE_KEY: web.AppKey[CallService] = web.AppKey("service", CallService)
 
 
-def error_response(exc: ApiError) -> web.Response:
-    headers = dict(exc.headers)
-    if exc.retry_after_s is not None:
-        headers["Retry-After"] = str(exc.retry_after_s)
-    return web.json_response(exc.body(), status=exc.status, headers=headers)
+def error_response(exc: StatusError) -> web.Response:
+    """The one place a StatusError becomes an HTTP answer: OpenAI's JSON error body."""
+    return web.json_response(exc.body(), status=exc.http_status, headers=exc.http_headers())
 
 
-def _http_error(exc: web.HTTPException) -> ApiError:
+def _http_error(exc: web.HTTPException) -> StatusError:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "invalid_request")
-    return ApiError(
-        exc.status,
-        "invalid_request_error",
-        code,
-        exc.reason,
-        grpc_code=errors.bad_request("", "").grpc_code,
-    )
+    return errors.bad_request(code, exc.reason, http_status=exc.status)
 
 
 def build_app(
@@ -91,7 +83,7 @@ def build_app(
     ) -> web.StreamResponse:
         try:
             response = await handler(request)
-        except ApiError as exc:
+        except StatusError as exc:
             response = error_response(exc)
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -142,12 +134,8 @@ def build_app(
         if media_type == "multipart/form-data" and not whip:
             return _parse_form(content_type, await read_body(request))
         accepted = SDP if whip else f"{SDP} or multipart/form-data"
-        raise ApiError(
-            415,
-            "invalid_request_error",
-            "unsupported_content_type",
-            f"Content-Type must be {accepted}.",
-            grpc_code=errors.bad_request("", "").grpc_code,
+        raise errors.bad_request(
+            "unsupported_content_type", f"Content-Type must be {accepted}.", http_status=415
         )
 
     async def create(request: web.Request, *, whip: bool) -> web.Response:
@@ -214,12 +202,10 @@ def build_app(
         # RFC 9725 §4.3.1: a WHIP session that supports neither trickle ICE nor ICE
         # restarts answers every PATCH with 501 Not Implemented.
         await begin(request)
-        raise ApiError(
-            501,
-            "invalid_request_error",
+        raise errors.bad_request(
             "not_implemented",
             "Trickle ICE and ICE restarts are not supported; send every candidate in the offer.",
-            grpc_code=errors.bad_request("", "").grpc_code,
+            http_status=501,
         )
 
     async def post_client_secret(request: web.Request) -> web.Response:
@@ -229,12 +215,10 @@ def build_app(
         payload: Any = {}
         if body.strip():
             if media_type != "application/json":
-                raise ApiError(
-                    415,
-                    "invalid_request_error",
+                raise errors.bad_request(
                     "unsupported_content_type",
                     "Content-Type must be application/json.",
-                    grpc_code=errors.bad_request("", "").grpc_code,
+                    http_status=415,
                 )
             try:
                 payload = json.loads(body)
@@ -379,13 +363,9 @@ def _cors(request: web.Request, response: web.StreamResponse, origins: Sequence[
     response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
 
 
-def _too_large(limit: int) -> ApiError:
-    return ApiError(
-        413,
-        "invalid_request_error",
-        "request_too_large",
-        f"Request body is larger than {limit} bytes.",
-        grpc_code=errors.bad_request("", "").grpc_code,
+def _too_large(limit: int) -> StatusError:
+    return errors.bad_request(
+        "request_too_large", f"Request body is larger than {limit} bytes.", http_status=413
     )
 
 

@@ -69,9 +69,7 @@ class SignalingSettings(ServiceSettings):
     call_retention_s: float = setting(
         86400.0, "how long a call record is kept after creation", gt=0
     )
-    client_secret_ttl_s: int = setting(
-        600, "default lifetime of an ephemeral key", ge=10, le=7200
-    )
+    client_secret_ttl_s: int = setting(600, "default lifetime of an ephemeral key", ge=10, le=7200)
     rate_per_key_per_s: float = setting(
         20.0, "sustained requests per second per API/ephemeral key", gt=0
     )
@@ -87,9 +85,7 @@ class SignalingSettings(ServiceSettings):
         "serve the demo page at / and mint client secrets for it at POST /demo/client_secret "
         "(loopback peers only; a development aid)",
     )
-    retry_after_s: int = setting(
-        2, "Retry-After of 503 answers when no cluster has capacity", ge=1
-    )
+    retry_after_s: int = setting(2, "Retry-After of 503 answers when no cluster has capacity", ge=1)
 
     def validate(self) -> None:
         super().validate()
