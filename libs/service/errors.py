@@ -149,47 +149,38 @@ def _streaming(behavior: Handler) -> Handler:
     return handle
 
 
-class StatusErrorInterceptor(grpc.aio.ServerInterceptor):
+class StatusErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Maps a `StatusError` escaping any handler to its gRPC status; every server has it."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+    ) -> Any:
+        handler: Any = await continuation(handler_call_details)
         if handler is None:
-            return handler
+            return None
+        codecs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary), **codecs)
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _unary(handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary), **codecs)
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _streaming(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream), **codecs)
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                _streaming(handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                _streaming(handler.stream_stream), **codecs
             )
         return handler
 
 
 def error_code_of(error: grpc.aio.AioRpcError) -> str:
     """The `StatusError.code` a server sent with a failed call; empty if none."""
-    for key, value in error.trailing_metadata() or ():
+    metadata: Any = error.trailing_metadata() or ()
+    for key, value in metadata:
         if key == ERROR_CODE_METADATA:
             return str(value)
     return ""
