@@ -95,17 +95,16 @@ class Rule:
 
     def describe_bounds(self) -> str:
         if self.ge is not None and self.le is not None:
-            return f"{self.ge:g} to {self.le:g}"
+            return f"{_number(self.ge)} to {_number(self.le)}"
         parts = []
-        if self.ge is not None:
-            parts.append(f">= {self.ge:g}")
-        if self.gt is not None:
-            parts.append(f"> {self.gt:g}")
-        if self.le is not None:
-            parts.append(f"<= {self.le:g}")
-        if self.lt is not None:
-            parts.append(f"< {self.lt:g}")
+        for word, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)):
+            if bound is not None:
+                parts.append(f"{word} {_number(bound)}")
         return " and ".join(parts)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def setting(
