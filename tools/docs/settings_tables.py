@@ -19,7 +19,10 @@ from pathlib import Path
 
 from libs.config.settings import ServiceSettings, settings_table
 
-BEGIN = "<!-- settings-table: generated from {source} by ./bazelw run //tools/docs:settings_tables; do not edit -->"
+BEGIN = (
+    "<!-- settings-table: generated from {source} by "
+    "./bazelw run //tools/docs:settings_tables; do not edit -->"
+)
 END = "<!-- end settings-table -->"
 
 
