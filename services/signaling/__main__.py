@@ -19,8 +19,7 @@ from aiohttp import web
 from libs.config.settings import parse_host_port
 from libs.observability.telemetry import Telemetry, log_event
 from libs.service.runtime import ServiceParts, Servicer, service_main
-from services.signaling.calls import CallService, CallSettings
-from services.signaling.clientip import parse_networks
+from services.signaling.calls import CallService
 from services.signaling.grpc_api import SignalingServicer
 from services.signaling.http_api import build_app
 from services.signaling.settings import SignalingSettings
@@ -43,21 +42,6 @@ def api_keys(settings: SignalingSettings, environ: Mapping[str, str]) -> tuple[l
     return [dev_key], dev_key
 
 
-def call_settings(settings: SignalingSettings) -> CallSettings:
-    return CallSettings(
-        geosteer_timeout_s=settings.geosteer_timeout_s,
-        create_session_timeout_s=settings.create_session_timeout_s,
-        max_transceiver_attempts=settings.max_transceiver_attempts,
-        max_body_bytes=settings.max_body_bytes,
-        client_secret_ttl_s=settings.client_secret_ttl_s,
-        rate_per_key_per_s=settings.rate_per_key_per_s,
-        burst_per_key=settings.burst_per_key,
-        rate_per_ip_per_s=settings.rate_per_ip_per_s,
-        burst_per_ip=settings.burst_per_ip,
-        retry_after_s=settings.retry_after_s,
-    )
-
-
 # web/demo/index.html, next to this package in the runfiles (data of //services/signaling).
 DEMO_PAGE = Path(os.path.abspath(__file__)).parents[2] / "web" / "demo" / "index.html"
 
@@ -77,15 +61,12 @@ async def build(settings: SignalingSettings, telemetry: Telemetry) -> ServicePar
         api_keys=keys,
         keyring=settings.keyring(),
         store=make_store(settings.redis_url, settings.call_retention_s),
-        geosteer_address=settings.geosteer_address,
-        settings=call_settings(settings),
+        settings=settings,
         tracer=telemetry.tracer,
         meter=telemetry.meter,
     )
     app = build_app(
         service,
-        trusted_proxies=parse_networks(settings.trusted_proxies),
-        cors_origins=settings.cors_origins,
         demo_page=DEMO_PAGE if settings.demo_page else None,
         demo_api_key=keys[0],
     )

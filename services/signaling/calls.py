@@ -31,6 +31,7 @@ from libs.wire.realtime_session import merge_session
 from services.signaling import errors
 from services.signaling.ratelimit import RateLimiter, retry_after_header
 from services.signaling.sdp import OfferError, validate_offer
+from services.signaling.settings import SignalingSettings
 from services.signaling.store import (
     CALL_CONNECTED,
     CALL_ENDED,
@@ -48,8 +49,11 @@ logger = logging.getLogger("voiceedge.signaling")
 CLIENT_SECRET_PREFIX = "ek_"  # noqa: S105 (a prefix, not a secret)
 MIN_SECRET_TTL_S = 10
 MAX_SECRET_TTL_S = 7200
-# Statuses after which the next ranked transceiver is tried (the issue: "refuses or fails").
-_RETRYABLE = {
+# Statuses that are an expected refusal or a transient failure of one transceiver (logged as
+# transceiver.refused); any other status is logged as transceiver.create_failed. Either way
+# the next ranked transceiver is tried: only INVALID_ARGUMENT (the offer itself is bad) ends
+# the attempts at once.
+_REFUSALS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -90,22 +94,6 @@ class ClientSecret:
     session: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class CallSettings:
-    """The knobs of the flow (a subset of SignalingSettings, so tests build it directly)."""
-
-    geosteer_timeout_s: float = 2.0
-    create_session_timeout_s: float = 5.0
-    max_transceiver_attempts: int = 3
-    max_body_bytes: int = 65536
-    client_secret_ttl_s: int = 600
-    rate_per_key_per_s: float = 20.0
-    burst_per_key: int = 40
-    rate_per_ip_per_s: float = 10.0
-    burst_per_ip: int = 20
-    retry_after_s: int = 2
-
-
 def fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
@@ -123,8 +111,7 @@ class CallService:
         api_keys: Sequence[str],
         keyring: ufrag_codec.Keyring,
         store: CallStore,
-        geosteer_address: str,
-        settings: CallSettings,
+        settings: SignalingSettings,
         tracer: trace.Tracer | None = None,
         meter: metrics.Meter | None = None,
         clock: Callable[[], float] = time.time,
@@ -148,14 +135,14 @@ class CallService:
         self._monotonic = monotonic
         self._key_limiter = RateLimiter(settings.rate_per_key_per_s, settings.burst_per_key)
         self._ip_limiter = RateLimiter(settings.rate_per_ip_per_s, settings.burst_per_ip)
-        self._geosteer_channel = grpc.aio.insecure_channel(geosteer_address)
+        self._geosteer_channel = grpc.aio.insecure_channel(settings.geosteer_address)
         self._geosteer = geosteer_pb2_grpc.GeosteerServiceStub(self._geosteer_channel)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.draining = False
         self._closed = False
 
     @property
-    def settings(self) -> CallSettings:
+    def settings(self) -> SignalingSettings:
         return self._settings
 
     # -- authentication and limits -------------------------------------------------------
@@ -375,7 +362,7 @@ class CallService:
                     span.set_attribute("rpc.grpc.status_code", code.value[0])
                     if code == grpc.StatusCode.INVALID_ARGUMENT:
                         raise errors.bad_request("invalid_offer", exc.details() or "") from None
-                    if code not in _RETRYABLE:
+                    if code not in _REFUSALS:
                         all_exhausted = False
                         log_event(
                             logger,

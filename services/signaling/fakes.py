@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -270,10 +271,10 @@ async def running_signaling(
     from aiohttp import web
 
     from libs.wire.ufrag import dev_keyring
-    from services.signaling.calls import CallService, CallSettings
-    from services.signaling.clientip import parse_networks
+    from services.signaling.calls import CallService
     from services.signaling.grpc_api import SignalingServicer
     from services.signaling.http_api import build_app
+    from services.signaling.settings import SignalingSettings
     from services.signaling.store import MemoryCallStore
     from voiceedge.signaling.v1 import signaling_pb2_grpc
 
@@ -282,16 +283,18 @@ async def running_signaling(
         api_keys=api_keys,
         keyring=keyring or dev_keyring(),
         store=store if store is not None else MemoryCallStore(clock=clock),
-        geosteer_address=geosteer_address,
-        settings=settings or CallSettings(),
+        settings=dataclasses.replace(
+            settings or SignalingSettings(),
+            geosteer_address=geosteer_address,
+            trusted_proxies=tuple(trusted_proxies),
+            cors_origins=tuple(cors_origins),
+        ),
         tracer=tracer,
         clock=clock,
     )
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(service.close)
-        app = build_app(
-            service, trusted_proxies=parse_networks(trusted_proxies), cors_origins=cors_origins
-        )
+        app = build_app(service)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

@@ -24,7 +24,7 @@ from libs.observability.telemetry import log_event
 from libs.service.errors import StatusError
 from services.signaling import errors
 from services.signaling.calls import CallService, Principal, SidebandCall
-from services.signaling.clientip import Network, client_ip
+from services.signaling.clientip import client_ip, parse_networks
 from voiceedge.transceiver.v1 import transceiver_pb2
 
 logger = logging.getLogger("voiceedge.signaling.http")
@@ -70,12 +70,12 @@ def _http_error(exc: web.HTTPException) -> StatusError:
 def build_app(
     service: CallService,
     *,
-    trusted_proxies: Sequence[Network] = (),
-    cors_origins: Sequence[str] = ("*",),
     demo_page: Path | None = None,
     demo_api_key: str = "",
 ) -> web.Application:
     max_body = service.settings.max_body_bytes
+    trusted_proxies = parse_networks(service.settings.trusted_proxies)
+    cors_origins = service.settings.cors_origins
 
     @web.middleware
     async def middleware(

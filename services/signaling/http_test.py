@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from libs.wire import ufrag
-from services.signaling.calls import CallSettings
+from services.signaling.settings import SignalingSettings
 from services.signaling.testkit import (
     AUTH,
     CHROME_OFFER,
@@ -117,7 +117,7 @@ async def test_failover_to_the_next_transceiver() -> None:
 
 
 async def test_slow_transceiver_times_out_and_the_next_one_answers() -> None:
-    async with env(CallSettings(create_session_timeout_s=0.3)) as e:
+    async with env(SignalingSettings(create_session_timeout_s=0.3)) as e:
         e.cluster.transceivers[0].delay_s = 2.0
         response = await e.post_offer()
         assert response.status == 201, await response.text()
@@ -370,7 +370,7 @@ async def test_400_client_secret_expiry_out_of_range() -> None:
 
 
 async def test_429_per_key() -> None:
-    settings = CallSettings(rate_per_key_per_s=0.01, burst_per_key=2)
+    settings = SignalingSettings(rate_per_key_per_s=0.01, burst_per_key=2)
     async with env(settings) as e:
         for _ in range(2):
             assert (await e.post_offer()).status == 201
@@ -382,7 +382,7 @@ async def test_429_per_key() -> None:
 
 
 async def test_429_per_ip_before_authentication() -> None:
-    settings = CallSettings(rate_per_ip_per_s=0.01, burst_per_ip=2)
+    settings = SignalingSettings(rate_per_ip_per_s=0.01, burst_per_ip=2)
     async with env(settings) as e:
         for _ in range(2):
             await e.post_offer(key="sk-wrong-0123456789")
@@ -392,7 +392,7 @@ async def test_429_per_ip_before_authentication() -> None:
 
 
 async def test_per_ip_limit_uses_forwarded_for_from_trusted_proxies() -> None:
-    settings = CallSettings(rate_per_ip_per_s=0.01, burst_per_ip=1)
+    settings = SignalingSettings(rate_per_ip_per_s=0.01, burst_per_ip=1)
     async with env(settings, trusted_proxies=("127.0.0.0/8",)) as e:
         for client in ("198.51.100.1", "198.51.100.2"):
             response = await e.http.post(
@@ -441,7 +441,7 @@ async def test_503_transceivers_failing() -> None:
 
 
 async def test_503_geosteer_unreachable() -> None:
-    settings = CallSettings(geosteer_timeout_s=0.5)
+    settings = SignalingSettings(geosteer_timeout_s=0.5)
     # Port 1 on loopback: nothing listens, connections are refused at once.
     async with env(settings, geosteer_address="127.0.0.1:1") as e:
         response = await e.post_offer()

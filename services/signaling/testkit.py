@@ -14,8 +14,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.signaling.calls import CallSettings
 from services.signaling.fakes import FakeCluster, RunningSignaling, fake_cluster, running_signaling
+from services.signaling.settings import SignalingSettings
 
 # Shape of a Chrome offer (audio + "oai-events" data channel), credentials at media level.
 CHROME_OFFER = "\r\n".join(
@@ -98,7 +98,7 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def env(
-    settings: CallSettings | None = None, geosteer_address: str | None = None, **kwargs: Any
+    settings: SignalingSettings | None = None, geosteer_address: str | None = None, **kwargs: Any
 ) -> AsyncIterator[Env]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

@@ -37,8 +37,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.signaling.calls import CallSettings
 from services.signaling.fakes import fake_cluster, running_signaling
+from services.signaling.settings import SignalingSettings
 from services.signaling.testkit import CHROME_OFFER
 from tools.demo.stack import StackConfig, start_stack
 
@@ -81,7 +81,7 @@ async def run(calls: int, concurrency: int, warmup: int) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    settings = CallSettings(
+    settings = SignalingSettings(
         rate_per_key_per_s=1e9, burst_per_key=10**9, rate_per_ip_per_s=1e9, burst_per_ip=10**9
     )
     async with (
