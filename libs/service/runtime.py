@@ -12,7 +12,6 @@ immediate stop. `close()` is idempotent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
@@ -31,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from libs.config.settings import ServiceSettings, SettingsError, load_settings
 from libs.observability.telemetry import Telemetry, configure_logging, log_event, setup_telemetry
+from libs.service.aio import cancel_and_wait
 from libs.service.errors import StatusErrorInterceptor
 
 logger = logging.getLogger("voiceedge.service")
@@ -157,10 +157,7 @@ async def run_until_signal(
         forced = asyncio.ensure_future(second.wait())
         drained = asyncio.ensure_future(_drain(drain, drain_grace_s))
         done, _ = await asyncio.wait({forced, drained}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (forced, drained):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(forced, drained)
         code = EXIT_FORCED if forced in done else EXIT_OK
         if close is not None:
             await close()

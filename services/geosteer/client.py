@@ -24,6 +24,7 @@ import grpc
 import grpc.aio
 
 from libs.observability.telemetry import log_event
+from libs.service.aio import cancel_and_wait
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
 logger = logging.getLogger("voiceedge.geosteer.client")
@@ -168,10 +169,7 @@ class HeartbeatLoop:
     async def close(self, deregister: bool = True) -> None:
         """Stops heartbeating and, by default, removes the node at once. Idempotent."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         if deregister and self.registered.is_set():
             self.registered.clear()
             with contextlib.suppress(grpc.aio.AioRpcError):

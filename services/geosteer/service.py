@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +13,7 @@ import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from libs.observability.telemetry import Telemetry, log_event
+from libs.service.aio import cancel_and_wait
 from libs.service.errors import StatusError, invalid_argument, resource_exhausted
 from services.geosteer.geoip import ClientLocator, MmdbLocator, bundled_db_path
 from services.geosteer.registry import (
@@ -281,10 +281,7 @@ class GeosteerServicer(geosteer_pb2_grpc.GeosteerServiceServicer):
             try:
                 await asyncio.wait({changed, closing}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in (changed, closing):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                await cancel_and_wait(changed, closing)
 
 
 def open_locator(settings: GeosteerSettings) -> ClientLocator:
@@ -361,8 +358,5 @@ class Geosteer:
             return
         self._closed = True
         self.servicer.closing.set()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await cancel_and_wait(self._sweeper)
         self.locator.close()
