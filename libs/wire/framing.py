@@ -22,6 +22,10 @@ HEADER_V6 = 22
 _PREFIX = struct.Struct("!2sBBH")
 
 
+# A UDP peer as the socket layer gives it: (ip, port). Every service uses this one alias.
+Address = tuple[str, int]
+
+
 class FrameError(ValueError):
     """Not a valid frame; counted and dropped by whoever reads it."""
 

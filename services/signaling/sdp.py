@@ -10,13 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from libs.wire import ice
+
 MAX_SDP_BYTES = 64 * 1024
 MAX_SDP_LINES = 4096
 MAX_LINE_CHARS = 8192
 
-# RFC 8839 §5.4: ice-char = ALPHA / DIGIT / "+" / "/"; ufrag 4-256, pwd 22-256 chars.
-_ICE_UFRAG = re.compile(r"[A-Za-z0-9+/]{4,256}")
-_ICE_PWD = re.compile(r"[A-Za-z0-9+/]{22,256}")
 # RFC 8122 §5: fingerprint-attribute = hash-func SP 2UHEX *(":" 2UHEX). Lower case is
 # accepted: browsers and aiortc differ and every DTLS stack compares case-insensitively.
 _FINGERPRINT = re.compile(r"[A-Za-z0-9-]+ [0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2})+")
@@ -116,7 +115,7 @@ def validate_offer(text: str | bytes, max_bytes: int = MAX_SDP_BYTES) -> OfferSu
             raise OfferError(
                 "sdp_no_ice_credentials", "offer lacks a=ice-ufrag or a=ice-pwd for its audio"
             )
-        if not _ICE_UFRAG.fullmatch(section_ufrag) or not _ICE_PWD.fullmatch(pwd):
+        if ice.credential_problem(section_ufrag, pwd) is not None:
             raise OfferError(
                 "sdp_bad_ice_credentials",
                 "a=ice-ufrag must be 4-256 and a=ice-pwd 22-256 ice-chars (RFC 8839 §5.4)",
