@@ -12,6 +12,7 @@ import grpc
 import grpc.aio
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from libs.observability.metrics import GEOSTEER_RTT_SAMPLES_DROPPED, GEOSTEER_TOPOLOGY_REVISION
 from libs.observability.telemetry import Telemetry, log_event
 from libs.service.aio import cancel_and_wait
 from libs.service.errors import StatusError, invalid_argument, resource_exhausted
@@ -341,12 +342,8 @@ class Geosteer:
         def dropped(_: CallbackOptions) -> list[Observation]:
             return [Observation(directory.rtt_samples_dropped)]
 
-        telemetry.meter.create_observable_gauge(
-            "geosteer.topology.revision", [revision], description="topology revision"
-        )
-        telemetry.meter.create_observable_counter(
-            "geosteer.rtt_samples.dropped", [dropped], description="malformed RTT samples"
-        )
+        GEOSTEER_TOPOLOGY_REVISION.create(telemetry.meter, [revision])
+        GEOSTEER_RTT_SAMPLES_DROPPED.create(telemetry.meter, [dropped])
 
     def start(self) -> None:
         if self._sweeper is None:

@@ -24,6 +24,7 @@ import grpc.aio
 from google.protobuf import json_format, struct_pb2
 from opentelemetry import metrics, trace
 
+from libs.observability.metrics import SIGNALING_CALL_SETUP_DURATION, SIGNALING_CALLS
 from libs.observability.telemetry import log_event
 from libs.service.errors import StatusError
 from libs.wire import ufrag as ufrag_codec
@@ -125,12 +126,8 @@ class CallService:
         self._settings = settings
         self._tracer = tracer or trace.get_tracer("voiceedge.signaling")
         meter = meter or metrics.get_meter("voiceedge.signaling")
-        self._calls_counter = meter.create_counter(
-            "signaling.calls", description="call setups by outcome (error code or 'created')"
-        )
-        self._setup_ms = meter.create_histogram(
-            "signaling.call_setup.duration", unit="ms", description="POST to answer"
-        )
+        self._calls_counter = SIGNALING_CALLS.create(meter)
+        self._setup_ms = SIGNALING_CALL_SETUP_DURATION.create(meter)
         self._clock = clock
         self._monotonic = monotonic
         self._key_limiter = RateLimiter(settings.rate_per_key_per_s, settings.burst_per_key)

@@ -1,5 +1,5 @@
-"""Every service README's settings table is the one its settings class renders, and names
-exactly the flags the real binary's `--help` prints."""
+"""Every service README's settings table is the one its settings class renders and names
+exactly the flags the real binary's `--help` prints; METRICS.md is the metric catalogue."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tools.docs.settings_tables import (
+from tools.docs.tables import (
     END,
+    METRICS_MD,
     SERVICES,
     ServiceDoc,
     TableError,
     expected_block,
     replace_block,
+    replace_metrics_block,
 )
 
 FLAG = re.compile(r"^\s+--([a-z0-9-]+) [A-Z0-9_]+", re.MULTILINE)
@@ -32,7 +34,7 @@ def _binary(doc: ServiceDoc) -> str:
 def test_readme_table_is_generated_from_the_settings_class(doc: ServiceDoc) -> None:
     text = doc.readme.read_text()
     assert replace_block(text, doc) == text, (
-        f"{doc.readme} is stale: run ./bazelw run //tools/docs:settings_tables"
+        f"{doc.readme} is stale: run ./bazelw run //tools/docs:tables"
     )
     assert doc.env_prefix in text, f"{doc.readme} should name the {doc.env_prefix} prefix"
 
@@ -65,3 +67,10 @@ def test_replacing_keeps_what_surrounds_the_block() -> None:
     text = f"before\n<!-- settings-table: old -->\n| old |\n{END}\nafter\n"
     assert replace_block(text, doc) == f"before\n{expected_block(doc)}\nafter\n"
     assert sys.executable
+
+
+def test_metrics_md_is_the_catalogue() -> None:
+    text = METRICS_MD.read_text()
+    assert replace_metrics_block(text) == text, (
+        "METRICS.md is stale: run ./bazelw run //tools/docs:tables"
+    )

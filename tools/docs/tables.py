@@ -1,11 +1,14 @@
-"""Keeps each service README's settings table equal to its settings class.
+"""Keeps the generated tables of the docs equal to the code they describe.
 
-The table between the markers below is rendered by `libs.config.settings.settings_table`
-from the same fields and help lines `--help` prints. `settings_tables_test` fails when a
-README drifts; this program rewrites them:
+- Each service README's settings table, rendered by `libs.config.settings.settings_table`
+  from the same fields and help lines `--help` prints.
+- METRICS.md's table of every exported metric and its rename list, rendered from the
+  catalogue in `libs/observability/metrics.py`.
 
-    ./bazelw run //tools/docs:settings_tables            # rewrite the READMEs in place
-    ./bazelw run //tools/docs:settings_tables -- --check # exit 1 naming the stale ones
+`tables_test` fails when a doc drifts; this program rewrites them:
+
+    ./bazelw run //tools/docs:tables            # rewrite in place
+    ./bazelw run //tools/docs:tables -- --check # exit 1 naming the stale files
 """
 
 from __future__ import annotations
@@ -18,12 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libs.config.settings import ServiceSettings, settings_table
+from libs.observability.metrics import RENAMED, markdown_table
 
 BEGIN = (
     "<!-- settings-table: generated from {source} by "
-    "./bazelw run //tools/docs:settings_tables; do not edit -->"
+    "./bazelw run //tools/docs:tables; do not edit -->"
 )
 END = "<!-- end settings-table -->"
+METRICS_MD = Path("METRICS.md")
+METRICS_BEGIN = (
+    "<!-- metrics-table: generated from libs/observability/metrics.py by "
+    "./bazelw run //tools/docs:tables; do not edit -->"
+)
+METRICS_END = "<!-- end metrics-table -->"
 
 
 @dataclass(frozen=True)
@@ -78,22 +88,41 @@ def replace_block(text: str, doc: ServiceDoc) -> str:
     return text[:start] + expected_block(doc) + text[end + len(END) :]
 
 
+def metrics_block() -> str:
+    renames = ["| before | now |", "|---|---|"]
+    renames += [f"| `{old}` | `{new}` |" for old, new in sorted(RENAMED.items())]
+    return (
+        f"{METRICS_BEGIN}\n{markdown_table()}\nRenamed on 2026-12-02 (update dashboards and "
+        f"alerts):\n\n" + "\n".join(renames) + f"\n{METRICS_END}"
+    )
+
+
+def replace_metrics_block(text: str) -> str:
+    start = text.find("<!-- metrics-table:")
+    end = text.find(METRICS_END)
+    if start < 0 or end < start:
+        raise TableError(f"{METRICS_MD}: no metrics-table block (add the two marker lines)")
+    return text[:start] + metrics_block() + text[end + len(METRICS_END) :]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="report stale READMEs, write none")
     args = parser.parse_args(argv)
     root = Path(os.environ.get("BUILD_WORKSPACE_DIRECTORY", "."))
     stale = []
-    for doc in SERVICES:
-        path = root / doc.readme
+    edits = [(doc.readme, lambda text, doc=doc: replace_block(text, doc)) for doc in SERVICES]
+    edits.append((METRICS_MD, replace_metrics_block))
+    for rel, edit in edits:
+        path = root / rel
         text = path.read_text()
-        updated = replace_block(text, doc)
+        updated = edit(text)
         if updated != text:
-            stale.append(str(doc.readme))
+            stale.append(str(rel))
             if not args.check:
                 path.write_text(updated)
     verb = "stale" if args.check else "rewritten"
-    print(f"{len(stale)} of {len(SERVICES)} READMEs {verb}: {', '.join(stale) or '-'}")
+    print(f"{len(stale)} of {len(edits)} docs {verb}: {', '.join(stale) or '-'}")
     return 1 if args.check and stale else 0
 
 

@@ -1,0 +1,188 @@
+"""Every metric voiceedge exports, declared once: name, kind, unit, labels, meaning.
+
+Names follow one scheme, `voiceedge_<service>_<what>[_<unit>]`, as Prometheus shows them;
+counters get Prometheus' `_total` and histograms `_bucket`/`_sum`/`_count`. Instruments are
+created with an empty OpenTelemetry unit so the exporter adds no suffix of its own (it would
+turn `ms` into `_milliseconds`); the unit lives in the name. Services create instruments
+only through `MetricSpec.create` (the lint test refuses a string-named instrument anywhere
+else), and METRICS.md's table is `markdown_table()` (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import metrics
+
+
+class Kind(enum.Enum):
+    COUNTER = "counter"
+    UP_DOWN_COUNTER = "gauge (up/down)"
+    HISTOGRAM = "histogram"
+    OBSERVABLE_COUNTER = "counter (read at scrape)"
+    OBSERVABLE_GAUGE = "gauge (read at scrape)"
+    OBSERVABLE_UP_DOWN_COUNTER = "gauge (up/down, read at scrape)"
+
+    @property
+    def is_counter(self) -> bool:
+        return self in (Kind.COUNTER, Kind.OBSERVABLE_COUNTER)
+
+    @property
+    def is_observable(self) -> bool:
+        return self.name.startswith("OBSERVABLE_")
+
+
+Callback = Callable[[metrics.CallbackOptions], Iterable[metrics.Observation]]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    service: str
+    what: str
+    kind: Kind
+    description: str
+    unit: str = ""  # part of the name: "ms", "bytes"; empty for counts of things
+    labels: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The instrument's name, which the Prometheus exporter keeps as it is."""
+        return f"voiceedge_{self.service}_{self.what}" + (f"_{self.unit}" if self.unit else "")
+
+    @property
+    def prometheus_name(self) -> str:
+        return self.name + ("_total" if self.kind.is_counter else "")
+
+    def create(self, meter: metrics.Meter, callbacks: Sequence[Callback] = ()) -> Any:
+        """The OpenTelemetry instrument; observable kinds need their callbacks."""
+        if self.kind.is_observable != bool(callbacks):
+            raise ValueError(f"{self.name}: callbacks are for observable instruments only")
+        common: dict[str, Any] = {"unit": "", "description": self.description}
+        if self.kind is Kind.COUNTER:
+            return meter.create_counter(self.name, **common)
+        if self.kind is Kind.UP_DOWN_COUNTER:
+            return meter.create_up_down_counter(self.name, **common)
+        if self.kind is Kind.HISTOGRAM:
+            return meter.create_histogram(self.name, **common)
+        if self.kind is Kind.OBSERVABLE_COUNTER:
+            return meter.create_observable_counter(self.name, list(callbacks), **common)
+        if self.kind is Kind.OBSERVABLE_GAUGE:
+            return meter.create_observable_gauge(self.name, list(callbacks), **common)
+        return meter.create_observable_up_down_counter(self.name, list(callbacks), **common)
+
+
+# -- relay ---------------------------------------------------------------------------------
+RELAY_PACKETS = MetricSpec(
+    "relay",
+    "packets",
+    Kind.OBSERVABLE_COUNTER,
+    "UDP packets through the relay (stage: received or forwarded)",
+    labels=("direction", "class", "stage"),
+)
+RELAY_BYTES = MetricSpec(
+    "relay",
+    "bytes",
+    Kind.OBSERVABLE_COUNTER,
+    "bytes of the inner packets through the relay",
+    labels=("direction", "class", "stage"),
+)
+RELAY_DROPS = MetricSpec(
+    "relay", "drops", Kind.OBSERVABLE_COUNTER, "packets dropped", labels=("direction", "reason")
+)
+RELAY_BINDINGS = MetricSpec(
+    "relay", "bindings", Kind.OBSERVABLE_GAUGE, "client bindings held in memory"
+)
+RELAY_BINDINGS_EVICTED = MetricSpec(
+    "relay",
+    "bindings_evicted",
+    Kind.OBSERVABLE_COUNTER,
+    "oldest bindings evicted because max_bindings was reached",
+)
+RELAY_REDIS_OPS = MetricSpec(
+    "relay",
+    "redis_ops",
+    Kind.OBSERVABLE_COUNTER,
+    "Redis binding store operations (only with Redis configured)",
+    labels=("result",),
+)
+
+# -- transceiver ---------------------------------------------------------------------------
+TRANSCEIVER_SESSIONS_CREATED = MetricSpec(
+    "transceiver", "sessions_created", Kind.COUNTER, "sessions created"
+)
+TRANSCEIVER_SESSIONS_CLOSED = MetricSpec(
+    "transceiver", "sessions_closed", Kind.COUNTER, "sessions closed", labels=("close_reason",)
+)
+TRANSCEIVER_SESSIONS_ACTIVE = MetricSpec(
+    "transceiver", "sessions_active", Kind.OBSERVABLE_UP_DOWN_COUNTER, "open sessions"
+)
+TRANSCEIVER_UDPMUX_DROPS = MetricSpec(
+    "transceiver",
+    "udpmux_drops",
+    Kind.OBSERVABLE_COUNTER,
+    "datagrams dropped by the shared media socket",
+    labels=("drop_reason",),
+)
+
+# -- signaling -----------------------------------------------------------------------------
+SIGNALING_CALLS = MetricSpec(
+    "signaling",
+    "calls",
+    Kind.COUNTER,
+    "call set-ups by outcome (an error code, or 'created')",
+    labels=("outcome",),
+)
+SIGNALING_CALL_SETUP_DURATION = MetricSpec(
+    "signaling",
+    "call_setup_duration",
+    Kind.HISTOGRAM,
+    "offer POST received to answer sent, for created calls",
+    unit="ms",
+)
+
+# -- geosteer ------------------------------------------------------------------------------
+GEOSTEER_TOPOLOGY_REVISION = MetricSpec(
+    "geosteer", "topology_revision", Kind.OBSERVABLE_GAUGE, "revision of the live topology"
+)
+GEOSTEER_RTT_SAMPLES_DROPPED = MetricSpec(
+    "geosteer",
+    "rtt_samples_dropped",
+    Kind.OBSERVABLE_COUNTER,
+    "malformed RTT samples in heartbeats",
+)
+
+# -- bridge --------------------------------------------------------------------------------
+BRIDGE_SESSIONS_ACTIVE = MetricSpec(
+    "bridge", "sessions_active", Kind.UP_DOWN_COUNTER, "open bridge sessions"
+)
+BRIDGE_SESSIONS_OPENED = MetricSpec(
+    "bridge", "sessions_opened", Kind.COUNTER, "bridge sessions accepted"
+)
+
+CATALOGUE: tuple[MetricSpec, ...] = tuple(
+    value for value in list(globals().values()) if isinstance(value, MetricSpec)
+)
+
+# Prometheus names before the one scheme (2026-12), for dashboards and alerts.
+RENAMED = {
+    "signaling_calls_total": SIGNALING_CALLS.prometheus_name,
+    "signaling_call_setup_duration_milliseconds": SIGNALING_CALL_SETUP_DURATION.prometheus_name,
+    "geosteer_topology_revision": GEOSTEER_TOPOLOGY_REVISION.prometheus_name,
+    "geosteer_rtt_samples_dropped_total": GEOSTEER_RTT_SAMPLES_DROPPED.prometheus_name,
+    "bridge_sessions_active": BRIDGE_SESSIONS_ACTIVE.prometheus_name,
+    "bridge_sessions_opened_total": BRIDGE_SESSIONS_OPENED.prometheus_name,
+    "voiceedge_transceiver_udpmux_dropped_total": TRANSCEIVER_UDPMUX_DROPS.prometheus_name,
+}
+
+
+def markdown_table() -> str:
+    rows = ["| Prometheus name | kind | labels | meaning |", "|---|---|---|---|"]
+    for spec in sorted(CATALOGUE, key=lambda s: (s.service, s.what)):
+        labels = ", ".join(f"`{label}`" for label in spec.labels) or "-"
+        rows.append(
+            f"| `{spec.prometheus_name}` | {spec.kind.value} | {labels} | {spec.description} |"
+        )
+    return "\n".join(rows) + "\n"
