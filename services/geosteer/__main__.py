@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from libs.observability.telemetry import Telemetry
 from libs.service.runtime import ServiceParts, Servicer, service_main
-from services.geosteer.service import Geosteer
+from services.geosteer.servicer import Geosteer
 from services.geosteer.settings import GeosteerSettings
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 

@@ -14,7 +14,7 @@ import pytest
 
 from libs.service.runtime import GrpcService, Servicer
 from services.geosteer.client import HeartbeatLoop, NodeReport
-from services.geosteer.service import Geosteer
+from services.geosteer.servicer import Geosteer
 from services.geosteer.settings import GeosteerSettings
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc

@@ -20,8 +20,8 @@ from libs.config.settings import parse_host_port
 from libs.observability.telemetry import Telemetry, log_event
 from libs.service.runtime import ServiceParts, Servicer, service_main
 from services.signaling.calls import CallService
-from services.signaling.grpc_api import SignalingServicer
 from services.signaling.http_api import build_app
+from services.signaling.servicer import SignalingServicer
 from services.signaling.settings import SignalingSettings
 from services.signaling.store import make_store
 from voiceedge.signaling.v1 import signaling_pb2, signaling_pb2_grpc

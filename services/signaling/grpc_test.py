@@ -7,8 +7,12 @@ import grpc.aio
 import pytest
 
 from libs.wire import ufrag
-from services.signaling.fakes import fake_cluster, running_signaling
-from services.signaling.testkit import API_KEY, CHROME_OFFER
+from services.signaling.signaling_testing import (
+    API_KEY,
+    CHROME_OFFER,
+    fake_cluster,
+    running_signaling,
+)
 from voiceedge.signaling.v1 import signaling_pb2, signaling_pb2_grpc
 
 METADATA = (("authorization", f"Bearer {API_KEY}"),)

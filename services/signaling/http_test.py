@@ -12,7 +12,7 @@ import pytest
 
 from libs.wire import ufrag
 from services.signaling.settings import SignalingSettings
-from services.signaling.testkit import (
+from services.signaling.signaling_testing import (
     AUTH,
     CHROME_OFFER,
     OTHER_KEY,

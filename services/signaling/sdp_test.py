@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.signaling.sdp import OfferError, validate_offer
-from services.signaling.testkit import CHROME_OFFER, aiortc_offer
+from services.signaling.signaling_testing import CHROME_OFFER, aiortc_offer
 
 
 def _drop(offer: str, prefix: str) -> str:

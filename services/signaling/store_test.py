@@ -11,7 +11,16 @@ import aiohttp
 import pytest
 
 from libs.service.redis_testing import free_port, redis_server
-from services.signaling.fakes import fake_cluster, running_signaling
+from services.signaling.signaling_testing import (
+    API_KEY,
+    AUTH,
+    CHROME_OFFER,
+    SDP,
+    expect_error,
+    fake_cluster,
+    no_sessions,
+    running_signaling,
+)
 from services.signaling.store import (
     CallRecord,
     CallStore,
@@ -20,7 +29,6 @@ from services.signaling.store import (
     SecretRecord,
     make_store,
 )
-from services.signaling.testkit import API_KEY, AUTH, CHROME_OFFER, SDP, expect_error, no_sessions
 
 
 @pytest.fixture(scope="module")

@@ -37,9 +37,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.signaling.fakes import fake_cluster, running_signaling
 from services.signaling.settings import SignalingSettings
-from services.signaling.testkit import CHROME_OFFER
+from services.signaling.signaling_testing import CHROME_OFFER, fake_cluster, running_signaling
 from tools.demo.stack import StackConfig, start_stack
 
 API_KEY = "sk-bench-0123456789abcdef"
