@@ -20,7 +20,7 @@ from libs.config.settings import parse_host_port
 from libs.observability.telemetry import Telemetry, log_event
 from libs.service.runtime import ServiceParts, Servicer, service_main
 from services.signaling.calls import CallService
-from services.signaling.http_api import build_app
+from services.signaling.http_api import build_app, make_runner
 from services.signaling.servicer import SignalingServicer
 from services.signaling.settings import SignalingSettings
 from services.signaling.store import make_store
@@ -70,7 +70,7 @@ async def build(settings: SignalingSettings, telemetry: Telemetry) -> ServicePar
         demo_page=DEMO_PAGE if settings.demo_page else None,
         demo_api_key=keys[0],
     )
-    runner = web.AppRunner(app, access_log=None)
+    runner = make_runner(app)
     await runner.setup()
     host, port = parse_host_port(settings.http_listen, "http_listen")
     site = web.TCPSite(runner, host, port)

@@ -153,6 +153,12 @@ class CallService:
                 "missing_api_key",
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
             )
+        if not token.isascii() or not token.isprintable():
+            # Keys are printable ASCII; aiohttp hands undecodable header bytes through as
+            # surrogates, which must be refused here, not crash the hashing below.
+            raise errors.unauthorized(
+                "invalid_api_key", "Incorrect API key provided: it is not printable ASCII."
+            )
         digest = fingerprint(token)
         if token.startswith(CLIENT_SECRET_PREFIX):
             try:

@@ -54,3 +54,8 @@ def unavailable(code: str, message: str, retry_after_s: int, *, exhausted: bool)
         http_status=503,
         retry_after_s=retry_after_s,
     )
+
+
+def server_error(message: str) -> StatusError:
+    """500: a bug or an unexpected failure; the message says nothing about internals."""
+    return StatusError(grpc.StatusCode.INTERNAL, "server_error", message)

@@ -23,6 +23,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from libs.observability.telemetry import log_event
 from libs.service.errors import StatusError
 from services.signaling import errors
+from services.signaling.aiohttp_compat import GuardedAppRunner, guarded_runner
 from services.signaling.calls import CallService, Principal, SidebandCall
 from services.signaling.clientip import client_ip, parse_networks
 from voiceedge.transceiver.v1 import transceiver_pb2
@@ -54,6 +55,8 @@ DEFAULT_ALLOWED_HEADERS = "Authorization, Content-Type, If-Match"
 # A sideband client event larger than this closes the WebSocket (1009, message too big).
 SIDEBAND_MAX_MESSAGE_BYTES = 1 << 20
 
+FORM_PARSE_THREADS = 4
+
 SERVICE_KEY: web.AppKey[CallService] = web.AppKey("service", CallService)
 
 
@@ -67,6 +70,46 @@ def _http_error(exc: web.HTTPException) -> StatusError:
     return errors.bad_request(code, exc.reason, http_status=exc.status)
 
 
+def make_runner(app: web.Application) -> GuardedAppRunner:
+    """The runner signaling serves `app` with: JSON errors from every layer, the header
+    deadline and the per-IP connection cap of its settings."""
+    settings = app[SERVICE_KEY].settings
+    proxies = parse_networks(settings.trusted_proxies)
+
+    def exempt(ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in proxies)
+
+    return guarded_runner(
+        app,
+        header_timeout_s=settings.header_timeout_s,
+        max_connections_per_ip=settings.max_connections_per_ip,
+        exempt=exempt,
+    )
+
+
+def parse_json(data: bytes | str, max_depth: int, code: str, what: str) -> Any:
+    """JSON text -> value; a 400 naming `what` when it is not JSON or nests deeper than
+    `max_depth` (the C decoder recurses: deep enough input is a RecursionError, not a
+    ValueError, and a merely deep one makes every later walk over it costly)."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        raise errors.bad_request(code, f"{what} is not valid JSON.") from None
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > max_depth:
+                raise errors.bad_request(code, f"{what} nests deeper than {max_depth} levels.")
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return value
+
+
 def build_app(
     service: CallService,
     *,
@@ -74,6 +117,11 @@ def build_app(
     demo_api_key: str = "",
 ) -> web.Application:
     max_body = service.settings.max_body_bytes
+    max_depth = service.settings.max_json_depth
+    body_timeout_s = service.settings.body_timeout_s
+    # Multipart parsing is pure Python and can take a while on a crafted body: it runs in
+    # worker threads, a few at a time, so the event loop keeps serving everyone else.
+    form_parsers = asyncio.Semaphore(FORM_PARSE_THREADS)
     trusted_proxies = parse_networks(service.settings.trusted_proxies)
     cors_origins = service.settings.cors_origins
 
@@ -116,15 +164,28 @@ def build_app(
         # Chunked bodies carry no Content-Length: count while reading, stop past the limit.
         chunks: list[bytes] = []
         total = 0
-        while total <= max_body:
-            chunk = await request.content.read(max_body + 1 - total)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
+        try:
+            async with asyncio.timeout(body_timeout_s):
+                while total <= max_body:
+                    chunk = await request.content.read(max_body + 1 - total)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    total += len(chunk)
+        except TimeoutError:
+            raise errors.bad_request(
+                "request_timeout",
+                f"The request body did not arrive within {body_timeout_s:g} s.",
+                http_status=408,
+            ) from None
         if total > max_body:
             raise _too_large(max_body)
         return b"".join(chunks)
+
+    async def parse_form(content_type: str, body: bytes) -> tuple[bytes, Any]:
+        async with form_parsers:
+            sdp, session_text = await asyncio.to_thread(_parse_form, content_type, body)
+        return sdp, _session_of(session_text, max_depth)
 
     async def read_offer(request: web.Request, *, whip: bool) -> tuple[bytes, Any]:
         content_type = request.headers.get("Content-Type", "")
@@ -132,7 +193,7 @@ def build_app(
         if media_type == SDP:
             return await read_body(request), None
         if media_type == "multipart/form-data" and not whip:
-            return _parse_form(content_type, await read_body(request))
+            return await parse_form(content_type, await read_body(request))
         accepted = SDP if whip else f"{SDP} or multipart/form-data"
         raise errors.bad_request(
             "unsupported_content_type", f"Content-Type must be {accepted}.", http_status=415
@@ -220,10 +281,7 @@ def build_app(
                     "Content-Type must be application/json.",
                     http_status=415,
                 )
-            try:
-                payload = json.loads(body)
-            except ValueError:
-                raise errors.bad_request("invalid_json", "Body is not valid JSON.") from None
+            payload = parse_json(body, max_depth, "invalid_json", "Body")
         if not isinstance(payload, dict):
             raise errors.bad_request("invalid_json", "Body must be a JSON object.")
         expires_after = payload.get("expires_after") or {}
@@ -369,8 +427,9 @@ def _too_large(limit: int) -> StatusError:
     )
 
 
-def _parse_form(content_type: str, body: bytes) -> tuple[bytes, Any]:
-    """multipart/form-data (RFC 7578) with an `sdp` part and an optional JSON `session`."""
+def _parse_form(content_type: str, body: bytes) -> tuple[bytes, bytes | None]:
+    """multipart/form-data (RFC 7578) -> its `sdp` part and its `session` part, if any.
+    Pure and synchronous: it runs in a worker thread."""
     parser = email.parser.BytesParser(policy=email.policy.HTTP)
     message = parser.parsebytes(
         b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body
@@ -385,12 +444,13 @@ def _parse_form(content_type: str, body: bytes) -> tuple[bytes, Any]:
             parts[name] = payload
     if "sdp" not in parts:
         raise errors.bad_request("missing_sdp", "multipart body has no 'sdp' part.")
-    session: Any = None
-    if "session" in parts:
-        try:
-            session = json.loads(parts["session"])
-        except ValueError:
-            raise errors.bad_request("invalid_session", "'session' part is not JSON.") from None
-        if not isinstance(session, dict):
-            raise errors.bad_request("invalid_session", "'session' must be a JSON object.")
-    return parts["sdp"], session
+    return parts["sdp"], parts.get("session")
+
+
+def _session_of(text: bytes | None, max_depth: int) -> Any:
+    if text is None:
+        return None
+    session = parse_json(text, max_depth, "invalid_session", "'session' part")
+    if not isinstance(session, dict):
+        raise errors.bad_request("invalid_session", "'session' must be a JSON object.")
+    return session

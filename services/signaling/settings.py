@@ -85,6 +85,25 @@ class SignalingSettings(ServiceSettings):
         "serve the demo page at / and mint client secrets for it at POST /demo/client_secret "
         "(loopback peers only; a development aid)",
     )
+    header_timeout_s: float = setting(
+        10.0,
+        "a connection must send a whole request head within this long of opening (and of "
+        "its previous request); slower ones are closed (slow-loris)",
+        gt=0,
+        le=300,
+    )
+    body_timeout_s: float = setting(
+        10.0, "time to receive a request body once its head arrived (408 beyond)", gt=0, le=300
+    )
+    max_connections_per_ip: int = setting(
+        64,
+        "open HTTP connections allowed per client address (trusted proxies exempt); more "
+        "are closed at once",
+        ge=1,
+    )
+    max_json_depth: int = setting(
+        32, "deepest nesting accepted in a JSON body or session part (400 beyond)", ge=2, le=256
+    )
     retry_after_s: int = setting(2, "Retry-After of 503 answers when no cluster has capacity", ge=1)
 
     def validate(self) -> None:

@@ -279,7 +279,7 @@ async def running_signaling(
 
     from libs.wire.ufrag import dev_keyring
     from services.signaling.calls import CallService
-    from services.signaling.http_api import build_app
+    from services.signaling.http_api import build_app, make_runner
     from services.signaling.servicer import SignalingServicer
     from services.signaling.settings import SignalingSettings
     from services.signaling.store import MemoryCallStore
@@ -302,7 +302,7 @@ async def running_signaling(
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(service.close)
         app = build_app(service)
-        runner = web.AppRunner(app, access_log=None)
+        runner = make_runner(app)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, "127.0.0.1", 0)
