@@ -1,7 +1,8 @@
 """Brings the whole edge up on loopback: every service as its own process, real gRPC.
 
 `./bazelw run //:demo` starts geosteer, bridge, transceiver, relay and signaling, prints
-the page URL and the dev API key, and stops every process cleanly on Ctrl-C or SIGTERM.
+the page URL and the dev API key, and stops every process cleanly on Ctrl-C or SIGTERM:
+the first drains every service (each within its grace), a second stops them at once.
 Set REDIS_URL to share state through Redis instead of the embedded in-memory store, and
 VOICEEDGE_API_KEY to choose the API key (otherwise one is generated and printed).
 """
@@ -28,8 +29,14 @@ DEV_PORTS = {
 def main(argv: Sequence[str] | None = None) -> int:
     del argv
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    force = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        # The first signal drains every service; a second one stops them at once.
+        (force if stop.is_set() else stop).set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     config = StackConfig(
         relay_udp_port=3478,
         http_port=8080,
@@ -61,9 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
         return 0
     finally:
-        print("demo: stopping", file=sys.stderr)
-        stack.stop()
-        print("demo: stopped", file=sys.stderr)
+        print("demo: stopping (a second Ctrl-C stops at once)", file=sys.stderr)
+        codes = stack.stop(force)
+        summary = ", ".join(f"{name} {code}" for name, code in codes.items())
+        print(f"demo: stopped; exit codes: {summary}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The README's first command, `./bazelw run //:demo`, as a user runs it: the whole edge
 comes up on the documented ports, the page and its client secrets are served, and Ctrl-C
-(SIGINT) stops every process and frees every port."""
+(SIGINT) drains every process, each exiting on its own (none SIGKILLed), and frees every
+port."""
 
 from __future__ import annotations
 
@@ -48,17 +49,31 @@ def _port_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_demo_comes_up_serves_the_page_and_stops_cleanly() -> None:
+def _start_demo(stderr: Path) -> subprocess.Popen[str]:
     busy = [p for p in PORTS_TCP if not _port_free(p)]
     assert not busy, f"ports {busy} are taken (is a demo already running?)"
-    process = subprocess.Popen(
-        [str(DEMO)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "VOICEEDGE_API_KEY": "sk-demo-test-0123456789"},
-    )
+    with stderr.open("w") as sink:
+        return subprocess.Popen(
+            [str(DEMO)],
+            stdout=subprocess.PIPE,
+            stderr=sink,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "VOICEEDGE_API_KEY": "sk-demo-test-0123456789"},
+        )
+
+
+def _exit_codes(stderr: Path) -> dict[str, int]:
+    """The supervisor's last line: every child's exit code, by name."""
+    text = stderr.read_text()
+    assert "killing it" not in text, text[-2000:]
+    (line,) = [x for x in text.splitlines() if x.startswith("demo: stopped; exit codes: ")]
+    pairs = line.removeprefix("demo: stopped; exit codes: ").split(", ")
+    return {name: int(code) for name, code in (pair.split(" ") for pair in pairs)}
+
+
+def test_demo_comes_up_serves_the_page_and_stops_cleanly(tmp_path: Path) -> None:
+    process = _start_demo(tmp_path / "stderr.log")
     try:
         lines = _read_until(process, "Ctrl-C stops every process", 120)
         text = "".join(lines)
@@ -76,5 +91,8 @@ def test_demo_comes_up_serves_the_page_and_stops_cleanly() -> None:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+    # Each drained and exited on its own (0), none was killed.
+    codes = _exit_codes(tmp_path / "stderr.log")
+    assert codes == dict.fromkeys(["signaling", "relay", "transceiver", "bridge", "geosteer"], 0)
     still_bound = [p for p in PORTS_TCP if not _port_free(p)]
     assert still_bound == [], f"ports still bound after Ctrl-C: {still_bound}"

@@ -3,7 +3,10 @@
 Used by `//:demo` and by the end-to-end tests. Each service is its own process (the Bazel
 binary), started in dependency order; the stack waits for each one's JSON ready line, and
 for the transceiver to be registered in geosteer before it starts the relay and signaling.
-`Stack.stop()` sends one SIGTERM to each (drain), then SIGKILL after a grace period.
+`Stack.stop()` sends one SIGTERM to each (drain) and waits for them to exit on their own
+within their drain grace plus a margin for closing; a second signal to the supervisor (the
+`force` event) sends each a second SIGTERM, which makes it stop at once. SIGKILL is the
+last resort for a child that ignores both, and is reported.
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
 READY_TIMEOUT_S = 60.0
 REGISTER_TIMEOUT_S = 30.0
-STOP_GRACE_S = 10.0
+# Every child drains for at most this long (passed as --drain-grace-s) ...
+DRAIN_GRACE_S = 10.0
+# ... and then needs up to this long to close (sockets, Redis, workers, the gRPC server).
+CLOSE_MARGIN_S = 5.0
+# After the second SIGTERM a child must be gone within this long.
+FORCED_EXIT_S = 3.0
 ROOT = Path(os.path.abspath(__file__)).parents[2]
 
 
@@ -78,9 +86,10 @@ class Stack:
     def grpc(self, name: str) -> str:
         return str(self.services[name].ready["grpc"])
 
-    def stop(self) -> None:
+    def stop(self, force: threading.Event | None = None) -> dict[str, int]:
+        """Stops every child (see `stop_processes`); their exit codes by name."""
         procs = [(s.name, s.process) for s in reversed(list(self.services.values()))]
-        stop_processes(procs)
+        return stop_processes(procs, force=force)
 
     def check_alive(self) -> str | None:
         for service in self.services.values():
@@ -117,21 +126,38 @@ def _wait_ready(name: str, process: subprocess.Popen[str]) -> dict[str, Any]:
     return ready
 
 
-def stop_processes(processes: Sequence[tuple[str, subprocess.Popen[str]]]) -> None:
-    """One SIGTERM each (drain), then SIGKILL whoever is still there after the grace."""
-    for _, process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    for name, process in processes:
+def stop_processes(
+    processes: Sequence[tuple[str, subprocess.Popen[str]]],
+    *,
+    grace_s: float = DRAIN_GRACE_S + CLOSE_MARGIN_S,
+    force: threading.Event | None = None,
+) -> dict[str, int]:
+    """One SIGTERM each (drain); wait up to `grace_s` for all to exit on their own. When
+    `force` is set meanwhile, a second SIGTERM each (the runtime's "stop now"). SIGKILL
+    only for a child still there after that, with a line saying so. Returns exit codes."""
+    alive = [(name, p) for name, p in processes if p.poll() is None]
+    for _, process in alive:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    forced = False
+    # Bounded: ends at the deadline, which forcing only brings closer.
+    while alive and time.monotonic() < deadline:
+        if force is not None and force.is_set() and not forced:
+            forced = True
+            for _, process in alive:
+                process.send_signal(signal.SIGTERM)
+            deadline = min(deadline, time.monotonic() + FORCED_EXIT_S)
+        name, process = alive[0]
         try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            process.wait(timeout=0.1)
         except subprocess.TimeoutExpired:
-            print(
-                f"stack: {name} did not stop in {STOP_GRACE_S:.0f} s; killing it", file=sys.stderr
-            )
-            process.kill()
-            process.wait(timeout=10)
+            continue
+        alive = [(n, p) for n, p in alive if p.poll() is None]
+    for name, process in alive:
+        print(f"stack: {name} did not stop in time; killing it", file=sys.stderr)
+        process.kill()
+        process.wait(timeout=10)
+    return {name: int(process.returncode) for name, process in processes}
 
 
 def _wait_until(what: str, check: Callable[[], bool], timeout_s: float) -> None:
@@ -178,7 +204,14 @@ def start_stack(config: StackConfig) -> Stack:
 
     def launch(name: str, flags: list[str]) -> Service:
         port = config.grpc_ports.get(name, 0)
-        command = [_binary(name), "--grpc-listen", f"{where(name).host}:{port}", *flags]
+        command = [
+            _binary(name),
+            "--grpc-listen",
+            f"{where(name).host}:{port}",
+            "--drain-grace-s",
+            str(DRAIN_GRACE_S),
+            *flags,
+        ]
         if where(name).netns:
             command = ["ip", "netns", "exec", where(name).netns, *command]
         command += config.extra_flags.get(name, [])
