@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,34 @@ SERVICES = (
         "signaling", "services.signaling.settings:SignalingSettings", "services.signaling.__main__"
     ),
 )
+
+
+FILE_CELL = re.compile(r"`([A-Za-z0-9_./]+)`")
+
+
+def files_table_problems(readme_text: str, folder_files: set[str]) -> list[str]:
+    """Differences between a README's "## Files" table and the folder's files: every
+    non-test source file must be listed, and every listed file of the folder must exist
+    (entries naming other folders, like `libs/fastio`, are not checked)."""
+    start = readme_text.find("## Files")
+    if start < 0:
+        return ["no '## Files' section"]
+    end = readme_text.find("\n## ", start + 1)
+    section = readme_text[start : end if end > 0 else None]
+    listed: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith(("| file", "|---")):
+            names = FILE_CELL.findall(line.split("|")[1])
+            if names and "/" not in names[0]:  # a row about another folder is not checked
+                listed.update(names)
+    wanted = {
+        name
+        for name in folder_files
+        if name.endswith((".py", ".c")) and not name.endswith("_test.py")
+    }
+    problems = [f"{name} is not in the Files table" for name in sorted(wanted - listed)]
+    problems += [f"{name} is listed but does not exist" for name in sorted(listed - folder_files)]
+    return problems
 
 
 class TableError(ValueError):

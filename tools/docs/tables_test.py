@@ -18,6 +18,7 @@ from tools.docs.tables import (
     ServiceDoc,
     TableError,
     expected_block,
+    files_table_problems,
     replace_block,
     replace_metrics_block,
 )
@@ -74,3 +75,24 @@ def test_metrics_md_is_the_catalogue() -> None:
     assert replace_metrics_block(text) == text, (
         "METRICS.md is stale: run ./bazelw run //tools/docs:tables"
     )
+
+
+@pytest.mark.parametrize("doc", SERVICES, ids=lambda d: d.name)
+def test_readme_files_table_matches_the_folder(doc: ServiceDoc) -> None:
+    folder = doc.readme.parent
+    files = {path.name for path in folder.iterdir() if path.is_file()}
+    assert files_table_problems(doc.readme.read_text(), files) == []
+
+
+def test_files_table_problems_are_found() -> None:
+    readme = (
+        "# x\n\n## Files\n\n| file | what |\n|---|---|\n"
+        "| `a.py`, `b.py` | two |\n| `gone.py` | old |\n| `libs/fastio` | elsewhere |\n"
+        "\n## Settings\n\n| `c.py` | not in the Files section |\n"
+    )
+    files = {"a.py", "b.py", "c.py", "a_test.py", "BUILD.bazel", "README.md"}
+    assert files_table_problems(readme, files) == [
+        "c.py is not in the Files table",
+        "gone.py is listed but does not exist",
+    ]
+    assert files_table_problems("# no table\n", files) == ["no '## Files' section"]

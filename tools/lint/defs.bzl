@@ -13,5 +13,8 @@ def lint_srcs(name = "lint_srcs", extra = []):
             ["**/*.py", "**/*.pyi", "BUILD.bazel", "**/*.bzl"],
             exclude = ["bazel-*/**", "tools/bazel/**"],
         ) + extra,
-        visibility = ["//tools/lint:__pkg__"],
+        visibility = [
+            "//tools/docs:__pkg__",
+            "//tools/lint:__pkg__",
+        ],
     )
