@@ -54,6 +54,8 @@ MAX_SECRET_TTL_S = 7200
 # transceiver.refused); any other status is logged as transceiver.create_failed. Either way
 # the next ranked transceiver is tried: only INVALID_ARGUMENT (the offer itself is bad) ends
 # the attempts at once.
+# Statuses of a GetSession that mean "could not reach the transceiver".
+_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _REFUSALS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAVAILABLE,
@@ -416,8 +418,10 @@ class CallService:
         return call
 
     async def _refresh(self, call: CallRecord) -> CallRecord:
-        """Asks the owning transceiver how the session is; an unreachable transceiver leaves
-        the stored state as it is (it may come back), a forgotten session ends the call."""
+        """Asks the owning transceiver how the session is. A forgotten session ends the
+        call; so does an unreachable transceiver that geosteer has declared dead (missed
+        heartbeats). One merely unreachable, or a geosteer that cannot say, leaves the
+        stored state as it is: the transceiver may come back."""
         stub = transceiver_pb2_grpc.TransceiverServiceStub(self._channel(call.transceiver_address))
         try:
             info = (
@@ -427,9 +431,19 @@ class CallService:
                 )
             ).session
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                updated = call.ended(self._clock(), common_pb2.CLOSE_REASON_INTERNAL_ERROR)
+            elif exc.code() in _UNREACHABLE and await self._declared_dead(call):
+                updated = call.ended(self._clock(), common_pb2.CLOSE_REASON_NODE_LOST)
+                log_event(
+                    logger,
+                    "call.node_lost",
+                    call__id=call.call_id,
+                    session__id=call.session_id,
+                    transceiver__node_id=call.transceiver_node_id,
+                )
+            else:
                 return call
-            updated = call.ended(self._clock(), common_pb2.CLOSE_REASON_INTERNAL_ERROR)
         else:
             if info.state == transceiver_pb2.SESSION_STATE_CLOSED:
                 updated = call.ended(self._clock(), int(info.stats.close_reason))
@@ -441,6 +455,22 @@ class CallService:
             with contextlib.suppress(StoreError):  # the answer stands; the next read retries
                 await self._store.put_call(updated)
         return updated
+
+    async def _declared_dead(self, call: CallRecord) -> bool:
+        """True when geosteer's live topology no longer holds the call's transceiver;
+        False when it does, or when geosteer cannot be asked."""
+        try:
+            topology = (
+                await self._geosteer.ListTopology(
+                    geosteer_pb2.ListTopologyRequest(), timeout=self._settings.geosteer_timeout_s
+                )
+            ).topology
+        except grpc.aio.AioRpcError:
+            return False
+        for cluster in topology.clusters:
+            if cluster.cluster_id == call.cluster_id:
+                return all(node.node_id != call.transceiver_node_id for node in cluster.nodes)
+        return True  # the whole cluster is gone from the configuration
 
     async def delete_call(self, principal: Principal, call_id: str) -> CallRecord:
         """Closes the session and marks the call ended; ending an ended call succeeds."""

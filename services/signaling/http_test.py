@@ -101,6 +101,39 @@ async def test_delete_closes_the_session_and_is_idempotent() -> None:
         assert (await response.json())["status"] == "ended"
 
 
+async def test_a_call_on_a_transceiver_declared_dead_is_ended() -> None:
+    async with env() as e:
+        response = await e.post_offer()
+        location = response.headers["Location"]
+        node = e.cluster.transceivers[0]
+        assert node.server is not None
+        await node.server.stop(None)  # unreachable from now on
+        # Unreachable but still live in geosteer: it may come back, the state stands.
+        response = await e.http.get(e.url(location), headers=AUTH)
+        assert (await response.json())["status"] == "connecting"
+        # Geosteer declares it dead (missed heartbeats): the call has ended.
+        node.live = False
+        response = await e.http.get(e.url(location), headers=AUTH)
+        assert (await response.json())["status"] == "ended"
+        # ... and stays ended without asking anyone again.
+        e.cluster.geosteer.refuse = grpc.StatusCode.UNAVAILABLE
+        response = await e.http.get(e.url(location), headers=AUTH)
+        assert (await response.json())["status"] == "ended"
+
+
+async def test_an_unreachable_transceiver_is_not_ended_while_geosteer_cannot_say() -> None:
+    async with env() as e:
+        response = await e.post_offer()
+        location = response.headers["Location"]
+        node = e.cluster.transceivers[0]
+        assert node.server is not None
+        await node.server.stop(None)
+        node.live = False
+        e.cluster.geosteer.refuse = grpc.StatusCode.UNAVAILABLE
+        response = await e.http.get(e.url(location), headers=AUTH)
+        assert (await response.json())["status"] == "connecting"
+
+
 async def test_failover_to_the_next_transceiver() -> None:
     async with env() as e:
         e.cluster.transceivers[0].refuse = grpc.StatusCode.RESOURCE_EXHAUSTED

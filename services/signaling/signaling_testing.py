@@ -80,6 +80,8 @@ class FakeTransceiver(transceiver_pb2_grpc.TransceiverServiceServicer):
     closed: list[str] = field(default_factory=list)
     address: str = ""
     sideband_ends: dict[str, asyncio.Event] = field(default_factory=dict)
+    live: bool = True  # False: geosteer has declared it dead (ListTopology leaves it out)
+    server: grpc.aio.Server | None = None  # stop it to make the node unreachable
 
     async def CreateSession(  # noqa: N802 (gRPC method name)
         self,
@@ -206,8 +208,27 @@ class FakeGeosteer(geosteer_pb2_grpc.GeosteerServiceServicer):
     async def DeregisterNode(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
         return await self._unimplemented(context)
 
-    async def ListTopology(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC)
-        return await self._unimplemented(context)
+    async def ListTopology(  # noqa: N802 (gRPC method name)
+        self, request: geosteer_pb2.ListTopologyRequest, context: Any
+    ) -> geosteer_pb2.ListTopologyResponse:
+        """The cluster with its live transceivers (`live` False: declared dead)."""
+        if self.refuse is not None:
+            await context.abort(self.refuse, "geosteer refuses")
+        nodes = [
+            geosteer_pb2.Node(
+                node_id=t.node_id,
+                kind=common_pb2.NODE_KIND_TRANSCEIVER,
+                cluster_id=self.cluster_id,
+                transceiver_id=t.transceiver_id,
+                grpc_address=t.address,
+            )
+            for t in self.transceivers
+            if t.live
+        ]
+        cluster = geosteer_pb2.Cluster(cluster_id=self.cluster_id, name="loopback-1", nodes=nodes)
+        return geosteer_pb2.ListTopologyResponse(
+            topology=geosteer_pb2.Topology(clusters=[cluster], revision=1)
+        )
 
     async def WatchTopology(  # noqa: N802 (gRPC)
         self, request: Any, context: Any
@@ -223,13 +244,15 @@ class FakeCluster:
     transceivers: list[FakeTransceiver]
 
 
-async def _serve(add: Any, servicer: Any, stack: contextlib.AsyncExitStack) -> str:
+async def _serve(
+    add: Any, servicer: Any, stack: contextlib.AsyncExitStack
+) -> tuple[str, grpc.aio.Server]:
     server = new_server()
     add(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     stack.push_async_callback(server.stop, None)
-    return f"127.0.0.1:{port}"
+    return f"127.0.0.1:{port}", server
 
 
 @contextlib.asynccontextmanager
@@ -240,13 +263,13 @@ async def fake_cluster(
     async with contextlib.AsyncExitStack() as stack:
         nodes = [FakeTransceiver(f"transceiver-{i}", 40 + i) for i in range(transceivers)]
         for node in nodes:
-            node.address = await _serve(
+            node.address, node.server = await _serve(
                 transceiver_pb2_grpc.add_TransceiverServiceServicer_to_server, node, stack
             )
         geosteer = FakeGeosteer(
             cluster_id, [common_pb2.SocketAddress(ip="127.0.0.1", port=relay_port)], nodes
         )
-        address = await _serve(
+        address, _ = await _serve(
             geosteer_pb2_grpc.add_GeosteerServiceServicer_to_server, geosteer, stack
         )
         yield FakeCluster(geosteer, address, nodes)
@@ -308,7 +331,7 @@ async def running_signaling(
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = runner.addresses[0][1]
-        grpc_address = await _serve(
+        grpc_address, _ = await _serve(
             signaling_pb2_grpc.add_SignalingServiceServicer_to_server,
             SignalingServicer(service),
             stack,
