@@ -23,7 +23,7 @@ from http import HTTPStatus
 from typing import Any
 
 import aiohttp
-from aiohttp import web, web_protocol
+from aiohttp import web, web_log, web_protocol
 
 from libs.observability.telemetry import log_event
 from libs.service.errors import StatusError
@@ -155,7 +155,7 @@ class GuardedAppRunner(web.AppRunner):
         app.freeze()
         kwargs: dict[str, Any] = dict(self._kwargs)
         kwargs["debug"] = app._debug
-        kwargs.setdefault("access_log_class", web.AccessLogger)
+        kwargs.setdefault("access_log_class", web_log.AccessLogger)
         kwargs.update(app._handler_args or {})
         return GuardedServer(
             app._handle,

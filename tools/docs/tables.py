@@ -14,10 +14,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +55,9 @@ class ServiceDoc:
 
     def settings_class(self) -> type[ServiceSettings]:
         module, _, cls = self.settings.partition(":")
-        found = getattr(importlib.import_module(module), cls)
-        assert issubclass(found, ServiceSettings), self.settings
+        found: object = getattr(importlib.import_module(module), cls)
+        if not (isinstance(found, type) and issubclass(found, ServiceSettings)):
+            raise TypeError(f"{self.settings} is not a ServiceSettings class")
         return found
 
     def source(self) -> str:
@@ -117,6 +120,10 @@ def replace_block(text: str, doc: ServiceDoc) -> str:
     return text[:start] + expected_block(doc) + text[end + len(END) :]
 
 
+def _replace_for(doc: ServiceDoc, text: str) -> str:
+    return replace_block(text, doc)
+
+
 def metrics_block() -> str:
     renames = ["| before | now |", "|---|---|"]
     renames += [f"| `{old}` | `{new}` |" for old, new in sorted(RENAMED.items())]
@@ -140,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(os.environ.get("BUILD_WORKSPACE_DIRECTORY", "."))
     stale = []
-    edits = [(doc.readme, lambda text, doc=doc: replace_block(text, doc)) for doc in SERVICES]
+    edits: list[tuple[Path, Callable[[str], str]]] = [
+        (doc.readme, functools.partial(_replace_for, doc)) for doc in SERVICES
+    ]
     edits.append((METRICS_MD, replace_metrics_block))
     for rel, edit in edits:
         path = root / rel
