@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tools.lint.imports import cycles, import_graph, imported_names, layering_violations
+from tools.lint.instruments import stray_instruments
 
 
 @pytest.mark.parametrize(
@@ -79,3 +80,12 @@ def test_services_keep_to_their_folder() -> None:
     assert layering_violations(graph) == [
         "services.relay.topology imports services.geosteer.registry"
     ]
+
+
+def test_instruments_outside_the_catalogue_are_found() -> None:
+    sources = {
+        "libs.observability.metrics": "meter.create_counter('x')\n",
+        "services.relay.admin": "import m\nm.SPEC.create(meter)\nmeter.create_histogram('y')\n",
+        "services.relay.admin_test": "meter.create_counter('z')\n",
+    }
+    assert stray_instruments(sources) == ["services.relay.admin:3 create_histogram"]
