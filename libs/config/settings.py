@@ -124,6 +124,16 @@ def rule_of(field: dataclasses.Field[Any]) -> Rule | None:
     return found if isinstance(found, Rule) else None
 
 
+def inherited_rule(cls: type, name: str) -> Rule | None:
+    """The rule of field `name`, from the most derived class that declares one: a subclass
+    that only changes a default (`grpc_listen`) keeps the base class's check."""
+    for klass in cls.__mro__:
+        declared = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if declared is not None and (rule := rule_of(declared)) is not None:
+            return rule
+    return None
+
+
 def host_port(value: str) -> tuple[str, int]:
     """`127.0.0.1:80` or `[::1]:80` -> (host, port); ValueError says what is wrong. A
     `Rule.parse` for address settings."""
@@ -182,7 +192,7 @@ class ServiceSettings:
         """Checks every field's declared rule; override (calling super) for rules that tie
         fields together."""
         for field in dataclasses.fields(self):
-            rule = rule_of(field)
+            rule = inherited_rule(type(self), field.name)
             if rule is not None:
                 rule.check(field.name, getattr(self, field.name))
 
@@ -244,10 +254,10 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def field_help(field: dataclasses.Field[Any]) -> str:
+def field_help(field: dataclasses.Field[Any], cls: type | None = None) -> str:
     """A field's help line with its rule, as --help and the README tables show it."""
     text = str(field.metadata.get("help", ""))
-    rule = rule_of(field)
+    rule = rule_of(field) if cls is None else inherited_rule(cls, field.name)
     if rule is not None and (described := rule.describe()):
         text = f"{text} [{described}]"
     return text
@@ -269,7 +279,7 @@ def settings_table(cls: type[ServiceSettings]) -> str:
     rows = ["| setting | default | meaning |", "|---|---|---|"]
     for name, field in _fields(cls).items():
         default = field.default if field.default is not dataclasses.MISSING else ""
-        meaning = field_help(field).replace("|", "\\|")
+        meaning = field_help(field, cls).replace("|", "\\|")
         rows.append(f"| `{name}` | `{_default_text(default)}` | {meaning} |")
     return "\n".join(rows) + "\n"
 
@@ -296,7 +306,7 @@ def build_parser(
             dest=name,
             metavar=name.upper(),
             default=argparse.SUPPRESS,
-            help=f"{field_help(field)} (default: {default!r})",
+            help=f"{field_help(field, cls)} (default: {default!r})",
         )
     return parser
 

@@ -148,3 +148,15 @@ def test_rules_are_shown_in_help_and_in_the_readme_table(
     assert "| `redis` | `(empty)` | store |" in table
     assert "| `peers` | `127.0.0.1:1` | peer addresses [at least one] |" in table
     assert table.count("\n") == 2 + len(dataclasses.fields(RuledSettings))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OverridingSettings(ServiceSettings):
+    # Only the default changes, with a plain field: the base class's rule still applies.
+    grpc_listen: str = dataclasses.field(default="127.0.0.1:50099", metadata={"help": "x"})
+
+
+def test_a_field_redefined_without_a_rule_keeps_the_base_rule() -> None:
+    OverridingSettings().validate()
+    with pytest.raises(SettingsError, match="grpc_listen: expected host:port"):
+        OverridingSettings(grpc_listen="nowhere").validate()
