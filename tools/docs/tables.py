@@ -52,7 +52,7 @@ class ServiceDoc:
 
     def settings_class(self) -> type[ServiceSettings]:
         module, _, cls = self.settings.partition(":")
-        found = getattr(importlib.import_module(module), cls)
+        found: type[ServiceSettings] = getattr(importlib.import_module(module), cls)
         assert issubclass(found, ServiceSettings), self.settings
         return found
 
