@@ -14,9 +14,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(os.environ.get("BUILD_WORKSPACE_DIRECTORY", "."))
     stale = []
-    edits = [(doc.readme, lambda text, doc=doc: replace_block(text, doc)) for doc in SERVICES]
+    edits: list[tuple[Path, Callable[[str], str]]] = [
+        (doc.readme, functools.partial(replace_block, doc=doc)) for doc in SERVICES
+    ]
     edits.append((METRICS_MD, replace_metrics_block))
     for rel, edit in edits:
         path = root / rel
