@@ -112,14 +112,6 @@ class GrpcService:
 
 DrainHook = Callable[[float], Awaitable[None]]
 
-B = TypeVar("B")
-
-
-def unimplemented_servicer(base: Callable[[], B]) -> B:
-    """The generated servicer base class, which answers UNIMPLEMENTED to every RPC: the
-    placeholder of a service whose behaviour is not built yet (its stubs mark it abstract)."""
-    return base()
-
 
 def print_ready(service: str, **endpoints: Any) -> None:
     """One JSON line on stdout once every listener is bound: tests and the demo read it."""

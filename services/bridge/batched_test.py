@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import pytest
 
-from libs.wire.batches import BATCH_BYTES_MAX
-from services.bridge.service import BridgeServicer, _Batch
+from libs.wire.batches import BATCH_BYTES_MAX, ResponseBatches
+from services.bridge.service import BridgeServicer
 from services.bridge.settings import BridgeSettings
 from services.bridge.testing import serve, session_start
 from voiceedge.common.v1 import common_pb2
@@ -134,7 +134,7 @@ async def test_a_stuck_backend_loses_audio_not_memory() -> None:
 
     release, entered = asyncio.Event(), asyncio.Event()
     backend = StuckBackend(release, entered)
-    servicer = BridgeServicer(BridgeSettings(), backend_factory=lambda ctx: backend)
+    servicer = BridgeServicer(BridgeSettings(), backend_factory=lambda ctx, settings: backend)
     async with serve(servicer) as stub:
         call = stub.StreamSessions(None)
         await call.write(batch(("s", session_start("s"))))
@@ -159,16 +159,16 @@ async def test_a_stuck_backend_loses_audio_not_memory() -> None:
 def test_response_batches_close_at_the_byte_limit() -> None:
     # gRPC refuses messages over 4 MiB by default: a writer that fell behind sends its
     # backlog as several batches under BATCH_BYTES_MAX, oldest first, none lost.
-    pending = _Batch()
+    pending = ResponseBatches()
     frame = bytes(100_000)
     for sequence in range(50):  # ~5 MB
         audio = inference_pb2.AudioFrame(data=frame, sequence=sequence)
         pending.add("s1", inference_pb2.StreamSessionResponse(audio_frame=audio))
     sizes, sequences = [], []
-    while (items := pending.batches.take()) is not None:
-        sizes.append(inference_pb2.StreamSessionsResponse(items=items).ByteSize())
-        sequences += [item.response.audio_frame.sequence for item in items]
-    assert pending.batches.items == 0
+    while (batch := pending.take()) is not None:
+        sizes.append(batch.ByteSize())
+        sequences += [item.response.audio_frame.sequence for item in batch.items]
+    assert pending.items == 0
     assert sequences == list(range(50))
     assert len(sizes) >= 5
     assert max(sizes) <= BATCH_BYTES_MAX

@@ -50,7 +50,9 @@ from services.bridge.audio import (
     resample_linear,
     split_frames,
 )
-from services.bridge.session import Outbox, Playout, Response
+from services.bridge.backend import SessionContext
+from services.bridge.session import Playout, Response
+from services.bridge.settings import BridgeSettings
 from services.bridge.turns import (
     SpeechStarted,
     SpeechStopped,
@@ -68,36 +70,33 @@ MIN_COMMIT_MS = 100  # OpenAI refuses to commit less (input_audio_buffer_commit_
 _EMPTY: Samples = np.zeros(0, dtype=np.int16)
 
 
+def base_turn_config(settings: BridgeSettings) -> TurnConfig:
+    """The turn detector's knobs before a session's own turn_detection applies."""
+    return TurnConfig(
+        speech_start_ms=settings.speech_start_ms,
+        end_of_turn_silence_ms=settings.end_of_turn_silence_ms,
+        short_utterance_ms=settings.short_utterance_ms,
+        short_utterance_extra_silence_ms=settings.short_utterance_extra_silence_ms,
+    )
+
+
 class EchoAgent:
     """One session of the echo backend. Call `start()`, feed `on_audio` / `on_data_channel`,
     then `close()` (idempotent)."""
 
-    def __init__(
-        self,
-        session_id: str,
-        *,
-        outbox: Outbox,
-        input_rate_hz: int,
-        input_channels: int,
-        output_rate_hz: int,
-        turn_config: TurnConfig,
-        session_config: Mapping[str, Any],
-        vad_aggressiveness: int,
-        prefix_padding_ms: int,
-        max_utterance_s: float,
-        playout_lead_ms: int,
-    ) -> None:
-        self.session_id = session_id
-        self._outbox = outbox
-        self._in_rate = input_rate_hz
-        self._channels = input_channels
-        self._out_rate = output_rate_hz
+    def __init__(self, ctx: SessionContext, settings: BridgeSettings) -> None:
+        self.session_id = ctx.session_id
+        self._outbox = ctx.outbox
+        self._in_rate = ctx.input_rate_hz
+        self._channels = ctx.input_channels
+        self._out_rate = settings.sample_rate_hz
+        turn_config = base_turn_config(settings)
         self._base_turn_config = turn_config
         self._detector = TurnDetector(turn_config)
-        self._vad = VoiceActivity(vad_aggressiveness, input_rate_hz)
-        self._prefix_samples = input_rate_hz * prefix_padding_ms // 1000
-        self._max_samples = int(input_rate_hz * max_utterance_s) + self._prefix_samples
-        self._playout = Playout(outbox, output_rate_hz, playout_lead_ms)
+        self._vad = VoiceActivity(settings.vad_aggressiveness, ctx.input_rate_hz)
+        self._prefix_samples = ctx.input_rate_hz * settings.prefix_padding_ms // 1000
+        self._max_samples = int(ctx.input_rate_hz * settings.max_utterance_s) + self._prefix_samples
+        self._playout = Playout(ctx.outbox, settings.sample_rate_hz, settings.playout_lead_ms)
         # Caller audio as (position of first sample, samples), oldest first.
         self._history: collections.deque[tuple[int, Samples]] = collections.deque()
         self._position = 0  # samples of caller audio received
@@ -118,14 +117,14 @@ class EchoAgent:
         detection = {
             "type": "server_vad",
             "silence_duration_ms": turn_config.end_of_turn_silence_ms,
-            "prefix_padding_ms": prefix_padding_ms,
+            "prefix_padding_ms": settings.prefix_padding_ms,
             "create_response": True,
             "interrupt_response": True,
         }
         self.session_defaults: Mapping[str, Any] | None = {
             "audio": {"input": {"turn_detection": detection}}
         }
-        self._apply_session(session_config)
+        self._apply_session(ctx.session_config)
 
     def _apply_session(self, update: Mapping[str, Any]) -> None:
         self._session = merge_session(self._session, update)

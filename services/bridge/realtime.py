@@ -49,7 +49,7 @@ import aiohttp
 
 from libs.observability.telemetry import log_event
 from services.bridge.audio import FRAME_MS, frame_bytes, pcm_to_mono, resample_linear, split_frames
-from services.bridge.service import BackendError, SessionContext
+from services.bridge.backend import BackendError, SessionContext
 from services.bridge.session import Playout, Response
 from services.bridge.settings import BridgeSettings
 from voiceedge.common.v1 import common_pb2

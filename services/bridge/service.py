@@ -1,10 +1,14 @@
-"""InferenceBridgeService: one StreamSession per WebRTC session, run by a backend.
+"""InferenceBridgeService: one session per WebRTC session, run by a backend.
 
-The servicer is thin: it checks the first message (protocol in inference.proto), admits the
-session (capacity, duplicate id, draining), answers SessionAccepted, then pumps caller
-messages into the backend and the backend's Outbox onto the response stream. Whatever way
-the stream ends (SessionEnd from either side, half-close, client cancel, error) the reader
-task and the backend are cancelled and awaited: no task outlives its stream.
+The servicer is thin. Both RPCs run each session the same way: `_admit` checks the first
+message (protocol in inference.proto) and admits the session (capacity, duplicate id,
+draining) or refuses it with a status; `_session` answers SessionAccepted, then pumps the
+caller's messages into the backend and the backend's Outbox out. StreamSession gives a
+session a stream of its own (a refusal is the stream's status); StreamSessions carries every
+session of a transceiver on one stream in batches (libs/wire/batches.py; a refusal is that
+session's session_end). Whatever way a session ends (SessionEnd from either side,
+half-close, client cancel, error) its reader task and backend are cancelled and awaited: no
+task outlives its session.
 """
 
 from __future__ import annotations
@@ -12,64 +16,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
 from google.protobuf import json_format
 
 from libs.observability.telemetry import Telemetry, log_event
-from libs.wire.batches import SizedBatches
+from libs.wire.batches import ResponseBatches, refusal, session_requests
 from services.bridge.audio import FRAME_MS
-from services.bridge.echo import EchoAgent
+from services.bridge.backend import Backend, BackendError, BackendFactory, SessionContext
+from services.bridge.registry import FACTORIES
 from services.bridge.session import Outbox, Response
 from services.bridge.settings import BridgeSettings
-from services.bridge.turns import TurnConfig
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 
 logger = logging.getLogger("voiceedge.bridge")
 
 Request = inference_pb2.StreamSessionRequest
-
-
-class BackendError(Exception):
-    """The backend cannot serve the session (e.g. the realtime endpoint refused us)."""
-
-
-class Backend(Protocol):
-    """One session of a backend; the servicer calls start, then the on_* hooks, then close.
-
-    `sends_session_events` and `session_defaults` go out in SessionAccepted (see
-    inference.proto): whether the backend answers `session.update` itself, else the
-    defaults the transceiver reports under the session's own configuration."""
-
-    sends_session_events: bool
-    session_defaults: Mapping[str, Any] | None
-
-    async def start(self) -> None: ...
-
-    async def on_audio(self, frame: inference_pb2.AudioFrame) -> None: ...
-
-    async def on_data_channel(self, text: str) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class SessionContext:
-    """What a backend needs to know about a new session."""
-
-    session_id: str
-    input_rate_hz: int
-    input_channels: int
-    session_config: Mapping[str, Any]
-    outbox: Outbox
-
-
-BackendFactory = Callable[[SessionContext], Backend]
 
 
 def negotiate_input(fmt: common_pb2.AudioFormat, default_rate_hz: int) -> tuple[int, int]:
@@ -91,39 +57,6 @@ def negotiate_input(fmt: common_pb2.AudioFormat, default_rate_hz: int) -> tuple[
     return rate, channels
 
 
-def make_backend_factory(settings: BridgeSettings) -> BackendFactory:
-    """The backend chosen by `settings.backend`."""
-    base_turns = TurnConfig(
-        speech_start_ms=settings.speech_start_ms,
-        end_of_turn_silence_ms=settings.end_of_turn_silence_ms,
-        short_utterance_ms=settings.short_utterance_ms,
-        short_utterance_extra_silence_ms=settings.short_utterance_extra_silence_ms,
-    )
-
-    def echo(ctx: SessionContext) -> Backend:
-        return EchoAgent(
-            ctx.session_id,
-            outbox=ctx.outbox,
-            input_rate_hz=ctx.input_rate_hz,
-            input_channels=ctx.input_channels,
-            output_rate_hz=settings.sample_rate_hz,
-            turn_config=base_turns,
-            session_config=ctx.session_config,
-            vad_aggressiveness=settings.vad_aggressiveness,
-            prefix_padding_ms=settings.prefix_padding_ms,
-            max_utterance_s=settings.max_utterance_s,
-            playout_lead_ms=settings.playout_lead_ms,
-        )
-
-    def realtime(ctx: SessionContext) -> Backend:
-        # Imported here: aiohttp is only needed by sessions of this backend.
-        from services.bridge.realtime import RealtimeAdapter
-
-        return RealtimeAdapter(ctx, settings)
-
-    return realtime if settings.backend == "realtime" else echo
-
-
 def _accepted(
     output_format: common_pb2.AudioFormat, backend: Backend
 ) -> inference_pb2.SessionAccepted:
@@ -142,18 +75,12 @@ BATCHED_BACKLOG_MAX = 256
 
 
 class _RefusedError(Exception):
+    """A session not admitted: the status StreamSession ends its stream with."""
+
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
-
-
-class _Refusal:
-    """The one ServicerContext method StreamSession uses, for a session on StreamSessions:
-    a refusal becomes that session's session_end instead of the stream's status."""
-
-    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
-        raise _RefusedError(code, details)
 
 
 async def _drain_queue(queue: asyncio.Queue[Request | None]) -> AsyncIterator[Request]:
@@ -161,23 +88,8 @@ async def _drain_queue(queue: asyncio.Queue[Request | None]) -> AsyncIterator[Re
         yield request
 
 
-class _Batch:
-    """Responses of every session on one StreamSessions stream, waiting for the writer, in
-    batches under libs/wire/batches' limit."""
-
-    def __init__(self) -> None:
-        self.batches: SizedBatches[list[inference_pb2.SessionResponseItem]] = SizedBatches(list)
-        self.wake = asyncio.Event()
-        self.reading = True
-
-    def add(self, session_id: str, response: Response) -> None:
-        item = inference_pb2.SessionResponseItem(session_id=session_id, response=response)
-        self.batches.room(item.ByteSize()).append(item)
-        self.wake.set()
-
-
 class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
-    """StreamSession for every backend; `drain`/`close` are the service's lifecycle hooks."""
+    """Both RPCs for every backend; `drain`/`close` are the service's lifecycle hooks."""
 
     def __init__(
         self,
@@ -186,7 +98,7 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
         backend_factory: BackendFactory | None = None,
     ) -> None:
         self._settings = settings
-        self._factory = backend_factory or make_backend_factory(settings)
+        self._factory = backend_factory or FACTORIES[settings.backend]
         self._sessions: dict[str, Outbox] = {}
         self._empty = asyncio.Event()
         self._empty.set()
@@ -217,33 +129,126 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
         request_iterator: AsyncIterator[Request],
         context: grpc.aio.ServicerContext[Request, Response],
     ) -> AsyncIterator[Response]:
+        requests = aiter(request_iterator)
         try:
-            first = await anext(aiter(request_iterator))
-        except StopAsyncIteration:
-            await context.abort(
+            ctx = self._admit(await anext(requests, None))
+        except _RefusedError as exc:
+            await context.abort(exc.code, exc.details)
+        # aclosing: a stream the client abandons ends the session here and now.
+        async with contextlib.aclosing(self._session(ctx, requests)) as responses:
+            async for response in responses:
+                yield response
+
+    async def StreamSessions(  # noqa: N802  # the generated name
+        self,
+        request_iterator: AsyncIterator[inference_pb2.StreamSessionsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[inference_pb2.StreamSessionsResponse]:
+        """Every session of one transceiver on one stream, batched (inference.proto): each
+        session is admitted and run exactly as on a stream of its own; what they answer in
+        one event-loop turn goes back as one batch."""
+        out = ResponseBatches()
+        wake = asyncio.Event()
+        reading = True
+        sessions: dict[str, asyncio.Queue[Request | None]] = {}
+        tasks: set[asyncio.Task[None]] = set()
+
+        def send(session_id: str, response: Response) -> None:
+            out.add(session_id, response)
+            wake.set()
+
+        async def run(
+            session_id: str, first: Request, requests: asyncio.Queue[Request | None]
+        ) -> None:
+            try:
+                try:
+                    ctx = self._admit(first)
+                except _RefusedError as exc:
+                    send(session_id, refusal(exc.code.name, exc.details))
+                    return
+                async for response in self._session(ctx, _drain_queue(requests)):
+                    send(session_id, response)
+            finally:
+                if sessions.get(session_id) is requests:
+                    del sessions[session_id]
+                current = asyncio.current_task()
+                if current is not None:
+                    tasks.discard(current)  # before the wake: the writer checks `tasks`
+                wake.set()
+
+        async def read() -> None:
+            nonlocal reading
+            try:
+                async for incoming in request_iterator:
+                    for session_id, request in session_requests(incoming):
+                        kind = request.WhichOneof("payload")
+                        queue = sessions.get(session_id)
+                        if queue is None:
+                            if kind != "session_start":
+                                continue  # a message for a session that has ended: dropped
+                            queue = sessions[session_id] = asyncio.Queue()
+                            # run() takes itself out of `tasks` when it ends.
+                            tasks.add(asyncio.create_task(run(session_id, request, queue)))
+                            continue
+                        if queue.qsize() >= BATCHED_BACKLOG_MAX and kind == "audio_frame":
+                            # No per-session flow control on a shared stream: a backend this
+                            # far behind loses caller audio (counted) rather than memory.
+                            self.batched_audio_dropped += 1
+                            continue
+                        queue.put_nowait(request)
+                        if kind == "session_end":
+                            queue.put_nowait(None)
+                            del sessions[session_id]
+            except grpc.aio.AioRpcError:
+                pass
+            finally:
+                for queue in sessions.values():
+                    queue.put_nowait(None)  # the stream ended: so does every session on it
+                reading = False
+                wake.set()
+
+        reader = asyncio.create_task(read())
+        try:
+            while reading or tasks or out.items:
+                await wake.wait()
+                wake.clear()
+                while (batch := out.take()) is not None:
+                    yield batch
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(reader, *tasks, return_exceptions=True)
+
+    def _admit(self, first: Request | None) -> SessionContext:
+        """Checks a session's first message and takes the session in (its outbox counted
+        against max_sessions), or raises _RefusedError with the status that refuses it. The
+        caller runs `_session` on the context at once: that is what lets the session go."""
+        if first is None:
+            raise _RefusedError(
                 grpc.StatusCode.INVALID_ARGUMENT, "stream ended before session_start"
             )
         if first.WhichOneof("payload") != "session_start":
-            await context.abort(
+            raise _RefusedError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"first message must be session_start, got {first.WhichOneof('payload')}",
             )
         start = first.session_start
         session_id = start.session_id
         if not session_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_start.session_id empty")
+            raise _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, "session_start.session_id empty")
         try:
             rate, channels = negotiate_input(start.input_format, self._settings.sample_rate_hz)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if self._draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "bridge is draining")
+            raise _RefusedError(grpc.StatusCode.UNAVAILABLE, "bridge is draining")
         if session_id in self._sessions:
-            await context.abort(
+            raise _RefusedError(
                 grpc.StatusCode.ALREADY_EXISTS, f"session {session_id} already has a stream"
             )
         if len(self._sessions) >= self._settings.max_sessions:
-            await context.abort(
+            raise _RefusedError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"bridge at max_sessions={self._settings.max_sessions}",
             )
@@ -266,9 +271,20 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
             input_rate_hz=rate,
             input_channels=channels,
         )
-        backend = self._factory(SessionContext(session_id, rate, channels, config, outbox))
+        return SessionContext(session_id, rate, channels, config, outbox)
+
+    async def _session(
+        self, ctx: SessionContext, requests: AsyncIterator[Request]
+    ) -> AsyncGenerator[Response, None]:
+        """An admitted session, run by a new backend: SessionAccepted (or the session_end of
+        a backend that failed to start), then the backend's messages until its outbox
+        closes. However it ends, the reader and the backend are stopped and the session
+        let go."""
+        session_id = ctx.session_id
+        backend: Backend | None = None
         reader: asyncio.Task[None] | None = None
         try:
+            backend = self._factory(ctx, self._settings)
             try:
                 await backend.start()
             except BackendError as exc:
@@ -287,94 +303,23 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
                 return
             yield Response(session_accepted=_accepted(self._output_format, backend))
             reader = asyncio.create_task(
-                self._read(session_id, request_iterator, backend, outbox), name="bridge-reader"
+                self._read(session_id, requests, backend, ctx.outbox), name="bridge-reader"
             )
-            while (message := await outbox.get()) is not None:
+            while (message := await ctx.outbox.get()) is not None:
                 yield message
         finally:
             if reader is not None:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
-            await backend.close()
+            if backend is not None:
+                await backend.close()
             del self._sessions[session_id]
             if not self._sessions:
                 self._empty.set()
             if self._active is not None:
                 self._active.add(-1)
             log_event(logger, "bridge.session_closed", session__id=session_id)
-
-    async def StreamSessions(  # noqa: N802  # the generated name
-        self,
-        request_iterator: AsyncIterator[inference_pb2.StreamSessionsRequest],
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[inference_pb2.StreamSessionsResponse]:
-        """Every session of one transceiver on one stream, batched (inference.proto): each
-        session runs through StreamSession exactly as on a stream of its own; what they
-        answer in one event-loop turn goes back as one batch."""
-        batch = _Batch()
-        sessions: dict[str, asyncio.Queue[Request | None]] = {}
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def run(session_id: str, requests: asyncio.Queue[Request | None]) -> None:
-            try:
-                async for response in self.StreamSession(_drain_queue(requests), _Refusal()):  # type: ignore[arg-type]
-                    batch.add(session_id, response)
-            except _RefusedError as exc:
-                end = inference_pb2.SessionEnd(
-                    reason=common_pb2.CLOSE_REASON_BRIDGE_ERROR,
-                    detail=f"{exc.code.name}: {exc.details}",
-                )
-                batch.add(session_id, Response(session_end=end))
-            finally:
-                if sessions.get(session_id) is requests:
-                    del sessions[session_id]
-                current = asyncio.current_task()
-                if current is not None:
-                    tasks.discard(current)  # before the wake: the writer checks `tasks`
-                batch.wake.set()
-
-        async def read() -> None:
-            try:
-                async for incoming in request_iterator:
-                    for item in incoming.items:
-                        kind = item.request.WhichOneof("payload")
-                        queue = sessions.get(item.session_id)
-                        if queue is None:
-                            if kind != "session_start":
-                                continue  # a message for a session that has ended: dropped
-                            queue = sessions[item.session_id] = asyncio.Queue()
-                            # run() takes itself out of `tasks` when it ends.
-                            tasks.add(asyncio.create_task(run(item.session_id, queue)))
-                        if queue.qsize() >= BATCHED_BACKLOG_MAX and kind == "audio_frame":
-                            # No per-session flow control on a shared stream: a backend this
-                            # far behind loses caller audio (counted) rather than memory.
-                            self.batched_audio_dropped += 1
-                            continue
-                        queue.put_nowait(item.request)
-                        if kind == "session_end":
-                            queue.put_nowait(None)
-                            del sessions[item.session_id]
-            except grpc.aio.AioRpcError:
-                pass
-            finally:
-                for queue in sessions.values():
-                    queue.put_nowait(None)  # the stream ended: so does every session on it
-                batch.reading = False
-                batch.wake.set()
-
-        reader = asyncio.create_task(read())
-        try:
-            while batch.reading or tasks or batch.batches.items:
-                await batch.wake.wait()
-                batch.wake.clear()
-                while (items := batch.batches.take()) is not None:
-                    yield inference_pb2.StreamSessionsResponse(items=items)
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
-            await asyncio.gather(reader, *tasks, return_exceptions=True)
 
     async def _read(
         self,

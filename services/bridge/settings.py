@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from libs.config.settings import ServiceSettings, SettingsError
+from libs.config.settings import ServiceSettings, SettingsError, host_port, setting
 
 BACKENDS = ("echo", "realtime")
 
@@ -13,9 +13,9 @@ BACKENDS = ("echo", "realtime")
 class BridgeSettings(ServiceSettings):
     """Settings of the bridge service."""
 
-    grpc_listen: str = dataclasses.field(
-        default="127.0.0.1:50055",
-        metadata={"help": "host:port of the gRPC server (port 0: any free)"},
+    # Overriding the field replaces ServiceSettings' rule for it too: so it states it again.
+    grpc_listen: str = setting(
+        "127.0.0.1:50055", "host:port of the gRPC server (port 0: any free)", parse=host_port
     )
     backend: str = dataclasses.field(
         default="echo",

@@ -150,7 +150,9 @@ class CrashingBackend:
 
 
 async def test_backend_bug_ends_only_its_session() -> None:
-    servicer = BridgeServicer(BridgeSettings(), backend_factory=lambda ctx: CrashingBackend())
+    servicer = BridgeServicer(
+        BridgeSettings(), backend_factory=lambda ctx, settings: CrashingBackend()
+    )
     async with serve(servicer) as stub:
         call = stub.StreamSession(None)
         await call.write(session_start())

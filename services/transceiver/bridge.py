@@ -15,12 +15,11 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from libs.wire.batches import SizedBatches
+from libs.wire.batches import RequestBatches, session_responses
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 
 OUTBOX_MAX = 256  # about 5 s of 20 ms frames
-ITEM_OVERHEAD_BYTES = 32  # session id, tags and lengths around an audio frame's data
 
 
 class BridgeError(Exception):
@@ -190,8 +189,6 @@ def pcm_format(rate_hz: int) -> common_pb2.AudioFormat:
 
 # ---- StreamSessions: every session to one bridge on one stream, batched
 
-BatchRequest = inference_pb2.StreamSessionsRequest
-
 
 class BatchingUnsupportedError(BridgeError):
     """The bridge answered StreamSessions with UNIMPLEMENTED: use StreamSession."""
@@ -212,7 +209,7 @@ class BatchedBridge:
         self._stub: Any = inference_pb2_grpc.InferenceBridgeServiceStub(channel)
         self._call: Any = None
         self._links: dict[str, BatchedLink] = {}
-        self._batches = SizedBatches(BatchRequest)
+        self._batches = RequestBatches()
         self._wake = asyncio.Event()
         self._flushed = asyncio.Event()  # set while nothing is pending or being written
         self._flushed.set()
@@ -240,29 +237,23 @@ class BatchedBridge:
         if self._links.get(link.session_id) is link:
             del self._links[link.session_id]
 
-    def _room(self, size: int) -> Any:
-        """The items of the batch to add an item of about `size` bytes to."""
-        batch = self._batches.room(size)
+    def _queued(self) -> None:
+        """After an item was queued: the first one since the last write wakes the writer."""
         if self._batches.items == 1:
             self._flushed.clear()
             self._wake.set()
-        return batch.items
 
     def enqueue(self, session_id: str, request: Request) -> None:
         """Queues one message (not audio: enqueue_audio)."""
-        size = request.ByteSize() + len(session_id) + ITEM_OVERHEAD_BYTES
-        self._room(size).add(session_id=session_id, request=request)
+        self._batches.add(session_id, request)
+        self._queued()
 
     def enqueue_audio(self, session_id: str, data: bytes, sequence: int, samples: int) -> bool:
         """Queues one caller audio frame; refused (False) beyond OUTBOX_MAX per session."""
         if self._batches.items >= OUTBOX_MAX * max(1, len(self._links)):
             return False
-        item = self._room(len(data) + len(session_id) + ITEM_OVERHEAD_BYTES).add()
-        item.session_id = session_id
-        frame = item.request.audio_frame
-        frame.data = data
-        frame.sequence = sequence
-        frame.timestamp_samples = samples
+        self._batches.add_audio(session_id, data, sequence, samples)
+        self._queued()
         return True
 
     async def _write_loop(self, call: Any) -> None:
@@ -305,10 +296,10 @@ class BatchedBridge:
     def _dispatch(self, batch: inference_pb2.StreamSessionsResponse) -> None:
         # A method of its own: a loop variable in the long-lived reader would keep the last
         # session it delivered to alive after that session closed.
-        for item in batch.items:
-            link = self._links.get(item.session_id)
+        for session_id, response in session_responses(batch):
+            link = self._links.get(session_id)
             if link is not None:
-                link.deliver(item.response)
+                link.deliver(response)
 
     async def close(self, flush_timeout_s: float = 1.0) -> None:
         """Ends the stream and its tasks (the transceiver is shutting down): what is queued

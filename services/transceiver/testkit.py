@@ -23,6 +23,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from libs.service.runtime import GrpcService, Servicer
 from libs.wire import framing, ufrag
+from libs.wire.batches import ResponseBatches, session_requests
 from libs.wire.classify import is_rtp
 from services.transceiver import aiortc_compat
 from services.transceiver.manager import SessionManager
@@ -220,24 +221,25 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
         lock = asyncio.Lock()
         injectors: dict[str, asyncio.Task[None]] = {}
 
-        async def write(items: list[inference_pb2.SessionResponseItem]) -> None:
+        async def write(batch: inference_pb2.StreamSessionsResponse) -> None:
             async with lock:
-                await context.write(inference_pb2.StreamSessionsResponse(items=items))
+                await context.write(batch)
 
         async def pump_injected(stream: BridgeStream) -> None:
+            injected = ResponseBatches()
             while (item := await stream.inject.get()) is not None:
-                await write(
-                    [inference_pb2.SessionResponseItem(session_id=stream.session_id, response=item)]
-                )
+                injected.add(stream.session_id, item)
+                while (batch := injected.take()) is not None:
+                    await write(batch)
                 if item.WhichOneof("payload") == "session_end":
                     stream.ended.set()
                     return
 
-        outbox: asyncio.Queue[list[inference_pb2.SessionResponseItem] | None] = asyncio.Queue()
+        outbox: asyncio.Queue[inference_pb2.StreamSessionsResponse | None] = asyncio.Queue()
 
         async def pump_answers() -> None:
-            while (answers := await outbox.get()) is not None:
-                await write(answers)
+            while (ready := await outbox.get()) is not None:
+                await write(ready)
 
         writer = asyncio.create_task(pump_answers())
         try:
@@ -245,9 +247,8 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                 batch = await context.read()
                 if not isinstance(batch, inference_pb2.StreamSessionsRequest):  # grpc.aio.EOF
                     break
-                out: list[inference_pb2.SessionResponseItem] = []
-                for item in batch.items:
-                    request, session_id = item.request, item.session_id
+                answers = ResponseBatches()
+                for session_id, request in session_requests(batch):
                     kind = request.WhichOneof("payload")
                     response: Resp | None = None
                     if kind == "session_start":
@@ -262,12 +263,8 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                             if task is not None:
                                 task.cancel()
                     if response is not None:
-                        out.append(
-                            inference_pb2.SessionResponseItem(
-                                session_id=session_id, response=response
-                            )
-                        )
-                if out:
+                        answers.add(session_id, response)
+                while (out := answers.take()) is not None:
                     outbox.put_nowait(out)
                 if writer.done():  # the stream broke under the writer
                     break

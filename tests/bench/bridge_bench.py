@@ -1,4 +1,5 @@
-"""Bridge figures: VAD + turn detection cost per frame, echo playout pacing, barge-in latency.
+"""Bridge figures: VAD + turn detection cost per frame, echo playout pacing, barge-in latency,
+and the servicer's own CPU per frame pair (a backend that only echoes) on both RPCs.
 
 Run: ./bazelw run //tests/bench:bridge_bench -- [--sessions N]
 Prints figures; asserts nothing. Everything runs in-process over real gRPC on 127.0.0.1.
@@ -11,7 +12,8 @@ import asyncio
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +29,7 @@ from services.bridge.testing import (
     tone,
 )
 from services.bridge.turns import TurnConfig, TurnDetector, VoiceActivity
+from voiceedge.inference.v1 import inference_pb2
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -111,11 +114,90 @@ async def barge_in(sessions: int) -> None:
     )
 
 
+class _EchoFrames:
+    """A backend that only sends each caller frame back: what is left is the servicer."""
+
+    sends_session_events = False
+    session_defaults: Mapping[str, Any] | None = None
+
+    def __init__(self, ctx: Any, settings: Any = None) -> None:
+        self._outbox = ctx.outbox
+
+    async def start(self) -> None:
+        pass
+
+    async def on_audio(self, frame: inference_pb2.AudioFrame) -> None:
+        self._outbox.put(inference_pb2.StreamSessionResponse(audio_frame=frame))
+
+    async def on_data_channel(self, text: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+async def servicer_cost(frames: int, sessions: int) -> None:
+    """CPU per frame pair (caller frame in, one frame out) through the servicer, both ends of
+    the gRPC stream in this process: StreamSession with one session, then StreamSessions
+    with `sessions` sessions sending one frame each per round."""
+    servicer = BridgeServicer(BridgeSettings(), backend_factory=_EchoFrames)
+    frame = inference_pb2.AudioFrame(data=bytes(960))
+    async with serve(servicer) as stub:
+        call = stub.StreamSession(None)
+        await call.write(session_start("single"))
+        await read(call)
+        cpu = 0.0
+        for i in range(frames + 50):
+            if i == 50:
+                cpu = time.process_time()
+            await call.write(inference_pb2.StreamSessionRequest(audio_frame=frame))
+            await read(call)
+        single_us = (time.process_time() - cpu) / frames * 1e6
+        await call.done_writing()
+
+        batched = stub.StreamSessions(None)
+        item = inference_pb2.SessionRequestItem
+        ids = [f"b{i}" for i in range(sessions)]
+        await batched.write(
+            inference_pb2.StreamSessionsRequest(
+                items=[item(session_id=sid, request=session_start(sid)) for sid in ids]
+            )
+        )
+        audio = inference_pb2.StreamSessionRequest(audio_frame=frame)
+        round_batch = inference_pb2.StreamSessionsRequest(
+            items=[item(session_id=sid, request=audio) for sid in ids]
+        )
+        received = 0
+
+        async def until(count: int) -> None:
+            nonlocal received
+            while received < count:
+                message = await batched.read()
+                assert isinstance(message, inference_pb2.StreamSessionsResponse), "stream ended"
+                received += len(message.items)
+
+        await until(sessions)  # every session_accepted
+        rounds = max(1, frames // sessions)
+        for i in range(rounds + 5):
+            if i == 5:  # after 5 rounds of warm-up
+                cpu = time.process_time()
+            await batched.write(round_batch)
+            await until(received + sessions)
+        batched_us = (time.process_time() - cpu) / (rounds * sessions) * 1e6
+        await batched.done_writing()
+        await servicer.wait_idle()
+    print("servicer CPU per frame pair, echo-only backend, both ends in this process:")
+    print(f"  StreamSession, 1 session:              {single_us:7.1f} us")
+    print(f"  StreamSessions, {sessions} sessions per batch: {batched_us:7.1f} us")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sessions", type=int, default=20, help="barge-in repetitions")
+    parser.add_argument("--frames", type=int, default=3000, help="servicer cost: frame pairs")
     args = parser.parse_args(argv)
     vad_cost()
+    asyncio.run(servicer_cost(args.frames, 100))
     asyncio.run(pacing())
     asyncio.run(barge_in(args.sessions))
     return 0

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from services.bridge.backend import SessionContext
 from services.bridge.echo import EchoAgent
 from services.bridge.session import Outbox
-from services.bridge.turns import TurnConfig
+from services.bridge.settings import BridgeSettings
 from services.transceiver.realtime_events import STOPPED_AFTER_IDLE_TICKS, RealtimeEvents, event_ids
 from voiceedge.inference.v1 import inference_pb2
 
@@ -40,19 +41,16 @@ class _Script:
         self.out: list[str] = []
         self.queued = 0  # response frames in the transceiver's playout (not played yet)
         self.outbox = Outbox("golden")
-        self.agent = EchoAgent(
-            "golden",
-            outbox=self.outbox,
-            input_rate_hz=RATE,
-            input_channels=1,
-            output_rate_hz=RATE,
-            turn_config=TurnConfig(end_of_turn_silence_ms=400, short_utterance_extra_silence_ms=0),
-            session_config={},
+        settings = BridgeSettings(
+            sample_rate_hz=RATE,
             vad_aggressiveness=3,
+            end_of_turn_silence_ms=400,
+            short_utterance_extra_silence_ms=0,
             prefix_padding_ms=300,
             max_utterance_s=30.0,
             playout_lead_ms=200,
         )
+        self.agent = EchoAgent(SessionContext("golden", RATE, 1, {}, self.outbox), settings)
         self.events = RealtimeEvents(
             "golden", {"type": "realtime", "instructions": "say it back"}, event_ids("golden")
         )

@@ -65,6 +65,7 @@ class ServiceDoc:
 
 
 SERVICES = (
+    ServiceDoc("bridge", "services.bridge.settings:BridgeSettings", "services.bridge.__main__"),
     ServiceDoc(
         "geosteer", "services.geosteer.settings:GeosteerSettings", "services.geosteer.__main__"
     ),
