@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from libs.observability.telemetry import Telemetry
 from libs.service.runtime import ServiceParts, Servicer, service_main
-from services.bridge.service import BridgeServicer
+from services.bridge.servicer import BridgeServicer
 from services.bridge.settings import BridgeSettings
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 

@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from libs.wire.batches import BATCH_BYTES_MAX, ResponseBatches
-from services.bridge.service import BridgeServicer
+from services.bridge.bridge_testing import serve, session_start
+from services.bridge.servicer import BridgeServicer
 from services.bridge.settings import BridgeSettings
-from services.bridge.testing import serve, session_start
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2
 
@@ -129,8 +129,8 @@ class StuckBackend:
 
 @pytest.mark.timeout_s(30)
 async def test_a_stuck_backend_loses_audio_not_memory() -> None:
-    from services.bridge.service import BATCHED_BACKLOG_MAX
-    from services.bridge.testing import audio_requests, tone
+    from services.bridge.bridge_testing import audio_requests, tone
+    from services.bridge.servicer import BATCHED_BACKLOG_MAX
 
     release, entered = asyncio.Event(), asyncio.Event()
     backend = StuckBackend(release, entered)

@@ -12,9 +12,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from services.bridge.service import BridgeServicer
-from services.bridge.settings import BridgeSettings
-from services.bridge.testing import (
+from services.bridge.bridge_testing import (
     RATE,
     Call,
     audio_requests,
@@ -25,6 +23,8 @@ from services.bridge.testing import (
     silence,
     tone,
 )
+from services.bridge.servicer import BridgeServicer
+from services.bridge.settings import BridgeSettings
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2
 

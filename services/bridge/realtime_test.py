@@ -16,17 +16,7 @@ import numpy as np
 import pytest
 from aiohttp import WSMsgType, web
 
-from services.bridge.realtime import (
-    AfterAudio,
-    Audio,
-    BargeIn,
-    Emit,
-    End,
-    ServerEventMapper,
-)
-from services.bridge.service import BridgeServicer
-from services.bridge.settings import BridgeSettings
-from services.bridge.testing import (
+from services.bridge.bridge_testing import (
     Call,
     audio_requests,
     dominant_hz,
@@ -35,6 +25,16 @@ from services.bridge.testing import (
     session_start,
     tone,
 )
+from services.bridge.realtime import (
+    AfterAudio,
+    Audio,
+    BargeIn,
+    Emit,
+    End,
+    ServerEventMapper,
+)
+from services.bridge.servicer import BridgeServicer
+from services.bridge.settings import BridgeSettings
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2
 

@@ -9,97 +9,65 @@ from libs.config.settings import ServiceSettings, SettingsError, host_port, sett
 BACKENDS = ("echo", "realtime")
 
 
+def _websocket_url(url: str) -> str:
+    if not url.startswith(("ws://", "wss://")):
+        raise ValueError(f"expected ws:// or wss://, got {url!r}")
+    return url
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BridgeSettings(ServiceSettings):
     """Settings of the bridge service."""
 
-    # Overriding the field replaces ServiceSettings' rule for it too: so it states it again.
     grpc_listen: str = setting(
         "127.0.0.1:50055", "host:port of the gRPC server (port 0: any free)", parse=host_port
     )
-    backend: str = dataclasses.field(
-        default="echo",
-        metadata={"help": "echo (turn-taking echo agent) or realtime (OpenAI Realtime WebSocket)"},
+    backend: str = setting(
+        "echo",
+        "echo (turn-taking echo agent) or realtime (OpenAI Realtime WebSocket)",
+        choices=BACKENDS,
     )
-    max_sessions: int = dataclasses.field(
-        default=1000, metadata={"help": "concurrent streams; more get RESOURCE_EXHAUSTED"}
+    max_sessions: int = setting(1000, "concurrent streams; more get RESOURCE_EXHAUSTED", ge=1)
+    sample_rate_hz: int = setting(
+        24000, "rate of the response audio, and of caller audio when unset", ge=8000, le=48000
     )
-    sample_rate_hz: int = dataclasses.field(
-        default=24000,
-        metadata={"help": "rate of the response audio, and of caller audio when unset"},
+    vad_aggressiveness: int = setting(2, "webrtcvad mode 0 (lenient) to 3 (strict)", ge=0, le=3)
+    speech_start_ms: int = setting(
+        60, "continuous speech needed before a turn starts", ge=1, le=2000
     )
-    vad_aggressiveness: int = dataclasses.field(
-        default=2, metadata={"help": "webrtcvad mode 0 (lenient) to 3 (strict)"}
+    end_of_turn_silence_ms: int = setting(
+        700,
+        "silence that ends a turn (per session: turn_detection.silence_duration_ms)",
+        ge=1,
+        le=10000,
     )
-    speech_start_ms: int = dataclasses.field(
-        default=60, metadata={"help": "continuous speech needed before a turn starts"}
+    short_utterance_ms: int = setting(
+        1000, "utterances shorter than this get short_utterance_extra_silence_ms more", ge=0
     )
-    end_of_turn_silence_ms: int = dataclasses.field(
-        default=700,
-        metadata={
-            "help": "silence that ends a turn (per session: turn_detection.silence_duration_ms)"
-        },
+    short_utterance_extra_silence_ms: int = setting(
+        300, "extra end-of-turn silence after a short utterance (0: off)", ge=0, le=10000
     )
-    short_utterance_ms: int = dataclasses.field(
-        default=1000,
-        metadata={"help": "utterances shorter than this get short_utterance_extra_silence_ms more"},
+    prefix_padding_ms: int = setting(
+        300, "audio kept before the detected speech start", ge=0, le=2000
     )
-    short_utterance_extra_silence_ms: int = dataclasses.field(
-        default=300,
-        metadata={"help": "extra end-of-turn silence after a short utterance (0: off)"},
+    max_utterance_s: float = setting(
+        30.0, "longest utterance the echo agent keeps (oldest dropped)", gt=0, le=600
     )
-    prefix_padding_ms: int = dataclasses.field(
-        default=300, metadata={"help": "audio kept before the detected speech start"}
+    playout_lead_ms: int = setting(
+        200, "how far response audio may run ahead of real time (jitter buffer)", ge=0, le=5000
     )
-    max_utterance_s: float = dataclasses.field(
-        default=30.0, metadata={"help": "longest utterance the echo agent keeps (oldest dropped)"}
+    realtime_url: str = setting(
+        "",
+        "ws(s):// URL of the OpenAI-Realtime-compatible endpoint (realtime)",
+        parse=_websocket_url,
+        optional=True,
     )
-    playout_lead_ms: int = dataclasses.field(
-        default=200,
-        metadata={"help": "how far response audio may run ahead of real time (jitter buffer)"},
-    )
-    realtime_url: str = dataclasses.field(
-        default="",
-        metadata={"help": "ws(s):// URL of the OpenAI-Realtime-compatible endpoint (realtime)"},
-    )
-    realtime_api_key: str = dataclasses.field(
-        default="", metadata={"help": "Bearer token for realtime_url; empty: no Authorization"}
-    )
-    realtime_connect_timeout_s: float = dataclasses.field(
-        default=10.0, metadata={"help": "limit on opening the realtime WebSocket"}
+    realtime_api_key: str = setting("", "Bearer token for realtime_url; empty: no Authorization")
+    realtime_connect_timeout_s: float = setting(
+        10.0, "limit on opening the realtime WebSocket", gt=0
     )
 
     def validate(self) -> None:
         super().validate()
-        if self.backend not in BACKENDS:
-            raise SettingsError(
-                f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}"
-            )
-        if self.max_sessions < 1:
-            raise SettingsError("max_sessions: must be >= 1")
-        if not 8000 <= self.sample_rate_hz <= 48000:
-            raise SettingsError("sample_rate_hz: must be 8000 to 48000")
-        if not 0 <= self.vad_aggressiveness <= 3:
-            raise SettingsError("vad_aggressiveness: must be 0 to 3")
-        if not 0 < self.speech_start_ms <= 2000:
-            raise SettingsError("speech_start_ms: must be 1 to 2000")
-        if not 0 < self.end_of_turn_silence_ms <= 10000:
-            raise SettingsError("end_of_turn_silence_ms: must be 1 to 10000")
-        if self.short_utterance_ms < 0:
-            raise SettingsError("short_utterance_ms: must be >= 0")
-        if not 0 <= self.short_utterance_extra_silence_ms <= 10000:
-            raise SettingsError("short_utterance_extra_silence_ms: must be 0 to 10000")
-        if not 0 <= self.prefix_padding_ms <= 2000:
-            raise SettingsError("prefix_padding_ms: must be 0 to 2000")
-        if not 0 < self.max_utterance_s <= 600:
-            raise SettingsError("max_utterance_s: must be > 0 and <= 600")
-        if not 0 <= self.playout_lead_ms <= 5000:
-            raise SettingsError("playout_lead_ms: must be 0 to 5000")
-        if self.realtime_connect_timeout_s <= 0:
-            raise SettingsError("realtime_connect_timeout_s: must be > 0")
         if self.backend == "realtime" and not self.realtime_url:
             raise SettingsError("realtime_url: required when backend is realtime")
-        if self.realtime_url and not self.realtime_url.startswith(("ws://", "wss://")):
-            raise SettingsError(
-                f"realtime_url: expected ws:// or wss://, got {self.realtime_url!r}"
-            )

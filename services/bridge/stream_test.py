@@ -10,9 +10,9 @@ import grpc
 import grpc.aio
 import pytest
 
-from services.bridge.service import BridgeServicer, negotiate_input
+from services.bridge.bridge_testing import Call, audio_requests, read, serve, session_start, tone
+from services.bridge.servicer import BridgeServicer, negotiate_input
 from services.bridge.settings import BridgeSettings
-from services.bridge.testing import Call, audio_requests, read, serve, session_start, tone
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2
 

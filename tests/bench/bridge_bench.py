@@ -17,9 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from services.bridge.service import BridgeServicer
-from services.bridge.settings import BridgeSettings
-from services.bridge.testing import (
+from services.bridge.bridge_testing import (
     FRAME_SAMPLES,
     audio_requests,
     read,
@@ -28,6 +26,8 @@ from services.bridge.testing import (
     silence,
     tone,
 )
+from services.bridge.servicer import BridgeServicer
+from services.bridge.settings import BridgeSettings
 from services.bridge.turns import TurnConfig, TurnDetector, VoiceActivity
 from voiceedge.inference.v1 import inference_pb2
 

@@ -10,7 +10,8 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from services.bridge.service import BridgeServicer
+from libs.service.runtime import new_server
+from services.bridge.servicer import BridgeServicer
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 
@@ -28,7 +29,7 @@ async def serve(
 ) -> AsyncIterator[inference_pb2_grpc.InferenceBridgeServiceAsyncStub]:
     """Runs `servicer` on a real server on 127.0.0.1:0; yields a stub connected to it."""
     before = asyncio.all_tasks()
-    server = grpc.aio.server()
+    server = new_server()
     inference_pb2_grpc.add_InferenceBridgeServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

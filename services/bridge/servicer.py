@@ -23,7 +23,9 @@ import grpc
 import grpc.aio
 from google.protobuf import json_format
 
+from libs.observability.metrics import BRIDGE_SESSIONS_ACTIVE, BRIDGE_SESSIONS_OPENED
 from libs.observability.telemetry import Telemetry, log_event
+from libs.service.errors import StatusError, invalid_argument, resource_exhausted
 from libs.wire.batches import ResponseBatches, refusal, session_requests
 from services.bridge.audio import FRAME_MS
 from services.bridge.backend import Backend, BackendError, BackendFactory, SessionContext
@@ -74,15 +76,6 @@ def _accepted(
 BATCHED_BACKLOG_MAX = 256
 
 
-class _RefusedError(Exception):
-    """A session not admitted: the status StreamSession ends its stream with."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
 async def _drain_queue(queue: asyncio.Queue[Request | None]) -> AsyncIterator[Request]:
     while (request := await queue.get()) is not None:
         yield request
@@ -113,12 +106,8 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
         self._active = None
         self._opened = None
         if telemetry is not None:
-            self._active = telemetry.meter.create_up_down_counter(
-                "bridge.sessions.active", description="open StreamSession streams"
-            )
-            self._opened = telemetry.meter.create_counter(
-                "bridge.sessions.opened", description="accepted StreamSession streams"
-            )
+            self._active = BRIDGE_SESSIONS_ACTIVE.create(telemetry.meter)
+            self._opened = BRIDGE_SESSIONS_OPENED.create(telemetry.meter)
 
     @property
     def session_count(self) -> int:
@@ -130,10 +119,8 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
         context: grpc.aio.ServicerContext[Request, Response],
     ) -> AsyncIterator[Response]:
         requests = aiter(request_iterator)
-        try:
-            ctx = self._admit(await anext(requests, None))
-        except _RefusedError as exc:
-            await context.abort(exc.code, exc.details)
+        # A refusal is a StatusError: the server's interceptor ends the stream with it.
+        ctx = self._admit(await anext(requests, None))
         # aclosing: a stream the client abandons ends the session here and now.
         async with contextlib.aclosing(self._session(ctx, requests)) as responses:
             async for response in responses:
@@ -163,8 +150,8 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
             try:
                 try:
                     ctx = self._admit(first)
-                except _RefusedError as exc:
-                    send(session_id, refusal(exc.code.name, exc.details))
+                except StatusError as exc:
+                    send(session_id, refusal(exc.grpc_code.name, exc.message))
                     return
                 async for response in self._session(ctx, _drain_queue(requests)):
                     send(session_id, response)
@@ -222,35 +209,34 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
 
     def _admit(self, first: Request | None) -> SessionContext:
         """Checks a session's first message and takes the session in (its outbox counted
-        against max_sessions), or raises _RefusedError with the status that refuses it. The
+        against max_sessions), or raises the StatusError that refuses it. The
         caller runs `_session` on the context at once: that is what lets the session go."""
         if first is None:
-            raise _RefusedError(
-                grpc.StatusCode.INVALID_ARGUMENT, "stream ended before session_start"
-            )
+            raise invalid_argument("no_session_start", "stream ended before session_start")
         if first.WhichOneof("payload") != "session_start":
-            raise _RefusedError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise invalid_argument(
+                "no_session_start",
                 f"first message must be session_start, got {first.WhichOneof('payload')}",
             )
         start = first.session_start
         session_id = start.session_id
         if not session_id:
-            raise _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, "session_start.session_id empty")
+            raise invalid_argument("no_session_id", "session_start.session_id empty")
         try:
             rate, channels = negotiate_input(start.input_format, self._settings.sample_rate_hz)
         except ValueError as exc:
-            raise _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise invalid_argument("unsupported_audio_format", str(exc)) from None
         if self._draining:
-            raise _RefusedError(grpc.StatusCode.UNAVAILABLE, "bridge is draining")
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, "draining", "bridge is draining")
         if session_id in self._sessions:
-            raise _RefusedError(
-                grpc.StatusCode.ALREADY_EXISTS, f"session {session_id} already has a stream"
+            raise StatusError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "session_exists",
+                f"session {session_id} already has a stream",
             )
         if len(self._sessions) >= self._settings.max_sessions:
-            raise _RefusedError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"bridge at max_sessions={self._settings.max_sessions}",
+            raise resource_exhausted(
+                "capacity", f"bridge at max_sessions={self._settings.max_sessions}"
             )
         config: dict[str, Any] = (
             json_format.MessageToDict(start.session_config)
