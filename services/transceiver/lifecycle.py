@@ -16,8 +16,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from voiceedge.common.v1 import common_pb2 as CR
-from voiceedge.transceiver.v1 import transceiver_pb2 as ST
+from voiceedge.common.v1 import common_pb2
+from voiceedge.transceiver.v1 import transceiver_pb2
+
+CR = common_pb2
+ST = transceiver_pb2
 
 
 class Phase(enum.Enum):
@@ -140,6 +143,14 @@ def _table() -> dict[tuple[Phase, Event], Move]:
 # (phase, event) -> Move. A pair that is not here cannot happen: feed() raises.
 TRANSITIONS: dict[tuple[Phase, Event], Move] = _table()
 
+# The detail recorded with a close reason when the event that caused it came with none.
+DETAILS: dict[int, str] = {
+    CR.CLOSE_REASON_ICE_FAILED: "ICE checks failed",
+    CR.CLOSE_REASON_CONSENT_LOST: "ICE consent expired (RFC 7675)",
+    CR.CLOSE_REASON_DTLS_FAILED: "DTLS transport failed",
+    CR.CLOSE_REASON_CLIENT_HANGUP: "peer connection closed by the client",
+}
+
 # What TransceiverService reports for each phase (CLOSING: the phase it was closed from,
 # since the session is not closed until its resources are released).
 _PUBLIC_STATE = {
@@ -162,8 +173,9 @@ class Lifecycle:
 
     def feed(self, event: Event, detail: str = "", reason: int | None = None) -> Step:
         """Moves on `event`. `detail` says what happened (kept if this event ends the
-        session); `reason` overrides the table's close reason for CLOSE_REQUESTED only
-        (CloseSession, drain, ... say which). Raises LifecycleError for an impossible pair."""
+        session; empty: DETAILS of its reason); `reason` overrides the table's close
+        reason, for CLOSE_REQUESTED only (CloseSession, drain, ... say which). Raises
+        LifecycleError for an impossible pair."""
         move = TRANSITIONS.get((self.phase, event))
         if move is None:
             raise LifecycleError(f"{event.value} cannot happen in phase {self.phase.value}")
@@ -173,7 +185,7 @@ class Lifecycle:
         if move.action is Action.TEAR_DOWN:
             self._closed_from = before
             self.close_reason = reason if reason is not None else move.close_reason
-            self.close_detail = detail
+            self.close_detail = detail or DETAILS.get(self.close_reason, "")
         self.phase = move.phase
         return Step(before, move.phase, move.action)
 

@@ -201,7 +201,7 @@ async def test_shutdown_tells_the_bridge_on_the_batched_stream() -> None:
         for i, client in enumerate(clients):
             await stack.connect(f"d{i}", client)
         await wait_for(lambda: len(stack.bridge.streams) == 3, 20)
-        assert stack.manager.batched_for(stack.bridge.address).batches_out > 0
+        assert stack.manager.bridges.batched_for(stack.bridge.address).batches_out > 0
         await stack.manager.shutdown()  # what SIGTERM's last step does
         stopped = True
         for i in range(3):
