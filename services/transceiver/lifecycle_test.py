@@ -192,6 +192,27 @@ async def test_consent_loss_when_the_client_goes_silent() -> None:
         await stack.stop()
 
 
+@pytest.mark.timeout_s(30)
+async def test_engine_settings_reach_the_consent_loop() -> None:
+    """The same relay loss with consent_expiry_s=2 (checks every 0.2-0.3 s): consent ends
+    within seconds, not the default 30, so the engine settings reach aioice's connection."""
+    stack = await Stack.start(consent_interval_s=0.25, consent_expiry_s=2.0)
+    client = Client(tone_hz=440.0, tone_frames=50, decode_audio=False)
+    try:
+        await stack.connect("e", client)
+        async with asyncio.timeout(10):
+            await stack.bridge.opened.wait()
+        await stack.relay.close()
+        session = stack.manager.find("e")
+        assert isinstance(session, Session)
+        async with asyncio.timeout(15):  # the default expiry alone is 30 s
+            await session.wait_closed()
+        assert await closed_reason(stack, "e") == CR.CLOSE_REASON_CONSENT_LOST
+    finally:
+        await client.close()
+        await stack.stop()
+
+
 @pytest.mark.timeout_s(60)
 async def test_shutdown_tells_the_bridge_on_the_batched_stream() -> None:
     stack = await Stack.start()
