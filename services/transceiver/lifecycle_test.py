@@ -168,11 +168,19 @@ async def test_call_survives_a_relay_restart() -> None:
         await stack.stop()
 
 
+# The engine settings' case ends within seconds, not the default 30: they reach aioice.
+@pytest.mark.parametrize(
+    ("engine", "within_s"),
+    [({}, 75), ({"consent_interval_s": 0.25, "consent_expiry_s": 2.0}, 15)],
+    ids=["defaults", "engine_settings"],
+)
 @pytest.mark.timeout_s(90)
-async def test_consent_loss_when_the_client_goes_silent() -> None:
+async def test_consent_loss_when_the_client_goes_silent(
+    engine: dict[str, float], within_s: float
+) -> None:
     """The relay dies and nothing replaces it: the client's packets stop reaching us and
-    aioice's consent checks (RFC 7675, every ~5 s, 6 failures) expire after ~30 s."""
-    stack = await Stack.start()
+    our consent checks (RFC 7675, every ~5 s by default) expire after ~30 s."""
+    stack = await Stack.start(**engine)
     client = Client(tone_hz=440.0, tone_frames=50, decode_audio=False)
     try:
         await stack.connect("c", client)
@@ -181,33 +189,12 @@ async def test_consent_loss_when_the_client_goes_silent() -> None:
         await stack.relay.close()
         session = stack.manager.find("c")
         assert isinstance(session, Session)
-        async with asyncio.timeout(75):
+        async with asyncio.timeout(within_s):
             await session.wait_closed()
         assert await closed_reason(stack, "c") == CR.CLOSE_REASON_CONSENT_LOST
         async with asyncio.timeout(5):
             await stack.bridge.streams["c"].ended.wait()
         assert stack.bridge.streams["c"].end_reason == CR.CLOSE_REASON_CONSENT_LOST
-    finally:
-        await client.close()
-        await stack.stop()
-
-
-@pytest.mark.timeout_s(30)
-async def test_engine_settings_reach_the_consent_loop() -> None:
-    """The same relay loss with consent_expiry_s=2 (checks every 0.2-0.3 s): consent ends
-    within seconds, not the default 30, so the engine settings reach aioice's connection."""
-    stack = await Stack.start(consent_interval_s=0.25, consent_expiry_s=2.0)
-    client = Client(tone_hz=440.0, tone_frames=50, decode_audio=False)
-    try:
-        await stack.connect("e", client)
-        async with asyncio.timeout(10):
-            await stack.bridge.opened.wait()
-        await stack.relay.close()
-        session = stack.manager.find("e")
-        assert isinstance(session, Session)
-        async with asyncio.timeout(15):  # the default expiry alone is 30 s
-            await session.wait_closed()
-        assert await closed_reason(stack, "e") == CR.CLOSE_REASON_CONSENT_LOST
     finally:
         await client.close()
         await stack.stop()
