@@ -79,6 +79,7 @@ class Step:
 _OPEN = (Phase.NEW, Phase.CHECKING, Phase.ICE_CONNECTED, Phase.CONNECTED)
 _BEFORE_ICE = (Phase.NEW, Phase.CHECKING)
 _AFTER_ICE = (Phase.ICE_CONNECTED, Phase.CONNECTED)
+_ENDED = frozenset((Phase.CLOSING, Phase.CLOSED))  # read on every 20 ms tick: built once
 _FROM_AIORTC = (
     Event.ICE_COMPLETED,
     Event.ICE_FAILED,
@@ -192,7 +193,7 @@ class Lifecycle:
     @property
     def ended(self) -> bool:
         """True from the moment a cause to end the session was fed."""
-        return self.phase in (Phase.CLOSING, Phase.CLOSED)
+        return self.phase in _ENDED
 
     @property
     def public_state(self) -> int:
