@@ -37,7 +37,6 @@ async def live_sessions(manager: SessionManager) -> list[transceiver_pb2.Session
 
 async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceParts:
     aiortc_compat.check_versions()
-    aiortc_compat.install_fast_audio_level()
     opus.lib()  # no libopus: fail at start-up with the package to install, not per call
     mux = UdpMux()
     host, port = parse_host_port(settings.media_listen, "media_listen")

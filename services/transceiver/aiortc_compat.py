@@ -1,6 +1,7 @@
 """Every access to aiortc/aioice internals lives here, pinned to aiortc 1.16 / aioice 0.13.
 
-The transceiver needs four things the public APIs do not offer:
+What the transceiver needs that the public APIs do not offer:
+- reach the ICE connection from the gatherer (`RTCIceGatherer._connection`);
 - force the ICE credentials signaling minted (aioice `Connection._local_username`,
   `Connection._local_password`) after setRemoteDescription and before createAnswer;
 - skip host gathering (which opens one UDP socket per session and ignores loopback) and
@@ -10,17 +11,21 @@ The transceiver needs four things the public APIs do not offer:
 - read the selected candidate pair (`Connection._nominated`);
 - replace aioice's consent-freshness loop (`Connection.query_consent`, `build_request`,
   `_query_consent_task`), whose checks give up after one 0.5 s try, with one that follows
-  RFC 7675 §5.1: consent expires 30 s after the last answered check;
+  RFC 7675 §5.1: consent expires a set time after the last answered check;
 - follow the client to a new address after a NAT rebinding (`Connection.check_incoming`,
   `check_complete`, `_check_list`, `_nominated`): see `install_follow_client`;
-- reach the ICE connection from the gatherer (`RTCIceGatherer._connection`);
+- find and await the tasks aiortc starts without a handle (`RTCPeerConnection.__connect`,
+  `__closeTask`): see `index_pc_tasks`, `let_early_connect_return`, `wait_pc_closed`;
 - run audio RTP on our own path (services/transceiver/rtp.py) once DTLS keyed SRTP: the
   SRTP sessions (`RTCDtlsTransport._rx_srtp`, `_tx_srtp`), and what aiortc's RTCP sender
   reports need from the packets we send (`RTCRtpSender.__ntp_timestamp`, `__rtp_timestamp`,
   `__packet_count`, `__octet_count`), and the caller's last sender report for our receiver
   reports (`RTCRtpReceiver.__lsr`, `__lsr_time`).
 
-The saturation benchmark's load generator also uses `tap_rtp_datagrams` (end of file).
+Test clients and load generators only: `add_loopback_host_candidate`,
+`install_fast_audio_level` (`aiortc.rtp.compute_audio_level_dbov`, which aiortc's sender
+calls per audio frame it encodes: the transceiver's own sender never encodes one),
+`tap_encoded_audio` (`RTCRtpReceiver.__decoder_queue`) and `tap_rtp_datagrams`.
 
 private_api_test.py fails with the attribute's name if an upgrade moves any of them.
 """
@@ -262,33 +267,31 @@ def audio_level_dbov(frame: Any) -> int:
 
 
 def install_fast_audio_level() -> None:
-    """aiortc's RTCRtpSender looks `rtp.compute_audio_level_dbov` up on every sent audio
-    frame; point it at the numpy version. Idempotent."""
+    """Test clients only: aiortc's RTCRtpSender looks `rtp.compute_audio_level_dbov` up on
+    every audio frame it encodes (a caller's tone track); point it at the numpy version.
+    The transceiver's own senders hold a track that never yields (media.IdleTrack).
+    Idempotent."""
     if not hasattr(aiortc.rtp, "compute_audio_level_dbov"):
         raise CompatError("aiortc.rtp.compute_audio_level_dbov is gone")
     aiortc.rtp.compute_audio_level_dbov = audio_level_dbov
 
 
-CONSENT_INTERVAL_S = 5.0  # RFC 7675 §5.1: checks every 5 s, randomised to 0.8-1.2x
-CONSENT_EXPIRY_S = 30.0  # RFC 7675 §5.1: no answered check for 30 s ends consent
-# STUN retransmissions per check (RFC 8489 §6.2.1, RTO 0.5 s doubling): a check stays open
-# 0.5 + 1 + 2 + 4 = 7.5 s, so an answer delayed by a busy event loop or network still counts.
-CONSENT_RETRANSMISSIONS = 3
-
-
 def install_consent_freshness(
     connection: aioice.Connection,
     *,
-    interval_s: float = CONSENT_INTERVAL_S,
-    expiry_s: float = CONSENT_EXPIRY_S,
-    retransmissions: int = CONSENT_RETRANSMISSIONS,
+    interval_s: float,
+    expiry_s: float,
+    retransmissions: int,
 ) -> None:
-    """Replaces aioice's consent loop for `connection` (call before ICE connects).
+    """Replaces aioice's consent loop for `connection` (call before ICE connects): a check
+    every `interval_s` (randomised 0.8-1.2x, RFC 7675 §5.1), each a STUN transaction with
+    `retransmissions` (RFC 8489 §6.2.1, RTO 0.5 s doubling: 3 keep it open 7.5 s, so an
+    answer delayed by a busy event loop or network still counts).
 
     aioice 0.13 sends each check once, waits 0.5 s and closes after 6 consecutive misses,
     so an event loop that lags over 0.5 s for 30 s ends calls whose every check was
-    answered. Here each check is a STUN transaction with retransmissions, several may be
-    open at once, and consent expires only `expiry_s` after the last answer (RFC 7675)."""
+    answered. Here several checks may be open at once, and consent expires only
+    `expiry_s` after the last answer (RFC 7675: 30 s)."""
     run = functools.partial(_consent_loop, connection, interval_s, expiry_s, retransmissions)
     setattr(connection, "query_consent", run)  # noqa: B010 (shadowing a method on purpose)
 

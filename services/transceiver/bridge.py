@@ -1,25 +1,32 @@
-"""The transceiver's end of InferenceBridgeService.StreamSession: one bidi stream per session.
+"""The transceiver's end of InferenceBridgeService: a session's stream to its bridge, one
+StreamSession per session or its share of a batched StreamSessions stream, both behind
+`BridgeSession` and opened by `open_bridge_session` as the settings choose.
 
-One writer task serialises writes (grpc.aio allows one pending write); a bounded outbox
-drops caller audio rather than growing when the bridge is slow. The reader hands every
-bridge message to the session's callback.
+StreamSession: one writer task serialises writes (grpc.aio allows one pending write); a
+bounded outbox drops caller audio rather than growing when the bridge is slow. The reader
+hands every bridge message to the session's callback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 
+from libs.observability.telemetry import log_event
 from libs.wire.batches import RequestBatches, session_responses
+from services.transceiver.settings import BridgeSettings
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 
 OUTBOX_MAX = 256  # about 5 s of 20 ms frames
+
+logger = logging.getLogger("voiceedge.transceiver.session")
 
 
 class BridgeError(Exception):
@@ -445,3 +452,96 @@ class BatchedLink(AudioNumbering):
             self._finished.set_result(None)
         elif not self._finished.cancelled():
             self._finished.exception()  # retrieved: it was raised to read_loop already
+
+
+# ---- what a session holds: one BridgeSession, opened by open_bridge_session
+
+
+class BridgeSession(Protocol):
+    """One session's stream to its bridge, whichever RPC carries it (BridgeLink: its own
+    StreamSession; BatchedLink: its share of a StreamSessions stream)."""
+
+    address: str
+    accepted: inference_pb2.SessionAccepted | None  # set once open() returned
+
+    async def open(self, start: inference_pb2.SessionStart, timeout_s: float) -> None:
+        """Sends SessionStart and waits for SessionAccepted; raises BridgeError."""
+
+    async def read_loop(self, on_message: Callable[[Response], None]) -> None:
+        """Hands the bridge's messages to `on_message` until the stream ends; raises
+        BridgeEndedError (the bridge ended the session) or BridgeError."""
+
+    def send_audio(self, data: bytes, samples: int) -> None:
+        """The next caller audio frame (dropped and counted when the bridge lags)."""
+
+    def skip_audio(self, frames: int, samples_per_frame: int) -> None:
+        """Frames that were lost: a gap in AudioFrame.sequence and timestamp_samples."""
+
+    def send_event(self, text: str) -> None:
+        """A client event for the bridge (DataChannelMessage)."""
+
+    async def close(self, reason: int, detail: str, *, notify: bool) -> None:
+        """Ends the stream, telling the bridge `reason` unless `notify` is False (the
+        bridge ended it). Idempotent."""
+
+
+class BridgeStreams:
+    """The transceiver's connections to its bridges: one gRPC channel and one shared
+    StreamSessions stream per bridge address, made on first use, closed at shutdown."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._batched: dict[str, BatchedBridge] = {}
+
+    def channel_for(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return channel
+
+    def batched_for(self, address: str) -> BatchedBridge:
+        """The shared StreamSessions stream to `address` (opened by its first session)."""
+        batched = self._batched.get(address)
+        if batched is None:
+            batched = self._batched[address] = BatchedBridge(self.channel_for(address), address)
+        return batched
+
+    async def close(self) -> None:
+        """After the sessions closed: their SessionEnds go out, then every stream and
+        channel ends."""
+        for batched in self._batched.values():
+            await batched.close()
+        self._batched.clear()
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()
+
+
+async def open_bridge_session(
+    streams: BridgeStreams,
+    settings: BridgeSettings,
+    address: str,
+    start: inference_pb2.SessionStart,
+    hold: Callable[[BridgeSession], None],
+) -> BridgeSession:
+    """Opens the stream of session `start.session_id` to the bridge at `address`: its share
+    of the bridge's StreamSessions stream with `bridge_batching` (unless that bridge has
+    answered UNIMPLEMENTED, before or now), else a StreamSession of its own. `hold` gets
+    each stream before it opens, so a session that closes meanwhile can end it at the
+    bridge. Raises BridgeError."""
+    timeout_s = settings.bridge_open_timeout_s
+    if settings.bridge_batching:
+        batched = streams.batched_for(address)
+        if not batched.unimplemented:
+            shared = BatchedLink(batched, start.session_id)
+            hold(shared)
+            try:
+                await shared.open(start, timeout_s)
+            except BatchingUnsupportedError:
+                log_event(logger, "session.bridge_unbatched", session__id=start.session_id)
+            else:
+                return shared
+    single = BridgeLink(streams.channel_for(address), address)
+    hold(single)
+    await single.open(start, timeout_s)
+    return single

@@ -82,7 +82,7 @@ async def test_call_connects_echoes_tone_and_events_then_closes_once() -> None:
         assert 0 <= info.stats.jitter_ms < 20
         assert info.bridge_address == stack.bridge.address
         # The bridge implements StreamSessions, so this session rode the batched stream.
-        batched = stack.manager.batched_for(stack.bridge.address)
+        batched = stack.manager.bridges.batched_for(stack.bridge.address)
         assert batched.batches_out > 0
         assert batched.batches_in > 0
         assert not batched.unimplemented
@@ -213,7 +213,7 @@ async def test_bridge_without_stream_sessions_gets_one_stream_per_session() -> N
                 await client.connected.wait()
             await wait_for(lambda i=i: stack.bridge.streams.get(f"u{i}") is not None)
         await wait_for(lambda: all(s.audio_in > 10 for s in stack.bridge.streams.values()))
-        batched = stack.manager.batched_for(stack.bridge.address)
+        batched = stack.manager.bridges.batched_for(stack.bridge.address)
         assert batched.unimplemented
         assert batched.batches_out <= 1  # the first session's try; the second did not try
         for i in range(2):

@@ -1,5 +1,5 @@
 """Sessions of one transceiver: admission (max_sessions, draining), lookup, retention of
-closed sessions, drain, and the shared bridge channels."""
+closed sessions, drain, and the shared bridge streams (BridgeStreams)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-import grpc.aio
 from opentelemetry import metrics
 
 from libs.observability.telemetry import log_event
 from services.transceiver import aiortc_compat, rtp, sdp
-from services.transceiver.bridge import BatchedBridge
-from services.transceiver.media import EncoderOptions
+from services.transceiver.bridge import BridgeStreams
 from services.transceiver.session import Session, SessionParams, endpoints_of
 from services.transceiver.settings import TransceiverSettings
 from services.transceiver.udpmux import UdpMux
@@ -64,8 +62,7 @@ class SessionManager:
         self.pacer = rtp.Pacer(before_tick=mux.hold, after_tick=mux.flush)
         self._open: dict[str, Session] = {}
         self._closed: OrderedDict[str, ClosedSession] = OrderedDict()
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._batched: dict[str, BatchedBridge] = {}
+        self.bridges = BridgeStreams()
         self.draining = False
         self._drain_deadline: float | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -101,20 +98,6 @@ class SessionManager:
     def active(self) -> int:
         return len(self._open)
 
-    def batched_for(self, address: str) -> BatchedBridge:
-        """The shared StreamSessions stream to `address` (opened by its first session)."""
-        batched = self._batched.get(address)
-        if batched is None:
-            batched = self._batched[address] = BatchedBridge(self.channel_for(address), address)
-        return batched
-
-    def channel_for(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address)
-            self._channels[address] = channel
-        return channel
-
     def _params(self, request: transceiver_pb2.CreateSessionRequest) -> SessionParams:
         if not request.session_id:
             raise sdp.SdpError("session_id: required")
@@ -144,11 +127,7 @@ class SessionManager:
             ice_timeout_s=timeout_ms / 1000.0,
             bridge_address=bridge,
             rate_hz=rate,
-            prebuffer_frames=self.settings.jitter_buffer_frames,
-            max_queued_frames=self.settings.playout_queue_max_frames,
             opus_passthrough=options.opus_passthrough,
-            bridge_batching=self.settings.bridge_batching,
-            encoder=EncoderOptions(self.settings.opus_application, self.settings.opus_complexity),
             metadata=dict(options.metadata),
             session_config=options.session_config if options.HasField("session_config") else None,
         )
@@ -174,12 +153,7 @@ class SessionManager:
                 grpc.StatusCode.ALREADY_EXISTS, "ice_ufrag already in use by another session"
             )
         session = Session(
-            params,
-            self.mux,
-            self.channel_for,
-            self._session_closed,
-            self.pacer,
-            self.batched_for,
+            params, self.settings, self.mux, self.bridges, self.pacer, self._session_closed
         )
         self._open[session.id] = session  # holds the slot across the awaits below
         self._idle.clear()
@@ -272,11 +246,6 @@ class SessionManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drain_task
         await self.close_all(common_pb2.CLOSE_REASON_DRAINED)
-        for batched in self._batched.values():
-            await batched.close()
-        self._batched.clear()
-        for channel in self._channels.values():
-            await channel.close(None)
-        self._channels.clear()
+        await self.bridges.close()
         self.pacer.close()
         await self.mux.close()

@@ -15,6 +15,7 @@ import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from services.transceiver import opus
+from services.transceiver.bridge import BridgeSession
 
 FRAME_MS = 20
 BYTES_PER_SAMPLE = 2  # s16le
@@ -237,3 +238,62 @@ class Playout:
             return self._encoder.encode(payload) or self._silence
         self._playing = False
         return self._silence
+
+
+class CallerAudio:
+    """Caller Opus packets -> the bridge: decoded to 20 ms PCM at the session's rate, or
+    passed through; lost packets (a sequence gap) become libopus packet loss concealment
+    for up to `concealment_max_frames` of them, the rest (and every lost frame in
+    passthrough) a gap in AudioFrame.sequence, as inference.proto says. Nothing goes out
+    until `bridge` is set (the bridge accepted) or after `stop()`."""
+
+    def __init__(
+        self, rate_hz: int, concealment_max_frames: int, elapsed_ms: Callable[[], float]
+    ) -> None:
+        self.bridge: BridgeSession | None = None
+        self.passthrough = False
+        self.frames_in = 0
+        self.ttfa_in_ms = 0.0
+        self._decoder = OpusToPcm(rate_hz)
+        self._samples = frame_samples(rate_hz)
+        self._concealment_max = concealment_max_frames
+        self._elapsed_ms = elapsed_ms
+        self._stopped = False
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.bridge = None
+
+    def on_opus(self, packet: bytes, rtp_timestamp: int) -> None:
+        """One Opus packet from the caller (rtp.RtpReceiver: in order, late ones dropped)."""
+        if self._stopped:
+            return
+        if not self.ttfa_in_ms:
+            self.ttfa_in_ms = self._elapsed_ms()
+        bridge = self.bridge
+        if bridge is None:
+            return  # the bridge is not listening yet
+        if self.passthrough:
+            bridge.send_audio(packet, OPUS_SAMPLES_PER_FRAME)
+            self.frames_in += 1
+            return
+        samples = self._samples
+        for chunk in self._decoder.push(packet):
+            bridge.send_audio(chunk, samples)
+            self.frames_in += 1
+
+    def on_loss(self, packets: int) -> None:
+        """`packets` caller packets that never came."""
+        bridge = self.bridge
+        if bridge is None:
+            return
+        if self.passthrough:
+            bridge.skip_audio(packets, OPUS_SAMPLES_PER_FRAME)
+            return
+        samples = self._samples
+        concealed = self._decoder.conceal(min(packets, self._concealment_max))
+        for chunk in concealed:
+            bridge.send_audio(chunk, samples)
+            self.frames_in += 1
+        if packets > len(concealed):
+            bridge.skip_audio(packets - len(concealed), samples)

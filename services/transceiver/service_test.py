@@ -32,6 +32,7 @@ def test_help_lists_settings() -> None:
         (["--grpc-listen", "nowhere"], "grpc_listen: expected host:port"),
         (["--opus-application", "music"], "opus_application: one of voip, audio, lowdelay"),
         (["--opus-complexity", "11"], "opus_complexity: 0 to 10"),
+        (["--consent-expiry-s", "0"], "consent_expiry_s: must be > 0"),
     ],
 )
 def test_bad_setting_is_a_clear_error(args: list[str], message: str) -> None:

@@ -381,6 +381,8 @@ class Client:
         decode_audio: bool = True,
         pre_encoded: bool = False,
     ) -> None:
+        # The tone track's frames go through aiortc's encoder, which measures each one's level.
+        aiortc_compat.install_fast_audio_level()
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.tone: MediaStreamTrack = (
             OpusToneTrack(tone_hz, frames=tone_frames)
@@ -478,7 +480,6 @@ class Stack:
 
     @classmethod
     async def start(cls, **settings: Any) -> Stack:
-        aiortc_compat.install_fast_audio_level()
         bridge = EchoBridge()
         await bridge.start()
         values: dict[str, Any] = {
