@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from libs.config.settings import ServiceSettings, SettingsError, load_settings
 from libs.observability.telemetry import Telemetry, configure_logging, log_event, setup_telemetry
+from libs.service.auth import TokenError, TokenServerInterceptor, token_from_env
 
 logger = logging.getLogger("voiceedge.service")
 
@@ -47,12 +48,17 @@ class Servicer:
 
 
 class GrpcService:
-    """An asyncio gRPC server with grpc.health.v1 and reflection for the given servicers."""
+    """An asyncio gRPC server with grpc.health.v1 and reflection for the given servicers.
 
-    def __init__(self, name: str, listen: str, servicers: Sequence[Servicer]) -> None:
+    With a `token`, every call but health checks must carry it (libs/service/auth.py)."""
+
+    def __init__(
+        self, name: str, listen: str, servicers: Sequence[Servicer], *, token: str = ""
+    ) -> None:
         self.name = name
         self._listen = listen
         self._servicers = list(servicers)
+        self._token = token
         self._server: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self.port = 0
@@ -64,7 +70,8 @@ class GrpcService:
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
-        server = grpc.aio.server()
+        interceptors = [TokenServerInterceptor(self._token)] if self._token else None
+        server = grpc.aio.server(interceptors=interceptors)
         for servicer in self._servicers:
             servicer.add_to_server(servicer.implementation, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -207,19 +214,25 @@ def service_main(
             prog=name,
             description=description,
         )
-    except SettingsError as exc:
+        token = token_from_env()
+    except (SettingsError, TokenError) as exc:
         return exit_on_settings_error(name, str(exc))
     configure_logging(settings.log_level)
-    return asyncio.run(_serve(name, settings, build))
+    return asyncio.run(_serve(name, settings, build, token))
 
 
 async def _serve(
-    name: str, settings: S, build: Callable[[S, Telemetry], Awaitable[ServiceParts]]
+    name: str,
+    settings: S,
+    build: Callable[[S, Telemetry], Awaitable[ServiceParts]],
+    token: str,
 ) -> int:
     telemetry = setup_telemetry(name, settings.metrics_listen, settings.otlp_endpoint)
     try:
         parts = await build(settings, telemetry)
-        service = GrpcService(name, settings.grpc_listen, parts.servicers)
+        service = GrpcService(name, settings.grpc_listen, parts.servicers, token=token)
+        if not token:
+            log_event(logger, "service.internal_plane_open", service__name=name)
         try:
             await service.start()
         except BaseException:

@@ -25,6 +25,7 @@ from google.protobuf import json_format, struct_pb2
 from opentelemetry import metrics, trace
 
 from libs.observability.telemetry import log_event
+from libs.service.auth import internal_channel
 from libs.wire import ufrag as ufrag_codec
 from libs.wire.realtime_session import merge_session
 from services.signaling import errors
@@ -148,7 +149,7 @@ class CallService:
         self._monotonic = monotonic
         self._key_limiter = RateLimiter(settings.rate_per_key_per_s, settings.burst_per_key)
         self._ip_limiter = RateLimiter(settings.rate_per_ip_per_s, settings.burst_per_ip)
-        self._geosteer_channel = grpc.aio.insecure_channel(geosteer_address)
+        self._geosteer_channel = internal_channel(geosteer_address)
         self._geosteer = geosteer_pb2_grpc.GeosteerServiceStub(self._geosteer_channel)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.draining = False
@@ -557,7 +558,7 @@ class CallService:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = internal_channel(address)
             self._channels[address] = channel
         return channel
 

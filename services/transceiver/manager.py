@@ -16,6 +16,7 @@ import grpc.aio
 from opentelemetry import metrics
 
 from libs.observability.telemetry import log_event
+from libs.service.auth import internal_channel
 from services.transceiver import aiortc_compat, rtp, sdp
 from services.transceiver.bridge import BatchedBridge
 from services.transceiver.media import EncoderOptions
@@ -111,7 +112,7 @@ class SessionManager:
     def channel_for(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = internal_channel(address)
             self._channels[address] = channel
         return channel
 
