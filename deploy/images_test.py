@@ -4,8 +4,8 @@
 inputs; layers cached by the engine), then the test runs them as a cluster would: read-only
 root, all capabilities dropped, no-new-privileges, user 10001, the internal token on, random
 ufrag keys and API key. All five share one network namespace that Docker creates for the
-first container (`--network none`, so no packet leaves it) and the test gives a documentation
--range address (aioice ignores loopback); Redis (Debian's redis-server) and the caller run in
+first container (`--network none`, so no packet leaves it) and the test gives a documentation-
+range address on a veth pair inside it (aioice ignores loopback); Redis (Debian's redis-server) and the caller run in
 that namespace too, through nsenter. Checked:
 
 - every container turns healthy through its own HEALTHCHECK;
@@ -209,9 +209,11 @@ class Cluster:
                  first=True)  # fmt: skip
         self.pid = int(_docker(self.env, "inspect", "--format", "{{.State.Pid}}", self.names[0]))
         for command in (
-            ["ip", "link", "add", "ve0", "type", "dummy"],
+            # No dummy driver on this kernel: a veth pair with both ends inside.
+            ["ip", "link", "add", "ve0", "type", "veth", "peer", "name", "ve1"],
             ["ip", "addr", "add", f"{ADDRESS}/24", "dev", "ve0"],
             ["ip", "link", "set", "ve0", "up"],
+            ["ip", "link", "set", "ve1", "up"],
         ):
             result = _run([*self.netns(), *command], 30)
             assert result.returncode == 0, result.stderr
