@@ -2,11 +2,11 @@
 
 `deploy/build-images.sh` builds all five images (bases from mmdebstrap, cached by their
 inputs; layers cached by the engine), then the test runs them as a cluster would: read-only
-root, all capabilities dropped, no-new-privileges, user 10001, the internal token on, random
-ufrag keys and API key. All five share one network namespace that Docker creates for the
-first container (`--network none`, so no packet leaves it) and the test gives a documentation-
-range address on a veth pair inside it (aioice ignores loopback); Redis (Debian's redis-server) and the caller run in
-that namespace too, through nsenter. Checked:
+root, all capabilities dropped, no-new-privileges, user 10001, one CPU each, the internal
+token on, random ufrag keys and API key. All five share one network namespace that Docker
+creates for the first container (`--network none`, so no packet leaves it); the test puts a
+documentation-range address on a veth pair inside it (aioice ignores loopback), and runs
+Redis (Debian's redis-server) and the caller there too, through nsenter. Checked:
 
 - every container turns healthy through its own HEALTHCHECK;
 - unauthenticated RegisterNode, DeregisterNode, CreateSession, Drain and ListBindings are
@@ -17,9 +17,9 @@ that namespace too, through nsenter. Checked:
 
 Needs root, Docker (Debian's docker.io; the test starts its own engine on
 /run/voiceedge/docker.sock with /var/cache/voiceedge/docker as data root when none answers
-there, and stops it after), mmdebstrap, and the package index. Wall time on the 2-core CI
-machine: about 10 minutes with nothing cached, about 1 minute with the bases and layers
-cached (see the test log's figures).
+there, and stops it after), mmdebstrap, and the package index. Wall time on the shared 2-core
+machine (load 8-14): about 11 minutes with nothing cached (bases ~4 min, wheels downloaded
+for every image), under 2 minutes with the bases and layers cached (43 s of it the build).
 """
 
 from __future__ import annotations
