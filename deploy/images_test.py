@@ -13,7 +13,8 @@ Redis (Debian's redis-server) and the caller there too, through nsenter. Checked
   refused (UNAUTHENTICATED) by the real servers;
 - `examples/python_client/client.py --seconds 6 --out reply.wav`, through signaling and the
   relay, hears the echo agent answer its 440 Hz tone;
-- each image's size (printed; the relay's under 250 MB).
+- each image's size (printed; the relay's under 250 MB);
+- the relay, limited to one CPU, starts one worker (workers=0 follows the cgroup quota).
 
 Needs root, Docker (Debian's docker.io; the test starts its own engine on
 /run/voiceedge/docker.sock with /var/cache/voiceedge/docker as data root when none answers
@@ -291,6 +292,14 @@ def cluster(images: tuple[dict[str, str], dict[str, int]], tmp_path: Path) -> It
         yield cluster
     finally:
         cluster.stop()
+
+
+def test_relay_workers_follow_the_cpu_quota(cluster: Cluster) -> None:
+    # --cpus 1 on a machine with more cores: workers=0 must start one worker, not one per core.
+    relay = cluster.names[SERVICES.index("relay")]
+    logs = _run(["docker", "logs", relay], 30, env=cluster.env).stdout
+    ready = next(json.loads(line) for line in logs.splitlines() if '"event": "ready"' in line)
+    assert ready["workers"] == 1, ready
 
 
 def test_a_call_through_the_containers(cluster: Cluster, tmp_path: Path) -> None:
