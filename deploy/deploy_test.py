@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.metadata
+import os
 import re
 import secrets
 import shlex
@@ -225,6 +226,32 @@ def test_a_placeholder_secret_is_refused_with_the_reason() -> None:
             description="",
             environ=bad,
         )
+
+
+@pytest.mark.parametrize(
+    ("service", "environ", "message"),
+    [
+        # The old manifests' placeholders, and a token no one should trust.
+        ("relay", {"VOICEEDGE_RELAY_UFRAG_KEYS": "1:REPLACE_WITH_64_HEX_CHARS"}, "not hex"),
+        ("signaling", {"VOICEEDGE_API_KEY": "REPLACE_WITH_YOUR_API_KEY"}, "placeholder"),
+        ("relay", {TOKEN_ENV: "too-short"}, "need at least 32"),
+    ],
+)
+def test_placeholder_secrets_stop_the_service_naming_the_problem(
+    service: str, environ: dict[str, str], message: str
+) -> None:
+    binary = HERE.parent / "services" / service / service
+    result = subprocess.run(
+        [str(binary), "--grpc-listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **environ},
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -52,6 +52,13 @@ class TokenError(ValueError):
     """The configured internal token is unusable; the message says why (never the token)."""
 
 
+def check_secret(name: str, value: str) -> None:
+    """Refuses an obvious placeholder (REPLACE_ME, changeme, example, one character repeated)
+    as the secret `name`, naming the problem and never the value."""
+    if _PLACEHOLDER.search(value):
+        raise TokenError(f"{name}: is a placeholder, not a secret (`openssl rand -hex 32`)")
+
+
 def parse_token(text: str) -> str:
     """The token to require and send; "" when none is configured (the plane is open)."""
     token = text.strip()
@@ -64,8 +71,7 @@ def parse_token(text: str) -> str:
             f"{TOKEN_ENV}: {len(token)} characters, need at least {MIN_TOKEN_CHARS} "
             "(make one with `openssl rand -hex 32`)"
         )
-    if _PLACEHOLDER.search(token):
-        raise TokenError(f"{TOKEN_ENV}: is a placeholder, not a secret (`openssl rand -hex 32`)")
+    check_secret(TOKEN_ENV, token)
     return token
 
 

@@ -13,7 +13,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from libs.config.settings import ServiceSettings
-from libs.service.auth import TOKEN_ENV, TokenError, internal_channel, parse_token
+from libs.service.auth import (
+    TOKEN_ENV,
+    TokenError,
+    check_secret,
+    internal_channel,
+    parse_token,
+)
 from libs.service.runtime import GrpcService, Servicer, service_main, unimplemented_servicer
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -135,6 +141,12 @@ async def test_without_a_token_the_plane_is_open_as_in_the_dev_demo() -> None:
 def test_unusable_tokens_are_refused_with_the_reason(text: str, message: str) -> None:
     with pytest.raises(TokenError, match=message):
         parse_token(text)
+
+
+def test_a_placeholder_api_key_is_refused_by_name() -> None:
+    with pytest.raises(TokenError, match="VOICEEDGE_API_KEY: is a placeholder"):
+        check_secret("VOICEEDGE_API_KEY", "REPLACE_WITH_YOUR_API_KEY")
+    check_secret("VOICEEDGE_API_KEY", "sk-" + secrets.token_hex(24))
 
 
 def test_an_empty_token_means_no_token() -> None:

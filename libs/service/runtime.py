@@ -229,7 +229,12 @@ async def _serve(
 ) -> int:
     telemetry = setup_telemetry(name, settings.metrics_listen, settings.otlp_endpoint)
     try:
-        parts = await build(settings, telemetry)
+        try:
+            parts = await build(settings, telemetry)
+        except (SettingsError, TokenError) as exc:
+            # What only the build can check (a secret from the environment): the same one
+            # clear line and exit status as a bad setting.
+            return exit_on_settings_error(name, str(exc))
         service = GrpcService(name, settings.grpc_listen, parts.servicers, token=token)
         if not token:
             log_event(logger, "service.internal_plane_open", service__name=name)
