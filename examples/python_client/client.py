@@ -19,7 +19,7 @@ import math
 import sys
 import time
 import wave
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,6 +227,22 @@ async def run_call(
         await pc.close()
 
 
+def talk_then_listen(
+    track: ToneTrack, talk_s: float, seconds: float
+) -> Callable[[RTCPeerConnection, CallResult], Awaitable[None]]:
+    """A `during` for run_call: speak `talk_s`, then silence for the rest of `seconds`.
+
+    A voice agent answers when the caller's turn ends, and a turn ends on silence: an endless
+    tone is one turn that never ends, so the agent never speaks."""
+
+    async def during(pc: RTCPeerConnection, result: CallResult) -> None:
+        await asyncio.sleep(min(talk_s, seconds))
+        track.silent = True
+        await asyncio.sleep(max(seconds - talk_s, 0.0))
+
+    return during
+
+
 def _read_wav(path: str) -> np.ndarray:
     with wave.open(path, "rb") as wav:
         if wav.getsampwidth() != 2 or wav.getframerate() != SAMPLE_RATE:
@@ -249,12 +265,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--base-url", default="http://127.0.0.1:8080")
     parser.add_argument("--api-key", required=True, help="API key or ek_ client secret")
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--seconds", type=float, default=6.0, help="how long the call lasts")
+    parser.add_argument(
+        "--talk-seconds",
+        type=float,
+        default=1.0,
+        help="speak this long, then send silence so the agent's turn ends and it answers",
+    )
     parser.add_argument("--wav", help="16-bit 48 kHz WAV to send (default: a 440 Hz tone)")
     parser.add_argument("--out", help="write the received audio to this WAV file")
     args = parser.parse_args(argv)
     track = ToneTrack(samples=_read_wav(args.wav)) if args.wav else ToneTrack()
-    result = asyncio.run(run_call(args.base_url, args.api_key, track=track, seconds=args.seconds))
+    result = asyncio.run(
+        run_call(
+            args.base_url,
+            args.api_key,
+            track=track,
+            during=talk_then_listen(track, args.talk_seconds, args.seconds),
+        )
+    )
     if result.status != 201:
         print(f"call refused: HTTP {result.status} {result.error_body}", file=sys.stderr)
         return 1

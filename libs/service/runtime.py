@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from libs.config.settings import ServiceSettings, SettingsError, load_settings
 from libs.observability.telemetry import Telemetry, configure_logging, log_event, setup_telemetry
 from libs.service.aio import cancel_and_wait
+from libs.service.auth import TokenError, TokenServerInterceptor, token_from_env
 from libs.service.errors import StatusErrorInterceptor
 
 logger = logging.getLogger("voiceedge.service")
@@ -50,19 +51,29 @@ class Servicer:
     implementation: object
 
 
-def new_server() -> grpc.aio.Server:
-    """A gRPC server with the interceptors every voiceedge server has (StatusError mapping).
-    Test servers use it too, so they answer refusals exactly as a service does."""
-    return grpc.aio.server(interceptors=[StatusErrorInterceptor()])
+def new_server(token: str = "") -> grpc.aio.Server:
+    """A gRPC server with the interceptors every voiceedge server has: the internal token
+    check when `token` is set (libs/service/auth.py), then the StatusError mapping. Test
+    servers use it too, so they answer refusals exactly as a service does."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+    if token:
+        interceptors.append(TokenServerInterceptor(token))
+    interceptors.append(StatusErrorInterceptor())
+    return grpc.aio.server(interceptors=interceptors)
 
 
 class GrpcService:
-    """An asyncio gRPC server with grpc.health.v1 and reflection for the given servicers."""
+    """An asyncio gRPC server with grpc.health.v1 and reflection for the given servicers.
 
-    def __init__(self, name: str, listen: str, servicers: Sequence[Servicer]) -> None:
+    With a `token`, every call but health checks must carry it (libs/service/auth.py)."""
+
+    def __init__(
+        self, name: str, listen: str, servicers: Sequence[Servicer], *, token: str = ""
+    ) -> None:
         self.name = name
         self._listen = listen
         self._servicers = list(servicers)
+        self._token = token
         self._server: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
         self.port = 0
@@ -74,7 +85,7 @@ class GrpcService:
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
-        server = new_server()
+        server = new_server(self._token)
         for servicer in self._servicers:
             servicer.add_to_server(servicer.implementation, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -206,19 +217,30 @@ def service_main(
             prog=name,
             description=description,
         )
-    except SettingsError as exc:
+        token = token_from_env()
+    except (SettingsError, TokenError) as exc:
         return exit_on_settings_error(name, str(exc))
     configure_logging(settings.log_level)
-    return asyncio.run(_serve(name, settings, build))
+    return asyncio.run(_serve(name, settings, build, token))
 
 
 async def _serve(
-    name: str, settings: S, build: Callable[[S, Telemetry], Awaitable[ServiceParts]]
+    name: str,
+    settings: S,
+    build: Callable[[S, Telemetry], Awaitable[ServiceParts]],
+    token: str,
 ) -> int:
     telemetry = setup_telemetry(name, settings.metrics_listen, settings.otlp_endpoint)
     try:
-        parts = await build(settings, telemetry)
-        service = GrpcService(name, settings.grpc_listen, parts.servicers)
+        try:
+            parts = await build(settings, telemetry)
+        except (SettingsError, TokenError) as exc:
+            # What only the build can check (a secret from the environment): the same one
+            # clear line and exit status as a bad setting.
+            return exit_on_settings_error(name, str(exc))
+        service = GrpcService(name, settings.grpc_listen, parts.servicers, token=token)
+        if not token:
+            log_event(logger, "service.internal_plane_open", service__name=name)
         try:
             await service.start()
         except BaseException:

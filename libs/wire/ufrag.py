@@ -78,13 +78,21 @@ class Keyring:
             if not item:
                 continue
             id_text, sep, hex_secret = item.partition(":")
-            try:
-                key_id = int(id_text)
-                secret = bytes.fromhex(hex_secret)
-            except ValueError:
-                raise ValueError(f"keyring entry {id_text!r}: expected <id>:<hex secret>") from None
             if not sep:
                 raise ValueError(f"keyring entry {item!r}: expected <id>:<hex secret>")
+            try:
+                key_id = int(id_text)
+            except ValueError:
+                raise ValueError(f"keyring entry {id_text!r}: key id is not a number") from None
+            try:
+                secret = bytes.fromhex(hex_secret)
+            except ValueError:
+                # Names the problem without echoing the secret (a placeholder left in a
+                # manifest, or a base64 key, is the usual cause).
+                raise ValueError(
+                    f"keyring entry {key_id}: secret is not hex "
+                    f"({len(hex_secret)} characters; make one with `openssl rand -hex 32`)"
+                ) from None
             if key_id in keys:
                 raise ValueError(f"keyring: key id {key_id} given twice")
             keys[key_id] = secret

@@ -104,8 +104,10 @@ def test_key_rotation_accepts_previous_key() -> None:
     [
         ("", "empty"),
         ("1", "expected <id>:<hex secret>"),
-        ("x:00", "expected <id>:<hex secret>"),
-        ("1:zz", "expected <id>:<hex secret>"),
+        ("x:00", "key id is not a number"),
+        ("1:zz", "secret is not hex"),
+        # The manifests' old placeholder: the message must say what is wrong with it.
+        ("1:REPLACE_WITH_64_HEX_CHARS_FROM_openssl_rand_hex_32", "secret is not hex"),
         ("1:00", "shorter than 16 bytes"),
         ("300:" + "00" * 16, "out of range"),
         ("1:" + "00" * 16 + ",1:" + "11" * 16, "given twice"),

@@ -25,6 +25,7 @@ import grpc.aio
 
 from libs.observability.telemetry import log_event
 from libs.service.aio import cancel_and_wait
+from libs.service.auth import internal_channel
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
 logger = logging.getLogger("voiceedge.geosteer.client")
@@ -84,7 +85,7 @@ class HeartbeatLoop:
         cls, address: str, node: geosteer_pb2.Node, report: Callable[[], NodeReport] = NodeReport
     ) -> HeartbeatLoop:
         """A loop with its own channel to `address`, closed by `close()`."""
-        channel = grpc.aio.insecure_channel(address)
+        channel = internal_channel(address)
         loop = cls(channel, node, report)
         loop._owned_channel = channel
         return loop

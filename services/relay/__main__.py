@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 import uvloop
 
 from libs.observability.telemetry import Telemetry, log_event
+from libs.service.cpus import usable_cpus
 from libs.service.runtime import ServiceParts, Servicer, service_main
 from libs.wire import ufrag
 from services.relay.admin import RelayAdmin, RelayState, register_metrics
@@ -29,7 +29,7 @@ logger = logging.getLogger("voiceedge.relay")
 async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
     if settings.ufrag_keys == ufrag.DEV_KEYRING_SPEC:
         log_event(logger, "relay.dev_keyring", level=logging.WARNING, detail="never in production")
-    workers = settings.workers or os.cpu_count() or 1
+    workers = settings.workers or usable_cpus()
     plane, store, watch = await make_worker(settings, 0)
     # Children bind the ports worker 0 got (port 0 picks one) and their own internal socket.
     internal_host = settings.internal_listen.rpartition(":")[0]

@@ -147,6 +147,7 @@ class Router(CounterTotals):
         topology: TopologyView,
         *,
         idle_timeout_s: float = 30.0,
+        drain_idle_s: float = 8.0,
         max_bindings: int = 1_000_000,
         verify_message_integrity: bool = True,
         on_bind: Callable[[Binding], None] | None = None,
@@ -154,6 +155,7 @@ class Router(CounterTotals):
         self.keyring = keyring
         self.topology = topology
         self.idle_timeout_s = idle_timeout_s
+        self.drain_idle_s = drain_idle_s
         self.max_bindings = max_bindings
         self.verify_message_integrity = verify_message_integrity
         self.on_bind = on_bind
@@ -233,8 +235,12 @@ class Router(CounterTotals):
         return isinstance(result, Binding)
 
     def expire_idle(self, now: float) -> int:
-        """Forgets bindings idle for idle_timeout_s; returns how many went."""
-        limit = now - self.idle_timeout_s
+        """Forgets bindings idle for idle_timeout_s (drain_idle_s while draining: a finished
+        call's binding must not hold a drain for the whole idle timeout); returns how many."""
+        timeout = (
+            min(self.idle_timeout_s, self.drain_idle_s) if self.draining else self.idle_timeout_s
+        )
+        limit = now - timeout
         stale = [c for c, b in self._bindings.items() if b.last_seen < limit]
         for client in stale:
             self._remove(client)

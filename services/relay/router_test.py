@@ -218,6 +218,23 @@ def test_idle_expiry_and_refresh() -> None:
     assert r.bindings_expired == 1
 
 
+def test_a_drain_forgets_finished_calls_at_once_but_keeps_live_ones() -> None:
+    # A finished call's binding must not hold the drain for the whole idle timeout; a live
+    # call (media, or at least ICE consent every ~5 s) keeps its binding.
+    other = ("198.51.100.8", 40000)
+    r = router(idle_timeout_s=30.0, drain_idle_s=8.0)
+    r.route_client_packet(request(), CLIENT, 0.0)
+    r.route_client_packet(request(), other, 0.0)
+    r.route_client_packet(SRTP, CLIENT, 10.0)  # CLIENT still talking; other hung up at 0
+    assert r.expire_idle(12.0) == 0  # not draining: the idle timeout rules
+    r.draining = True
+    assert r.expire_idle(12.0) == 1
+    assert r.get(other) is None
+    assert r.get(CLIENT) is not None
+    assert r.expire_idle(19.0) == 1  # CLIENT silent for 9 s: its call is over too
+    assert len(r) == 0
+
+
 def test_max_bindings_evicts_the_oldest() -> None:
     r = router(max_bindings=2)
     clients = [("203.0.113.1", p) for p in (1, 2, 3)]

@@ -31,7 +31,8 @@ class RelaySettings(ServiceSettings):
     workers: int = dataclasses.field(
         default=0,
         metadata={
-            "help": "worker processes sharing the public port with SO_REUSEPORT; 0: one per core"
+            "help": "worker processes sharing the public port with SO_REUSEPORT; 0: one per CPU "
+            "of the cgroup quota and affinity"
         },
     )
     ufrag_keys: str = dataclasses.field(
@@ -61,6 +62,13 @@ class RelaySettings(ServiceSettings):
     )
     idle_timeout_s: float = dataclasses.field(
         default=30.0, metadata={"help": "a binding with no traffic for this long is forgotten"}
+    )
+    drain_idle_s: float = dataclasses.field(
+        default=8.0,
+        metadata={
+            "help": "while draining, a binding this long without packets no longer holds the "
+            "drain (above the ~5 s ICE consent interval, so a silent live call still does)"
+        },
     )
     max_bindings: int = dataclasses.field(
         default=1_000_000,
@@ -105,7 +113,7 @@ class RelaySettings(ServiceSettings):
             parse_transceiver_entry(entry)
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("redis_url: expected redis://host:port[/db]")
-        for name in ("binding_ttl_s", "idle_timeout_s", "redis_timeout_s"):
+        for name in ("binding_ttl_s", "idle_timeout_s", "drain_idle_s", "redis_timeout_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name}: must be > 0")
         if self.max_bindings < 1:

@@ -19,6 +19,7 @@ import grpc
 import grpc.aio
 
 from libs.observability.telemetry import log_event
+from libs.service.auth import internal_channel
 from services.relay.settings import parse_transceiver_entry
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
@@ -120,7 +121,7 @@ class GeosteerTopology:
 
     async def run(self, on_update: Callable[[TopologyView], None]) -> None:
         backoff = 0.1
-        async with grpc.aio.insecure_channel(self._address) as channel:
+        async with internal_channel(self._address) as channel:
             stub = geosteer_pb2_grpc.GeosteerServiceStub(channel)
             while True:  # until cancelled; each turn waits at least `backoff`
                 call = stub.WatchTopology(geosteer_pb2.WatchTopologyRequest())

@@ -164,6 +164,7 @@ async def make_worker(
         keyring,
         source.current(),
         idle_timeout_s=settings.idle_timeout_s,
+        drain_idle_s=settings.drain_idle_s,
         max_bindings=settings.max_bindings,
         verify_message_integrity=settings.verify_message_integrity,
     )

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from libs.config.settings import parse_host_port
 from libs.observability.telemetry import Telemetry, log_event
+from libs.service.auth import check_secret
 from libs.service.runtime import ServiceParts, Servicer, service_main
 from services.signaling.calls import CallService
 from services.signaling.http_api import build_app, make_runner
@@ -34,7 +35,10 @@ API_KEY_ENV = "VOICEEDGE_API_KEY"
 def api_keys(settings: SignalingSettings, environ: Mapping[str, str]) -> tuple[list[str], str]:
     """The accepted keys, and the generated dev key ("" if keys were configured)."""
     keys = list(settings.api_keys)
+    for key in keys:
+        check_secret("api_keys", key)
     if environ.get(API_KEY_ENV):
+        check_secret(API_KEY_ENV, environ[API_KEY_ENV])
         keys.append(environ[API_KEY_ENV])
     if keys:
         return keys, ""

@@ -26,6 +26,7 @@ from opentelemetry import metrics, trace
 
 from libs.observability.metrics import SIGNALING_CALL_SETUP_DURATION, SIGNALING_CALLS
 from libs.observability.telemetry import log_event
+from libs.service.auth import internal_channel
 from libs.service.errors import StatusError
 from libs.wire import ufrag as ufrag_codec
 from libs.wire.realtime_session import merge_session
@@ -134,7 +135,7 @@ class CallService:
         self._monotonic = monotonic
         self._key_limiter = RateLimiter(settings.rate_per_key_per_s, settings.burst_per_key)
         self._ip_limiter = RateLimiter(settings.rate_per_ip_per_s, settings.burst_per_ip)
-        self._geosteer_channel = grpc.aio.insecure_channel(settings.geosteer_address)
+        self._geosteer_channel = internal_channel(settings.geosteer_address)
         self._geosteer = geosteer_pb2_grpc.GeosteerServiceStub(self._geosteer_channel)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.draining = False
@@ -577,7 +578,7 @@ class CallService:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = internal_channel(address)
             self._channels[address] = channel
         return channel
 

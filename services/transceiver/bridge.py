@@ -19,6 +19,7 @@ import grpc
 import grpc.aio
 
 from libs.observability.telemetry import log_event
+from libs.service.auth import internal_channel
 from libs.wire.batches import RequestBatches, session_responses
 from services.transceiver.settings import BridgeSettings
 from voiceedge.common.v1 import common_pb2
@@ -496,7 +497,7 @@ class BridgeStreams:
     def channel_for(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = internal_channel(address)
         return channel
 
     def batched_for(self, address: str) -> BatchedBridge:
