@@ -4,8 +4,8 @@ health checks open to probes, unusable tokens refused at start-up with a reason.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -20,7 +20,7 @@ from libs.service.auth import (
     internal_channel,
     parse_token,
 )
-from libs.service.runtime import GrpcService, Servicer, service_main, unimplemented_servicer
+from libs.service.runtime import GrpcService, Servicer, service_main
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
@@ -29,28 +29,37 @@ from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
 TOKEN = secrets.token_hex(24)
 
 
+T = TypeVar("T")
+
+
+def _unimplemented(base: Callable[[], T]) -> T:
+    """The generated servicer base, which answers UNIMPLEMENTED to every RPC (its stubs
+    mark it abstract, hence the factory type)."""
+    return base()
+
+
 def _servicers() -> list[Servicer]:
     # The generated bases answer UNIMPLEMENTED: a call that gets that far passed the check.
     return [
         Servicer(
             "voiceedge.geosteer.v1.GeosteerService",
             geosteer_pb2_grpc.add_GeosteerServiceServicer_to_server,
-            unimplemented_servicer(geosteer_pb2_grpc.GeosteerServiceServicer),
+            _unimplemented(geosteer_pb2_grpc.GeosteerServiceServicer),
         ),
         Servicer(
             "voiceedge.transceiver.v1.TransceiverService",
             transceiver_pb2_grpc.add_TransceiverServiceServicer_to_server,
-            unimplemented_servicer(transceiver_pb2_grpc.TransceiverServiceServicer),
+            _unimplemented(transceiver_pb2_grpc.TransceiverServiceServicer),
         ),
         Servicer(
             "voiceedge.relay.v1.RelayAdminService",
             relay_pb2_grpc.add_RelayAdminServiceServicer_to_server,
-            unimplemented_servicer(relay_pb2_grpc.RelayAdminServiceServicer),
+            _unimplemented(relay_pb2_grpc.RelayAdminServiceServicer),
         ),
         Servicer(
             "voiceedge.inference.v1.InferenceBridgeService",
             inference_pb2_grpc.add_InferenceBridgeServiceServicer_to_server,
-            unimplemented_servicer(inference_pb2_grpc.InferenceBridgeServiceServicer),
+            _unimplemented(inference_pb2_grpc.InferenceBridgeServiceServicer),
         ),
     ]
 
