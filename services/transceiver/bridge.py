@@ -19,6 +19,7 @@ import grpc
 import grpc.aio
 
 from libs.observability.telemetry import log_event
+from libs.service.aio import cancel_and_wait
 from libs.service.auth import internal_channel
 from libs.wire.batches import RequestBatches, session_responses
 from services.transceiver.settings import BridgeSettings
@@ -162,9 +163,7 @@ class BridgeLink(AudioNumbering):
                     self._outbox.put_nowait(None)
                 with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(self._writer), 1.0)
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            await cancel_and_wait(self._writer)
         if self._call is not None:
             self._call.cancel()
 

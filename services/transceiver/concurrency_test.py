@@ -14,7 +14,13 @@ import weakref
 
 import pytest
 
-from services.transceiver.testkit import Client, Stack, closed_reason, next_event, wait_for
+from services.transceiver.transceiver_testing import (
+    Client,
+    Stack,
+    closed_reason,
+    next_event,
+    wait_for,
+)
 from voiceedge.common.v1 import common_pb2
 from voiceedge.transceiver.v1 import transceiver_pb2 as pb
 

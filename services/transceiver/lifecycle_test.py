@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from services.transceiver.session import Session
-from services.transceiver.testkit import (
+from services.transceiver.transceiver_testing import (
     Client,
     FramingRelay,
     Stack,

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry import metrics
 
+from libs.observability.metrics import (
+    TRANSCEIVER_SESSIONS_ACTIVE,
+    TRANSCEIVER_SESSIONS_CLOSED,
+    TRANSCEIVER_SESSIONS_CREATED,
+    TRANSCEIVER_UDPMUX_DROPS,
+)
 from libs.observability.telemetry import log_event
+from libs.service.aio import cancel_and_wait
+from libs.service.errors import StatusError, invalid_argument, not_found, resource_exhausted
 from services.transceiver import aiortc_compat, rtp, sdp
 from services.transceiver.bridge import BridgeStreams
 from services.transceiver.session import Session, SessionParams, endpoints_of
@@ -24,15 +32,6 @@ from voiceedge.common.v1 import common_pb2
 from voiceedge.transceiver.v1 import transceiver_pb2
 
 logger = logging.getLogger("voiceedge.transceiver")
-
-
-class SessionError(Exception):
-    """A refused request: a gRPC status code and a message saying what is wrong."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -71,27 +70,19 @@ class SessionManager:
         self.created_total = 0
         self.on_draining: Callable[[], None] | None = None
         meter = meter or metrics.get_meter("voiceedge.transceiver")
-        self._created = meter.create_counter(
-            "voiceedge.transceiver.sessions.created", unit="1", description="sessions created"
+        self._created = TRANSCEIVER_SESSIONS_CREATED.create(meter)
+        self._ended = TRANSCEIVER_SESSIONS_CLOSED.create(meter)
+        TRANSCEIVER_SESSIONS_ACTIVE.create(
+            meter, [lambda _: [metrics.Observation(len(self._open))]]
         )
-        self._ended = meter.create_counter(
-            "voiceedge.transceiver.sessions.closed", unit="1", description="by close.reason"
-        )
-        meter.create_observable_up_down_counter(
-            "voiceedge.transceiver.sessions.active",
-            callbacks=[lambda _: [metrics.Observation(len(self._open))]],
-            unit="1",
-        )
-        meter.create_observable_counter(
-            "voiceedge.transceiver.udpmux.dropped",
-            callbacks=[
+        TRANSCEIVER_UDPMUX_DROPS.create(
+            meter,
+            [
                 lambda _: [
                     metrics.Observation(count, {"drop.reason": reason})
                     for reason, count in self.mux.drops.items()
                 ]
             ],
-            unit="1",
-            description="datagrams dropped by the shared socket, by drop.reason",
         )
 
     @property
@@ -134,23 +125,26 @@ class SessionManager:
 
     async def create(self, request: transceiver_pb2.CreateSessionRequest) -> str:
         if self.draining:
-            raise SessionError(grpc.StatusCode.RESOURCE_EXHAUSTED, "transceiver is draining")
+            raise resource_exhausted("draining", "transceiver is draining")
         if len(self._open) >= self.settings.max_sessions:
-            raise SessionError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"max_sessions ({self.settings.max_sessions}) reached",
+            raise resource_exhausted(
+                "capacity", f"max_sessions ({self.settings.max_sessions}) reached"
             )
         try:
             params = self._params(request)
         except sdp.SdpError as exc:
-            raise SessionError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise invalid_argument("invalid_request", str(exc)) from None
         if params.session_id in self._open or params.session_id in self._closed:
-            raise SessionError(
-                grpc.StatusCode.ALREADY_EXISTS, f"session_id {params.session_id!r} exists"
+            raise StatusError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "session_exists",
+                f"session_id {params.session_id!r} exists",
             )
         if any(s.params.ufrag == params.ufrag for s in self._open.values()):
-            raise SessionError(
-                grpc.StatusCode.ALREADY_EXISTS, "ice_ufrag already in use by another session"
+            raise StatusError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "ufrag_in_use",
+                "ice_ufrag already in use by another session",
             )
         session = Session(
             params, self.settings, self.mux, self.bridges, self.pacer, self._session_closed
@@ -163,7 +157,7 @@ class SessionManager:
             await session.close(common_pb2.CLOSE_REASON_INTERNAL_ERROR, "negotiation failed")
             self._closed.pop(session.id, None)
             if isinstance(exc, sdp.SdpError):
-                raise SessionError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+                raise invalid_argument("invalid_offer", str(exc)) from None
             raise
         self.created_total += 1
         self._created.add(1)
@@ -191,7 +185,7 @@ class SessionManager:
     def find(self, session_id: str) -> Session | ClosedSession:
         session = self._open.get(session_id) or self._closed.get(session_id)
         if session is None:
-            raise SessionError(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r}")
+            raise not_found("session_not_found", f"no session {session_id!r}")
         return session
 
     async def close(self, session_id: str, reason: int) -> transceiver_pb2.SessionInfo:
@@ -241,10 +235,7 @@ class SessionManager:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def shutdown(self) -> None:
-        if self._drain_task is not None:
-            self._drain_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drain_task
+        await cancel_and_wait(self._drain_task)
         await self.close_all(common_pb2.CLOSE_REASON_DRAINED)
         await self.bridges.close()
         self.pacer.close()

@@ -8,7 +8,7 @@ import pytest
 
 from services.transceiver import opus
 from services.transceiver.media import OpusPacketizer, OpusToPcm
-from services.transceiver.testkit import peak_frequency
+from services.transceiver.transceiver_testing import peak_frequency
 
 
 def tone(rate: int, seconds: float, hz: float = 440.0) -> bytes:

@@ -9,10 +9,10 @@ round-trip time of each live session (remote-inbound-rtp), grouped by the client
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable
 
+from libs.service.aio import cancel_and_wait
 from voiceedge.geosteer.v1 import geosteer_pb2
 from voiceedge.transceiver.v1 import transceiver_pb2
 
@@ -76,7 +76,4 @@ class RttCollector:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)

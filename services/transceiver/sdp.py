@@ -3,14 +3,10 @@ answer, and check ICE credentials. No parsing beyond lines: aiortc parses the re
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# RFC 8445 §5.3 / RFC 8839 §5.4: ice-char = ALPHA / DIGIT / "+" / "/".
-_ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
-UFRAG_LEN = (4, 256)
-PWD_LEN = (22, 256)
+from libs.wire import ice
 
 
 class SdpError(ValueError):
@@ -18,14 +14,10 @@ class SdpError(ValueError):
 
 
 def check_credentials(ufrag: str, pwd: str) -> None:
-    for name, value, (low, high) in (
-        ("ice_ufrag", ufrag, UFRAG_LEN),
-        ("ice_pwd", pwd, PWD_LEN),
-    ):
-        if not low <= len(value) <= high:
-            raise SdpError(f"{name}: length {len(value)} outside {low} to {high} characters")
-        if not _ICE_CHARS.fullmatch(value):
-            raise SdpError(f"{name}: only ice-chars [A-Za-z0-9+/] are allowed (RFC 8445 §5.3)")
+    """The ICE credentials signaling minted must follow RFC 8445 §5.3 (libs/wire/ice.py)."""
+    problem = ice.credential_problem(ufrag, pwd)
+    if problem is not None:
+        raise SdpError(problem)
 
 
 def _lines(sdp: str) -> list[str]:

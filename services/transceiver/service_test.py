@@ -30,8 +30,11 @@ def test_help_lists_settings() -> None:
     ("args", "message"),
     [
         (["--grpc-listen", "nowhere"], "grpc_listen: expected host:port"),
-        (["--opus-application", "music"], "opus_application: one of voip, audio, lowdelay"),
-        (["--opus-complexity", "11"], "opus_complexity: 0 to 10"),
+        (
+            ["--opus-application", "music"],
+            "opus_application: expected one of voip, audio, lowdelay",
+        ),
+        (["--opus-complexity", "11"], "opus_complexity: must be 0 to 10"),
         (["--consent-expiry-s", "0"], "consent_expiry_s: must be > 0"),
     ],
 )

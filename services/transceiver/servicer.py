@@ -10,7 +10,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from services.transceiver.manager import SessionError, SessionManager
+from libs.service.aio import cancel_and_wait
+from services.transceiver.manager import SessionManager
 from services.transceiver.session import Session
 from voiceedge.common.v1 import common_pb2
 from voiceedge.transceiver.v1 import transceiver_pb2 as pb
@@ -25,28 +26,20 @@ class TransceiverServicer(transceiver_pb2_grpc.TransceiverServiceServicer):
     async def CreateSession(  # noqa: N802 (gRPC method name)
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateSessionResponse:
-        try:
-            answer = await self._manager.create(request)
-        except SessionError as exc:
-            await context.abort(exc.code, exc.message)
+        # Refusals are StatusErrors: the server's interceptor answers them.
+        answer = await self._manager.create(request)
         return pb.CreateSessionResponse(answer_sdp=answer, session_id=request.session_id)
 
     async def CloseSession(  # noqa: N802 (gRPC method name)
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CloseSessionResponse:
-        try:
-            info = await self._manager.close(request.session_id, common_pb2.CLOSE_REASON_CLOSE_RPC)
-        except SessionError as exc:
-            await context.abort(exc.code, exc.message)
+        info = await self._manager.close(request.session_id, common_pb2.CLOSE_REASON_CLOSE_RPC)
         return pb.CloseSessionResponse(session=info)
 
     async def GetSession(  # noqa: N802 (gRPC method name)
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetSessionResponse:
-        try:
-            session = self._manager.find(request.session_id)
-        except SessionError as exc:
-            await context.abort(exc.code, exc.message)
+        session = self._manager.find(request.session_id)
         return pb.GetSessionResponse(session=await session.info())
 
     async def ListSessions(  # noqa: N802 (gRPC method name)
@@ -73,10 +66,7 @@ class TransceiverServicer(transceiver_pb2_grpc.TransceiverServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the first request must name the session_id"
             )
-        try:
-            session = self._manager.find(first.session_id)
-        except SessionError as exc:
-            await context.abort(exc.code, exc.message)
+        session = self._manager.find(first.session_id)
         if not isinstance(session, Session) or session.is_closed:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"session {first.session_id!r} ended")
         sideband = session.attach_sideband()
@@ -92,9 +82,8 @@ class TransceiverServicer(transceiver_pb2_grpc.TransceiverServiceServicer):
                 yield pb.StreamSessionEventsResponse(server_event=text)
         finally:
             session.detach_sideband(sideband)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                await reader
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await cancel_and_wait(reader)
         if sideband.behind:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "the reader fell behind the session's events"

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2
 
 from libs.observability.telemetry import log_event
+from libs.service.aio import timestamp
 from services.transceiver import aiortc_compat, rtp, sdp
 from services.transceiver.bridge import (
     BridgeEndedError,
@@ -430,7 +431,7 @@ class Session:
         self._feed(Event.TEARDOWN_DONE)
         info.state = ST.SESSION_STATE_CLOSED
         info.stats.close_reason = reason  # type: ignore[assignment]
-        info.stats.closed_at.CopyFrom(_timestamp(self.closed_at))
+        info.stats.closed_at.CopyFrom(timestamp(self.closed_at))
         info.stats.ice_state = "closed"
         info.stats.dtls_state = "closed"
         self.final_info = info
@@ -464,7 +465,7 @@ class Session:
             audio_frames_out=self.frames_out,
             close_reason=self.close_reason,  # type: ignore[arg-type]
         )
-        stats.created_at.CopyFrom(_timestamp(self.created_at))
+        stats.created_at.CopyFrom(timestamp(self.created_at))
         transceivers = self.pc.getTransceivers()
         if transceivers:
             stats.dtls_state = transceivers[0].receiver.transport.state
@@ -490,12 +491,6 @@ class Session:
             ice_ufrag=self.params.ufrag,
             bridge_address=self._bridge.address if self._bridge is not None else "",
         )
-
-
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def endpoints_of(addresses: Sequence[common_pb2.SocketAddress]) -> tuple[tuple[str, int], ...]:

@@ -23,11 +23,10 @@ from libs.fastio import fastio
 from libs.observability.telemetry import log_event
 from libs.wire import framing, stun
 from libs.wire.classify import is_rtp
+from libs.wire.framing import Address
 
 logger = logging.getLogger("voiceedge.transceiver.udpmux")
 _BINDING_REQUEST_TYPE = stun.BINDING_REQUEST.to_bytes(2, "big")
-
-Address = tuple[str, int]
 
 
 class DatagramSink(Protocol):

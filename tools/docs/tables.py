@@ -73,6 +73,11 @@ SERVICES = (
     ServiceDoc(
         "signaling", "services.signaling.settings:SignalingSettings", "services.signaling.__main__"
     ),
+    ServiceDoc(
+        "transceiver",
+        "services.transceiver.settings:TransceiverSettings",
+        "services.transceiver.__main__",
+    ),
 )
 
 
@@ -93,7 +98,7 @@ def files_table_problems(readme_text: str, folder_files: set[str]) -> list[str]:
         if line.startswith("| ") and not line.startswith(("| file", "|---")):
             names = FILE_CELL.findall(line.split("|")[1])
             if names and "/" not in names[0]:  # a row about another folder is not checked
-                listed.update(names)
+                listed.update(name for name in names if "/" not in name)  # nor subfolders
     wanted = {
         name
         for name in folder_files

@@ -16,7 +16,7 @@ import sys
 
 import uvloop
 
-from services.transceiver.testkit import EchoBridge
+from services.transceiver.transceiver_testing import EchoBridge
 
 
 async def serve() -> None:

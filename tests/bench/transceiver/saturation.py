@@ -70,7 +70,7 @@ from libs.wire import framing
 from libs.wire.classify import is_rtp
 from services.transceiver import aiortc_compat
 from services.transceiver.media import OpusPacketizer
-from services.transceiver.testkit import FramingRelay, create_request
+from services.transceiver.transceiver_testing import FramingRelay, create_request
 from tests.bench.transceiver.bench import cpu_seconds, pinned, rss_kib, start_transceiver
 from voiceedge.transceiver.v1 import transceiver_pb2_grpc
 

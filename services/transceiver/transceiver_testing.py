@@ -21,10 +21,12 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from libs.service.aio import cancel_and_wait
 from libs.service.runtime import GrpcService, Servicer
 from libs.wire import framing, ufrag
 from libs.wire.batches import ResponseBatches, session_requests
 from libs.wire.classify import is_rtp
+from libs.wire.framing import Address
 from services.transceiver import aiortc_compat
 from services.transceiver.manager import SessionManager
 from services.transceiver.media import OPUS_TIME_BASE, OpusPacketizer
@@ -35,8 +37,6 @@ from services.transceiver.udpmux import UdpMux
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
-
-Address = tuple[str, int]
 
 
 class FramingRelay(asyncio.DatagramProtocol):
@@ -204,9 +204,7 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                     break
         finally:
             stream.ended.set()
-            injector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await injector
+            await cancel_and_wait(injector)
 
     async def StreamSessions(  # type: ignore[override]  # noqa: N802 (gRPC method name)
         self,
