@@ -43,7 +43,7 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
     remotes: list[RemoteWorker] = []
     try:
         for worker_id in range(1, workers):
-            remotes.append(RemoteWorker(child_settings, worker_id))
+            remotes.append(RemoteWorker.spawn(child_settings, worker_id))
         for remote in remotes:
             await remote.wait_ready()
     except BaseException:
@@ -54,24 +54,7 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
         await store.close()
         raise
 
-    def remote_redis() -> tuple[int, int, int, int]:
-        totals = [0, 0, 0, 0]
-        for remote in remotes:
-            for i, value in enumerate(remote.redis):
-                totals[i] += value
-        return totals[0], totals[1], totals[2], totals[3]
-
-    def drain_children(grace_s: float) -> None:
-        for remote in remotes:
-            remote.drain(grace_s)
-
-    state = RelayState(
-        [plane, *remotes],
-        store,
-        settings.drain_grace_s,
-        on_drain=drain_children,
-        remote_redis=remote_redis,
-    )
+    state = RelayState([plane, *remotes], store, settings.drain_grace_s)
     register_metrics(telemetry.meter, state)
 
     async def drain(grace_s: float) -> None:
