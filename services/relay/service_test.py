@@ -232,6 +232,37 @@ def test_admin_api_stats_bindings_drain_and_metrics() -> None:
                 assert reasons[relay_pb2.DROP_REASON_DRAINING] == 1
 
 
+def test_a_full_table_evicts_the_oldest_and_says_so() -> None:
+    keys = ufrag.dev_keyring()
+    with _udp() as transceiver, contextlib.ExitStack() as stack:
+        media = _name(transceiver)
+        args = ["--workers", "1", "--udp-listen", "127.0.0.1:0", "--max-bindings", "2"]
+        args += ["--transceivers", f"1/1={media[0]}:{media[1]}", "--metrics-listen", "127.0.0.1:0"]
+        with running_service(COMMAND, args) as relay:
+            vip = _address(relay.ready["udp"][0])
+            clients = [stack.enter_context(_udp()) for _ in range(3)]
+            for client in clients:
+                client.sendto(binding_request_for(keys, 1, 1)[0], vip)
+                transceiver.recv(65535)
+            with grpc.insecure_channel(relay.grpc_address) as channel:
+                stub = relay_pb2_grpc.RelayAdminServiceStub(channel)
+                stats = stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+            assert (stats.bindings_active, stats.bindings_created) == (2, 3)
+            assert stats.bindings_evicted == 1
+            metrics = (
+                urllib.request.urlopen(f"http://{relay.ready['metrics']}/metrics", timeout=10)
+                .read()
+                .decode()
+            )
+            evictions = [
+                line
+                for line in metrics.splitlines()
+                if line.startswith("voiceedge_relay_binding_evictions_total")
+            ]
+            assert len(evictions) == 1
+            assert evictions[0].endswith(" 1.0")
+
+
 def _children(pid: int) -> set[int]:
     found = set()
     for entry in os.listdir("/proc"):
