@@ -95,6 +95,7 @@ class RelayState:
     drain_grace_s: float
     started_at: float = field(default_factory=time.time)
     draining: bool = False
+    on_draining: Callable[[], None] | None = None  # e.g. tell geosteer at once
     _stop_task: asyncio.Task[None] | None = None
 
     def totals(self) -> WorkerCounters:
@@ -174,6 +175,8 @@ class RelayState:
         self.draining = True
         for plane in self.planes:
             plane.drain(grace_s)
+        if self.on_draining is not None:
+            self.on_draining()
         log_event(logger, "relay.draining", bindings=active, grace_s=grace_s)
         self._stop_task = asyncio.get_running_loop().create_task(self._stop_after(grace_s))
         return active
