@@ -78,6 +78,9 @@ class Drop(NamedTuple):
 
 
 _DROPS = {reason: Drop(reason) for reason in range(N_REASONS)}
+# Forward(...) runs NamedTuple's generated Python __new__, a frame per packet; the hot
+# paths build the tuple directly (same object, about half the cost).
+_new_tuple = tuple.__new__
 
 
 class Binding:
@@ -378,7 +381,7 @@ class Router:
         binding.bytes += size
         self.fwd_packets[C2T][kind] += 1
         self.fwd_bytes[C2T][kind] += size
-        return Forward(binding.media, binding.header + data, binding.via)
+        return _new_tuple(Forward, (binding.media, binding.header + data, binding.via))
 
     def _route_stun(
         self, data: bytes, client: Address, binding: Binding | None, now: float, via: int
@@ -461,7 +464,7 @@ class Router:
         binding.bytes += size
         self.fwd_packets[T2C][kind] += 1
         self.fwd_bytes[T2C][kind] += size
-        return Forward(binding.client, payload, binding.via)
+        return _new_tuple(Forward, (binding.client, payload, binding.via))
 
     def count_send_failed(self, direction: int, size: int) -> None:
         self._drop(direction, relay_pb2.DROP_REASON_SEND_FAILED, size)
