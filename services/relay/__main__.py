@@ -8,19 +8,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import socket
 import sys
 from collections.abc import Sequence
 
 import uvloop
 
+from libs.config.settings import parse_host_port
 from libs.observability.telemetry import Telemetry, log_event
 from libs.service.cpus import usable_cpus
 from libs.service.runtime import ServiceParts, Servicer, service_main
 from libs.wire import ufrag
+from services.geosteer.client import HeartbeatLoop, NodeReport, ProcessCpuMeter
 from services.relay.admin import RelayAdmin, RelayState, register_metrics
 from services.relay.settings import RelaySettings
 from services.relay.topology import cancel_and_wait
 from services.relay.workers import RemoteWorker, make_worker
+from voiceedge.common.v1 import common_pb2
+from voiceedge.geosteer.v1 import geosteer_pb2
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
 
 logger = logging.getLogger("voiceedge.relay")
@@ -43,7 +49,7 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
     remotes: list[RemoteWorker] = []
     try:
         for worker_id in range(1, workers):
-            remotes.append(RemoteWorker(child_settings, worker_id))
+            remotes.append(RemoteWorker.spawn(child_settings, worker_id))
         for remote in remotes:
             await remote.wait_ready()
     except BaseException:
@@ -54,31 +60,23 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
         await store.close()
         raise
 
-    def remote_redis() -> tuple[int, int, int, int]:
-        totals = [0, 0, 0, 0]
-        for remote in remotes:
-            for i, value in enumerate(remote.redis):
-                totals[i] += value
-        return totals[0], totals[1], totals[2], totals[3]
-
-    def drain_children(grace_s: float) -> None:
-        for remote in remotes:
-            remote.drain(grace_s)
-
-    state = RelayState(
-        [plane, *remotes],
-        store,
-        settings.drain_grace_s,
-        on_drain=drain_children,
-        remote_redis=remote_redis,
-    )
+    state = RelayState([plane, *remotes], store, settings.drain_grace_s)
     register_metrics(telemetry.meter, state)
+    reporter: HeartbeatLoop | None = None
+
+    async def started(grpc_address: str) -> None:
+        nonlocal reporter
+        reporter = start_reporter(settings, state, workers, grpc_address)
 
     async def drain(grace_s: float) -> None:
         state.start_drain(grace_s)
+        if reporter is not None:
+            await reporter.report_now()
         await state.wait_drained()
 
     async def close() -> None:
+        if reporter is not None:
+            await reporter.close()  # deregisters from geosteer, closes the channel
         await cancel_and_wait(watch)
         await state.close()
         for remote in remotes:
@@ -101,7 +99,40 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
             "workers": workers,
             "batched_io": plane.batched,
         },
+        started=started,
     )
+
+
+def start_reporter(
+    settings: RelaySettings, state: RelayState, workers: int, grpc_address: str
+) -> HeartbeatLoop | None:
+    """Registers the advertised VIPs with geosteer in cluster_id and heartbeats the binding
+    count and the drain flag (geosteer stops handing out a draining relay's VIPs)."""
+    if not settings.public_advertise:
+        return None
+    endpoints = [parse_host_port(a, "public_advertise") for a in settings.public_advertise]
+    node = geosteer_pb2.Node(
+        node_id=settings.node_id
+        or f"relay-{settings.cluster_id}-{socket.gethostname()}-{os.getpid()}",
+        kind=common_pb2.NODE_KIND_RELAY,
+        cluster_id=settings.cluster_id,
+        grpc_address=grpc_address,
+        public_endpoints=[common_pb2.SocketAddress(ip=ip, port=port) for ip, port in endpoints],
+        capacity_sessions=settings.max_bindings * workers,
+    )
+    cpu = ProcessCpuMeter()
+    reporter = HeartbeatLoop.to_address(
+        settings.geosteer_address,
+        node,
+        lambda: NodeReport(
+            active_sessions=state.totals().router.bindings_active,
+            draining=state.draining,
+            cpu_load=cpu.read(),
+        ),
+    )
+    state.on_draining = reporter.poke
+    reporter.start()
+    return reporter
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 import grpc.aio
@@ -24,12 +24,16 @@ from opentelemetry import metrics
 
 from libs.observability.telemetry import log_event
 from libs.wire.classify import PacketClass
+from services.relay.dataplane import WorkerCounters
 from services.relay.router import (
     CLASS_PROTO,
     DIRECTION_PROTO,
     DIRECTIONS,
     N_CLASSES,
     N_REASONS,
+    BindingInfo,
+    Matrix,
+    RouterCounters,
 )
 from services.relay.store import BindingStore
 from voiceedge.common.v1 import common_pb2
@@ -69,13 +73,15 @@ def _decode_token(token: str) -> tuple[int, bytes, int]:
 
 
 class Worker(Protocol):
-    """A data plane in this process (DataPlane) or a child's counters (RemoteWorker).
-    `router` is a Router or a CounterSnapshot with the same counter fields."""
+    """A data plane in this process (DataPlane) or a child process (RemoteWorker)."""
 
     worker_id: int
-    router: Any
 
-    async def list_bindings(self) -> Sequence[Any]: ...
+    def counters(self) -> WorkerCounters: ...
+
+    def drain(self, grace_s: float) -> None: ...
+
+    async def list_bindings(self) -> Sequence[BindingInfo]: ...
 
     async def close(self) -> None: ...
 
@@ -89,41 +95,40 @@ class RelayState:
     drain_grace_s: float
     started_at: float = field(default_factory=time.time)
     draining: bool = False
-    on_drain: Callable[[float], None] | None = None
-    remote_redis: Callable[[], tuple[int, int, int, int]] | None = None
+    on_draining: Callable[[], None] | None = None  # e.g. tell geosteer at once
     _stop_task: asyncio.Task[None] | None = None
 
-    def redis_counts(self) -> tuple[int, int, int, int]:
-        """hits, misses, errors, writes over all workers."""
-        store = self.store
-        own = (store.hits, store.misses, store.errors, store.writes)
-        if self.remote_redis is None:
-            return own
-        other = self.remote_redis()
-        return (own[0] + other[0], own[1] + other[1], own[2] + other[2], own[3] + other[3])
+    def totals(self) -> WorkerCounters:
+        """Every worker's counters added up."""
+        return WorkerCounters.total(p.counters() for p in self.planes)
 
     def stats(self) -> relay_pb2.RelayStats:
-        redis = self.redis_counts()
+        per_worker = [(p.worker_id, p.counters()) for p in self.planes]
+        total = WorkerCounters.total(c for _, c in per_worker)
+        router, redis = total.router, total.redis
         out = relay_pb2.RelayStats(
             started_at=_timestamp(self.started_at),
             draining=self.draining,
-            bindings_active=sum(len(p.router) for p in self.planes),
-            bindings_created=sum(p.router.bindings_created for p in self.planes),
-            bindings_expired=sum(p.router.bindings_expired for p in self.planes),
+            bindings_active=router.bindings_active,
+            bindings_created=router.bindings_created,
+            bindings_expired=router.bindings_expired,
+            bindings_evicted=router.bindings_evicted,
             redis=relay_pb2.RedisStats(
                 enabled=self.store.enabled,
-                hits=redis[0],
-                misses=redis[1] if self.store.enabled else 0,
-                errors=redis[2],
-                writes=redis[3],
+                hits=redis.hits,
+                misses=redis.misses if self.store.enabled else 0,
+                errors=redis.errors,
+                writes=redis.writes,
             ),
         )
         for direction in DIRECTIONS:
             for kind in range(N_CLASSES):
-                values = [
-                    sum(getattr(p.router, name)[direction][kind] for p in self.planes)
-                    for name in ("rx_packets", "rx_bytes", "fwd_packets", "fwd_bytes")
-                ]
+                values = (
+                    router.rx_packets[direction][kind],
+                    router.rx_bytes[direction][kind],
+                    router.fwd_packets[direction][kind],
+                    router.fwd_bytes[direction][kind],
+                )
                 if any(values):
                     out.traffic.append(
                         relay_pb2.TrafficCounter(
@@ -136,42 +141,42 @@ class RelayState:
                         )
                     )
             for reason in range(N_REASONS):
-                packets = sum(p.router.drop_packets[direction][reason] for p in self.planes)
+                packets = router.drop_packets[direction][reason]
                 if packets:
                     out.drops.append(
                         relay_pb2.DropCounter(
                             direction=DIRECTION_PROTO[direction],
                             reason=reason,  # type: ignore[arg-type]
                             packets=packets,
-                            bytes=sum(p.router.drop_bytes[direction][reason] for p in self.planes),
+                            bytes=router.drop_bytes[direction][reason],
                         )
                     )
-        for plane in self.planes:
+        for worker_id, counters in per_worker:
             out.workers.append(
                 relay_pb2.WorkerStats(
-                    worker_id=plane.worker_id,
-                    packets_received=plane.router.packets_received,
-                    packets_forwarded=plane.router.packets_forwarded,
-                    packets_dropped=plane.router.packets_dropped,
-                    bindings_active=len(plane.router),
+                    worker_id=worker_id,
+                    packets_received=counters.router.packets_received,
+                    packets_forwarded=counters.router.packets_forwarded,
+                    packets_dropped=counters.router.packets_dropped,
+                    bindings_active=counters.router.bindings_active,
                 )
             )
         return out
 
-    async def all_bindings(self) -> list[tuple[Worker, Any]]:
-        """Every worker's bindings (Binding here, BindingInfo from a child process)."""
+    async def all_bindings(self) -> list[tuple[Worker, BindingInfo]]:
+        """Every worker's bindings."""
         return [(plane, b) for plane in self.planes for b in await plane.list_bindings()]
 
     def start_drain(self, grace_s: float) -> int:
         """New clients refused from now on; forwarding stops after `grace_s`."""
-        active = sum(len(p.router) for p in self.planes)
+        active = self.totals().router.bindings_active
         if self.draining:
             return active
         self.draining = True
         for plane in self.planes:
-            plane.router.draining = True
-        if self.on_drain is not None:
-            self.on_drain(grace_s)
+            plane.drain(grace_s)
+        if self.on_draining is not None:
+            self.on_draining()
         log_event(logger, "relay.draining", bindings=active, grace_s=grace_s)
         self._stop_task = asyncio.get_running_loop().create_task(self._stop_after(grace_s))
         return active
@@ -180,7 +185,7 @@ class RelayState:
         deadline = time.monotonic() + grace_s
         # Poll the table (bounded by the grace period): calls ending early end the drain. The
         # table has no event to await: bindings leave by idle expiry on the data plane tick.
-        while time.monotonic() < deadline and any(len(p.router) for p in self.planes):  # noqa: ASYNC110
+        while time.monotonic() < deadline and self.totals().router.bindings_active:  # noqa: ASYNC110
             await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         for plane in self.planes:
             await plane.close()
@@ -263,22 +268,25 @@ class RelayAdmin(relay_pb2_grpc.RelayAdminServiceServicer):
         return relay_pb2.DrainResponse(bindings_active=self._state.start_drain(grace_s))
 
 
+_DIRECTION_LABEL = {0: "client_to_transceiver", 1: "transceiver_to_client"}
+_Callback = Callable[[metrics.CallbackOptions], Iterable[metrics.Observation]]
+
+
 def register_metrics(meter: metrics.Meter, state: RelayState) -> None:
     """voiceedge_relay_{packets,bytes,drops}_total, voiceedge_relay_bindings,
-    voiceedge_relay_redis_ops_total, read from the plain counters at collection time."""
+    voiceedge_relay_binding_evictions_total, voiceedge_relay_redis_ops_total, read from the
+    workers' counters at collection time."""
 
-    def traffic(name: str) -> Callable[[metrics.CallbackOptions], Iterable[metrics.Observation]]:
+    def traffic(stages: Callable[[RouterCounters], tuple[Matrix, Matrix]]) -> _Callback:
         def callback(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+            received, forwarded = stages(state.totals().router)
             for direction in DIRECTIONS:
                 for kind in range(N_CLASSES):
-                    for stage, table in (("received", f"rx_{name}"), ("forwarded", f"fwd_{name}")):
-                        value = sum(getattr(p.router, table)[direction][kind] for p in state.planes)
+                    for stage, table in (("received", received), ("forwarded", forwarded)):
                         yield metrics.Observation(
-                            value,
+                            table[direction][kind],
                             {
-                                "direction": "client_to_transceiver"
-                                if direction == 0
-                                else "transceiver_to_client",
+                                "direction": _DIRECTION_LABEL[direction],
                                 "class": PacketClass(kind).name.lower(),
                                 "stage": stage,
                             },
@@ -287,16 +295,15 @@ def register_metrics(meter: metrics.Meter, state: RelayState) -> None:
         return callback
 
     def drops(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        table = state.totals().router.drop_packets
         for direction in DIRECTIONS:
             for reason in range(1, N_REASONS):
-                value = sum(p.router.drop_packets[direction][reason] for p in state.planes)
+                value = table[direction][reason]
                 if value:
                     yield metrics.Observation(
                         value,
                         {
-                            "direction": "client_to_transceiver"
-                            if direction == 0
-                            else "transceiver_to_client",
+                            "direction": _DIRECTION_LABEL[direction],
                             "reason": relay_pb2.DropReason.Name(reason)  # type: ignore[arg-type]
                             .removeprefix("DROP_REASON_")
                             .lower(),
@@ -304,26 +311,43 @@ def register_metrics(meter: metrics.Meter, state: RelayState) -> None:
                     )
 
     def bindings(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
-        yield metrics.Observation(sum(len(p.router) for p in state.planes))
+        yield metrics.Observation(state.totals().router.bindings_active)
+
+    def evictions(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        yield metrics.Observation(state.totals().router.bindings_evicted)
 
     def redis_ops(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
         if not state.store.enabled:
             return
-        counts = state.redis_counts()
-        for result, value in zip(("hit", "miss", "error", "write"), counts, strict=True):
+        counts = state.totals().redis
+        for result, value in (
+            ("hit", counts.hits),
+            ("miss", counts.misses),
+            ("error", counts.errors),
+            ("write", counts.writes),
+        ):
             yield metrics.Observation(value, {"result": result})
 
     meter.create_observable_counter(
-        "voiceedge_relay_packets", [traffic("packets")], description="UDP packets through the relay"
+        "voiceedge_relay_packets",
+        [traffic(lambda c: (c.rx_packets, c.fwd_packets))],
+        description="UDP packets through the relay",
     )
     meter.create_observable_counter(
-        "voiceedge_relay_bytes", [traffic("bytes")], description="UDP payload bytes (inner packet)"
+        "voiceedge_relay_bytes",
+        [traffic(lambda c: (c.rx_bytes, c.fwd_bytes))],
+        description="UDP payload bytes (inner packet)",
     )
     meter.create_observable_counter(
         "voiceedge_relay_drops", [drops], description="Packets dropped, by reason"
     )
     meter.create_observable_gauge(
         "voiceedge_relay_bindings", [bindings], description="Client bindings held in memory"
+    )
+    meter.create_observable_counter(
+        "voiceedge_relay_binding_evictions",
+        [evictions],
+        description="Bindings evicted because the table was full (max_bindings)",
     )
     meter.create_observable_counter(
         "voiceedge_relay_redis_ops", [redis_ops], description="Redis binding store operations"

@@ -14,13 +14,15 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from libs.config.settings import parse_host_port
 from libs.fastio import fastio
 from libs.observability.telemetry import log_event
-from services.relay.router import C2T, T2C, Binding, Forward, Router
-from services.relay.store import Address, BindingStore
+from services.relay.router import C2T, T2C, Binding, BindingInfo, Forward, Router, RouterCounters
+from services.relay.store import Address, BindingStore, RedisCounts, counts_of
 from voiceedge.relay.v1 import relay_pb2
 
 logger = logging.getLogger("voiceedge.relay")
@@ -56,6 +58,21 @@ def sockname(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerCounters:
+    """One worker's router and Redis counters, or the sum over workers (`+`, `total`)."""
+
+    router: RouterCounters = field(default_factory=RouterCounters)
+    redis: RedisCounts = field(default_factory=RedisCounts)
+
+    def __add__(self, other: WorkerCounters) -> WorkerCounters:
+        return WorkerCounters(self.router + other.router, self.redis + other.redis)
+
+    @classmethod
+    def total(cls, items: Iterable[WorkerCounters]) -> WorkerCounters:
+        return sum(items, cls())
+
+
 class _Public(asyncio.DatagramProtocol):
     def __init__(self, plane: DataPlane, via: int, ipv6: bool) -> None:
         self._plane = plane
@@ -68,7 +85,7 @@ class _Public(asyncio.DatagramProtocol):
             addr = (addr[0], addr[1])
         result = plane.router.route_client_packet(data, addr, plane.now, self._via)
         if type(result) is Forward:
-            plane.internal_sendto(result[1], result[0])
+            plane.internal_sendto(result.data, result.dest)
         elif result[0] == _NO_BINDING and plane.store.enabled:
             plane.lookup(addr, self._via)
 
@@ -87,12 +104,7 @@ class _Internal(asyncio.DatagramProtocol):
             addr = (addr[0], addr[1])
         result = plane.router.route_transceiver_packet(data, addr)
         if type(result) is Forward:
-            sendto = plane.public_sendto
-            if len(sendto) == 1:
-                sendto[0](result[1], result[0])
-            else:
-                binding = plane.router.get(result[0])
-                sendto[binding.via if binding is not None else 0](result[1], result[0])
+            plane.public_sendto[result.via](result.data, result.dest)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP unreachable from a transceiver that went away: counted, never fatal.
@@ -198,7 +210,7 @@ class DataPlane:
             if out:
                 sent = send_batch(internal_fd, out)
                 for forward in out[sent:]:
-                    self.router.count_send_failed(C2T, len(forward[1]))
+                    self.router.count_send_failed(C2T, len(forward.data))
             if len(items) < fastio.BATCH:
                 return
 
@@ -208,23 +220,19 @@ class DataPlane:
         router = self.router
         route = router.route_transceiver_packet
         public_fds = self._public_fds
-        single = len(public_fds) == 1
         for _ in range(MAX_ROUNDS):
             items = recv_batch(self._internal_fd, fastio.BATCH)
-            by_via: dict[int, list[Any]] = {}
+            by_via: list[list[Any]] = [[] for _ in public_fds]
             for data, addr in items:
                 result = route(data, addr)
                 if type(result) is Forward:
-                    if single:
-                        via = 0
-                    else:
-                        binding = router.get(result[0])
-                        via = binding.via if binding is not None else 0
-                    by_via.setdefault(via, []).append(result)
-            for via, out in by_via.items():
+                    by_via[result.via].append(result)
+            for via, out in enumerate(by_via):
+                if not out:
+                    continue
                 sent = send_batch(public_fds[via], out)
                 for forward in out[sent:]:
-                    router.count_send_failed(T2C, len(forward[1]))
+                    router.count_send_failed(T2C, len(forward.data))
             if len(items) < fastio.BATCH:
                 return
 
@@ -311,8 +319,15 @@ class DataPlane:
         finally:
             self._inflight.pop(client, None)
 
-    async def list_bindings(self) -> list[Binding]:
-        return list(self.router.bindings())
+    def counters(self) -> WorkerCounters:
+        return WorkerCounters(self.router.counters(), counts_of(self.store))
+
+    def drain(self, grace_s: float) -> None:
+        """New clients are refused from now on; the owner closes the plane after `grace_s`."""
+        self.router.draining = True
+
+    async def list_bindings(self) -> list[BindingInfo]:
+        return [binding.info() for binding in self.router.bindings()]
 
     async def flush_writes(self) -> None:
         """Waits for the Redis writes started so far (tests, shutdown)."""

@@ -103,6 +103,29 @@ async def test_ipv6_vip(batched_io: bool) -> None:
             assert data == SRTP
 
 
+@pytest.mark.parametrize("batched_io", [True, False])
+async def test_replies_leave_from_the_vip_each_client_talks_to(batched_io: bool) -> None:
+    with contextlib.ExitStack() as stack:
+        transceiver = stack.enter_context(udp_socket())
+        media = _name(transceiver)
+        first, second = (stack.enter_context(udp_socket()) for _ in range(2))
+        async with data_plane(
+            [f"1/1={media[0]}:{media[1]}"],
+            udp_listen=("127.0.0.1:0", "127.0.0.1:0"),
+            batched_io=batched_io,
+        ) as plane:
+            vips = [address_of(a) for a in plane.public_addresses]
+            assert vips[0] != vips[1]
+            internal = address_of(plane.internal_address)
+            for client, vip in ((first, vips[1]), (second, vips[0])):
+                client.sendto(binding_request_for(KEYS, 1, 1)[0], vip)
+                await recv(transceiver)
+            for client in (first, second):
+                transceiver.sendto(framing.encode(*_name(client), SRTP), internal)
+            assert await recv(first) == (SRTP, vips[1])
+            assert await recv(second) == (SRTP, vips[0])
+
+
 datagrams = st.lists(
     st.one_of(
         st.binary(max_size=300),

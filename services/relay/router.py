@@ -21,6 +21,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from libs.wire import framing, stun, ufrag
@@ -60,10 +61,14 @@ _IPV6_FLAG_BYTE = 3  # offset of the flags byte in a frame (relay-framing-v1)
 
 
 class Forward(NamedTuple):
-    """Send `data` to `dest`: a frame to a transceiver, or a payload to a client."""
+    """Send `data` to `dest`: a frame to a transceiver, or a payload to a client. `via` is
+    the public socket of the client's binding, the one a payload to the client leaves from,
+    so the I/O never looks the binding up again. The batched I/O sends Forwards as they are
+    (libs/fastio reads the first two items)."""
 
     dest: Address
     data: bytes
+    via: int = 0
 
 
 class Drop(NamedTuple):
@@ -73,6 +78,9 @@ class Drop(NamedTuple):
 
 
 _DROPS = {reason: Drop(reason) for reason in range(N_REASONS)}
+# Forward(...) runs NamedTuple's generated Python __new__, a frame per packet; the hot
+# paths build the tuple directly (same object, about half the cost).
+_new_tuple = tuple.__new__
 
 
 class Binding:
@@ -116,14 +124,86 @@ class Binding:
         self.stored_at = -1.0  # when the Redis copy was last written (monotonic), -1: never
         self.via = via  # index of the public socket the client talks to
 
+    def info(self) -> BindingInfo:
+        return BindingInfo(
+            self.client,
+            self.cluster_id,
+            self.transceiver_id,
+            self.media,
+            self.ufrag,
+            self.last_seen,
+            self.packets,
+            self.bytes,
+            self.created_at,
+        )
 
-class CounterTotals:
-    """Totals over the per-direction counter matrices a router (or a worker's snapshot of
-    one) keeps: rows are directions, columns packet classes or drop reasons."""
 
-    rx_packets: list[list[int]]
-    fwd_packets: list[list[int]]
-    drop_packets: list[list[int]]
+@dataclass(frozen=True, slots=True)
+class BindingInfo:
+    """A copy of one binding as ListBindings shows it (a child worker sends these over the
+    pipe; the parent lists its own the same way)."""
+
+    client: Address
+    cluster_id: int
+    transceiver_id: int
+    media: Address
+    ufrag: str
+    last_seen: float  # CLOCK_MONOTONIC, shared by all processes of the machine
+    packets: int
+    bytes: int
+    created_at: float  # wall clock
+
+
+Matrix = tuple[tuple[int, ...], ...]  # [direction][packet class or drop reason]
+
+
+def _zeros(columns: int) -> Matrix:
+    return tuple((0,) * columns for _ in DIRECTIONS)
+
+
+_NO_TRAFFIC = _zeros(N_CLASSES)
+_NO_DROPS = _zeros(N_REASONS)
+
+
+def _add(a: Matrix, b: Matrix) -> Matrix:
+    return tuple(
+        tuple(x + y for x, y in zip(ra, rb, strict=True)) for ra, rb in zip(a, b, strict=True)
+    )
+
+
+def _frozen(rows: list[list[int]]) -> Matrix:
+    return tuple(tuple(row) for row in rows)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterCounters:
+    """One router's counters at one moment, or the sum of several workers' (`+`).
+    Rows of the matrices are directions; columns packet classes (rx, fwd) or drop reasons."""
+
+    rx_packets: Matrix = _NO_TRAFFIC
+    rx_bytes: Matrix = _NO_TRAFFIC
+    fwd_packets: Matrix = _NO_TRAFFIC
+    fwd_bytes: Matrix = _NO_TRAFFIC
+    drop_packets: Matrix = _NO_DROPS
+    drop_bytes: Matrix = _NO_DROPS
+    bindings_active: int = 0
+    bindings_created: int = 0
+    bindings_expired: int = 0
+    bindings_evicted: int = 0
+
+    def __add__(self, other: RouterCounters) -> RouterCounters:
+        return RouterCounters(
+            _add(self.rx_packets, other.rx_packets),
+            _add(self.rx_bytes, other.rx_bytes),
+            _add(self.fwd_packets, other.fwd_packets),
+            _add(self.fwd_bytes, other.fwd_bytes),
+            _add(self.drop_packets, other.drop_packets),
+            _add(self.drop_bytes, other.drop_bytes),
+            self.bindings_active + other.bindings_active,
+            self.bindings_created + other.bindings_created,
+            self.bindings_expired + other.bindings_expired,
+            self.bindings_evicted + other.bindings_evicted,
+        )
 
     @property
     def packets_received(self) -> int:
@@ -138,7 +218,7 @@ class CounterTotals:
         return sum(sum(row) for row in self.drop_packets)
 
 
-class Router(CounterTotals):
+class Router:
     """Binding table and counters. All methods are synchronous and never raise on input."""
 
     def __init__(
@@ -172,6 +252,33 @@ class Router(CounterTotals):
         self.bindings_created = 0
         self.bindings_expired = 0
         self.bindings_evicted = 0
+
+    def counters(self) -> RouterCounters:
+        """A copy of the hot path's plain ints (for the admin API, metrics, the pipe)."""
+        return RouterCounters(
+            _frozen(self.rx_packets),
+            _frozen(self.rx_bytes),
+            _frozen(self.fwd_packets),
+            _frozen(self.fwd_bytes),
+            _frozen(self.drop_packets),
+            _frozen(self.drop_bytes),
+            len(self._bindings),
+            self.bindings_created,
+            self.bindings_expired,
+            self.bindings_evicted,
+        )
+
+    @property
+    def packets_received(self) -> int:
+        return self.counters().packets_received
+
+    @property
+    def packets_forwarded(self) -> int:
+        return self.counters().packets_forwarded
+
+    @property
+    def packets_dropped(self) -> int:
+        return self.counters().packets_dropped
 
     # ---- table ---------------------------------------------------------------------------
 
@@ -280,7 +387,7 @@ class Router(CounterTotals):
         binding.bytes += size
         self.fwd_packets[C2T][kind] += 1
         self.fwd_bytes[C2T][kind] += size
-        return Forward(binding.media, binding.header + data)
+        return _new_tuple(Forward, (binding.media, binding.header + data, binding.via))
 
     def _route_stun(
         self, data: bytes, client: Address, binding: Binding | None, now: float, via: int
@@ -363,13 +470,10 @@ class Router(CounterTotals):
         binding.bytes += size
         self.fwd_packets[T2C][kind] += 1
         self.fwd_bytes[T2C][kind] += size
-        return Forward(binding.client, payload)
+        return _new_tuple(Forward, (binding.client, payload, binding.via))
 
     def count_send_failed(self, direction: int, size: int) -> None:
         self._drop(direction, relay_pb2.DROP_REASON_SEND_FAILED, size)
-
-    def count_dropped(self, direction: int, reason: int, size: int) -> None:
-        self._drop(direction, reason, size)
 
 
 def binding_request_for(

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import signal
 import socket
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -232,6 +234,37 @@ def test_admin_api_stats_bindings_drain_and_metrics() -> None:
                 assert reasons[relay_pb2.DROP_REASON_DRAINING] == 1
 
 
+def test_a_full_table_evicts_the_oldest_and_says_so() -> None:
+    keys = ufrag.dev_keyring()
+    with _udp() as transceiver, contextlib.ExitStack() as stack:
+        media = _name(transceiver)
+        args = ["--workers", "1", "--udp-listen", "127.0.0.1:0", "--max-bindings", "2"]
+        args += ["--transceivers", f"1/1={media[0]}:{media[1]}", "--metrics-listen", "127.0.0.1:0"]
+        with running_service(COMMAND, args) as relay:
+            vip = _address(relay.ready["udp"][0])
+            clients = [stack.enter_context(_udp()) for _ in range(3)]
+            for client in clients:
+                client.sendto(binding_request_for(keys, 1, 1)[0], vip)
+                transceiver.recv(65535)
+            with grpc.insecure_channel(relay.grpc_address) as channel:
+                stub = relay_pb2_grpc.RelayAdminServiceStub(channel)
+                stats = stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+            assert (stats.bindings_active, stats.bindings_created) == (2, 3)
+            assert stats.bindings_evicted == 1
+            metrics = (
+                urllib.request.urlopen(f"http://{relay.ready['metrics']}/metrics", timeout=10)
+                .read()
+                .decode()
+            )
+            evictions = [
+                line
+                for line in metrics.splitlines()
+                if line.startswith("voiceedge_relay_binding_evictions_total")
+            ]
+            assert len(evictions) == 1
+            assert evictions[0].endswith(" 1.0")
+
+
 def _children(pid: int) -> set[int]:
     found = set()
     for entry in os.listdir("/proc"):
@@ -321,3 +354,71 @@ def test_routes_on_the_topology_watched_from_real_geosteer() -> None:
             request = binding_request_for(keys, 1, 7)[0]
             frame = _send_until_forwarded(client, vip, transceiver, request)
             assert frame == framing.encode(*_name(client), request)
+
+
+RelayState = tuple[geosteer_pb2.Node | None, list[tuple[str, int]]]
+
+
+def _relay_in(message: geosteer_pb2.WatchTopologyResponse, node_id: str) -> RelayState:
+    """The relay node `node_id` in cluster 1 (None if absent) and the VIPs geosteer
+    advertises for cluster 1."""
+    cluster = next(c for c in message.topology.clusters if c.cluster_id == 1)
+    node = next((n for n in cluster.nodes if n.node_id == node_id), None)
+    return node, [(e.ip, e.port) for e in cluster.relay_endpoints]
+
+
+def _first(
+    states: Iterator[RelayState], wanted: Callable[[geosteer_pb2.Node | None], bool]
+) -> RelayState:
+    """The first watched state whose relay node is `wanted`: at most 100 topology
+    revisions, within the watch call's deadline."""
+    for _, state in zip(range(100), states, strict=False):
+        if wanted(state[0]):
+            return state
+    raise AssertionError("the watched topology never got there")
+
+
+def test_registers_its_vip_with_geosteer_and_drains_out_of_the_answers(
+    tmp_path: pathlib.Path,
+) -> None:
+    topology = tmp_path / "topology.toml"
+    topology.write_text(
+        '[[clusters]]\nid = 1\nname = "test-1"\nregion = "test"\nlatitude = 1.0\nlongitude = 1.0\n'
+    )
+    with running_service(GEOSTEER, ["--topology-path", str(topology)]) as geosteer:
+        args = ["--workers", "1", "--udp-listen", "127.0.0.1:0", "--node-id", "relay-a"]
+        args += ["--geosteer-address", geosteer.grpc_address, "--cluster-id", "1"]
+        args += ["--public-advertise", "203.0.113.7:3478", "--drain-grace-s", "5"]
+        with (
+            running_service(COMMAND, args) as relay,
+            grpc.insecure_channel(geosteer.grpc_address) as channel,
+        ):
+            # Every change bumps the revision and reaches the watch.
+            watch = geosteer_pb2_grpc.GeosteerServiceStub(channel).WatchTopology(
+                geosteer_pb2.WatchTopologyRequest(), timeout=60
+            )
+            states = (_relay_in(message, "relay-a") for message in watch)
+            node, advertised = _first(states, lambda n: n is not None)
+            assert node is not None
+            assert (node.kind, node.cluster_id, node.draining) == (
+                common_pb2.NODE_KIND_RELAY,
+                1,
+                False,
+            )
+            assert node.grpc_address == relay.grpc_address
+            assert advertised == [("203.0.113.7", 3478)]
+
+            with grpc.insecure_channel(relay.grpc_address) as admin:
+                relay_pb2_grpc.RelayAdminServiceStub(admin).Drain(
+                    relay_pb2.DrainRequest(grace_period_ms=60_000), timeout=10
+                )
+            node, advertised = _first(states, lambda n: n is None or n.draining)
+            assert node is not None
+            assert node.draining
+            assert advertised == []
+
+            relay.process.send_signal(signal.SIGTERM)
+            assert relay.process.wait(timeout=30) == 0
+            # Deregistered on the way out (SIGTERM: drain, then close).
+            node, advertised = _first(states, lambda n: n is None)
+            assert advertised == []  # closing the channel ends the watch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 
 from libs.config.settings import ServiceSettings, SettingsError, parse_host_port
 from libs.wire import ufrag
@@ -40,7 +41,11 @@ class RelaySettings(ServiceSettings):
         metadata={"help": "ufrag keyring '<id>:<hex secret>,...' (default: the dev key)"},
     )
     cluster_id: int = dataclasses.field(
-        default=1, metadata={"help": "the cluster this relay belongs to"}
+        default=1,
+        metadata={
+            "help": "the cluster this relay belongs to: it registers there with geosteer "
+            "(see public_advertise)"
+        },
     )
     transceivers: tuple[str, ...] = dataclasses.field(
         default=(),
@@ -52,6 +57,18 @@ class RelaySettings(ServiceSettings):
     geosteer_address: str = dataclasses.field(
         default="",
         metadata={"help": "host:port of geosteer to watch the topology from; empty: static only"},
+    )
+    public_advertise: tuple[str, ...] = dataclasses.field(
+        default=(),
+        metadata={
+            "help": "public UDP host:port list clients are told to use (the VIPs); when set, "
+            "the relay registers them with geosteer in cluster_id and heartbeats, and stops "
+            "being advertised once it drains; empty: no registration"
+        },
+    )
+    node_id: str = dataclasses.field(
+        default="",
+        metadata={"help": "id of this relay in geosteer; empty: relay-<cluster_id>-<host>-<pid>"},
     )
     redis_url: str = dataclasses.field(
         default="",
@@ -101,6 +118,16 @@ class RelaySettings(ServiceSettings):
         parse_host_port(self.internal_listen, "internal_listen")
         if self.geosteer_address:
             parse_host_port(self.geosteer_address, "geosteer_address")
+        for address in self.public_advertise:
+            host, port = parse_host_port(address, "public_advertise")
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise SettingsError(f"public_advertise: not an IP literal: {address!r}") from None
+            if port == 0:
+                raise SettingsError(f"public_advertise: port 0 in {address!r}")
+        if self.public_advertise and not self.geosteer_address:
+            raise SettingsError("public_advertise: registering needs geosteer_address")
         if self.workers < 0:
             raise SettingsError("workers: must be >= 0")
         try:

@@ -56,6 +56,9 @@ def test_lists_from_flags_and_environment() -> None:
         ("--binding-ttl-s", "-1", "binding_ttl_s"),
         ("--max-bindings", "0", "max_bindings"),
         ("--redis-max-inflight", "0", "redis_max_inflight"),
+        ("--public-advertise", "vip.example:3478", "public_advertise"),
+        ("--public-advertise", "203.0.113.1:0", "public_advertise"),
+        ("--public-advertise", "203.0.113.1:3478", "public_advertise: registering needs"),
     ],
 )
 def test_bad_values_name_the_field(flag: str, value: str, field: str) -> None:

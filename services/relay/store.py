@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import redis.asyncio as aioredis
@@ -39,8 +40,30 @@ def parse_value(value: bytes | str) -> tuple[int, int] | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class RedisCounts:
+    """A store's operation counters at one moment, or the sum of several workers' (`+`)."""
+
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0
+    writes: int = 0
+
+    def __add__(self, other: RedisCounts) -> RedisCounts:
+        return RedisCounts(
+            self.hits + other.hits,
+            self.misses + other.misses,
+            self.errors + other.errors,
+            self.writes + other.writes,
+        )
+
+
+def counts_of(store: BindingStore) -> RedisCounts:
+    return RedisCounts(store.hits, store.misses, store.errors, store.writes)
+
+
 class BindingStore(Protocol):
-    """Counters are plain ints read by the admin API and metrics."""
+    """Counters are plain ints, bumped where they happen; `counts_of` copies them."""
 
     enabled: bool
     hits: int

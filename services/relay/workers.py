@@ -3,28 +3,29 @@
 Worker 0 runs in the main process next to the admin gRPC server. Workers 1..N-1 are
 spawned processes, each with its own router, internal socket, Redis connection and
 topology watch (the kernel spreads clients over the sockets by 4-tuple hash, and the Redis
-copy lets any worker pick up a client another one bound). Each child pushes a counter
-snapshot to the parent every SNAPSHOT_S over a pipe; the parent's admin API and metrics
-sum them. A child exits when the parent asks, or when the pipe closes because the parent
-died (even by SIGKILL), so no orphan keeps the port.
+copy lets any worker pick up a client another one bound). Each child pushes its counters
+to the parent every SNAPSHOT_S over a pipe (the frozen messages of `messages.py`); the
+parent's admin API and metrics add them up. A child exits when the parent asks, or when
+the pipe closes because the parent died (even by SIGKILL), so no orphan keeps the port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
 import uvloop
 
 from libs.observability.telemetry import configure_logging, log_event
 from libs.wire import ufrag
-from services.relay.dataplane import DataPlane
-from services.relay.router import CounterTotals, Router
+from services.relay import messages
+from services.relay.dataplane import DataPlane, WorkerCounters
+from services.relay.router import BindingInfo, Router
 from services.relay.settings import RelaySettings
 from services.relay.store import BindingStore, make_binding_store
 from services.relay.topology import make_topology_source
@@ -32,113 +33,114 @@ from services.relay.topology import make_topology_source
 logger = logging.getLogger("voiceedge.relay.workers")
 
 SNAPSHOT_S = 0.5
-_COUNTERS = ("rx_packets", "rx_bytes", "fwd_packets", "fwd_bytes", "drop_packets", "drop_bytes")
 
 
-class CounterSnapshot(CounterTotals):
-    """The last counters a child reported, shaped like the Router fields the admin reads."""
-
-    def __init__(self) -> None:
-        self.rx_packets: list[list[int]] = []
-        self.rx_bytes: list[list[int]] = []
-        self.fwd_packets: list[list[int]] = []
-        self.fwd_bytes: list[list[int]] = []
-        self.drop_packets: list[list[int]] = []
-        self.drop_bytes: list[list[int]] = []
-        self.bindings_active = 0
-        self.bindings_created = 0
-        self.bindings_expired = 0
-        self.draining = False
-
-    def update(self, message: dict[str, Any]) -> None:
-        for name in _COUNTERS:
-            setattr(self, name, message[name])
-        self.bindings_active = message["bindings_active"]
-        self.bindings_created = message["bindings_created"]
-        self.bindings_expired = message["bindings_expired"]
-
-    def __len__(self) -> int:
-        return self.bindings_active
-
-
-@dataclass(frozen=True, slots=True)
-class BindingInfo:
-    """A child's binding as ListBindings needs it (same attribute names as Binding)."""
-
-    client: tuple[str, int]
-    cluster_id: int
-    transceiver_id: int
-    media: tuple[str, int]
-    ufrag: str
-    last_seen: float  # CLOCK_MONOTONIC, shared by all processes of the machine
-    packets: int
-    bytes: int
-    created_at: float
+def _bad_message(worker_id: int, count: int, error: Exception) -> None:
+    # A peer sending garbage would otherwise log once per message.
+    if count == 1 or count % 1000 == 0:
+        log_event(
+            logger,
+            "relay.bad_worker_message",
+            level=logging.WARNING,
+            worker=worker_id,
+            bad_messages=count,
+            error=str(error),
+        )
 
 
 class RemoteWorker:
-    """The parent's handle on one child worker."""
+    """The main process's handle on one child worker: its last counters, and the commands
+    it can send. `spawn` starts the child; the constructor takes any connection speaking
+    `messages` (a test can play the child on a plain Pipe)."""
 
-    def __init__(self, settings: RelaySettings, worker_id: int) -> None:
+    def __init__(
+        self,
+        worker_id: int,
+        conn: multiprocessing.connection.Connection,
+        process: multiprocessing.process.BaseProcess | None = None,
+    ) -> None:
         self.worker_id = worker_id
-        self.router = CounterSnapshot()
-        self.redis: tuple[int, ...] = (0, 0, 0, 0)  # hits, misses, errors, writes
+        self.bad_messages = 0  # undecodable or unexpected messages from the child, dropped
+        self._counters = WorkerCounters()
+        self._conn = conn
+        self._process = process
+        loop = asyncio.get_running_loop()
+        self._ready: asyncio.Future[messages.Ready] = loop.create_future()
+        self._listings: dict[int, asyncio.Future[tuple[BindingInfo, ...]]] = {}
+        self._request_ids = itertools.count(1)
+        loop.add_reader(self._conn.fileno(), self._on_message)
+        self._closed = False
+
+    @classmethod
+    def spawn(cls, settings: RelaySettings, worker_id: int) -> RemoteWorker:
         context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(
+        conn, child_conn = context.Pipe()
+        process = context.Process(
             target=worker_main,
             args=(settings, worker_id, child_conn),
             name=f"relay-worker-{worker_id}",
             daemon=True,
         )
-        self._process.start()
+        process.start()
         child_conn.close()
-        self._ready = asyncio.get_running_loop().create_future()
-        self._listings: list[asyncio.Future[list[BindingInfo]]] = []
-        asyncio.get_running_loop().add_reader(self._conn.fileno(), self._on_message)
-        self._closed = False
+        return cls(worker_id, conn, process)
+
+    def counters(self) -> WorkerCounters:
+        """What the child last reported (at most SNAPSHOT_S old)."""
+        return self._counters
 
     def _on_message(self) -> None:
         try:
-            message: dict[str, Any] = self._conn.recv()
+            data = self._conn.recv_bytes()
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(self._conn.fileno())
             if not self._ready.done():
                 self._ready.set_exception(RuntimeError(f"worker {self.worker_id} died"))
             return
-        if message.get("event") == "ready":
-            if not self._ready.done():
-                self._ready.set_result(message)
-            return
-        if message.get("event") == "bindings":
-            if self._listings:
-                waiter = self._listings.pop(0)
-                if not waiter.done():
-                    waiter.set_result([BindingInfo(*item) for item in message["items"]])
-            return
-        self.router.update(message)
-        self.redis = tuple(message["redis"])
-
-    async def wait_ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        result: dict[str, Any] = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
-        return result
-
-    async def list_bindings(self, timeout_s: float = 10.0) -> list[BindingInfo]:
-        """The child's whole table (one pipe round trip); empty if it does not answer."""
-        waiter: asyncio.Future[list[BindingInfo]] = asyncio.get_running_loop().create_future()
-        self._listings.append(waiter)
         try:
-            self._conn.send(("bindings", 0.0))
+            message = messages.decode(data)
+        except messages.MessageError as exc:
+            self._dropped(exc)
+            return
+        match message:
+            case messages.CountersReport(counters):
+                self._counters = counters
+            case messages.BindingsReply(request_id, bindings):
+                waiter = self._listings.pop(request_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(bindings)
+            case messages.Ready():
+                if not self._ready.done():
+                    self._ready.set_result(message)
+            case _:
+                self._dropped(messages.MessageError(f"unexpected {type(message).__name__}"))
+
+    def _dropped(self, error: Exception) -> None:
+        self.bad_messages += 1
+        _bad_message(self.worker_id, self.bad_messages, error)
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> messages.Ready:
+        return await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
+
+    def _send(self, message: messages.Message) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._conn.send_bytes(messages.encode(message))
+
+    async def list_bindings(self, timeout_s: float = 10.0) -> Sequence[BindingInfo]:
+        """The child's whole table (one pipe round trip); empty if it does not answer."""
+        request_id = next(self._request_ids)
+        waiter: asyncio.Future[tuple[BindingInfo, ...]] = asyncio.get_running_loop().create_future()
+        self._listings[request_id] = waiter
+        try:
+            self._send(messages.ListBindings(request_id))
             return await asyncio.wait_for(waiter, timeout_s)
-        except (OSError, ValueError, TimeoutError):
-            return []
+        except TimeoutError:
+            return ()
         finally:
-            if waiter in self._listings:
-                self._listings.remove(waiter)
+            self._listings.pop(request_id, None)
 
     def drain(self, grace_s: float) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._conn.send(("drain", grace_s))
+        self._send(messages.Drain(grace_s))
 
     async def close(self) -> None:
         if self._closed:
@@ -146,11 +148,13 @@ class RemoteWorker:
         self._closed = True
         with contextlib.suppress(OSError, ValueError):
             asyncio.get_running_loop().remove_reader(self._conn.fileno())
-            self._conn.send(("stop", 0.0))
-        await asyncio.to_thread(self._process.join, 10)
-        if self._process.is_alive():
-            self._process.kill()
-            await asyncio.to_thread(self._process.join, 10)
+        self._send(messages.Stop())
+        process = self._process
+        if process is not None:
+            await asyncio.to_thread(process.join, 10)
+            if process.is_alive():
+                process.kill()
+                await asyncio.to_thread(process.join, 10)
         self._conn.close()
 
 
@@ -209,53 +213,48 @@ async def _serve_worker(
         await asyncio.sleep(grace_s)
         stop.set()
 
+    bad_messages = 0
+
     def on_command() -> None:
-        nonlocal drain_task
+        nonlocal drain_task, bad_messages
         try:
-            command, value = conn.recv()
+            data = conn.recv_bytes()
         except (EOFError, OSError):
             stop.set()  # the parent is gone
             return
-        if command == "drain" and drain_task is None:
-            plane.router.draining = True
-            drain_task = loop.create_task(drain_then_stop(float(value)))
-        elif command == "stop":
-            stop.set()
-        elif command == "bindings":
-            items = [
-                (
-                    b.client,
-                    b.cluster_id,
-                    b.transceiver_id,
-                    b.media,
-                    b.ufrag,
-                    b.last_seen,
-                    b.packets,
-                    b.bytes,
-                    b.created_at,
-                )
-                for b in plane.router.bindings()
-            ]
-            with contextlib.suppress(OSError, ValueError):
-                conn.send({"event": "bindings", "items": items})
+        try:
+            message = messages.decode(data)
+        except messages.MessageError as exc:
+            bad_messages += 1
+            _bad_message(worker_id, bad_messages, exc)
+            return
+        match message:
+            case messages.Drain(grace_s):
+                if drain_task is None:
+                    plane.drain(grace_s)
+                    drain_task = loop.create_task(drain_then_stop(grace_s))
+            case messages.Stop():
+                stop.set()
+            case messages.ListBindings(request_id):
+                infos = tuple(b.info() for b in plane.router.bindings())
+                send(messages.BindingsReply(request_id, infos))
+            case _:
+                bad_messages += 1
+                _bad_message(worker_id, bad_messages, ValueError(type(message).__name__))
+
+    def send(message: messages.Message) -> bool:
+        try:
+            conn.send_bytes(messages.encode(message))
+        except (OSError, ValueError):
+            return False
+        return True
 
     loop.add_reader(conn.fileno(), on_command)
-    conn.send({"event": "ready", "udp": plane.public_addresses, "internal": plane.internal_address})
+    send(messages.Ready(tuple(plane.public_addresses), plane.internal_address))
     log_event(logger, "relay.worker_started", worker=worker_id)
     try:
         while not stop.is_set():  # one snapshot per SNAPSHOT_S until stopped
-            router = plane.router
-            try:
-                conn.send(
-                    {
-                        **{name: getattr(router, name) for name in _COUNTERS},
-                        "bindings_active": len(router),
-                        "bindings_created": router.bindings_created,
-                        "bindings_expired": router.bindings_expired,
-                        "redis": (store.hits, store.misses, store.errors, store.writes),
-                    }
-                )
-            except (OSError, ValueError):
+            if not send(messages.CountersReport(plane.counters())):
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), SNAPSHOT_S)

@@ -4,7 +4,8 @@
  *   recv_batch(fd, max) -> list[tuple[bytes, tuple[str, int]]]   (IPv4 and IPv6)
  *   send_batch(fd, items: list[tuple[tuple[str, int], bytes]]) -> int  (datagrams sent)
  *
- * send_batch takes (destination, data) pairs, so the router's Forward tuples go as they are.
+ * send_batch takes (destination, data, ...) tuples and ignores items after the first two, so
+ * the relay router's Forward tuples (dest, data, via) go as they are.
  *
  * Non-blocking: recv_batch returns [] when nothing is queued; send_batch stops at the first
  * error (EAGAIN: socket buffer full) and returns how many went, the caller counts the rest
@@ -123,8 +124,8 @@ static PyObject *send_batch(PyObject *self, PyObject *args) {
     for (int i = 0; i < n; i++) {
       PyObject *item = PyList_GET_ITEM(items, done + i);
       PyObject *data, *addr;
-      if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
-        PyErr_SetString(PyExc_TypeError, "items must be ((host, port), bytes) tuples");
+      if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 2) {
+        PyErr_SetString(PyExc_TypeError, "items must be ((host, port), bytes, ...) tuples");
         return NULL;
       }
       addr = PyTuple_GET_ITEM(item, 0);
