@@ -90,6 +90,8 @@ class Rule:
         if self.parse is not None:
             try:
                 self.parse(value)
+            except SettingsError:
+                raise  # the parser named the setting itself
             except ValueError as exc:
                 raise SettingsError(f"{name}: {exc}") from None
 

@@ -95,9 +95,9 @@ RELAY_DROPS = MetricSpec(
 RELAY_BINDINGS = MetricSpec(
     "relay", "bindings", Kind.OBSERVABLE_GAUGE, "client bindings held in memory"
 )
-RELAY_BINDINGS_EVICTED = MetricSpec(
+RELAY_BINDING_EVICTIONS = MetricSpec(
     "relay",
-    "bindings_evicted",
+    "binding_evictions",
     Kind.OBSERVABLE_COUNTER,
     "oldest bindings evicted because max_bindings was reached",
 )

@@ -17,13 +17,13 @@ import uvloop
 
 from libs.config.settings import parse_host_port
 from libs.observability.telemetry import Telemetry, log_event
+from libs.service.aio import cancel_and_wait
 from libs.service.cpus import usable_cpus
 from libs.service.runtime import ServiceParts, Servicer, service_main
 from libs.wire import ufrag
 from services.geosteer.client import HeartbeatLoop, NodeReport, ProcessCpuMeter
-from services.relay.admin import RelayAdmin, RelayState, register_metrics
+from services.relay.servicer import RelayAdmin, RelayState, register_metrics
 from services.relay.settings import RelaySettings
-from services.relay.topology import cancel_and_wait
 from services.relay.workers import RemoteWorker, make_worker
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2

@@ -17,10 +17,10 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from libs.observability.telemetry import log_event
+from libs.wire.framing import Address
 
 logger = logging.getLogger("voiceedge.relay.store")
 
-Address = tuple[str, int]
 KEY_PREFIX = "voiceedge:relay:binding:"
 
 

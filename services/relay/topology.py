@@ -8,7 +8,6 @@ settings and geosteer's WatchTopology stream, merged (static entries win on conf
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -20,13 +19,12 @@ import grpc.aio
 
 from libs.observability.telemetry import log_event
 from libs.service.auth import internal_channel
+from libs.wire.framing import Address
 from services.relay.settings import parse_transceiver_entry
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
 logger = logging.getLogger("voiceedge.relay.topology")
-
-Address = tuple[str, int]
 
 
 def normalize_ip(ip: str) -> str:
@@ -159,11 +157,3 @@ def make_topology_source(
     if geosteer_address:
         return GeosteerTopology(geosteer_address, static)
     return StaticTopology(static)
-
-
-async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -10,10 +10,10 @@ import grpc.aio
 import pytest
 
 from libs.config.settings import SettingsError
+from libs.service.aio import cancel_and_wait
 from services.relay.topology import (
     GeosteerTopology,
     TopologyView,
-    cancel_and_wait,
     static_view,
     view_from_proto,
 )

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import uvloop
 
 from libs.observability.telemetry import configure_logging, log_event
+from libs.service.aio import cancel_and_wait
 from libs.wire import ufrag
 from services.relay import messages
 from services.relay.dataplane import DataPlane, WorkerCounters
@@ -260,12 +261,6 @@ async def _serve_worker(
                 await asyncio.wait_for(stop.wait(), SNAPSHOT_S)
     finally:
         loop.remove_reader(conn.fileno())
-        if drain_task is not None:
-            drain_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await drain_task
-        watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watch
+        await cancel_and_wait(drain_task, watch)
         await plane.close()
         await store.close()

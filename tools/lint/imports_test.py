@@ -85,7 +85,7 @@ def test_services_keep_to_their_folder() -> None:
 def test_instruments_outside_the_catalogue_are_found() -> None:
     sources = {
         "libs.observability.metrics": "meter.create_counter('x')\n",
-        "services.relay.admin": "import m\nm.SPEC.create(meter)\nmeter.create_histogram('y')\n",
-        "services.relay.admin_test": "meter.create_counter('z')\n",
+        "services.relay.servicer": "import m\nm.SPEC.create(meter)\nmeter.create_histogram('y')\n",
+        "services.relay.servicer_test": "meter.create_counter('z')\n",
     }
-    assert stray_instruments(sources) == ["services.relay.admin:3 create_histogram"]
+    assert stray_instruments(sources) == ["services.relay.servicer:3 create_histogram"]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.lint import imports
+from tools.lint import imports, instruments
 
 ROOT = Path.cwd()  # Bazel runs tests in the runfiles copy of the workspace.
 BIN = Path(sys.executable).parent
@@ -77,3 +77,8 @@ def test_no_import_cycles() -> None:
 def test_services_import_only_libs_and_their_own_folder() -> None:
     graph = imports.import_graph(imports.read_tree(ROOT, _files(".py")))
     assert imports.layering_violations(graph) == []
+
+
+def test_metric_instruments_come_from_the_catalogue() -> None:
+    sources = imports.read_tree(ROOT, _files(".py"))
+    assert instruments.stray_instruments(sources) == []

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import ipaddress
 import logging
 import time
@@ -19,10 +18,18 @@ from typing import Protocol
 
 import grpc
 import grpc.aio
-from google.protobuf import timestamp_pb2
 from opentelemetry import metrics
 
+from libs.observability.metrics import (
+    RELAY_BINDING_EVICTIONS,
+    RELAY_BINDINGS,
+    RELAY_BYTES,
+    RELAY_DROPS,
+    RELAY_PACKETS,
+    RELAY_REDIS_OPS,
+)
 from libs.observability.telemetry import log_event
+from libs.service.aio import cancel_and_wait, timestamp
 from libs.wire.classify import PacketClass
 from services.relay.dataplane import WorkerCounters
 from services.relay.router import (
@@ -45,12 +52,6 @@ Ctx = grpc.aio.ServicerContext
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-
-
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def _sort_key(client: tuple[str, int]) -> tuple[int, bytes, int]:
@@ -107,7 +108,7 @@ class RelayState:
         total = WorkerCounters.total(c for _, c in per_worker)
         router, redis = total.router, total.redis
         out = relay_pb2.RelayStats(
-            started_at=_timestamp(self.started_at),
+            started_at=timestamp(self.started_at),
             draining=self.draining,
             bindings_active=router.bindings_active,
             bindings_created=router.bindings_created,
@@ -195,11 +196,8 @@ class RelayState:
             await asyncio.shield(self._stop_task)
 
     async def close(self) -> None:
-        if self._stop_task is not None:
-            self._stop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stop_task
-            self._stop_task = None
+        await cancel_and_wait(self._stop_task)
+        self._stop_task = None
 
 
 def _address(address: tuple[str, int]) -> common_pb2.SocketAddress:
@@ -246,10 +244,10 @@ class RelayAdmin(relay_pb2_grpc.RelayAdminServiceServicer):
                     transceiver_id=b.transceiver_id,
                     transceiver_media_address=_address(b.media),
                     ufrag=b.ufrag,
-                    last_seen=_timestamp(now_wall - (now_mono - b.last_seen)),
+                    last_seen=timestamp(now_wall - (now_mono - b.last_seen)),
                     packets=b.packets,
                     bytes=b.bytes,
-                    created_at=_timestamp(b.created_at),
+                    created_at=timestamp(b.created_at),
                     worker_id=plane.worker_id,
                 )
             )
@@ -328,27 +326,9 @@ def register_metrics(meter: metrics.Meter, state: RelayState) -> None:
         ):
             yield metrics.Observation(value, {"result": result})
 
-    meter.create_observable_counter(
-        "voiceedge_relay_packets",
-        [traffic(lambda c: (c.rx_packets, c.fwd_packets))],
-        description="UDP packets through the relay",
-    )
-    meter.create_observable_counter(
-        "voiceedge_relay_bytes",
-        [traffic(lambda c: (c.rx_bytes, c.fwd_bytes))],
-        description="UDP payload bytes (inner packet)",
-    )
-    meter.create_observable_counter(
-        "voiceedge_relay_drops", [drops], description="Packets dropped, by reason"
-    )
-    meter.create_observable_gauge(
-        "voiceedge_relay_bindings", [bindings], description="Client bindings held in memory"
-    )
-    meter.create_observable_counter(
-        "voiceedge_relay_binding_evictions",
-        [evictions],
-        description="Bindings evicted because the table was full (max_bindings)",
-    )
-    meter.create_observable_counter(
-        "voiceedge_relay_redis_ops", [redis_ops], description="Redis binding store operations"
-    )
+    RELAY_PACKETS.create(meter, [traffic(lambda c: (c.rx_packets, c.fwd_packets))])
+    RELAY_BYTES.create(meter, [traffic(lambda c: (c.rx_bytes, c.fwd_bytes))])
+    RELAY_DROPS.create(meter, [drops])
+    RELAY_BINDINGS.create(meter, [bindings])
+    RELAY_BINDING_EVICTIONS.create(meter, [evictions])
+    RELAY_REDIS_OPS.create(meter, [redis_ops])
