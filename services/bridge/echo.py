@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 from collections.abc import Mapping
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from libs.observability.telemetry import log_event
+from libs.service.aio import cancel_and_wait
 from libs.wire.realtime_session import MISSING, merge_session, turn_detection
 from services.bridge.audio import (
     Samples,
@@ -150,12 +150,12 @@ class EchoAgent:
         self._playout_task = asyncio.create_task(self._playout.run(), name="echo-playout")
 
     async def close(self) -> None:
-        for task in (self._response_task, self._playout_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._response_task = self._playout_task = None
+        tasks, self._response_task, self._playout_task = (
+            (self._response_task, self._playout_task),
+            None,
+            None,
+        )
+        await cancel_and_wait(*tasks)
 
     async def on_audio(self, frame: inference_pb2.AudioFrame) -> None:
         samples = pcm_to_mono(frame.data, self._channels)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import dataclasses
 import json
 import logging
@@ -48,6 +47,7 @@ from typing import Any
 import aiohttp
 
 from libs.observability.telemetry import log_event
+from libs.service.aio import cancel_and_wait
 from services.bridge.audio import FRAME_MS, frame_bytes, pcm_to_mono, resample_linear, split_frames
 from services.bridge.backend import BackendError, SessionContext
 from services.bridge.session import Playout, Response
@@ -297,11 +297,8 @@ class RealtimeAdapter:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        tasks, self._tasks = self._tasks, []
+        await cancel_and_wait(*tasks)
         if self._ws is not None:
             await self._ws.close()
             self._ws = None

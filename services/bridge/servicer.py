@@ -25,6 +25,7 @@ from google.protobuf import json_format
 
 from libs.observability.metrics import BRIDGE_SESSIONS_ACTIVE, BRIDGE_SESSIONS_OPENED
 from libs.observability.telemetry import Telemetry, log_event
+from libs.service.aio import cancel_and_wait
 from libs.service.errors import StatusError, invalid_argument, resource_exhausted
 from libs.wire.batches import ResponseBatches, refusal, session_requests
 from services.bridge.audio import FRAME_MS
@@ -294,15 +295,18 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
             while (message := await ctx.outbox.get()) is not None:
                 yield message
         finally:
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
-            if backend is not None:
-                await backend.close()
-            del self._sessions[session_id]
-            if not self._sessions:
-                self._empty.set()
+            # Each step runs even when the one before raises (a cancellation of this
+            # stream included, which then goes on up): the session always unregisters.
+            try:
+                await cancel_and_wait(reader)
+            finally:
+                try:
+                    if backend is not None:
+                        await backend.close()
+                finally:
+                    del self._sessions[session_id]
+                    if not self._sessions:
+                        self._empty.set()
             if self._active is not None:
                 self._active.add(-1)
             log_event(logger, "bridge.session_closed", session__id=session_id)

@@ -7,19 +7,13 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-from google.protobuf import timestamp_pb2
 
+from libs.service.aio import timestamp
 from services.signaling.calls import CallService, Principal, struct_to_dict
 from services.signaling.store import CALL_CONNECTED, CALL_CONNECTING, CALL_ENDED, CallRecord
 from voiceedge.signaling.v1 import signaling_pb2, signaling_pb2_grpc
 
 T = TypeVar("T")
-
-
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 _CALL_STATES = {
@@ -35,12 +29,12 @@ def call_message(call: CallRecord) -> signaling_pb2.Call:
         cluster_id=call.cluster_id,
         transceiver_node_id=call.transceiver_node_id,
         session_id=call.session_id,
-        created_at=_timestamp(call.created_at),
+        created_at=timestamp(call.created_at),
         state=_CALL_STATES.get(call.state, signaling_pb2.CALL_STATE_CONNECTING),
         close_reason=call.close_reason,  # type: ignore[arg-type,unused-ignore]
     )
     if call.ended_at:
-        message.ended_at.CopyFrom(_timestamp(call.ended_at))
+        message.ended_at.CopyFrom(timestamp(call.ended_at))
     return message
 
 
@@ -116,7 +110,7 @@ class SignalingServicer(signaling_pb2_grpc.SignalingServiceServicer):
             ),
         )
         response = signaling_pb2.CreateClientSecretResponse(
-            value=secret.value, expires_at=_timestamp(secret.expires_at)
+            value=secret.value, expires_at=timestamp(secret.expires_at)
         )
         response.session.update(secret.session)
         return response
