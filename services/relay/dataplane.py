@@ -21,8 +21,9 @@ from typing import Any
 from libs.config.settings import parse_host_port
 from libs.fastio import fastio
 from libs.observability.telemetry import log_event
+from libs.wire.framing import Address
 from services.relay.router import C2T, T2C, Binding, BindingInfo, Forward, Router, RouterCounters
-from services.relay.store import Address, BindingStore, RedisCounts, counts_of
+from services.relay.store import BindingStore, RedisCounts, counts_of
 from voiceedge.relay.v1 import relay_pb2
 
 logger = logging.getLogger("voiceedge.relay")

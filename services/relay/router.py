@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 from libs.wire import framing, stun, ufrag
 from libs.wire.classify import PacketClass, classify
-from services.relay.topology import Address, TopologyView
+from libs.wire.framing import Address
+from services.relay.topology import TopologyView
 from voiceedge.relay.v1 import relay_pb2
 
 C2T = 0  # client -> transceiver

@@ -57,7 +57,8 @@ def test_every_event_validates_against_the_openai_sdk_models(event: dict[str, An
     adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(RealtimeServerEvent)
     parsed = adapter.validate_python(event, strict=False)
     assert parsed.type == event["type"]
-    assert isinstance(event["event_id"], str) and event["event_id"].startswith("event_")
+    assert isinstance(event["event_id"], str)
+    assert event["event_id"].startswith("event_")
 
 
 def test_event_ids_are_unique() -> None:

@@ -36,7 +36,12 @@ from libs.service.testing import binary, read_ready_line
 from services.transceiver import aiortc_compat
 from services.transceiver.bridge import BatchedBridge, BatchedLink
 from services.transceiver.media import OpusPacketizer, OpusToPcm
-from services.transceiver.transceiver_testing import Client, EchoBridge, FramingRelay, create_request
+from services.transceiver.transceiver_testing import (
+    Client,
+    EchoBridge,
+    FramingRelay,
+    create_request,
+)
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 from voiceedge.transceiver.v1 import transceiver_pb2_grpc
 
