@@ -385,7 +385,17 @@ def test_runtime_locks_match_the_base_interpreter(service: str) -> None:
 def _third_party_imports(service: str) -> set[str]:
     """Top-level modules outside the repository that the service's entry point reaches,
     following its imports through services/ and libs/ (tests and test kits excluded)."""
+    return _imports(service)[1]
+
+
+def _first_party_files(service: str) -> set[str]:
+    """Repository files (relative paths) the service's entry point reaches."""
+    return _imports(service)[0]
+
+
+def _imports(service: str) -> tuple[set[str], set[str]]:
     root = HERE.parent
+    files: set[str] = set()
     seen: set[str] = set()
     todo = [f"services.{service}.__main__"]
     found: set[str] = set()
@@ -395,6 +405,7 @@ def _third_party_imports(service: str) -> set[str]:
         if module in seen or not path.exists():
             continue
         seen.add(module)
+        files.add(str(path.relative_to(root)))
         for node in ast.walk(ast.parse(path.read_text())):
             names: list[str] = []
             if isinstance(node, ast.Import):
@@ -407,7 +418,29 @@ def _third_party_imports(service: str) -> set[str]:
                     todo.append(name)
                 elif top not in sys.stdlib_module_names and top not in ("__future__", "voiceedge"):
                     found.add(top)
-    return found
+    return files, found
+
+
+def _copied_paths(service: str) -> list[str]:
+    """Repository paths the Dockerfile copies into /app for the runtime and `service` stages."""
+    text = (HERE / "docker" / "Dockerfile").read_text()
+    stages = re.split(r"^FROM ", text, flags=re.MULTILINE)
+    copied = []
+    for stage in stages:
+        name = stage.split("\n", 1)[0]
+        if name.endswith((" AS runtime", f" AS {service}")):
+            copied += re.findall(r"^COPY (?!--from)(\S+) /app/", stage, flags=re.MULTILINE)
+    return copied
+
+
+@pytest.mark.parametrize("service", sorted(SETTINGS))
+def test_each_image_copies_every_module_its_service_imports(service: str) -> None:
+    copied = _copied_paths(service)
+    assert copied, f"no COPY into /app for {service}"
+    for path in sorted(_first_party_files(service)):
+        assert any(path == c or path.startswith(c.rstrip("/") + "/") for c in copied), (
+            f"{service}'s image lacks {path} (Dockerfile COPY lines: {copied})"
+        )
 
 
 @pytest.mark.parametrize("service", sorted(SETTINGS))
