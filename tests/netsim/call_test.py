@@ -186,6 +186,7 @@ async def test_forged_and_replayed_packets_from_a_third_host_never_move_the_call
 
 # Issue 12's lossy access link: 50 ms RTT, 20 ms jitter, 3 % loss in bursts of 3 (each way).
 LOSSY = {"delay_ms": 25.0, "jitter_ms": 20.0, "loss": 0.03, "burst": 3.0}
+LOSSY_SEED = 5
 PLAIN = {"delay_ms": 0.0, "jitter_ms": 0.0, "loss": 0.0, "burst": 1.0}
 
 
@@ -202,7 +203,9 @@ async def test_call_over_a_lossy_jittery_link_connects_and_audio_flows(edge: Net
         frames["down"] = len(result.received) - start
         frames["up"] = calls.live_session(edge).stats.packets_received
 
-    edge.link.set("both", **LOSSY)  # changed while the edge runs
+    # Changed while the edge runs. Seeded: 3 % loss in bursts drops nothing in some ~5 % of
+    # short calls; with this seed each direction loses a packet within its first 15.
+    edge.link.set("both", seed=LOSSY_SEED, **LOSSY)
     try:
         result = await calls.call_from_client(edge, speak_then_listen, track=track)
         stats = edge.link.stats()

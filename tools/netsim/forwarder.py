@@ -7,8 +7,8 @@ It reads every Ethernet frame arriving on one side (AF_PACKET), asks that direct
 Schedule when to release it, and writes it out of the other side at that time. ARP goes the
 same way, so the two ends see one transparent wire. Settings change while it runs through a
 Unix datagram socket (`--control`): `{"op": "set", "direction": "up"|"down"|"both",
-"profile": {...}}` and `{"op": "stats"}`, each answered with one JSON object. The first line
-on stdout is `{"ready": true}` once both sides are open.
+"profile": {...}, "seed": N (optional)}` and `{"op": "stats"}`, each answered with one JSON
+object. The first line on stdout is `{"ready": true}` once both sides are open.
 """
 
 from __future__ import annotations
@@ -103,9 +103,11 @@ class Forwarder:
             if request.get("op") == "set":
                 direction = request.get("direction", "both")
                 names = ["up", "down"] if direction == "both" else [direction]
-                for name in names:
+                for offset, name in enumerate(names):
                     schedule = self.schedules[name]
                     schedule.set_profile(schedule.profile.with_changes(request["profile"]))
+                    if isinstance(request.get("seed"), int):
+                        schedule.reseed(request["seed"] + offset)
                 reply: dict[str, Any] = {"ok": True}
             elif request.get("op") == "stats":
                 reply = {
@@ -201,9 +203,13 @@ class ImpairedLink:
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         return ask(self._control_path, request)
 
-    def set(self, direction: str = "both", **profile: float) -> None:
-        """Changes `direction` ("up": a->b, "down": b->a, "both") while running."""
-        self._ask({"op": "set", "direction": direction, "profile": profile})
+    def set(self, direction: str = "both", *, seed: int | None = None, **profile: float) -> None:
+        """Changes `direction` ("up": a->b, "down": b->a, "both") while running; with a
+        `seed`, its random draws restart from it (up: seed, down: seed + 1)."""
+        request: dict[str, Any] = {"op": "set", "direction": direction, "profile": profile}
+        if seed is not None:
+            request["seed"] = seed
+        self._ask(request)
 
     def stats(self) -> dict[str, Any]:
         return self._ask({"op": "stats"})

@@ -75,6 +75,12 @@ class Schedule:
         self.dropped_queue = 0
         self.passed = 0
 
+    def reseed(self, seed: int) -> None:
+        """Restarts the loss, jitter and reordering draws from `seed`: the same packets
+        are then treated the same way on every run (tests that must see loss)."""
+        self._rng = random.Random(seed)
+        self._bad = False
+
     def set_profile(self, profile: Profile) -> None:
         """Takes effect for the next packet; what is already queued keeps its time."""
         profile.validate()

@@ -125,3 +125,13 @@ def test_profile_changes_are_validated() -> None:
         Profile().with_changes({"latency": 1})
     with pytest.raises(ValueError, match="loss"):
         Profile().with_changes({"loss": 1.5})
+
+
+def test_a_reseeded_schedule_repeats_its_draws() -> None:
+    profile = Profile(loss=0.03, burst=3, jitter_ms=20.0)
+    first, second = Schedule(profile), Schedule(profile)
+    first.reseed(5)
+    second.reseed(5)
+    times = [i * 0.02 for i in range(500)]
+    assert [first.decide(t, 200) for t in times] == [second.decide(t, 200) for t in times]
+    assert first.dropped_loss == second.dropped_loss > 0
