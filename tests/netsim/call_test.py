@@ -205,7 +205,8 @@ async def test_call_over_a_lossy_jittery_link_connects_and_audio_flows(edge: Net
 
     # Changed while the edge runs. Seeded: 3 % loss in bursts drops nothing in some ~5 % of
     # short calls; with this seed each direction loses a packet within its first 15.
-    edge.link.set("both", seed=LOSSY_SEED, **LOSSY)
+    edge.link.set("both", **LOSSY)
+    edge.link.reseed(LOSSY_SEED)
     try:
         result = await calls.call_from_client(edge, speak_then_listen, track=track)
         stats = edge.link.stats()

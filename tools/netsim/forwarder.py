@@ -203,13 +203,14 @@ class ImpairedLink:
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         return ask(self._control_path, request)
 
-    def set(self, direction: str = "both", *, seed: int | None = None, **profile: float) -> None:
-        """Changes `direction` ("up": a->b, "down": b->a, "both") while running; with a
-        `seed`, its random draws restart from it (up: seed, down: seed + 1)."""
-        request: dict[str, Any] = {"op": "set", "direction": direction, "profile": profile}
-        if seed is not None:
-            request["seed"] = seed
-        self._ask(request)
+    def set(self, direction: str = "both", **profile: float) -> None:
+        """Changes `direction` ("up": a->b, "down": b->a, "both") while running."""
+        self._ask({"op": "set", "direction": direction, "profile": profile})
+
+    def reseed(self, seed: int, direction: str = "both") -> None:
+        """Restarts `direction`'s random draws from `seed` (up: seed, down: seed + 1), so a
+        test sees the same loss pattern on every run."""
+        self._ask({"op": "set", "direction": direction, "profile": {}, "seed": seed})
 
     def stats(self) -> dict[str, Any]:
         return self._ask({"op": "stats"})
