@@ -44,7 +44,7 @@ class Rule:
     # The empty string (or empty tuple) is allowed and skips `parse`: the setting is off.
     optional: bool = False
     nonempty: bool = False
-    what: str = ""  # shown in place of the parser's name in help: "host:port", "CIDR"
+    what: str = ""  # what `parse` accepts, in words for --help: "each >= 16 chars, not ek_"
 
     def describe(self) -> str:
         """The rule in words, for --help and the README tables."""
@@ -79,14 +79,13 @@ class Rule:
         if isinstance(value, int | float) and not isinstance(value, bool):
             if isinstance(value, float) and not math.isfinite(value):
                 raise SettingsError(f"{name}: must be a finite number")
-            bounds = self.describe_bounds()
             if (
                 (self.ge is not None and value < self.ge)
                 or (self.gt is not None and value <= self.gt)
                 or (self.le is not None and value > self.le)
                 or (self.lt is not None and value >= self.lt)
             ):
-                raise SettingsError(f"{name}: must be {bounds}, got {value!r}")
+                raise SettingsError(f"{name}: must be {self.describe_bounds()}, got {value!r}")
         if self.parse is not None:
             try:
                 self.parse(value)

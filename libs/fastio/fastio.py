@@ -15,7 +15,8 @@ import socket
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-Address = tuple[str, int]
+from libs.wire.framing import Address
+
 BATCH = 64
 SOCKET_BUFFER_BYTES = 4 << 20
 # Linux socket(7) option numbers; the socket module does not export them.

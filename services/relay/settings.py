@@ -32,6 +32,26 @@ def _public_endpoint(address: str) -> tuple[str, int]:
     return host, port
 
 
+def parse_transceiver_entry(entry: str) -> tuple[int, int, str, int]:
+    """`'1/2=127.0.0.1:40000'` -> (cluster 1, transceiver 2, ip, port); SettingsError if bad."""
+    ids, sep, address = entry.partition("=")
+    cluster_text, slash, transceiver_text = ids.partition("/")
+    if not sep or not slash:
+        raise SettingsError(
+            f"transceivers: expected <cluster>/<transceiver>=<ip>:<port>: {entry!r}"
+        )
+    try:
+        cluster_id, transceiver_id = int(cluster_text), int(transceiver_text)
+    except ValueError:
+        raise SettingsError(f"transceivers: ids must be numbers: {entry!r}") from None
+    if not (0 <= cluster_id <= 0xFFFF and 0 <= transceiver_id <= 0xFFFF):
+        raise SettingsError(f"transceivers: ids are 16-bit: {entry!r}")
+    host, port = parse_host_port(address, "transceivers")
+    if port == 0:
+        raise SettingsError(f"transceivers: port 0 in {entry!r}")
+    return cluster_id, transceiver_id, host, port
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RelaySettings(ServiceSettings):
     """Settings of the relay service."""
@@ -71,7 +91,7 @@ class RelaySettings(ServiceSettings):
     transceivers: tuple[str, ...] = setting(
         (),
         "static topology: '<cluster>/<transceiver>=<ip>:<port>' media addresses, comma-separated",
-        parse=lambda entry: parse_transceiver_entry(entry),
+        parse=parse_transceiver_entry,
     )
     geosteer_address: str = setting(
         "",
@@ -123,23 +143,3 @@ class RelaySettings(ServiceSettings):
         super().validate()
         if self.public_advertise and not self.geosteer_address:
             raise SettingsError("public_advertise: registering needs geosteer_address")
-
-
-def parse_transceiver_entry(entry: str) -> tuple[int, int, str, int]:
-    """`'1/2=127.0.0.1:40000'` -> (cluster 1, transceiver 2, ip, port); SettingsError if bad."""
-    ids, sep, address = entry.partition("=")
-    cluster_text, slash, transceiver_text = ids.partition("/")
-    if not sep or not slash:
-        raise SettingsError(
-            f"transceivers: expected <cluster>/<transceiver>=<ip>:<port>: {entry!r}"
-        )
-    try:
-        cluster_id, transceiver_id = int(cluster_text), int(transceiver_text)
-    except ValueError:
-        raise SettingsError(f"transceivers: ids must be numbers: {entry!r}") from None
-    if not (0 <= cluster_id <= 0xFFFF and 0 <= transceiver_id <= 0xFFFF):
-        raise SettingsError(f"transceivers: ids are 16-bit: {entry!r}")
-    host, port = parse_host_port(address, "transceivers")
-    if port == 0:
-        raise SettingsError(f"transceivers: port 0 in {entry!r}")
-    return cluster_id, transceiver_id, host, port

@@ -43,7 +43,6 @@ METRICS_END = "<!-- end metrics-table -->"
 class ServiceDoc:
     name: str
     settings: str  # "module:Class"
-    main: str  # the entry point module, whose main(["--help"]) prints the flags
 
     @property
     def readme(self) -> Path:
@@ -65,18 +64,13 @@ class ServiceDoc:
 
 
 SERVICES = (
-    ServiceDoc("bridge", "services.bridge.settings:BridgeSettings", "services.bridge.__main__"),
-    ServiceDoc(
-        "geosteer", "services.geosteer.settings:GeosteerSettings", "services.geosteer.__main__"
-    ),
-    ServiceDoc("relay", "services.relay.settings:RelaySettings", "services.relay.__main__"),
-    ServiceDoc(
-        "signaling", "services.signaling.settings:SignalingSettings", "services.signaling.__main__"
-    ),
+    ServiceDoc("bridge", "services.bridge.settings:BridgeSettings"),
+    ServiceDoc("geosteer", "services.geosteer.settings:GeosteerSettings"),
+    ServiceDoc("relay", "services.relay.settings:RelaySettings"),
+    ServiceDoc("signaling", "services.signaling.settings:SignalingSettings"),
     ServiceDoc(
         "transceiver",
         "services.transceiver.settings:TransceiverSettings",
-        "services.transceiver.__main__",
     ),
 )
 
