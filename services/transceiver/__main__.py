@@ -62,6 +62,9 @@ async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceP
 
     async def close() -> None:
         await rtts.close()
+        # Sessions first, while geosteer (and so every relay) still lists this node: the
+        # callers' last event and DTLS close alert must still be forwarded to them.
+        await manager.close_all(common_pb2.CLOSE_REASON_DRAINED)
         if reporter is not None:
             await reporter.close()  # deregisters from geosteer, closes the channel
         await manager.shutdown()

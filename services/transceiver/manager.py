@@ -123,17 +123,30 @@ class SessionManager:
             session_config=options.session_config if options.HasField("session_config") else None,
         )
 
-    async def create(self, request: transceiver_pb2.CreateSessionRequest) -> str:
+    def _admit(self) -> None:
         if self.draining:
             raise resource_exhausted("draining", "transceiver is draining")
         if len(self._open) >= self.settings.max_sessions:
             raise resource_exhausted(
                 "capacity", f"max_sessions ({self.settings.max_sessions}) reached"
             )
+
+    async def create(self, request: transceiver_pb2.CreateSessionRequest) -> str:
+        self._admit()
         try:
             params = self._params(request)
         except sdp.SdpError as exc:
             raise invalid_argument("invalid_request", str(exc)) from None
+        bridge_wait_s = self.settings.bridge_connect_timeout_s
+        if not await self.bridges.reachable(params.bridge_address, bridge_wait_s):
+            # The call could not reach an agent: refused, so signaling tries another
+            # transceiver or answers 503 with Retry-After, instead of a call that ends at once.
+            raise StatusError(
+                grpc.StatusCode.UNAVAILABLE,
+                "bridge_unavailable",
+                f"inference bridge {params.bridge_address} is unreachable",
+            )
+        self._admit()  # again: other sessions may have been admitted during the wait
         if params.session_id in self._open or params.session_id in self._closed:
             raise StatusError(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -230,9 +243,12 @@ class SessionManager:
         await self._idle.wait()
 
     async def close_all(self, reason: int) -> None:
+        """Closes every open session and waits for each teardown to finish. Cancelling this
+        (the drain timer, when shutdown overtakes it) cancels the waiting only: a teardown
+        stopped halfway would leave the caller untold and no `session.closed` logged."""
         tasks = [s.close(reason, "transceiver shutting down") for s in list(self._open.values())]
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
 
     async def shutdown(self) -> None:
         await cancel_and_wait(self._drain_task)

@@ -49,6 +49,12 @@ class EngineSettings:
     peer_close_timeout_s: float = setting(
         5.0, "wait for aiortc's own tasks of a closing peer connection", gt=0
     )
+    close_notice_timeout_s: float = setting(
+        1.0,
+        "wait for the caller to acknowledge (SCTP) the last event of a session the server "
+        "ends, before the DTLS close alert",
+        gt=0,
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,6 +71,18 @@ class BridgeSettings:
     )
     bridge_open_timeout_s: float = setting(
         5.0, "time for the bridge to answer SessionStart with SessionAccepted", gt=0
+    )
+    bridge_connect_timeout_s: float = setting(
+        1.0,
+        "CreateSession waits this long for an unconnected bridge channel to connect; one "
+        "that fails is refused with UNAVAILABLE (signaling: 503 and Retry-After)",
+        gt=0,
+    )
+    bridge_reconnect_grace_s: float = setting(
+        10.0,
+        "a session whose bridge stream broke reopens it (a new SessionStart) for this long "
+        "before it ends with CLOSE_REASON_BRIDGE_ERROR; 0: end at once",
+        ge=0,
     )
 
 
