@@ -9,6 +9,10 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
+# Retries of a Redis command whose connection broke (Redis restarted): 20 ms, then 40 ms.
+REDIS_RETRY_BASE_S = 0.02
+REDIS_RETRY_CAP_S = 0.2
+
 CALL_CONNECTING = "connecting"
 CALL_CONNECTED = "connected"
 CALL_ENDED = "ended"
@@ -148,8 +152,18 @@ class RedisCallStore:
 
     def __init__(self, url: str, retention_s: float, prefix: str = "voiceedge:signaling:") -> None:
         import redis.asyncio
+        import redis.exceptions
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
 
-        self._redis = redis.asyncio.Redis.from_url(url, socket_timeout=2.0)
+        # A restarted Redis closes every pooled connection: the first command on each would
+        # fail (a 503) without a retry on a new one. Every write here is idempotent.
+        self._redis = redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=2.0,
+            retry=Retry(ExponentialBackoff(cap=REDIS_RETRY_CAP_S, base=REDIS_RETRY_BASE_S), 2),
+            retry_on_error=[redis.exceptions.ConnectionError],
+        )
         self._retention_ms = max(1, int(retention_s * 1000))
         self._prefix = prefix
 

@@ -29,11 +29,11 @@ from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 OUTBOX_MAX = 256  # about 5 s of 20 ms frames
 
 # gRPC's reconnect backoff grows to 120 s by default: a bridge back after a restart would
-# then wait that long for new calls and reconnecting sessions. Capped at 1 s.
+# then wait that long for new calls and reconnecting sessions. Capped at 0.5 s.
 CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_reconnect_backoff_ms", 500),
 )
 
 logger = logging.getLogger("voiceedge.transceiver.session")
