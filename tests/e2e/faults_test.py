@@ -208,7 +208,6 @@ async def test_media_sigterm_drain_tells_every_caller_and_ends_every_call(tmp_pa
 async def test_media_bridge_kill_and_restart_within_grace_keeps_the_call(tmp_path: Path) -> None:
     flags = {"transceiver": ["--bridge-reconnect-grace-s", "20"]}
     with edge(tmp_path, API_KEY, extra_flags=flags) as stack:
-
         restart_ms = 0.0
 
         async def kill_and_restart() -> None:
