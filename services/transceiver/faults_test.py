@@ -4,18 +4,21 @@ and a real gRPC echo bridge that is stopped and started again on its port:
 - the bridge dies for good: the caller gets an `error` event saying why, then the DTLS close;
   new sessions are refused with UNAVAILABLE while the bridge cannot be reached;
 - the bridge restarts within `bridge_reconnect_grace_s`: the call goes on on a new stream;
-- drain: every caller is told before its peer connection closes, and every session closes.
+- drain: every caller is told before its peer connection closes, and every session closes;
+- overload: while the event loop runs late, new sessions are refused (RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import grpc
 import grpc.aio
 import pytest
 
+from services.transceiver.looplag import LagWindow, overloaded
 from services.transceiver.session import Session
 from services.transceiver.transceiver_testing import (
     Client,
@@ -121,3 +124,47 @@ async def test_every_drained_caller_is_told_before_the_close() -> None:
             await client.close()
         if not stopped:
             await stack.stop()
+
+
+def test_lag_window_median_ignores_one_slow_turn() -> None:
+    window = LagWindow(5)
+    assert window.median_ms == 0.0
+    for lag in (1.0, 2.0, 900.0, 1.0, -3.0):
+        window.add(lag)
+    assert window.median_ms == 1.0
+    assert not overloaded(window.median_ms, 25.0)
+    assert overloaded(30.0, 25.0)
+    assert not overloaded(1e6, 0.0)  # 0: off
+
+
+@pytest.mark.timeout_s(60)
+async def test_a_late_event_loop_refuses_new_sessions_until_it_recovers() -> None:
+    stack = await Stack.start(admission_max_loop_lag_ms=20.0)
+    client = Client(pre_encoded=True)
+    stop = asyncio.Event()
+
+    async def hog() -> None:
+        # CPU work in the loop's own thread, as a saturated transceiver has: each turn 60 ms.
+        while not stop.is_set():
+            busy_until = time.monotonic() + 0.06
+            while time.monotonic() < busy_until:
+                pass
+            await asyncio.sleep(0)
+
+    hogging = asyncio.create_task(hog())
+    try:
+        await wait_for(lambda: stack.manager.loop_lag.window.median_ms > 20.0, 20)
+        request = create_request("late", await client.offer(), stack.relay.address)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stack.stub.CreateSession(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "event loop" in (refused.value.details() or "")
+        stop.set()
+        await hogging
+        await wait_for(lambda: stack.manager.loop_lag.window.median_ms < 20.0, 20)
+        await stack.stub.CreateSession(request, timeout=10)
+    finally:
+        stop.set()
+        await hogging
+        await client.close()
+        await stack.stop()

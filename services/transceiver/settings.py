@@ -133,6 +133,12 @@ class TransceiverSettings(SessionSettings, ServiceSettings):
         parse=host_port,
     )
     max_sessions: int = setting(200, "open sessions beyond which CreateSession is refused", ge=0)
+    admission_max_loop_lag_ms: float = setting(
+        50.0,
+        "CreateSession is refused (RESOURCE_EXHAUSTED overloaded) while the event loop's "
+        "median lateness over the last 2 s exceeds this; 0: off",
+        ge=0,
+    )
     ice_timeout_ms: int = setting(
         10000, "default time from CreateSession to ICE connected before giving up", ge=1
     )

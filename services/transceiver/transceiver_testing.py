@@ -488,6 +488,8 @@ class Stack:
             "media_listen": "127.0.0.1:0",
             "grpc_listen": "127.0.0.1:0",
             "bridge_address": bridge.address,
+            # Callers share this process and its loop: their load is not the transceiver's.
+            "admission_max_loop_lag_ms": 0.0,
         }
         values.update(settings)
         config = TransceiverSettings(**values)
