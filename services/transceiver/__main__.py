@@ -111,7 +111,9 @@ def start_reporter(
         lambda: NodeReport(
             active_sessions=manager.active,
             capacity_sessions=settings.max_sessions,
-            draining=manager.draining,
+            # A transceiver whose bridge cannot be reached takes no new calls: geosteer
+            # stops choosing it (as while it drains) and relays still carry its calls.
+            draining=manager.draining or manager.bridges.failing(settings.bridge_address),
             cpu_load=cpu.read(),
             rtt_samples=rtts.take(),
         ),

@@ -524,6 +524,12 @@ class BridgeStreams:
             state = channel.get_state(try_to_connect=True)
         return state is not grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
+    def failing(self, address: str) -> bool:
+        """True while gRPC's last attempt to connect to `address` failed; asking starts an
+        attempt when the channel is idle (what the heartbeat reports, without waiting)."""
+        state = self.channel_for(address).get_state(try_to_connect=True)
+        return state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
     def batched_for(self, address: str) -> BatchedBridge:
         """The shared StreamSessions stream to `address` (opened by its first session)."""
         batched = self._batched.get(address)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 import redis
 from aiortc import RTCPeerConnection
@@ -43,6 +44,7 @@ from tests.e2e.browser import chromium, js, write_tone_wav
 from tests.e2e.edge import edge
 from tools.demo.stack import Service, Stack
 from voiceedge.common.v1 import common_pb2
+from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
 API_KEY = "sk-e2e-faults-0123456789"
 CALLERS = 3
@@ -90,6 +92,18 @@ def _ending(result: CallResult) -> dict[str, Any]:
 def _log_lines(workdir: Path, service: str, event: str) -> list[str]:
     text = (workdir / "services.log").read_text()
     return [line for line in text.splitlines() if line.startswith(f"[{service}]") and event in line]
+
+
+def _offered(stack: Stack) -> bool:
+    """True while geosteer lists a transceiver that takes new calls (not draining)."""
+    with grpc.insecure_channel(stack.grpc("geosteer")) as channel:
+        stub = geosteer_pb2_grpc.GeosteerServiceStub(channel)
+        topology = stub.ListTopology(geosteer_pb2.ListTopologyRequest(), timeout=5).topology
+    return any(
+        node.kind == common_pb2.NODE_KIND_TRANSCEIVER and not node.draining
+        for cluster in topology.clusters
+        for node in cluster.nodes
+    )
 
 
 def _kill(stack: Stack, name: str) -> None:
@@ -251,6 +265,11 @@ async def test_media_bridge_kill_tells_the_caller_and_new_calls_get_503(tmp_path
 
         (result,) = await _calls_until(stack, 1, kill, after)
         assert _ending(result)["code"] == "inference_unavailable"
+        # Its heartbeats now say it takes no new calls: geosteer stops choosing it.
+        deadline = time.monotonic() + EVENT_TIMEOUT_S
+        while await asyncio.to_thread(_offered, stack):
+            assert time.monotonic() < deadline, "geosteer still offers the transceiver"
+            await asyncio.sleep(0.2)
         status, retry_after = await _post_call(stack)
         assert status == 503
         assert retry_after.isdigit(), retry_after
