@@ -42,6 +42,7 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
     child_settings = dataclasses.replace(
         settings,
         udp_listen=tuple(plane.public_addresses),
+        tcp_listen=plane.tcp.address if plane.tcp is not None else "",
         internal_listen=f"{internal_host}:0",
         metrics_listen="",
         otlp_endpoint="",
@@ -95,6 +96,7 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
         close=close,
         ready={
             "udp": list(plane.public_addresses),
+            "tcp": plane.tcp.address if plane.tcp is not None else "",
             "internal": plane.internal_address,
             "workers": workers,
             "batched_io": plane.batched,
@@ -110,14 +112,18 @@ def start_reporter(
     count and the drain flag (geosteer stops handing out a draining relay's VIPs)."""
     if not settings.public_advertise:
         return None
-    endpoints = [parse_host_port(a, "public_advertise") for a in settings.public_advertise]
+    endpoints = [
+        (*parse_host_port(a, "public_advertise"), False) for a in settings.public_advertise
+    ] + [(*parse_host_port(a, "tcp_advertise"), True) for a in settings.tcp_advertise]
     node = geosteer_pb2.Node(
         node_id=settings.node_id
         or f"relay-{settings.cluster_id}-{socket.gethostname()}-{os.getpid()}",
         kind=common_pb2.NODE_KIND_RELAY,
         cluster_id=settings.cluster_id,
         grpc_address=grpc_address,
-        public_endpoints=[common_pb2.SocketAddress(ip=ip, port=port) for ip, port in endpoints],
+        public_endpoints=[
+            common_pb2.SocketAddress(ip=ip, port=port, tcp=tcp) for ip, port, tcp in endpoints
+        ],
         capacity_sessions=settings.max_bindings * workers,
     )
     cpu = ProcessCpuMeter()

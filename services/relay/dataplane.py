@@ -24,6 +24,7 @@ from libs.observability.telemetry import log_event
 from libs.wire.framing import Address
 from services.relay.router import C2T, T2C, Binding, BindingInfo, Forward, Router, RouterCounters
 from services.relay.store import BindingStore, RedisCounts, counts_of
+from services.relay.tcp import TcpCounters, TcpPlane
 from voiceedge.relay.v1 import relay_pb2
 
 logger = logging.getLogger("voiceedge.relay")
@@ -61,13 +62,17 @@ def sockname(sock: socket.socket) -> str:
 
 @dataclass(frozen=True, slots=True)
 class WorkerCounters:
-    """One worker's router and Redis counters, or the sum over workers (`+`, `total`)."""
+    """One worker's router, Redis and ICE-TCP counters, or the sum over workers (`+`,
+    `total`)."""
 
     router: RouterCounters = field(default_factory=RouterCounters)
     redis: RedisCounts = field(default_factory=RedisCounts)
+    tcp: TcpCounters = field(default_factory=TcpCounters)
 
     def __add__(self, other: WorkerCounters) -> WorkerCounters:
-        return WorkerCounters(self.router + other.router, self.redis + other.redis)
+        return WorkerCounters(
+            self.router + other.router, self.redis + other.redis, self.tcp + other.tcp
+        )
 
     @classmethod
     def total(cls, items: Iterable[WorkerCounters]) -> WorkerCounters:
@@ -126,8 +131,10 @@ class DataPlane:
         redis_max_inflight: int,
         worker_id: int = 0,
         batched_io: bool = True,
+        tcp: TcpPlane | None = None,
     ) -> None:
         self.router = router
+        self.tcp = tcp  # the worker's ICE-TCP listener, started and closed with the plane
         self.store = store
         self.worker_id = worker_id
         self.now = time.monotonic()
@@ -162,6 +169,12 @@ class DataPlane:
             self._start_batched()
         else:
             await self._start_endpoints()
+        if self.tcp is not None:
+            try:
+                await self.tcp.start()
+            except BaseException:
+                await self.close()
+                raise
         self._ticker = asyncio.create_task(self._tick())
         log_event(
             logger,
@@ -321,11 +334,14 @@ class DataPlane:
             self._inflight.pop(client, None)
 
     def counters(self) -> WorkerCounters:
-        return WorkerCounters(self.router.counters(), counts_of(self.store))
+        tcp = self.tcp.counters() if self.tcp is not None else TcpCounters()
+        return WorkerCounters(self.router.counters(), counts_of(self.store), tcp)
 
     def drain(self, grace_s: float) -> None:
         """New clients are refused from now on; the owner closes the plane after `grace_s`."""
         self.router.draining = True
+        if self.tcp is not None:
+            self.tcp.drain()
 
     async def list_bindings(self) -> list[BindingInfo]:
         return [binding.info() for binding in self.router.bindings()]
@@ -364,3 +380,5 @@ class DataPlane:
             loop.remove_reader(sock.fileno())
             sock.close()
         self._readers.clear()
+        if self.tcp is not None:
+            await self.tcp.close()

@@ -27,6 +27,7 @@ from typing import NamedTuple
 from libs.wire import framing, stun, ufrag
 from libs.wire.classify import PacketClass, classify
 from libs.wire.framing import Address
+from services.relay.settings import RelaySettings
 from services.relay.topology import TopologyView
 from voiceedge.relay.v1 import relay_pb2
 
@@ -111,12 +112,13 @@ class Binding:
         ufrag_text: str,
         now: float,
         via: int = 0,
+        tcp: bool = False,
     ) -> None:
         self.client = client
         self.cluster_id = cluster_id
         self.transceiver_id = transceiver_id
         self.media = media
-        self.header = framing.header(client[0], client[1])
+        self.header = framing.header(client[0], client[1], tcp=tcp)
         self.ufrag = ufrag_text
         self.created_at = time.time()
         self.last_seen = now
@@ -232,8 +234,10 @@ class Router:
         max_bindings: int = 1_000_000,
         verify_message_integrity: bool = True,
         on_bind: Callable[[Binding], None] | None = None,
+        tcp: bool = False,
     ) -> None:
         self.keyring = keyring
+        self.tcp = tcp  # the clients are ICE-TCP connections (services/relay/tcp.py)
         self.topology = topology
         self.idle_timeout_s = idle_timeout_s
         self.drain_idle_s = drain_idle_s
@@ -320,7 +324,7 @@ class Router:
             # Full: the oldest binding (by creation) goes, so new calls are never refused.
             self._remove(next(iter(self._bindings)))
             self.bindings_evicted += 1
-        binding = Binding(client, cluster_id, transceiver_id, media, ufrag_text, now, via)
+        binding = Binding(client, cluster_id, transceiver_id, media, ufrag_text, now, via, self.tcp)
         self._bindings[client] = binding
         self._by_header[binding.header] = binding
         self.bindings_created += 1
@@ -332,6 +336,10 @@ class Router:
         binding = self._bindings.pop(client, None)
         if binding is not None:
             self._by_header.pop(binding.header, None)
+
+    def forget(self, client: Address) -> None:
+        """Drops a client's binding at once (its ICE-TCP connection closed)."""
+        self._remove(client)
 
     def restore(
         self, client: Address, cluster_id: int, transceiver_id: int, now: float, via: int = 0
@@ -475,6 +483,26 @@ class Router:
 
     def count_send_failed(self, direction: int, size: int) -> None:
         self._drop(direction, relay_pb2.DROP_REASON_SEND_FAILED, size)
+
+
+def make_router(
+    settings: RelaySettings,
+    keyring: ufrag.Keyring,
+    topology: TopologyView,
+    *,
+    tcp: bool = False,
+) -> Router:
+    """A worker's router from the settings; `tcp`: the ICE-TCP plane's own (its table holds
+    at most tcp_max_open connections)."""
+    return Router(
+        keyring,
+        topology,
+        idle_timeout_s=settings.idle_timeout_s,
+        drain_idle_s=settings.drain_idle_s,
+        max_bindings=settings.tcp_max_open if tcp else settings.max_bindings,
+        verify_message_integrity=settings.verify_message_integrity,
+        tcp=tcp,
+    )
 
 
 def binding_request_for(

@@ -26,6 +26,8 @@ from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
 
 COMMAND = binary("services/relay")
 NOT_BASE64 = "!!"
+# Loopback, any free ports; the TCP port is given because its default, 443, may not bind here.
+ONE_WORKER = ["--workers", "1", "--tcp-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0"]
 SRTP = bytes([0x80, 0x6F]) + bytes(100)
 DTLS = bytes([22, 0xFE, 0xFD]) + bytes(30)
 
@@ -44,7 +46,10 @@ def test_bad_setting_is_a_clear_error() -> None:
 
 
 def test_serves_health_and_reflection_then_drains() -> None:
-    assert_service_lifecycle(COMMAND, "voiceedge.relay.v1.RelayAdminService")
+    # The default ICE-TCP port is 443, which the test sandbox may not bind.
+    assert_service_lifecycle(
+        COMMAND, "voiceedge.relay.v1.RelayAdminService", ["--tcp-listen", "127.0.0.1:0"]
+    )
 
 
 def _udp() -> socket.socket:
@@ -87,6 +92,8 @@ def test_kill_9_and_restart_with_redis_keeps_the_call() -> None:
         args = [
             "--workers",
             "1",
+            "--tcp-listen",
+            "127.0.0.1:0",
             "--udp-listen",
             f"{vip[0]}:{vip[1]}",
             "--transceivers",
@@ -139,10 +146,7 @@ def test_admin_api_stats_bindings_drain_and_metrics() -> None:
     with _udp() as transceiver:
         media = _name(transceiver)
         args = [
-            "--workers",
-            "1",
-            "--udp-listen",
-            "127.0.0.1:0",
+            *ONE_WORKER,
             "--transceivers",
             f"1/1={media[0]}:{media[1]}",
             "--metrics-listen",
@@ -238,7 +242,11 @@ def test_a_full_table_evicts_the_oldest_and_says_so() -> None:
     keys = ufrag.dev_keyring()
     with _udp() as transceiver, contextlib.ExitStack() as stack:
         media = _name(transceiver)
-        args = ["--workers", "1", "--udp-listen", "127.0.0.1:0", "--max-bindings", "2"]
+        args = [
+            *ONE_WORKER,
+            "--max-bindings",
+            "2",
+        ]
         args += ["--transceivers", f"1/1={media[0]}:{media[1]}", "--metrics-listen", "127.0.0.1:0"]
         with running_service(COMMAND, args) as relay:
             vip = _address(relay.ready["udp"][0])
@@ -280,7 +288,7 @@ def test_two_workers_share_the_port_and_die_with_the_parent() -> None:
     keys = ufrag.dev_keyring()
     with _udp() as transceiver, contextlib.ExitStack() as stack:
         media = _name(transceiver)
-        args = ["--workers", "2", "--udp-listen", "127.0.0.1:0"]
+        args = ["--workers", "2", "--tcp-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0"]
         args += ["--transceivers", f"1/1={media[0]}:{media[1]}"]
         with running_service(COMMAND, args) as relay:
             assert relay.ready["workers"] == 2
@@ -346,7 +354,7 @@ def test_routes_on_the_topology_watched_from_real_geosteer() -> None:
                 ),
                 timeout=10,
             )
-        args = ["--workers", "1", "--udp-listen", "127.0.0.1:0"]
+        args = list(ONE_WORKER)
         args += ["--geosteer-address", geosteer.grpc_address]
         with running_service(COMMAND, args) as relay:
             vip = _address(relay.ready["udp"][0])
@@ -386,7 +394,11 @@ def test_registers_its_vip_with_geosteer_and_drains_out_of_the_answers(
         '[[clusters]]\nid = 1\nname = "test-1"\nregion = "test"\nlatitude = 1.0\nlongitude = 1.0\n'
     )
     with running_service(GEOSTEER, ["--topology-path", str(topology)]) as geosteer:
-        args = ["--workers", "1", "--udp-listen", "127.0.0.1:0", "--node-id", "relay-a"]
+        args = [
+            *ONE_WORKER,
+            "--node-id",
+            "relay-a",
+        ]
         args += ["--geosteer-address", geosteer.grpc_address, "--cluster-id", "1"]
         args += ["--public-advertise", "203.0.113.7:3478", "--drain-grace-s", "5"]
         with (

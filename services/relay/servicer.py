@@ -27,6 +27,10 @@ from libs.observability.metrics import (
     RELAY_DROPS,
     RELAY_PACKETS,
     RELAY_REDIS_OPS,
+    RELAY_TCP_CLOSED,
+    RELAY_TCP_CONNECTIONS,
+    RELAY_TCP_FRAME_DROPS,
+    RELAY_TCP_FRAMES,
 )
 from libs.observability.telemetry import log_event
 from libs.service.aio import cancel_and_wait, timestamp
@@ -43,6 +47,7 @@ from services.relay.router import (
     RouterCounters,
 )
 from services.relay.store import BindingStore
+from services.relay.tcp import CloseReason
 from voiceedge.common.v1 import common_pb2
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
 
@@ -326,9 +331,38 @@ def register_metrics(meter: metrics.Meter, state: RelayState) -> None:
         ):
             yield metrics.Observation(value, {"result": result})
 
+    register_tcp_metrics(meter, state)
     RELAY_PACKETS.create(meter, [traffic(lambda c: (c.rx_packets, c.fwd_packets))])
     RELAY_BYTES.create(meter, [traffic(lambda c: (c.rx_bytes, c.fwd_bytes))])
     RELAY_DROPS.create(meter, [drops])
     RELAY_BINDINGS.create(meter, [bindings])
     RELAY_BINDING_EVICTIONS.create(meter, [evictions])
     RELAY_REDIS_OPS.create(meter, [redis_ops])
+
+
+def register_tcp_metrics(meter: metrics.Meter, state: RelayState) -> None:
+    """voiceedge_relay_tcp_connections{state}, voiceedge_relay_tcp_closed_total{reason},
+    voiceedge_relay_tcp_frames_total{direction}, voiceedge_relay_tcp_frame_drops_total."""
+
+    def connections(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        tcp = state.totals().tcp
+        yield metrics.Observation(tcp.pending, {"state": "pending"})
+        yield metrics.Observation(tcp.open, {"state": "open"})
+
+    def closed(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        for reason, value in zip(CloseReason, state.totals().tcp.closed, strict=True):
+            if value:
+                yield metrics.Observation(value, {"reason": reason.name.lower()})
+
+    def frames(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        tcp = state.totals().tcp
+        yield metrics.Observation(tcp.frames_in, {"direction": _DIRECTION_LABEL[0]})
+        yield metrics.Observation(tcp.frames_out, {"direction": _DIRECTION_LABEL[1]})
+
+    def drops(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        yield metrics.Observation(state.totals().tcp.frames_dropped)
+
+    RELAY_TCP_CONNECTIONS.create(meter, [connections])
+    RELAY_TCP_CLOSED.create(meter, [closed])
+    RELAY_TCP_FRAMES.create(meter, [frames])
+    RELAY_TCP_FRAME_DROPS.create(meter, [drops])

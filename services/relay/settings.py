@@ -109,6 +109,36 @@ class RelaySettings(ServiceSettings):
     node_id: str = setting(
         "", "id of this relay in geosteer; empty: relay-<cluster_id>-<host>-<pid>"
     )
+    tcp_listen: str = setting(
+        "127.0.0.1:443",
+        "public ICE-TCP host:port (RFC 6544 passive candidates, RFC 4571 framing), shared by "
+        "the workers with SO_REUSEPORT; port 0: any free; empty: no TCP",
+        parse=host_port,
+        optional=True,
+    )
+    tcp_advertise: tuple[str, ...] = setting(
+        (),
+        "public TCP host:port list clients are told to use (answers carry them as tcptype "
+        "passive candidates below the UDP ones); registered with geosteer beside "
+        "public_advertise",
+        parse=_public_endpoint,
+    )
+    tcp_first_frame_timeout_s: float = setting(
+        2.0, "a TCP connection without a valid first STUN frame this long is closed", gt=0
+    )
+    tcp_max_frame_bytes: int = setting(
+        2048, "a TCP frame (RFC 4571 length) above this closes the connection", ge=20, le=65535
+    )
+    tcp_max_pending: int = setting(
+        1024, "TCP connections awaiting their first frame, in all (per worker)", ge=1
+    )
+    tcp_max_pending_per_ip: int = setting(
+        8, "TCP connections awaiting their first frame, per client IP (per worker)", ge=1
+    )
+    tcp_max_open: int = setting(20_000, "open (verified) TCP connections (per worker)", ge=1)
+    tcp_max_open_per_ip: int = setting(
+        256, "open (verified) TCP connections per client IP (per worker)", ge=1
+    )
     redis_url: str = setting(
         "",
         "redis://host:port/db for the shared binding copy; empty: memory only",
@@ -143,3 +173,7 @@ class RelaySettings(ServiceSettings):
         super().validate()
         if self.public_advertise and not self.geosteer_address:
             raise SettingsError("public_advertise: registering needs geosteer_address")
+        if self.tcp_advertise and not self.public_advertise:
+            raise SettingsError("tcp_advertise: registering needs public_advertise")
+        if self.tcp_advertise and not self.tcp_listen:
+            raise SettingsError("tcp_advertise: needs tcp_listen")

@@ -26,10 +26,11 @@ from libs.service.aio import cancel_and_wait
 from libs.wire import ufrag
 from services.relay import messages
 from services.relay.dataplane import DataPlane, WorkerCounters
-from services.relay.router import BindingInfo, Router
+from services.relay.router import BindingInfo, make_router
 from services.relay.settings import RelaySettings
 from services.relay.store import BindingStore, make_binding_store
-from services.relay.topology import make_topology_source
+from services.relay.tcp import make_tcp_plane
+from services.relay.topology import TopologyView, make_topology_source
 
 logger = logging.getLogger("voiceedge.relay.workers")
 
@@ -165,15 +166,9 @@ async def make_worker(
     """One worker's router, store, sockets and topology watch, started."""
     keyring = ufrag.Keyring.parse(settings.ufrag_keys)
     source = make_topology_source(settings.transceivers, settings.geosteer_address)
-    router = Router(
-        keyring,
-        source.current(),
-        idle_timeout_s=settings.idle_timeout_s,
-        drain_idle_s=settings.drain_idle_s,
-        max_bindings=settings.max_bindings,
-        verify_message_integrity=settings.verify_message_integrity,
-    )
+    router = make_router(settings, keyring, source.current())
     store = make_binding_store(settings.redis_url, settings.binding_ttl_s, settings.redis_timeout_s)
+    tcp = make_tcp_plane(settings, keyring, source.current(), worker_id)
     plane = DataPlane(
         router,
         store,
@@ -183,13 +178,20 @@ async def make_worker(
         redis_max_inflight=settings.redis_max_inflight,
         worker_id=worker_id,
         batched_io=settings.batched_io,
+        tcp=tcp,
     )
     try:
         await plane.start()
     except BaseException:
         await store.close()
         raise
-    watch = asyncio.get_running_loop().create_task(source.run(router.set_topology))
+    routers = [router] if tcp is None else [router, tcp.router]
+
+    def set_topology(view: TopologyView) -> None:
+        for each in routers:
+            each.set_topology(view)
+
+    watch = asyncio.get_running_loop().create_task(source.run(set_topology))
     return plane, store, watch
 
 

@@ -57,6 +57,7 @@ class StackConfig:
     By default everything is on 127.0.0.1 here; tools/netsim places services on hosts."""
 
     relay_udp_port: int = 3478
+    relay_tcp_port: int = 0  # the relay's ICE-TCP port on relay_public_host; 0: no TCP
     http_port: int = 8080
     grpc_ports: dict[str, int] = field(default_factory=dict)  # service -> port (0: free)
     api_key: str = ""
@@ -188,11 +189,15 @@ def start_stack(config: StackConfig) -> Stack:
     relay_port = config.relay_udp_port or free_udp_port()
     stack.relay_udp = (config.relay_public_host, relay_port)
     topology = workdir / f"topology-{os.getpid()}-{relay_port}.toml"
+    tcp_address = f"{config.relay_public_host}:{config.relay_tcp_port}"
+    tcp_vip = (
+        f', {{ address = "{tcp_address}", transport = "tcp" }}' if config.relay_tcp_port else ""
+    )
     topology.write_text(
         "[[clusters]]\n"
         'id = 1\nname = "local"\nregion = "dev"\n'
         "latitude = 50.11\nlongitude = 8.68\ncapacity_sessions = 1000\n"
-        f'relay_vips = ["{config.relay_public_host}:{relay_port}"]\n'
+        f'relay_vips = ["{config.relay_public_host}:{relay_port}"{tcp_vip}]\n'
     )
     env = dict(os.environ)
     if config.api_key:
@@ -262,7 +267,12 @@ def start_stack(config: StackConfig) -> Stack:
             lambda: _transceiver_registered(geosteer, where("geosteer").netns),
             REGISTER_TIMEOUT_S,
         )
-        relay_flags = ["--udp-listen", f"{config.relay_public_host}:{relay_port}"]
+        relay_flags = [
+            "--udp-listen",
+            f"{config.relay_public_host}:{relay_port}",
+            "--tcp-listen",
+            tcp_address if config.relay_tcp_port else "",
+        ]
         if where("relay").netns:  # the internal leg faces the transceivers
             relay_flags += ["--internal-listen", f"{where('relay').host}:0"]
         launch("relay", ["--geosteer-address", geosteer, *relay_flags, *redis])
