@@ -266,3 +266,33 @@ async def test_a_replayed_check_from_a_new_address_does_not_bind_it() -> None:
     finally:
         relay.close()
         await mux.close()
+
+
+@pytest.mark.parametrize("client", [("198.51.100.9", 50000), ("2001:db8::9", 50000)])
+async def test_tcp_clients_get_replies_with_the_tcp_flag(client: tuple[str, int]) -> None:
+    # An ICE-TCP client (frame flag bit 7): its replies echo the flag, so the relay writes
+    # them on its TCP connection; the mux knows it is a TCP client.
+    mux = udpmux.UdpMux()
+    address = await mux.start("127.0.0.1", 0)
+    relay, relay_in = await open_socket()
+    try:
+        session = mux.register(UFRAG, PWD, ("203.0.113.7", 3478))
+        sink = Sink()
+        transport = mux.transport_for(session, sink)
+        good = request(f"{UFRAG}:cli", PWD)
+        relay.sendto(framing.encode(*client, good, tcp=True), address)
+        async with asyncio.timeout(5):
+            assert await sink.received.get() == (good, client)
+        assert client in mux.tcp_clients
+        relay.sendto(framing.encode(*client, b"\x17dtls", tcp=True), address)
+        async with asyncio.timeout(5):
+            assert (await sink.received.get())[0] == b"\x17dtls"
+        transport.sendto(b"reply", client)
+        async with asyncio.timeout(5):
+            frame, _ = await relay_in.received.get()
+        assert frame == framing.encode(*client, b"reply", tcp=True)
+        transport.close()
+        assert client not in mux.tcp_clients
+    finally:
+        relay.close()
+        await mux.close()
