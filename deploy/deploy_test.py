@@ -54,7 +54,7 @@ KUBERNETES_VERSION = "1.33.0"
 # Variables outside the settings classes: the API key (signaling) and the plane's token.
 OTHER_ENV = {"VOICEEDGE_API_KEY", TOKEN_ENV}
 # What a client may reach from outside the cluster: (workload, port, protocol).
-PUBLIC_PORTS = {("signaling", 8080, "TCP"), ("relay", 3478, "UDP")}
+PUBLIC_PORTS = {("signaling", 8080, "TCP"), ("relay", 3478, "UDP"), ("relay", 8443, "TCP")}
 SECRET_NAME = "voiceedge-secrets"  # noqa: S105 (the Secret's name)
 STATELESS = {"relay", "signaling", "bridge"}
 # kubelet stops a pod only after preStop; then the process drains and closes.
