@@ -191,10 +191,15 @@ class RelayState:
         deadline = time.monotonic() + grace_s
         # Poll the table (bounded by the grace period): calls ending early end the drain. The
         # table has no event to await: bindings leave by idle expiry on the data plane tick.
-        while time.monotonic() < deadline and self.totals().router.bindings_active:  # noqa: ASYNC110
+        while time.monotonic() < deadline and self._calls_left():  # noqa: ASYNC110
             await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         for plane in self.planes:
             await plane.close()
+
+    def _calls_left(self) -> int:
+        """UDP bindings and open ICE-TCP connections: what still holds a drain."""
+        totals = self.totals()
+        return totals.router.bindings_active + totals.tcp.open
 
     async def wait_drained(self) -> None:
         if self._stop_task is not None:

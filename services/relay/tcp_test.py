@@ -254,11 +254,18 @@ async def test_pending_and_open_caps_per_ip() -> None:
                 writer.close()
 
 
-async def test_draining_refuses_new_connections() -> None:
+async def test_draining_refuses_new_connections_and_keeps_open_ones() -> None:
     with udp_socket() as transceiver:
         async with tcp_plane(transceiver, TcpLimits()) as (plane, address):
+            _, writer = await connect(address)
+            request, _ = binding_request_for(KEYS, 1, 1)
+            writer.write(frame(request))
+            await recv(transceiver)
             plane.drain()
-            reader, writer = await connect(address)
+            reader, late = await connect(address)
             assert await closed_by_relay(reader)
-            writer.close()
+            late.close()
             assert plane.counters().closed[CloseReason.DRAINING] == 1
+            writer.write(frame(SRTP))  # the call in progress keeps forwarding
+            assert (await recv(transceiver))[0] == framing.encode(*local_of(writer), SRTP, tcp=True)
+            writer.close()
