@@ -126,6 +126,7 @@ def chromium_call(edge: NetEdge, tmp_path: Path) -> dict[str, Any]:
             wait.until(lambda d: d.execute_async_script(SELECTED_PAIR) is not None)
             pair = browser.execute_async_script(SELECTED_PAIR)
         assert pair is not None, page
+        print(f"selected pair (Chromium getStats): {pair}")
         slow = WebDriverWait(browser, timeout=45, poll_frequency=0.25)
         slow.until(
             lambda d: (
@@ -181,8 +182,12 @@ async def test_a_thousand_idle_connects_stay_capped_and_a_call_keeps_its_audio(
         - refused_before
     )
     assert refused >= IDLE_CONNECTS - seen["accepted_max"], (refused, seen)
-    grown_kib = seen["rss_after"] - rss_before
-    print(f"relay RSS {rss_before} KiB -> {seen['rss_after']} KiB (+{grown_kib} KiB)")
+    grown_kib = max(seen["rss_during"], seen["rss_after"]) - rss_before
+    print(
+        f"relay RSS {rss_before} KiB, {seen['rss_during']:.0f} KiB with the connects held, "
+        f"{seen['rss_after']:.0f} KiB after; {refused:.0f} refused at the per-IP pending cap, "
+        f"at most {seen['pending_max']:.0f} held (cap {cap})"
+    )
     assert grown_kib < 5 * 1024, grown_kib
 
 
@@ -208,6 +213,7 @@ def idle_connects(edge: NetEdge, cap: int, seen: dict[str, float]) -> float:
                 break
             time.sleep(0.05)
         seen["accepted_max"] = open_now
+        seen["rss_during"] = relay_rss_kib(edge)  # the refusals in, the pending ones held
         final_deadline = time.monotonic() + 10.0
         while time.monotonic() < final_deadline and any(_held(s) for s in socks):
             time.sleep(0.1)  # every pending one is closed by the first-frame timeout
