@@ -2,12 +2,17 @@
 
     ./bazelw run //tests/bench:icetcp -- --forwarding            # relay cost per packet
     ./bazelw run //tests/bench:icetcp -- --chromium 5            # set-up over TCP vs UDP
+    ./bazelw run //tests/bench:icetcp -- --tcp-relay-restart 3   # TCP client, relay restart
 
 `--forwarding`: one relay worker (its UDP data plane and its ICE-TCP plane, in a child
 process so its CPU time is its own) between `--clients` call-like clients and a fake
 transceiver that echoes every frame back. The same run sends the same packets over UDP and
 over TCP (one RFC 4571 frame per write, round-robin over the clients, at `--pps` each way);
 the figure is the relay process's CPU time per packet forwarded (both directions counted).
+
+`--tcp-relay-restart N` (root): Chromium over TCP (UDP firewalled) mid-call; the relay
+is SIGKILLed and started again with the same command line; prints how long until it is
+ready and until audio flows to the page again (a TCP connection dies with the process).
 
 `--chromium N` (needs root: tools/netsim): headless Chromium on the testbed's client host
 calls N times over UDP and N times with the client's firewall dropping UDP (so over TCP to
@@ -297,6 +302,82 @@ def chromium_setup(calls_n: int) -> None:
         )
 
 
+def _restart_relay(edge: Any) -> float:
+    """SIGKILLs the relay (its workers exit with the pipe) and starts it again with the same
+    command line; returns when the new one is ready (monotonic)."""
+    import subprocess
+
+    from libs.service.readiness import wait_for_ready
+    from tools.demo.stack import Service
+
+    old = edge.stack.services["relay"]
+    old.process.kill()
+    old.process.wait(timeout=10)
+    process = subprocess.Popen(
+        old.process.args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    ready = wait_for_ready(process, 60)
+    if ready is None:
+        raise RuntimeError("the restarted relay did not become ready")
+    edge.stack.services["relay"] = Service("relay", process, ready)
+    return time.monotonic()
+
+
+def tcp_relay_restart(calls_n: int) -> None:
+    """Chromium over TCP (UDP firewalled); the relay is killed and restarted mid-call."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.e2e.browser import chromium, js, write_tone_wav
+    from tests.netsim.calls import API_KEY, INBOUND_PACKETS, KEY_INSTEAD_OF_SECRET, TONE_HZ
+    from tools.netsim import nat
+    from tools.netsim.edge import RELAY_TCP_PORT, standard_edge
+
+    workdir = Path(tempfile.mkdtemp(prefix="icetcp-restart-"))
+    flags = {"signaling": ["--demo-page", "true"]}
+    with standard_edge(workdir, API_KEY, extra_flags=flags, relay_tcp_port=RELAY_TCP_PORT) as edge:
+        wav = workdir / "tone.wav"
+        write_tone_wav(wav, tone_s=1.0, silence_s=1.6, tone_hz=TONE_HZ)
+        nat.apply_firewall(edge.testbed, "client", "udp-dns-only")
+        try:
+            for index in range(calls_n):
+                with (
+                    edge.testbed.entered("client"),
+                    chromium(workdir / f"r{index}", wav, secure_origin=edge.http_base) as browser,
+                ):
+                    browser.get(edge.http_base + "/")
+                    browser.execute_script(KEY_INSTEAD_OF_SECRET)
+                    browser.find_element(By.ID, "talk").click()
+                    wait = WebDriverWait(browser, timeout=30, poll_frequency=0.05)
+                    wait.until(lambda d: js(d, INBOUND_PACKETS) > 50)
+                    killed = time.monotonic()
+                    with edge.testbed.entered("cluster"):
+                        ready = _restart_relay(edge)
+                    before = js(browser, INBOUND_PACKETS)
+                    resumed = float("nan")
+                    deadline = time.monotonic() + 60
+                    while time.monotonic() < deadline:  # bounded: 60 s of polls
+                        if js(browser, INBOUND_PACKETS) > before + 5:
+                            resumed = time.monotonic()
+                            break
+                        time.sleep(0.02)
+                    state = js(browser, "pc.iceConnectionState")
+                    print(
+                        f"relay restart {index + 1}: relay ready again "
+                        f"{(ready - killed) * 1000:.0f} ms after the kill; audio resumed "
+                        f"{(resumed - killed) * 1000:.0f} ms after the kill (ICE {state})",
+                        flush=True,
+                    )
+                    browser.find_element(By.ID, "talk").click()
+        finally:
+            nat.remove_firewall(edge.testbed, "client")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--forwarding", action="store_true", help="relay cost per packet")
@@ -304,13 +385,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pps", type=int, default=5000, help="packets/s each way")
     parser.add_argument("--seconds", type=float, default=10.0, help="per transport")
     parser.add_argument("--chromium", type=int, default=0, help="N Chromium calls each way")
+    parser.add_argument(
+        "--tcp-relay-restart", type=int, default=0, help="N TCP calls whose relay restarts"
+    )
     args = parser.parse_args(argv)
-    if not args.forwarding and not args.chromium:
-        parser.error("ask for --forwarding and/or --chromium N")
+    if not (args.forwarding or args.chromium or args.tcp_relay_restart):
+        parser.error("ask for --forwarding, --chromium N and/or --tcp-relay-restart N")
     if args.forwarding:
         asyncio.run(forwarding(args.clients, args.pps, args.seconds))
     if args.chromium:
         chromium_setup(args.chromium)
+    if args.tcp_relay_restart:
+        tcp_relay_restart(args.tcp_relay_restart)
     return 0
 
 
