@@ -338,6 +338,7 @@ def tcp_relay_restart(calls_n: int) -> None:
     from tools.netsim import nat
     from tools.netsim.edge import RELAY_TCP_PORT, standard_edge
 
+    inbound = f"(pc ? {INBOUND_PACKETS} : -1)"  # -1: no call (yet, or ended)
     workdir = Path(tempfile.mkdtemp(prefix="icetcp-restart-"))
     flags = {"signaling": ["--demo-page", "true"]}
     with standard_edge(workdir, API_KEY, extra_flags=flags, relay_tcp_port=RELAY_TCP_PORT) as edge:
@@ -354,26 +355,27 @@ def tcp_relay_restart(calls_n: int) -> None:
                     browser.execute_script(KEY_INSTEAD_OF_SECRET)
                     browser.find_element(By.ID, "talk").click()
                     wait = WebDriverWait(browser, timeout=30, poll_frequency=0.05)
-                    wait.until(lambda d: js(d, INBOUND_PACKETS) > 50)
+                    wait.until(lambda d: js(d, inbound) > 50)
                     killed = time.monotonic()
                     with edge.testbed.entered("cluster"):
                         ready = _restart_relay(edge)
-                    before = js(browser, INBOUND_PACKETS)
+                    before = js(browser, inbound)
                     resumed = float("nan")
                     deadline = time.monotonic() + 60
                     while time.monotonic() < deadline:  # bounded: 60 s of polls
-                        if js(browser, INBOUND_PACKETS) > before + 5:
+                        if js(browser, inbound) > before + 5:
                             resumed = time.monotonic()
                             break
                         time.sleep(0.02)
-                    state = js(browser, "pc.iceConnectionState")
+                    state = js(browser, "pc ? pc.iceConnectionState : 'call ended'")
                     print(
                         f"relay restart {index + 1}: relay ready again "
                         f"{(ready - killed) * 1000:.0f} ms after the kill; audio resumed "
                         f"{(resumed - killed) * 1000:.0f} ms after the kill (ICE {state})",
                         flush=True,
                     )
-                    browser.find_element(By.ID, "talk").click()
+                    if js(browser, "pc !== null"):
+                        browser.find_element(By.ID, "talk").click()
         finally:
             nat.remove_firewall(edge.testbed, "client")
 
