@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import resource
 import socket
-import statistics
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,8 +28,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from examples.python_client.client import CallResult, ToneTrack, dominant_frequency
 from tests.e2e.browser import chromium, js, write_tone_wav
-from tests.netsim import calls
-from tests.netsim.calls import API_KEY, KEY_INSTEAD_OF_SECRET, TONE_HZ
+from tests.netsim import calls, pages
+from tests.netsim.calls import API_KEY, TONE_HZ
 from tools.netsim import nat
 from tools.netsim.edge import ADDR, RELAY_TCP_PORT, NetEdge, standard_edge
 
@@ -108,34 +107,15 @@ def chromium_call(edge: NetEdge, tmp_path: Path) -> dict[str, Any]:
         edge.testbed.entered("client"),
         chromium(tmp_path, wav, secure_origin=edge.http_base) as browser,
     ):
-        browser.get(edge.http_base + "/")
-        browser.execute_script(KEY_INSTEAD_OF_SECRET)
-        browser.find_element(By.ID, "talk").click()
+        page = pages.start_call(browser, edge, timeout_s=40)
         wait = WebDriverWait(browser, timeout=40, poll_frequency=0.2)
-        with contextlib.suppress(TimeoutException):  # the assert below says what it saw
-            wait.until(lambda d: js(d, "window.voiceedgeState") in ("connected", "failed"))
-        page = js(
-            browser,
-            "document.getElementById('state').textContent + ' ice=' + "
-            "document.getElementById('ice').textContent + ' events: ' + "
-            "document.getElementById('events').textContent",
-        )
-        assert js(browser, "window.voiceedgeState") == "connected", page
         pair = None
         with contextlib.suppress(TimeoutException):
             wait.until(lambda d: d.execute_async_script(SELECTED_PAIR) is not None)
             pair = browser.execute_async_script(SELECTED_PAIR)
         assert pair is not None, page
         print(f"selected pair (Chromium getStats): {pair}")
-        slow = WebDriverWait(browser, timeout=45, poll_frequency=0.25)
-        slow.until(
-            lambda d: (
-                (js(d, "window.voiceedgeReceived && window.voiceedgeReceived.loudWindows") or 0)
-                >= 8
-            )
-        )
-        heard = statistics.median(js(browser, "window.voiceedgeReceived.peaksHz"))
-        assert abs(heard - TONE_HZ) < TONE_HZ * 0.05, heard
+        pages.hears_the_tone(browser)
         browser.find_element(By.ID, "talk").click()  # hang up
         wait.until(lambda d: js(d, "document.getElementById('state').textContent") == "idle")
         return dict(pair)
