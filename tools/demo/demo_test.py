@@ -82,7 +82,7 @@ def test_demo_comes_up_serves_the_page_and_stops_cleanly(tmp_path: Path) -> None
         assert "relay UDP     127.0.0.1:3478" in text
         assert "metrics http://127.0.0.1:9465/metrics" in text  # the bridge's
         with urllib.request.urlopen("http://127.0.0.1:9465/metrics", timeout=10) as response:
-            assert 'service_name="bridge"' in response.read().decode()  # OTel's target_info
+            assert "voiceedge_bridge_sessions_active{" in response.read().decode()
         with urllib.request.urlopen("http://127.0.0.1:8080/", timeout=10) as response:
             assert "Talk" in response.read().decode()
         request = urllib.request.Request("http://127.0.0.1:8080/demo/client_secret", method="POST")
