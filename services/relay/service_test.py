@@ -364,7 +364,7 @@ def test_routes_on_the_topology_watched_from_real_geosteer() -> None:
             assert frame == framing.encode(*_name(client), request)
 
 
-RelayState = tuple[geosteer_pb2.Node | None, list[tuple[str, int]]]
+RelayState = tuple[geosteer_pb2.Node | None, list[tuple[str, int, bool]]]
 
 
 def _relay_in(message: geosteer_pb2.WatchTopologyResponse, node_id: str) -> RelayState:
@@ -372,7 +372,7 @@ def _relay_in(message: geosteer_pb2.WatchTopologyResponse, node_id: str) -> Rela
     advertises for cluster 1."""
     cluster = next(c for c in message.topology.clusters if c.cluster_id == 1)
     node = next((n for n in cluster.nodes if n.node_id == node_id), None)
-    return node, [(e.ip, e.port) for e in cluster.relay_endpoints]
+    return node, [(e.ip, e.port, e.tcp) for e in cluster.relay_endpoints]
 
 
 def _first(
@@ -401,6 +401,7 @@ def test_registers_its_vip_with_geosteer_and_drains_out_of_the_answers(
         ]
         args += ["--geosteer-address", geosteer.grpc_address, "--cluster-id", "1"]
         args += ["--public-advertise", "203.0.113.7:3478", "--drain-grace-s", "5"]
+        args += ["--tcp-advertise", "203.0.113.7:443"]  # its ICE-TCP VIP, flagged tcp
         with (
             running_service(COMMAND, args) as relay,
             grpc.insecure_channel(geosteer.grpc_address) as channel,
@@ -418,7 +419,7 @@ def test_registers_its_vip_with_geosteer_and_drains_out_of_the_answers(
                 False,
             )
             assert node.grpc_address == relay.grpc_address
-            assert advertised == [("203.0.113.7", 3478)]
+            assert advertised == [("203.0.113.7", 3478, False), ("203.0.113.7", 443, True)]
 
             with grpc.insecure_channel(relay.grpc_address) as admin:
                 relay_pb2_grpc.RelayAdminServiceStub(admin).Drain(
