@@ -108,6 +108,19 @@ RELAY_REDIS_OPS = MetricSpec(
     "Redis binding store operations (only with Redis configured)",
     labels=("result",),
 )
+RELAY_WORKER_RESTARTS = MetricSpec(
+    "relay",
+    "worker_restarts",
+    Kind.OBSERVABLE_COUNTER,
+    "relay worker processes replaced after they died",
+)
+RELAY_TOPOLOGY_RETAINED = MetricSpec(
+    "relay",
+    "topology_retained",
+    Kind.OBSERVABLE_GAUGE,
+    "transceivers kept although geosteer's last answer left them out (live bindings or "
+    "topology_hold_s)",
+)
 
 # -- transceiver ---------------------------------------------------------------------------
 TRANSCEIVER_SESSIONS_CREATED = MetricSpec(

@@ -24,6 +24,7 @@ from libs.observability.telemetry import log_event
 from libs.wire.framing import Address
 from services.relay.router import C2T, T2C, Binding, BindingInfo, Forward, Router, RouterCounters
 from services.relay.store import BindingStore, RedisCounts, counts_of
+from services.relay.topology import TopologyView, encode_view
 from voiceedge.relay.v1 import relay_pb2
 
 logger = logging.getLogger("voiceedge.relay")
@@ -126,6 +127,7 @@ class DataPlane:
         redis_max_inflight: int,
         worker_id: int = 0,
         batched_io: bool = True,
+        persist_topology: bool = False,
     ) -> None:
         self.router = router
         self.store = store
@@ -150,6 +152,9 @@ class DataPlane:
         self._readers: list[socket.socket] = []
         self._public_fds: list[int] = []
         self._internal_fd = -1
+        self._persist_topology = persist_topology and store.enabled
+        self._saved_topology: object = None  # the transceivers mapping last written
+        self._saver: asyncio.Task[None] | None = None
         router.on_bind = self._on_bind
 
     @property
@@ -269,8 +274,10 @@ class DataPlane:
             if now - last_expire >= 1.0:
                 last_expire = now
                 self.router.expire_idle(now)
+                self.router.prune_topology(time.time())
                 if len(self._negative) > NEGATIVE_CACHE_MAX:
                     self._negative.clear()
+                self._save_topology()
             if self.store.enabled and now - last_refresh >= self._refresh_every_s:
                 last_refresh = now
                 # In its own task: a slow or down Redis must not stall the coarse clock.
@@ -284,6 +291,20 @@ class DataPlane:
         ok = await self.store.refresh(entries)
         for binding in due:
             binding.stored_at = now if ok else -1.0
+
+    def _save_topology(self) -> None:
+        """Writes the routed-on topology to the shared store when its nodes changed (worker
+        0 only), in its own task so a slow Redis never stalls the clock."""
+        view = self.router.topology
+        if not self._persist_topology or view.transceivers == self._saved_topology:
+            return
+        if self._saver is not None and not self._saver.done():
+            return
+        self._saver = asyncio.create_task(self._write_topology(view))
+
+    async def _write_topology(self, view: TopologyView) -> None:
+        if await self.store.save_topology(encode_view(view)):
+            self._saved_topology = view.transceivers
 
     def _on_bind(self, binding: Binding) -> None:
         self._negative.pop(binding.client, None)
@@ -349,7 +370,15 @@ class DataPlane:
             return
         self._closed = True
         tasks = [
-            t for t in (self._ticker, self._refresher, *self._inflight.values(), *self._writes) if t
+            t
+            for t in (
+                self._ticker,
+                self._refresher,
+                self._saver,
+                *self._inflight.values(),
+                *self._writes,
+            )
+            if t
         ]
         for task in tasks:
             task.cancel()

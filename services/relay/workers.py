@@ -17,7 +17,8 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import uvloop
 
@@ -26,10 +27,11 @@ from libs.service.aio import cancel_and_wait
 from libs.wire import ufrag
 from services.relay import messages
 from services.relay.dataplane import DataPlane, WorkerCounters
-from services.relay.router import BindingInfo, Router
+from services.relay.limits import Budget
+from services.relay.router import Admission, BindingInfo, Router
 from services.relay.settings import RelaySettings
 from services.relay.store import BindingStore, make_binding_store
-from services.relay.topology import make_topology_source
+from services.relay.topology import TopologyView, decode_view, make_topology_source
 
 logger = logging.getLogger("voiceedge.relay.workers")
 
@@ -67,6 +69,7 @@ class RemoteWorker:
         self._process = process
         loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[messages.Ready] = loop.create_future()
+        self.died: asyncio.Future[None] = loop.create_future()  # the pipe closed
         self._listings: dict[int, asyncio.Future[tuple[BindingInfo, ...]]] = {}
         self._request_ids = itertools.count(1)
         loop.add_reader(self._conn.fileno(), self._on_message)
@@ -97,6 +100,9 @@ class RemoteWorker:
             asyncio.get_running_loop().remove_reader(self._conn.fileno())
             if not self._ready.done():
                 self._ready.set_exception(RuntimeError(f"worker {self.worker_id} died"))
+                self._ready.exception()  # retrieved: whoever waits sees it, nobody must
+            if not self.died.done():
+                self.died.set_result(None)
             return
         try:
             message = messages.decode(data)
@@ -143,6 +149,10 @@ class RemoteWorker:
     def drain(self, grace_s: float) -> None:
         self._send(messages.Drain(grace_s))
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -159,21 +169,107 @@ class RemoteWorker:
         self._conn.close()
 
 
+class WorkerSupervisor:
+    """Replaces a child worker whose process died (crash, OOM kill, kill -9): the same
+    worker id and settings, bound to the same SO_REUSEPORT ports. While one is missing the
+    relay is degraded (`on_degraded(True)`, then False once every worker is back). The
+    dead worker's clients are rehashed by the kernel onto the remaining sockets; with Redis
+    they carry on from the shared copy, in memory mode from their next STUN check."""
+
+    def __init__(
+        self,
+        settings: RelaySettings,
+        workers: list[RemoteWorker],
+        on_degraded: Callable[[bool], None],
+        on_replaced: Callable[[RemoteWorker, RemoteWorker], None],
+        retry_s: float = 1.0,
+    ) -> None:
+        self._settings = settings
+        self._workers = workers  # replaced in place
+        self._on_degraded = on_degraded
+        self._on_replaced = on_replaced
+        self._retry_s = retry_s
+        self.restarts = 0
+        self.dead: set[int] = set()
+
+    async def run(self) -> None:
+        while self._workers:  # until cancelled; one turn per worker death
+            waits = {asyncio.ensure_future(w.died): w for w in self._workers}
+            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            for task in done:
+                await self._replace(waits[task])
+
+    async def _replace(self, old: RemoteWorker) -> None:
+        self.dead.add(old.worker_id)
+        self._on_degraded(True)
+        log_event(
+            logger, "relay.worker_died", level=logging.WARNING, worker=old.worker_id, pid=old.pid
+        )
+        await old.close()
+        while True:  # until the replacement is ready; one try per retry_s
+            new = RemoteWorker.spawn(self._settings, old.worker_id)
+            try:
+                await new.wait_ready()
+            except (RuntimeError, TimeoutError) as exc:
+                await new.close()
+                log_event(
+                    logger,
+                    "relay.worker_respawn_failed",
+                    level=logging.WARNING,
+                    worker=old.worker_id,
+                    error=str(exc),
+                )
+                await asyncio.sleep(self._retry_s)
+                continue
+            break
+        index = self._workers.index(old)
+        self._workers[index] = new
+        self.restarts += 1
+        self.dead.discard(old.worker_id)
+        self._on_replaced(old, new)
+        log_event(
+            logger,
+            "relay.worker_replaced",
+            worker=new.worker_id,
+            pid=new.pid,
+            restarts=self.restarts,
+        )
+        if not self.dead:
+            self._on_degraded(False)
+
+
 async def make_worker(
     settings: RelaySettings, worker_id: int
 ) -> tuple[DataPlane, BindingStore, asyncio.Task[None]]:
     """One worker's router, store, sockets and topology watch, started."""
     keyring = ufrag.Keyring.parse(settings.ufrag_keys)
     source = make_topology_source(settings.transceivers, settings.geosteer_address)
+    store = make_binding_store(settings.redis_url, settings.binding_ttl_s, settings.redis_timeout_s)
+    # Before any socket opens: the last topology and the bindings from the shared copy, so
+    # a relay (re)started while geosteer is down forwards its calls' first packets.
+    copy = await _load_topology(store, settings.preload_timeout_s)
     router = Router(
         keyring,
-        source.current(),
+        copy,
         idle_timeout_s=settings.idle_timeout_s,
         drain_idle_s=settings.drain_idle_s,
         max_bindings=settings.max_bindings,
         verify_message_integrity=settings.verify_message_integrity,
+        admission=admission_of(settings),
+        topology_hold_s=settings.topology_hold_s,
+        now=time.monotonic(),
     )
-    store = make_binding_store(settings.redis_url, settings.binding_ttl_s, settings.redis_timeout_s)
+    router.set_topology(source.current())
+    preloaded = await _preload(router, store, settings)
+    log_event(
+        logger,
+        "relay.preloaded",
+        worker=worker_id,
+        transceivers=len(router.topology.transceivers),
+        bindings=preloaded,
+    )
     plane = DataPlane(
         router,
         store,
@@ -183,6 +279,7 @@ async def make_worker(
         redis_max_inflight=settings.redis_max_inflight,
         worker_id=worker_id,
         batched_io=settings.batched_io,
+        persist_topology=worker_id == 0,
     )
     try:
         await plane.start()
@@ -191,6 +288,43 @@ async def make_worker(
         raise
     watch = asyncio.get_running_loop().create_task(source.run(router.set_topology))
     return plane, store, watch
+
+
+def admission_of(settings: RelaySettings) -> Admission:
+    """The router's flood and anti-reflection budgets from the settings."""
+    return Admission(
+        unbound_per_ip=Budget(settings.unbound_pps_per_ip, 2 * settings.unbound_pps_per_ip),
+        verifications=Budget(settings.verifications_per_s, settings.verifications_per_s),
+        new_addresses_per_ufrag=Budget(
+            settings.new_addresses_per_ufrag_per_s, settings.new_addresses_per_ufrag_burst
+        ),
+        replay_cache_size=settings.replay_cache_size,
+    )
+
+
+async def _load_topology(store: BindingStore, timeout_s: float) -> TopologyView:
+    """The persisted topology (Redis), or an empty view without one."""
+    try:
+        text = await asyncio.wait_for(store.load_topology(), timeout_s)
+    except TimeoutError:
+        text = None
+    if text is None:
+        return TopologyView()
+    try:
+        return decode_view(text, time.time())
+    except ValueError as exc:
+        log_event(logger, "topology.bad_copy", level=logging.WARNING, error=str(exc))
+        return TopologyView()
+
+
+async def _preload(router: Router, store: BindingStore, settings: RelaySettings) -> int:
+    try:
+        entries = await asyncio.wait_for(
+            store.scan(settings.max_bindings), settings.preload_timeout_s
+        )
+    except TimeoutError:
+        entries = []
+    return router.preload(entries, time.monotonic())
 
 
 def worker_main(
