@@ -477,7 +477,8 @@ def test_a_killed_worker_is_replaced_and_health_says_so_meanwhile() -> None:
             )
             assert overall.status == serving  # the process as a whole kept serving
             new_pids = _worker_pids(relay.process.pid)
-            assert len(new_pids) == 1 and worker not in new_pids
+            assert len(new_pids) == 1
+            assert worker not in new_pids
             # Both sockets forward again: clients spread over the two workers.
             vip = _address(relay.ready["udp"][0])
             for client in [stack.enter_context(_udp()) for _ in range(16)]:
@@ -498,4 +499,5 @@ def test_a_killed_worker_is_replaced_and_health_says_so_meanwhile() -> None:
                 for line in text.splitlines()
                 if line.startswith("voiceedge_relay_worker_restarts_total")
             ]
-            assert len(restarts) == 1 and restarts[0].endswith(" 1.0"), restarts
+            assert len(restarts) == 1
+            assert restarts[0].endswith(" 1.0"), restarts

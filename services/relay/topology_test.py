@@ -152,5 +152,5 @@ def test_the_persisted_copy_round_trips_and_rejects_garbage() -> None:
         '{"v": 1, "transceivers": [[1, 1]]}',
         b"\xff",
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="bad topology copy"):
             decode_view(bad, 0.0)
