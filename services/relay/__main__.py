@@ -23,6 +23,7 @@ from libs.service.cpus import usable_cpus
 from libs.service.runtime import ServiceParts, Servicer, service_main
 from libs.wire import ufrag
 from services.geosteer.client import HeartbeatLoop, NodeReport, ProcessCpuMeter
+from services.relay.limits import SharedReplayTable
 from services.relay.servicer import RelayAdmin, RelayState, register_metrics
 from services.relay.settings import RelaySettings
 from services.relay.workers import RemoteWorker, WorkerSupervisor, make_worker
@@ -37,7 +38,9 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
     if settings.ufrag_keys == ufrag.DEV_KEYRING_SPEC:
         log_event(logger, "relay.dev_keyring", level=logging.WARNING, detail="never in production")
     workers = settings.workers or usable_cpus()
-    plane, store, watch = await make_worker(settings, 0)
+    # One replay table for every worker: the kernel hashes a replay's ports anywhere.
+    replays = SharedReplayTable.create(settings.replay_cache_size)
+    plane, store, watch = await make_worker(settings, 0, replays)
     # Children bind the ports worker 0 got (port 0 picks one) and their own internal socket.
     internal_host = settings.internal_listen.rpartition(":")[0]
     child_settings = dataclasses.replace(
@@ -50,7 +53,7 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
     remotes: list[RemoteWorker] = []
     try:
         for worker_id in range(1, workers):
-            remotes.append(RemoteWorker.spawn(child_settings, worker_id))
+            remotes.append(RemoteWorker.spawn(child_settings, worker_id, replays.path))
         for remote in remotes:
             await remote.wait_ready()
     except BaseException:
@@ -59,6 +62,7 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
         await cancel_and_wait(watch)
         await plane.close()
         await store.close()
+        replays.close()
         raise
 
     state = RelayState(
@@ -83,7 +87,9 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
             health_tasks.add(task)
             task.add_done_callback(health_tasks.discard)
 
-    supervisor = WorkerSupervisor(child_settings, remotes, on_degraded, state.replace_worker)
+    supervisor = WorkerSupervisor(
+        child_settings, remotes, on_degraded, state.replace_worker, replays.path
+    )
     supervising = asyncio.get_running_loop().create_task(supervisor.run())
 
     def health(setter: Callable[[str, bool], Coroutine[Any, Any, None]]) -> None:
@@ -113,6 +119,7 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
             await remote.close()
         await plane.close()
         await store.close()
+        replays.close()
 
     return ServiceParts(
         servicers=[

@@ -7,9 +7,13 @@ and a lookup that stays O(1).
 
 from __future__ import annotations
 
+import mmap
+import os
+import struct
+import zlib
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from libs.wire.framing import Address
 
@@ -100,3 +104,77 @@ class ReplayCache:
         if len(seen) >= self._size:
             del seen[next(iter(seen))]
         seen[transaction_id] = client
+
+
+class ReplayTable(Protocol):
+    """What the router asks about STUN transaction ids (one worker's cache, or a table
+    every worker of the relay shares)."""
+
+    def replayed(self, transaction_id: bytes, client: Address) -> bool: ...
+
+    def record(self, transaction_id: bytes, client: Address) -> None: ...
+
+
+_SLOT = 20  # 12-byte transaction id, CRC-32 of the IP text, 2-byte port, 2 bytes padding
+
+
+def _address_key(client: Address) -> bytes:
+    # Deterministic across processes (str hashes are salted per interpreter).
+    return struct.pack("!IH2x", zlib.crc32(client[0].encode()), client[1])
+
+
+class SharedReplayTable:
+    """A direct-mapped table of (transaction id -> first address) in memory shared by every
+    worker process of one relay (a memfd the children open through /proc), so a captured
+    request replayed from ports the kernel hashes onto another worker is still caught. A
+    newer id may overwrite an older one in its slot (bounded: `slots` x 20 bytes). Writes
+    are not locked: a torn read costs at most one wrong answer for one packet."""
+
+    def __init__(self, buffer: mmap.mmap, slots: int, fd: int = -1) -> None:
+        self._buffer = buffer
+        self._slots = slots
+        self._fd = fd  # held by the creator, so children can open /proc/<pid>/fd/<fd>
+
+    @classmethod
+    def create(cls, slots: int) -> SharedReplayTable:
+        slots = max(1, slots)
+        fd = os.memfd_create("voiceedge-relay-replays")
+        os.ftruncate(fd, slots * _SLOT)
+        return cls(mmap.mmap(fd, slots * _SLOT), slots, fd)
+
+    @classmethod
+    def attach(cls, path: str, slots: int) -> SharedReplayTable:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            return cls(mmap.mmap(fd, slots * _SLOT), slots)
+        finally:
+            os.close(fd)
+
+    @property
+    def path(self) -> str:
+        """Where a child worker of this process opens the table."""
+        return f"/proc/{os.getpid()}/fd/{self._fd}"
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    def _offset(self, transaction_id: bytes) -> int:
+        return (int.from_bytes(transaction_id[:4], "big") % self._slots) * _SLOT
+
+    def replayed(self, transaction_id: bytes, client: Address) -> bool:
+        offset = self._offset(transaction_id)
+        slot = self._buffer[offset : offset + _SLOT]
+        return slot[:12] == transaction_id and slot[12:] != _address_key(client)
+
+    def record(self, transaction_id: bytes, client: Address) -> None:
+        offset = self._offset(transaction_id)
+        if self._buffer[offset : offset + 12] == transaction_id:
+            return
+        self._buffer[offset : offset + _SLOT] = transaction_id + _address_key(client)
+
+    def close(self) -> None:
+        self._buffer.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -27,7 +27,7 @@ from typing import NamedTuple
 from libs.wire import framing, stun, ufrag
 from libs.wire.classify import PacketClass, classify
 from libs.wire.framing import Address
-from services.relay.limits import Bucket, Budget, KeyedBuckets, ReplayCache
+from services.relay.limits import Bucket, Budget, KeyedBuckets, ReplayCache, ReplayTable
 from services.relay.topology import TopologyView, retained
 from voiceedge.relay.v1 import relay_pb2
 
@@ -255,6 +255,7 @@ class Router:
         admission: Admission | None = None,
         topology_hold_s: float = 300.0,
         now: float = 0.0,
+        replays: ReplayTable | None = None,
     ) -> None:
         self.keyring = keyring
         self.topology = topology
@@ -272,7 +273,7 @@ class Router:
         self._ufrag_addresses = KeyedBuckets[str](
             admission.new_addresses_per_ufrag, admission.max_tracked_keys
         )
-        self._replays = ReplayCache(admission.replay_cache_size)
+        self._replays = replays or ReplayCache(admission.replay_cache_size)
         self.idle_timeout_s = idle_timeout_s
         self.drain_idle_s = drain_idle_s
         self.max_bindings = max_bindings

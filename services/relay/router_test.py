@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from libs.wire import framing, stun, ufrag
-from services.relay.limits import Budget
+from services.relay.limits import Budget, SharedReplayTable
 from services.relay.router import (
     C2T,
     T2C,
@@ -424,3 +424,20 @@ def test_preload_installs_bindings_without_writing_them_back() -> None:
     assert written == []
     assert r.route_client_packet(SRTP, CLIENT, 5.0)[0] == MEDIA
     assert r.on_bind is not None
+
+
+def test_workers_sharing_a_replay_table_catch_a_replay_on_the_other_worker() -> None:
+    table = SharedReplayTable.create(1024)
+    try:
+        other = SharedReplayTable.attach(table.path, table.slots)  # as a child worker does
+        worker_a, worker_b = router(replays=table), router(replays=other)
+        captured = request()
+        assert isinstance(worker_a.route_client_packet(captured, CLIENT, 0.0), Forward)
+        for port in range(64):
+            assert worker_b.route_client_packet(captured, ("192.0.2.2", port), 0.1) == Drop(
+                relay_pb2.DROP_REASON_REPLAYED
+            )
+        assert len(worker_b) == 0
+        other.close()
+    finally:
+        table.close()

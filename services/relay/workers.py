@@ -27,7 +27,7 @@ from libs.service.aio import cancel_and_wait
 from libs.wire import ufrag
 from services.relay import messages
 from services.relay.dataplane import DataPlane, WorkerCounters
-from services.relay.limits import Budget
+from services.relay.limits import Budget, ReplayTable, SharedReplayTable
 from services.relay.router import Admission, BindingInfo, Router
 from services.relay.settings import RelaySettings
 from services.relay.store import BindingStore, make_binding_store
@@ -76,12 +76,12 @@ class RemoteWorker:
         self._closed = False
 
     @classmethod
-    def spawn(cls, settings: RelaySettings, worker_id: int) -> RemoteWorker:
+    def spawn(cls, settings: RelaySettings, worker_id: int, replays_path: str) -> RemoteWorker:
         context = multiprocessing.get_context("spawn")
         conn, child_conn = context.Pipe()
         process = context.Process(
             target=worker_main,
-            args=(settings, worker_id, child_conn),
+            args=(settings, worker_id, child_conn, replays_path),
             name=f"relay-worker-{worker_id}",
             daemon=True,
         )
@@ -182,9 +182,11 @@ class WorkerSupervisor:
         workers: list[RemoteWorker],
         on_degraded: Callable[[bool], None],
         on_replaced: Callable[[RemoteWorker, RemoteWorker], None],
+        replays_path: str,
         retry_s: float = 1.0,
     ) -> None:
         self._settings = settings
+        self._replays_path = replays_path
         self._workers = workers  # replaced in place
         self._on_degraded = on_degraded
         self._on_replaced = on_replaced
@@ -209,7 +211,7 @@ class WorkerSupervisor:
         )
         await old.close()
         while True:  # until the replacement is ready; one try per retry_s
-            new = RemoteWorker.spawn(self._settings, old.worker_id)
+            new = RemoteWorker.spawn(self._settings, old.worker_id, self._replays_path)
             try:
                 await new.wait_ready()
             except (RuntimeError, TimeoutError) as exc:
@@ -241,7 +243,7 @@ class WorkerSupervisor:
 
 
 async def make_worker(
-    settings: RelaySettings, worker_id: int
+    settings: RelaySettings, worker_id: int, replays: ReplayTable | None = None
 ) -> tuple[DataPlane, BindingStore, asyncio.Task[None]]:
     """One worker's router, store, sockets and topology watch, started."""
     keyring = ufrag.Keyring.parse(settings.ufrag_keys)
@@ -260,6 +262,7 @@ async def make_worker(
         admission=admission_of(settings),
         topology_hold_s=settings.topology_hold_s,
         now=time.monotonic(),
+        replays=replays,
     )
     router.set_topology(source.current())
     preloaded = await _preload(router, store, settings)
@@ -328,18 +331,27 @@ async def _preload(router: Router, store: BindingStore, settings: RelaySettings)
 
 
 def worker_main(
-    settings: RelaySettings, worker_id: int, conn: multiprocessing.connection.Connection
+    settings: RelaySettings,
+    worker_id: int,
+    conn: multiprocessing.connection.Connection,
+    replays_path: str = "",
 ) -> None:
     """Entry point of a spawned worker process."""
     configure_logging(settings.log_level)
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(_serve_worker(settings, worker_id, conn))
+    replays = (
+        SharedReplayTable.attach(replays_path, settings.replay_cache_size) if replays_path else None
+    )
+    asyncio.run(_serve_worker(settings, worker_id, conn, replays))
 
 
 async def _serve_worker(
-    settings: RelaySettings, worker_id: int, conn: multiprocessing.connection.Connection
+    settings: RelaySettings,
+    worker_id: int,
+    conn: multiprocessing.connection.Connection,
+    replays: ReplayTable | None,
 ) -> None:
-    plane, store, watch = await make_worker(settings, worker_id)
+    plane, store, watch = await make_worker(settings, worker_id, replays)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     drain_task: asyncio.Task[None] | None = None

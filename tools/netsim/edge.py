@@ -67,6 +67,7 @@ def standard_edge(
     up: Profile | None = None,
     down: Profile | None = None,
     extra_flags: dict[str, list[str]] | None = None,
+    grpc_ports: dict[str, int] | None = None,
 ) -> Iterator[NetEdge]:
     """Builds the standard layout, starts the edge on it; tears everything down on exit.
     Service logs go to workdir/services.log."""
@@ -92,6 +93,7 @@ def standard_edge(
                     log=log,
                     workdir=workdir,
                     extra_flags=_with_defaults(extra_flags or {}),
+                    grpc_ports=dict(grpc_ports or {}),
                     placement={
                         "geosteer": cluster,
                         "bridge": cluster,
