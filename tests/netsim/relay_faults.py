@@ -279,6 +279,7 @@ async def flood(edge: NetEdge, pps: int, seconds: float, mode: str) -> Figures:
     async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
         username, _ = calls.ice_credentials(pc, result)
         before = relay_stats(edge)
+        kernel_before = _udp_receive_errors(edge)
         argv = [sys.executable, str(FLOOD), edge.relay[0], str(edge.relay[1])]
         argv += [str(pps), str(seconds), mode, username]
         process = edge.testbed.start(
@@ -289,11 +290,31 @@ async def flood(edge: NetEdge, pps: int, seconds: float, mode: str) -> Figures:
         t1 = time.monotonic()
         gap = calls.Arrivals(list(result.arrivals)).longest_gap_s(t0, t1)
         after = relay_stats(edge)
-        sent = float(out.strip().rpartition("sent=")[2] or 0)
+        sent = float(out.strip().rpartition("sent=")[2] or 0)  # "errors=E sent=N"
         dropped = sum(d.packets for d in after.drops) - sum(d.packets for d in before.drops)
-        return Figures(gap, {"sent": sent, "sent_pps": sent / (t1 - t0), "dropped": dropped})
+        return Figures(
+            gap,
+            {
+                "sent": sent,
+                "sent_pps": sent / (t1 - t0),
+                "relay_dropped": dropped,
+                "kernel_dropped": _udp_receive_errors(edge) - kernel_before,
+            },
+        )
 
     return await around_call(edge, fault)
+
+
+def _udp_receive_errors(edge: NetEdge) -> int:
+    """UDP RcvbufErrors of the relay host (/proc/net/snmp): datagrams the kernel dropped
+    because a socket's receive buffer was full."""
+    lines = [
+        line.split()
+        for line in edge.testbed.run_in("relay", ["cat", "/proc/net/snmp"]).splitlines()
+    ]
+    udp = [line for line in lines if line and line[0] == "Udp:"]
+    names, values = udp[0], udp[1]
+    return int(values[names.index("RcvbufErrors")])
 
 
 async def quiet(edge: NetEdge, seconds: float) -> Figures:
