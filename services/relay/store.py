@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -99,7 +100,7 @@ class BindingStore(Protocol):
 
     async def get(self, client: Address) -> tuple[int, int] | None: ...
 
-    async def scan(self, limit: int) -> list[tuple[Address, int, int]]: ...
+    async def scan(self, limit: int, deadline: float) -> list[tuple[Address, int, int]]: ...
 
     async def save_topology(self, text: str) -> bool: ...
 
@@ -126,7 +127,7 @@ class MemoryBindingStore:
         self.misses += 1
         return None
 
-    async def scan(self, limit: int) -> list[tuple[Address, int, int]]:
+    async def scan(self, limit: int, deadline: float) -> list[tuple[Address, int, int]]:
         return []
 
     async def save_topology(self, text: str) -> bool:
@@ -205,13 +206,15 @@ class RedisBindingStore:
             self.hits += 1
         return ids
 
-    async def scan(self, limit: int) -> list[tuple[Address, int, int]]:
-        """Up to `limit` bindings of the copy (SCAN + MGET in pages of SCAN_PAGE): what a
-        starting relay installs before its first packet. Empty on a Redis error."""
+    async def scan(self, limit: int, deadline: float) -> list[tuple[Address, int, int]]:
+        """Up to `limit` bindings of the copy (SCAN + MGET in pages of SCAN_PAGE) read before
+        `deadline` (time.monotonic()): what a starting relay installs before its first
+        packet. What was read so far on a Redis error or at the deadline."""
         found: list[tuple[Address, int, int]] = []
         try:
             cursor = 0
-            while len(found) < limit:  # bounded: SCAN ends at cursor 0; `limit` caps it
+            # Bounded: SCAN ends at cursor 0; `limit` and `deadline` cap it.
+            while len(found) < limit and time.monotonic() < deadline:
                 cursor, keys = await self._redis.scan(
                     cursor, match=f"{KEY_PREFIX}*", count=SCAN_PAGE
                 )
@@ -225,7 +228,6 @@ class RedisBindingStore:
                     break
         except (redis.exceptions.RedisError, OSError) as exc:
             self._failed("scan", exc)
-            return []
         self.hits += len(found)
         return found[:limit]
 

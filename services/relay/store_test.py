@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 
 import redis.asyncio as aioredis
 
@@ -123,16 +124,16 @@ async def test_scan_and_topology_copy_round_trip() -> None:
     with redis_server() as redis:
         store = RedisBindingStore(redis.url, ttl_s=30, timeout_s=1)
         try:
-            assert await store.scan(10) == []
+            assert await store.scan(10, time.monotonic() + 10) == []
             assert await store.load_topology() is None
             await store.put(("203.0.113.9", 5000), 1, 2)
             await store.put(("2001:db8::9", 5001), 3, 4)
             async with aioredis.Redis.from_url(redis.url) as raw:
                 await raw.set(binding_key(("203.0.113.10", 1)), b"garbage")
                 await raw.set("voiceedge:relay:binding:not-an-ip:1", b"1/1")
-            found = sorted(await store.scan(10))
+            found = sorted(await store.scan(10, time.monotonic() + 10))
             assert found == [(("2001:db8::9", 5001), 3, 4), (("203.0.113.9", 5000), 1, 2)]
-            assert len(await store.scan(1)) == 1
+            assert len(await store.scan(1, time.monotonic() + 10)) == 1
             assert await store.save_topology('{"v": 1}')
             assert await store.load_topology() == '{"v": 1}'
         finally:

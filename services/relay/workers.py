@@ -321,12 +321,10 @@ async def _load_topology(store: BindingStore, timeout_s: float) -> TopologyView:
 
 
 async def _preload(router: Router, store: BindingStore, settings: RelaySettings) -> int:
-    try:
-        entries = await asyncio.wait_for(
-            store.scan(settings.max_bindings), settings.preload_timeout_s
-        )
-    except TimeoutError:
-        entries = []
+    """The Redis copy's bindings, as many as `preload_timeout_s` allows (each worker holds
+    the whole copy: the kernel may hash any client to it)."""
+    deadline = time.monotonic() + settings.preload_timeout_s
+    entries = await store.scan(settings.max_bindings, deadline)
     return router.preload(entries, time.monotonic())
 
 

@@ -54,14 +54,17 @@ async def _audio_flowing(result: CallResult, frames: int = 25) -> None:
     await calls.until("audio from the agent", lambda: len(result.arrivals) > frames, 20)
 
 
-async def _carried_after(result: CallResult, t: float) -> float:
-    """Waits until the caller has heard AFTER_S of audio after `t`; returns the gap."""
+async def _carried_after(result: CallResult, fault_at: float, recovered_at: float) -> float:
+    """Waits until the caller has heard AFTER_S of audio after `recovered_at`; returns the
+    longest gap from just before the fault to then."""
     await calls.until(
         "audio after the recovery",
-        lambda: bool(result.arrivals) and result.arrivals[-1] > t + AFTER_S,
+        lambda: bool(result.arrivals) and result.arrivals[-1] > recovered_at + AFTER_S,
         60,
     )
-    return calls.Arrivals(list(result.arrivals)).longest_gap_s(t - 0.5, t + AFTER_S)
+    # Up to the last frame heard, so an outage longer than AFTER_S is measured whole.
+    arrivals = calls.Arrivals(list(result.arrivals))
+    return arrivals.longest_gap_s(min(fault_at, recovered_at - 0.5), arrivals.times[-1])
 
 
 async def around_call(
@@ -89,8 +92,7 @@ async def geosteer_restart(edge: NetEdge) -> Figures:
         edge.stack.kill("geosteer")
         await asyncio.to_thread(edge.stack.start_again, "geosteer")
         restarted = time.monotonic()
-        gap = await _carried_after(result, restarted)
-        gap = max(gap, calls.Arrivals(list(result.arrivals)).longest_gap_s(t0, restarted))
+        gap = await _carried_after(result, t0, restarted)
         after = relay_stats(edge)
         unknown = drops(after, relay_pb2.DROP_REASON_UNKNOWN_SOURCE) - drops(
             before, relay_pb2.DROP_REASON_UNKNOWN_SOURCE
@@ -117,8 +119,7 @@ async def relay_restart_while_geosteer_down(edge: NetEdge) -> Figures:
         try:
             t0 = time.monotonic()
             took = await asyncio.to_thread(_restart_relay, edge)
-            gap = await _carried_after(result, t0 + took)
-            gap = max(gap, calls.Arrivals(list(result.arrivals)).longest_gap_s(t0, t0 + took))
+            gap = await _carried_after(result, t0, t0 + took)
             stats = relay_stats(edge)
         finally:
             await asyncio.to_thread(edge.stack.start_again, "geosteer")
@@ -145,8 +146,7 @@ async def relay_kill_restart(edge: NetEdge, *, redis: bool = True) -> Figures:
     async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
         t0 = time.monotonic()
         took = await asyncio.to_thread(_restart_relay, edge)
-        gap = await _carried_after(result, t0 + took)
-        gap = max(gap, calls.Arrivals(list(result.arrivals)).longest_gap_s(t0, t0 + took))
+        gap = await _carried_after(result, t0, t0 + took)
         return Figures(gap, {"restart_s": took})
 
     try:
@@ -168,8 +168,7 @@ async def relay_replacement(edge: NetEdge) -> Figures:
         old.process.terminate()
         await asyncio.to_thread(old.process.wait, 30)
         done = time.monotonic()
-        gap = await _carried_after(result, done)
-        gap = max(gap, calls.Arrivals(list(result.arrivals)).longest_gap_s(t0, done))
+        gap = await _carried_after(result, t0, done)
         return Figures(gap, {"handover_s": done - t0})
 
     return await around_call(edge, fault)
@@ -213,7 +212,7 @@ async def worker_crash(edge: NetEdge) -> Figures:
             )
 
         t_replaced = await calls.until("the worker to be replaced", replaced, 60)
-        gap = await _carried_after(result, t0)
+        gap = await _carried_after(result, t0, t0)
         return Figures(gap, {"replaced_s": t_replaced - t0, "workers_killed": 1})
 
     return await around_call(edge, fault)
@@ -259,7 +258,7 @@ async def replay_from_many_ports(edge: NetEdge, ports: int = REPLAY_PORTS) -> Fi
             before, relay_pb2.DROP_REASON_REPLAYED
         )
         t = time.monotonic()
-        gap = await _carried_after(result, t)
+        gap = await _carried_after(result, t, t)
         return Figures(
             gap,
             {
