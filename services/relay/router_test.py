@@ -441,3 +441,19 @@ def test_workers_sharing_a_replay_table_catch_a_replay_on_the_other_worker() -> 
         other.close()
     finally:
         table.close()
+
+
+def test_a_draining_transceiver_that_deregistered_still_reaches_its_bound_callers() -> None:
+    # The transceiver deregisters in the same instant it closes its sessions: its last
+    # packets (the data-channel event, the DTLS close alert) must still reach the callers.
+    r = Router(KEYS, TopologyView(), topology_hold_s=60.0)
+    r.set_topology(static_view(["1/1=127.0.0.1:40000", "1/2=127.0.0.1:40001"]), wall=0.0)
+    r.route_client_packet(request(1, 1), CLIENT, 0.0)
+    r.set_topology(static_view(["1/2=127.0.0.1:40001"]), wall=1.0)  # 1/1 left geosteer
+    alert = bytes([21, 0xFE, 0xFD]) + bytes(20)  # a DTLS alert record
+    assert r.route_transceiver_packet(framing.encode(*CLIENT, alert), MEDIA) == Forward(
+        CLIENT, alert
+    )
+    # Long after the hold, still there while the caller's binding lives.
+    assert not r.prune_topology(500.0)
+    assert (1, 1) in r.topology.retained
