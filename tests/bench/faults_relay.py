@@ -94,6 +94,11 @@ SCENARIOS = [
         lambda e, a: relay_faults.relay_replacement(e),
     ),
     Scenario(
+        "relay_replacement_memory",
+        "the same, memory only: flows the kernel moves wait for their next STUN check",
+        lambda e, a: relay_faults.relay_replacement(e, redis=False),
+    ),
+    Scenario(
         "worker_crash",
         "one worker kill -9: replaced; degraded until then; call carries on",
         lambda e, a: relay_faults.worker_crash(e),

@@ -135,13 +135,23 @@ async def relay_restart_while_geosteer_down(edge: NetEdge) -> Figures:
     return await around_call(edge, fault)
 
 
-async def relay_kill_restart(edge: NetEdge, *, redis: bool = True) -> Figures:
-    """The relay kill -9 and started again (geosteer up); without Redis: memory only."""
+async def _memory_only(edge: NetEdge, body: Callable[[], Awaitable[Figures]]) -> Figures:
+    """Runs `body` with the relay restarted without Redis (and so its replacements), then
+    restores the relay with the shared copy for the scenarios after it."""
     flags = edge.stack.services["relay"].flags
     saved = list(flags)
-    if not redis:
-        at = flags.index("--redis-url")
-        del flags[at : at + 2]
+    at = flags.index("--redis-url")
+    del flags[at : at + 2]
+    await asyncio.to_thread(_restart_relay, edge)
+    try:
+        return await body()
+    finally:
+        edge.stack.services["relay"].flags[:] = saved
+        await asyncio.to_thread(_restart_relay, edge)
+
+
+async def relay_kill_restart(edge: NetEdge, *, redis: bool = True) -> Figures:
+    """The relay kill -9 and started again (geosteer up); without Redis: memory only."""
 
     async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
         t0 = time.monotonic()
@@ -149,17 +159,15 @@ async def relay_kill_restart(edge: NetEdge, *, redis: bool = True) -> Figures:
         gap = await _carried_after(result, t0, t0 + took)
         return Figures(gap, {"restart_s": took})
 
-    try:
+    if redis:
         return await around_call(edge, fault)
-    finally:
-        edge.stack.services["relay"].flags[:] = saved
-        if not redis:  # back to the shared copy for the scenarios after this one
-            await asyncio.to_thread(_restart_relay, edge)
+    return await _memory_only(edge, lambda: around_call(edge, fault))
 
 
-async def relay_replacement(edge: NetEdge) -> Figures:
+async def relay_replacement(edge: NetEdge, *, redis: bool = True) -> Figures:
     """Zero-gap upgrade: a second relay binds the same port (SO_REUSEPORT) and reads the
-    Redis copy, then the old one gets SIGTERM and drains out."""
+    Redis copy, then the old one gets SIGTERM and drains out. Memory only: the second one
+    knows no binding."""
 
     async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
         old: Service = edge.stack.services["relay"]
@@ -171,7 +179,9 @@ async def relay_replacement(edge: NetEdge) -> Figures:
         gap = await _carried_after(result, t0, done)
         return Figures(gap, {"handover_s": done - t0})
 
-    return await around_call(edge, fault)
+    if redis:
+        return await around_call(edge, fault)
+    return await _memory_only(edge, lambda: around_call(edge, fault))
 
 
 def _worker_pids(relay_pid: int) -> set[int]:
