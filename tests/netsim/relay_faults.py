@@ -26,6 +26,8 @@ from examples.python_client.client import CallResult
 from tests.netsim import calls
 from tools.demo.stack import Service
 from tools.netsim.edge import NetEdge
+from voiceedge.common.v1 import common_pb2
+from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
 
 GEOSTEER_PORT = 50051  # fixed, inside the cluster namespace: a restart comes back on it
@@ -44,6 +46,29 @@ def relay_stats(edge: NetEdge) -> relay_pb2.RelayStats:
     with edge.testbed.entered("relay"), grpc.insecure_channel(edge.stack.grpc("relay")) as ch:
         stub = relay_pb2_grpc.RelayAdminServiceStub(ch)
         return stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+
+
+def _transceiver_registered(edge: NetEdge) -> bool:
+    with (
+        edge.testbed.entered("cluster"),
+        grpc.insecure_channel(edge.stack.grpc("geosteer")) as channel,
+    ):
+        stub = geosteer_pb2_grpc.GeosteerServiceStub(channel)
+        topology = stub.ListTopology(geosteer_pb2.ListTopologyRequest(), timeout=5).topology
+    return any(
+        node.kind == common_pb2.NODE_KIND_TRANSCEIVER and not node.draining
+        for cluster in topology.clusters
+        for node in cluster.nodes
+    )
+
+
+async def start_geosteer_again(edge: NetEdge) -> None:
+    """geosteer started again; returns once the transceiver has registered with it again,
+    so the next scenario's call can be routed (the relay needs none of this)."""
+    await asyncio.to_thread(edge.stack.start_again, "geosteer")
+    await calls.until(
+        "the transceiver to register again", lambda: _transceiver_registered(edge), 60
+    )
 
 
 def drops(stats: relay_pb2.RelayStats, reason: int) -> int:
@@ -93,6 +118,7 @@ async def geosteer_restart(edge: NetEdge) -> Figures:
         await asyncio.to_thread(edge.stack.start_again, "geosteer")
         restarted = time.monotonic()
         gap = await _carried_after(result, t0, restarted)
+        await calls.until("the transceiver back", lambda: _transceiver_registered(edge), 60)
         after = relay_stats(edge)
         unknown = drops(after, relay_pb2.DROP_REASON_UNKNOWN_SOURCE) - drops(
             before, relay_pb2.DROP_REASON_UNKNOWN_SOURCE
@@ -122,7 +148,7 @@ async def relay_restart_while_geosteer_down(edge: NetEdge) -> Figures:
             gap = await _carried_after(result, t0, t0 + took)
             stats = relay_stats(edge)
         finally:
-            await asyncio.to_thread(edge.stack.start_again, "geosteer")
+            await start_geosteer_again(edge)
         return Figures(
             gap,
             {
