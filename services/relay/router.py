@@ -19,6 +19,7 @@ No sockets and no clock of its own: the I/O layer passes datagrams, addresses an
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -79,6 +80,17 @@ class Admission:
     new_addresses_per_ufrag: Budget = _NEW_ADDRESSES  # new client addresses per ufrag
     replay_cache_size: int = 65_536  # STUN transaction ids remembered
     max_tracked_keys: int = 100_000  # per-IP and per-ufrag buckets held
+
+
+def source_key(ip: str) -> str | bytes:
+    """What a per-source budget is keyed on: the IPv4 address, or the IPv6 /64 (one host
+    holds a whole /64, so per-address budgets would not bound it; RFC 7421)."""
+    if ":" not in ip:
+        return ip
+    try:
+        return socket.inet_pton(socket.AF_INET6, ip)[:8]
+    except OSError:
+        return ip
 
 
 class Forward(NamedTuple):
@@ -265,8 +277,10 @@ class Router:
         self.admission = admission = admission or Admission()
         # Separate budgets: a restarted relay's unbound SRTP from a carrier NAT's IP must not
         # starve the STUN checks that rebind its calls.
-        self._unbound_stun = KeyedBuckets[str](admission.unbound_per_ip, admission.max_tracked_keys)
-        self._unbound_media = KeyedBuckets[str](
+        self._unbound_stun = KeyedBuckets[str | bytes](
+            admission.unbound_per_ip, admission.max_tracked_keys
+        )
+        self._unbound_media = KeyedBuckets[str | bytes](
             admission.unbound_per_ip, admission.max_tracked_keys
         )
         self._verify_budget = Bucket(admission.verifications, now)
@@ -462,11 +476,11 @@ class Router:
         if kind in (_SRTP, _DTLS):
             if binding is None:
                 # Over the per-IP budget: no Redis lookup either (a flood from one host).
-                if not self._unbound_media.take(client[0], now):
+                if not self._unbound_media.take(source_key(client[0]), now):
                     return self._drop(C2T, _RATE_LIMITED, size)
                 return self._drop(C2T, relay_pb2.DROP_REASON_NO_BINDING, size)
         elif kind == _STUN:
-            if binding is None and not self._unbound_stun.take(client[0], now):
+            if binding is None and not self._unbound_stun.take(source_key(client[0]), now):
                 return self._drop(C2T, _RATE_LIMITED, size)  # before any parsing or HMAC
             result = self._route_stun(data, client, binding, now, via)
             if isinstance(result, Drop):

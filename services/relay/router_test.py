@@ -19,6 +19,7 @@ from services.relay.router import (
     Forward,
     Router,
     binding_request_for,
+    source_key,
 )
 from services.relay.topology import TopologyView, static_view
 from voiceedge.relay.v1 import relay_pb2
@@ -457,3 +458,15 @@ def test_a_draining_transceiver_that_deregistered_still_reaches_its_bound_caller
     # Long after the hold, still there while the caller's binding lives.
     assert not r.prune_topology(500.0)
     assert (1, 1) in r.topology.retained
+
+
+def test_ipv6_sources_share_a_budget_per_64() -> None:
+    assert source_key("203.0.113.9") == "203.0.113.9"
+    assert source_key("2001:db8:1:2::5") == source_key("2001:db8:1:2:ffff::9")
+    assert source_key("2001:db8:1:2::5") != source_key("2001:db8:1:3::5")
+    r = _replay_router(unbound_per_ip=Budget(1.0, 4.0))
+    results = [
+        r.route_client_packet(forged_mac(), (f"2001:db8:1:2::{i:x}", 1), 0.0) for i in range(10)
+    ]
+    reasons = [d.reason for d in results if isinstance(d, Drop)]
+    assert reasons.count(relay_pb2.DROP_REASON_RATE_LIMITED) == 6

@@ -153,7 +153,8 @@ class RelaySettings(ServiceSettings):
     unbound_pps_per_ip: float = setting(
         200.0,
         "STUN (and, apart, DTLS/SRTP) packets per second from addresses without a binding, "
-        "per source IP, burst twice that; beyond it dropped before any parsing or HMAC",
+        "per source IP (IPv6: per /64), burst twice that; beyond it dropped before any "
+        "parsing or HMAC",
         gt=0,
     )
     verifications_per_s: float = setting(

@@ -337,10 +337,19 @@ def worker_main(
     """Entry point of a spawned worker process."""
     configure_logging(settings.log_level)
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    replays = (
-        SharedReplayTable.attach(replays_path, settings.replay_cache_size) if replays_path else None
-    )
-    asyncio.run(_serve_worker(settings, worker_id, conn, replays))
+    asyncio.run(_serve_worker(settings, worker_id, conn, _attach_replays(replays_path, settings)))
+
+
+def _attach_replays(path: str, settings: RelaySettings) -> ReplayTable | None:
+    """The parent's shared replay table; None (this worker's own cache) if it cannot be
+    opened (e.g. /proc/<pid>/fd not readable here): weaker, but never a crash loop."""
+    if not path:
+        return None
+    try:
+        return SharedReplayTable.attach(path, settings.replay_cache_size)
+    except OSError as exc:
+        log_event(logger, "relay.replay_table_unshared", level=logging.WARNING, error=str(exc))
+        return None
 
 
 async def _serve_worker(
