@@ -23,7 +23,7 @@ from libs.fastio import fastio
 from libs.observability.telemetry import log_event
 from libs.wire.framing import Address
 from services.relay.router import C2T, T2C, Binding, BindingInfo, Forward, Router, RouterCounters
-from services.relay.store import BindingStore, RedisCounts, counts_of
+from services.relay.store import TOPOLOGY_RESAVE_S, BindingStore, RedisCounts, counts_of
 from services.relay.topology import TopologyView, encode_view
 from voiceedge.relay.v1 import relay_pb2
 
@@ -154,6 +154,7 @@ class DataPlane:
         self._internal_fd = -1
         self._persist_topology = persist_topology and store.enabled
         self._saved_topology: object = None  # the transceivers mapping last written
+        self._saved_topology_at = float("-inf")  # monotonic
         self._saver: asyncio.Task[None] | None = None
         router.on_bind = self._on_bind
 
@@ -296,7 +297,10 @@ class DataPlane:
         """Writes the routed-on topology to the shared store when its nodes changed (worker
         0 only), in its own task so a slow Redis never stalls the clock."""
         view = self.router.topology
-        if not self._persist_topology or view.transceivers == self._saved_topology:
+        if not self._persist_topology:
+            return
+        fresh = self.now - self._saved_topology_at < TOPOLOGY_RESAVE_S
+        if view.transceivers == self._saved_topology and fresh:
             return
         if self._saver is not None and not self._saver.done():
             return
@@ -305,6 +309,7 @@ class DataPlane:
     async def _write_topology(self, view: TopologyView) -> None:
         if await self.store.save_topology(encode_view(view)):
             self._saved_topology = view.transceivers
+            self._saved_topology_at = self.now
 
     def _on_bind(self, binding: Binding) -> None:
         self._negative.pop(binding.client, None)

@@ -24,9 +24,12 @@ from libs.wire.framing import Address
 logger = logging.getLogger("voiceedge.relay.store")
 
 KEY_PREFIX = "voiceedge:relay:binding:"
-# The last topology the relay routed on (JSON, services/relay/topology.py encode_view), no
-# TTL: a relay starting while geosteer is down routes on it.
+# The last topology the relay routed on (JSON, services/relay/topology.py encode_view): a
+# relay starting while geosteer is down routes on it. Rewritten at least every
+# TOPOLOGY_RESAVE_S, so it only expires after a day with no relay running.
 TOPOLOGY_KEY = "voiceedge:relay:topology"
+TOPOLOGY_TTL_S = 86_400
+TOPOLOGY_RESAVE_S = 3_600
 SCAN_PAGE = 1000
 
 
@@ -233,7 +236,7 @@ class RedisBindingStore:
 
     async def save_topology(self, text: str) -> bool:
         try:
-            await self._redis.set(TOPOLOGY_KEY, text)
+            await self._redis.set(TOPOLOGY_KEY, text, ex=TOPOLOGY_TTL_S)
         except (redis.exceptions.RedisError, OSError) as exc:
             self._failed("set", exc)
             return False

@@ -136,6 +136,8 @@ async def test_scan_and_topology_copy_round_trip() -> None:
             assert len(await store.scan(1, time.monotonic() + 10)) == 1
             assert await store.save_topology('{"v": 1}')
             assert await store.load_topology() == '{"v": 1}'
+            async with aioredis.Redis.from_url(redis.url) as raw:
+                assert 0 < await raw.ttl(TOPOLOGY_KEY) <= 86_400  # no key left forever
         finally:
             await store.close()
 
