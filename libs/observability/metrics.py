@@ -140,6 +140,19 @@ RELAY_TCP_FRAME_DROPS = MetricSpec(
     Kind.OBSERVABLE_COUNTER,
     "ICE-TCP frames dropped on open connections (refused by the router, or the client not reading)",
 )
+RELAY_WORKER_RESTARTS = MetricSpec(
+    "relay",
+    "worker_restarts",
+    Kind.OBSERVABLE_COUNTER,
+    "relay worker processes replaced after they died",
+)
+RELAY_TOPOLOGY_RETAINED = MetricSpec(
+    "relay",
+    "topology_retained",
+    Kind.OBSERVABLE_GAUGE,
+    "transceivers kept although geosteer's last answer left them out (live bindings or "
+    "topology_hold_s)",
+)
 
 # -- transceiver ---------------------------------------------------------------------------
 TRANSCEIVER_SESSIONS_CREATED = MetricSpec(

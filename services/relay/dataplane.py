@@ -23,8 +23,9 @@ from libs.fastio import fastio
 from libs.observability.telemetry import log_event
 from libs.wire.framing import Address
 from services.relay.router import C2T, T2C, Binding, BindingInfo, Forward, Router, RouterCounters
-from services.relay.store import BindingStore, RedisCounts, counts_of
+from services.relay.store import TOPOLOGY_RESAVE_S, BindingStore, RedisCounts, counts_of
 from services.relay.tcp import TcpCounters, TcpPlane
+from services.relay.topology import TopologyView, encode_view
 from voiceedge.relay.v1 import relay_pb2
 
 logger = logging.getLogger("voiceedge.relay")
@@ -132,6 +133,7 @@ class DataPlane:
         worker_id: int = 0,
         batched_io: bool = True,
         tcp: TcpPlane | None = None,
+        persist_topology: bool = False,
     ) -> None:
         self.router = router
         self.tcp = tcp  # the worker's ICE-TCP listener, started and closed with the plane
@@ -157,6 +159,10 @@ class DataPlane:
         self._readers: list[socket.socket] = []
         self._public_fds: list[int] = []
         self._internal_fd = -1
+        self._persist_topology = persist_topology and store.enabled
+        self._saved_topology: object = None  # the transceivers mapping last written
+        self._saved_topology_at = float("-inf")  # monotonic
+        self._saver: asyncio.Task[None] | None = None
         router.on_bind = self._on_bind
 
     @property
@@ -282,8 +288,10 @@ class DataPlane:
             if now - last_expire >= 1.0:
                 last_expire = now
                 self.router.expire_idle(now)
+                self.router.prune_topology(time.time())
                 if len(self._negative) > NEGATIVE_CACHE_MAX:
                     self._negative.clear()
+                self._save_topology()
             if self.store.enabled and now - last_refresh >= self._refresh_every_s:
                 last_refresh = now
                 # In its own task: a slow or down Redis must not stall the coarse clock.
@@ -297,6 +305,24 @@ class DataPlane:
         ok = await self.store.refresh(entries)
         for binding in due:
             binding.stored_at = now if ok else -1.0
+
+    def _save_topology(self) -> None:
+        """Writes the routed-on topology to the shared store when its nodes changed (worker
+        0 only), in its own task so a slow Redis never stalls the clock."""
+        view = self.router.topology
+        if not self._persist_topology:
+            return
+        fresh = self.now - self._saved_topology_at < TOPOLOGY_RESAVE_S
+        if view.transceivers == self._saved_topology and fresh:
+            return
+        if self._saver is not None and not self._saver.done():
+            return
+        self._saver = asyncio.create_task(self._write_topology(view))
+
+    async def _write_topology(self, view: TopologyView) -> None:
+        if await self.store.save_topology(encode_view(view)):
+            self._saved_topology = view.transceivers
+            self._saved_topology_at = self.now
 
     def _on_bind(self, binding: Binding) -> None:
         self._negative.pop(binding.client, None)
@@ -365,7 +391,15 @@ class DataPlane:
             return
         self._closed = True
         tasks = [
-            t for t in (self._ticker, self._refresher, *self._inflight.values(), *self._writes) if t
+            t
+            for t in (
+                self._ticker,
+                self._refresher,
+                self._saver,
+                *self._inflight.values(),
+                *self._writes,
+            )
+            if t
         ]
         for task in tasks:
             task.cancel()

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from libs.service.redis_testing import redis_server
 from libs.service.testing import assert_service_lifecycle, binary, run_cli, running_service
@@ -435,3 +436,81 @@ def test_registers_its_vip_with_geosteer_and_drains_out_of_the_answers(
             # Deregistered on the way out (SIGTERM: drain, then close).
             node, advertised = _first(states, lambda n: n is None)
             assert advertised == []  # closing the channel ends the watch
+
+
+def _worker_pids(pid: int) -> set[int]:
+    """The spawned worker processes among `pid`'s children (not multiprocessing's tracker)."""
+    found = set()
+    for child in _children(pid):
+        with contextlib.suppress(OSError):
+            cmdline = open(f"/proc/{child}/cmdline", "rb").read()  # noqa: SIM115
+            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+                found.add(child)
+    return found
+
+
+def _relay_health(channel: grpc.Channel) -> int:
+    name = relay_pb2.DESCRIPTOR.services_by_name["RelayAdminService"].full_name
+    return int(
+        health_pb2_grpc.HealthStub(channel)
+        .Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+        .status
+    )
+
+
+def test_a_killed_worker_is_replaced_and_health_says_so_meanwhile() -> None:
+    keys = ufrag.dev_keyring()
+    with _udp() as transceiver, contextlib.ExitStack() as stack:
+        media = _name(transceiver)
+        args = ["--workers", "2", "--udp-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]
+        args += ["--transceivers", f"1/1={media[0]}:{media[1]}"]
+        with (
+            running_service(COMMAND, args) as relay,
+            grpc.insecure_channel(relay.grpc_address) as channel,
+        ):
+            stub = relay_pb2_grpc.RelayAdminServiceStub(channel)
+            serving = health_pb2.HealthCheckResponse.SERVING
+            assert _relay_health(channel) == serving
+            (worker,) = _worker_pids(relay.process.pid)
+            os.kill(worker, signal.SIGKILL)
+            seen_degraded = False
+            for _ in range(600):  # bounded (~60 s): a replacement is a new interpreter
+                stats = stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+                health = _relay_health(channel)
+                seen_degraded |= stats.degraded or health != serving
+                if stats.workers[1].restarts == 1 and not stats.degraded:
+                    break
+                time.sleep(0.05)
+            assert stats.workers[1].restarts == 1
+            assert stats.workers[1].alive
+            assert seen_degraded  # NOT_SERVING (relay service name) until replaced
+            assert _relay_health(channel) == serving
+            overall = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=10
+            )
+            assert overall.status == serving  # the process as a whole kept serving
+            new_pids = _worker_pids(relay.process.pid)
+            assert len(new_pids) == 1
+            assert worker not in new_pids
+            # Both sockets forward again: clients spread over the two workers.
+            vip = _address(relay.ready["udp"][0])
+            for client in [stack.enter_context(_udp()) for _ in range(16)]:
+                request = binding_request_for(keys, 1, 1)[0]
+                client.sendto(request, vip)
+                assert transceiver.recv(65535) == framing.encode(*_name(client), request)
+            for _ in range(100):  # children report every 0.5 s; bounded wait
+                stats = stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+                if all(w.bindings_active for w in stats.workers):
+                    break
+                time.sleep(0.1)
+            assert all(w.bindings_active for w in stats.workers), stats.workers
+            url = f"http://{relay.ready['metrics']}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as page:
+                text = page.read().decode()
+            restarts = [
+                line
+                for line in text.splitlines()
+                if line.startswith("voiceedge_relay_worker_restarts_total")
+            ]
+            assert len(restarts) == 1
+            assert restarts[0].endswith(" 1.0"), restarts

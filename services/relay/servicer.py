@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -31,6 +32,8 @@ from libs.observability.metrics import (
     RELAY_TCP_CONNECTIONS,
     RELAY_TCP_FRAME_DROPS,
     RELAY_TCP_FRAMES,
+    RELAY_TOPOLOGY_RETAINED,
+    RELAY_WORKER_RESTARTS,
 )
 from libs.observability.telemetry import log_event
 from libs.service.aio import cancel_and_wait, timestamp
@@ -48,6 +51,7 @@ from services.relay.router import (
 )
 from services.relay.store import BindingStore
 from services.relay.tcp import CloseReason
+from services.relay.topology import TopologyView
 from voiceedge.common.v1 import common_pb2
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
 
@@ -96,17 +100,38 @@ class Worker(Protocol):
 class RelayState:
     """What the admin API and metrics observe: the workers and the Redis store."""
 
-    planes: Sequence[Worker]
+    planes: list[Worker]
     store: BindingStore
     drain_grace_s: float
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     on_draining: Callable[[], None] | None = None  # e.g. tell geosteer at once
+    topology: Callable[[], TopologyView] | None = None  # what worker 0 routes on
+    degraded: bool = False  # a worker process is dead and not yet replaced
+    worker_restarts: dict[int, int] = field(default_factory=dict)  # worker id -> count
+    dead_workers: set[int] = field(default_factory=set)
+    # Counters of replaced workers, so cumulative counters never go backwards.
+    _retired: WorkerCounters = field(default_factory=WorkerCounters)
     _stop_task: asyncio.Task[None] | None = None
 
     def totals(self) -> WorkerCounters:
-        """Every worker's counters added up."""
-        return WorkerCounters.total(p.counters() for p in self.planes)
+        """Every worker's counters added up (and those of replaced workers)."""
+        return WorkerCounters.total(p.counters() for p in self.planes) + self._retired
+
+    def worker_died(self, worker_id: int) -> None:
+        self.dead_workers.add(worker_id)
+
+    def replace_worker(self, old: Worker, new: Worker) -> None:
+        """A dead worker's replacement is ready: it takes the old one's place."""
+        last = old.counters()
+        self._retired += dataclasses.replace(
+            last, router=dataclasses.replace(last.router, bindings_active=0)
+        )
+        self.planes[self.planes.index(old)] = new
+        self.worker_restarts[new.worker_id] = self.worker_restarts.get(new.worker_id, 0) + 1
+        self.dead_workers.discard(new.worker_id)
+        if self.draining:
+            new.drain(self.drain_grace_s)
 
     def stats(self) -> relay_pb2.RelayStats:
         per_worker = [(p.worker_id, p.counters()) for p in self.planes]
@@ -119,6 +144,7 @@ class RelayState:
             bindings_created=router.bindings_created,
             bindings_expired=router.bindings_expired,
             bindings_evicted=router.bindings_evicted,
+            degraded=self.degraded,
             redis=relay_pb2.RedisStats(
                 enabled=self.store.enabled,
                 hits=redis.hits,
@@ -165,8 +191,14 @@ class RelayState:
                     packets_forwarded=counters.router.packets_forwarded,
                     packets_dropped=counters.router.packets_dropped,
                     bindings_active=counters.router.bindings_active,
+                    alive=worker_id not in self.dead_workers,
+                    restarts=self.worker_restarts.get(worker_id, 0),
                 )
             )
+        if self.topology is not None:
+            view = self.topology()
+            out.topology_transceivers = len(view.transceivers)
+            out.topology_retained = len(view.retained)
         return out
 
     async def all_bindings(self) -> list[tuple[Worker, BindingInfo]]:
@@ -343,6 +375,16 @@ def register_metrics(meter: metrics.Meter, state: RelayState) -> None:
     RELAY_BINDINGS.create(meter, [bindings])
     RELAY_BINDING_EVICTIONS.create(meter, [evictions])
     RELAY_REDIS_OPS.create(meter, [redis_ops])
+
+    def restarts(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        yield metrics.Observation(sum(state.worker_restarts.values()))
+
+    def retained(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        if state.topology is not None:
+            yield metrics.Observation(len(state.topology().retained))
+
+    RELAY_WORKER_RESTARTS.create(meter, [restarts])
+    RELAY_TOPOLOGY_RETAINED.create(meter, [retained])
 
 
 def register_tcp_metrics(meter: metrics.Meter, state: RelayState) -> None:

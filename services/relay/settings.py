@@ -168,6 +168,46 @@ class RelaySettings(ServiceSettings):
     )
     redis_timeout_s: float = setting(0.5, "timeout of one Redis operation", gt=0)
     redis_max_inflight: int = setting(256, "concurrent Redis lookups for unbound clients", ge=1)
+    topology_hold_s: float = setting(
+        300.0,
+        "a transceiver missing from geosteer's answers stays routable this long after it was "
+        "last named, and for as long as it has bindings (geosteer restarts, drained callers)",
+        gt=0,
+    )
+    preload_timeout_s: float = setting(
+        5.0,
+        "at start, how long reading the Redis copy of bindings and topology may take before "
+        "the sockets open anyway",
+        gt=0,
+    )
+    unbound_pps_per_ip: float = setting(
+        200.0,
+        "STUN (and, apart, DTLS/SRTP) packets per second from addresses without a binding, "
+        "per source IP (IPv6: per /64), burst twice that; beyond it dropped before any "
+        "parsing or HMAC",
+        gt=0,
+    )
+    verifications_per_s: float = setting(
+        5000.0,
+        "per worker, ufrag and MESSAGE-INTEGRITY checks per second of Binding requests from "
+        "unbound addresses (burst the same); beyond it dropped as overloaded",
+        gt=0,
+    )
+    new_addresses_per_ufrag_burst: int = setting(
+        8,
+        "client addresses one server ufrag may bind at once (candidates, NAT rebinding); "
+        "refilled at new_addresses_per_ufrag_per_s",
+        ge=1,
+    )
+    new_addresses_per_ufrag_per_s: float = setting(
+        0.5, "refill rate of new_addresses_per_ufrag_burst", gt=0
+    )
+    replay_cache_size: int = setting(
+        65536,
+        "STUN transaction ids remembered per worker: a request seen again from another "
+        "address is a replay and is dropped",
+        ge=1,
+    )
 
     def validate(self) -> None:
         super().validate()

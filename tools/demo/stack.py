@@ -77,6 +77,7 @@ class Service:
     name: str
     process: subprocess.Popen[str]
     ready: dict[str, Any]
+    flags: list[str] = field(default_factory=list)  # what start_stack launched it with
 
 
 @dataclass
@@ -85,6 +86,20 @@ class Stack:
     relay_udp: tuple[str, int] = ("127.0.0.1", 0)
     http_base: str = ""
     api_key: str = ""
+    # Starts a service again with its flags (fault tests: a restart after kill -9).
+    launcher: Callable[[str, list[str]], Service] | None = None
+
+    def kill(self, name: str) -> None:
+        """SIGKILL, as a crash would (the process is ours: started by start_stack)."""
+        process = self.services[name].process
+        process.kill()
+        process.wait(timeout=10)
+
+    def start_again(self, name: str) -> Service:
+        """Launches `name` again with the flags it had; returns once it is ready. The old
+        process may still run (a replacement binding beside it) or be gone."""
+        assert self.launcher is not None
+        return self.launcher(name, self.services[name].flags)
 
     def grpc(self, name: str) -> str:
         return str(self.services[name].ready["grpc"])
@@ -253,9 +268,11 @@ def start_stack(config: StackConfig) -> Stack:
             said = f": {last_lines[-1]}" if last_lines else ""
             raise RuntimeError(f"{exc}{said}") from None
         threading.Thread(target=_pump, args=(name, process.stdout, sink), daemon=True).start()
-        service = Service(name, process, ready)
+        service = Service(name, process, ready, flags)
         stack.services[name] = service
         return service
+
+    stack.launcher = launch
 
     try:
         geosteer = launch("geosteer", ["--topology-path", str(topology)]).ready["grpc"]

@@ -69,6 +69,7 @@ def standard_edge(
     down: Profile | None = None,
     extra_flags: dict[str, list[str]] | None = None,
     relay_tcp_port: int = 0,
+    grpc_ports: dict[str, int] | None = None,
 ) -> Iterator[NetEdge]:
     """Builds the standard layout, starts the edge on it; tears everything down on exit.
     Service logs go to workdir/services.log. `relay_tcp_port`: the relay also listens for
@@ -96,6 +97,7 @@ def standard_edge(
                     log=log,
                     workdir=workdir,
                     extra_flags=_with_defaults(extra_flags or {}),
+                    grpc_ports=dict(grpc_ports or {}),
                     placement={
                         "geosteer": cluster,
                         "bridge": cluster,
