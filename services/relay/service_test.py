@@ -462,7 +462,16 @@ def test_a_killed_worker_is_replaced_and_health_says_so_meanwhile() -> None:
     keys = ufrag.dev_keyring()
     with _udp() as transceiver, contextlib.ExitStack() as stack:
         media = _name(transceiver)
-        args = ["--workers", "2", "--udp-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]
+        args = [
+            "--workers",
+            "2",
+            "--udp-listen",
+            "127.0.0.1:0",
+            "--tcp-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ]
         args += ["--transceivers", f"1/1={media[0]}:{media[1]}"]
         with (
             running_service(COMMAND, args) as relay,

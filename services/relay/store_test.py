@@ -8,6 +8,7 @@ import contextlib
 import socket
 import time
 
+import pytest
 import redis.asyncio as aioredis
 
 from libs.service.aio import cancel_and_wait
@@ -146,12 +147,17 @@ def _settings(**overrides: object) -> RelaySettings:
     base: dict[str, object] = {
         "udp_listen": ("127.0.0.1:0",),
         "internal_listen": "127.0.0.1:0",
+        "tcp_listen": "",
         "workers": 1,
         "preload_timeout_s": 2.0,
     }
     return RelaySettings(**{**base, **overrides})  # type: ignore[arg-type]
 
 
+@pytest.mark.allow_leaked_tasks(
+    reason="grpc.aio ends a cancelled call to the dead geosteer a few loop passes after its "
+    "channel closed, after the plugin's three-pass check"
+)
 async def test_a_relay_started_while_geosteer_is_down_forwards_the_first_packet() -> None:
     """The first relay routes on a topology and persists it with its bindings; a second one,
     whose geosteer is down and which has no static entry, forwards the call's very first
