@@ -46,6 +46,7 @@ class MetricSpec:
     description: str
     unit: str = ""  # part of the name: "ms", "bytes"; empty for counts of things
     labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()  # histograms only: upper bounds; empty: the SDK's default
 
     @property
     def name(self) -> str:
@@ -60,12 +61,16 @@ class MetricSpec:
         """The OpenTelemetry instrument; observable kinds need their callbacks."""
         if self.kind.is_observable != bool(callbacks):
             raise ValueError(f"{self.name}: callbacks are for observable instruments only")
+        if self.buckets and self.kind is not Kind.HISTOGRAM:
+            raise ValueError(f"{self.name}: buckets are for histograms only")
         common: dict[str, Any] = {"unit": "", "description": self.description}
         if self.kind is Kind.COUNTER:
             return meter.create_counter(self.name, **common)
         if self.kind is Kind.UP_DOWN_COUNTER:
             return meter.create_up_down_counter(self.name, **common)
         if self.kind is Kind.HISTOGRAM:
+            if self.buckets:
+                common["explicit_bucket_boundaries_advisory"] = list(self.buckets)
             return meter.create_histogram(self.name, **common)
         if self.kind is Kind.OBSERVABLE_COUNTER:
             return meter.create_observable_counter(self.name, list(callbacks), **common)
@@ -108,6 +113,46 @@ RELAY_REDIS_OPS = MetricSpec(
     "Redis binding store operations (only with Redis configured)",
     labels=("result",),
 )
+RELAY_TCP_CONNECTIONS = MetricSpec(
+    "relay",
+    "tcp_connections",
+    Kind.OBSERVABLE_GAUGE,
+    "ICE-TCP connections (state: pending = awaiting a valid first STUN frame, or open)",
+    labels=("state",),
+)
+RELAY_TCP_CLOSED = MetricSpec(
+    "relay",
+    "tcp_closed",
+    Kind.OBSERVABLE_COUNTER,
+    "ICE-TCP connections closed or refused, by reason",
+    labels=("reason",),
+)
+RELAY_TCP_FRAMES = MetricSpec(
+    "relay",
+    "tcp_frames",
+    Kind.OBSERVABLE_COUNTER,
+    "RFC 4571 frames forwarded over ICE-TCP connections",
+    labels=("direction",),
+)
+RELAY_TCP_FRAME_DROPS = MetricSpec(
+    "relay",
+    "tcp_frame_drops",
+    Kind.OBSERVABLE_COUNTER,
+    "ICE-TCP frames dropped on open connections (refused by the router, or the client not reading)",
+)
+RELAY_WORKER_RESTARTS = MetricSpec(
+    "relay",
+    "worker_restarts",
+    Kind.OBSERVABLE_COUNTER,
+    "relay worker processes replaced after they died",
+)
+RELAY_TOPOLOGY_RETAINED = MetricSpec(
+    "relay",
+    "topology_retained",
+    Kind.OBSERVABLE_GAUGE,
+    "transceivers kept although geosteer's last answer left them out (live bindings or "
+    "topology_hold_s)",
+)
 
 # -- transceiver ---------------------------------------------------------------------------
 TRANSCEIVER_SESSIONS_CREATED = MetricSpec(
@@ -139,6 +184,48 @@ TRANSCEIVER_SESSIONS_REFUSED = MetricSpec(
     Kind.COUNTER,
     "CreateSession refusals (refusal_reason: draining, capacity, overloaded, bridge_unavailable)",
     labels=("refusal_reason",),
+)
+TRANSCEIVER_SESSIONS_MAX = MetricSpec(
+    "transceiver",
+    "sessions_max",
+    Kind.OBSERVABLE_GAUGE,
+    "sessions this transceiver admits (max_sessions): capacity beside sessions_active",
+)
+TRANSCEIVER_CALL_SETUP_DURATION = MetricSpec(
+    "transceiver",
+    "call_setup_duration",
+    Kind.HISTOGRAM,
+    "answer returned to the session's milestone (stage: connected = ICE and DTLS up, "
+    "first_audio = the caller's first audio packet)",
+    unit="ms",
+    labels=("stage",),
+    buckets=(10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000),
+)
+TRANSCEIVER_RTT = MetricSpec(
+    "transceiver",
+    "rtt",
+    Kind.HISTOGRAM,
+    "first-hop round-trip time (transceiver, relay, caller and back), one sample per "
+    "caller RTCP receiver report (RFC 3550 §6.4.1 LSR/DLSR)",
+    unit="ms",
+    buckets=(5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000),
+)
+TRANSCEIVER_JITTER = MetricSpec(
+    "transceiver",
+    "jitter",
+    Kind.HISTOGRAM,
+    "interarrival jitter of our audio at the caller, per caller RTCP receiver report",
+    unit="ms",
+    buckets=(1, 2, 5, 10, 20, 30, 50, 100, 200, 500),
+)
+TRANSCEIVER_LOSS = MetricSpec(
+    "transceiver",
+    "loss",
+    Kind.HISTOGRAM,
+    "fraction of our audio packets lost on the way to the caller since its previous "
+    "receiver report (RTCP fraction lost / 256)",
+    unit="ratio",
+    buckets=(0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1),
 )
 
 # -- signaling -----------------------------------------------------------------------------

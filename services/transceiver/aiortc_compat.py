@@ -12,6 +12,8 @@ What the transceiver needs that the public APIs do not offer:
 - replace aioice's consent-freshness loop (`Connection.query_consent`, `build_request`,
   `_query_consent_task`), whose checks give up after one 0.5 s try, with one that follows
   RFC 7675 §5.1: consent expires a set time after the last answered check;
+- mark an ICE-TCP client's peer-reflexive candidate tcp (`Connection._remote_candidates`,
+  `check_incoming`): see `install_tcp_peers`;
 - follow the client to a new address after a NAT rebinding (`Connection.check_incoming`,
   `check_complete`, `_check_list`, `_nominated`): see `install_follow_client`;
 - find and await the tasks aiortc starts without a handle (`RTCPeerConnection.__connect`,
@@ -24,7 +26,10 @@ What the transceiver needs that the public APIs do not offer:
   SRTP sessions (`RTCDtlsTransport._rx_srtp`, `_tx_srtp`), and what aiortc's RTCP sender
   reports need from the packets we send (`RTCRtpSender.__ntp_timestamp`, `__rtp_timestamp`,
   `__packet_count`, `__octet_count`), and the caller's last sender report for our receiver
-  reports (`RTCRtpReceiver.__lsr`, `__lsr_time`).
+  reports (`RTCRtpReceiver.__lsr`, `__lsr_time`);
+- see each caller receiver report on our stream for the metrics (`RTCRtpSender.
+  _handle_rtcp_packet`, `_ssrc`, and our last sender report's `__lsr`, `__lsr_time` for its
+  round-trip time): see `tap_receiver_reports`.
 
 Test clients and load generators only: `add_loopback_host_candidate`,
 `install_fast_audio_level` (`aiortc.rtp.compute_audio_level_dbov`, which aiortc's sender
@@ -77,6 +82,7 @@ CONNECTION_ATTRIBUTES = (
     "_check_list",
     "check_incoming",
     "check_complete",
+    "_remote_candidates",
 )
 GATHERER_ATTRIBUTES = ("_connection",)
 RECEIVER_ATTRIBUTES = ("_RTCRtpReceiver__decoder_queue",)
@@ -88,6 +94,7 @@ SENDER_REPORT_ATTRIBUTES = (
 )
 DTLS_ATTRIBUTES = ("_rx_srtp", "_tx_srtp")
 RECEIVER_REPORT_ATTRIBUTES = ("_RTCRtpReceiver__lsr", "_RTCRtpReceiver__lsr_time")
+SENDER_RTT_ATTRIBUTES = ("_RTCRtpSender__lsr", "_RTCRtpSender__lsr_time")
 PEER_CONNECTION_ATTRIBUTES = ("_RTCPeerConnection__closeTask", "_RTCPeerConnection__connect")
 # Not yet sent, sent but not acknowledged (SACK, RFC 4960 §6.2): empty = all delivered.
 SCTP_QUEUE_ATTRIBUTES = ("_data_channel_queue", "_outbound_queue", "_sent_queue")
@@ -426,6 +433,38 @@ def install_follow_client(
     setattr(connection, "check_complete", check_complete)  # noqa: B010
 
 
+def install_tcp_peers(
+    connection: aioice.Connection, is_tcp: Callable[[tuple[str, int]], bool]
+) -> None:
+    """Marks the peer-reflexive candidates of ICE-TCP clients as tcp (RFC 6544).
+
+    aioice has no ICE-TCP: it learns every client as a udp peer-reflexive candidate
+    (`Connection.check_incoming`, `_remote_candidates`, `Candidate.transport`). A relay
+    carries a TCP client's RFC 4571 frames to our one UDP port with the framing's TCP flag,
+    so to aioice it looks like any other client; only the candidate's transport is wrong.
+    After aioice learned it, this sets it to tcp (the pair's protocol as the transceiver
+    reports it; aioice itself sends the same way either way). `is_tcp` is the mux's
+    knowledge of the client's transport."""
+    original_incoming = connection.check_incoming
+
+    def check_incoming(message: Any, addr: tuple[str, int], protocol: Any) -> None:
+        original_incoming(message, addr, protocol)
+        if not is_tcp((addr[0], addr[1])):
+            return
+        for candidate in connection._remote_candidates:
+            learned = candidate.type == "prflx" and candidate.transport == "udp"
+            if learned and (candidate.host, candidate.port) == (addr[0], addr[1]):
+                candidate.transport = "tcp"
+
+    setattr(connection, "check_incoming", check_incoming)  # noqa: B010 (on purpose)
+
+
+def remote_transport(connection: aioice.Connection) -> str:
+    """ "udp" or "tcp": the transport of the selected pair's remote candidate ("" before)."""
+    pair = connection._nominated.get(1)
+    return "" if pair is None else str(pair.remote_candidate.transport)
+
+
 def consent_expired(connection: aioice.Connection) -> bool:
     """True if aioice closed the connection because consent freshness failed (RFC 7675):
     its consent loop clears `_query_consent_task` before closing, while close() from a
@@ -512,6 +551,12 @@ def check_versions() -> None:
     for name in SENDER_REPORT_ATTRIBUTES:
         if not isinstance(getattr(transceiver.sender, name, None), int):
             raise CompatError(f"aiortc.RTCRtpSender.{name[13:]} is gone: update aiortc_compat.py")
+    for name in SENDER_RTT_ATTRIBUTES:
+        if not hasattr(transceiver.sender, name):
+            raise CompatError(f"aiortc.RTCRtpSender.{name[13:]} is gone: update aiortc_compat.py")
+    for name in ("_handle_rtcp_packet", "_ssrc"):
+        if not hasattr(transceiver.sender, name):
+            raise CompatError(f"aiortc.RTCRtpSender.{name} is gone: update aiortc_compat.py")
     for name in DTLS_ATTRIBUTES:
         if not hasattr(transceiver.sender.transport, name):
             raise CompatError(f"aiortc.RTCDtlsTransport.{name} is gone: update aiortc_compat.py")
@@ -583,6 +628,43 @@ def sender_report_sink(pc: RTCPeerConnection) -> Callable[[int, int, int], None]
         setattr(sender, octets_name, octets)
 
     return record
+
+
+@dataclass(frozen=True)
+class ReceiverReport:
+    """One report block the caller sent on our audio stream (RFC 3550 §6.4.1)."""
+
+    fraction_lost: int  # lost since its previous report, in 1/256
+    jitter_ticks: int  # interarrival jitter, in RTP clock ticks
+    rtt_s: float | None  # None without a matching LSR (no sender report of ours seen yet)
+
+
+def tap_receiver_reports(
+    pc: RTCPeerConnection,
+    sink: Callable[[ReceiverReport], None],
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Every report block about our audio that reaches aiortc's RTCRtpSender (RR or SR,
+    routed by its SSRC) goes to `sink` too, after aiortc has handled it. The RTT is that
+    block's alone, as aiortc computes it before smoothing: arrival minus the time our sender
+    report with that LSR left, minus the caller's DLSR."""
+    sender = _audio(pc).sender
+    original = sender._handle_rtcp_packet
+    lsr_name, lsr_time_name = SENDER_RTT_ATTRIBUTES
+
+    async def handle(packet: Any) -> None:
+        ours = [r for r in getattr(packet, "reports", ()) if r.ssrc == sender._ssrc]
+        # Read before aiortc's handler: a sender report it sends meanwhile moves them.
+        lsr, lsr_time = getattr(sender, lsr_name), getattr(sender, lsr_time_name)
+        arrival = clock()
+        await original(packet)
+        for report in ours:
+            rtt: float | None = None
+            if lsr is not None and lsr_time is not None and report.lsr == lsr and report.dlsr:
+                rtt = arrival - lsr_time - report.dlsr / 65536
+            sink(ReceiverReport(report.fraction_lost, report.jitter, rtt))
+
+    sender._handle_rtcp_packet = handle
 
 
 def nominated_remote(connection: aioice.Connection) -> tuple[str, int] | None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from libs.service.aio import cancel_and_wait
 from libs.service.errors import StatusError, invalid_argument, not_found, resource_exhausted
 from services.transceiver import aiortc_compat, rtp, sdp
 from services.transceiver.bridge import BridgeStreams
+from services.transceiver.call_metrics import CallMetrics
 from services.transceiver.looplag import LoopLag, overloaded
 from services.transceiver.session import Session, SessionParams, endpoints_of
 from services.transceiver.settings import TransceiverSettings
@@ -98,6 +100,7 @@ class SessionManager:
                 ]
             ],
         )
+        self._call_metrics = CallMetrics(meter, settings.max_sessions)
 
     @property
     def active(self) -> int:
@@ -108,7 +111,8 @@ class SessionManager:
             raise sdp.SdpError("session_id: required")
         sdp.check_credentials(request.ice_ufrag, request.ice_pwd)
         endpoints = endpoints_of(request.relay_endpoints)
-        for ip, _ in endpoints:
+        tcp_endpoints = endpoints_of(request.relay_endpoints, tcp=True)
+        for ip, _ in endpoints + tcp_endpoints:
             try:
                 ipaddress.ip_address(ip)
             except ValueError:
@@ -135,6 +139,7 @@ class SessionManager:
             opus_passthrough=options.opus_passthrough,
             metadata=dict(options.metadata),
             session_config=options.session_config if options.HasField("session_config") else None,
+            tcp_endpoints=tcp_endpoints,
         )
 
     def _admit(self) -> None:
@@ -186,6 +191,7 @@ class SessionManager:
                 "ufrag_in_use",
                 "ice_ufrag already in use by another session",
             )
+        created_at = time.monotonic()
         session = Session(
             params, self.settings, self.mux, self.bridges, self.pacer, self._session_closed
         )
@@ -201,6 +207,7 @@ class SessionManager:
             raise
         self.created_total += 1
         self._created.add(1)
+        self._call_metrics.watch(session, created_at)
         log_event(
             logger,
             "session.created",
@@ -214,6 +221,7 @@ class SessionManager:
         self._open.pop(session.id, None)
         reason = common_pb2.CloseReason.Name(session.close_reason)  # type: ignore[arg-type]
         self._ended.add(1, {"close.reason": reason})
+        self._call_metrics.closed(session.id)
         retain = self.settings.closed_sessions_retained
         if retain and session.final_info is not None:
             self._closed[session.id] = ClosedSession(session.id, session.final_info)
