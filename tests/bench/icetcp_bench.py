@@ -305,26 +305,10 @@ def chromium_setup(calls_n: int) -> None:
 def _restart_relay(edge: Any) -> float:
     """SIGKILLs the relay (its workers exit with the pipe) and starts it again with the same
     command line; returns when the new one is ready (monotonic)."""
-    import subprocess
-
-    from libs.service.readiness import wait_for_ready
-    from tools.demo.stack import Service
-
     old = edge.stack.services["relay"]
     old.process.kill()
     old.process.wait(timeout=10)
-    process = subprocess.Popen(
-        old.process.args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    ready = wait_for_ready(process, 60)
-    if ready is None:
-        raise RuntimeError("the restarted relay did not become ready")
-    edge.stack.services["relay"] = Service("relay", process, ready)
+    edge.stack.restart("relay")
     return time.monotonic()
 
 

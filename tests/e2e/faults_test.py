@@ -24,27 +24,23 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
 import pytest
 import redis
 from aiortc import RTCPeerConnection
 from selenium.webdriver.common.by import By
 
 from examples.python_client.client import CallResult, run_call
-from libs.service.readiness import wait_for_ready
 from libs.service.redis_testing import redis_server
 from tests.e2e.browser import chromium, js, write_tone_wav
 from tests.e2e.edge import edge
-from tools.demo.stack import Service, Stack
+from tools.demo.stack import Stack, transceiver_offered
 from voiceedge.common.v1 import common_pb2
-from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
 API_KEY = "sk-e2e-faults-0123456789"
 CALLERS = 3
@@ -94,43 +90,10 @@ def _log_lines(workdir: Path, service: str, event: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(f"[{service}]") and event in line]
 
 
-def _offered(stack: Stack) -> bool:
-    """True while geosteer lists a transceiver that takes new calls (not draining)."""
-    with grpc.insecure_channel(stack.grpc("geosteer")) as channel:
-        stub = geosteer_pb2_grpc.GeosteerServiceStub(channel)
-        topology = stub.ListTopology(geosteer_pb2.ListTopologyRequest(), timeout=5).topology
-    return any(
-        node.kind == common_pb2.NODE_KIND_TRANSCEIVER and not node.draining
-        for cluster in topology.clusters
-        for node in cluster.nodes
-    )
-
-
 def _kill(stack: Stack, name: str) -> None:
     process = stack.services[name].process
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=10)
-
-
-def _restart(stack: Stack, name: str) -> None:
-    """Starts `name` again with its first command line, on the gRPC port it had."""
-    old = stack.services[name]
-    address = old.ready["grpc"]
-    command = [str(a) for a in old.process.args]  # type: ignore[union-attr]
-    command[command.index("--grpc-listen") + 1] = address
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    ready = wait_for_ready(process, 60)
-    if ready is None:
-        process.kill()
-        raise AssertionError(f"restarted {name} did not become ready")
-    stack.services[name] = Service(name, process, ready)  # Stack.stop() stops it
 
 
 async def _post_call(stack: Stack) -> tuple[int, str]:
@@ -234,7 +197,7 @@ async def test_media_bridge_kill_and_restart_within_grace_keeps_the_call(tmp_pat
             nonlocal restart_ms
             _kill(stack, "bridge")
             started = time.monotonic()
-            await asyncio.to_thread(_restart, stack, "bridge")
+            await asyncio.to_thread(stack.restart, "bridge")
             restart_ms = (time.monotonic() - started) * 1000
 
         async def after(pc: RTCPeerConnection, result: CallResult) -> None:
@@ -273,7 +236,7 @@ async def test_media_bridge_kill_tells_the_caller_and_new_calls_get_503(tmp_path
         assert _ending(result)["code"] == "inference_unavailable"
         # Its heartbeats now say it takes no new calls: geosteer stops choosing it.
         deadline = time.monotonic() + EVENT_TIMEOUT_S
-        while await asyncio.to_thread(_offered, stack):
+        while await asyncio.to_thread(transceiver_offered, stack.grpc("geosteer")):
             assert time.monotonic() < deadline, "geosteer still offers the transceiver"
             await asyncio.sleep(0.2)
         status, retry_after = await _post_call(stack)
