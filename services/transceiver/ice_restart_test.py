@@ -77,6 +77,9 @@ async def test_a_client_gone_for_20s_restarts_ice_and_keeps_its_session() -> Non
             timeout=10,
         )
         assert response.session.ice_ufrag == new_ufrag != first_ufrag
+        assert [c.split()[4:6] for c in response.candidates] == [
+            [stack.relay.address[0], str(stack.relay.address[1])]
+        ]
         await wait_for(lambda: session.state == transceiver_pb2.SESSION_STATE_CONNECTED, 15)
         frames_before = session.frames_in
         await wait_for(lambda: session.frames_in > frames_before + 10, 15)

@@ -193,7 +193,7 @@ class SessionManager:
 
     async def restart_ice(
         self, request: transceiver_pb2.RestartIceRequest
-    ) -> transceiver_pb2.SessionInfo:
+    ) -> transceiver_pb2.RestartIceResponse:
         """RestartIce: the open session takes the new credentials (see Session.restart_ice)."""
         session = self.find(request.session_id)
         if not isinstance(session, Session) or session.is_closed:
@@ -211,7 +211,9 @@ class SessionManager:
             session.restart_ice(credentials)
         except ValueError as exc:
             raise not_found("session_not_found", str(exc)) from None
-        return await session.info()
+        return transceiver_pb2.RestartIceResponse(
+            session=await session.info(), candidates=session.answer_candidates
+        )
 
     async def close(self, session_id: str, reason: int) -> transceiver_pb2.SessionInfo:
         session = self.find(session_id)

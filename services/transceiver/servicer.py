@@ -39,7 +39,7 @@ class TransceiverServicer(transceiver_pb2_grpc.TransceiverServiceServicer):
     async def RestartIce(  # noqa: N802 (gRPC method name)
         self, request: pb.RestartIceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RestartIceResponse:
-        return pb.RestartIceResponse(session=await self._manager.restart_ice(request))
+        return await self._manager.restart_ice(request)
 
     async def GetSession(  # noqa: N802 (gRPC method name)
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -91,6 +91,7 @@ class Session:
         self.ttfa_out_ms = 0.0
         self.frames_out = 0
         self.ice_restarts = 0
+        self.answer_candidates: tuple[str, ...] = ()  # the answer's a=candidate lines
         self.final_info: ST.SessionInfo | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._teardown: asyncio.Task[None] | None = None
@@ -231,7 +232,11 @@ class Session:
         await pc.setLocalDescription(answer)
         self._rtp_params = sdp.audio_rtp_params(pc.localDescription.sdp)
         self._spawn(self._ice_timer())
-        return sdp.rewrite_answer(pc.localDescription.sdp, self.params.endpoints)
+        answer_sdp = sdp.rewrite_answer(pc.localDescription.sdp, self.params.endpoints)
+        self.answer_candidates = tuple(
+            line for line in answer_sdp.split("\r\n") if line.startswith("a=candidate:")
+        )
+        return answer_sdp
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
