@@ -233,8 +233,11 @@ class Session:
         self._rtp_params = sdp.audio_rtp_params(pc.localDescription.sdp)
         self._spawn(self._ice_timer())
         answer_sdp = sdp.rewrite_answer(pc.localDescription.sdp, self.params.endpoints)
+        # Once: every BUNDLEd m-section of the answer repeats them.
         self.answer_candidates = tuple(
-            line for line in answer_sdp.split("\r\n") if line.startswith("a=candidate:")
+            dict.fromkeys(
+                line for line in answer_sdp.split("\r\n") if line.startswith("a=candidate:")
+            )
         )
         return answer_sdp
 
