@@ -20,8 +20,9 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.e2e.browser import chromium, js, write_tone_wav
+from tests.e2e.browser import js
 from tests.netsim import calls
+from tests.netsim.browsers import chromium_on_client
 from tests.netsim.calls import API_KEY, INBOUND_PACKETS, KEY_INSTEAD_OF_SECRET, TONE_HZ
 from tools.netsim.edge import NetEdge, standard_edge
 
@@ -36,12 +37,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetEdge]:
 def test_chromium_behind_nat_calls_through_the_relay_and_hears_the_tone(
     edge: NetEdge, tmp_path: Path
 ) -> None:
-    wav = tmp_path / "tone.wav"
-    write_tone_wav(wav, tone_s=1.0, silence_s=1.6, tone_hz=TONE_HZ)
-    with (
-        edge.testbed.entered("client"),
-        chromium(tmp_path, wav, secure_origin=edge.http_base) as browser,
-    ):
+    with chromium_on_client(edge, tmp_path) as browser:
         browser.get(edge.http_base + "/")
         browser.execute_script(KEY_INSTEAD_OF_SECRET)
         browser.find_element(By.ID, "talk").click()

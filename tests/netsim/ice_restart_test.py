@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.e2e.browser import chromium, js, write_tone_wav
+from tests.e2e.browser import js
 from tests.netsim import calls
-from tests.netsim.calls import API_KEY, TONE_HZ
+from tests.netsim.browsers import chromium_on_client
+from tests.netsim.calls import API_KEY
 from tools.netsim.edge import NetEdge, standard_edge
 
 NEW_CLIENT_ADDRESS = "10.10.0.3/24"
@@ -201,12 +202,7 @@ def session_events(browser: Any, kind: str) -> list[dict[str, Any]]:
 def test_chromium_restarts_ice_after_its_address_changes_and_keeps_the_session(
     edge: NetEdge, tmp_path: Path
 ) -> None:
-    wav = tmp_path / "tone.wav"
-    write_tone_wav(wav, tone_s=1.0, silence_s=1.6, tone_hz=TONE_HZ)
-    with (
-        edge.testbed.entered("client"),
-        chromium(tmp_path, wav, secure_origin=edge.http_base) as browser,
-    ):
+    with chromium_on_client(edge, tmp_path) as browser:
         browser.set_script_timeout(30)
         browser.get(edge.http_base + "/")
         started = browser.execute_async_script(START, API_KEY)
