@@ -387,7 +387,7 @@ class Session:
         if self._grace is not None:
             self._grace.cancel()
         grace_s = self._settings.reconnect_grace_s
-        log_event(logger, "session.client_silent", session__id=self.id, grace_s=grace_s)
+        log_event(logger, "session.awaiting_restart", session__id=self.id, grace_s=grace_s)
         self._grace = self._spawn(self._grace_timer(grace_s))
 
     async def _grace_timer(self, grace_s: float) -> None:
