@@ -302,7 +302,7 @@ def install_consent_freshness(
     `expiry_s` after the last answer (RFC 7675: 30 s).
 
     `on_expired` set: at expiry the loop calls it and ends, leaving the connection open
-    (the session holds media and waits for an ICE restart, `resume_consent` starts the
+    (the session holds media and waits for an ICE restart, `refresh_consent` starts the
     checks again); unset: it closes the connection, as aioice does. Each check reads the
     remote password afresh: an ICE restart changes it."""
     run = functools.partial(
@@ -419,12 +419,17 @@ def install_follow_client(
     setattr(connection, "check_complete", check_complete)  # noqa: B010
 
 
-def resume_consent(connection: aioice.Connection) -> None:
-    """Starts the consent loop again after it ended at expiry with an `on_expired` callback
-    (the client came back through an ICE restart). A loop still running is left alone."""
+def refresh_consent(connection: aioice.Connection) -> None:
+    """A new pair was just selected, its check answered: that is consent (RFC 7675 §5.1),
+    so the consent loop starts over from now, on the new pair (a loop still counting from
+    the old pair's last answer would expire a path that works). Also starts it again after
+    it ended at expiry with an `on_expired` callback. Before ICE connected (no loop yet)
+    nothing happens: aioice starts it."""
     task = connection._query_consent_task
-    if connection._closing or (task is not None and not task.done()):
+    if connection._closing or task is None:
         return
+    if not task.done():
+        task.cancel()
     connection._query_consent_task = asyncio.get_running_loop().create_task(
         connection.query_consent()
     )

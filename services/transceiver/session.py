@@ -284,6 +284,8 @@ class Session:
     def _on_path_moved(self) -> None:
         if self._rtp is not None:
             self._rtp.follow()
+        if self._connection is not None:
+            aiortc_compat.refresh_consent(self._connection)
         self._feed(Event.PATH_SELECTED)
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
@@ -398,8 +400,6 @@ class Session:
         if self._grace is not None:
             self._grace.cancel()
             self._grace = None
-        if self._connection is not None:
-            aiortc_compat.resume_consent(self._connection)
         log_event(logger, "session.resumed", session__id=self.id, restarts=self.ice_restarts)
 
     # ---- the bridge

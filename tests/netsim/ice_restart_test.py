@@ -2,7 +2,9 @@
 changes under it: the page calls restartIce(), PATCHes the WHIP session URL with its new
 ICE credentials (RFC 8840 sdpfrag, If-Match "*"), and media resumes on the same session:
 same call id on the data channel, at the transceiver and at the bridge. The old ETag is
-stale afterwards (412).
+stale afterwards (412). And an aiortc caller whose access link passes nothing for 20 s
+(the transceiver's consent expires meanwhile) restarts ICE with a PATCH on its OpenAI-style
+call URL and keeps its session.
 
 The page is the demo page's origin (a secure one for the microphone, as chromium_test.py
 has it) running the WHIP client below; the test's thread sits in the client's namespace.
@@ -10,19 +12,28 @@ has it) running the WHIP client below; the test's thread sits in the client's na
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiortc import RTCPeerConnection
 from selenium.webdriver.support.ui import WebDriverWait
 
+from examples.python_client.client import CallResult
+from services.transceiver import aiortc_compat
 from tests.e2e.browser import js
 from tests.netsim import calls
 from tests.netsim.browsers import chromium_on_client
 from tests.netsim.calls import API_KEY
+from tools.netsim import nat
 from tools.netsim.edge import NetEdge, standard_edge
+from voiceedge.transceiver.v1 import transceiver_pb2
 
 NEW_CLIENT_ADDRESS = "10.10.0.3/24"
 NAT_INSIDE = "10.10.0.1"
@@ -174,9 +185,22 @@ fetch(window.whip.url, {
 """
 
 
+HANG_UP = """
+const done = arguments[arguments.length - 1];
+fetch(window.whip.url, {
+  method: "DELETE", headers: { Authorization: `Bearer ${window.whip.key}` },
+}).then((r) => done(r.status), (e) => done(String(e)));
+"""
+
+
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetEdge]:
-    flags = {"signaling": ["--demo-page", "true"]}
+    flags = {
+        "signaling": ["--demo-page", "true"],
+        # Consent expires 3 s into a silence, so the 20 s vanish below is waited out in
+        # the reconnect grace (30 s, the default).
+        "transceiver": ["--consent-interval-s", "1", "--consent-expiry-s", "3"],
+    }
     workdir = tmp_path_factory.mktemp("netsim")
     SERVICES_LOG["path"] = workdir / "services.log"
     with standard_edge(workdir, API_KEY, extra_flags=flags) as running:
@@ -267,10 +291,113 @@ def test_chromium_restarts_ice_after_its_address_changes_and_keeps_the_session(
         assert stale["status"] == 412, stale
         assert stale["body"]["error"]["code"] == "ice_session_changed"
         assert js(browser, "window.whip.pc.connectionState") == "connected"
+        # The bridge saw one session for the call, opened once and still open.
+        log = SERVICES_LOG["path"].read_text(errors="replace")
+        opened = [line for line in log.splitlines() if "bridge.session_open" in line]
+        assert sum(call_id in line for line in opened) == 1, opened
+        closed = [line for line in log.splitlines() if "bridge.session_closed" in line]
+        assert not any(call_id in line for line in closed), closed
+        hung_up = browser.execute_async_script(HANG_UP)
+        assert hung_up == 204, hung_up
 
-    # The bridge saw one session for the call, opened once and still open.
-    log = SERVICES_LOG["path"].read_text(errors="replace")
-    opened = [line for line in log.splitlines() if "bridge.session_open" in line]
-    assert sum(call_id in line for line in opened) == 1, opened
-    closed = [line for line in log.splitlines() if "bridge.session_closed" in line]
-    assert not any(call_id in line for line in closed), closed
+
+VANISH_S = 20.0
+# The caller vanishes: its host drops every UDP datagram in and out (HTTP still works).
+VANISH_TABLE = "icerestart_vanish"
+VANISH_RULES = f"""table inet {VANISH_TABLE} {{
+  chain out {{ type filter hook output priority filter; policy accept; meta l4proto udp drop; }}
+  chain in {{ type filter hook input priority filter; policy accept; meta l4proto udp drop; }}
+}}
+"""
+
+
+def vanish(edge: NetEdge) -> None:
+    nat.apply_ruleset(edge.testbed.ns("client"), VANISH_RULES)
+
+
+def come_back(edge: NetEdge) -> None:
+    edge.testbed.run_in("client", ["nft", "delete", "table", "inet", VANISH_TABLE])
+
+
+def session_of(edge: NetEdge, call_id: str) -> Any:
+    (found,) = [s for s in calls.sessions(edge) if s.session_id == call_id]
+    return found
+
+
+async def wait_state(edge: NetEdge, call_id: str, state: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while session_of(edge, call_id).state != state:
+        assert time.monotonic() < deadline, f"session never reached state {state}"
+        await asyncio.sleep(0.25)
+
+
+async def restart_over_call_url(
+    edge: NetEdge, pc: RTCPeerConnection, result: CallResult
+) -> tuple[int, str]:
+    """The client's side of an ICE restart (aiortc has no restartIce): new credentials of
+    its own in a PATCH of the call URL, the server's new ones from the answer."""
+    ufrag, pwd = secrets.token_hex(4), secrets.token_hex(12)
+    frag = f"a=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\n"
+    headers = {
+        "Authorization": f"Bearer {API_KEY}",
+        "Content-Type": "application/trickle-ice-sdpfrag",
+        "If-Match": "*",
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.patch(edge.http_base + result.call_url, data=frag, headers=headers) as response,
+    ):
+        body = await response.text()
+        if response.status != 200:
+            return response.status, body
+    server_ufrag = calls.sdp_attribute(body, "ice-ufrag")
+    server_pwd = calls.sdp_attribute(body, "ice-pwd")
+    (transport,) = aiortc_compat.ice_transports(pc)
+    credentials = aiortc_compat.IceCredentials(ufrag, pwd, server_ufrag, server_pwd)
+    aiortc_compat.restart_client_ice(aiortc_compat.connection_of(transport), credentials)
+    return 200, server_ufrag
+
+
+@pytest.mark.timeout_s(150)
+async def test_an_aiortc_caller_gone_for_20s_restarts_over_the_call_url(edge: NetEdge) -> None:
+    seen: dict[str, Any] = {}
+
+    async def during(pc: RTCPeerConnection, result: CallResult) -> None:
+        assert await result.wait_event("session.created", 10)
+        call_id = result.call_url.rsplit("/", 1)[1]
+        before = session_of(edge, call_id)
+        assert before.state == transceiver_pb2.SESSION_STATE_CONNECTED
+        vanish(edge)
+        vanished = time.monotonic()
+        try:
+            await wait_state(edge, call_id, transceiver_pb2.SESSION_STATE_CONNECTING, 15)
+            seen["silent_after_s"] = time.monotonic() - vanished
+            await asyncio.sleep(max(0.0, VANISH_S - (time.monotonic() - vanished)))
+            assert session_of(edge, call_id).state == transceiver_pb2.SESSION_STATE_CONNECTING
+        finally:
+            come_back(edge)
+        patched = time.monotonic()
+        status, server_ufrag = await restart_over_call_url(edge, pc, result)
+        assert status == 200, server_ufrag
+        await wait_state(edge, call_id, transceiver_pb2.SESSION_STATE_CONNECTED, 15)
+        seen["connected_after_s"] = time.monotonic() - patched
+        arrived = len(result.arrivals)
+        deadline = time.monotonic() + 15
+        while len(result.arrivals) < arrived + 50:
+            assert time.monotonic() < deadline, "no audio after the restart"
+            await asyncio.sleep(0.1)
+        after = session_of(edge, call_id)
+        seen.update(before=before, after=after, server_ufrag=server_ufrag)
+        assert after.stats.packets_received > before.stats.packets_received
+
+    result = await calls.call_from_client(edge, during, connect_timeout_s=20)
+    assert result.connected, result.error_body
+    before, after = seen["before"], seen["after"]
+    assert after.session_id == before.session_id == result.call_url.rsplit("/", 1)[1]
+    assert after.ice_ufrag == seen["server_ufrag"] != before.ice_ufrag
+    assert result.event_types().count("session.created") == 1
+    print(
+        f"aiortc caller silent {VANISH_S:.0f} s: consent expired after "
+        f"{seen['silent_after_s']:.1f} s; PATCH -> session connected again "
+        f"{seen['connected_after_s'] * 1000:.0f} ms (polled every 250 ms)"
+    )
