@@ -8,6 +8,9 @@
   loads; the Secret the manifests reference, made as deploy/README.md says, loads too (a
   placeholder would not);
 - every pod is restricted (Pod Security), probed, and given a grace longer than drain + preStop;
+  every service serves /metrics on a named port its Service carries, and the monitoring
+  component's ServiceMonitors (checked field by field: no schema of that CRD is bundled)
+  scrape each of them; its dashboard ConfigMap is deploy/grafana/voiceedge.json;
   every stateless Deployment has an HPA, every multi-replica workload a PDB; only signaling's
   HTTP and the relay's UDP port are open to anyone.
 """
@@ -25,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,10 @@ SETTINGS: dict[str, type[ServiceSettings]] = {
     "transceiver": TransceiverSettings,
 }
 KUBERNETES_VERSION = "1.33.0"
+# Kinds from CRDs: kubernetes-validate bundles only the built-in schemas, so these are left
+# out of the strict validation and checked field by field below.
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+METRICS_PORT = 9464
 # Variables outside the settings classes: the API key (signaling) and the plane's token.
 OTHER_ENV = {"VOICEEDGE_API_KEY", TOKEN_ENV}
 # What a client may reach from outside the cluster: (workload, port, protocol).
@@ -132,7 +140,104 @@ def test_every_overlay_has_every_service() -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rendered_objects_validate_strictly(overlay: str) -> None:
     for doc in rendered(overlay):
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            continue  # no bundled schema: test_service_monitors_... checks these
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def _port_named(ports: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((p for p in ports if p.get("name") == name), None)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_service_serves_metrics_on_a_named_port(overlay: str) -> None:
+    docs = rendered(overlay)
+    services = [d for d in docs if d["kind"] == "Service"]
+    for doc in _workloads(docs):
+        for container in _pod(doc)["containers"]:
+            name = container["name"]
+            if name not in SETTINGS:
+                continue
+            listen = _env(container, f"VOICEEDGE_{name.upper()}_METRICS_LISTEN")
+            assert listen == f"0.0.0.0:{METRICS_PORT}", (overlay, name, listen)
+            port = _port_named(container.get("ports", []), "metrics")
+            assert port == {"name": "metrics", "containerPort": METRICS_PORT}, (name, port)
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            carried = [
+                s
+                for s in services
+                if s["spec"].get("selector", {}).items() <= labels.items()
+                and (p := _port_named(s["spec"]["ports"], "metrics")) is not None
+                and p["targetPort"] in (METRICS_PORT, "metrics")
+            ]
+            assert carried, f"{overlay}: no Service carries {name}'s metrics port"
+            assert all(s["spec"].get("type", "ClusterIP") == "ClusterIP" for s in carried), name
+
+
+SERVICE_MONITOR_KEYS = {
+    "top": {"apiVersion", "kind", "metadata", "spec"},
+    "spec": {"endpoints", "selector", "namespaceSelector", "jobLabel"},
+    "endpoint": {"port", "path", "interval", "scrapeTimeout"},
+}
+
+
+def test_service_monitors_scrape_every_service_and_only_in_production() -> None:
+    assert not [d for d in rendered("dev") if d["kind"] == "ServiceMonitor"]  # optional
+    docs = rendered("production")
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    services = [d for d in docs if d["kind"] == "Service"]
+    scraped: set[str] = set()
+    for monitor in monitors:
+        name = monitor["metadata"]["name"]
+        assert set(monitor) == SERVICE_MONITOR_KEYS["top"], name
+        assert monitor["metadata"]["namespace"] == "voiceedge", name
+        spec = monitor["spec"]
+        assert set(spec) <= SERVICE_MONITOR_KEYS["spec"], name
+        assert spec["namespaceSelector"] == {"matchNames": ["voiceedge"]}, name
+        wanted = spec["selector"]["matchLabels"]
+        assert set(spec["selector"]) == {"matchLabels"}, name
+        for endpoint in spec["endpoints"]:
+            assert set(endpoint) <= SERVICE_MONITOR_KEYS["endpoint"], name
+            assert re.fullmatch(r"\d+s", endpoint["interval"]), endpoint
+            assert endpoint["path"] == "/metrics"
+            matched = [
+                s
+                for s in services
+                if wanted.items() <= s["metadata"].get("labels", {}).items()
+                and _port_named(s["spec"]["ports"], endpoint["port"]) is not None
+            ]
+            assert matched, f"ServiceMonitor {name} selects no Service with port {endpoint}"
+            scraped |= {s["spec"]["selector"]["app.kubernetes.io/name"] for s in matched}
+    assert scraped == set(SETTINGS)
+
+
+def test_the_dashboard_ships_as_a_config_map() -> None:
+    (config,) = [
+        d
+        for d in rendered("production")
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "voiceedge-grafana-dashboard"
+    ]
+    assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = (HERE / "grafana" / "voiceedge.json").read_text()
+    assert config["data"] == {"voiceedge.json": dashboard}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_relays_register_the_vips_of_their_cluster(overlay: str) -> None:
+    docs = rendered(overlay)
+    (topology,) = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("voiceedge-topology")
+    ]
+    clusters = tomllib.loads(topology["data"]["topology.toml"])["clusters"]
+    (relay,) = [d for d in _workloads(docs) if d["metadata"]["name"] == "relay"]
+    (container,) = _pod(relay)["containers"]
+    advertised = _env(container, "VOICEEDGE_RELAY_PUBLIC_ADVERTISE")
+    assert advertised, "relays do not register with geosteer"
+    cluster_id = int(_env(container, "VOICEEDGE_RELAY_CLUSTER_ID") or "0")
+    (cluster,) = [c for c in clusters if c["id"] == cluster_id]
+    assert set(advertised.split(",")) <= set(cluster["relay_vips"]), (advertised, cluster)
 
 
 def _mounted(

@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
@@ -160,7 +160,10 @@ async def run_call(
 ) -> CallResult:
     """Places one call and returns what it saw. `during(pc, result)` (a coroutine function)
     runs once connected, instead of just waiting `seconds`."""
-    pc = RTCPeerConnection()
+    # No STUN server: the edge learns the caller's address from its checks through the relay
+    # (peer-reflexive), and aiortc's default (a public STUN server) would send packets off
+    # the machine in tests and wait for them offline.
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     result = CallResult(status=0)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []

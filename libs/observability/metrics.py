@@ -46,6 +46,7 @@ class MetricSpec:
     description: str
     unit: str = ""  # part of the name: "ms", "bytes"; empty for counts of things
     labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()  # histograms only: upper bounds; empty: the SDK's default
 
     @property
     def name(self) -> str:
@@ -60,12 +61,16 @@ class MetricSpec:
         """The OpenTelemetry instrument; observable kinds need their callbacks."""
         if self.kind.is_observable != bool(callbacks):
             raise ValueError(f"{self.name}: callbacks are for observable instruments only")
+        if self.buckets and self.kind is not Kind.HISTOGRAM:
+            raise ValueError(f"{self.name}: buckets are for histograms only")
         common: dict[str, Any] = {"unit": "", "description": self.description}
         if self.kind is Kind.COUNTER:
             return meter.create_counter(self.name, **common)
         if self.kind is Kind.UP_DOWN_COUNTER:
             return meter.create_up_down_counter(self.name, **common)
         if self.kind is Kind.HISTOGRAM:
+            if self.buckets:
+                common["explicit_bucket_boundaries_advisory"] = list(self.buckets)
             return meter.create_histogram(self.name, **common)
         if self.kind is Kind.OBSERVABLE_COUNTER:
             return meter.create_observable_counter(self.name, list(callbacks), **common)
@@ -125,6 +130,48 @@ TRANSCEIVER_UDPMUX_DROPS = MetricSpec(
     Kind.OBSERVABLE_COUNTER,
     "datagrams dropped by the shared media socket",
     labels=("drop_reason",),
+)
+TRANSCEIVER_SESSIONS_MAX = MetricSpec(
+    "transceiver",
+    "sessions_max",
+    Kind.OBSERVABLE_GAUGE,
+    "sessions this transceiver admits (max_sessions): capacity beside sessions_active",
+)
+TRANSCEIVER_CALL_SETUP_DURATION = MetricSpec(
+    "transceiver",
+    "call_setup_duration",
+    Kind.HISTOGRAM,
+    "answer returned to the session's milestone (stage: connected = ICE and DTLS up, "
+    "first_audio = the caller's first audio packet)",
+    unit="ms",
+    labels=("stage",),
+    buckets=(10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000),
+)
+TRANSCEIVER_RTT = MetricSpec(
+    "transceiver",
+    "rtt",
+    Kind.HISTOGRAM,
+    "first-hop round-trip time (transceiver, relay, caller and back), one sample per "
+    "caller RTCP receiver report (RFC 3550 §6.4.1 LSR/DLSR)",
+    unit="ms",
+    buckets=(5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000),
+)
+TRANSCEIVER_JITTER = MetricSpec(
+    "transceiver",
+    "jitter",
+    Kind.HISTOGRAM,
+    "interarrival jitter of our audio at the caller, per caller RTCP receiver report",
+    unit="ms",
+    buckets=(1, 2, 5, 10, 20, 30, 50, 100, 200, 500),
+)
+TRANSCEIVER_LOSS = MetricSpec(
+    "transceiver",
+    "loss",
+    Kind.HISTOGRAM,
+    "fraction of our audio packets lost on the way to the caller since its previous "
+    "receiver report (RTCP fraction lost / 256)",
+    unit="ratio",
+    buckets=(0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1),
 )
 
 # -- signaling -----------------------------------------------------------------------------

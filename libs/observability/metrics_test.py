@@ -67,3 +67,19 @@ def test_renames_point_at_catalogued_names() -> None:
     names = {spec.prometheus_name for spec in CATALOGUE}
     assert set(RENAMED.values()) <= names
     assert not set(RENAMED) & names
+
+
+def test_histogram_buckets_reach_prometheus() -> None:
+    reader = PrometheusMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        spec = MetricSpec("transceiver", "test_loss", Kind.HISTOGRAM, "d", "ratio", (), (0, 0.01))
+        spec.create(provider.get_meter("buckets")).record(0.005)
+        shown = generate_latest(REGISTRY).decode()
+    finally:
+        provider.shutdown()
+    for bound, count in (("0", "0.0"), ("0.01", "1.0")):
+        pattern = rf'test_loss_ratio_bucket{{[^}}]*le="{re.escape(bound)}"[^}}]*}} {count}'
+        assert re.search(pattern, shown), (bound, shown)
+    with pytest.raises(ValueError, match="buckets"):
+        MetricSpec("relay", "z", Kind.COUNTER, "d", buckets=(1,)).create(metrics.get_meter("t"))

@@ -109,6 +109,9 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
         if telemetry is not None:
             self._active = BRIDGE_SESSIONS_ACTIVE.create(telemetry.meter)
             self._opened = BRIDGE_SESSIONS_OPENED.create(telemetry.meter)
+            # Exported as 0 from the start, not only after the first session.
+            self._active.add(0)
+            self._opened.add(0)
 
     @property
     def session_count(self) -> int:

@@ -23,7 +23,10 @@ What the transceiver needs that the public APIs do not offer:
   SRTP sessions (`RTCDtlsTransport._rx_srtp`, `_tx_srtp`), and what aiortc's RTCP sender
   reports need from the packets we send (`RTCRtpSender.__ntp_timestamp`, `__rtp_timestamp`,
   `__packet_count`, `__octet_count`), and the caller's last sender report for our receiver
-  reports (`RTCRtpReceiver.__lsr`, `__lsr_time`).
+  reports (`RTCRtpReceiver.__lsr`, `__lsr_time`);
+- see each caller receiver report on our stream for the metrics (`RTCRtpSender.
+  _handle_rtcp_packet`, `_ssrc`, and our last sender report's `__lsr`, `__lsr_time` for its
+  round-trip time): see `tap_receiver_reports`.
 
 Test clients and load generators only: `add_loopback_host_candidate`,
 `install_fast_audio_level` (`aiortc.rtp.compute_audio_level_dbov`, which aiortc's sender
@@ -91,6 +94,7 @@ SENDER_REPORT_ATTRIBUTES = (
 )
 DTLS_ATTRIBUTES = ("_rx_srtp", "_tx_srtp")
 RECEIVER_REPORT_ATTRIBUTES = ("_RTCRtpReceiver__lsr", "_RTCRtpReceiver__lsr_time")
+SENDER_RTT_ATTRIBUTES = ("_RTCRtpSender__lsr", "_RTCRtpSender__lsr_time")
 PEER_CONNECTION_ATTRIBUTES = ("_RTCPeerConnection__closeTask", "_RTCPeerConnection__connect")
 
 
@@ -563,6 +567,12 @@ def check_versions() -> None:
     for name in SENDER_REPORT_ATTRIBUTES:
         if not isinstance(getattr(transceiver.sender, name, None), int):
             raise CompatError(f"aiortc.RTCRtpSender.{name[13:]} is gone: update aiortc_compat.py")
+    for name in SENDER_RTT_ATTRIBUTES:
+        if not hasattr(transceiver.sender, name):
+            raise CompatError(f"aiortc.RTCRtpSender.{name[13:]} is gone: update aiortc_compat.py")
+    for name in ("_handle_rtcp_packet", "_ssrc"):
+        if not hasattr(transceiver.sender, name):
+            raise CompatError(f"aiortc.RTCRtpSender.{name} is gone: update aiortc_compat.py")
     for name in DTLS_ATTRIBUTES:
         if not hasattr(transceiver.sender.transport, name):
             raise CompatError(f"aiortc.RTCDtlsTransport.{name} is gone: update aiortc_compat.py")
@@ -634,6 +644,43 @@ def sender_report_sink(pc: RTCPeerConnection) -> Callable[[int, int, int], None]
         setattr(sender, octets_name, octets)
 
     return record
+
+
+@dataclass(frozen=True)
+class ReceiverReport:
+    """One report block the caller sent on our audio stream (RFC 3550 §6.4.1)."""
+
+    fraction_lost: int  # lost since its previous report, in 1/256
+    jitter_ticks: int  # interarrival jitter, in RTP clock ticks
+    rtt_s: float | None  # None without a matching LSR (no sender report of ours seen yet)
+
+
+def tap_receiver_reports(
+    pc: RTCPeerConnection,
+    sink: Callable[[ReceiverReport], None],
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Every report block about our audio that reaches aiortc's RTCRtpSender (RR or SR,
+    routed by its SSRC) goes to `sink` too, after aiortc has handled it. The RTT is that
+    block's alone, as aiortc computes it before smoothing: arrival minus the time our sender
+    report with that LSR left, minus the caller's DLSR."""
+    sender = _audio(pc).sender
+    original = sender._handle_rtcp_packet
+    lsr_name, lsr_time_name = SENDER_RTT_ATTRIBUTES
+
+    async def handle(packet: Any) -> None:
+        ours = [r for r in getattr(packet, "reports", ()) if r.ssrc == sender._ssrc]
+        # Read before aiortc's handler: a sender report it sends meanwhile moves them.
+        lsr, lsr_time = getattr(sender, lsr_name), getattr(sender, lsr_time_name)
+        arrival = clock()
+        await original(packet)
+        for report in ours:
+            rtt: float | None = None
+            if lsr is not None and lsr_time is not None and report.lsr == lsr and report.dlsr:
+                rtt = arrival - lsr_time - report.dlsr / 65536
+            sink(ReceiverReport(report.fraction_lost, report.jitter, rtt))
+
+    sender._handle_rtcp_packet = handle
 
 
 def nominated_remote(connection: aioice.Connection) -> tuple[str, int] | None:

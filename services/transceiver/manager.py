@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from libs.service.aio import cancel_and_wait
 from libs.service.errors import StatusError, invalid_argument, not_found, resource_exhausted
 from services.transceiver import aiortc_compat, rtp, sdp
 from services.transceiver.bridge import BridgeStreams
+from services.transceiver.call_metrics import CallMetrics
 from services.transceiver.session import Session, SessionParams, endpoints_of
 from services.transceiver.settings import TransceiverSettings
 from services.transceiver.udpmux import UdpMux
@@ -84,6 +86,7 @@ class SessionManager:
                 ]
             ],
         )
+        self._call_metrics = CallMetrics(meter, settings.max_sessions)
 
     @property
     def active(self) -> int:
@@ -141,6 +144,7 @@ class SessionManager:
                 f"session_id {params.session_id!r} exists",
             )
         self._check_ufrag_free(params.ufrag)
+        created_at = time.monotonic()
         session = Session(
             params, self.settings, self.mux, self.bridges, self.pacer, self._session_closed
         )
@@ -156,6 +160,7 @@ class SessionManager:
             raise
         self.created_total += 1
         self._created.add(1)
+        self._call_metrics.watch(session, created_at)
         log_event(
             logger,
             "session.created",
@@ -177,6 +182,7 @@ class SessionManager:
         self._open.pop(session.id, None)
         reason = common_pb2.CloseReason.Name(session.close_reason)  # type: ignore[arg-type]
         self._ended.add(1, {"close.reason": reason})
+        self._call_metrics.closed(session.id)
         retain = self.settings.closed_sessions_retained
         if retain and session.final_info is not None:
             self._closed[session.id] = ClosedSession(session.id, session.final_info)

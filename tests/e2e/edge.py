@@ -21,8 +21,10 @@ def edge(
     *,
     redis_url: str = "",
     extra_flags: dict[str, list[str]] | None = None,
+    metrics: bool = False,
 ) -> Iterator[Stack]:
-    """Every service on free loopback ports; their logs go to workdir/services.log."""
+    """Every service on free loopback ports (with `metrics`, /metrics too: Stack.metrics);
+    their logs go to workdir/services.log."""
     with (workdir / "services.log").open("w") as log:
         running = start_stack(
             StackConfig(
@@ -33,6 +35,7 @@ def edge(
                 workdir=workdir,
                 log=log,
                 extra_flags=extra_flags or {},
+                metrics_ports={} if metrics else None,
             )
         )
         try:

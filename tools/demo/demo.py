@@ -24,6 +24,14 @@ DEV_PORTS = {
     "relay": 50054,
     "bridge": 50055,
 }
+# Prometheus /metrics of each service (scrape them, or import deploy/grafana/voiceedge.json).
+DEV_METRICS_PORTS = {
+    "geosteer": 9461,
+    "transceiver": 9462,
+    "signaling": 9463,
+    "relay": 9464,
+    "bridge": 9465,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         relay_udp_port=3478,
         http_port=8080,
         grpc_ports=DEV_PORTS,
+        metrics_ports=DEV_METRICS_PORTS,
         api_key=os.environ.get("VOICEEDGE_API_KEY", ""),
         redis_url=os.environ.get("REDIS_URL", ""),
         # The page at / and its loopback-only client secrets.
@@ -54,7 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         for name, service in stack.services.items():
-            print(f"demo: {name:<12} grpc {service.ready['grpc']}", flush=True)
+            print(
+                f"demo: {name:<12} grpc {service.ready['grpc']}"
+                f"  metrics http://{service.ready['metrics']}/metrics",
+                flush=True,
+            )
         print(f"demo: relay UDP     {stack.relay_udp[0]}:{stack.relay_udp[1]}")
         print(f"demo: open          {stack.http_base}/  (click Talk)")
         print(f"demo: API key       {stack.api_key}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from queue import Empty, Queue
 
 DEMO = Path(os.path.abspath(__file__)).parent / "demo"
-PORTS_TCP = [8080, 50051, 50052, 50053, 50054, 50055]
+PORTS_TCP = [8080, 50051, 50052, 50053, 50054, 50055, 9461, 9462, 9463, 9464, 9465]
 
 
 def _read_until(process: subprocess.Popen[str], marker: str, timeout_s: float) -> list[str]:
@@ -80,6 +80,9 @@ def test_demo_comes_up_serves_the_page_and_stops_cleanly(tmp_path: Path) -> None
         assert "open          http://127.0.0.1:8080/" in text
         assert "API key       sk-demo-test-0123456789" in text
         assert "relay UDP     127.0.0.1:3478" in text
+        assert "metrics http://127.0.0.1:9465/metrics" in text  # the bridge's
+        with urllib.request.urlopen("http://127.0.0.1:9465/metrics", timeout=10) as response:
+            assert "voiceedge_bridge_sessions_active{" in response.read().decode()
         with urllib.request.urlopen("http://127.0.0.1:8080/", timeout=10) as response:
             assert "Talk" in response.read().decode()
         request = urllib.request.Request("http://127.0.0.1:8080/demo/client_secret", method="POST")

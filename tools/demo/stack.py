@@ -67,6 +67,8 @@ class StackConfig:
     placement: dict[str, Placement] = field(default_factory=dict)  # service -> where
     relay_public_host: str = "127.0.0.1"  # the relay's public UDP address (the VIP)
     http_host: str = "127.0.0.1"  # where signaling's public HTTP API listens
+    # Prometheus /metrics of every service: None off; else service -> port (absent or 0: free).
+    metrics_ports: dict[str, int] | None = None
 
 
 @dataclass
@@ -85,6 +87,10 @@ class Stack:
 
     def grpc(self, name: str) -> str:
         return str(self.services[name].ready["grpc"])
+
+    def metrics(self, name: str) -> str:
+        """host:port of the service's /metrics (StackConfig.metrics_ports set)."""
+        return str(self.services[name].ready["metrics"])
 
     def stop(self, force: threading.Event | None = None) -> dict[str, int]:
         """Stops every child (see `stop_processes`); their exit codes by name."""
@@ -212,6 +218,9 @@ def start_stack(config: StackConfig) -> Stack:
             str(DRAIN_GRACE_S),
             *flags,
         ]
+        if config.metrics_ports is not None:
+            metrics_port = config.metrics_ports.get(name, 0)
+            command += ["--metrics-listen", f"{where(name).host}:{metrics_port}"]
         if where(name).netns:
             command = ["ip", "netns", "exec", where(name).netns, *command]
         command += config.extra_flags.get(name, [])
