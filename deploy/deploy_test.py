@@ -62,7 +62,7 @@ METRICS_PORT = 9464
 # Variables outside the settings classes: the API key (signaling) and the plane's token.
 OTHER_ENV = {"VOICEEDGE_API_KEY", TOKEN_ENV}
 # What a client may reach from outside the cluster: (workload, port, protocol).
-PUBLIC_PORTS = {("signaling", 8080, "TCP"), ("relay", 3478, "UDP")}
+PUBLIC_PORTS = {("signaling", 8080, "TCP"), ("relay", 3478, "UDP"), ("relay", 8443, "TCP")}
 SECRET_NAME = "voiceedge-secrets"  # noqa: S105 (the Secret's name)
 STATELESS = {"relay", "signaling", "bridge"}
 # kubelet stops a pod only after preStop; then the process drains and closes.
@@ -237,7 +237,14 @@ def test_relays_register_the_vips_of_their_cluster(overlay: str) -> None:
     assert advertised, "relays do not register with geosteer"
     cluster_id = int(_env(container, "VOICEEDGE_RELAY_CLUSTER_ID") or "0")
     (cluster,) = [c for c in clusters if c["id"] == cluster_id]
-    assert set(advertised.split(",")) <= set(cluster["relay_vips"]), (advertised, cluster)
+    vips = {
+        (v, "udp") if isinstance(v, str) else (v["address"], v.get("transport", "udp"))
+        for v in cluster["relay_vips"]
+    }
+    assert {(a, "udp") for a in advertised.split(",")} <= vips, (advertised, cluster)
+    tcp = _env(container, "VOICEEDGE_RELAY_TCP_ADVERTISE")  # the ICE-TCP VIP
+    assert tcp, "relays do not register their ICE-TCP VIP"
+    assert {(a, "tcp") for a in tcp.split(",")} <= vips, (tcp, cluster)
 
 
 def _mounted(

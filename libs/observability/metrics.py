@@ -113,6 +113,46 @@ RELAY_REDIS_OPS = MetricSpec(
     "Redis binding store operations (only with Redis configured)",
     labels=("result",),
 )
+RELAY_TCP_CONNECTIONS = MetricSpec(
+    "relay",
+    "tcp_connections",
+    Kind.OBSERVABLE_GAUGE,
+    "ICE-TCP connections (state: pending = awaiting a valid first STUN frame, or open)",
+    labels=("state",),
+)
+RELAY_TCP_CLOSED = MetricSpec(
+    "relay",
+    "tcp_closed",
+    Kind.OBSERVABLE_COUNTER,
+    "ICE-TCP connections closed or refused, by reason",
+    labels=("reason",),
+)
+RELAY_TCP_FRAMES = MetricSpec(
+    "relay",
+    "tcp_frames",
+    Kind.OBSERVABLE_COUNTER,
+    "RFC 4571 frames forwarded over ICE-TCP connections",
+    labels=("direction",),
+)
+RELAY_TCP_FRAME_DROPS = MetricSpec(
+    "relay",
+    "tcp_frame_drops",
+    Kind.OBSERVABLE_COUNTER,
+    "ICE-TCP frames dropped on open connections (refused by the router, or the client not reading)",
+)
+RELAY_WORKER_RESTARTS = MetricSpec(
+    "relay",
+    "worker_restarts",
+    Kind.OBSERVABLE_COUNTER,
+    "relay worker processes replaced after they died",
+)
+RELAY_TOPOLOGY_RETAINED = MetricSpec(
+    "relay",
+    "topology_retained",
+    Kind.OBSERVABLE_GAUGE,
+    "transceivers kept although geosteer's last answer left them out (live bindings or "
+    "topology_hold_s)",
+)
 
 # -- transceiver ---------------------------------------------------------------------------
 TRANSCEIVER_SESSIONS_CREATED = MetricSpec(

@@ -16,7 +16,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -114,6 +114,15 @@ class GrpcService:
         for name in ["", *(s.full_name for s in self._servicers)]:
             await self._health.set(name, status)
 
+    async def set_service_serving(self, name: str, serving: bool) -> None:
+        """The health of one service name only (e.g. degraded but still serving)."""
+        await self._health.set(
+            name,
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
     async def close(self, grace_s: float = 0.0) -> None:
         if self._closed or self._server is None:
             return
@@ -198,6 +207,9 @@ class ServiceParts:
     # Called with the bound gRPC address ("host:port") once the server listens: what a
     # service announces to others (geosteer registration) must carry the real port.
     started: Callable[[str], Awaitable[None]] | None = None
+    # Called once the server listens with a setter of one service name's health
+    # (name, serving): a service reports a degraded part without leaving "" SERVING.
+    health: Callable[[Callable[[str, bool], Coroutine[Any, Any, None]]], None] | None = None
 
 
 def service_main(
@@ -249,6 +261,8 @@ async def _serve(
             raise
         if parts.started is not None:
             await parts.started(service.address)
+        if parts.health is not None:
+            parts.health(service.set_service_serving)
         ready = dict(parts.ready or {})
         if telemetry.metrics_port:
             ready["metrics"] = (

@@ -5,7 +5,12 @@ client's public address in a small header, so the transceiver sees the client's 
 address (XOR-MAPPED-ADDRESS stays true, no internal address leaks) and any relay can carry
 any session.
 
-  0-1 magic "VE" | 2 version=1 | 3 flags (bit 0: IPv6) | 4-5 client port | address (4|16)
+  0-1 magic "VE" | 2 version=1 | 3 flags (bit 0: IPv6, bit 7: TCP) | 4-5 client port |
+  address (4|16)
+
+Bit 7 marks a client the relay reaches over an ICE-TCP connection (RFC 6544, RFC 4571
+framing on the relay's public TCP port): the address is that connection's remote address,
+and the transceiver echoes the bit in its replies so they go back on the connection.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import struct
 MAGIC = b"VE"
 VERSION = 1
 FLAG_IPV6 = 0x01
+FLAG_TCP = 0x80
+_KNOWN_FLAGS = FLAG_IPV6 | FLAG_TCP
 HEADER_V4 = 10
 HEADER_V6 = 22
 _PREFIX = struct.Struct("!2sBBH")
@@ -30,8 +37,9 @@ class FrameError(ValueError):
     """Not a valid frame; counted and dropped by whoever reads it."""
 
 
-def encode(client_ip: str, client_port: int, payload: bytes) -> bytes:
-    """Wraps `payload` for the client at (client_ip, client_port)."""
+def encode(client_ip: str, client_port: int, payload: bytes, *, tcp: bool = False) -> bytes:
+    """Wraps `payload` for the client at (client_ip, client_port); `tcp`: that client is an
+    ICE-TCP connection of the relay."""
     if not 0 <= client_port <= 0xFFFF:
         raise FrameError(f"port {client_port} out of range")
     try:
@@ -42,12 +50,19 @@ def encode(client_ip: str, client_port: int, payload: bytes) -> bytes:
         address = ipaddress.ip_address(client_ip)  # IPv6, or a ValueError naming the input
         packed = address.packed
         flags = FLAG_IPV6 if address.version == 6 else 0
+    if tcp:
+        flags |= FLAG_TCP
     return _PREFIX.pack(MAGIC, VERSION, flags, client_port) + packed + payload
 
 
-def header(client_ip: str, client_port: int) -> bytes:
+def header(client_ip: str, client_port: int, *, tcp: bool = False) -> bytes:
     """Just the header, for senders that prepend it to many payloads of one client."""
-    return encode(client_ip, client_port, b"")
+    return encode(client_ip, client_port, b"", tcp=tcp)
+
+
+def is_tcp(frame: bytes) -> bool:
+    """True if the frame's client is an ICE-TCP connection (flag bit 7); no validation."""
+    return len(frame) > 3 and bool(frame[3] & FLAG_TCP)
 
 
 def decode(frame: bytes) -> tuple[str, int, bytes]:
@@ -59,7 +74,7 @@ def decode(frame: bytes) -> tuple[str, int, bytes]:
         raise FrameError("bad magic")
     if version != VERSION:
         raise FrameError(f"unknown version {version}")
-    if flags & ~FLAG_IPV6:
+    if flags & ~_KNOWN_FLAGS:
         raise FrameError("reserved flags set")
     if flags & FLAG_IPV6:
         if len(frame) < HEADER_V6:

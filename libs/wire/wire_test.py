@@ -234,6 +234,18 @@ def test_frame_vectors() -> None:
     assert len(framing.header("127.0.0.1", 1)) == framing.HEADER_V4
 
 
+def test_frame_tcp_vector() -> None:
+    # Bit 7 marks an ICE-TCP client; frames without it are byte-for-byte the old ones.
+    tcp = framing.encode("203.0.113.9", 50000, b"\x00\x01\x00\x0c", tcp=True)
+    assert tcp == (TESTDATA / "frame_v4_tcp.bin").read_bytes()
+    assert framing.decode(tcp) == ("203.0.113.9", 50000, b"\x00\x01\x00\x0c")
+    assert framing.is_tcp(tcp)
+    assert not framing.is_tcp((TESTDATA / "frame_v4.bin").read_bytes())
+    v6 = framing.header("2001:db8::9", 1, tcp=True)
+    assert v6[3] == framing.FLAG_IPV6 | framing.FLAG_TCP
+    assert framing.decode(v6) == ("2001:db8::9", 1, b"")
+
+
 @pytest.mark.parametrize("address", ["0.0.0.0", "127.0.0.1", "203.0.113.9", "255.255.255.255"])
 def test_frame_v4_address_text(address: str) -> None:
     # The fast IPv4 path (inet_pton/inet_ntop) agrees with ipaddress both ways.

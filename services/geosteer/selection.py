@@ -56,10 +56,12 @@ class GeoPoint:
 
 @dataclass(frozen=True, order=True)
 class Endpoint:
-    """An IP literal and a port (a relay VIP, a media address)."""
+    """An IP literal and a port (a relay VIP, a media address); `tcp`: a relay's ICE-TCP
+    port rather than UDP."""
 
     ip: str
     port: int
+    tcp: bool = False
 
     def __str__(self) -> str:
         return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"

@@ -59,11 +59,11 @@ def _endpoint_from_proto(address: common_pb2.SocketAddress, where: str) -> Endpo
         raise _invalid_node(f"{where}.ip {address.ip!r} is not an IP literal") from None
     if not 1 <= address.port <= 65535:
         raise _invalid_node(f"{where}.port {address.port} not in 1..65535")
-    return Endpoint(str(ip), address.port)
+    return Endpoint(str(ip), address.port, address.tcp)
 
 
 def _endpoint_to_proto(endpoint: Endpoint) -> common_pb2.SocketAddress:
-    return common_pb2.SocketAddress(ip=endpoint.ip, port=endpoint.port)
+    return common_pb2.SocketAddress(ip=endpoint.ip, port=endpoint.port, tcp=endpoint.tcp)
 
 
 def node_from_proto(node: geosteer_pb2.Node) -> NodeState:

@@ -13,12 +13,14 @@ capacity_sessions = 5000    # cap over the whole cluster; 0 or absent: transceiv
 relay_vips = [
   "203.0.113.10:3478",
   { address = "198.51.100.7:3478", latitude = 48.86, longitude = 2.35 },
+  { address = "203.0.113.10:443", transport = "tcp" },  # ICE-TCP (answers: tcptype passive)
 ]
 ```
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -41,7 +43,7 @@ DEV_TOPOLOGY: tuple[ClusterConfig, ...] = (
 )
 
 _CLUSTER_KEYS = {"id", "name", "region", "latitude", "longitude", "capacity_sessions", "relay_vips"}
-_VIP_KEYS = {"address", "latitude", "longitude"}
+_VIP_KEYS = {"address", "latitude", "longitude", "transport"}
 
 
 class TopologyError(ValueError):
@@ -91,7 +93,13 @@ def _vip(raw: Any, where: str) -> RelayVip:
         if not isinstance(raw.get("address"), str):
             raise TopologyError(f"{where}.address: expected 'ip:port'")
         location = _point(raw, where) if "latitude" in raw or "longitude" in raw else None
-        return RelayVip(parse_endpoint(raw["address"], f"{where}.address"), location)
+        transport = raw.get("transport", "udp")
+        if transport not in ("udp", "tcp"):
+            raise TopologyError(f"{where}.transport: expected 'udp' or 'tcp', got {transport!r}")
+        endpoint = parse_endpoint(raw["address"], f"{where}.address")
+        if transport == "tcp":  # the relay's ICE-TCP port (RFC 6544 passive candidate)
+            endpoint = dataclasses.replace(endpoint, tcp=True)
+        return RelayVip(endpoint, location)
     raise TopologyError(f"{where}: expected 'ip:port' or a table, got {raw!r}")
 
 

@@ -31,6 +31,7 @@ capacity_sessions = 500
 relay_vips = [
   "203.0.113.1:3478",
   { address = "198.51.100.1:443", latitude = 48.86, longitude = 2.35 },
+  { address = "203.0.113.1:443", transport = "tcp" },
 ]
 """
 
@@ -43,6 +44,7 @@ def test_loads_a_topology_file_ordered_by_id(tmp_path: Path) -> None:
     assert [v.endpoint for v in fra.relay_vips] == [
         Endpoint("203.0.113.1", 3478),
         Endpoint("198.51.100.1", 443),
+        Endpoint("203.0.113.1", 443, tcp=True),  # the ICE-TCP VIP
     ]
     assert fra.relay_vips[1].location == GeoPoint(48.86, 2.35)
     assert syd.relay_vips[0].endpoint == Endpoint("2001:db8::1", 3478)
@@ -85,6 +87,10 @@ def cluster(**fields: Any) -> dict[str, Any]:
         (
             {"clusters": [cluster(relay_vips=["203.0.113.1:1", "203.0.113.1:1"])]},
             "duplicate endpoint",
+        ),
+        (
+            {"clusters": [cluster(relay_vips=[{"address": "203.0.113.1:1", "transport": "sctp"}])]},
+            "transport: expected 'udp' or 'tcp'",
         ),
         ({"clusters": [cluster(id=0)]}, "clusters\\[0\\].id: 0 not in"),
         ({"clusters": [cluster(id=True)]}, "expected an integer"),

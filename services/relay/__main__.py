@@ -11,7 +11,8 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import uvloop
 
@@ -22,9 +23,10 @@ from libs.service.cpus import usable_cpus
 from libs.service.runtime import ServiceParts, Servicer, service_main
 from libs.wire import ufrag
 from services.geosteer.client import HeartbeatLoop, NodeReport, ProcessCpuMeter
+from services.relay.limits import SharedReplayTable
 from services.relay.servicer import RelayAdmin, RelayState, register_metrics
 from services.relay.settings import RelaySettings
-from services.relay.workers import RemoteWorker, make_worker
+from services.relay.workers import RemoteWorker, WorkerSupervisor, make_worker
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
@@ -36,12 +38,15 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
     if settings.ufrag_keys == ufrag.DEV_KEYRING_SPEC:
         log_event(logger, "relay.dev_keyring", level=logging.WARNING, detail="never in production")
     workers = settings.workers or usable_cpus()
-    plane, store, watch = await make_worker(settings, 0)
+    # One replay table for every worker: the kernel hashes a replay's ports anywhere.
+    replays = SharedReplayTable.create(settings.replay_cache_size)
+    plane, store, watch = await make_worker(settings, 0, replays)
     # Children bind the ports worker 0 got (port 0 picks one) and their own internal socket.
     internal_host = settings.internal_listen.rpartition(":")[0]
     child_settings = dataclasses.replace(
         settings,
         udp_listen=tuple(plane.public_addresses),
+        tcp_listen=plane.tcp.address if plane.tcp is not None else "",
         internal_listen=f"{internal_host}:0",
         metrics_listen="",
         otlp_endpoint="",
@@ -49,7 +54,7 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
     remotes: list[RemoteWorker] = []
     try:
         for worker_id in range(1, workers):
-            remotes.append(RemoteWorker.spawn(child_settings, worker_id))
+            remotes.append(RemoteWorker.spawn(child_settings, worker_id, replays.path))
         for remote in remotes:
             await remote.wait_ready()
     except BaseException:
@@ -58,23 +63,55 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
         await cancel_and_wait(watch)
         await plane.close()
         await store.close()
+        replays.close()
         raise
 
-    state = RelayState([plane, *remotes], store, settings.drain_grace_s)
+    state = RelayState(
+        [plane, *remotes], store, settings.drain_grace_s, topology=lambda: plane.router.topology
+    )
     register_metrics(telemetry.meter, state)
     reporter: HeartbeatLoop | None = None
+    full_name = relay_pb2.DESCRIPTOR.services_by_name["RelayAdminService"].full_name
+    set_health: Callable[[str, bool], Coroutine[Any, Any, None]] | None = None
+    health_tasks: set[asyncio.Task[None]] = set()
+
+    def on_degraded(degraded: bool) -> None:
+        # The relay's own service name says NOT_SERVING while a worker is missing; ""
+        # (what readiness probes ask) stays SERVING: the other workers still forward, and
+        # leaving the load balancer would move calls that are fine.
+        state.degraded = degraded
+        if degraded:
+            for worker_id in {w.worker_id for w in remotes if w.died.done()}:
+                state.worker_died(worker_id)
+        if set_health is not None and not state.draining:
+            task = asyncio.get_running_loop().create_task(set_health(full_name, not degraded))
+            health_tasks.add(task)
+            task.add_done_callback(health_tasks.discard)
+
+    supervisor = WorkerSupervisor(
+        child_settings, remotes, on_degraded, state.replace_worker, replays.path
+    )
+    supervising = asyncio.get_running_loop().create_task(supervisor.run())
+
+    def health(setter: Callable[[str, bool], Coroutine[Any, Any, None]]) -> None:
+        nonlocal set_health
+        set_health = setter
+        if state.degraded:
+            on_degraded(True)
 
     async def started(grpc_address: str) -> None:
         nonlocal reporter
         reporter = start_reporter(settings, state, workers, grpc_address)
 
     async def drain(grace_s: float) -> None:
+        await cancel_and_wait(supervising)  # no respawns while the relay goes away
         state.start_drain(grace_s)
         if reporter is not None:
             await reporter.report_now()
         await state.wait_drained()
 
     async def close() -> None:
+        await cancel_and_wait(supervising, *health_tasks)
         if reporter is not None:
             await reporter.close()  # deregisters from geosteer, closes the channel
         await cancel_and_wait(watch)
@@ -83,8 +120,8 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
             await remote.close()
         await plane.close()
         await store.close()
+        replays.close()
 
-    full_name = relay_pb2.DESCRIPTOR.services_by_name["RelayAdminService"].full_name
     return ServiceParts(
         servicers=[
             Servicer(
@@ -95,11 +132,13 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
         close=close,
         ready={
             "udp": list(plane.public_addresses),
+            "tcp": plane.tcp.address if plane.tcp is not None else "",
             "internal": plane.internal_address,
             "workers": workers,
             "batched_io": plane.batched,
         },
         started=started,
+        health=health,
     )
 
 
@@ -110,14 +149,18 @@ def start_reporter(
     count and the drain flag (geosteer stops handing out a draining relay's VIPs)."""
     if not settings.public_advertise:
         return None
-    endpoints = [parse_host_port(a, "public_advertise") for a in settings.public_advertise]
+    endpoints = [
+        (*parse_host_port(a, "public_advertise"), False) for a in settings.public_advertise
+    ] + [(*parse_host_port(a, "tcp_advertise"), True) for a in settings.tcp_advertise]
     node = geosteer_pb2.Node(
         node_id=settings.node_id
         or f"relay-{settings.cluster_id}-{socket.gethostname()}-{os.getpid()}",
         kind=common_pb2.NODE_KIND_RELAY,
         cluster_id=settings.cluster_id,
         grpc_address=grpc_address,
-        public_endpoints=[common_pb2.SocketAddress(ip=ip, port=port) for ip, port in endpoints],
+        public_endpoints=[
+            common_pb2.SocketAddress(ip=ip, port=port, tcp=tcp) for ip, port, tcp in endpoints
+        ],
         capacity_sessions=settings.max_bindings * workers,
     )
     cpu = ProcessCpuMeter()

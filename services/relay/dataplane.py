@@ -23,7 +23,9 @@ from libs.fastio import fastio
 from libs.observability.telemetry import log_event
 from libs.wire.framing import Address
 from services.relay.router import C2T, T2C, Binding, BindingInfo, Forward, Router, RouterCounters
-from services.relay.store import BindingStore, RedisCounts, counts_of
+from services.relay.store import TOPOLOGY_RESAVE_S, BindingStore, RedisCounts, counts_of
+from services.relay.tcp import TcpCounters, TcpPlane
+from services.relay.topology import TopologyView, encode_view
 from voiceedge.relay.v1 import relay_pb2
 
 logger = logging.getLogger("voiceedge.relay")
@@ -61,13 +63,17 @@ def sockname(sock: socket.socket) -> str:
 
 @dataclass(frozen=True, slots=True)
 class WorkerCounters:
-    """One worker's router and Redis counters, or the sum over workers (`+`, `total`)."""
+    """One worker's router, Redis and ICE-TCP counters, or the sum over workers (`+`,
+    `total`)."""
 
     router: RouterCounters = field(default_factory=RouterCounters)
     redis: RedisCounts = field(default_factory=RedisCounts)
+    tcp: TcpCounters = field(default_factory=TcpCounters)
 
     def __add__(self, other: WorkerCounters) -> WorkerCounters:
-        return WorkerCounters(self.router + other.router, self.redis + other.redis)
+        return WorkerCounters(
+            self.router + other.router, self.redis + other.redis, self.tcp + other.tcp
+        )
 
     @classmethod
     def total(cls, items: Iterable[WorkerCounters]) -> WorkerCounters:
@@ -126,8 +132,11 @@ class DataPlane:
         redis_max_inflight: int,
         worker_id: int = 0,
         batched_io: bool = True,
+        tcp: TcpPlane | None = None,
+        persist_topology: bool = False,
     ) -> None:
         self.router = router
+        self.tcp = tcp  # the worker's ICE-TCP listener, started and closed with the plane
         self.store = store
         self.worker_id = worker_id
         self.now = time.monotonic()
@@ -150,6 +159,10 @@ class DataPlane:
         self._readers: list[socket.socket] = []
         self._public_fds: list[int] = []
         self._internal_fd = -1
+        self._persist_topology = persist_topology and store.enabled
+        self._saved_topology: object = None  # the transceivers mapping last written
+        self._saved_topology_at = float("-inf")  # monotonic
+        self._saver: asyncio.Task[None] | None = None
         router.on_bind = self._on_bind
 
     @property
@@ -162,6 +175,12 @@ class DataPlane:
             self._start_batched()
         else:
             await self._start_endpoints()
+        if self.tcp is not None:
+            try:
+                await self.tcp.start()
+            except BaseException:
+                await self.close()
+                raise
         self._ticker = asyncio.create_task(self._tick())
         log_event(
             logger,
@@ -269,8 +288,10 @@ class DataPlane:
             if now - last_expire >= 1.0:
                 last_expire = now
                 self.router.expire_idle(now)
+                self.router.prune_topology(time.time())
                 if len(self._negative) > NEGATIVE_CACHE_MAX:
                     self._negative.clear()
+                self._save_topology()
             if self.store.enabled and now - last_refresh >= self._refresh_every_s:
                 last_refresh = now
                 # In its own task: a slow or down Redis must not stall the coarse clock.
@@ -284,6 +305,24 @@ class DataPlane:
         ok = await self.store.refresh(entries)
         for binding in due:
             binding.stored_at = now if ok else -1.0
+
+    def _save_topology(self) -> None:
+        """Writes the routed-on topology to the shared store when its nodes changed (worker
+        0 only), in its own task so a slow Redis never stalls the clock."""
+        view = self.router.topology
+        if not self._persist_topology:
+            return
+        fresh = self.now - self._saved_topology_at < TOPOLOGY_RESAVE_S
+        if view.transceivers == self._saved_topology and fresh:
+            return
+        if self._saver is not None and not self._saver.done():
+            return
+        self._saver = asyncio.create_task(self._write_topology(view))
+
+    async def _write_topology(self, view: TopologyView) -> None:
+        if await self.store.save_topology(encode_view(view)):
+            self._saved_topology = view.transceivers
+            self._saved_topology_at = self.now
 
     def _on_bind(self, binding: Binding) -> None:
         self._negative.pop(binding.client, None)
@@ -321,11 +360,14 @@ class DataPlane:
             self._inflight.pop(client, None)
 
     def counters(self) -> WorkerCounters:
-        return WorkerCounters(self.router.counters(), counts_of(self.store))
+        tcp = self.tcp.counters() if self.tcp is not None else TcpCounters()
+        return WorkerCounters(self.router.counters(), counts_of(self.store), tcp)
 
     def drain(self, grace_s: float) -> None:
         """New clients are refused from now on; the owner closes the plane after `grace_s`."""
         self.router.draining = True
+        if self.tcp is not None:
+            self.tcp.drain()
 
     async def list_bindings(self) -> list[BindingInfo]:
         return [binding.info() for binding in self.router.bindings()]
@@ -349,7 +391,15 @@ class DataPlane:
             return
         self._closed = True
         tasks = [
-            t for t in (self._ticker, self._refresher, *self._inflight.values(), *self._writes) if t
+            t
+            for t in (
+                self._ticker,
+                self._refresher,
+                self._saver,
+                *self._inflight.values(),
+                *self._writes,
+            )
+            if t
         ]
         for task in tasks:
             task.cancel()
@@ -364,3 +414,5 @@ class DataPlane:
             loop.remove_reader(sock.fileno())
             sock.close()
         self._readers.clear()
+        if self.tcp is not None:
+            await self.tcp.close()

@@ -19,6 +19,7 @@ from typing import Any, assert_never
 from services.relay.dataplane import WorkerCounters
 from services.relay.router import DIRECTIONS, N_CLASSES, N_REASONS, BindingInfo, RouterCounters
 from services.relay.store import RedisCounts
+from services.relay.tcp import N_CLOSE_REASONS, TcpCounters
 
 
 class MessageError(ValueError):
@@ -96,6 +97,7 @@ def _counters_fields(c: WorkerCounters) -> list[Any]:
         redis.misses,
         redis.errors,
         redis.writes,
+        c.tcp.fields(),
     ]
 
 
@@ -187,7 +189,7 @@ def _ready(body: list[Any]) -> Ready:
 
 
 def _counters(body: list[Any]) -> CountersReport:
-    f = _fields(body, 14, "counters")
+    f = _fields(body, 15, "counters")
     router = RouterCounters(
         _matrix(f[0], "rx_packets", N_CLASSES),
         _matrix(f[1], "rx_bytes", N_CLASSES),
@@ -200,8 +202,22 @@ def _counters(body: list[Any]) -> CountersReport:
         _count(f[8], "bindings_expired"),
         _count(f[9], "bindings_evicted"),
     )
-    redis = RedisCounts(*(_count(v, "redis") for v in f[10:]))
-    return CountersReport(WorkerCounters(router, redis))
+    redis = RedisCounts(*(_count(v, "redis") for v in f[10:14]))
+    return CountersReport(WorkerCounters(router, redis, _tcp(f[14])))
+
+
+def _tcp(value: object) -> TcpCounters:
+    f = _list(value, "tcp", 7)
+    closed = tuple(_count(v, "tcp.closed") for v in _list(f[3], "tcp.closed", N_CLOSE_REASONS))
+    return TcpCounters(
+        _count(f[0], "tcp.accepted"),
+        _count(f[1], "tcp.pending"),
+        _count(f[2], "tcp.open"),
+        closed,
+        _count(f[4], "tcp.frames_in"),
+        _count(f[5], "tcp.frames_out"),
+        _count(f[6], "tcp.frames_dropped"),
+    )
 
 
 def _binding(value: object) -> BindingInfo:

@@ -13,6 +13,7 @@ from services.relay import messages
 from services.relay.dataplane import WorkerCounters
 from services.relay.router import N_CLASSES, N_REASONS, BindingInfo, RouterCounters
 from services.relay.store import RedisCounts
+from services.relay.tcp import N_CLOSE_REASONS, TcpCounters
 
 
 def _matrix(columns: int, base: int) -> tuple[tuple[int, ...], ...]:
@@ -33,6 +34,7 @@ COUNTERS = WorkerCounters(
         bindings_evicted=7,
     ),
     RedisCounts(hits=8, misses=9, errors=10, writes=2**40),
+    TcpCounters(11, 12, 13, tuple(range(N_CLOSE_REASONS)), 14, 15, 16),
 )
 BINDING = BindingInfo(
     client=("2001:db8::1", 40000),
@@ -108,6 +110,12 @@ MALFORMED = [
     ("matrix a negative", _replaced(_counters_body(), 5, [[-1] * N_REASONS] * 2)),
     ("matrix a string", _replaced(_counters_body(), 1, [["1"] * N_CLASSES] * 2)),
     ("redis count a float", _replaced(_counters_body(), 11, 1.0)),
+    ("tcp not a list", _replaced(_counters_body(), 15, 0)),
+    ("tcp closed too short", _replaced(_counters_body(), 15, [0, 0, 0, [0], 0, 0, 0])),
+    (
+        "tcp count negative",
+        _replaced(_counters_body(), 15, [-1, 0, 0, [0] * N_CLOSE_REASONS, 0, 0, 0]),
+    ),
     ("bindings not a list", b'["bindings", 1, {}]'),
     ("binding too short", b'["bindings", 1, [[1, 2]]]'),
     ("binding client port too big", _binding_body(0, ["10.0.0.1", 70000])),

@@ -19,15 +19,18 @@ No sockets and no clock of its own: the I/O layer passes datagrams, addresses an
 from __future__ import annotations
 
 import secrets
+import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from libs.wire import framing, stun, ufrag
 from libs.wire.classify import PacketClass, classify
 from libs.wire.framing import Address
-from services.relay.topology import TopologyView
+from services.relay.limits import Bucket, Budget, KeyedBuckets, ReplayCache, ReplayTable
+from services.relay.settings import RelaySettings
+from services.relay.topology import TopologyView, retained
 from voiceedge.relay.v1 import relay_pb2
 
 C2T = 0  # client -> transceiver
@@ -59,6 +62,36 @@ _UFRAG_REASONS = {
     "UNKNOWN_KEY_ID": relay_pb2.DROP_REASON_UNKNOWN_KEY_ID,
 }
 _IPV6_FLAG_BYTE = 3  # offset of the flags byte in a frame (relay-framing-v1)
+_RATE_LIMITED = relay_pb2.DROP_REASON_RATE_LIMITED
+_UNBOUND_PER_IP = Budget(200.0, 400.0)
+_VERIFICATIONS = Budget(5000.0, 5000.0)
+_NEW_ADDRESSES = Budget(0.5, 8.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What an address without a binding may cost (flood shedding, anti-reflection). The
+    checks run cheapest first: the per-IP budget before any parsing, the replay cache and
+    the worker's verification budget before any HMAC, the per-ufrag address budget after
+    the request proved it holds the ufrag's password."""
+
+    # Per source IP, from addresses without a binding: STUN, and DTLS/SRTP (Redis lookups).
+    unbound_per_ip: Budget = _UNBOUND_PER_IP
+    verifications: Budget = _VERIFICATIONS  # ufrag + MESSAGE-INTEGRITY checks/s
+    new_addresses_per_ufrag: Budget = _NEW_ADDRESSES  # new client addresses per ufrag
+    replay_cache_size: int = 65_536  # STUN transaction ids remembered
+    max_tracked_keys: int = 100_000  # per-IP and per-ufrag buckets held
+
+
+def source_key(ip: str) -> str | bytes:
+    """What a per-source budget is keyed on: the IPv4 address, or the IPv6 /64 (one host
+    holds a whole /64, so per-address budgets would not bound it; RFC 7421)."""
+    if ":" not in ip:
+        return ip
+    try:
+        return socket.inet_pton(socket.AF_INET6, ip)[:8]
+    except OSError:
+        return ip
 
 
 class Forward(NamedTuple):
@@ -111,12 +144,13 @@ class Binding:
         ufrag_text: str,
         now: float,
         via: int = 0,
+        tcp: bool = False,
     ) -> None:
         self.client = client
         self.cluster_id = cluster_id
         self.transceiver_id = transceiver_id
         self.media = media
-        self.header = framing.header(client[0], client[1])
+        self.header = framing.header(client[0], client[1], tcp=tcp)
         self.ufrag = ufrag_text
         self.created_at = time.time()
         self.last_seen = now
@@ -232,9 +266,32 @@ class Router:
         max_bindings: int = 1_000_000,
         verify_message_integrity: bool = True,
         on_bind: Callable[[Binding], None] | None = None,
+        tcp: bool = False,
+        admission: Admission | None = None,
+        topology_hold_s: float = 300.0,
+        now: float = 0.0,
+        replays: ReplayTable | None = None,
     ) -> None:
         self.keyring = keyring
+        self.tcp = tcp  # the clients are ICE-TCP connections (services/relay/tcp.py)
         self.topology = topology
+        self._fresh = topology  # the source's latest answer; `topology` adds retained nodes
+        self.topology_hold_s = topology_hold_s
+        self._node_bindings: dict[tuple[int, int], int] = {}  # (cluster, transceiver) -> n
+        self.admission = admission = admission or Admission()
+        # Separate budgets: a restarted relay's unbound SRTP from a carrier NAT's IP must not
+        # starve the STUN checks that rebind its calls.
+        self._unbound_stun = KeyedBuckets[str | bytes](
+            admission.unbound_per_ip, admission.max_tracked_keys
+        )
+        self._unbound_media = KeyedBuckets[str | bytes](
+            admission.unbound_per_ip, admission.max_tracked_keys
+        )
+        self._verify_budget = Bucket(admission.verifications, now)
+        self._ufrag_addresses = KeyedBuckets[str](
+            admission.new_addresses_per_ufrag, admission.max_tracked_keys
+        )
+        self._replays = replays or ReplayCache(admission.replay_cache_size)
         self.idle_timeout_s = idle_timeout_s
         self.drain_idle_s = drain_idle_s
         self.max_bindings = max_bindings
@@ -292,14 +349,35 @@ class Router:
     def bindings(self) -> Iterator[Binding]:
         return iter(list(self._bindings.values()))
 
-    def set_topology(self, topology: TopologyView) -> None:
-        """New view: bindings whose transceiver moved follow it; vanished ones stay until
-        idle (a transceiver briefly missing from geosteer must not cut its calls)."""
-        self.topology = topology
+    def set_topology(self, topology: TopologyView, wall: float | None = None) -> None:
+        """A source's new answer. Bindings whose transceiver moved follow it. Nodes the
+        answer leaves out are kept while they have bindings or for topology_hold_s
+        (`topology.retained`): an empty answer from a restarted geosteer, or a drained
+        transceiver that deregistered while its callers still hear the end, never cuts a
+        call."""
+        self._fresh = topology
+        self.topology = topology = retained(
+            self.topology,
+            topology,
+            time.time() if wall is None else wall,
+            self.topology_hold_s,
+            self._node_bindings,
+        )
         for binding in self._bindings.values():
             media = topology.transceivers.get((binding.cluster_id, binding.transceiver_id))
             if media is not None and media != binding.media:
                 binding.media = media
+
+    def prune_topology(self, wall: float) -> bool:
+        """Lets retained nodes go once their hold passed and their bindings left (the data
+        plane calls it once a second); True if the view changed."""
+        if not self.topology.retained:
+            return False
+        before = self.topology.transceivers
+        self.topology = retained(
+            self.topology, self._fresh, wall, self.topology_hold_s, self._node_bindings
+        )
+        return self.topology.transceivers != before
 
     def _install(
         self,
@@ -320,9 +398,11 @@ class Router:
             # Full: the oldest binding (by creation) goes, so new calls are never refused.
             self._remove(next(iter(self._bindings)))
             self.bindings_evicted += 1
-        binding = Binding(client, cluster_id, transceiver_id, media, ufrag_text, now, via)
+        binding = Binding(client, cluster_id, transceiver_id, media, ufrag_text, now, via, self.tcp)
         self._bindings[client] = binding
         self._by_header[binding.header] = binding
+        node = (cluster_id, transceiver_id)
+        self._node_bindings[node] = self._node_bindings.get(node, 0) + 1
         self.bindings_created += 1
         if self.on_bind is not None:
             self.on_bind(binding)
@@ -332,6 +412,16 @@ class Router:
         binding = self._bindings.pop(client, None)
         if binding is not None:
             self._by_header.pop(binding.header, None)
+            node = (binding.cluster_id, binding.transceiver_id)
+            left = self._node_bindings[node] - 1
+            if left:
+                self._node_bindings[node] = left
+            else:
+                del self._node_bindings[node]
+
+    def forget(self, client: Address) -> None:
+        """Drops a client's binding at once (its ICE-TCP connection closed)."""
+        self._remove(client)
 
     def restore(
         self, client: Address, cluster_id: int, transceiver_id: int, now: float, via: int = 0
@@ -341,6 +431,26 @@ class Router:
             return True
         result = self._install(client, cluster_id, transceiver_id, "", now, via)
         return isinstance(result, Binding)
+
+    def preload(self, entries: Iterable[tuple[Address, int, int]], now: float) -> int:
+        """The shared store's bindings, installed before the first packet (a relay that
+        starts or restarts carries its calls on at once). No write back: the copy is where
+        they came from. Returns how many were installed."""
+        on_bind, self.on_bind = self.on_bind, None
+        installed = 0
+        try:
+            for client, cluster_id, transceiver_id in entries:
+                if len(self._bindings) >= self.max_bindings:
+                    break
+                if client in self._bindings:
+                    continue
+                result = self._install(client, cluster_id, transceiver_id, "", now, 0)
+                if isinstance(result, Binding):
+                    result.stored_at = now
+                    installed += 1
+        finally:
+            self.on_bind = on_bind
+        return installed
 
     def expire_idle(self, now: float) -> int:
         """Forgets bindings idle for idle_timeout_s (drain_idle_s while draining: a finished
@@ -373,8 +483,13 @@ class Router:
         binding = self._bindings.get(client)
         if kind in (_SRTP, _DTLS):
             if binding is None:
+                # Over the per-IP budget: no Redis lookup either (a flood from one host).
+                if not self._unbound_media.take(source_key(client[0]), now):
+                    return self._drop(C2T, _RATE_LIMITED, size)
                 return self._drop(C2T, relay_pb2.DROP_REASON_NO_BINDING, size)
         elif kind == _STUN:
+            if binding is None and not self._unbound_stun.take(source_key(client[0]), now):
+                return self._drop(C2T, _RATE_LIMITED, size)  # before any parsing or HMAC
             result = self._route_stun(data, client, binding, now, via)
             if isinstance(result, Drop):
                 self.drop_packets[C2T][result.reason] += 1
@@ -384,6 +499,7 @@ class Router:
         else:
             return self._drop(C2T, relay_pb2.DROP_REASON_UNKNOWN_CLASS, size)
         binding.last_seen = now
+        binding.via = via
         binding.packets += 1
         binding.bytes += size
         self.fwd_packets[C2T][kind] += 1
@@ -398,6 +514,7 @@ class Router:
         except stun.StunError:
             return _DROPS[relay_pb2.DROP_REASON_MALFORMED]
         is_request = message.message_type == stun.BINDING_REQUEST
+        replays = self._replays
         if binding is not None:
             # Responses and indications have no USERNAME and ride the binding; a Binding
             # request with a new server ufrag is an ICE restart (RFC 8445 §9) and rebinds.
@@ -406,15 +523,26 @@ class Router:
             username = message.username
             server = stun.server_ufrag(username) if username is not None else None
             if server == binding.ufrag:
+                # Remembered: this very request replayed from another address must not
+                # bind there (a captured consent check turned into a reflector).
+                replays.record(message.transaction_id, client)
                 return binding
         elif not is_request:
             return _DROPS[relay_pb2.DROP_REASON_NOT_BINDING_REQUEST]
         elif self.draining:
             return _DROPS[relay_pb2.DROP_REASON_DRAINING]
+        if replays.replayed(message.transaction_id, client):
+            return _DROPS[relay_pb2.DROP_REASON_REPLAYED]
+        if not self._verify_budget.take(now):
+            return _DROPS[relay_pb2.DROP_REASON_OVERLOADED]
         verified = self._verify(message)
         if isinstance(verified, Drop):
             return verified
         token, server_ufrag = verified
+        # Only now, with the password proven: a forged request cannot spend a victim's budget.
+        if not self._ufrag_addresses.take(server_ufrag, now):
+            return _DROPS[relay_pb2.DROP_REASON_ADDRESS_LIMIT]
+        replays.record(message.transaction_id, client)
         if binding is not None and (binding.cluster_id, binding.transceiver_id) == (
             token.cluster_id,
             token.transceiver_id,
@@ -475,6 +603,43 @@ class Router:
 
     def count_send_failed(self, direction: int, size: int) -> None:
         self._drop(direction, relay_pb2.DROP_REASON_SEND_FAILED, size)
+
+
+def make_router(
+    settings: RelaySettings,
+    keyring: ufrag.Keyring,
+    topology: TopologyView,
+    *,
+    tcp: bool = False,
+    replays: ReplayTable | None = None,
+) -> Router:
+    """A worker's router from the settings; `tcp`: the ICE-TCP plane's own (its table holds
+    at most tcp_max_open connections); `replays`: the transaction ids seen, shared by workers."""
+    return Router(
+        keyring,
+        topology,
+        idle_timeout_s=settings.idle_timeout_s,
+        drain_idle_s=settings.drain_idle_s,
+        max_bindings=settings.tcp_max_open if tcp else settings.max_bindings,
+        verify_message_integrity=settings.verify_message_integrity,
+        tcp=tcp,
+        admission=admission_of(settings),
+        topology_hold_s=settings.topology_hold_s,
+        now=time.monotonic(),
+        replays=replays,
+    )
+
+
+def admission_of(settings: RelaySettings) -> Admission:
+    """The router's flood and anti-reflection budgets from the settings."""
+    return Admission(
+        unbound_per_ip=Budget(settings.unbound_pps_per_ip, 2 * settings.unbound_pps_per_ip),
+        verifications=Budget(settings.verifications_per_s, settings.verifications_per_s),
+        new_addresses_per_ufrag=Budget(
+            settings.new_addresses_per_ufrag_per_s, settings.new_addresses_per_ufrag_burst
+        ),
+        replay_cache_size=settings.replay_cache_size,
+    )
 
 
 def binding_request_for(

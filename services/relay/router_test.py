@@ -9,7 +9,18 @@ from pathlib import Path
 import pytest
 
 from libs.wire import framing, stun, ufrag
-from services.relay.router import C2T, T2C, Binding, Drop, Forward, Router, binding_request_for
+from services.relay.limits import Budget, SharedReplayTable
+from services.relay.router import (
+    C2T,
+    T2C,
+    Admission,
+    Binding,
+    Drop,
+    Forward,
+    Router,
+    binding_request_for,
+    source_key,
+)
 from services.relay.topology import TopologyView, static_view
 from voiceedge.relay.v1 import relay_pb2
 
@@ -24,6 +35,7 @@ CLIENT_V6 = ("2001:db8::9", 50000)
 TOPOLOGY = static_view(["1/1=127.0.0.1:40000", "1/2=127.0.0.1:40001", "7/42=127.0.0.2:40000"])
 SRTP = bytes([0x80, 0x6F]) + b"\x00" * 198
 DTLS = bytes([22, 0xFE, 0xFD]) + b"\x00" * 50
+_NO_BINDING = relay_pb2.DROP_REASON_NO_BINDING
 
 
 def router(**kwargs: object) -> Router:
@@ -289,12 +301,24 @@ def test_restore_and_topology_changes() -> None:
     assert not r.restore(("203.0.113.1", 1), 5, 5, 0.0)
     assert r.route_client_packet(SRTP, CLIENT, 1.0)[0] == MEDIA_2
     assert [b.client for b in created] == [CLIENT]
-    # The transceiver moved: the binding follows; it vanished: the binding stays.
-    r.set_topology(TopologyView({(1, 2): ("127.0.0.1", 41000)}))
+    # The transceiver moved: the binding follows; it vanished: the binding stays, and so
+    # does the node while it has one (retained), also for its replies.
+    r.set_topology(TopologyView({(1, 2): ("127.0.0.1", 41000)}), wall=100.0)
     assert r.route_client_packet(SRTP, CLIENT, 2.0)[0] == ("127.0.0.1", 41000)
-    r.set_topology(TopologyView({}))
+    r.set_topology(TopologyView({}), wall=101.0)
+    assert (1, 2) in r.topology.retained
     assert r.route_client_packet(SRTP, CLIENT, 3.0)[0] == ("127.0.0.1", 41000)
-    assert r.route_client_packet(request(), ("203.0.113.1", 2), 3.0) == Drop(
+    frame = framing.encode(*CLIENT, SRTP)
+    assert r.route_transceiver_packet(frame, ("127.0.0.1", 41000)) == Forward(CLIENT, SRTP)
+    # Binding gone and the hold passed: the node leaves with the next prune.
+    r.expire_idle(3.0 + 31.0)
+    assert not r.prune_topology(100.0 + 299.0)
+    assert r.prune_topology(100.0 + 301.0)
+    assert r.topology.transceivers == {}
+    assert r.route_transceiver_packet(frame, ("127.0.0.1", 41000)) == Drop(
+        relay_pb2.DROP_REASON_UNKNOWN_SOURCE
+    )
+    assert r.route_client_packet(request(), ("203.0.113.1", 2), 40.0) == Drop(
         relay_pb2.DROP_REASON_UNKNOWN_CLUSTER
     )
 
@@ -306,3 +330,164 @@ def test_testdata_vector_binds() -> None:
     assert r.route_client_packet(data, CLIENT, 0.0) == Forward(
         FOREIGN, framing.encode(*CLIENT, data)
     )
+
+
+# ---- faults and abuse (issue 20) ----------------------------------------------------------
+
+
+def _replay_router(**admission: object) -> Router:
+    return router(admission=Admission(**admission))  # type: ignore[arg-type]
+
+
+def test_a_replayed_binding_request_from_64_other_ports_binds_nothing() -> None:
+    r = _replay_router()
+    captured = request()
+    assert isinstance(r.route_client_packet(captured, CLIENT, 0.0), Forward)
+    attacker = [("192.0.2.2", 40000 + i) for i in range(64)]
+    results = [r.route_client_packet(captured, a, 0.5) for a in attacker]
+    assert results == [Drop(relay_pb2.DROP_REASON_REPLAYED)] * 64
+    assert [b.client for b in r.bindings()] == [CLIENT]
+    # And nothing comes back to them: the transceiver's replies have no binding to go to.
+    for a in attacker:
+        reply = framing.encode(*a, binding_success())
+        assert r.route_transceiver_packet(reply, MEDIA) == Drop(relay_pb2.DROP_REASON_NO_BINDING)
+
+
+def test_a_consent_check_of_a_bound_client_replayed_elsewhere_is_dropped() -> None:
+    r = _replay_router()
+    first, server = binding_request_for(KEYS, 1, 1)
+    r.route_client_packet(first, CLIENT, 0.0)
+    password = ufrag.password(server, KEYS)
+    consent = stun.binding_request(f"{server}:cli1", password, b"c" * 12)
+    assert isinstance(r.route_client_packet(consent, CLIENT, 5.0), Forward)  # recorded
+    assert r.route_client_packet(consent, ("192.0.2.2", 1), 5.1) == Drop(
+        relay_pb2.DROP_REASON_REPLAYED
+    )
+    # The client's own retransmission of it passes.
+    assert isinstance(r.route_client_packet(consent, CLIENT, 5.2), Forward)
+
+
+def test_nat_rebinding_and_new_candidates_still_bind_up_to_the_ufrag_budget() -> None:
+    r = _replay_router(new_addresses_per_ufrag=Budget(0.5, 3.0))
+    first, server = binding_request_for(KEYS, 1, 1)
+    password = ufrag.password(server, KEYS)
+    assert isinstance(r.route_client_packet(first, CLIENT, 0.0), Forward)
+
+    def fresh(n: int) -> bytes:  # a genuine request: new transaction id, valid integrity
+        return stun.binding_request(f"{server}:cli1", password, n.to_bytes(12, "big"))
+
+    rebound = ("203.0.113.9", 60000)
+    assert isinstance(r.route_client_packet(fresh(1), rebound, 1.0), Forward)
+    assert isinstance(r.route_client_packet(fresh(2), ("203.0.113.9", 60001), 1.0), Forward)
+    # Budget (burst 3) spent: a fourth address within the same second is refused, counted.
+    assert r.route_client_packet(fresh(3), ("203.0.113.9", 60002), 1.0) == Drop(
+        relay_pb2.DROP_REASON_ADDRESS_LIMIT
+    )
+    assert r.counters().drop_packets[C2T][relay_pb2.DROP_REASON_ADDRESS_LIMIT] == 1
+    # Two seconds later the refill lets one more network change through.
+    assert isinstance(r.route_client_packet(fresh(4), ("203.0.113.9", 60003), 3.0), Forward)
+    # A forged request (wrong password) never spends the victim's budget.
+    forged = stun.binding_request(f"{server}:cli1", "x" * len(password), b"z" * 12)
+    for port in range(10):
+        assert r.route_client_packet(forged, ("192.0.2.2", port), 10.0) == Drop(
+            relay_pb2.DROP_REASON_BAD_MESSAGE_INTEGRITY
+        )
+    assert isinstance(r.route_client_packet(fresh(5), ("203.0.113.9", 60004), 10.0), Forward)
+
+
+def test_unbound_floods_are_shed_per_ip_before_any_hmac() -> None:
+    r = _replay_router(unbound_per_ip=Budget(10.0, 20.0), verifications=Budget(1e9, 1e9))
+    bound = r.route_client_packet(request(), CLIENT, 0.0)
+    assert isinstance(bound, Forward)
+    flood = [r.route_client_packet(forged_mac(), ("192.0.2.2", p), 1.0) for p in range(100)]
+    reasons = [d.reason for d in flood if isinstance(d, Drop)]
+    assert reasons.count(relay_pb2.DROP_REASON_BAD_MAC) == 20  # the burst
+    assert reasons.count(relay_pb2.DROP_REASON_RATE_LIMITED) == 80
+    media = [r.route_client_packet(SRTP, ("192.0.2.2", p), 1.0) for p in range(100)]
+    assert [d.reason for d in media if isinstance(d, Drop)].count(_NO_BINDING) == 20
+    # The bound client, from another IP, is untouched.
+    assert isinstance(r.route_client_packet(SRTP, CLIENT, 1.0), Forward)
+    assert isinstance(r.route_client_packet(request(), ("203.0.113.50", 1), 1.0), Forward)
+
+
+def test_the_verification_budget_caps_hmac_work_from_many_ips() -> None:
+    r = _replay_router(verifications=Budget(100.0, 5.0))
+    results = [r.route_client_packet(forged_mac(), (f"10.1.0.{i}", 1), 0.0) for i in range(50)]
+    reasons = [d.reason for d in results if isinstance(d, Drop)]
+    assert reasons.count(relay_pb2.DROP_REASON_OVERLOADED) == 45
+    # 0.1 s later the refill (100/s) pays for ten more checks: a real client gets in.
+    assert isinstance(r.route_client_packet(request(), CLIENT, 0.1), Forward)
+
+
+def test_an_empty_answer_from_a_restarted_geosteer_keeps_routing() -> None:
+    r = Router(KEYS, TopologyView(), topology_hold_s=60.0)
+    r.set_topology(static_view(["1/1=127.0.0.1:40000", "1/2=127.0.0.1:40001"]), wall=0.0)
+    assert isinstance(r.route_client_packet(request(1, 1), CLIENT, 0.0), Forward)
+    r.set_topology(TopologyView(revision=1), wall=1.0)  # geosteer restarted: nobody yet
+    assert r.topology.retained == {(1, 1), (1, 2)}
+    frame = framing.encode(*CLIENT, SRTP)
+    assert r.route_transceiver_packet(frame, MEDIA) == Forward(CLIENT, SRTP)
+    # New calls to a node without bindings still bind during the hold.
+    assert isinstance(r.route_client_packet(request(1, 2), ("203.0.113.1", 1), 1.0), Forward)
+    # Transceivers re-register: the answer names them again, nothing is retained.
+    r.set_topology(static_view(["1/1=127.0.0.1:40000"]), wall=2.0)
+    assert r.topology.retained == {(1, 2)}  # still has a binding
+    r.expire_idle(100.0)
+    assert r.prune_topology(100.0)
+    assert r.topology.retained == frozenset()
+    assert set(r.topology.transceivers) == {(1, 1)}
+
+
+def test_preload_installs_bindings_without_writing_them_back() -> None:
+    written: list[Binding] = []
+    r = router(on_bind=written.append)
+    entries = [(CLIENT, 1, 1), (("203.0.113.1", 2), 1, 2), (("203.0.113.1", 3), 9, 9)]
+    assert r.preload(entries, 5.0) == 2
+    assert written == []
+    assert r.route_client_packet(SRTP, CLIENT, 5.0)[0] == MEDIA
+    assert r.on_bind is not None
+
+
+def test_workers_sharing_a_replay_table_catch_a_replay_on_the_other_worker() -> None:
+    table = SharedReplayTable.create(1024)
+    try:
+        other = SharedReplayTable.attach(table.path, table.slots)  # as a child worker does
+        worker_a, worker_b = router(replays=table), router(replays=other)
+        captured = request()
+        assert isinstance(worker_a.route_client_packet(captured, CLIENT, 0.0), Forward)
+        for port in range(64):
+            assert worker_b.route_client_packet(captured, ("192.0.2.2", port), 0.1) == Drop(
+                relay_pb2.DROP_REASON_REPLAYED
+            )
+        assert len(worker_b) == 0
+        other.close()
+    finally:
+        table.close()
+
+
+def test_a_draining_transceiver_that_deregistered_still_reaches_its_bound_callers() -> None:
+    # The transceiver deregisters in the same instant it closes its sessions: its last
+    # packets (the data-channel event, the DTLS close alert) must still reach the callers.
+    r = Router(KEYS, TopologyView(), topology_hold_s=60.0)
+    r.set_topology(static_view(["1/1=127.0.0.1:40000", "1/2=127.0.0.1:40001"]), wall=0.0)
+    r.route_client_packet(request(1, 1), CLIENT, 0.0)
+    r.set_topology(static_view(["1/2=127.0.0.1:40001"]), wall=1.0)  # 1/1 left geosteer
+    alert = bytes([21, 0xFE, 0xFD]) + bytes(20)  # a DTLS alert record
+    assert r.route_transceiver_packet(framing.encode(*CLIENT, alert), MEDIA) == Forward(
+        CLIENT, alert
+    )
+    # Long after the hold, still there while the caller's binding lives.
+    assert not r.prune_topology(500.0)
+    assert (1, 1) in r.topology.retained
+
+
+def test_ipv6_sources_share_a_budget_per_64() -> None:
+    assert source_key("203.0.113.9") == "203.0.113.9"
+    assert source_key("2001:db8:1:2::5") == source_key("2001:db8:1:2:ffff::9")
+    assert source_key("2001:db8:1:2::5") != source_key("2001:db8:1:3::5")
+    r = _replay_router(unbound_per_ip=Budget(1.0, 4.0))
+    results = [
+        r.route_client_packet(forged_mac(), (f"2001:db8:1:2::{i:x}", 1), 0.0) for i in range(10)
+    ]
+    reasons = [d.reason for d in results if isinstance(d, Drop)]
+    assert reasons.count(relay_pb2.DROP_REASON_RATE_LIMITED) == 6

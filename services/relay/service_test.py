@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from libs.service.redis_testing import redis_server
 from libs.service.testing import assert_service_lifecycle, binary, run_cli, running_service
@@ -26,6 +27,8 @@ from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
 
 COMMAND = binary("services/relay")
 NOT_BASE64 = "!!"
+# Loopback, any free ports; the TCP port is given because its default, 443, may not bind here.
+ONE_WORKER = ["--workers", "1", "--tcp-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0"]
 SRTP = bytes([0x80, 0x6F]) + bytes(100)
 DTLS = bytes([22, 0xFE, 0xFD]) + bytes(30)
 
@@ -44,7 +47,10 @@ def test_bad_setting_is_a_clear_error() -> None:
 
 
 def test_serves_health_and_reflection_then_drains() -> None:
-    assert_service_lifecycle(COMMAND, "voiceedge.relay.v1.RelayAdminService")
+    # The default ICE-TCP port is 443, which the test sandbox may not bind.
+    assert_service_lifecycle(
+        COMMAND, "voiceedge.relay.v1.RelayAdminService", ["--tcp-listen", "127.0.0.1:0"]
+    )
 
 
 def _udp() -> socket.socket:
@@ -87,6 +93,8 @@ def test_kill_9_and_restart_with_redis_keeps_the_call() -> None:
         args = [
             "--workers",
             "1",
+            "--tcp-listen",
+            "127.0.0.1:0",
             "--udp-listen",
             f"{vip[0]}:{vip[1]}",
             "--transceivers",
@@ -139,10 +147,7 @@ def test_admin_api_stats_bindings_drain_and_metrics() -> None:
     with _udp() as transceiver:
         media = _name(transceiver)
         args = [
-            "--workers",
-            "1",
-            "--udp-listen",
-            "127.0.0.1:0",
+            *ONE_WORKER,
             "--transceivers",
             f"1/1={media[0]}:{media[1]}",
             "--metrics-listen",
@@ -238,7 +243,11 @@ def test_a_full_table_evicts_the_oldest_and_says_so() -> None:
     keys = ufrag.dev_keyring()
     with _udp() as transceiver, contextlib.ExitStack() as stack:
         media = _name(transceiver)
-        args = ["--workers", "1", "--udp-listen", "127.0.0.1:0", "--max-bindings", "2"]
+        args = [
+            *ONE_WORKER,
+            "--max-bindings",
+            "2",
+        ]
         args += ["--transceivers", f"1/1={media[0]}:{media[1]}", "--metrics-listen", "127.0.0.1:0"]
         with running_service(COMMAND, args) as relay:
             vip = _address(relay.ready["udp"][0])
@@ -280,7 +289,7 @@ def test_two_workers_share_the_port_and_die_with_the_parent() -> None:
     keys = ufrag.dev_keyring()
     with _udp() as transceiver, contextlib.ExitStack() as stack:
         media = _name(transceiver)
-        args = ["--workers", "2", "--udp-listen", "127.0.0.1:0"]
+        args = ["--workers", "2", "--tcp-listen", "127.0.0.1:0", "--udp-listen", "127.0.0.1:0"]
         args += ["--transceivers", f"1/1={media[0]}:{media[1]}"]
         with running_service(COMMAND, args) as relay:
             assert relay.ready["workers"] == 2
@@ -346,7 +355,7 @@ def test_routes_on_the_topology_watched_from_real_geosteer() -> None:
                 ),
                 timeout=10,
             )
-        args = ["--workers", "1", "--udp-listen", "127.0.0.1:0"]
+        args = list(ONE_WORKER)
         args += ["--geosteer-address", geosteer.grpc_address]
         with running_service(COMMAND, args) as relay:
             vip = _address(relay.ready["udp"][0])
@@ -356,7 +365,7 @@ def test_routes_on_the_topology_watched_from_real_geosteer() -> None:
             assert frame == framing.encode(*_name(client), request)
 
 
-RelayState = tuple[geosteer_pb2.Node | None, list[tuple[str, int]]]
+RelayState = tuple[geosteer_pb2.Node | None, list[tuple[str, int, bool]]]
 
 
 def _relay_in(message: geosteer_pb2.WatchTopologyResponse, node_id: str) -> RelayState:
@@ -364,7 +373,7 @@ def _relay_in(message: geosteer_pb2.WatchTopologyResponse, node_id: str) -> Rela
     advertises for cluster 1."""
     cluster = next(c for c in message.topology.clusters if c.cluster_id == 1)
     node = next((n for n in cluster.nodes if n.node_id == node_id), None)
-    return node, [(e.ip, e.port) for e in cluster.relay_endpoints]
+    return node, [(e.ip, e.port, e.tcp) for e in cluster.relay_endpoints]
 
 
 def _first(
@@ -386,9 +395,14 @@ def test_registers_its_vip_with_geosteer_and_drains_out_of_the_answers(
         '[[clusters]]\nid = 1\nname = "test-1"\nregion = "test"\nlatitude = 1.0\nlongitude = 1.0\n'
     )
     with running_service(GEOSTEER, ["--topology-path", str(topology)]) as geosteer:
-        args = ["--workers", "1", "--udp-listen", "127.0.0.1:0", "--node-id", "relay-a"]
+        args = [
+            *ONE_WORKER,
+            "--node-id",
+            "relay-a",
+        ]
         args += ["--geosteer-address", geosteer.grpc_address, "--cluster-id", "1"]
         args += ["--public-advertise", "203.0.113.7:3478", "--drain-grace-s", "5"]
+        args += ["--tcp-advertise", "203.0.113.7:443"]  # its ICE-TCP VIP, flagged tcp
         with (
             running_service(COMMAND, args) as relay,
             grpc.insecure_channel(geosteer.grpc_address) as channel,
@@ -406,7 +420,7 @@ def test_registers_its_vip_with_geosteer_and_drains_out_of_the_answers(
                 False,
             )
             assert node.grpc_address == relay.grpc_address
-            assert advertised == [("203.0.113.7", 3478)]
+            assert advertised == [("203.0.113.7", 3478, False), ("203.0.113.7", 443, True)]
 
             with grpc.insecure_channel(relay.grpc_address) as admin:
                 relay_pb2_grpc.RelayAdminServiceStub(admin).Drain(
@@ -422,3 +436,81 @@ def test_registers_its_vip_with_geosteer_and_drains_out_of_the_answers(
             # Deregistered on the way out (SIGTERM: drain, then close).
             node, advertised = _first(states, lambda n: n is None)
             assert advertised == []  # closing the channel ends the watch
+
+
+def _worker_pids(pid: int) -> set[int]:
+    """The spawned worker processes among `pid`'s children (not multiprocessing's tracker)."""
+    found = set()
+    for child in _children(pid):
+        with contextlib.suppress(OSError):
+            cmdline = open(f"/proc/{child}/cmdline", "rb").read()  # noqa: SIM115
+            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+                found.add(child)
+    return found
+
+
+def _relay_health(channel: grpc.Channel) -> int:
+    name = relay_pb2.DESCRIPTOR.services_by_name["RelayAdminService"].full_name
+    return int(
+        health_pb2_grpc.HealthStub(channel)
+        .Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+        .status
+    )
+
+
+def test_a_killed_worker_is_replaced_and_health_says_so_meanwhile() -> None:
+    keys = ufrag.dev_keyring()
+    with _udp() as transceiver, contextlib.ExitStack() as stack:
+        media = _name(transceiver)
+        args = ["--workers", "2", "--udp-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]
+        args += ["--transceivers", f"1/1={media[0]}:{media[1]}"]
+        with (
+            running_service(COMMAND, args) as relay,
+            grpc.insecure_channel(relay.grpc_address) as channel,
+        ):
+            stub = relay_pb2_grpc.RelayAdminServiceStub(channel)
+            serving = health_pb2.HealthCheckResponse.SERVING
+            assert _relay_health(channel) == serving
+            (worker,) = _worker_pids(relay.process.pid)
+            os.kill(worker, signal.SIGKILL)
+            seen_degraded = False
+            for _ in range(600):  # bounded (~60 s): a replacement is a new interpreter
+                stats = stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+                health = _relay_health(channel)
+                seen_degraded |= stats.degraded or health != serving
+                if stats.workers[1].restarts == 1 and not stats.degraded:
+                    break
+                time.sleep(0.05)
+            assert stats.workers[1].restarts == 1
+            assert stats.workers[1].alive
+            assert seen_degraded  # NOT_SERVING (relay service name) until replaced
+            assert _relay_health(channel) == serving
+            overall = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=10
+            )
+            assert overall.status == serving  # the process as a whole kept serving
+            new_pids = _worker_pids(relay.process.pid)
+            assert len(new_pids) == 1
+            assert worker not in new_pids
+            # Both sockets forward again: clients spread over the two workers.
+            vip = _address(relay.ready["udp"][0])
+            for client in [stack.enter_context(_udp()) for _ in range(16)]:
+                request = binding_request_for(keys, 1, 1)[0]
+                client.sendto(request, vip)
+                assert transceiver.recv(65535) == framing.encode(*_name(client), request)
+            for _ in range(100):  # children report every 0.5 s; bounded wait
+                stats = stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+                if all(w.bindings_active for w in stats.workers):
+                    break
+                time.sleep(0.1)
+            assert all(w.bindings_active for w in stats.workers), stats.workers
+            url = f"http://{relay.ready['metrics']}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as page:
+                text = page.read().decode()
+            restarts = [
+                line
+                for line in text.splitlines()
+                if line.startswith("voiceedge_relay_worker_restarts_total")
+            ]
+            assert len(restarts) == 1
+            assert restarts[0].endswith(" 1.0"), restarts

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -27,6 +28,12 @@ from libs.observability.metrics import (
     RELAY_DROPS,
     RELAY_PACKETS,
     RELAY_REDIS_OPS,
+    RELAY_TCP_CLOSED,
+    RELAY_TCP_CONNECTIONS,
+    RELAY_TCP_FRAME_DROPS,
+    RELAY_TCP_FRAMES,
+    RELAY_TOPOLOGY_RETAINED,
+    RELAY_WORKER_RESTARTS,
 )
 from libs.observability.telemetry import log_event
 from libs.service.aio import cancel_and_wait, timestamp
@@ -43,6 +50,8 @@ from services.relay.router import (
     RouterCounters,
 )
 from services.relay.store import BindingStore
+from services.relay.tcp import CloseReason
+from services.relay.topology import TopologyView
 from voiceedge.common.v1 import common_pb2
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
 
@@ -91,17 +100,38 @@ class Worker(Protocol):
 class RelayState:
     """What the admin API and metrics observe: the workers and the Redis store."""
 
-    planes: Sequence[Worker]
+    planes: list[Worker]
     store: BindingStore
     drain_grace_s: float
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     on_draining: Callable[[], None] | None = None  # e.g. tell geosteer at once
+    topology: Callable[[], TopologyView] | None = None  # what worker 0 routes on
+    degraded: bool = False  # a worker process is dead and not yet replaced
+    worker_restarts: dict[int, int] = field(default_factory=dict)  # worker id -> count
+    dead_workers: set[int] = field(default_factory=set)
+    # Counters of replaced workers, so cumulative counters never go backwards.
+    _retired: WorkerCounters = field(default_factory=WorkerCounters)
     _stop_task: asyncio.Task[None] | None = None
 
     def totals(self) -> WorkerCounters:
-        """Every worker's counters added up."""
-        return WorkerCounters.total(p.counters() for p in self.planes)
+        """Every worker's counters added up (and those of replaced workers)."""
+        return WorkerCounters.total(p.counters() for p in self.planes) + self._retired
+
+    def worker_died(self, worker_id: int) -> None:
+        self.dead_workers.add(worker_id)
+
+    def replace_worker(self, old: Worker, new: Worker) -> None:
+        """A dead worker's replacement is ready: it takes the old one's place."""
+        last = old.counters()
+        self._retired += dataclasses.replace(
+            last, router=dataclasses.replace(last.router, bindings_active=0)
+        )
+        self.planes[self.planes.index(old)] = new
+        self.worker_restarts[new.worker_id] = self.worker_restarts.get(new.worker_id, 0) + 1
+        self.dead_workers.discard(new.worker_id)
+        if self.draining:
+            new.drain(self.drain_grace_s)
 
     def stats(self) -> relay_pb2.RelayStats:
         per_worker = [(p.worker_id, p.counters()) for p in self.planes]
@@ -114,6 +144,7 @@ class RelayState:
             bindings_created=router.bindings_created,
             bindings_expired=router.bindings_expired,
             bindings_evicted=router.bindings_evicted,
+            degraded=self.degraded,
             redis=relay_pb2.RedisStats(
                 enabled=self.store.enabled,
                 hits=redis.hits,
@@ -160,8 +191,14 @@ class RelayState:
                     packets_forwarded=counters.router.packets_forwarded,
                     packets_dropped=counters.router.packets_dropped,
                     bindings_active=counters.router.bindings_active,
+                    alive=worker_id not in self.dead_workers,
+                    restarts=self.worker_restarts.get(worker_id, 0),
                 )
             )
+        if self.topology is not None:
+            view = self.topology()
+            out.topology_transceivers = len(view.transceivers)
+            out.topology_retained = len(view.retained)
         return out
 
     async def all_bindings(self) -> list[tuple[Worker, BindingInfo]]:
@@ -186,10 +223,15 @@ class RelayState:
         deadline = time.monotonic() + grace_s
         # Poll the table (bounded by the grace period): calls ending early end the drain. The
         # table has no event to await: bindings leave by idle expiry on the data plane tick.
-        while time.monotonic() < deadline and self.totals().router.bindings_active:  # noqa: ASYNC110
+        while time.monotonic() < deadline and self._calls_left():  # noqa: ASYNC110
             await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         for plane in self.planes:
             await plane.close()
+
+    def _calls_left(self) -> int:
+        """UDP bindings and open ICE-TCP connections: what still holds a drain."""
+        totals = self.totals()
+        return totals.router.bindings_active + totals.tcp.open
 
     async def wait_drained(self) -> None:
         if self._stop_task is not None:
@@ -326,9 +368,48 @@ def register_metrics(meter: metrics.Meter, state: RelayState) -> None:
         ):
             yield metrics.Observation(value, {"result": result})
 
+    register_tcp_metrics(meter, state)
     RELAY_PACKETS.create(meter, [traffic(lambda c: (c.rx_packets, c.fwd_packets))])
     RELAY_BYTES.create(meter, [traffic(lambda c: (c.rx_bytes, c.fwd_bytes))])
     RELAY_DROPS.create(meter, [drops])
     RELAY_BINDINGS.create(meter, [bindings])
     RELAY_BINDING_EVICTIONS.create(meter, [evictions])
     RELAY_REDIS_OPS.create(meter, [redis_ops])
+
+    def restarts(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        yield metrics.Observation(sum(state.worker_restarts.values()))
+
+    def retained(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        if state.topology is not None:
+            yield metrics.Observation(len(state.topology().retained))
+
+    RELAY_WORKER_RESTARTS.create(meter, [restarts])
+    RELAY_TOPOLOGY_RETAINED.create(meter, [retained])
+
+
+def register_tcp_metrics(meter: metrics.Meter, state: RelayState) -> None:
+    """voiceedge_relay_tcp_connections{state}, voiceedge_relay_tcp_closed_total{reason},
+    voiceedge_relay_tcp_frames_total{direction}, voiceedge_relay_tcp_frame_drops_total."""
+
+    def connections(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        tcp = state.totals().tcp
+        yield metrics.Observation(tcp.pending, {"state": "pending"})
+        yield metrics.Observation(tcp.open, {"state": "open"})
+
+    def closed(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        for reason, value in zip(CloseReason, state.totals().tcp.closed, strict=True):
+            if value:
+                yield metrics.Observation(value, {"reason": reason.name.lower()})
+
+    def frames(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        tcp = state.totals().tcp
+        yield metrics.Observation(tcp.frames_in, {"direction": _DIRECTION_LABEL[0]})
+        yield metrics.Observation(tcp.frames_out, {"direction": _DIRECTION_LABEL[1]})
+
+    def drops(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        yield metrics.Observation(state.totals().tcp.frames_dropped)
+
+    RELAY_TCP_CONNECTIONS.create(meter, [connections])
+    RELAY_TCP_CLOSED.create(meter, [closed])
+    RELAY_TCP_FRAMES.create(meter, [frames])
+    RELAY_TCP_FRAME_DROPS.create(meter, [drops])

@@ -109,6 +109,36 @@ class RelaySettings(ServiceSettings):
     node_id: str = setting(
         "", "id of this relay in geosteer; empty: relay-<cluster_id>-<host>-<pid>"
     )
+    tcp_listen: str = setting(
+        "127.0.0.1:443",
+        "public ICE-TCP host:port (RFC 6544 passive candidates, RFC 4571 framing), shared by "
+        "the workers with SO_REUSEPORT; port 0: any free; empty: no TCP",
+        parse=host_port,
+        optional=True,
+    )
+    tcp_advertise: tuple[str, ...] = setting(
+        (),
+        "public TCP host:port list clients are told to use (answers carry them as tcptype "
+        "passive candidates below the UDP ones); registered with geosteer beside "
+        "public_advertise",
+        parse=_public_endpoint,
+    )
+    tcp_first_frame_timeout_s: float = setting(
+        2.0, "a TCP connection without a valid first STUN frame this long is closed", gt=0
+    )
+    tcp_max_frame_bytes: int = setting(
+        2048, "a TCP frame (RFC 4571 length) above this closes the connection", ge=20, le=65535
+    )
+    tcp_max_pending: int = setting(
+        1024, "TCP connections awaiting their first frame, in all (per worker)", ge=1
+    )
+    tcp_max_pending_per_ip: int = setting(
+        8, "TCP connections awaiting their first frame, per client IP (per worker)", ge=1
+    )
+    tcp_max_open: int = setting(20_000, "open (verified) TCP connections (per worker)", ge=1)
+    tcp_max_open_per_ip: int = setting(
+        256, "open (verified) TCP connections per client IP (per worker)", ge=1
+    )
     redis_url: str = setting(
         "",
         "redis://host:port/db for the shared binding copy; empty: memory only",
@@ -138,8 +168,52 @@ class RelaySettings(ServiceSettings):
     )
     redis_timeout_s: float = setting(0.5, "timeout of one Redis operation", gt=0)
     redis_max_inflight: int = setting(256, "concurrent Redis lookups for unbound clients", ge=1)
+    topology_hold_s: float = setting(
+        300.0,
+        "a transceiver missing from geosteer's answers stays routable this long after it was "
+        "last named, and for as long as it has bindings (geosteer restarts, drained callers)",
+        gt=0,
+    )
+    preload_timeout_s: float = setting(
+        5.0,
+        "at start, how long reading the Redis copy of bindings and topology may take before "
+        "the sockets open anyway",
+        gt=0,
+    )
+    unbound_pps_per_ip: float = setting(
+        200.0,
+        "STUN (and, apart, DTLS/SRTP) packets per second from addresses without a binding, "
+        "per source IP (IPv6: per /64), burst twice that; beyond it dropped before any "
+        "parsing or HMAC",
+        gt=0,
+    )
+    verifications_per_s: float = setting(
+        5000.0,
+        "per worker, ufrag and MESSAGE-INTEGRITY checks per second of Binding requests from "
+        "unbound addresses (burst the same); beyond it dropped as overloaded",
+        gt=0,
+    )
+    new_addresses_per_ufrag_burst: int = setting(
+        8,
+        "client addresses one server ufrag may bind at once (candidates, NAT rebinding); "
+        "refilled at new_addresses_per_ufrag_per_s",
+        ge=1,
+    )
+    new_addresses_per_ufrag_per_s: float = setting(
+        0.5, "refill rate of new_addresses_per_ufrag_burst", gt=0
+    )
+    replay_cache_size: int = setting(
+        65536,
+        "STUN transaction ids remembered per worker: a request seen again from another "
+        "address is a replay and is dropped",
+        ge=1,
+    )
 
     def validate(self) -> None:
         super().validate()
         if self.public_advertise and not self.geosteer_address:
             raise SettingsError("public_advertise: registering needs geosteer_address")
+        if self.tcp_advertise and not self.public_advertise:
+            raise SettingsError("tcp_advertise: registering needs public_advertise")
+        if self.tcp_advertise and not self.tcp_listen:
+            raise SettingsError("tcp_advertise: needs tcp_listen")

@@ -59,6 +59,11 @@ def test_lists_from_flags_and_environment() -> None:
         ("--public-advertise", "vip.example:3478", "public_advertise"),
         ("--public-advertise", "203.0.113.1:0", "public_advertise"),
         ("--public-advertise", "203.0.113.1:3478", "public_advertise: registering needs"),
+        ("--tcp-listen", "nowhere", "tcp_listen"),
+        ("--tcp-advertise", "203.0.113.1:443", "tcp_advertise: registering needs"),
+        ("--tcp-max-frame-bytes", "70000", "tcp_max_frame_bytes"),
+        ("--tcp-first-frame-timeout-s", "0", "tcp_first_frame_timeout_s"),
+        ("--tcp-max-pending-per-ip", "0", "tcp_max_pending_per_ip"),
     ],
 )
 def test_bad_values_name_the_field(flag: str, value: str, field: str) -> None:

@@ -8,7 +8,9 @@ the data plane keeps forwarding from its own table while Redis is down.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,10 +24,34 @@ from libs.wire.framing import Address
 logger = logging.getLogger("voiceedge.relay.store")
 
 KEY_PREFIX = "voiceedge:relay:binding:"
+# The last topology the relay routed on (JSON, services/relay/topology.py encode_view): a
+# relay starting while geosteer is down routes on it. Rewritten at least every
+# TOPOLOGY_RESAVE_S, so it only expires after a day with no relay running.
+TOPOLOGY_KEY = "voiceedge:relay:topology"
+TOPOLOGY_TTL_S = 86_400
+TOPOLOGY_RESAVE_S = 3_600
+SCAN_PAGE = 1000
 
 
 def binding_key(client: Address) -> str:
     return f"{KEY_PREFIX}{client[0]}:{client[1]}"
+
+
+def _entry(key: bytes | str, value: bytes | str | None) -> tuple[Address, int, int] | None:
+    """One scanned key and its value -> (client, cluster, transceiver); None if malformed
+    (or expired between SCAN and MGET)."""
+    if value is None:
+        return None
+    text = key.decode("ascii", "replace") if isinstance(key, bytes) else key
+    ip, sep, port = text.removeprefix(KEY_PREFIX).rpartition(":")
+    ids = parse_value(value)
+    if not sep or ids is None or not port.isdigit():
+        return None
+    try:
+        ip = str(ipaddress.ip_address(ip))
+    except ValueError:
+        return None
+    return (ip, int(port)), ids[0], ids[1]
 
 
 def parse_value(value: bytes | str) -> tuple[int, int] | None:
@@ -77,6 +103,12 @@ class BindingStore(Protocol):
 
     async def get(self, client: Address) -> tuple[int, int] | None: ...
 
+    async def scan(self, limit: int, deadline: float) -> list[tuple[Address, int, int]]: ...
+
+    async def save_topology(self, text: str) -> bool: ...
+
+    async def load_topology(self) -> str | None: ...
+
     async def close(self) -> None: ...
 
 
@@ -96,6 +128,15 @@ class MemoryBindingStore:
 
     async def get(self, client: Address) -> tuple[int, int] | None:
         self.misses += 1
+        return None
+
+    async def scan(self, limit: int, deadline: float) -> list[tuple[Address, int, int]]:
+        return []
+
+    async def save_topology(self, text: str) -> bool:
+        return True
+
+    async def load_topology(self) -> str | None:
         return None
 
     async def close(self) -> None:
@@ -167,6 +208,48 @@ class RedisBindingStore:
         else:
             self.hits += 1
         return ids
+
+    async def scan(self, limit: int, deadline: float) -> list[tuple[Address, int, int]]:
+        """Up to `limit` bindings of the copy (SCAN + MGET in pages of SCAN_PAGE) read before
+        `deadline` (time.monotonic()): what a starting relay installs before its first
+        packet. What was read so far on a Redis error or at the deadline."""
+        found: list[tuple[Address, int, int]] = []
+        try:
+            cursor = 0
+            # Bounded: SCAN ends at cursor 0; `limit` and `deadline` cap it.
+            while len(found) < limit and time.monotonic() < deadline:
+                cursor, keys = await self._redis.scan(
+                    cursor, match=f"{KEY_PREFIX}*", count=SCAN_PAGE
+                )
+                if keys:
+                    values = await self._redis.mget(keys)
+                    for key, value in zip(keys, values, strict=True):
+                        entry = _entry(key, value)
+                        if entry is not None:
+                            found.append(entry)
+                if cursor == 0:
+                    break
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self._failed("scan", exc)
+        self.hits += len(found)
+        return found[:limit]
+
+    async def save_topology(self, text: str) -> bool:
+        try:
+            await self._redis.set(TOPOLOGY_KEY, text, ex=TOPOLOGY_TTL_S)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self._failed("set", exc)
+            return False
+        self.writes += 1
+        return True
+
+    async def load_topology(self) -> str | None:
+        try:
+            value = await self._redis.get(TOPOLOGY_KEY)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self._failed("get", exc)
+            return None
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
     async def close(self) -> None:
         if self._closed:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,6 +39,10 @@ class TopologyView:
 
     transceivers: Mapping[tuple[int, int], Address] = field(default_factory=dict)
     revision: int = 0
+    # Wall clock (time.time()) when each node was last in a source's answer; see `retained`.
+    seen_at: Mapping[tuple[int, int], float] = field(default_factory=dict)
+    # Nodes kept although the last answer did not name them.
+    retained: frozenset[tuple[int, int]] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clusters", frozenset(c for c, _ in self.transceivers))
@@ -49,6 +54,63 @@ class TopologyView:
     def merged(self, other: TopologyView) -> TopologyView:
         """`other` with this view's entries laid over it."""
         return TopologyView({**other.transceivers, **self.transceivers}, other.revision)
+
+
+def retained(
+    previous: TopologyView,
+    fresh: TopologyView,
+    wall: float,
+    hold_s: float,
+    in_use: Container[tuple[int, int]],
+) -> TopologyView:
+    """The view to route on: `fresh` (the source's latest answer), plus every node of
+    `previous` that the answer no longer names but that still has bindings (`in_use`) or
+    was last named less than `hold_s` ago. So an empty or partial answer (a geosteer that
+    just restarted and has not heard every node again) and a deregistered, draining
+    transceiver with calls still ending never cut a live call; a node leaves once it is
+    gone from the answers for `hold_s` and has no binding left."""
+    table = dict(fresh.transceivers)
+    seen = dict.fromkeys(table, wall)
+    kept: set[tuple[int, int]] = set()
+    for key, media in previous.transceivers.items():
+        if key in table:
+            continue
+        seen_at = previous.seen_at.get(key, wall)
+        if key in in_use or wall - seen_at < hold_s:
+            table[key] = media
+            seen[key] = seen_at
+            kept.add(key)
+    return TopologyView(table, fresh.revision, seen, frozenset(kept))
+
+
+def encode_view(view: TopologyView) -> str:
+    """The persisted copy (Redis `voiceedge:relay:topology`): JSON, one entry per node."""
+    entries = [
+        [cluster, transceiver, media[0], media[1]]
+        for (cluster, transceiver), media in sorted(view.transceivers.items())
+    ]
+    return json.dumps({"v": 1, "revision": view.revision, "transceivers": entries})
+
+
+def decode_view(text: str | bytes, loaded_at: float) -> TopologyView:
+    """The persisted copy back; every node counts as seen at `loaded_at` (a relay starting
+    while geosteer is down holds them for topology_hold_s from its start). ValueError if
+    the text is not that."""
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("v") != 1:
+            raise ValueError("not a v1 topology")
+        table: dict[tuple[int, int], Address] = {}
+        for cluster, transceiver, ip, port in data["transceivers"]:
+            if not (isinstance(cluster, int) and isinstance(transceiver, int)):
+                raise ValueError("ids must be integers")
+            if not (isinstance(port, int) and 0 < port < 65536):
+                raise ValueError("bad port")
+            table[(cluster, transceiver)] = (normalize_ip(str(ip)), port)
+        revision = int(data.get("revision", 0))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"bad topology copy: {exc}") from None
+    return TopologyView(table, revision, dict.fromkeys(table, loaded_at))
 
 
 def static_view(entries: Iterable[str]) -> TopologyView:

@@ -14,6 +14,9 @@ from libs.service.aio import cancel_and_wait
 from services.relay.topology import (
     GeosteerTopology,
     TopologyView,
+    decode_view,
+    encode_view,
+    retained,
     static_view,
     view_from_proto,
 )
@@ -102,3 +105,52 @@ async def test_geosteer_watch_updates_the_view() -> None:
     finally:
         await cancel_and_wait(task)
         await server.stop(0)
+
+
+A, B = ("10.20.0.2", 40000), ("10.20.0.3", 40000)
+
+
+@pytest.mark.parametrize(
+    ("fresh", "in_use", "wall", "kept"),
+    [
+        ({(1, 1): A, (1, 2): B}, set(), 10.0, set()),  # named again: nothing retained
+        ({}, set(), 10.0, {(1, 1), (1, 2)}),  # empty answer within the hold: all kept
+        ({(1, 1): A}, set(), 10.0, {(1, 2)}),  # partial answer
+        ({}, set(), 70.0, set()),  # hold passed, no bindings: gone
+        ({}, {(1, 2)}, 70.0, {(1, 2)}),  # hold passed, live bindings: kept
+    ],
+)
+def test_retained_keeps_what_an_answer_leaves_out(
+    fresh: dict[tuple[int, int], tuple[str, int]],
+    in_use: set[tuple[int, int]],
+    wall: float,
+    kept: set[tuple[int, int]],
+) -> None:
+    previous = TopologyView({(1, 1): A, (1, 2): B}, 1, {(1, 1): 0.0, (1, 2): 0.0})
+    view = retained(previous, TopologyView(fresh, 2), wall, 60.0, in_use)
+    assert view.retained == kept
+    assert set(view.transceivers) == set(fresh) | kept
+    assert view.revision == 2
+    for key in kept:  # a retained node keeps the time it was last named
+        assert view.seen_at[key] == 0.0
+
+
+def test_the_persisted_copy_round_trips_and_rejects_garbage() -> None:
+    view = TopologyView({(1, 1): A, (7, 42): ("2001:db8::1", 5)}, 9)
+    back = decode_view(encode_view(view), 100.0)
+    assert back.transceivers == view.transceivers
+    assert back.revision == 9
+    assert back.seen_at == {(1, 1): 100.0, (7, 42): 100.0}
+    for bad in (
+        "",
+        "[]",
+        '{"v": 2, "transceivers": []}',
+        '{"v": 1}',
+        '{"v": 1, "transceivers": [[1, 1, "nope", 5]]}',
+        '{"v": 1, "transceivers": [[1, 1, "10.0.0.1", 0]]}',
+        '{"v": 1, "transceivers": [["1", 1, "10.0.0.1", 5]]}',
+        '{"v": 1, "transceivers": [[1, 1]]}',
+        b"\xff",
+    ):
+        with pytest.raises(ValueError, match="bad topology copy"):
+            decode_view(bad, 0.0)

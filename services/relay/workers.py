@@ -17,7 +17,8 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import uvloop
 
@@ -26,10 +27,12 @@ from libs.service.aio import cancel_and_wait
 from libs.wire import ufrag
 from services.relay import messages
 from services.relay.dataplane import DataPlane, WorkerCounters
-from services.relay.router import BindingInfo, Router
+from services.relay.limits import ReplayTable, SharedReplayTable
+from services.relay.router import BindingInfo, Router, make_router
 from services.relay.settings import RelaySettings
 from services.relay.store import BindingStore, make_binding_store
-from services.relay.topology import make_topology_source
+from services.relay.tcp import make_tcp_plane
+from services.relay.topology import TopologyView, decode_view, make_topology_source
 
 logger = logging.getLogger("voiceedge.relay.workers")
 
@@ -67,18 +70,19 @@ class RemoteWorker:
         self._process = process
         loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[messages.Ready] = loop.create_future()
+        self.died: asyncio.Future[None] = loop.create_future()  # the pipe closed
         self._listings: dict[int, asyncio.Future[tuple[BindingInfo, ...]]] = {}
         self._request_ids = itertools.count(1)
         loop.add_reader(self._conn.fileno(), self._on_message)
         self._closed = False
 
     @classmethod
-    def spawn(cls, settings: RelaySettings, worker_id: int) -> RemoteWorker:
+    def spawn(cls, settings: RelaySettings, worker_id: int, replays_path: str) -> RemoteWorker:
         context = multiprocessing.get_context("spawn")
         conn, child_conn = context.Pipe()
         process = context.Process(
             target=worker_main,
-            args=(settings, worker_id, child_conn),
+            args=(settings, worker_id, child_conn, replays_path),
             name=f"relay-worker-{worker_id}",
             daemon=True,
         )
@@ -97,6 +101,9 @@ class RemoteWorker:
             asyncio.get_running_loop().remove_reader(self._conn.fileno())
             if not self._ready.done():
                 self._ready.set_exception(RuntimeError(f"worker {self.worker_id} died"))
+                self._ready.exception()  # retrieved: whoever waits sees it, nobody must
+            if not self.died.done():
+                self.died.set_result(None)
             return
         try:
             message = messages.decode(data)
@@ -143,6 +150,10 @@ class RemoteWorker:
     def drain(self, grace_s: float) -> None:
         self._send(messages.Drain(grace_s))
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -159,21 +170,100 @@ class RemoteWorker:
         self._conn.close()
 
 
+class WorkerSupervisor:
+    """Replaces a child worker whose process died (crash, OOM kill, kill -9): the same
+    worker id and settings, bound to the same SO_REUSEPORT ports. While one is missing the
+    relay is degraded (`on_degraded(True)`, then False once every worker is back). The
+    dead worker's clients are rehashed by the kernel onto the remaining sockets; with Redis
+    they carry on from the shared copy, in memory mode from their next STUN check."""
+
+    def __init__(
+        self,
+        settings: RelaySettings,
+        workers: list[RemoteWorker],
+        on_degraded: Callable[[bool], None],
+        on_replaced: Callable[[RemoteWorker, RemoteWorker], None],
+        replays_path: str,
+        retry_s: float = 1.0,
+    ) -> None:
+        self._settings = settings
+        self._replays_path = replays_path
+        self._workers = workers  # replaced in place
+        self._on_degraded = on_degraded
+        self._on_replaced = on_replaced
+        self._retry_s = retry_s
+        self.restarts = 0
+        self.dead: set[int] = set()
+
+    async def run(self) -> None:
+        while self._workers:  # until cancelled; one turn per worker death
+            waits = {asyncio.ensure_future(w.died): w for w in self._workers}
+            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            for task in done:
+                await self._replace(waits[task])
+
+    async def _replace(self, old: RemoteWorker) -> None:
+        self.dead.add(old.worker_id)
+        self._on_degraded(True)
+        log_event(
+            logger, "relay.worker_died", level=logging.WARNING, worker=old.worker_id, pid=old.pid
+        )
+        await old.close()
+        while True:  # until the replacement is ready; one try per retry_s
+            new = RemoteWorker.spawn(self._settings, old.worker_id, self._replays_path)
+            try:
+                await new.wait_ready()
+            except (RuntimeError, TimeoutError) as exc:
+                await new.close()
+                log_event(
+                    logger,
+                    "relay.worker_respawn_failed",
+                    level=logging.WARNING,
+                    worker=old.worker_id,
+                    error=str(exc),
+                )
+                await asyncio.sleep(self._retry_s)
+                continue
+            break
+        index = self._workers.index(old)
+        self._workers[index] = new
+        self.restarts += 1
+        self.dead.discard(old.worker_id)
+        self._on_replaced(old, new)
+        log_event(
+            logger,
+            "relay.worker_replaced",
+            worker=new.worker_id,
+            pid=new.pid,
+            restarts=self.restarts,
+        )
+        if not self.dead:
+            self._on_degraded(False)
+
+
 async def make_worker(
-    settings: RelaySettings, worker_id: int
+    settings: RelaySettings, worker_id: int, replays: ReplayTable | None = None
 ) -> tuple[DataPlane, BindingStore, asyncio.Task[None]]:
     """One worker's router, store, sockets and topology watch, started."""
     keyring = ufrag.Keyring.parse(settings.ufrag_keys)
     source = make_topology_source(settings.transceivers, settings.geosteer_address)
-    router = Router(
-        keyring,
-        source.current(),
-        idle_timeout_s=settings.idle_timeout_s,
-        drain_idle_s=settings.drain_idle_s,
-        max_bindings=settings.max_bindings,
-        verify_message_integrity=settings.verify_message_integrity,
-    )
     store = make_binding_store(settings.redis_url, settings.binding_ttl_s, settings.redis_timeout_s)
+    # Before any socket opens: the last topology and the bindings from the shared copy, so
+    # a relay (re)started while geosteer is down forwards its calls' first packets.
+    copy = await _load_topology(store, settings.preload_timeout_s)
+    router = make_router(settings, keyring, copy, replays=replays)
+    router.set_topology(source.current())
+    preloaded = await _preload(router, store, settings)
+    log_event(
+        logger,
+        "relay.preloaded",
+        worker=worker_id,
+        transceivers=len(router.topology.transceivers),
+        bindings=preloaded,
+    )
+    tcp = make_tcp_plane(settings, keyring, router.topology, worker_id)
     plane = DataPlane(
         router,
         store,
@@ -183,29 +273,78 @@ async def make_worker(
         redis_max_inflight=settings.redis_max_inflight,
         worker_id=worker_id,
         batched_io=settings.batched_io,
+        tcp=tcp,
+        persist_topology=worker_id == 0,
     )
     try:
         await plane.start()
     except BaseException:
         await store.close()
         raise
-    watch = asyncio.get_running_loop().create_task(source.run(router.set_topology))
+    routers = [router] if tcp is None else [router, tcp.router]
+
+    def set_topology(view: TopologyView) -> None:
+        for each in routers:
+            each.set_topology(view)
+
+    watch = asyncio.get_running_loop().create_task(source.run(set_topology))
     return plane, store, watch
 
 
+async def _load_topology(store: BindingStore, timeout_s: float) -> TopologyView:
+    """The persisted topology (Redis), or an empty view without one."""
+    try:
+        text = await asyncio.wait_for(store.load_topology(), timeout_s)
+    except TimeoutError:
+        text = None
+    if text is None:
+        return TopologyView()
+    try:
+        return decode_view(text, time.time())
+    except ValueError as exc:
+        log_event(logger, "topology.bad_copy", level=logging.WARNING, error=str(exc))
+        return TopologyView()
+
+
+async def _preload(router: Router, store: BindingStore, settings: RelaySettings) -> int:
+    """The Redis copy's bindings, as many as `preload_timeout_s` allows (each worker holds
+    the whole copy: the kernel may hash any client to it)."""
+    deadline = time.monotonic() + settings.preload_timeout_s
+    entries = await store.scan(settings.max_bindings, deadline)
+    return router.preload(entries, time.monotonic())
+
+
 def worker_main(
-    settings: RelaySettings, worker_id: int, conn: multiprocessing.connection.Connection
+    settings: RelaySettings,
+    worker_id: int,
+    conn: multiprocessing.connection.Connection,
+    replays_path: str = "",
 ) -> None:
     """Entry point of a spawned worker process."""
     configure_logging(settings.log_level)
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(_serve_worker(settings, worker_id, conn))
+    asyncio.run(_serve_worker(settings, worker_id, conn, _attach_replays(replays_path, settings)))
+
+
+def _attach_replays(path: str, settings: RelaySettings) -> ReplayTable | None:
+    """The parent's shared replay table; None (this worker's own cache) if it cannot be
+    opened (e.g. /proc/<pid>/fd not readable here): weaker, but never a crash loop."""
+    if not path:
+        return None
+    try:
+        return SharedReplayTable.attach(path, settings.replay_cache_size)
+    except OSError as exc:
+        log_event(logger, "relay.replay_table_unshared", level=logging.WARNING, error=str(exc))
+        return None
 
 
 async def _serve_worker(
-    settings: RelaySettings, worker_id: int, conn: multiprocessing.connection.Connection
+    settings: RelaySettings,
+    worker_id: int,
+    conn: multiprocessing.connection.Connection,
+    replays: ReplayTable | None,
 ) -> None:
-    plane, store, watch = await make_worker(settings, worker_id)
+    plane, store, watch = await make_worker(settings, worker_id, replays)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     drain_task: asyncio.Task[None] | None = None

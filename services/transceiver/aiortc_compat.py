@@ -15,6 +15,8 @@ What the transceiver needs that the public APIs do not offer:
 - ICE restart without a new DTLS handshake (`Connection._local_username`,
   `_local_password`, `_check_list`, `_nominating`, `_remote_candidates`, and for test
   clients `_pair_remote_candidate`, `check_start_task`): see `restart_ice`;
+- mark an ICE-TCP client's peer-reflexive candidate tcp (`Connection._remote_candidates`,
+  `check_incoming`): see `install_tcp_peers`;
 - follow the client to a new address after a NAT rebinding (`Connection.check_incoming`,
   `check_complete`, `_check_list`, `_nominated`): see `install_follow_client`;
 - find and await the tasks aiortc starts without a handle (`RTCPeerConnection.__connect`,
@@ -485,6 +487,38 @@ def restart_client_ice(connection: aioice.Connection, credentials: IceCredential
     connection.sort_check_list()
     for pair in list(connection._check_list):
         connection.check_start_task(pair)
+
+
+def install_tcp_peers(
+    connection: aioice.Connection, is_tcp: Callable[[tuple[str, int]], bool]
+) -> None:
+    """Marks the peer-reflexive candidates of ICE-TCP clients as tcp (RFC 6544).
+
+    aioice has no ICE-TCP: it learns every client as a udp peer-reflexive candidate
+    (`Connection.check_incoming`, `_remote_candidates`, `Candidate.transport`). A relay
+    carries a TCP client's RFC 4571 frames to our one UDP port with the framing's TCP flag,
+    so to aioice it looks like any other client; only the candidate's transport is wrong.
+    After aioice learned it, this sets it to tcp (the pair's protocol as the transceiver
+    reports it; aioice itself sends the same way either way). `is_tcp` is the mux's
+    knowledge of the client's transport."""
+    original_incoming = connection.check_incoming
+
+    def check_incoming(message: Any, addr: tuple[str, int], protocol: Any) -> None:
+        original_incoming(message, addr, protocol)
+        if not is_tcp((addr[0], addr[1])):
+            return
+        for candidate in connection._remote_candidates:
+            learned = candidate.type == "prflx" and candidate.transport == "udp"
+            if learned and (candidate.host, candidate.port) == (addr[0], addr[1]):
+                candidate.transport = "tcp"
+
+    setattr(connection, "check_incoming", check_incoming)  # noqa: B010 (on purpose)
+
+
+def remote_transport(connection: aioice.Connection) -> str:
+    """ "udp" or "tcp": the transport of the selected pair's remote candidate ("" before)."""
+    pair = connection._nominated.get(1)
+    return "" if pair is None else str(pair.remote_candidate.transport)
 
 
 def consent_expired(connection: aioice.Connection) -> bool:

@@ -97,7 +97,8 @@ class SessionManager:
             raise sdp.SdpError("session_id: required")
         sdp.check_credentials(request.ice_ufrag, request.ice_pwd)
         endpoints = endpoints_of(request.relay_endpoints)
-        for ip, _ in endpoints:
+        tcp_endpoints = endpoints_of(request.relay_endpoints, tcp=True)
+        for ip, _ in endpoints + tcp_endpoints:
             try:
                 ipaddress.ip_address(ip)
             except ValueError:
@@ -124,6 +125,7 @@ class SessionManager:
             opus_passthrough=options.opus_passthrough,
             metadata=dict(options.metadata),
             session_config=options.session_config if options.HasField("session_config") else None,
+            tcp_endpoints=tcp_endpoints,
         )
 
     async def create(self, request: transceiver_pb2.CreateSessionRequest) -> str:

@@ -3,7 +3,11 @@ attributes services/transceiver/aiortc_compat.py relies on."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import aioice
+import aioice.stun
 import aiortc
 
 from services.transceiver import aiortc_compat
@@ -109,3 +113,41 @@ async def test_the_task_index_finds_what_a_scan_of_every_task_finds() -> None:
         assert not any(aiortc_compat._pc_tasks(pc, aiortc_compat._PC_TASK_NAMES) for pc in pcs)
         loop.set_task_factory(previous)
         aiortc_compat._indexed_loops.discard(loop)
+
+
+class _Sent(asyncio.DatagramTransport):
+    """Records what aioice sends; closing it tells the protocol, as a socket would."""
+
+    def __init__(self, protocol: asyncio.BaseProtocol) -> None:
+        super().__init__()
+        self.sent: list[tuple[bytes, Any]] = []
+        self._protocol = protocol
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        self.sent.append((bytes(data), addr))
+
+    def close(self) -> None:
+        asyncio.get_running_loop().call_soon(self._protocol.connection_lost, None)
+
+
+async def test_tcp_peers_are_learned_as_tcp_prflx_candidates() -> None:
+    # aioice learns every client as a udp peer-reflexive candidate (check_incoming); an
+    # ICE-TCP client's becomes tcp, any other stays udp.
+    connection = aioice.Connection(ice_controlling=False)
+    tcp_client, udp_client = ("198.51.100.9", 50000), ("198.51.100.9", 50001)
+    aiortc_compat.install_tcp_peers(connection, {tcp_client}.__contains__)
+    protocol = aiortc_compat.make_stun_protocol(connection)
+    aiortc_compat.install_protocol(connection, protocol, _Sent(protocol), "203.0.113.7", 3478)
+    connection.remote_username, connection.remote_password = "cli1", "c" * 22
+    try:
+        for client in (tcp_client, udp_client):
+            message = aioice.stun.Message(
+                message_method=aioice.stun.Method.BINDING,
+                message_class=aioice.stun.Class.REQUEST,
+            )
+            message.attributes["PRIORITY"] = 1845501695
+            connection.check_incoming(message, client, protocol)
+        learned = {(c.host, c.port): (c.type, c.transport) for c in connection._remote_candidates}
+        assert learned == {tcp_client: ("prflx", "tcp"), udp_client: ("prflx", "udp")}
+    finally:
+        await connection.close()

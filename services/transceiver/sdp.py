@@ -48,9 +48,24 @@ def relay_candidate(index: int, ip: str, port: int) -> str:
     return f"a=candidate:relay{index} 1 udp {priority} {ip} {port} typ host"
 
 
-def rewrite_answer(answer: str, endpoints: Sequence[tuple[str, int]]) -> str:
-    """Replaces every candidate of the answer with the relay endpoints, signals
-    end-of-candidates (RFC 8838 §8.2), and points m=/c= at the first endpoint."""
+def relay_tcp_candidate(index: int, ip: str, port: int) -> str:
+    """A passive ICE-TCP host candidate for a relay's TCP port (RFC 6544 §4.5). Priority by
+    RFC 6544 §4.2: local preference (direction preference 4 for passive host candidates)
+    << 13 | (8191 - index), below every UDP candidate of `relay_candidate`, so a client
+    with UDP keeps preferring UDP."""
+    local_preference = (4 << 13) | (8191 - index)
+    priority = (126 << 24) | (local_preference << 8) | (256 - 1)
+    return f"a=candidate:relaytcp{index} 1 tcp {priority} {ip} {port} typ host tcptype passive"
+
+
+def rewrite_answer(
+    answer: str,
+    endpoints: Sequence[tuple[str, int]],
+    tcp_endpoints: Sequence[tuple[str, int]] = (),
+) -> str:
+    """Replaces every candidate of the answer with the relay endpoints (UDP, then the
+    passive ICE-TCP ones), signals end-of-candidates (RFC 8838 §8.2), and points m=/c= at
+    the first UDP endpoint."""
     if not endpoints:
         raise SdpError("relay_endpoints: at least one is required")
     first_ip, first_port = endpoints[0]
@@ -69,6 +84,9 @@ def rewrite_answer(answer: str, endpoints: Sequence[tuple[str, int]]) -> str:
         out.append(line)
         if line.startswith("a=ice-pwd:"):
             out.extend(relay_candidate(i, ip, port) for i, (ip, port) in enumerate(endpoints))
+            out.extend(
+                relay_tcp_candidate(i, ip, port) for i, (ip, port) in enumerate(tcp_endpoints)
+            )
             out.append("a=end-of-candidates")
     return "\r\n".join(out) + "\r\n"
 

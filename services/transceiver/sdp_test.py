@@ -66,6 +66,19 @@ def test_rewrite_answer_puts_only_relay_endpoints() -> None:
     assert priorities[0] > priorities[1]
 
 
+def test_rewrite_answer_adds_passive_tcp_below_udp() -> None:
+    out = sdp.rewrite_answer(OFFER, [("203.0.113.7", 3478)], [("203.0.113.7", 443)])
+    candidates = [line for line in out.split("\r\n") if line.startswith("a=candidate")]
+    assert candidates == [
+        "a=candidate:relay0 1 udp 2130706431 203.0.113.7 3478 typ host",
+        "a=candidate:relaytcp0 1 tcp 2124414975 203.0.113.7 443 typ host tcptype passive",
+    ]
+    assert "m=audio 3478 UDP/TLS/RTP/SAVPF 111" in out  # m= stays on the UDP endpoint
+    # Below the UDP endpoints' priorities for any realistic number of them (hundreds).
+    lowest_udp = int(sdp.relay_candidate(999, "203.0.113.7", 1).split()[3])
+    assert int(candidates[1].split()[3]) < lowest_udp
+
+
 def test_rewrite_answer_needs_an_endpoint() -> None:
     with pytest.raises(sdp.SdpError, match="relay_endpoints"):
         sdp.rewrite_answer(OFFER, [])

@@ -65,6 +65,8 @@ class SessionParams:
     opus_passthrough: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
     session_config: struct_pb2.Struct | None = None
+    # The relays' ICE-TCP ports: tcptype passive candidates below the UDP ones (RFC 6544).
+    tcp_endpoints: tuple[tuple[str, int], ...] = ()
 
 
 class Session:
@@ -219,6 +221,7 @@ class Session:
         )
         # NAT rebinding (issue 12): the RTP path re-reads the pair at once, not at the tick.
         aiortc_compat.install_follow_client(connection, on_move=self._on_path_moved)
+        aiortc_compat.install_tcp_peers(connection, self._mux.tcp_clients.__contains__)
         protocol = aiortc_compat.make_stun_protocol(connection)
         transport = self._mux.transport_for(self._mux_session, protocol)
         aiortc_compat.install_protocol(connection, protocol, transport, local[0], local[1])
@@ -232,7 +235,9 @@ class Session:
         await pc.setLocalDescription(answer)
         self._rtp_params = sdp.audio_rtp_params(pc.localDescription.sdp)
         self._spawn(self._ice_timer())
-        answer_sdp = sdp.rewrite_answer(pc.localDescription.sdp, self.params.endpoints)
+        answer_sdp = sdp.rewrite_answer(
+            pc.localDescription.sdp, self.params.endpoints, self.params.tcp_endpoints
+        )
         # Once: every BUNDLEd m-section of the answer repeats them.
         self.answer_candidates = tuple(
             dict.fromkeys(
@@ -561,12 +566,16 @@ class Session:
         )
 
 
-def endpoints_of(addresses: Sequence[common_pb2.SocketAddress]) -> tuple[tuple[str, int], ...]:
+def endpoints_of(
+    addresses: Sequence[common_pb2.SocketAddress], *, tcp: bool = False
+) -> tuple[tuple[str, int], ...]:
+    """The UDP relay endpoints (at least one), or with `tcp` the ICE-TCP ones (any number)."""
     out: list[tuple[str, int]] = []
     for address in addresses:
         if not address.ip or not 1 <= address.port <= 65535:
             raise sdp.SdpError(f"relay_endpoints: bad address {address.ip!r}:{address.port}")
-        out.append((address.ip, int(address.port)))
-    if not out:
-        raise sdp.SdpError("relay_endpoints: at least one is required")
+        if address.tcp == tcp:
+            out.append((address.ip, int(address.port)))
+    if not out and not tcp:
+        raise sdp.SdpError("relay_endpoints: at least one UDP endpoint is required")
     return tuple(out)

@@ -157,6 +157,9 @@ class UdpMux(asyncio.DatagramProtocol):
         # when the client was bound, and an IPv6 header differs in its flags byte).
         self._route_of: dict[bytes, tuple[MuxSession, Address]] = {}
         self.drops: Counter[str] = Counter()
+        # Clients a relay reaches over ICE-TCP (frame flag bit 7): their peer-reflexive
+        # candidates are tcp (aiortc_compat.install_tcp_peers).
+        self.tcp_clients: set[Address] = set()
         # sendmmsg for what the pacer sends in one tick (hold/flush), when the extension
         # is there; otherwise one sendto per datagram.
         self._fastio = fastio.load()
@@ -269,8 +272,12 @@ class UdpMux(asyncio.DatagramProtocol):
                 return None
             session.addresses.add(client)
             self._by_address[client] = session
-            if len(data) - len(payload) == framing.HEADER_V4:
-                header = self._header_of[client] = data[: framing.HEADER_V4]
+            # Replies carry the header the client's frames came with: the same flags, so an
+            # ICE-TCP client's (bit 7) go back on its relay's TCP connection.
+            header = self._header_of[client] = data[: len(data) - len(payload)]
+            if framing.is_tcp(header):
+                self.tcp_clients.add(client)
+            if len(header) == framing.HEADER_V4:
                 self._route_of[header] = (session, client)
             log_event(
                 logger,
@@ -321,6 +328,7 @@ class UdpMux(asyncio.DatagramProtocol):
             if self._by_address.get(client) is session:
                 del self._by_address[client]
                 self._relay_of.pop(client, None)
+                self.tcp_clients.discard(client)
                 header = self._header_of.pop(client, None)
                 if header is not None:
                     self._route_of.pop(header, None)

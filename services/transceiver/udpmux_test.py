@@ -4,8 +4,11 @@ then real UDP on 127.0.0.1: demux by client address, replies to the relay that l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -146,7 +149,21 @@ async def test_register_refuses_a_ufrag_in_use() -> None:
         mux.register(UFRAG, PWD, ("127.0.0.1", 1))
 
 
-async def test_held_sends_leave_in_one_batch_and_rtp_bypasses_aioice() -> None:
+@dataclass
+class Rig:
+    """A started mux with one registered session and a socket playing the relay."""
+
+    mux: udpmux.UdpMux
+    address: tuple[str, int]
+    relay: asyncio.DatagramTransport
+    relay_in: Socket
+    session: udpmux.MuxSession
+    sink: Sink
+    transport: udpmux.VirtualTransport
+
+
+@contextlib.asynccontextmanager
+async def one_session() -> AsyncIterator[Rig]:
     mux = udpmux.UdpMux()
     address = await mux.start("127.0.0.1", 0)
     relay, relay_in = await open_socket()
@@ -154,6 +171,16 @@ async def test_held_sends_leave_in_one_batch_and_rtp_bypasses_aioice() -> None:
         session = mux.register(UFRAG, PWD, ("203.0.113.7", 3478))
         sink = Sink()
         transport = mux.transport_for(session, sink)
+        yield Rig(mux, address, relay, relay_in, session, sink, transport)
+    finally:
+        relay.close()
+        await mux.close()
+
+
+async def test_held_sends_leave_in_one_batch_and_rtp_bypasses_aioice() -> None:
+    async with one_session() as rig:
+        mux, address, relay, relay_in = rig.mux, rig.address, rig.relay, rig.relay_in
+        session, sink, transport = rig.session, rig.sink, rig.transport
         clients = [("198.51.100.9", 50000 + i) for i in range(3)]
         for i, client in enumerate(clients):
             relay.sendto(framing.encode(*client, request(f"{UFRAG}:c{i}", PWD)), address)
@@ -183,9 +210,6 @@ async def test_held_sends_leave_in_one_batch_and_rtp_bypasses_aioice() -> None:
                 got.append(framing.decode((await relay_in.received.get())[0]))
         assert sorted(got) == [(c[0], c[1], f"tick-{i}".encode()) for i, c in enumerate(clients)]
         assert mux.send_batches == 1  # the native extension is built with this target
-    finally:
-        relay.close()
-        await mux.close()
 
 
 async def test_ipv4_and_ipv6_clients_stay_apart_once_bound() -> None:
@@ -266,3 +290,26 @@ async def test_a_replayed_check_from_a_new_address_does_not_bind_it() -> None:
     finally:
         relay.close()
         await mux.close()
+
+
+@pytest.mark.parametrize("client", [("198.51.100.9", 50000), ("2001:db8::9", 50000)])
+async def test_tcp_clients_get_replies_with_the_tcp_flag(client: tuple[str, int]) -> None:
+    # An ICE-TCP client (frame flag bit 7): its replies echo the flag, so the relay writes
+    # them on its TCP connection; the mux knows it is a TCP client.
+    async with one_session() as rig:
+        mux, address, relay, relay_in = rig.mux, rig.address, rig.relay, rig.relay_in
+        sink, transport = rig.sink, rig.transport
+        good = request(f"{UFRAG}:cli", PWD)
+        relay.sendto(framing.encode(*client, good, tcp=True), address)
+        async with asyncio.timeout(5):
+            assert await sink.received.get() == (good, client)
+        assert client in mux.tcp_clients
+        relay.sendto(framing.encode(*client, b"\x17dtls", tcp=True), address)
+        async with asyncio.timeout(5):
+            assert (await sink.received.get())[0] == b"\x17dtls"
+        transport.sendto(b"reply", client)
+        async with asyncio.timeout(5):
+            frame, _ = await relay_in.received.get()
+        assert frame == framing.encode(*client, b"reply", tcp=True)
+        transport.close()
+        assert client not in mux.tcp_clients

@@ -209,6 +209,8 @@ def bench_relay(
             "127.0.0.1:0",
             "--workers",
             "1",
+            "--tcp-listen",
+            "127.0.0.1:0",
             "--udp-listen",
             f"127.0.0.1:{vip_port}",
             "--transceivers",

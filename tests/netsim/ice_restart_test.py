@@ -28,8 +28,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from examples.python_client.client import CallResult
 from services.transceiver import aiortc_compat
 from tests.e2e.browser import js
-from tests.netsim import calls
-from tests.netsim.browsers import chromium_on_client
+from tests.netsim import calls, pages
 from tests.netsim.calls import API_KEY
 from tools.netsim import nat
 from tools.netsim.edge import NetEdge, standard_edge
@@ -226,7 +225,7 @@ def session_events(browser: Any, kind: str) -> list[dict[str, Any]]:
 def test_chromium_restarts_ice_after_its_address_changes_and_keeps_the_session(
     edge: NetEdge, tmp_path: Path
 ) -> None:
-    with chromium_on_client(edge, tmp_path) as browser:
+    with pages.chromium_on_client(edge, tmp_path) as browser:
         browser.set_script_timeout(30)
         browser.get(edge.http_base + "/")
         started = browser.execute_async_script(START, API_KEY)

@@ -57,6 +57,7 @@ class StackConfig:
     By default everything is on 127.0.0.1 here; tools/netsim places services on hosts."""
 
     relay_udp_port: int = 3478
+    relay_tcp_port: int = 0  # the relay's ICE-TCP port on relay_public_host; 0: no TCP
     http_port: int = 8080
     grpc_ports: dict[str, int] = field(default_factory=dict)  # service -> port (0: free)
     api_key: str = ""
@@ -76,6 +77,7 @@ class Service:
     name: str
     process: subprocess.Popen[str]
     ready: dict[str, Any]
+    flags: list[str] = field(default_factory=list)  # what start_stack launched it with
 
 
 @dataclass
@@ -84,6 +86,20 @@ class Stack:
     relay_udp: tuple[str, int] = ("127.0.0.1", 0)
     http_base: str = ""
     api_key: str = ""
+    # Starts a service again with its flags (fault tests: a restart after kill -9).
+    launcher: Callable[[str, list[str]], Service] | None = None
+
+    def kill(self, name: str) -> None:
+        """SIGKILL, as a crash would (the process is ours: started by start_stack)."""
+        process = self.services[name].process
+        process.kill()
+        process.wait(timeout=10)
+
+    def start_again(self, name: str) -> Service:
+        """Launches `name` again with the flags it had; returns once it is ready. The old
+        process may still run (a replacement binding beside it) or be gone."""
+        assert self.launcher is not None
+        return self.launcher(name, self.services[name].flags)
 
     def grpc(self, name: str) -> str:
         return str(self.services[name].ready["grpc"])
@@ -194,11 +210,15 @@ def start_stack(config: StackConfig) -> Stack:
     relay_port = config.relay_udp_port or free_udp_port()
     stack.relay_udp = (config.relay_public_host, relay_port)
     topology = workdir / f"topology-{os.getpid()}-{relay_port}.toml"
+    tcp_address = f"{config.relay_public_host}:{config.relay_tcp_port}"
+    tcp_vip = (
+        f', {{ address = "{tcp_address}", transport = "tcp" }}' if config.relay_tcp_port else ""
+    )
     topology.write_text(
         "[[clusters]]\n"
         'id = 1\nname = "local"\nregion = "dev"\n'
         "latitude = 50.11\nlongitude = 8.68\ncapacity_sessions = 1000\n"
-        f'relay_vips = ["{config.relay_public_host}:{relay_port}"]\n'
+        f'relay_vips = ["{config.relay_public_host}:{relay_port}"{tcp_vip}]\n'
     )
     env = dict(os.environ)
     if config.api_key:
@@ -248,9 +268,11 @@ def start_stack(config: StackConfig) -> Stack:
             said = f": {last_lines[-1]}" if last_lines else ""
             raise RuntimeError(f"{exc}{said}") from None
         threading.Thread(target=_pump, args=(name, process.stdout, sink), daemon=True).start()
-        service = Service(name, process, ready)
+        service = Service(name, process, ready, flags)
         stack.services[name] = service
         return service
+
+    stack.launcher = launch
 
     try:
         geosteer = launch("geosteer", ["--topology-path", str(topology)]).ready["grpc"]
@@ -271,7 +293,12 @@ def start_stack(config: StackConfig) -> Stack:
             lambda: _transceiver_registered(geosteer, where("geosteer").netns),
             REGISTER_TIMEOUT_S,
         )
-        relay_flags = ["--udp-listen", f"{config.relay_public_host}:{relay_port}"]
+        relay_flags = [
+            "--udp-listen",
+            f"{config.relay_public_host}:{relay_port}",
+            "--tcp-listen",
+            tcp_address if config.relay_tcp_port else "",
+        ]
         if where("relay").netns:  # the internal leg faces the transceivers
             relay_flags += ["--internal-listen", f"{where('relay').host}:0"]
         launch("relay", ["--geosteer-address", geosteer, *relay_flags, *redis])

@@ -29,6 +29,7 @@ from tools.netsim.impair import Profile
 
 ADDR = layout.StandardAddresses()
 RELAY_PORT = 3478
+RELAY_TCP_PORT = 443  # the relay's ICE-TCP port when a test asks for one
 HTTP_PORT = 8080
 REDIS_PORT = 6379
 
@@ -67,9 +68,12 @@ def standard_edge(
     up: Profile | None = None,
     down: Profile | None = None,
     extra_flags: dict[str, list[str]] | None = None,
+    relay_tcp_port: int = 0,
+    grpc_ports: dict[str, int] | None = None,
 ) -> Iterator[NetEdge]:
     """Builds the standard layout, starts the edge on it; tears everything down on exit.
-    Service logs go to workdir/services.log."""
+    Service logs go to workdir/services.log. `relay_tcp_port`: the relay also listens for
+    ICE-TCP there on its public address, and answers carry it (0: UDP only)."""
     with net.Testbed(layout.standard()) as testbed, (workdir / "services.log").open("w") as log:
         router = nat.Nat(testbed, "nat", "inet", nat_profile).apply()
         link = ImpairedLink(testbed, 0, up, down)
@@ -86,12 +90,14 @@ def standard_edge(
             stack = start_stack(
                 StackConfig(
                     relay_udp_port=RELAY_PORT,
+                    relay_tcp_port=relay_tcp_port,
                     http_port=HTTP_PORT,
                     api_key=api_key,
                     redis_url=redis.url,
                     log=log,
                     workdir=workdir,
                     extra_flags=_with_defaults(extra_flags or {}),
+                    grpc_ports=dict(grpc_ports or {}),
                     placement={
                         "geosteer": cluster,
                         "bridge": cluster,

@@ -123,3 +123,11 @@ class Nat:
 
 def apply_firewall(testbed: net.Testbed, host: str, profile: str) -> None:
     apply_ruleset(testbed.ns(host), firewall_ruleset(profile))
+
+
+def remove_firewall(testbed: net.Testbed, host: str) -> None:
+    """Undoes apply_firewall (nothing to do if none is applied)."""
+    net.run(
+        ["ip", "netns", "exec", testbed.ns(host), "nft", "delete", "table", "inet", "netsim_fw"],
+        check=False,
+    )

@@ -522,6 +522,8 @@ def native_relay(media: tuple[str, int]) -> contextlib.AbstractContextManager[An
     args = [
         "--workers",
         "1",
+        "--tcp-listen",
+        "127.0.0.1:0",
         "--udp-listen",
         "127.0.0.1:0",
         "--transceivers",

@@ -1,0 +1,209 @@
+"""Relay faults, measured: each scenario of tests/netsim/relay_faults.py run N times with a
+live call on the netsim standard layout; prints RELIABILITY.md's `## Relay` table
+(scenario, promise, min/median/max of the caller's longest audio gap, what was counted).
+
+    ./bazelw run //tests/bench:faults_relay                      # every scenario, 3 runs
+    ./bazelw run //tests/bench:faults_relay -- --runs 1 --only flood_mixed,quiet
+
+Needs root (network namespaces). The flood's "limits off" rows restart the relay with
+the per-IP and verification budgets out of reach (what the relay did before them), in
+the same run, as the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.netsim import relay_faults
+from tests.netsim.calls import API_KEY
+from tests.netsim.relay_faults import Figures
+from tools.netsim import net
+from tools.netsim.edge import NetEdge, standard_edge
+
+COMMAND = "./bazelw run //tests/bench:faults_relay"
+NO_LIMITS = ["--unbound-pps-per-ip", "1000000000", "--verifications-per-s", "1000000000"]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    promise: str
+    run: Callable[[NetEdge, argparse.Namespace], Awaitable[Figures]]
+
+
+async def _with_relay_flags(edge: NetEdge, extra: list[str], body: Awaitable[Figures]) -> Figures:
+    """Runs `body` with the relay restarted with `extra` flags, then restores it."""
+    flags = edge.stack.services["relay"].flags
+    saved = list(flags)
+    flags += extra
+    await asyncio.to_thread(_restart, edge)
+    try:
+        return await body
+    finally:
+        flags[:] = saved
+        await asyncio.to_thread(_restart, edge)
+
+
+def _restart(edge: NetEdge) -> None:
+    edge.stack.kill("relay")
+    edge.stack.start_again("relay")
+
+
+def _flood(mode: str, limits: bool) -> Callable[[NetEdge, argparse.Namespace], Awaitable[Figures]]:
+    def run(edge: NetEdge, args: argparse.Namespace) -> Awaitable[Figures]:
+        body = relay_faults.flood(edge, args.flood_pps, args.flood_s, mode)
+        return body if limits else _with_relay_flags(edge, NO_LIMITS, body)
+
+    return run
+
+
+SCENARIOS = [
+    Scenario("quiet", "reference: no fault", lambda e, a: relay_faults.quiet(e, 5.0)),
+    Scenario(
+        "geosteer_restart",
+        "geosteer kill -9 + restart: no gap, 0 UNKNOWN_SOURCE drops",
+        lambda e, a: relay_faults.geosteer_restart(e),
+    ),
+    Scenario(
+        "relay_restart_geosteer_down",
+        "relay kill -9 + restart while geosteer is down: call forwarded from the persisted "
+        "topology and Redis bindings; gap = the new process starting",
+        lambda e, a: relay_faults.relay_restart_while_geosteer_down(e),
+    ),
+    Scenario(
+        "relay_kill_restart_redis",
+        "relay kill -9 + restart, Redis: gap = the new process starting",
+        lambda e, a: relay_faults.relay_kill_restart(e, redis=True),
+    ),
+    Scenario(
+        "relay_kill_restart_memory",
+        "relay kill -9 + restart, memory only: until the client's next STUN check",
+        lambda e, a: relay_faults.relay_kill_restart(e, redis=False),
+    ),
+    Scenario(
+        "relay_replacement",
+        "new relay binds beside the old (SO_REUSEPORT), old SIGTERM: gap <= 200 ms",
+        lambda e, a: relay_faults.relay_replacement(e),
+    ),
+    Scenario(
+        "relay_replacement_memory",
+        "the same, memory only: flows the kernel moves wait for their next STUN check",
+        lambda e, a: relay_faults.relay_replacement(e, redis=False),
+    ),
+    Scenario(
+        "worker_crash",
+        "one worker kill -9: replaced; degraded until then; call carries on",
+        lambda e, a: relay_faults.worker_crash(e),
+    ),
+    Scenario(
+        "replay_64_ports",
+        "captured check replayed from 64 ports x10: 0 bindings, 0 bytes reflected",
+        lambda e, a: relay_faults.replay_from_many_ports(e),
+    ),
+    Scenario(
+        "flood_random", "random bytes at --flood-pps: call unaffected", _flood("random", True)
+    ),
+    Scenario(
+        "flood_forged",
+        "forged MESSAGE-INTEGRITY with the call's USERNAME at --flood-pps: call unaffected",
+        _flood("forged", True),
+    ),
+    Scenario(
+        "flood_keys", "requests with other (forged) ufrags at --flood-pps", _flood("keys", True)
+    ),
+    Scenario(
+        "flood_random_limits_off",
+        "reference: random bytes, per-IP and verification budgets off",
+        _flood("random", False),
+    ),
+    Scenario(
+        "flood_forged_limits_off",
+        "reference: forged MACs, per-IP and verification budgets off",
+        _flood("forged", False),
+    ),
+]
+
+
+def _spread(values: Sequence[float], scale: float = 1.0, digits: int = 0) -> str:
+    if not values:
+        return "-"
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return " / ".join(f"{v * scale:.{digits}f}" for v in (low, mid, high))
+
+
+def _counts(runs: Sequence[Figures]) -> str:
+    keys = sorted({k for f in runs for k in f.counts})
+    parts = []
+    for key in keys:
+        values = [f.counts[key] for f in runs if key in f.counts]
+        parts.append(f"{key} {_spread(values, digits=2 if key.endswith('_s') else 0)}")
+    return "; ".join(parts)
+
+
+async def run(args: argparse.Namespace) -> None:
+    chosen = [s for s in SCENARIOS if not args.only or s.name in args.only.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="faults-relay-"))
+    with standard_edge(
+        workdir,
+        API_KEY,
+        grpc_ports={"geosteer": relay_faults.GEOSTEER_PORT},
+        extra_flags={"relay": ["--workers", str(args.workers)]},
+    ) as edge:
+        rows = []
+        for scenario in chosen:
+            runs: list[Figures] = []
+            for index in range(args.runs):
+                figures = await scenario.run(edge, args)
+                runs.append(figures)
+                print(
+                    f"{scenario.name} run {index + 1}: gap {figures.gap_s * 1000:.0f} ms "
+                    f"{figures.counts}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            rows.append((scenario, runs))
+        print(f"\nflood: {args.flood_pps} pps for {args.flood_s} s; relay workers: {args.workers}")
+        print(
+            "\n| scenario | promise | longest audio gap ms (min / median / max) | counted "
+            "(min / median / max) | command |"
+        )
+        print("|---|---|---|---|---|")
+        for scenario, runs in rows:
+            gaps = [f.gap_s for f in runs]
+            print(
+                f"| {scenario.name} | {scenario.promise} | {_spread(gaps, 1000)} | "
+                f"{_counts(runs)} | `{COMMAND} -- --only {scenario.name}` |"
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated scenario names")
+    parser.add_argument("--flood-pps", type=int, default=20_000)
+    parser.add_argument("--flood-s", type=float, default=5.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--list", action="store_true", help="print the scenarios and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for scenario in SCENARIOS:
+            print(f"{scenario.name}: {scenario.promise}")
+        return 0
+    if os.geteuid() != 0:
+        print("faults_relay needs root (network namespaces)", file=sys.stderr)
+        return 1
+    net.sweep()
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Relay fault scenarios on the standard netsim layout (issue 20), each around one live
+aiortc call from the client host: what `relay_faults_test` checks and what
+`//tests/bench:faults_relay` measures three times and prints as RELIABILITY.md's table.
+
+Every scenario returns a `Figures` (the audio gap the caller heard, plus what it counts);
+the gap is the longest time between two of the agent's 20 ms frames reaching the caller
+from just before the fault until the call has run `AFTER_S` past the recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from aiortc import RTCPeerConnection
+
+from examples.python_client.client import CallResult
+from tests.netsim import calls
+from tools.demo.stack import Service
+from tools.netsim.edge import NetEdge
+from voiceedge.common.v1 import common_pb2
+from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
+from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
+
+GEOSTEER_PORT = 50051  # fixed, inside the cluster namespace: a restart comes back on it
+AFTER_S = 3.0  # audio the call must carry after a recovery, counted in the gap window
+REPLAY_PORTS = 64
+FLOOD = Path(__file__).with_name("flood.py")
+
+
+@dataclass
+class Figures:
+    gap_s: float = float("nan")
+    counts: dict[str, float] = field(default_factory=dict)
+
+
+def relay_stats(edge: NetEdge) -> relay_pb2.RelayStats:
+    with edge.testbed.entered("relay"), grpc.insecure_channel(edge.stack.grpc("relay")) as ch:
+        stub = relay_pb2_grpc.RelayAdminServiceStub(ch)
+        return stub.GetStats(relay_pb2.GetStatsRequest(), timeout=10).stats
+
+
+def _transceiver_registered(edge: NetEdge) -> bool:
+    with (
+        edge.testbed.entered("cluster"),
+        grpc.insecure_channel(edge.stack.grpc("geosteer")) as channel,
+    ):
+        stub = geosteer_pb2_grpc.GeosteerServiceStub(channel)
+        topology = stub.ListTopology(geosteer_pb2.ListTopologyRequest(), timeout=5).topology
+    return any(
+        node.kind == common_pb2.NODE_KIND_TRANSCEIVER and not node.draining
+        for cluster in topology.clusters
+        for node in cluster.nodes
+    )
+
+
+async def start_geosteer_again(edge: NetEdge) -> None:
+    """geosteer started again; returns once the transceiver has registered with it again,
+    so the next scenario's call can be routed (the relay needs none of this)."""
+    await asyncio.to_thread(edge.stack.start_again, "geosteer")
+    await calls.until(
+        "the transceiver to register again", lambda: _transceiver_registered(edge), 60
+    )
+
+
+def drops(stats: relay_pb2.RelayStats, reason: int) -> int:
+    return sum(d.packets for d in stats.drops if d.reason == reason)
+
+
+async def _audio_flowing(result: CallResult, frames: int = 25) -> None:
+    await calls.until("audio from the agent", lambda: len(result.arrivals) > frames, 20)
+
+
+async def _carried_after(result: CallResult, fault_at: float, recovered_at: float) -> float:
+    """Waits until the caller has heard AFTER_S of audio after `recovered_at`; returns the
+    longest gap from just before the fault to then."""
+    await calls.until(
+        "audio after the recovery",
+        lambda: bool(result.arrivals) and result.arrivals[-1] > recovered_at + AFTER_S,
+        60,
+    )
+    # Up to the last frame heard, so an outage longer than AFTER_S is measured whole.
+    arrivals = calls.Arrivals(list(result.arrivals))
+    return arrivals.longest_gap_s(min(fault_at, recovered_at - 0.5), arrivals.times[-1])
+
+
+async def around_call(
+    edge: NetEdge, fault: Callable[[RTCPeerConnection, CallResult], Awaitable[Figures]]
+) -> Figures:
+    """Places a call, runs `fault` once audio flows, returns its figures."""
+    out: list[Figures] = []
+
+    async def during(pc: RTCPeerConnection, result: CallResult) -> None:
+        await _audio_flowing(result)
+        out.append(await fault(pc, result))
+
+    result = await calls.call_from_client(edge, during, connect_timeout_s=30)
+    if not result.connected or not out:
+        raise AssertionError(f"call failed: {result.status} {result.error_body}")
+    return out[0]
+
+
+async def geosteer_restart(edge: NetEdge) -> Figures:
+    """geosteer kill -9, then started again (empty until the transceiver registers again)."""
+
+    async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
+        before = relay_stats(edge)
+        t0 = time.monotonic()
+        edge.stack.kill("geosteer")
+        await asyncio.to_thread(edge.stack.start_again, "geosteer")
+        restarted = time.monotonic()
+        gap = await _carried_after(result, t0, restarted)
+        await calls.until("the transceiver back", lambda: _transceiver_registered(edge), 60)
+        after = relay_stats(edge)
+        unknown = drops(after, relay_pb2.DROP_REASON_UNKNOWN_SOURCE) - drops(
+            before, relay_pb2.DROP_REASON_UNKNOWN_SOURCE
+        )
+        return Figures(gap, {"unknown_source_drops": unknown, "restart_s": restarted - t0})
+
+    return await around_call(edge, fault)
+
+
+def _restart_relay(edge: NetEdge) -> float:
+    """kill -9 of the relay, then the same binary started again; seconds it took."""
+    t0 = time.monotonic()
+    edge.stack.kill("relay")
+    edge.stack.start_again("relay")
+    return time.monotonic() - t0
+
+
+async def relay_restart_while_geosteer_down(edge: NetEdge) -> Figures:
+    """geosteer killed; then the relay kill -9 and restarted while geosteer is still down:
+    it must route the live call on its persisted topology and Redis bindings."""
+
+    async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
+        edge.stack.kill("geosteer")
+        try:
+            t0 = time.monotonic()
+            took = await asyncio.to_thread(_restart_relay, edge)
+            gap = await _carried_after(result, t0, t0 + took)
+            stats = relay_stats(edge)
+        finally:
+            await start_geosteer_again(edge)
+        return Figures(
+            gap,
+            {
+                "restart_s": took,
+                "topology_transceivers": stats.topology_transceivers,
+                "bindings_active": stats.bindings_active,
+            },
+        )
+
+    return await around_call(edge, fault)
+
+
+async def _memory_only(edge: NetEdge, body: Callable[[], Awaitable[Figures]]) -> Figures:
+    """Runs `body` with the relay restarted without Redis (and so its replacements), then
+    restores the relay with the shared copy for the scenarios after it."""
+    flags = edge.stack.services["relay"].flags
+    saved = list(flags)
+    at = flags.index("--redis-url")
+    del flags[at : at + 2]
+    await asyncio.to_thread(_restart_relay, edge)
+    try:
+        return await body()
+    finally:
+        edge.stack.services["relay"].flags[:] = saved
+        await asyncio.to_thread(_restart_relay, edge)
+
+
+async def relay_kill_restart(edge: NetEdge, *, redis: bool = True) -> Figures:
+    """The relay kill -9 and started again (geosteer up); without Redis: memory only."""
+
+    async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
+        t0 = time.monotonic()
+        took = await asyncio.to_thread(_restart_relay, edge)
+        gap = await _carried_after(result, t0, t0 + took)
+        return Figures(gap, {"restart_s": took})
+
+    if redis:
+        return await around_call(edge, fault)
+    return await _memory_only(edge, lambda: around_call(edge, fault))
+
+
+async def relay_replacement(edge: NetEdge, *, redis: bool = True) -> Figures:
+    """Zero-gap upgrade: a second relay binds the same port (SO_REUSEPORT) and reads the
+    Redis copy, then the old one gets SIGTERM and drains out. Memory only: the second one
+    knows no binding."""
+
+    async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
+        old: Service = edge.stack.services["relay"]
+        t0 = time.monotonic()
+        await asyncio.to_thread(edge.stack.start_again, "relay")
+        old.process.terminate()
+        await asyncio.to_thread(old.process.wait, 30)
+        done = time.monotonic()
+        gap = await _carried_after(result, t0, done)
+        return Figures(gap, {"handover_s": done - t0})
+
+    if redis:
+        return await around_call(edge, fault)
+    return await _memory_only(edge, lambda: around_call(edge, fault))
+
+
+def _worker_pids(relay_pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rpartition(")")[2].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                argv = cmdline.read()
+        except OSError:
+            continue
+        if parent == relay_pid and b"spawn_main" in argv and b"resource_tracker" not in argv:
+            found.add(int(entry))
+    return found
+
+
+async def worker_crash(edge: NetEdge) -> Figures:
+    """One relay worker process kill -9: replaced by the supervisor, the call carries on
+    (the kernel moves the dead socket's flows to the others; they restore from Redis)."""
+
+    async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
+        pid = edge.stack.services["relay"].process.pid
+        workers = _worker_pids(pid)
+        if not workers:
+            raise AssertionError("the relay runs one worker: nothing to kill")
+        before = relay_stats(edge)
+        t0 = time.monotonic()
+        os.kill(sorted(workers)[0], 9)
+
+        def replaced() -> bool:
+            stats = relay_stats(edge)
+            return (
+                sum(w.restarts for w in stats.workers) > sum(w.restarts for w in before.workers)
+                and not stats.degraded
+            )
+
+        t_replaced = await calls.until("the worker to be replaced", replaced, 60)
+        gap = await _carried_after(result, t0, t0)
+        return Figures(gap, {"replaced_s": t_replaced - t0, "workers_killed": 1})
+
+    return await around_call(edge, fault)
+
+
+async def replay_from_many_ports(edge: NetEdge, ports: int = REPLAY_PORTS) -> Figures:
+    """A real consent check captured on the internet router, sent again from `ports`
+    source ports of a third host, ten times each: no binding, nothing reflected."""
+
+    async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
+        capture = calls.Capture(edge, "inet", "to-nat", edge.relay)
+        try:
+            check = await asyncio.to_thread(capture.next_payload, calls.is_binding_request, 30)
+        finally:
+            capture.close()
+        before = relay_stats(edge)
+        sockets = []
+        with edge.testbed.entered("other"):
+            for _ in range(ports):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind((edge.addresses.other, 0))
+                sock.setblocking(False)
+                sockets.append(sock)
+        reflected = 0
+        try:
+            for _ in range(10):
+                for sock in sockets:
+                    sock.sendto(check, edge.relay)
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(2.0)  # answers would be back well within this
+            for sock in sockets:
+                while True:  # bounded by what the socket holds
+                    try:
+                        reflected += len(sock.recv(65536))
+                    except BlockingIOError:
+                        break
+        finally:
+            for sock in sockets:
+                sock.close()
+        bound = [b for b in calls.relay_bindings(edge) if b[0] == edge.addresses.other]
+        after = relay_stats(edge)
+        replayed = drops(after, relay_pb2.DROP_REASON_REPLAYED) - drops(
+            before, relay_pb2.DROP_REASON_REPLAYED
+        )
+        t = time.monotonic()
+        gap = await _carried_after(result, t, t)
+        return Figures(
+            gap,
+            {
+                "attacker_bindings": len(bound),
+                "reflected_bytes": reflected,
+                "replayed_drops": replayed,
+            },
+        )
+
+    return await around_call(edge, fault)
+
+
+async def flood(edge: NetEdge, pps: int, seconds: float, mode: str) -> Figures:
+    """`pps` datagrams a second for `seconds` from a third host (tests/netsim/flood.py in
+    its own process: random bytes, forged MACs, or both); the gap the call heard during it."""
+
+    async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
+        username, _ = calls.ice_credentials(pc, result)
+        before = relay_stats(edge)
+        kernel_before = _udp_receive_errors(edge)
+        argv = [sys.executable, str(FLOOD), edge.relay[0], str(edge.relay[1])]
+        argv += [str(pps), str(seconds), mode, username]
+        process = edge.testbed.start(
+            edge.testbed.ns("other"), argv, name="flood", stdout=subprocess.PIPE, text=True
+        )
+        t0 = time.monotonic()
+        out, _ = await asyncio.to_thread(process.communicate, None, seconds + 30)
+        t1 = time.monotonic()
+        gap = calls.Arrivals(list(result.arrivals)).longest_gap_s(t0, t1)
+        after = relay_stats(edge)
+        sent = float(out.strip().rpartition("sent=")[2] or 0)  # "errors=E sent=N"
+        dropped = sum(d.packets for d in after.drops) - sum(d.packets for d in before.drops)
+        return Figures(
+            gap,
+            {
+                "sent": sent,
+                "sent_pps": sent / (t1 - t0),
+                "relay_dropped": dropped,
+                "kernel_dropped": _udp_receive_errors(edge) - kernel_before,
+            },
+        )
+
+    return await around_call(edge, fault)
+
+
+def _udp_receive_errors(edge: NetEdge) -> int:
+    """UDP RcvbufErrors of the relay host (/proc/net/snmp): datagrams the kernel dropped
+    because a socket's receive buffer was full."""
+    lines = [
+        line.split()
+        for line in edge.testbed.run_in("relay", ["cat", "/proc/net/snmp"]).splitlines()
+    ]
+    udp = [line for line in lines if line and line[0] == "Udp:"]
+    names, values = udp[0], udp[1]
+    return int(values[names.index("RcvbufErrors")])
+
+
+async def quiet(edge: NetEdge, seconds: float) -> Figures:
+    """No fault: the call's longest gap over `seconds` (the reference for the others)."""
+
+    async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
+        t0 = time.monotonic()
+        await asyncio.sleep(seconds)
+        return Figures(calls.Arrivals(list(result.arrivals)).longest_gap_s(t0, time.monotonic()))
+
+    return await around_call(edge, fault)
