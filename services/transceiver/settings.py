@@ -49,6 +49,12 @@ class EngineSettings:
     peer_close_timeout_s: float = setting(
         5.0, "wait for aiortc's own tasks of a closing peer connection", gt=0
     )
+    reconnect_grace_s: float = setting(
+        30.0,
+        "a session whose client went silent (consent expired) is kept this long for an ICE "
+        "restart to pick it up, then closed with client_gone; 0: closed at once (consent_lost)",
+        ge=0,
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
