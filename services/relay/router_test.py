@@ -162,6 +162,27 @@ def test_ice_restart_rebinds_to_new_transceiver() -> None:
     assert r.route_client_packet(SRTP, CLIENT, 2.0)[0] == MEDIA_2
 
 
+def test_ice_restart_onto_the_same_transceiver_keeps_the_binding() -> None:
+    # What signaling's PATCH does: a new server ufrag for the same cluster and transceiver.
+    r = router()
+    r.route_client_packet(request(1, 1), CLIENT, 0.0)
+    first = r.get(CLIENT)
+    assert first is not None
+    restart, new_ufrag = binding_request_for(KEYS, 1, 1, client_ufrag="cli2")
+    assert r.route_client_packet(restart, CLIENT, 1.0) == Forward(
+        MEDIA, framing.encode(*CLIENT, restart)
+    )
+    assert r.get(CLIENT) is first
+    assert len(r) == 1
+    assert first.ufrag == new_ufrag
+    assert r.route_client_packet(SRTP, CLIENT, 1.0)[0] == MEDIA
+    assert r.route_transceiver_packet(framing.encode(*CLIENT, SRTP), MEDIA) == Forward(CLIENT, SRTP)
+    # A restart from a new address (the client moved) binds that address by the new ufrag.
+    moved = ("203.0.113.9", 50001)
+    again, _ = binding_request_for(KEYS, 1, 1, client_ufrag="cli3")
+    assert r.route_client_packet(again, moved, 2.0) == Forward(MEDIA, framing.encode(*moved, again))
+
+
 def test_foreign_cluster_goes_to_its_transceiver() -> None:
     r = router()
     data = request(7, 42)

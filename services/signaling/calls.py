@@ -32,7 +32,7 @@ from libs.wire import ufrag as ufrag_codec
 from libs.wire.realtime_session import merge_session
 from services.signaling import errors
 from services.signaling.ratelimit import RateLimiter, retry_after_header
-from services.signaling.sdp import OfferError, validate_offer
+from services.signaling.sdp import OfferError, SdpFrag, answer_sdpfrag, validate_offer
 from services.signaling.settings import SignalingSettings
 from services.signaling.store import (
     CALL_CONNECTED,
@@ -91,6 +91,30 @@ class Principal:
 class CreatedCall:
     call: CallRecord
     answer_sdp: str
+
+
+@dataclass(frozen=True, slots=True)
+class PatchResult:
+    """A PATCH's outcome: the call's ETag (after it), and the answer sdpfrag of an ICE
+    restart (None: a trickle-only PATCH, answered 204)."""
+
+    etag: str
+    answer_sdpfrag: str | None = None
+
+
+def etag_of(call: CallRecord) -> str:
+    """The strong entity-tag of the call's ICE session (RFC 9725 §4.3.1): its server ufrag,
+    which every ICE restart replaces."""
+    return f'"{call.ice_ufrag}"'
+
+
+def if_match_allows(if_match: str | None, etag: str) -> bool:
+    """RFC 9110 §13.1.1: `*` or a list holding `etag` (strong comparison: a weak tag never
+    matches). No header allows it too: the caller decides whether one is required."""
+    if if_match is None:
+        return True
+    tags = [tag.strip() for tag in if_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +294,7 @@ class CallService:
                 session_id=call_id,
                 ice_ufrag=ice_ufrag,
                 created_at=self._clock(),
+                client_ufrag=summary.ice_ufrag,
             )
             try:
                 await self._store.put_call(call)
@@ -561,6 +586,9 @@ class CallService:
     def _sideband_error(self, call_id: str, exc: grpc.aio.AioRpcError) -> StatusError:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             return errors.call_not_active(call_id)
+        return self._transceiver_unreachable()
+
+    def _transceiver_unreachable(self) -> StatusError:
         return errors.unavailable(
             "transceivers_unavailable",
             "The call's transceiver did not answer; retry later.",
@@ -578,6 +606,89 @@ class CallService:
         if call is None:
             raise errors.not_found(f"Call '{call_id}' not found.")
         return call
+
+    # -- ICE restart and trickle (PATCH on the call's URL) ------------------------------
+
+    async def patch_call(
+        self, principal: Principal, call_id: str, frag: SdpFrag, if_match: str | None
+    ) -> PatchResult:
+        """RFC 9725 §4.3: a fragment with new client ICE credentials is an ICE restart (it
+        must carry `If-Match: *` or the current ETag); anything else is trickle, accepted
+        and not forwarded (the transceiver learns the client as peer-reflexive through the
+        relay, so a client's candidates are of no use to it). A stale If-Match is 412."""
+        call = await self._owned(principal, call_id)
+        if call.state == CALL_ENDED:
+            raise errors.call_not_active(call_id)
+        etag = etag_of(call)
+        restart = frag.ice_pwd is not None and frag.ice_ufrag != call.client_ufrag
+        if not if_match_allows(if_match, etag):
+            raise errors.precondition(
+                "ice_session_changed",
+                "If-Match does not name the call's current ICE session (its ETag).",
+                412,
+            )
+        if not restart:
+            return PatchResult(etag)
+        if if_match is None:
+            raise errors.precondition(
+                "if_match_required", 'An ICE restart must carry If-Match: "*".', 428
+            )
+        return await self._restart_ice(call, frag)
+
+    async def _restart_ice(self, call: CallRecord, frag: SdpFrag) -> PatchResult:
+        # The new ufrag routes to the same transceiver: the relay reads it from the ufrag.
+        token = ufrag_codec.decode(call.ice_ufrag, self._keyring)
+        ice_ufrag = ufrag_codec.mint(self._keyring, token.cluster_id, token.transceiver_id)
+        ice_pwd = ufrag_codec.password(ice_ufrag, self._keyring)
+        stub = transceiver_pb2_grpc.TransceiverServiceStub(self._channel(call.transceiver_address))
+        with self._tracer.start_as_current_span(
+            "transceiver.restart_ice", attributes={"call.id": call.call_id}
+        ) as span:
+            try:
+                response: transceiver_pb2.RestartIceResponse = await stub.RestartIce(
+                    transceiver_pb2.RestartIceRequest(
+                        session_id=call.session_id,
+                        ice_ufrag=ice_ufrag,
+                        ice_pwd=ice_pwd,
+                        remote_ice_ufrag=frag.ice_ufrag or "",
+                        remote_ice_pwd=frag.ice_pwd or "",
+                    ),
+                    timeout=self._settings.create_session_timeout_s,
+                )
+            except grpc.aio.AioRpcError as exc:
+                span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
+                raise await self._restart_failed(call, exc) from None
+        restarted = replace(call, ice_ufrag=ice_ufrag, client_ufrag=frag.ice_ufrag or "")
+        try:
+            await self._store.put_call(restarted)
+        except StoreError as exc:
+            raise self._store_unavailable(exc) from exc
+        log_event(
+            logger,
+            "call.ice_restarted",
+            call__id=call.call_id,
+            session__id=call.session_id,
+            ice__ufrag=ice_ufrag,
+        )
+        answer = answer_sdpfrag(ice_ufrag, ice_pwd, list(response.candidates), frag)
+        return PatchResult(etag_of(restarted), answer)
+
+    async def _restart_failed(self, call: CallRecord, exc: grpc.aio.AioRpcError) -> StatusError:
+        code = exc.code()
+        if code == grpc.StatusCode.NOT_FOUND:
+            # The session ended meanwhile: record it, as a GET would.
+            await self._refresh(call)
+            return errors.call_not_active(call.call_id)
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return errors.bad_request("sdp_bad_ice_credentials", exc.details() or "")
+        log_event(
+            logger,
+            "transceiver.restart_failed",
+            level=logging.WARNING,
+            call__id=call.call_id,
+            rpc__grpc__status_code=code.name,
+        )
+        return self._transceiver_unreachable()
 
     # -- client secrets ------------------------------------------------------------------
 

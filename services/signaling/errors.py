@@ -23,6 +23,18 @@ def call_not_active(call_id: str) -> StatusError:
     return bad_request("call_not_active", f"Call '{call_id}' has already ended.")
 
 
+def precondition(code: str, message: str, http_status: int) -> StatusError:
+    """412 (If-Match names another ICE session) or 428 (an ICE restart without If-Match):
+    RFC 9725 §4.3.1, RFC 9110 §13.1.1, RFC 6585 §3."""
+    return StatusError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        code,
+        message,
+        http_status=http_status,
+        error_type="invalid_request_error",
+    )
+
+
 def unauthorized(code: str, message: str) -> StatusError:
     return StatusError(grpc.StatusCode.UNAUTHENTICATED, code, message)
 

@@ -24,8 +24,9 @@ from libs.observability.telemetry import log_event
 from libs.service.errors import StatusError
 from services.signaling import errors
 from services.signaling.aiohttp_compat import GuardedAppRunner, guarded_runner
-from services.signaling.calls import CallService, Principal, SidebandCall
+from services.signaling.calls import CallService, Principal, SidebandCall, etag_of
 from services.signaling.clientip import client_ip, parse_networks
+from services.signaling.sdp import SDPFRAG, OfferError, parse_sdpfrag
 from voiceedge.transceiver.v1 import transceiver_pb2
 
 logger = logging.getLogger("voiceedge.signaling.http")
@@ -207,7 +208,11 @@ def build_app(
         return web.Response(
             status=201,
             body=created.answer_sdp.encode("utf-8"),
-            headers={"Content-Type": SDP, "Location": f"{base}/{created.call.call_id}"},
+            headers={
+                "Content-Type": SDP,
+                "Location": f"{base}/{created.call.call_id}",
+                "ETag": etag_of(created.call),  # RFC 9725 §4.3.1: the ICE session's tag
+            },
         )
 
     async def post_call(request: web.Request) -> web.Response:
@@ -259,14 +264,28 @@ def build_app(
             }
         )
 
-    async def patch_whip(request: web.Request) -> web.Response:
-        # RFC 9725 §4.3.1: a WHIP session that supports neither trickle ICE nor ICE
-        # restarts answers every PATCH with 501 Not Implemented.
-        await begin(request)
-        raise errors.bad_request(
-            "not_implemented",
-            "Trickle ICE and ICE restarts are not supported; send every candidate in the offer.",
-            http_status=501,
+    async def patch_session(request: web.Request) -> web.Response:
+        """RFC 9725 §4.3 on the WHIP session URL and the call URL alike: an ICE restart is
+        answered 200 with the server's sdpfrag and the new ETag, trickle with 204."""
+        principal, _ = await begin(request)
+        media_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if media_type != SDPFRAG:
+            raise errors.bad_request(
+                "unsupported_content_type", f"Content-Type must be {SDPFRAG}.", http_status=415
+            )
+        try:
+            frag = parse_sdpfrag(await read_body(request), max_body)
+        except OfferError as exc:
+            raise errors.bad_request(exc.code, exc.message) from None
+        result = await service.patch_call(
+            principal, request.match_info["call_id"], frag, request.headers.get("If-Match")
+        )
+        if result.answer_sdpfrag is None:
+            return web.Response(status=204, headers={"ETag": result.etag})
+        return web.Response(
+            status=200,
+            body=result.answer_sdpfrag.encode("utf-8"),
+            headers={"Content-Type": SDPFRAG, "ETag": result.etag},
         )
 
     async def post_client_secret(request: web.Request) -> web.Response:
@@ -314,6 +333,8 @@ def build_app(
         }
         if request.path == WHIP:
             headers["Accept-Post"] = SDP  # RFC 9725 §4.1
+        elif "call_id" in request.match_info and not request.path.endswith("/hangup"):
+            headers["Accept-Patch"] = SDPFRAG  # RFC 5789 §3.1, RFC 9725 §4.3
         return web.Response(status=204, headers=headers)
 
     async def get_demo_page(request: web.Request) -> web.FileResponse:
@@ -337,12 +358,13 @@ def build_app(
     app.router.add_post(CALLS, post_call)
     app.router.add_get(CALLS + "/{call_id}", get_call)
     app.router.add_delete(CALLS + "/{call_id}", delete_call)
+    app.router.add_patch(CALLS + "/{call_id}", patch_session)
     app.router.add_post(CALLS + "/{call_id}/hangup", hangup_call)
     app.router.add_get("/v1/realtime", sideband)
     app.router.add_post("/v1/realtime/client_secrets", post_client_secret)
     app.router.add_post(WHIP, post_whip)
     app.router.add_delete(WHIP + "/{call_id}", delete_call)
-    app.router.add_patch(WHIP + "/{call_id}", patch_whip)
+    app.router.add_patch(WHIP + "/{call_id}", patch_session)
     for path in (
         CALLS,
         CALLS + "/{call_id}",

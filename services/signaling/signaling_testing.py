@@ -78,6 +78,7 @@ class FakeTransceiver(transceiver_pb2_grpc.TransceiverServiceServicer):
     delay_s: float = 0.0
     sessions: dict[str, transceiver_pb2.CreateSessionRequest] = field(default_factory=dict)
     closed: list[str] = field(default_factory=list)
+    restarts: list[transceiver_pb2.RestartIceRequest] = field(default_factory=list)
     address: str = ""
     sideband_ends: dict[str, asyncio.Event] = field(default_factory=dict)
     live: bool = True  # False: geosteer has declared it dead (ListTopology leaves it out)
@@ -153,6 +154,28 @@ class FakeTransceiver(transceiver_pb2_grpc.TransceiverServiceServicer):
         finally:
             requests.cancel()
             closed.cancel()
+
+    async def RestartIce(  # noqa: N802 (gRPC method name)
+        self,
+        request: transceiver_pb2.RestartIceRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> transceiver_pb2.RestartIceResponse:
+        """Takes the new credentials of an open session; its answer's one candidate."""
+        if self.refuse is not None:
+            await context.abort(self.refuse, f"{self.node_id} refuses")
+        created = self.sessions.get(request.session_id)
+        if created is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, request.session_id)
+        assert created is not None
+        self.restarts.append(request)
+        created.ice_ufrag, created.ice_pwd = request.ice_ufrag, request.ice_pwd
+        endpoint = created.relay_endpoints[0]
+        return transceiver_pb2.RestartIceResponse(
+            session=transceiver_pb2.SessionInfo(
+                session_id=request.session_id, ice_ufrag=request.ice_ufrag
+            ),
+            candidates=[f"a=candidate:1 1 udp 2130706431 {endpoint.ip} {endpoint.port} typ host"],
+        )
 
     async def _unimplemented(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the fake")

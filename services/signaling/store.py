@@ -33,6 +33,7 @@ class CallRecord:
     state: str = CALL_CONNECTING
     ended_at: float = 0.0
     close_reason: int = 0  # voiceedge.common.v1.CloseReason
+    client_ufrag: str = ""  # the client's current ICE ufrag (tells a restart from trickle)
 
     def ended(self, at: float, reason: int) -> CallRecord:
         return replace(self, state=CALL_ENDED, ended_at=at, close_reason=reason)

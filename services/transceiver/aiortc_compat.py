@@ -12,6 +12,9 @@ What the transceiver needs that the public APIs do not offer:
 - replace aioice's consent-freshness loop (`Connection.query_consent`, `build_request`,
   `_query_consent_task`), whose checks give up after one 0.5 s try, with one that follows
   RFC 7675 §5.1: consent expires a set time after the last answered check;
+- ICE restart without a new DTLS handshake (`Connection._local_username`,
+  `_local_password`, `_check_list`, `_nominating`, `_remote_candidates`, and for test
+  clients `_pair_remote_candidate`, `check_start_task`): see `restart_ice`;
 - mark an ICE-TCP client's peer-reflexive candidate tcp (`Connection._remote_candidates`,
   `check_incoming`): see `install_tcp_peers`;
 - follow the client to a new address after a NAT rebinding (`Connection.check_incoming`,
@@ -82,7 +85,10 @@ CONNECTION_ATTRIBUTES = (
     "_check_list",
     "check_incoming",
     "check_complete",
+    "_nominating",
     "_remote_candidates",
+    "_pair_remote_candidate",
+    "check_start_task",
 )
 GATHERER_ATTRIBUTES = ("_connection",)
 RECEIVER_ATTRIBUTES = ("_RTCRtpReceiver__decoder_queue",)
@@ -318,6 +324,7 @@ def install_consent_freshness(
     interval_s: float,
     expiry_s: float,
     retransmissions: int,
+    on_expired: Callable[[], None] | None = None,
 ) -> None:
     """Replaces aioice's consent loop for `connection` (call before ICE connects): a check
     every `interval_s` (randomised 0.8-1.2x, RFC 7675 §5.1), each a STUN transaction with
@@ -327,16 +334,26 @@ def install_consent_freshness(
     aioice 0.13 sends each check once, waits 0.5 s and closes after 6 consecutive misses,
     so an event loop that lags over 0.5 s for 30 s ends calls whose every check was
     answered. Here several checks may be open at once, and consent expires only
-    `expiry_s` after the last answer (RFC 7675: 30 s)."""
-    run = functools.partial(_consent_loop, connection, interval_s, expiry_s, retransmissions)
+    `expiry_s` after the last answer (RFC 7675: 30 s).
+
+    `on_expired` set: at expiry the loop calls it and ends, leaving the connection open
+    (the session holds media and waits for an ICE restart, `refresh_consent` starts the
+    checks again); unset: it closes the connection, as aioice does. Each check reads the
+    remote password afresh: an ICE restart changes it."""
+    run = functools.partial(
+        _consent_loop, connection, interval_s, expiry_s, retransmissions, on_expired
+    )
     setattr(connection, "query_consent", run)  # noqa: B010 (shadowing a method on purpose)
 
 
 async def _consent_loop(
-    connection: aioice.Connection, interval_s: float, expiry_s: float, retransmissions: int
+    connection: aioice.Connection,
+    interval_s: float,
+    expiry_s: float,
+    retransmissions: int,
+    on_expired: Callable[[], None] | None,
 ) -> None:
-    password = connection.remote_password
-    if password is None:
+    if connection.remote_password is None:
         raise CompatError("aioice started consent checks without the remote password")
     loop = asyncio.get_running_loop()
     last_answer = loop.time()
@@ -345,6 +362,7 @@ async def _consent_loop(
     async def check(pair: Any) -> None:
         nonlocal last_answer
         request = connection.build_request(pair, nominate=False)
+        password = connection.remote_password or ""
         try:
             await pair.protocol.request(
                 request,
@@ -360,6 +378,9 @@ async def _consent_loop(
         while True:
             await asyncio.sleep(interval_s * (0.8 + 0.4 * random.random()))
             if loop.time() - last_answer >= expiry_s:
+                if on_expired is not None:
+                    on_expired()
+                    return
                 # As aioice does: clear the task handle first (consent_expired() reads it),
                 # so close() does not cancel this coroutine.
                 connection._query_consent_task = None
@@ -431,6 +452,70 @@ def install_follow_client(
 
     setattr(connection, "check_incoming", check_incoming)  # noqa: B010 (on purpose)
     setattr(connection, "check_complete", check_complete)  # noqa: B010
+
+
+def refresh_consent(connection: aioice.Connection) -> None:
+    """A new pair was just selected, its check answered: that is consent (RFC 7675 §5.1),
+    so the consent loop starts over from now, on the new pair (a loop still counting from
+    the old pair's last answer would expire a path that works). Also starts it again after
+    it ended at expiry with an `on_expired` callback. Before ICE connected (no loop yet)
+    nothing happens: aioice starts it."""
+    task = connection._query_consent_task
+    if connection._closing or task is None:
+        return
+    if not task.done():
+        task.cancel()
+    connection._query_consent_task = asyncio.get_running_loop().create_task(
+        connection.query_consent()
+    )
+
+
+@dataclass(frozen=True)
+class IceCredentials:
+    """Both sides' ICE credentials after a restart: ours (local) and the peer's (remote)."""
+
+    local_ufrag: str
+    local_pwd: str
+    remote_ufrag: str
+    remote_pwd: str
+
+
+def _reset_checks(connection: aioice.Connection, credentials: IceCredentials) -> None:
+    """New credentials on both sides and an empty check list (RFC 8445 §9): checks with the
+    old credentials are stopped and every pair must be proven again; `_nominated` is kept,
+    so media goes on over the old pair until a new one is selected (make before break)."""
+    for pair in connection._check_list:
+        if pair.task is not None:
+            pair.task.cancel()
+    connection._check_list.clear()
+    connection._nominating.clear()
+    connection._local_username = credentials.local_ufrag
+    connection._local_password = credentials.local_pwd
+    connection.remote_username = credentials.remote_ufrag
+    connection.remote_password = credentials.remote_pwd
+
+
+def restart_ice(connection: aioice.Connection, credentials: IceCredentials) -> None:
+    """ICE restart on our (controlled) side: the peer's next checks carry the new
+    credentials; aioice answers them, learns the peer (again) as peer-reflexive, runs its
+    triggered check with the new remote password and, once that succeeds and the peer
+    nominates, selects the new pair (install_follow_client reports the switch). The
+    peer-reflexive candidates learnt before are forgotten with their pairs. DTLS runs over
+    whatever pair is selected, so its keys, SCTP and SRTP carry on untouched."""
+    _reset_checks(connection, credentials)
+    connection._remote_candidates = [c for c in connection._remote_candidates if c.type != "prflx"]
+
+
+def restart_client_ice(connection: aioice.Connection, credentials: IceCredentials) -> None:
+    """Test clients only: ICE restart on the controlling side (aiortc has no restartIce):
+    new credentials, then a check to each signalled remote candidate, which nominates
+    (aioice's aggressive nomination) and so selects the new pair."""
+    _reset_checks(connection, credentials)
+    for candidate in connection._remote_candidates:
+        connection._pair_remote_candidate(candidate)
+    connection.sort_check_list()
+    for pair in list(connection._check_list):
+        connection.check_start_task(pair)
 
 
 def install_tcp_peers(

@@ -15,6 +15,7 @@ import pytest
 
 from libs.wire import stun
 from services.transceiver import aiortc_compat
+from services.transceiver.transceiver_testing import wait_for
 
 
 class Peers:
@@ -22,6 +23,7 @@ class Peers:
         self.caller = caller
         self.ours = ours
         self.checks_seen = 0
+        self._original: Any = None
         self.closed = asyncio.Event()
         original_close = ours.close
 
@@ -34,7 +36,10 @@ class Peers:
     def answer(self, *, delay_s: float | None) -> None:
         """From now on the caller answers binding requests after `delay_s` (None: never)."""
         (protocol,) = self.caller._protocols
-        original = protocol.datagram_received
+        # The protocol's own handler, also when called again (not the previous wrapper).
+        if self._original is None:
+            self._original = protocol.datagram_received
+        original = self._original
         loop = asyncio.get_running_loop()
 
         def datagram_received(data: bytes | str, addr: tuple[Any, ...]) -> None:
@@ -116,3 +121,27 @@ async def test_silence_ends_consent_after_expiry() -> None:
         assert aiortc_compat.consent_expired(peers.ours)
         # Not before the expiry (1 s) after the last answer, which came at most at `started`.
         assert loop.time() - started >= FAST["expiry_s"] - 0.2
+
+
+@pytest.mark.timeout_s(20)
+async def test_expiry_with_a_grace_keeps_the_connection_and_a_refresh_checks_again() -> None:
+    expired = asyncio.Event()
+    async with connected_peers(**FAST, retransmissions=0, on_expired=expired.set) as peers:
+        peers.answer(delay_s=None)
+        async with asyncio.timeout(10):
+            await expired.wait()
+        # The session decides what silence means: the connection is left open.
+        assert not peers.closed.is_set()
+        assert not aiortc_compat.consent_expired(peers.ours)
+        task = peers.ours._query_consent_task
+        assert task is not None
+        async with asyncio.timeout(5):
+            await asyncio.shield(task)  # the loop ended with the callback
+        # The client is back (a new pair was selected): the checks start over from now.
+        peers.answer(delay_s=0.0)
+        seen = peers.checks_seen
+        expired.clear()
+        aiortc_compat.refresh_consent(peers.ours)
+        await wait_for(lambda: peers.checks_seen >= seen + 5, 5)
+        assert not expired.is_set()
+        assert not peers.closed.is_set()

@@ -9,6 +9,9 @@ Everything that decides a session's phase or why it ended lives in this file (as
      \\______________\\____________________________\\___________________________\\
                                                            any cause to end --> CLOSING
     CLOSING --teardown done--> CLOSED
+
+    CONNECTED --client silent--> RECONNECTING --path selected (after an ICE restart)--> CONNECTED
+    RECONNECTING --grace expired--> CLOSING (client_gone)
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class Phase(enum.Enum):
     CHECKING = "checking"  # the client's checks arrive through a relay
     ICE_CONNECTED = "ice_connected"  # ICE completed; DTLS handshaking
     CONNECTED = "connected"  # DTLS keyed SRTP: media and the bridge run
+    # Consent expired: media held, the session waits reconnect_grace_s for an ICE restart.
+    RECONNECTING = "reconnecting"
     CLOSING = "closing"  # the close reason is decided; resources are being released
     CLOSED = "closed"  # everything released; only the final info is left
 
@@ -45,6 +50,10 @@ class Event(enum.Enum):
     BRIDGE_FAILED = "bridge_failed"  # the bridge refused the session or its stream broke
     CLOSE_REQUESTED = "close_requested"  # CloseSession, drain, shutdown, failed set-up
     TEARDOWN_DONE = "teardown_done"  # the session released everything it held
+    CLIENT_SILENT = "client_silent"  # consent expired while a reconnect grace applies
+    ICE_RESTARTED = "ice_restarted"  # RestartIce installed new ICE credentials
+    PATH_SELECTED = "path_selected"  # ICE selected another pair (a restart or a NAT move)
+    GRACE_EXPIRED = "grace_expired"  # the reconnect grace timer ran out
 
 
 class Action(enum.Enum):
@@ -52,6 +61,8 @@ class Action(enum.Enum):
     START_MEDIA = "start_media"  # start our RTP path and open the bridge stream
     TEAR_DOWN = "tear_down"  # release everything, once: the close reason is decided
     FINISHED = "finished"  # teardown is over: report the final state
+    AWAIT_RESTART = "await_restart"  # hold media, (re)arm the reconnect grace timer
+    RESUME_MEDIA = "resume_media"  # the client is back: stop the timer, media and consent on
 
 
 class LifecycleError(RuntimeError):
@@ -87,6 +98,8 @@ _FROM_AIORTC = (
     Event.DTLS_FAILED,
     Event.PEER_CLOSED,
     Event.CONSENT_EXPIRED,
+    Event.CLIENT_SILENT,
+    Event.PATH_SELECTED,
 )
 
 
@@ -127,6 +140,7 @@ def _table() -> dict[tuple[Phase, Event], Move]:
     # The bridge stream opens once CONNECTED; it cannot end a session before that.
     t[Phase.CONNECTED, Event.BRIDGE_ENDED] = _close(CR.CLOSE_REASON_BRIDGE_ENDED)
     t[Phase.CONNECTED, Event.BRIDGE_FAILED] = _close(CR.CLOSE_REASON_BRIDGE_ERROR)
+    _reconnect_rows(t)
     # Closing: the first cause won; later ones (aiortc reporting our own pc.close(), the
     # bridge stream we are ending, a second CloseSession) change nothing.
     for event in Event:
@@ -141,6 +155,37 @@ def _table() -> dict[tuple[Phase, Event], Move]:
     return t
 
 
+def _reconnect_rows(t: dict[tuple[Phase, Event], Move]) -> None:
+    """ICE restart and the reconnect grace (RFC 8445 §9, RFC 7675 §5.1): a silent client
+    is waited for instead of dropped, and an ICE restart keeps DTLS and everything above."""
+    gone = _close(CR.CLOSE_REASON_CLIENT_GONE)
+    # Consent checks only run once ICE connected; before media there is nothing to keep.
+    t[Phase.ICE_CONNECTED, Event.CLIENT_SILENT] = _close(CR.CLOSE_REASON_CONSENT_LOST)
+    t[Phase.CONNECTED, Event.CLIENT_SILENT] = Move(Phase.RECONNECTING, Action.AWAIT_RESTART)
+    for phase in _OPEN:
+        # Make before break: media stays on the old pair until a new one is selected.
+        t[phase, Event.ICE_RESTARTED] = _stay(phase)
+        t[phase, Event.PATH_SELECTED] = _stay(phase)
+    # A grace timer cancelled as the session resumed may already have fired.
+    t[Phase.CONNECTED, Event.GRACE_EXPIRED] = _stay(Phase.CONNECTED)
+    r = Phase.RECONNECTING
+    for event in (Event.CHECK_RECEIVED, Event.ICE_COMPLETED, Event.DTLS_CONNECTED):
+        t[r, event] = _stay(r)
+    t[r, Event.ICE_TIMEOUT] = _stay(r)
+    t[r, Event.CLIENT_SILENT] = _stay(r)
+    # The client is alive (it asked signaling): its new checks get a whole grace again.
+    t[r, Event.ICE_RESTARTED] = Move(r, Action.AWAIT_RESTART)
+    t[r, Event.PATH_SELECTED] = Move(Phase.CONNECTED, Action.RESUME_MEDIA)
+    t[r, Event.GRACE_EXPIRED] = gone
+    t[r, Event.ICE_FAILED] = gone
+    t[r, Event.CONSENT_EXPIRED] = gone
+    t[r, Event.DTLS_FAILED] = _close(CR.CLOSE_REASON_DTLS_FAILED)
+    t[r, Event.PEER_CLOSED] = _close(CR.CLOSE_REASON_CLIENT_HANGUP)
+    t[r, Event.CLOSE_REQUESTED] = _close(CR.CLOSE_REASON_CLOSE_RPC)
+    t[r, Event.BRIDGE_ENDED] = _close(CR.CLOSE_REASON_BRIDGE_ENDED)
+    t[r, Event.BRIDGE_FAILED] = _close(CR.CLOSE_REASON_BRIDGE_ERROR)
+
+
 # (phase, event) -> Move. A pair that is not here cannot happen: feed() raises.
 TRANSITIONS: dict[tuple[Phase, Event], Move] = _table()
 
@@ -150,6 +195,7 @@ DETAILS: dict[int, str] = {
     CR.CLOSE_REASON_CONSENT_LOST: "ICE consent expired (RFC 7675)",
     CR.CLOSE_REASON_DTLS_FAILED: "DTLS transport failed",
     CR.CLOSE_REASON_CLIENT_HANGUP: "peer connection closed by the client",
+    CR.CLOSE_REASON_CLIENT_GONE: "client silent and no ICE restart within the reconnect grace",
 }
 
 # What TransceiverService reports for each phase (CLOSING: the phase it was closed from,
@@ -159,6 +205,7 @@ _PUBLIC_STATE = {
     Phase.CHECKING: ST.SESSION_STATE_CONNECTING,
     Phase.ICE_CONNECTED: ST.SESSION_STATE_CONNECTING,
     Phase.CONNECTED: ST.SESSION_STATE_CONNECTED,
+    Phase.RECONNECTING: ST.SESSION_STATE_CONNECTING,  # media held until the client is back
     Phase.CLOSED: ST.SESSION_STATE_CLOSED,
 }
 
@@ -189,6 +236,11 @@ class Lifecycle:
             self.close_detail = detail or DETAILS.get(self.close_reason, "")
         self.phase = move.phase
         return Step(before, move.phase, move.action)
+
+    @property
+    def reconnecting(self) -> bool:
+        """True while media is held for a silent client (read on every 20 ms tick)."""
+        return self.phase is Phase.RECONNECTING
 
     @property
     def ended(self) -> bool:

@@ -179,8 +179,9 @@ async def test_consent_loss_when_the_client_goes_silent(
     engine: dict[str, float], within_s: float
 ) -> None:
     """The relay dies and nothing replaces it: the client's packets stop reaching us and
-    our consent checks (RFC 7675, every ~5 s by default) expire after ~30 s."""
-    stack = await Stack.start(**engine)
+    our consent checks (RFC 7675, every ~5 s by default) expire after ~30 s. No reconnect
+    grace: consent loss ends the session at once (ice_restart_test.py has the grace)."""
+    stack = await Stack.start(**engine, reconnect_grace_s=0.0)
     client = Client(tone_hz=440.0, tone_frames=50, decode_audio=False)
     try:
         await stack.connect("c", client)

@@ -185,12 +185,7 @@ class SessionManager:
                 "session_exists",
                 f"session_id {params.session_id!r} exists",
             )
-        if any(s.params.ufrag == params.ufrag for s in self._open.values()):
-            raise StatusError(
-                grpc.StatusCode.ALREADY_EXISTS,
-                "ufrag_in_use",
-                "ice_ufrag already in use by another session",
-            )
+        self._check_ufrag_free(params.ufrag)
         created_at = time.monotonic()
         session = Session(
             params, self.settings, self.mux, self.bridges, self.pacer, self._session_closed
@@ -217,6 +212,14 @@ class SessionManager:
         )
         return answer
 
+    def _check_ufrag_free(self, ufrag: str, owner: Session | None = None) -> None:
+        if any(s.params.ufrag == ufrag for s in self._open.values() if s is not owner):
+            raise StatusError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "ufrag_in_use",
+                "ice_ufrag already in use by another session",
+            )
+
     def _session_closed(self, session: Session) -> None:
         self._open.pop(session.id, None)
         reason = common_pb2.CloseReason.Name(session.close_reason)  # type: ignore[arg-type]
@@ -235,6 +238,30 @@ class SessionManager:
         if session is None:
             raise not_found("session_not_found", f"no session {session_id!r}")
         return session
+
+    async def restart_ice(
+        self, request: transceiver_pb2.RestartIceRequest
+    ) -> transceiver_pb2.RestartIceResponse:
+        """RestartIce: the open session takes the new credentials (see Session.restart_ice)."""
+        session = self.find(request.session_id)
+        if not isinstance(session, Session) or session.is_closed:
+            raise not_found("session_not_found", f"session {request.session_id!r} ended")
+        try:
+            sdp.check_credentials(request.ice_ufrag, request.ice_pwd)
+            sdp.check_credentials(request.remote_ice_ufrag, request.remote_ice_pwd)
+        except sdp.SdpError as exc:
+            raise invalid_argument("invalid_request", str(exc)) from None
+        self._check_ufrag_free(request.ice_ufrag, session)
+        credentials = aiortc_compat.IceCredentials(
+            request.ice_ufrag, request.ice_pwd, request.remote_ice_ufrag, request.remote_ice_pwd
+        )
+        try:
+            session.restart_ice(credentials)
+        except ValueError as exc:
+            raise not_found("session_not_found", str(exc)) from None
+        return transceiver_pb2.RestartIceResponse(
+            session=await session.info(), candidates=session.answer_candidates
+        )
 
     async def close(self, session_id: str, reason: int) -> transceiver_pb2.SessionInfo:
         session = self.find(session_id)

@@ -36,6 +36,11 @@ class TransceiverServicer(transceiver_pb2_grpc.TransceiverServiceServicer):
         info = await self._manager.close(request.session_id, common_pb2.CLOSE_REASON_CLOSE_RPC)
         return pb.CloseSessionResponse(session=info)
 
+    async def RestartIce(  # noqa: N802 (gRPC method name)
+        self, request: pb.RestartIceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RestartIceResponse:
+        return await self._manager.restart_ice(request)
+
     async def GetSession(  # noqa: N802 (gRPC method name)
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetSessionResponse:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
@@ -97,9 +97,12 @@ class Session:
         self.closed_at: float | None = None
         self.ttfa_out_ms = 0.0
         self.frames_out = 0
+        self.ice_restarts = 0
+        self.answer_candidates: tuple[str, ...] = ()  # the answer's a=candidate lines
         self.final_info: ST.SessionInfo | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._teardown: asyncio.Task[None] | None = None
+        self._grace: asyncio.Task[None] | None = None  # the reconnect grace timer, if armed
         self._closed = asyncio.Event()
         self._bridge: BridgeSession | None = None
         # Client events until the bridge accepted, with where their replies go.
@@ -171,6 +174,10 @@ class Session:
         elif step.action is Action.TEAR_DOWN:
             self._caller_audio.stop()  # nothing more to the bridge from this turn on
             self._teardown = asyncio.get_running_loop().create_task(self._close())
+        elif step.action is Action.AWAIT_RESTART:
+            self._arm_grace()
+        elif step.action is Action.RESUME_MEDIA:
+            self._resume()
 
     def close(self, reason: int, detail: str = "") -> asyncio.Task[None]:
         """Ends the session once (the first cause's reason stays); later calls return the
@@ -210,6 +217,7 @@ class Session:
             interval_s=settings.consent_interval_s,
             expiry_s=settings.consent_expiry_s,
             retransmissions=settings.consent_retransmissions,
+            on_expired=self._on_client_silent if settings.reconnect_grace_s > 0 else None,
         )
         local = self.params.endpoints[0]
         self._mux_session = self._mux.register(self.params.ufrag, self.params.pwd, local)
@@ -217,7 +225,7 @@ class Session:
             self._mux, self._mux_session, connection, settings.receiver_report_interval_frames
         )
         # NAT rebinding (issue 12): the RTP path re-reads the pair at once, not at the tick.
-        aiortc_compat.install_follow_client(connection, on_move=self._rtp.follow)
+        aiortc_compat.install_follow_client(connection, on_move=self._on_path_moved)
         aiortc_compat.install_tcp_peers(connection, self._mux.tcp_clients.__contains__)
         protocol = aiortc_compat.make_stun_protocol(connection)
         transport = self._mux.transport_for(self._mux_session, protocol)
@@ -232,14 +240,22 @@ class Session:
         await pc.setLocalDescription(answer)
         self._rtp_params = sdp.audio_rtp_params(pc.localDescription.sdp)
         self._spawn(self._ice_timer())
-        return sdp.rewrite_answer(
+        answer_sdp = sdp.rewrite_answer(
             pc.localDescription.sdp, self.params.endpoints, self.params.tcp_endpoints
         )
+        # Once: every BUNDLEd m-section of the answer repeats them.
+        self.answer_candidates = tuple(
+            dict.fromkeys(
+                line for line in answer_sdp.split("\r\n") if line.startswith("a=candidate:")
+            )
+        )
+        return answer_sdp
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _elapsed_ms(self) -> float:
         return (time.monotonic() - self._created_mono) * 1000.0
@@ -274,6 +290,13 @@ class Session:
                 self._connection
             )
             self._feed(Event.CONSENT_EXPIRED if expired else Event.PEER_CLOSED)
+
+    def _on_path_moved(self) -> None:
+        if self._rtp is not None:
+            self._rtp.follow()
+        if self._connection is not None:
+            aiortc_compat.refresh_consent(self._connection)
+        self._feed(Event.PATH_SELECTED)
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         self._server_events.attach_channel(channel, self.client_event)
@@ -332,8 +355,8 @@ class Session:
     def tick(self, frame_index: int) -> None:
         """The pacer's 20 ms clock: send the next outbound packet (audio or silence)."""
         path = self._rtp
-        if path is None or self._life.ended:
-            return
+        if path is None or self._life.ended or self._life.reconnecting:
+            return  # consent expired: nothing may be sent until the client is back
         playout = self.playout
         played_before = playout.frames_played
         path.send(playout.next_packet(), frame_index)
@@ -343,6 +366,51 @@ class Session:
             event = events.playout(played)
             if event is not None:
                 self._server_events.send(event)
+
+    # ---- ICE restart and the reconnect grace
+
+    def restart_ice(self, credentials: aiortc_compat.IceCredentials) -> None:
+        """Moves the session to new ICE credentials (RFC 8445 §9) with its DTLS, data
+        channel and bridge stream kept: the mux admits the client by the new server ufrag,
+        aioice checks the new pair, and media follows once it is selected. Raises
+        ValueError if the new ufrag belongs to another session."""
+        mux_session, connection = self._mux_session, self._connection
+        if self._life.ended or mux_session is None or connection is None:
+            raise ValueError(f"session {self.id!r} is not open")
+        self._mux.rekey(mux_session, credentials.local_ufrag, credentials.local_pwd)
+        aiortc_compat.restart_ice(connection, credentials)
+        previous = self.params.ufrag
+        self.params = replace(self.params, ufrag=credentials.local_ufrag, pwd=credentials.local_pwd)
+        self.ice_restarts += 1
+        self._feed(Event.ICE_RESTARTED)
+        log_event(
+            logger,
+            "session.ice_restarted",
+            session__id=self.id,
+            ice__ufrag=credentials.local_ufrag,
+            previous_ufrag=previous,
+            restarts=self.ice_restarts,
+        )
+
+    def _on_client_silent(self) -> None:
+        self._feed(Event.CLIENT_SILENT, "ICE consent expired (RFC 7675)")
+
+    def _arm_grace(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+        grace_s = self._settings.reconnect_grace_s
+        log_event(logger, "session.awaiting_restart", session__id=self.id, grace_s=grace_s)
+        self._grace = self._spawn(self._grace_timer(grace_s))
+
+    async def _grace_timer(self, grace_s: float) -> None:
+        await asyncio.sleep(grace_s)
+        self._feed(Event.GRACE_EXPIRED, f"client silent, no ICE restart within {grace_s:g}s")
+
+    def _resume(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        log_event(logger, "session.resumed", session__id=self.id, restarts=self.ice_restarts)
 
     # ---- the bridge
 

@@ -32,10 +32,12 @@ def end(reason: int) -> tuple[Phase, Action, int]:
 HANGUP = end(CR.CLOSE_REASON_CLIENT_HANGUP)
 CONSENT = end(CR.CLOSE_REASON_CONSENT_LOST)
 REQUESTED = end(CR.CLOSE_REASON_CLOSE_RPC)  # the default; callers pass their own
+GONE = end(CR.CLOSE_REASON_CLIENT_GONE)
 
 # Rows: phases; columns in Event's order:
 #   CHECK, ICE_OK, ICE_FAIL, DTLS_OK, DTLS_FAIL, PEER_CLOSED, CONSENT, ICE_TIMEOUT,
-#   BRIDGE_ENDED, BRIDGE_FAILED, CLOSE_REQUESTED, TEARDOWN_DONE
+#   BRIDGE_ENDED, BRIDGE_FAILED, CLOSE_REQUESTED, TEARDOWN_DONE,
+#   CLIENT_SILENT, ICE_RESTARTED, PATH_SELECTED, GRACE_EXPIRED
 EXPECTED: dict[Phase, tuple[object, ...]] = {
     P.NEW: (
         (P.CHECKING, A.NONE, 0),  # CHECKING: the same row, but for this first column (STAY)
@@ -49,6 +51,10 @@ EXPECTED: dict[Phase, tuple[object, ...]] = {
         NO,
         NO,
         REQUESTED,
+        NO,
+        NO,
+        STAY,
+        STAY,
         NO,
     ),
     P.ICE_CONNECTED: (
@@ -64,6 +70,10 @@ EXPECTED: dict[Phase, tuple[object, ...]] = {
         NO,
         REQUESTED,
         NO,
+        CONSENT,
+        STAY,
+        STAY,
+        NO,
     ),
     P.CONNECTED: (
         STAY,
@@ -78,6 +88,28 @@ EXPECTED: dict[Phase, tuple[object, ...]] = {
         end(CR.CLOSE_REASON_BRIDGE_ERROR),
         REQUESTED,
         NO,
+        (P.RECONNECTING, A.AWAIT_RESTART, 0),
+        STAY,
+        STAY,
+        STAY,
+    ),
+    P.RECONNECTING: (
+        STAY,
+        STAY,
+        GONE,
+        STAY,
+        end(CR.CLOSE_REASON_DTLS_FAILED),
+        HANGUP,
+        GONE,
+        STAY,
+        end(CR.CLOSE_REASON_BRIDGE_ENDED),
+        end(CR.CLOSE_REASON_BRIDGE_ERROR),
+        REQUESTED,
+        NO,
+        STAY,
+        (P.RECONNECTING, A.AWAIT_RESTART, 0),
+        (P.CONNECTED, A.RESUME_MEDIA, 0),
+        GONE,
     ),
     P.CLOSING: (
         STAY,
@@ -92,8 +124,12 @@ EXPECTED: dict[Phase, tuple[object, ...]] = {
         STAY,
         STAY,
         (P.CLOSED, A.FINISHED, 0),
+        STAY,
+        STAY,
+        STAY,
+        STAY,
     ),
-    P.CLOSED: (STAY, STAY, STAY, STAY, STAY, STAY, STAY, NO, NO, NO, STAY, NO),
+    P.CLOSED: (STAY, STAY, STAY, STAY, STAY, STAY, STAY, NO, NO, NO, STAY, NO, STAY, NO, STAY, NO),
 }
 EXPECTED[P.CHECKING] = (STAY, *EXPECTED[P.NEW][1:])
 
@@ -103,6 +139,7 @@ PATH_TO: dict[Phase, tuple[Event, ...]] = {
     P.CHECKING: (E.CHECK_RECEIVED,),
     P.ICE_CONNECTED: (E.CHECK_RECEIVED, E.ICE_COMPLETED),
     P.CONNECTED: (E.CHECK_RECEIVED, E.ICE_COMPLETED, E.DTLS_CONNECTED),
+    P.RECONNECTING: (E.CHECK_RECEIVED, E.ICE_COMPLETED, E.DTLS_CONNECTED, E.CLIENT_SILENT),
     P.CLOSING: (E.CLOSE_REQUESTED,),
     P.CLOSED: (E.CLOSE_REQUESTED, E.TEARDOWN_DONE),
 }
@@ -189,7 +226,31 @@ def test_public_states() -> None:
         ST.SESSION_STATE_CONNECTING,
         ST.SESSION_STATE_CONNECTING,
         ST.SESSION_STATE_CONNECTED,
+        ST.SESSION_STATE_CONNECTING,  # reconnecting: media held
         ST.SESSION_STATE_NEW,  # closing, closed from NEW (PATH_TO)
         ST.SESSION_STATE_CLOSED,
     ]
     assert not any(in_phase(p).ended for p in Phase if p not in (P.CLOSING, P.CLOSED))
+
+
+def test_a_silent_client_is_waited_for_and_a_restart_resumes_it() -> None:
+    lifecycle = in_phase(P.CONNECTED)
+    assert lifecycle.feed(E.CLIENT_SILENT).action is A.AWAIT_RESTART
+    assert lifecycle.reconnecting
+    assert not lifecycle.ended
+    assert lifecycle.feed(E.ICE_RESTARTED).action is A.AWAIT_RESTART  # a fresh grace
+    assert lifecycle.feed(E.PATH_SELECTED).action is A.RESUME_MEDIA
+    assert lifecycle.phase is P.CONNECTED
+    assert lifecycle.feed(E.GRACE_EXPIRED).action is A.NONE  # a timer that fired late
+    assert lifecycle.close_reason == CR.CLOSE_REASON_UNSPECIFIED
+
+
+def test_a_client_that_never_returns_is_gone_once() -> None:
+    lifecycle = in_phase(P.RECONNECTING)
+    assert lifecycle.feed(E.GRACE_EXPIRED).action is A.TEAR_DOWN
+    assert lifecycle.close_reason == CR.CLOSE_REASON_CLIENT_GONE
+    assert "grace" in lifecycle.close_detail
+    for event in (E.GRACE_EXPIRED, E.CONSENT_EXPIRED, E.PEER_CLOSED, E.CLOSE_REQUESTED):
+        assert lifecycle.feed(event).action is A.NONE
+    assert lifecycle.feed(E.TEARDOWN_DONE).action is A.FINISHED
+    assert lifecycle.close_reason == CR.CLOSE_REASON_CLIENT_GONE

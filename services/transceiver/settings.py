@@ -55,6 +55,12 @@ class EngineSettings:
         "ends, before the DTLS close alert",
         gt=0,
     )
+    reconnect_grace_s: float = setting(
+        30.0,
+        "a session whose client went silent (consent expired) is kept this long for an ICE "
+        "restart to pick it up, then closed with client_gone; 0: closed at once (consent_lost)",
+        ge=0,
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -9,6 +9,7 @@ import contextlib
 import fractions
 import json
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class FramingRelay(asyncio.DatagramProtocol):
         self.drop_rtp_every = 0  # > 0: every Nth client RTP datagram is lost on the way in
         self.dropped_rtp = 0
         self._rtp_seen = 0
+        self.blackhole = False  # True: the client has vanished; nothing passes either way
         self.closed = asyncio.Event()
 
     @classmethod
@@ -70,6 +72,8 @@ class FramingRelay(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         assert self.transport is not None
+        if self.blackhole:
+            return
         if (addr[0], addr[1]) == self.upstream:
             ip, port, payload = framing.decode(data)
             self.returned += 1
@@ -105,6 +109,7 @@ class BridgeStream:
     events_in: list[str] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end_reason: int = 0
+    ends: int = 0  # SessionEnd messages received (a session ends once)
     passthrough: bool = False
     input_format: common_pb2.AudioFormat | None = None
     arrivals: list[tuple[int, float]] = field(default_factory=list)  # (sequence, monotonic)
@@ -167,6 +172,7 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                 return Resp(data_channel_message=request.data_channel_message)
         elif kind == "session_end":
             stream.end_reason = request.session_end.reason
+            stream.ends += 1
         return None
 
     async def StreamSession(  # type: ignore[override]  # noqa: N802 (gRPC method name)
@@ -442,6 +448,16 @@ class Client:
     async def accept(self, answer_sdp: str) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
 
+    def restart_ice(self, server_ufrag: str, server_pwd: str) -> tuple[str, str]:
+        """ICE restart from this side (aiortc has no restartIce): new credentials of our
+        own, the server's new ones (what a PATCH answer carries); returns ours (what a
+        PATCH sends)."""
+        (transport,) = aiortc_compat.ice_transports(self.pc)
+        ufrag, pwd = secrets.token_hex(4), secrets.token_hex(12)
+        credentials = aiortc_compat.IceCredentials(ufrag, pwd, server_ufrag, server_pwd)
+        aiortc_compat.restart_client_ice(aiortc_compat.connection_of(transport), credentials)
+        return ufrag, pwd
+
     async def close(self) -> None:
         await self.pc.close()
         for task in self._tasks:
@@ -554,10 +570,10 @@ async def next_event(client: Client, kind: str, timeout_s: float = 5.0) -> dict[
                 return event
 
 
-async def closed_reason(stack: Stack, session_id: str) -> int:
+async def closed_reason(stack: Stack, session_id: str, timeout_s: float = 10.0) -> int:
     session = stack.manager.find(session_id)
     if isinstance(session, Session):
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(timeout_s):
             await session.wait_closed()
     info = await stack.manager.find(session_id).info()
     assert info.state == transceiver_pb2.SESSION_STATE_CLOSED

@@ -305,6 +305,18 @@ class UdpMux(asyncio.DatagramProtocol):
         self._by_ufrag[ufrag] = session
         return session
 
+    def rekey(self, session: MuxSession, ufrag: str, password: str) -> None:
+        """ICE restart (RFC 8445 §9): from now on the session admits new client addresses
+        by its new server ufrag and password only; addresses already bound stay bound (a
+        restart from the same address keeps its path)."""
+        owner = self._by_ufrag.get(ufrag)
+        if owner is not None and owner is not session:
+            raise ValueError(f"ufrag {ufrag!r} already has a session on this transceiver")
+        if self._by_ufrag.get(session.ufrag) is session:
+            del self._by_ufrag[session.ufrag]
+        session.ufrag, session.password = ufrag, password
+        self._by_ufrag[ufrag] = session
+
     def transport_for(self, session: MuxSession, sink: DatagramSink) -> VirtualTransport:
         session.sink = sink
         return VirtualTransport(self, session)

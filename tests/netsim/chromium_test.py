@@ -17,9 +17,9 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.e2e.browser import chromium, js, write_tone_wav
+from tests.e2e.browser import js
 from tests.netsim import calls, pages
-from tests.netsim.calls import API_KEY, INBOUND_PACKETS, TONE_HZ
+from tests.netsim.calls import API_KEY, INBOUND_PACKETS
 from tools.netsim.edge import NetEdge, standard_edge
 
 
@@ -33,12 +33,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetEdge]:
 def test_chromium_behind_nat_calls_through_the_relay_and_hears_the_tone(
     edge: NetEdge, tmp_path: Path
 ) -> None:
-    wav = tmp_path / "tone.wav"
-    write_tone_wav(wav, tone_s=1.0, silence_s=1.6, tone_hz=TONE_HZ)
-    with (
-        edge.testbed.entered("client"),
-        chromium(tmp_path, wav, secure_origin=edge.http_base) as browser,
-    ):
+    with pages.chromium_on_client(edge, tmp_path) as browser:
         pages.start_call(browser, edge)
         wait = WebDriverWait(browser, timeout=30, poll_frequency=0.2)
         relay = f"{edge.relay[0]}:{edge.relay[1]}"

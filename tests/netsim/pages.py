@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+from collections.abc import Iterator
+from pathlib import Path
 
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.e2e.browser import js
+from tests.e2e.browser import chromium, js, write_tone_wav
 from tests.netsim.calls import KEY_INSTEAD_OF_SECRET, TONE_HZ
 from tools.netsim.edge import NetEdge
 
@@ -20,6 +22,20 @@ PAGE_TEXT = (
     "document.getElementById('ice').textContent + ' events: ' + "
     "document.getElementById('events').textContent"
 )
+
+
+@contextlib.contextmanager
+def chromium_on_client(edge: NetEdge, workdir: Path) -> Iterator[webdriver.Chrome]:
+    """Chromium whose microphone loops a 1 s tone and 1.6 s of silence, with the signaling
+    origin treated as secure; the calling thread sits in the client's namespace meanwhile,
+    so chromedriver, Chromium and selenium's connection to it all live there."""
+    wav = workdir / "tone.wav"
+    write_tone_wav(wav, tone_s=1.0, silence_s=1.6, tone_hz=TONE_HZ)
+    with (
+        edge.testbed.entered("client"),
+        chromium(workdir, wav, secure_origin=edge.http_base) as browser,
+    ):
+        yield browser
 
 
 def start_call(browser: webdriver.Chrome, edge: NetEdge, timeout_s: float = 30) -> str:
