@@ -41,6 +41,8 @@ TURN_DONE = "example.turn"  # what the pipeline tells the caller after each turn
 ENERGY_THRESHOLD = 1000  # RMS of s16 samples (about -30 dBFS) that counts as voice
 MAX_TURN_S = 30  # longest turn kept for the echo (older audio dropped)
 CHUNK_MS = 40  # size of the TTSAudioRawFrames the echo is sent in
+# Audio kept from before the VAD's speech start (it starts after start_secs of voice).
+PREROLL_MS = 300
 
 
 class EnergyVADAnalyzer(VADAnalyzer):
@@ -66,6 +68,7 @@ class EchoTurns(FrameProcessor):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._turn: list[bytes] | None = None
+        self._recent: list[bytes] = []  # the last PREROLL_MS of caller audio, in frames
         self._rate = 16000
         self._bot_speaking = False
         self._turns = 0
@@ -74,13 +77,14 @@ class EchoTurns(FrameProcessor):
         await super().process_frame(frame, direction)
         if isinstance(frame, InputAudioRawFrame):
             self._rate = frame.sample_rate
+            keep, frames = self._recent, PREROLL_MS
             if self._turn is not None:
-                self._turn.append(frame.audio)
-                limit = MAX_TURN_S * 1000 // 20
-                del self._turn[: max(0, len(self._turn) - limit)]
+                keep, frames = self._turn, MAX_TURN_S * 1000
+            keep.append(frame.audio)
+            _trim(keep, frames * frame.sample_rate // 1000 * 2)
             return  # caller audio stops here: the output is only the echo
         if isinstance(frame, VADUserStartedSpeakingFrame):
-            self._turn = []
+            self._turn, self._recent = self._recent, []
             if self._bot_speaking:
                 await self.broadcast_interruption()
         elif isinstance(frame, VADUserStoppedSpeakingFrame) and self._turn is not None:
@@ -113,6 +117,13 @@ class EchoTurns(FrameProcessor):
                 )
             )
         await self.push_frame(TTSStoppedFrame(context_id=context))
+
+
+def _trim(chunks: list[bytes], max_bytes: int) -> None:
+    """Drops the oldest chunks beyond max_bytes in all."""
+    total = sum(len(c) for c in chunks)
+    while chunks and total - len(chunks[0]) >= max_bytes:
+        total -= len(chunks.pop(0))
 
 
 def _is(message: Any, kind: str) -> bool:

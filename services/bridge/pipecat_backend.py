@@ -74,6 +74,8 @@ logger = logging.getLogger("voiceedge.bridge.pipecat")
 # own idea of what is playing (bot speaking, what an interruption drops) stays close to real
 # time; Playout adds its `playout_lead_ms` at the transceiver.
 QUEUED_AUDIO_MS = 100
+# How long a pipeline may take from the factory's return to its StartFrame at the input.
+START_TIMEOUT_S = 10.0
 # How long a cancelled pipeline may take to wind down before its task is cancelled.
 CLOSE_TIMEOUT_S = 5.0
 
@@ -293,6 +295,7 @@ class PipecatBackend:
             session_config=ctx.session_config,
         )
         self._out = _Output(ctx, settings)
+        self._lead_frames = settings.playout_lead_ms // FRAME_MS + 1
         self.transport = VoiceEdgeTransport(self.session, self._out)
         self._worker: PipelineWorker | None = None
         self._run_task: asyncio.Task[None] | None = None
@@ -303,7 +306,7 @@ class PipecatBackend:
         self.session_defaults: Mapping[str, Any] | None = None
 
     async def start(self) -> None:
-        factory = load_factory(self._factory_spec)
+        factory = await asyncio.to_thread(load_factory, self._factory_spec)
         try:
             built = factory(self.transport, self.session)
             if inspect.isawaitable(built):
@@ -329,6 +332,16 @@ class PipecatBackend:
         self._worker = built
         self._playout_task = asyncio.create_task(self._out.playout.run(), name="pipecat-playout")
         self._run_task = asyncio.create_task(self._run(built), name="pipecat-pipeline")
+        # The caller's audio is read only once start() returns: none is lost to a pipeline
+        # still starting (gRPC holds it meanwhile).
+        started = asyncio.create_task(self.transport.input().started.wait())
+        await asyncio.wait(
+            {started, self._run_task}, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        await cancel_and_wait(started)
+        if not self.transport.input().started.is_set():
+            await self.close()
+            raise BackendError("pipecat pipeline did not start")
 
     async def _run(self, worker: PipelineWorker) -> None:
         """Runs the pipeline; its end is the session's (the hang-up)."""
@@ -348,8 +361,17 @@ class PipecatBackend:
             return
         self._out.response_done()
         await self._out.playout.wait_sent()
+        await self._played_out()
         log_event(logger, "pipecat.pipeline_ended", session__id=self.session_id)
         self._outbox.end(common_pb2.CLOSE_REASON_BRIDGE_ENDED, "pipecat pipeline ended")
+
+    async def _played_out(self) -> None:
+        """Until the transceiver has played what was sent (a goodbye is heard in full):
+        at most the playout lead, as Playout never runs further ahead."""
+        for _ in range(self._lead_frames + 1):
+            if not self._out.playout.audio_pending():
+                return
+            await asyncio.sleep(FRAME_MS / 1000)
 
     async def on_audio(self, frame: inference_pb2.AudioFrame) -> None:
         if not self.transport.input().started.is_set():
