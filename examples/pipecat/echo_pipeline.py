@@ -86,7 +86,7 @@ class EchoTurns(FrameProcessor):
         if isinstance(frame, VADUserStartedSpeakingFrame):
             self._turn, self._recent = self._recent, []
             if self._bot_speaking:
-                await self.broadcast_interruption()
+                await self.broadcast_interruption()  # type: ignore[no-untyped-call]
         elif isinstance(frame, VADUserStoppedSpeakingFrame) and self._turn is not None:
             turn, self._turn = b"".join(self._turn), None
             await self._echo(turn)

@@ -31,7 +31,8 @@ Message = inference_pb2.StreamSessionResponse
 async def _start(call: Call) -> None:
     await call.write(session_start())
     accepted = await read(call)
-    assert accepted is not None and accepted.HasField("session_accepted"), accepted
+    assert accepted is not None
+    assert accepted.HasField("session_accepted"), accepted
 
 
 async def _read_until(call: Call, kind: str, seen: list[Message], limit: int = 3000) -> Message:
@@ -100,6 +101,7 @@ async def test_a_factory_that_cannot_load_ends_the_session_with_an_error() -> No
         call = stub.StreamSession(None)
         await call.write(session_start())
         end = await read(call)
-        assert end is not None and end.HasField("session_end"), end
+        assert end is not None
+        assert end.HasField("session_end"), end
         assert end.session_end.reason == common_pb2.CLOSE_REASON_BRIDGE_ERROR
         assert "examples.pipecat.nowhere" in end.session_end.detail

@@ -50,7 +50,8 @@ def _loud_blocks(audio: np.ndarray, rate: int) -> np.ndarray:
     """The 20 ms blocks of `audio` louder than -30 dBFS, concatenated."""
     block = rate // 50
     blocks = audio[: len(audio) // block * block].astype(np.float64).reshape(-1, block)
-    return blocks[np.sqrt((blocks**2).mean(axis=1)) > 1000].reshape(-1)
+    loud: np.ndarray = blocks[np.sqrt((blocks**2).mean(axis=1)) > 1000].reshape(-1)
+    return loud
 
 
 @pytest.mark.timeout_s(90)

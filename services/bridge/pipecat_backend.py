@@ -9,17 +9,17 @@ transport.
 
 What crosses the transport:
 
-| caller / bridge protocol           | Pipecat                                                   |
-|------------------------------------|-----------------------------------------------------------|
-| AudioFrame (any rate, 1-2 ch)      | InputAudioRawFrame, mono at `pipecat_input_rate_hz`        |
-| data-channel JSON (an object)      | InputTransportMessageFrame(message=the decoded object)    |
-| ResponseStarted                    | the first output audio after the last response ended      |
-| AudioFrame, 20 ms paced (Playout)  | OutputAudioRawFrame (resampled by Pipecat to `sample_rate_hz`) |
-| ResponseDone                       | BotStoppedSpeakingFrame (after the audio before it)       |
-| ClearAudio, ResponseDone cancelled | InterruptionFrame while audio is queued or playing        |
-| data-channel JSON to the caller    | OutputTransportMessage(Urgent)Frame with a JSON-able message |
-| SessionEnd BRIDGE_ENDED (hang-up)  | the pipeline finished (EndFrame / EndWorkerFrame, or a cancel) |
-| SessionEnd BRIDGE_ERROR            | the factory or the pipeline raised                        |
+| bridge protocol                    | Pipecat                                                  |
+|------------------------------------|----------------------------------------------------------|
+| caller AudioFrame (any rate, 1-2)  | InputAudioRawFrame, mono at `pipecat_input_rate_hz`       |
+| caller data-channel JSON object    | InputTransportMessageFrame(message=the decoded object)   |
+| ResponseStarted                    | the first output audio after the last response ended     |
+| AudioFrame, paced 20 ms (Playout)  | OutputAudioRawFrame (Pipecat resamples to sample_rate_hz) |
+| ResponseDone                       | BotStoppedSpeakingFrame (after the audio before it)      |
+| ClearAudio, ResponseDone cancelled | InterruptionFrame while audio is queued or playing       |
+| data-channel JSON to the caller    | OutputTransportMessage(Urgent)Frame, a JSON object       |
+| SessionEnd BRIDGE_ENDED (hang-up)  | the pipeline finished (EndFrame, EndWorkerFrame, cancel) |
+| SessionEnd BRIDGE_ERROR            | the factory or the pipeline raised                       |
 
 Pipecat tracks bot speech (BotStarted/StoppedSpeakingFrame) for TTSAudioRawFrame (ended by
 TTSStoppedFrame) and SpeechOutputAudioRawFrame (ended by silence): a pipeline that emits bare

@@ -34,7 +34,9 @@ class PipecatLoader:
         try:
             module = await asyncio.to_thread(importlib.import_module, MODULE)
         except ImportError as exc:
-            raise BackendError(f"pipecat backend unavailable (is pipecat-ai installed?): {exc}")
+            raise BackendError(
+                f"pipecat backend unavailable (is pipecat-ai installed?): {exc}"
+            ) from exc
         backend: Backend = module.PipecatBackend(self._ctx, self._settings)
         await backend.start()
         self.backend = backend

@@ -17,7 +17,9 @@ def _websocket_url(url: str) -> str:
 
 def _module_function(spec: str) -> str:
     module, _, function = spec.partition(":")
-    if not (module and function.isidentifier() and all(p.isidentifier() for p in module.split("."))):
+    if not (
+        module and function.isidentifier() and all(p.isidentifier() for p in module.split("."))
+    ):
         raise ValueError(f"expected module:function, got {spec!r}")
     return spec
 
