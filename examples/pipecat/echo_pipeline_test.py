@@ -13,6 +13,7 @@ from services.bridge.bridge_testing import (
     audio_requests,
     dominant_hz,
     read,
+    read_until,
     serve,
     session_start,
     silence,
@@ -35,15 +36,10 @@ async def _start(call: Call) -> None:
     assert accepted.HasField("session_accepted"), accepted
 
 
-async def _read_until(call: Call, kind: str, seen: list[Message], limit: int = 3000) -> Message:
-    """Reads (into `seen`) until a message with payload `kind`; bounded."""
-    for _ in range(limit):
-        message = await read(call)
-        assert message is not None, [m.WhichOneof("payload") for m in seen]
-        seen.append(message)
-        if message.WhichOneof("payload") == kind:
-            return message
-    raise AssertionError(f"no {kind} in {limit} messages")
+async def _read_until(call: Call, kind: str, seen: list[Message]) -> Message:
+    """Reads (into `seen`) until a message with payload `kind`."""
+    seen += await read_until(call, kind)
+    return seen[-1]
 
 
 def _audio(seen: list[Message]) -> bytes:
