@@ -56,6 +56,13 @@ async def test_the_turn_comes_back_then_the_pipeline_hangs_up() -> None:
     async with serve(BridgeServicer(SETTINGS)) as stub:
         call = stub.StreamSession(None)
         await _start(call)
+        # Bad caller events are dropped (logged), the session goes on.
+        for text in ("not json", "[1, 2]", '"a string"'):
+            await call.write(
+                inference_pb2.StreamSessionRequest(
+                    data_channel_message=inference_pb2.DataChannelMessage(json=text)
+                )
+            )
         for request in audio_requests(np.concatenate([tone(440, 0.8), silence(1.0)])):
             await call.write(request)
         seen: list[Message] = []
