@@ -1,5 +1,6 @@
-"""The `pipecat` entry of the registry: imports the pipecat backend (and so pipecat-ai, and the
-user's factory module) in a thread when its first session starts, then delegates to it.
+"""The `pipecat` entry of the registry: `PipecatLoader` imports the pipecat backend (and so
+pipecat-ai, and the user's factory module) in a thread in `start()`, then delegates to it;
+`preload` does the same imports once at start-up (the bridge's `__main__`).
 
 Importing pipecat takes seconds (numba, onnxruntime); in the event loop it would stall every
 open session. pipecat-ai is not in the bridge image: only a bridge that runs this backend
@@ -12,11 +13,22 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from libs.config.settings import SettingsError
 from services.bridge.backend import Backend, BackendError, SessionContext
 from services.bridge.settings import BridgeSettings
 from voiceedge.inference.v1 import inference_pb2
 
 MODULE = "services.bridge.pipecat_backend"
+
+
+async def preload(settings: BridgeSettings) -> None:
+    """At start-up: imports pipecat and the factory's module before the bridge is ready, so
+    a factory that cannot load stops the bridge there and the first call does not wait."""
+    try:
+        module = await asyncio.to_thread(importlib.import_module, MODULE)
+        await asyncio.to_thread(module.load_factory, settings.pipecat_factory)
+    except (ImportError, BackendError) as exc:
+        raise SettingsError(f"pipecat_factory: {exc}") from exc
 
 
 class PipecatLoader:
