@@ -90,6 +90,8 @@ class CallResult:
     # (the 201 arrived), "connected" (for the netsim benchmark's set-up figures).
     arrivals: list[float] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
+    # The "oai-events" data channel, for a `during` that sends client events.
+    channel: Any = field(default=None, repr=False)
     _new_event: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def add_event(self, event: dict[str, Any]) -> None:
@@ -171,6 +173,7 @@ async def run_call(
     try:
         pc.addTrack(track or ToneTrack())
         channel = pc.createDataChannel("oai-events")
+        result.channel = channel
 
         @channel.on("message")
         def on_message(message: str | bytes) -> None:

@@ -10,12 +10,15 @@ from collections.abc import Sequence
 
 from libs.observability.telemetry import Telemetry
 from libs.service.runtime import ServiceParts, Servicer, service_main
+from services.bridge.pipecat_loader import preload
 from services.bridge.servicer import BridgeServicer
 from services.bridge.settings import BridgeSettings
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 
 
 async def build(settings: BridgeSettings, telemetry: Telemetry) -> ServiceParts:
+    if settings.backend == "pipecat":
+        await preload(settings)
     servicer = BridgeServicer(settings, telemetry)
     full_name = inference_pb2.DESCRIPTOR.services_by_name["InferenceBridgeService"].full_name
     return ServiceParts(

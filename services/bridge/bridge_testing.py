@@ -100,3 +100,17 @@ def dominant_hz(pcm: bytes, rate: int = RATE) -> float:
     samples = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
     spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
     return float(np.fft.rfftfreq(len(samples), 1 / rate)[int(np.argmax(spectrum))])
+
+
+async def read_until(
+    call: Call, stop: str, limit: int = 3000
+) -> list[inference_pb2.StreamSessionResponse]:
+    """Responses up to and including the first whose payload is `stop` (bounded)."""
+    out: list[inference_pb2.StreamSessionResponse] = []
+    for _ in range(limit):
+        message = await read(call)
+        assert message is not None, [m.WhichOneof("payload") for m in out]
+        out.append(message)
+        if message.WhichOneof("payload") == stop:
+            return out
+    raise AssertionError(f"no {stop} in {limit} messages")

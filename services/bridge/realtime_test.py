@@ -21,6 +21,7 @@ from services.bridge.bridge_testing import (
     audio_requests,
     dominant_hz,
     read,
+    read_until,
     serve,
     session_start,
     tone,
@@ -157,19 +158,6 @@ def client_event(event: dict[str, Any]) -> inference_pb2.StreamSessionRequest:
     return inference_pb2.StreamSessionRequest(
         data_channel_message=inference_pb2.DataChannelMessage(json=json.dumps(event))
     )
-
-
-async def read_until(
-    call: Call, stop: str, limit: int = 300
-) -> list[inference_pb2.StreamSessionResponse]:
-    out: list[inference_pb2.StreamSessionResponse] = []
-    for _ in range(limit):
-        message = await read(call)
-        assert message is not None, [m.WhichOneof("payload") for m in out]
-        out.append(message)
-        if message.WhichOneof("payload") == stop:
-            return out
-    raise AssertionError(f"no {stop} in {limit} messages")
 
 
 async def open_session(stub: Any) -> Call:

@@ -7,9 +7,11 @@ from collections.abc import Mapping
 
 from services.bridge.backend import BackendFactory
 from services.bridge.echo import EchoAgent
+from services.bridge.pipecat_loader import PipecatLoader
 from services.bridge.realtime import RealtimeAdapter
 
 FACTORIES: Mapping[str, BackendFactory] = {
     "echo": EchoAgent,
     "realtime": RealtimeAdapter,
+    "pipecat": PipecatLoader,
 }

@@ -30,4 +30,11 @@ def test_realtime_backend_needs_a_url() -> None:
     assert "realtime_url: required" in result.stderr
     result = run_cli(COMMAND, ["--backend", "llm"])
     assert result.returncode == 2
-    assert "backend: expected one of echo, realtime" in result.stderr
+    assert "backend: expected one of echo, realtime, pipecat" in result.stderr
+
+
+def test_a_pipecat_factory_that_cannot_load_stops_the_bridge_at_start_up() -> None:
+    result = run_cli(COMMAND, ["--backend", "pipecat", "--pipecat-factory", "nowhere.agent:build"])
+    assert result.returncode == 2, result.stderr
+    assert "pipecat_factory" in result.stderr
+    assert "nowhere" in result.stderr

@@ -6,13 +6,22 @@ import dataclasses
 
 from libs.config.settings import ServiceSettings, SettingsError, host_port, setting
 
-BACKENDS = ("echo", "realtime")
+BACKENDS = ("echo", "realtime", "pipecat")
 
 
 def _websocket_url(url: str) -> str:
     if not url.startswith(("ws://", "wss://")):
         raise ValueError(f"expected ws:// or wss://, got {url!r}")
     return url
+
+
+def _module_function(spec: str) -> str:
+    module, _, function = spec.partition(":")
+    if not (
+        module and function.isidentifier() and all(p.isidentifier() for p in module.split("."))
+    ):
+        raise ValueError(f"expected module:function, got {spec!r}")
+    return spec
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -24,7 +33,8 @@ class BridgeSettings(ServiceSettings):
     )
     backend: str = setting(
         "echo",
-        "echo (turn-taking echo agent) or realtime (OpenAI Realtime WebSocket)",
+        "echo (turn-taking echo agent), realtime (OpenAI Realtime WebSocket) or pipecat "
+        "(a Pipecat pipeline per session, from pipecat_factory)",
         choices=BACKENDS,
     )
     max_sessions: int = setting(1000, "concurrent streams; more get RESOURCE_EXHAUSTED", ge=1)
@@ -67,7 +77,19 @@ class BridgeSettings(ServiceSettings):
         10.0, "limit on opening the realtime WebSocket", gt=0
     )
 
+    pipecat_factory: str = setting(
+        "",
+        "module:function building each session's Pipecat pipeline (pipecat)",
+        parse=_module_function,
+        optional=True,
+    )
+    pipecat_input_rate_hz: int = setting(
+        16000, "rate of the caller audio the Pipecat pipeline gets (pipecat)", ge=8000, le=48000
+    )
+
     def validate(self) -> None:
         super().validate()
         if self.backend == "realtime" and not self.realtime_url:
             raise SettingsError("realtime_url: required when backend is realtime")
+        if self.backend == "pipecat" and not self.pipecat_factory:
+            raise SettingsError("pipecat_factory: required when backend is pipecat")
