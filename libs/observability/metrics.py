@@ -171,6 +171,20 @@ TRANSCEIVER_UDPMUX_DROPS = MetricSpec(
     "datagrams dropped by the shared media socket",
     labels=("drop_reason",),
 )
+TRANSCEIVER_EVENT_LOOP_LAG = MetricSpec(
+    "transceiver",
+    "event_loop_lag",
+    Kind.OBSERVABLE_GAUGE,
+    "median lateness of the event loop over the last 2 s (admission_max_loop_lag_ms)",
+    unit="ms",
+)
+TRANSCEIVER_SESSIONS_REFUSED = MetricSpec(
+    "transceiver",
+    "sessions_refused",
+    Kind.COUNTER,
+    "CreateSession refusals (refusal_reason: draining, capacity, overloaded, bridge_unavailable)",
+    labels=("refusal_reason",),
+)
 TRANSCEIVER_SESSIONS_MAX = MetricSpec(
     "transceiver",
     "sessions_max",

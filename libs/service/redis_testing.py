@@ -1,4 +1,9 @@
-"""A real redis-server for tests: started on a free loopback port, killed by PID."""
+"""A real redis-server for tests: started on a free loopback port, killed by PID.
+
+It runs as voiceedge ships Redis (deploy/k8s/overlays/dev/redis.yaml, RELIABILITY.md):
+append-only file, fsync every second, no RDB snapshots, in a directory of its own (`data_dir`,
+a fresh temporary one by default), so a test can kill -9 it and `start()` it again on the
+same port and data."""
 
 from __future__ import annotations
 
@@ -8,9 +13,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+
+# What voiceedge's Redis runs with (the dev manifest passes the same flags).
+PERSISTENCE_FLAGS = ("--appendonly", "yes", "--appendfsync", "everysec", "--save", "")
 
 
 def free_port() -> int:
@@ -25,8 +35,11 @@ class Redis:
     port: int
     process: subprocess.Popen[bytes] | None
     host: str = "127.0.0.1"  # tools/netsim binds it on a cluster host's address
+    data_dir: Path | None = None  # where the append-only file lives
 
     def start(self) -> None:
+        if self.data_dir is None:  # kept: a restart finds its append-only file again
+            self.data_dir = Path(tempfile.mkdtemp(prefix="redis-"))
         executable = shutil.which("redis-server")
         if executable is None:
             raise AssertionError("redis-server missing: ./bazelw installs it (apt redis-server)")
@@ -37,10 +50,9 @@ class Redis:
                 str(self.port),
                 "--bind",
                 self.host,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
+                *PERSISTENCE_FLAGS,
+                "--dir",
+                str(self.data_dir),
                 # Off the loopback, protected mode refuses clients without a password.
                 "--protected-mode",
                 "no",
@@ -68,9 +80,10 @@ class Redis:
 @contextlib.contextmanager
 def redis_server() -> Iterator[Redis]:
     port = free_port()
-    redis = Redis(f"redis://127.0.0.1:{port}/0", port, None)
-    redis.start()
-    try:
-        yield redis
-    finally:
-        redis.stop()
+    with tempfile.TemporaryDirectory(prefix="redis-") as data:
+        redis = Redis(f"redis://127.0.0.1:{port}/0", port, None, data_dir=Path(data))
+        redis.start()
+        try:
+            yield redis
+        finally:
+            redis.stop()

@@ -22,6 +22,7 @@ from libs.service.auth import check_secret
 from libs.service.runtime import ServiceParts, Servicer, service_main
 from services.signaling.calls import CallService
 from services.signaling.http_api import build_app, make_runner
+from services.signaling.nodewatch import NodeWatch
 from services.signaling.servicer import SignalingServicer
 from services.signaling.settings import SignalingSettings
 from services.signaling.store import make_store
@@ -85,12 +86,15 @@ async def build(settings: SignalingSettings, telemetry: Telemetry) -> ServicePar
         await service.close()
         raise
     bound = runner.addresses[0][1]
+    nodes = NodeWatch(service.geosteer, service.end_calls_on, settings.node_watch_retry_s)
+    nodes.start()
 
     async def drain(grace_s: float) -> None:
         del grace_s  # calls live on transceivers; signaling only stops taking new ones
         service.draining = True
 
     async def close() -> None:
+        await nodes.close()
         await runner.cleanup()
         await service.close()
 

@@ -56,6 +56,8 @@ MAX_SECRET_TTL_S = 7200
 # the next ranked transceiver is tried: only INVALID_ARGUMENT (the offer itself is bad) ends
 # the attempts at once.
 # Statuses of a GetSession that mean "could not reach the transceiver".
+# How long a lost node's transceiver is asked for a session's own close reason.
+LOST_NODE_QUERY_TIMEOUT_S = 1.0
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _REFUSALS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -164,6 +166,11 @@ class CallService:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.draining = False
         self._closed = False
+
+    @property
+    def geosteer(self) -> Any:
+        """The geosteer stub (on an aio channel; grpc-stubs type it as synchronous)."""
+        return self._geosteer
 
     @property
     def settings(self) -> SignalingSettings:
@@ -461,13 +468,7 @@ class CallService:
                 updated = call.ended(self._clock(), common_pb2.CLOSE_REASON_INTERNAL_ERROR)
             elif exc.code() in _UNREACHABLE and await self._declared_dead(call):
                 updated = call.ended(self._clock(), common_pb2.CLOSE_REASON_NODE_LOST)
-                log_event(
-                    logger,
-                    "call.node_lost",
-                    call__id=call.call_id,
-                    session__id=call.session_id,
-                    transceiver__node_id=call.transceiver_node_id,
-                )
+                _log_node_lost(updated)
             else:
                 return call
         else:
@@ -497,6 +498,39 @@ class CallService:
             if cluster.cluster_id == call.cluster_id:
                 return all(node.node_id != call.transceiver_node_id for node in cluster.nodes)
         return True  # the whole cluster is gone from the configuration
+
+    async def end_calls_on(self, node_id: str) -> int:
+        """Transceiver `node_id` left geosteer's topology (declared dead, or deregistered
+        after a drain): every live call on it is ended now, not at its next GET. Each asks
+        the transceiver once, briefly, for its session's own close reason (a drained node
+        still answers while it leaves); unreachable, it is CLOSE_REASON_NODE_LOST. Returns
+        how many calls were ended."""
+        try:
+            calls = await self._store.live_calls_on(node_id)
+            ended = await asyncio.gather(*(self._end_lost(call) for call in calls))
+            await self._store.forget_node(node_id)
+        except StoreError as exc:
+            log_event(logger, "store.failed", level=logging.WARNING, error=str(exc))
+            return 0
+        log_event(logger, "node.lost", transceiver__node_id=node_id, calls_ended=len(ended))
+        return len(ended)
+
+    async def _end_lost(self, call: CallRecord) -> CallRecord:
+        stub = transceiver_pb2_grpc.TransceiverServiceStub(self._channel(call.transceiver_address))
+        reason: int = common_pb2.CLOSE_REASON_NODE_LOST
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            info = (
+                await stub.GetSession(
+                    transceiver_pb2.GetSessionRequest(session_id=call.session_id),
+                    timeout=LOST_NODE_QUERY_TIMEOUT_S,
+                )
+            ).session
+            if info.state == transceiver_pb2.SESSION_STATE_CLOSED:
+                reason = int(info.stats.close_reason)
+        ended = call.ended(self._clock(), reason)
+        await self._store.put_call(ended)
+        _log_node_lost(ended)
+        return ended
 
     async def delete_call(self, principal: Principal, call_id: str) -> CallRecord:
         """Closes the session and marks the call ended; ending an ended call succeeds."""
@@ -727,6 +761,17 @@ class CallService:
             await channel.close(None)
         self._channels.clear()
         await self._store.close()
+
+
+def _log_node_lost(call: CallRecord) -> None:
+    log_event(
+        logger,
+        "call.node_lost",
+        call__id=call.call_id,
+        session__id=call.session_id,
+        transceiver__node_id=call.transceiver_node_id,
+        close__reason=common_pb2.CloseReason.Name(call.close_reason),  # type: ignore[arg-type]
+    )
 
 
 def _struct(value: Mapping[str, Any]) -> struct_pb2.Struct:

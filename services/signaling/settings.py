@@ -45,6 +45,12 @@ class SignalingSettings(ServiceSettings):
     )
     geosteer_address: str = setting("127.0.0.1:50051", "gRPC target of geosteer", parse=host_port)
     geosteer_timeout_s: float = setting(2.0, "deadline of one RouteSession call", gt=0)
+    node_watch_retry_s: float = setting(
+        1.0,
+        "wait before reopening geosteer's WatchTopology stream (calls of transceivers that "
+        "leave it are ended at once) after it broke",
+        gt=0,
+    )
     create_session_timeout_s: float = setting(
         5.0, "deadline of one transceiver CreateSession call", gt=0
     )

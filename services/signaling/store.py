@@ -9,6 +9,10 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
+# Retries of a Redis command whose connection broke (Redis restarted): 20 ms, then 40 ms.
+REDIS_RETRY_BASE_S = 0.02
+REDIS_RETRY_CAP_S = 0.2
+
 CALL_CONNECTING = "connecting"
 CALL_CONNECTED = "connected"
 CALL_ENDED = "ended"
@@ -67,6 +71,14 @@ class CallStore(Protocol):
 
     async def get_call(self, call_id: str) -> CallRecord | None: ...
 
+    async def live_calls_on(self, node_id: str) -> list[CallRecord]:
+        """Calls not ended whose session is on transceiver `node_id`."""
+        ...
+
+    async def forget_node(self, node_id: str) -> None:
+        """Drops what indexes calls by `node_id` (the node is gone, its calls ended)."""
+        ...
+
     async def put_secret(self, digest: str, secret: SecretRecord) -> None: ...
 
     async def get_secret(self, digest: str) -> SecretRecord | None: ...
@@ -108,6 +120,17 @@ class MemoryCallStore:
     async def get_call(self, call_id: str) -> CallRecord | None:
         return self._calls.get(call_id)
 
+    async def live_calls_on(self, node_id: str) -> list[CallRecord]:
+        # Only when a node is lost: a scan of this process's records is cheap enough.
+        return [
+            c
+            for c in self._calls.values()
+            if c.transceiver_node_id == node_id and c.state != CALL_ENDED
+        ]
+
+    async def forget_node(self, node_id: str) -> None:
+        return None
+
     async def put_secret(self, digest: str, secret: SecretRecord) -> None:
         self._secrets[digest] = secret
         self._expire()
@@ -124,25 +147,56 @@ class MemoryCallStore:
 
 class RedisCallStore:
     """Calls as JSON strings under `<prefix>call:<id>` (TTL retention_s), secrets under
-    `<prefix>ek:<sha256>` with their own expiry, so Redis forgets expired keys itself."""
+    `<prefix>ek:<sha256>` with their own expiry, so Redis forgets expired keys itself. The
+    ids of each transceiver's live calls are a set under `<prefix>node:<node id>` (TTL
+    retention_s from its last change), so a lost node's calls can be ended at once."""
 
     def __init__(self, url: str, retention_s: float, prefix: str = "voiceedge:signaling:") -> None:
         import redis.asyncio
+        import redis.exceptions
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
 
-        self._redis = redis.asyncio.Redis.from_url(url, socket_timeout=2.0)
+        # A restarted Redis closes every pooled connection: the first command on each would
+        # fail (a 503) without a retry on a new one. Every write here is idempotent.
+        self._redis = redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=2.0,
+            retry=Retry(ExponentialBackoff(cap=REDIS_RETRY_CAP_S, base=REDIS_RETRY_BASE_S), 2),
+            retry_on_error=[redis.exceptions.ConnectionError],
+        )
         self._retention_ms = max(1, int(retention_s * 1000))
         self._prefix = prefix
 
+    def _node_key(self, node_id: str) -> str:
+        return f"{self._prefix}node:{node_id}"
+
     async def put_call(self, call: CallRecord) -> None:
-        await self._run(
-            self._redis.set(
-                f"{self._prefix}call:{call.call_id}", call.to_json(), px=self._retention_ms
-            )
-        )
+        node = self._node_key(call.transceiver_node_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(f"{self._prefix}call:{call.call_id}", call.to_json(), px=self._retention_ms)
+        if call.state == CALL_ENDED:
+            pipe.srem(node, call.call_id)
+        else:
+            pipe.sadd(node, call.call_id)
+            pipe.pexpire(node, self._retention_ms)
+        await self._run(pipe.execute())
 
     async def get_call(self, call_id: str) -> CallRecord | None:
         raw = await self._run(self._redis.get(f"{self._prefix}call:{call_id}"))
         return None if raw is None else _decode(CallRecord.from_json, raw)
+
+    async def live_calls_on(self, node_id: str) -> list[CallRecord]:
+        ids = sorted(await self._run(self._redis.smembers(self._node_key(node_id))))
+        if not ids:
+            return []
+        keys = [f"{self._prefix}call:{i.decode() if isinstance(i, bytes) else i}" for i in ids]
+        raws = await self._run(self._redis.mget(keys))
+        calls = [_decode(CallRecord.from_json, raw) for raw in raws if raw is not None]
+        return [c for c in calls if c.state != CALL_ENDED]
+
+    async def forget_node(self, node_id: str) -> None:
+        await self._run(self._redis.delete(self._node_key(node_id)))
 
     async def put_secret(self, digest: str, secret: SecretRecord) -> None:
         ttl_ms = int((secret.expires_at - time.time()) * 1000)

@@ -55,10 +55,15 @@ async def _check_store(store: CallStore) -> None:
         assert await store.get_call("rtc_1") is None
         call = _call()
         await store.put_call(call)
+        await store.put_call(_call("rtc_2"))
         assert await store.get_call("rtc_1") == call
+        assert [c.call_id for c in await store.live_calls_on("t-1")] == ["rtc_1", "rtc_2"]
+        assert await store.live_calls_on("t-2") == []
         ended = call.ended(time.time(), 2)
         await store.put_call(ended)
         assert await store.get_call("rtc_1") == ended
+        assert [c.call_id for c in await store.live_calls_on("t-1")] == ["rtc_2"]
+        await store.forget_node("t-1")
         live = SecretRecord("key:abc", time.time() + 60, {"voice": "marin"})
         await store.put_secret("d1", live)
         assert await store.get_secret("d1") == live

@@ -27,6 +27,8 @@ from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
 
 # How often live sessions' RTTs are sampled for geosteer (each batch goes out once).
 RTT_SAMPLE_INTERVAL_S = 10.0
+# How long the gRPC server still answers after deregistering, when it closed sessions.
+DEREGISTERED_ANSWER_S = 1.0
 
 
 async def live_sessions(manager: SessionManager) -> list[transceiver_pb2.SessionInfo]:
@@ -62,8 +64,16 @@ async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceP
 
     async def close() -> None:
         await rtts.close()
+        # Sessions first, while geosteer (and so every relay) still lists this node: the
+        # callers' last event and DTLS close alert must still be forwarded to them.
+        closing = manager.active
+        await manager.close_all(common_pb2.CLOSE_REASON_DRAINED)
         if reporter is not None:
             await reporter.close()  # deregisters from geosteer, closes the channel
+            if closing:
+                # Signaling ends the calls of a node that left geosteer, asking it for each
+                # session's close reason: still answer (DRAINED), or it records NODE_LOST.
+                await asyncio.sleep(DEREGISTERED_ANSWER_S)
         await manager.shutdown()
 
     return ServiceParts(
@@ -108,7 +118,9 @@ def start_reporter(
         lambda: NodeReport(
             active_sessions=manager.active,
             capacity_sessions=settings.max_sessions,
-            draining=manager.draining,
+            # A transceiver whose bridge cannot be reached takes no new calls: geosteer
+            # stops choosing it (as while it drains) and relays still carry its calls.
+            draining=manager.draining or manager.bridges.failing(settings.bridge_address),
             cpu_load=cpu.read(),
             rtt_samples=rtts.take(),
         ),

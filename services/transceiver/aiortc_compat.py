@@ -21,6 +21,10 @@ What the transceiver needs that the public APIs do not offer:
   `check_complete`, `_check_list`, `_nominated`): see `install_follow_client`;
 - find and await the tasks aiortc starts without a handle (`RTCPeerConnection.__connect`,
   `__closeTask`): see `index_pc_tasks`, `let_early_connect_return`, `wait_pc_closed`;
+- know when the caller has acknowledged what its data channel was sent (the SCTP queues
+  `RTCSctpTransport._data_channel_queue`, `_outbound_queue`, `_sent_queue`), so a session
+  the server ends tells the caller why before the DTLS close alert: see
+  `wait_data_channel_delivered`;
 - run audio RTP on our own path (services/transceiver/rtp.py) once DTLS keyed SRTP: the
   SRTP sessions (`RTCDtlsTransport._rx_srtp`, `_tx_srtp`), and what aiortc's RTCP sender
   reports need from the packets we send (`RTCRtpSender.__ntp_timestamp`, `__rtp_timestamp`,
@@ -98,6 +102,10 @@ DTLS_ATTRIBUTES = ("_rx_srtp", "_tx_srtp")
 RECEIVER_REPORT_ATTRIBUTES = ("_RTCRtpReceiver__lsr", "_RTCRtpReceiver__lsr_time")
 SENDER_RTT_ATTRIBUTES = ("_RTCRtpSender__lsr", "_RTCRtpSender__lsr_time")
 PEER_CONNECTION_ATTRIBUTES = ("_RTCPeerConnection__closeTask", "_RTCPeerConnection__connect")
+# Not yet sent, sent but not acknowledged (SACK, RFC 4960 §6.2): empty = all delivered.
+SCTP_QUEUE_ATTRIBUTES = ("_data_channel_queue", "_outbound_queue", "_sent_queue")
+# How often wait_data_channel_delivered looks at the queues (SACKs come per RTT or 200 ms).
+SCTP_DELIVERY_POLL_S = 0.01
 
 
 class CompatError(RuntimeError):
@@ -248,6 +256,27 @@ async def wait_pc_closed(pc: RTCPeerConnection, timeout_s: float = 5.0) -> None:
     pending = [t for t in pending if t is not current]
     if pending:
         await asyncio.wait(pending, timeout=timeout_s)
+
+
+def data_channel_delivered(pc: RTCPeerConnection) -> bool:
+    """True when every data-channel message sent so far was acknowledged by the peer (or
+    there is no association to deliver on)."""
+    sctp = pc.sctp
+    if sctp is None or sctp.state != "connected":
+        return True
+    return not any(getattr(sctp, name) for name in SCTP_QUEUE_ATTRIBUTES)
+
+
+async def wait_data_channel_delivered(pc: RTCPeerConnection, timeout_s: float) -> bool:
+    """Waits, up to `timeout_s`, for data_channel_delivered; returns whether it came. aiortc
+    has no event for an acknowledgement, so the queues are looked at every few ms."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not data_channel_delivered(pc):
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(SCTP_DELIVERY_POLL_S)
+    return True
 
 
 async def add_loopback_host_candidate(pc: RTCPeerConnection) -> list[asyncio.BaseTransport]:
@@ -596,6 +625,12 @@ def check_versions() -> None:
     for name in PEER_CONNECTION_ATTRIBUTES:
         if not hasattr(pc, name):
             raise CompatError(f"aiortc.RTCPeerConnection.{name} is gone: update aiortc_compat.py")
+    certificate = aiortc.RTCCertificate.generateCertificate()
+    dtls = aiortc.RTCDtlsTransport(aiortc.RTCIceTransport(gatherer), [certificate])
+    sctp = aiortc.RTCSctpTransport(dtls)
+    for name in SCTP_QUEUE_ATTRIBUTES:
+        if not hasattr(sctp, name):
+            raise CompatError(f"aiortc.RTCSctpTransport.{name} is gone: update aiortc_compat.py")
     transceiver = pc.addTransceiver("audio")
     receiver = transceiver.receiver
     for name in SENDER_REPORT_ATTRIBUTES:

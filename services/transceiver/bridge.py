@@ -28,6 +28,14 @@ from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 
 OUTBOX_MAX = 256  # about 5 s of 20 ms frames
 
+# gRPC's reconnect backoff grows to 120 s by default: a bridge back after a restart would
+# then wait that long for new calls and reconnecting sessions. Capped at 0.5 s.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 500),
+)
+
 logger = logging.getLogger("voiceedge.transceiver.session")
 
 
@@ -485,6 +493,9 @@ class BridgeSession(Protocol):
         bridge ended it). Idempotent."""
 
 
+_SETTLING = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)
+
+
 class BridgeStreams:
     """The transceiver's connections to its bridges: one gRPC channel and one shared
     StreamSessions stream per bridge address, made on first use, closed at shutdown."""
@@ -496,8 +507,28 @@ class BridgeStreams:
     def channel_for(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = internal_channel(address)
+            channel = self._channels[address] = internal_channel(address, CHANNEL_OPTIONS)
         return channel
+
+    async def reachable(self, address: str, timeout_s: float) -> bool:
+        """False when gRPC cannot connect to `address` (its channel in TRANSIENT_FAILURE);
+        an idle or connecting channel is given up to `timeout_s` to settle, and counts as
+        reachable if it has not failed by then."""
+        channel = self.channel_for(address)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        state = channel.get_state(try_to_connect=True)
+        while state in _SETTLING and (remaining := deadline - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+            state = channel.get_state(try_to_connect=True)
+        return state is not grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
+    def failing(self, address: str) -> bool:
+        """True while gRPC's last attempt to connect to `address` failed; asking starts an
+        attempt when the channel is idle (what the heartbeat reports, without waiting)."""
+        state = self.channel_for(address).get_state(try_to_connect=True)
+        return state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
     def batched_for(self, address: str) -> BatchedBridge:
         """The shared StreamSessions stream to `address` (opened by its first session)."""

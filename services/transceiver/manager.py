@@ -16,9 +16,11 @@ import grpc
 from opentelemetry import metrics
 
 from libs.observability.metrics import (
+    TRANSCEIVER_EVENT_LOOP_LAG,
     TRANSCEIVER_SESSIONS_ACTIVE,
     TRANSCEIVER_SESSIONS_CLOSED,
     TRANSCEIVER_SESSIONS_CREATED,
+    TRANSCEIVER_SESSIONS_REFUSED,
     TRANSCEIVER_UDPMUX_DROPS,
 )
 from libs.observability.telemetry import log_event
@@ -27,6 +29,7 @@ from libs.service.errors import StatusError, invalid_argument, not_found, resour
 from services.transceiver import aiortc_compat, rtp, sdp
 from services.transceiver.bridge import BridgeStreams
 from services.transceiver.call_metrics import CallMetrics
+from services.transceiver.looplag import LoopLag, overloaded
 from services.transceiver.session import Session, SessionParams, endpoints_of
 from services.transceiver.settings import TransceiverSettings
 from services.transceiver.udpmux import UdpMux
@@ -34,6 +37,11 @@ from voiceedge.common.v1 import common_pb2
 from voiceedge.transceiver.v1 import transceiver_pb2
 
 logger = logging.getLogger("voiceedge.transceiver")
+
+# The event loop's lateness is sampled this often, and admission reads the median of the
+# last LAG_WINDOW_SAMPLES samples (2 s).
+LAG_SAMPLE_INTERVAL_S = 0.1
+LAG_WINDOW_SAMPLES = 20
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,12 @@ class SessionManager:
         meter = meter or metrics.get_meter("voiceedge.transceiver")
         self._created = TRANSCEIVER_SESSIONS_CREATED.create(meter)
         self._ended = TRANSCEIVER_SESSIONS_CLOSED.create(meter)
+        self._refused = TRANSCEIVER_SESSIONS_REFUSED.create(meter)
+        self.loop_lag = LoopLag(LAG_SAMPLE_INTERVAL_S, LAG_WINDOW_SAMPLES)
+        self.loop_lag.start()
+        TRANSCEIVER_EVENT_LOOP_LAG.create(
+            meter, [lambda _: [metrics.Observation(self.loop_lag.window.median_ms)]]
+        )
         TRANSCEIVER_SESSIONS_ACTIVE.create(
             meter, [lambda _: [metrics.Observation(len(self._open))]]
         )
@@ -128,17 +142,43 @@ class SessionManager:
             tcp_endpoints=tcp_endpoints,
         )
 
-    async def create(self, request: transceiver_pb2.CreateSessionRequest) -> str:
+    def _admit(self) -> None:
+        """Refuses a new session (RESOURCE_EXHAUSTED: signaling tries the next transceiver,
+        or answers 503 with Retry-After) while draining, full or overloaded."""
+        lag_ms = self.loop_lag.window.median_ms
         if self.draining:
-            raise resource_exhausted("draining", "transceiver is draining")
+            raise self._refusal("draining", "transceiver is draining")
         if len(self._open) >= self.settings.max_sessions:
-            raise resource_exhausted(
-                "capacity", f"max_sessions ({self.settings.max_sessions}) reached"
+            raise self._refusal("capacity", f"max_sessions ({self.settings.max_sessions}) reached")
+        if overloaded(lag_ms, self.settings.admission_max_loop_lag_ms):
+            # Before the calls it carries degrade: every one shares this loop.
+            raise self._refusal(
+                "overloaded",
+                f"event loop {lag_ms:.0f} ms late (admission_max_loop_lag_ms "
+                f"{self.settings.admission_max_loop_lag_ms:g})",
             )
+
+    def _refusal(self, code: str, message: str) -> StatusError:
+        self._refused.add(1, {"refusal.reason": code})
+        return resource_exhausted(code, message)
+
+    async def create(self, request: transceiver_pb2.CreateSessionRequest) -> str:
+        self._admit()
         try:
             params = self._params(request)
         except sdp.SdpError as exc:
             raise invalid_argument("invalid_request", str(exc)) from None
+        bridge_wait_s = self.settings.bridge_connect_timeout_s
+        if not await self.bridges.reachable(params.bridge_address, bridge_wait_s):
+            # The call could not reach an agent: refused, so signaling tries another
+            # transceiver or answers 503 with Retry-After, instead of a call that ends at once.
+            self._refused.add(1, {"refusal.reason": "bridge_unavailable"})
+            raise StatusError(
+                grpc.StatusCode.UNAVAILABLE,
+                "bridge_unavailable",
+                f"inference bridge {params.bridge_address} is unreachable",
+            )
+        self._admit()  # again: other sessions may have been admitted during the wait
         if params.session_id in self._open or params.session_id in self._closed:
             raise StatusError(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -265,11 +305,15 @@ class SessionManager:
         await self._idle.wait()
 
     async def close_all(self, reason: int) -> None:
+        """Closes every open session and waits for each teardown to finish. Cancelling this
+        (the drain timer, when shutdown overtakes it) cancels the waiting only: a teardown
+        stopped halfway would leave the caller untold and no `session.closed` logged."""
         tasks = [s.close(reason, "transceiver shutting down") for s in list(self._open.values())]
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
 
     async def shutdown(self) -> None:
+        await self.loop_lag.close()
         await cancel_and_wait(self._drain_task)
         await self.close_all(common_pb2.CLOSE_REASON_DRAINED)
         await self.bridges.close()

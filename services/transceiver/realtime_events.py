@@ -21,6 +21,9 @@ and one bit per playout tick, and sends the JSON texts it returns. The full even
   `content_index` and the whole `transcript`).
 - A client event that is not a JSON object with a string `type` is answered with an
   `error` event to its sender only, and goes nowhere else.
+- A session the server ends (drain, the bridge's stream broken, an internal error) tells
+  the caller why with one last `error` event (`server_error`, a code per close reason:
+  ENDINGS) before the peer connection closes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from itertools import count
 from typing import Any
 
 from libs.wire.realtime_session import merge_session
+from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2
 
 # Playout ticks (20 ms) with no audio after a finished response before `stopped`.
@@ -44,6 +48,23 @@ ITEMS_REMEMBERED = 32
 SIDEBAND_BACKLOG_MAX = 1024
 
 _JSON_SEPARATORS = (",", ":")
+
+# Close reasons the server decides, and the `error` (code, message) that tells the caller;
+# the caller's own ends (hang-up) and the ones it cannot hear (ICE, consent) have none.
+ENDINGS: dict[int, tuple[str, str]] = {
+    common_pb2.CLOSE_REASON_DRAINED: (
+        "server_shutting_down",
+        "The server handling this call is shutting down; the call has ended. Start a new call.",
+    ),
+    common_pb2.CLOSE_REASON_BRIDGE_ERROR: (
+        "inference_unavailable",
+        "The inference backend of this call became unavailable; the call has ended.",
+    ),
+    common_pb2.CLOSE_REASON_INTERNAL_ERROR: (
+        "internal_error",
+        "The server ended the call after an internal error.",
+    ),
+}
 
 
 def _dumps(event: Mapping[str, Any]) -> str:
@@ -266,6 +287,16 @@ class RealtimeEvents:
                 self.idle_ticks = 0
                 return self._event("output_audio_buffer.stopped", response_id=self.response_id)
         return None
+
+    def ending(self, close_reason: int) -> str | None:
+        """The last event of a session the server ends for `close_reason` (ENDINGS); None
+        for reasons the caller is not told about this way."""
+        known = ENDINGS.get(close_reason)
+        if known is None:
+            return None
+        code, message = known
+        error = {"type": "server_error", "code": code, "message": message, "param": None}
+        return self._event("error", error=error)
 
     # ---- client events
 

@@ -81,9 +81,16 @@ def test_registers_with_geosteer_and_reports_draining() -> None:
     geosteer_pb2_grpc.add_GeosteerServiceServicer_to_server(geosteer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    # A gRPC server where the bridge should be: a transceiver that cannot reach its bridge
+    # reports itself as taking no new calls (draining).
+    bridge = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    bridge_port = bridge.add_insecure_port("127.0.0.1:0")
+    bridge.start()
     args = [
         "--media-listen",
         "127.0.0.1:0",
+        "--bridge-address",
+        f"127.0.0.1:{bridge_port}",
         "--geosteer-address",
         f"127.0.0.1:{port}",
         "--cluster-id",
@@ -119,3 +126,4 @@ def test_registers_with_geosteer_and_reports_draining() -> None:
             assert service.process.returncode == 0, err
     finally:
         server.stop(0)
+        bridge.stop(0)

@@ -50,6 +50,11 @@ logger = logging.getLogger("voiceedge.transceiver.session")
 CR = common_pb2
 ST = transceiver_pb2
 
+# Between attempts to reopen a broken bridge stream: the first wait, doubling up to the max
+# (a restarted bridge is back within ~1.5 s here: the call should hear it soon after).
+BRIDGE_RETRY_FIRST_S = 0.2
+BRIDGE_RETRY_MAX_S = 0.5
+
 
 @dataclass(frozen=True)
 class SessionParams:
@@ -410,9 +415,11 @@ class Session:
     # ---- the bridge
 
     def _hold_bridge(self, bridge: BridgeSession) -> None:
-        self._bridge = bridge  # closing from now on ends it at the bridge too
+        # Closing from now on ends it at the bridge too; until it accepted, client events
+        # wait in the backlog.
+        self._bridge = bridge
 
-    async def _run_bridge(self) -> None:
+    def _bridge_start(self, reconnect: bool) -> inference_pb2.SessionStart:
         params = self.params
         start = inference_pb2.SessionStart(
             session_id=self.id,
@@ -420,15 +427,24 @@ class Session:
             metadata=params.metadata,
             opus_passthrough=params.opus_passthrough,
         )
-        if params.session_config is not None:
+        if reconnect:
+            # A new stream starts a new agent: it gets the session as the caller has shaped
+            # it since (session.update included), not only the one signaling first sent.
+            start.session_config.update(self._events.session)
+        elif params.session_config is not None:
             start.session_config.CopyFrom(params.session_config)
-        try:
-            link = await open_bridge_session(
-                self._bridges, self._settings, params.bridge_address, start, self._hold_bridge
-            )
-        except BridgeError as exc:
-            self._feed(Event.BRIDGE_FAILED, str(exc))
-            return
+        return start
+
+    async def _open_bridge(self, reconnect: bool = False) -> BridgeSession:
+        """Opens the bridge stream and hands it caller audio; raises BridgeError."""
+        params = self.params
+        link = await open_bridge_session(
+            self._bridges,
+            self._settings,
+            params.bridge_address,
+            self._bridge_start(reconnect),
+            self._hold_bridge,
+        )
         accepted = link.accepted
         audio = self._caller_audio
         if accepted is not None and accepted.opus_passthrough and params.opus_passthrough:
@@ -437,6 +453,16 @@ class Session:
         elif accepted is not None and accepted.output_format.sample_rate_hz:
             self.playout.set_rate(accepted.output_format.sample_rate_hz)
         audio.bridge = link
+        return link
+
+    async def _run_bridge(self) -> None:
+        params = self.params
+        try:
+            link = await self._open_bridge()
+        except BridgeError as exc:
+            self._feed(Event.BRIDGE_FAILED, str(exc))
+            return
+        accepted = link.accepted
         log_event(logger, "session.bridge_open", session__id=self.id, bridge=params.bridge_address)
         if accepted is not None:
             defaults = (
@@ -446,15 +472,63 @@ class Session:
             )
             for event in self._events.accepted(accepted.sends_session_events, defaults):
                 self._server_events.send(event)
+        while True:
+            self._replay_client_backlog()
+            try:
+                await link.read_loop(self._on_bridge_message)
+            except BridgeEndedError as exc:
+                self._feed(Event.BRIDGE_ENDED, exc.detail)
+                return
+            except BridgeError as exc:
+                reopened = await self._reconnect_bridge(link, str(exc))
+                if isinstance(reopened, str):
+                    self._feed(Event.BRIDGE_FAILED, reopened)
+                    return
+                link = reopened
+
+    def _replay_client_backlog(self) -> None:
         backlog, self._client_backlog = self._client_backlog, []
         for text, sender in backlog:
             self.client_event(text, sender)
-        try:
-            await link.read_loop(self._on_bridge_message)
-        except BridgeEndedError as exc:
-            self._feed(Event.BRIDGE_ENDED, exc.detail)
-        except BridgeError as exc:
-            self._feed(Event.BRIDGE_FAILED, str(exc))
+
+    async def _reconnect_bridge(self, broken: BridgeSession, cause: str) -> BridgeSession | str:
+        """The bridge stream broke: reopen it (a new SessionStart, so a new agent with the
+        session's current configuration) until `bridge_reconnect_grace_s` runs out. Caller
+        audio meanwhile is dropped and client events wait; playout goes on. Returns the new
+        stream, or why the session has to end."""
+        self._caller_audio.bridge = None
+        self._bridge = None  # client events wait for the next stream's SessionAccepted
+        await broken.close(CR.CLOSE_REASON_BRIDGE_ERROR, cause, notify=False)
+        grace_s = self._settings.bridge_reconnect_grace_s
+        log_event(
+            logger,
+            "session.bridge_lost",
+            level=logging.WARNING,
+            session__id=self.id,
+            detail=cause,
+            grace_s=grace_s,
+        )
+        loop = asyncio.get_running_loop()
+        lost_at = loop.time()
+        deadline = lost_at + grace_s
+        delay_s = BRIDGE_RETRY_FIRST_S
+        while loop.time() < deadline:
+            try:
+                link = await self._open_bridge(reconnect=True)
+            except BridgeError as exc:
+                cause = str(exc)
+            else:
+                log_event(
+                    logger,
+                    "session.bridge_reopened",
+                    session__id=self.id,
+                    bridge=self.params.bridge_address,
+                    gap_ms=round((loop.time() - lost_at) * 1000),
+                )
+                return link
+            await asyncio.sleep(max(0.0, min(delay_s, deadline - loop.time())))
+            delay_s = min(delay_s * 2, BRIDGE_RETRY_MAX_S)
+        return f"{cause} (not back within {grace_s:g} s)" if grace_s else cause
 
     def _on_bridge_message(self, message: inference_pb2.StreamSessionResponse) -> None:
         kind = message.WhichOneof("payload")
@@ -479,6 +553,7 @@ class Session:
             info = await self._snapshot()
         except Exception:  # stats are best effort; closing must not fail
             info = ST.SessionInfo(session_id=self.id)
+        await self._tell_caller(reason)
         if self._bridge is not None:
             # Before cancelling the reader: cancelling a pending read cancels the whole call,
             # and the bridge should hear SessionEnd with our reason.
@@ -521,6 +596,20 @@ class Session:
         )
         self._closed.set()
         self._on_closed(self)
+
+    async def _tell_caller(self, reason: int) -> None:
+        """A session the server ends says why (realtime_events.ENDINGS) on the data channel
+        and sidebands, and waits (bounded) for the caller's SCTP acknowledgement, so the
+        DTLS close alert that follows never overtakes it."""
+        ending = self._events.ending(reason)
+        if ending is None:
+            return
+        self._server_events.send(ending)
+        delivered = await aiortc_compat.wait_data_channel_delivered(
+            self.pc, self._settings.close_notice_timeout_s
+        )
+        if not delivered:
+            log_event(logger, "session.close_notice_unacknowledged", session__id=self.id)
 
     # ---- stats
 

@@ -49,6 +49,12 @@ class EngineSettings:
     peer_close_timeout_s: float = setting(
         5.0, "wait for aiortc's own tasks of a closing peer connection", gt=0
     )
+    close_notice_timeout_s: float = setting(
+        1.0,
+        "wait for the caller to acknowledge (SCTP) the last event of a session the server "
+        "ends, before the DTLS close alert",
+        gt=0,
+    )
     reconnect_grace_s: float = setting(
         30.0,
         "a session whose client went silent (consent expired) is kept this long for an ICE "
@@ -71,6 +77,18 @@ class BridgeSettings:
     )
     bridge_open_timeout_s: float = setting(
         5.0, "time for the bridge to answer SessionStart with SessionAccepted", gt=0
+    )
+    bridge_connect_timeout_s: float = setting(
+        1.0,
+        "CreateSession waits this long for an unconnected bridge channel to connect; one "
+        "that fails is refused with UNAVAILABLE (signaling: 503 and Retry-After)",
+        gt=0,
+    )
+    bridge_reconnect_grace_s: float = setting(
+        10.0,
+        "a session whose bridge stream broke reopens it (a new SessionStart) for this long "
+        "before it ends with CLOSE_REASON_BRIDGE_ERROR; 0: end at once",
+        ge=0,
     )
 
 
@@ -121,6 +139,12 @@ class TransceiverSettings(SessionSettings, ServiceSettings):
         parse=host_port,
     )
     max_sessions: int = setting(200, "open sessions beyond which CreateSession is refused", ge=0)
+    admission_max_loop_lag_ms: float = setting(
+        50.0,
+        "CreateSession is refused (RESOURCE_EXHAUSTED overloaded) while the event loop's "
+        "median lateness over the last 2 s exceeds this; 0: off",
+        ge=0,
+    )
     ice_timeout_ms: int = setting(
         10000, "default time from CreateSession to ICE connected before giving up", ge=1
     )

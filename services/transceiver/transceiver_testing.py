@@ -130,10 +130,11 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
         self.server: grpc.aio.Server | None = None
         self.address = ""
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
+        """Serves on 127.0.0.1:`port` (0: any free; a restarted bridge takes its old one)."""
         self.server = grpc.aio.server()
         inference_pb2_grpc.add_InferenceBridgeServiceServicer_to_server(self, self.server)
-        port = self.server.add_insecure_port("127.0.0.1:0")
+        port = self.server.add_insecure_port(f"127.0.0.1:{port}")
         await self.server.start()
         self.address = f"127.0.0.1:{port}"
 
@@ -405,6 +406,7 @@ class Client:
         self.frame_rate = 48000
         self.got_audio = asyncio.Event()
         self.connected = asyncio.Event()
+        self.ended = asyncio.Event()  # connectionState closed or failed
         self._tasks: list[asyncio.Task[None]] = []
         self.channel.on("message", self._on_message)
         self.pc.on("track", self._on_track)
@@ -416,6 +418,8 @@ class Client:
     def _on_state(self) -> None:
         if self.pc.connectionState == "connected":
             self.connected.set()
+        elif self.pc.connectionState in ("closed", "failed"):
+            self.ended.set()
 
     def _on_message(self, message: str | bytes) -> None:
         if isinstance(message, str):
@@ -500,6 +504,8 @@ class Stack:
             "media_listen": "127.0.0.1:0",
             "grpc_listen": "127.0.0.1:0",
             "bridge_address": bridge.address,
+            # Callers share this process and its loop: their load is not the transceiver's.
+            "admission_max_loop_lag_ms": 0.0,
         }
         values.update(settings)
         config = TransceiverSettings(**values)

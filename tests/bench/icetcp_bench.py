@@ -305,9 +305,11 @@ def chromium_setup(calls_n: int) -> None:
 
 def _restart_relay(edge: Any) -> float:
     """SIGKILLs the relay (its workers exit with the pipe) and starts it again with the same
-    command line (tools/demo/stack.py); returns when the new one is ready (monotonic)."""
-    edge.stack.kill("relay")
-    edge.stack.start_again("relay")
+    command line; returns when the new one is ready (monotonic)."""
+    old = edge.stack.services["relay"]
+    old.process.kill()
+    old.process.wait(timeout=10)
+    edge.stack.restart("relay")
     return time.monotonic()
 
 

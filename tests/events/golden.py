@@ -21,7 +21,12 @@ from services.bridge.backend import SessionContext
 from services.bridge.echo import EchoAgent
 from services.bridge.session import Outbox
 from services.bridge.settings import BridgeSettings
-from services.transceiver.realtime_events import STOPPED_AFTER_IDLE_TICKS, RealtimeEvents, event_ids
+from services.transceiver.realtime_events import (
+    ENDINGS,
+    STOPPED_AFTER_IDLE_TICKS,
+    RealtimeEvents,
+    event_ids,
+)
 from voiceedge.inference.v1 import inference_pb2
 
 RATE = 24000
@@ -156,6 +161,8 @@ async def generate() -> list[str]:
                 script.out += script.events.from_bridge(R(transcript_delta=delta))
         # What a malformed client event gets back.
         await script.client("{not json")
+        # The last event of each session the server ends (drain, bridge lost, internal).
+        script.out += [e for r in ENDINGS if (e := script.events.ending(r)) is not None]
     finally:
         await script.agent.close()
     return script.out

@@ -113,6 +113,29 @@ class Stack:
         procs = [(s.name, s.process) for s in reversed(list(self.services.values()))]
         return stop_processes(procs, force=force)
 
+    def restart(self, name: str) -> None:
+        """Starts `name` again with its first command line, on the gRPC port it had (a
+        fault test's kill -9 and restart; the old process must have exited). Its stderr is
+        dropped; `stop()` stops the new process."""
+        old = self.services[name]
+        command = [str(a) for a in old.process.args]  # type: ignore[union-attr]
+        if "--grpc-listen" in command:
+            command[command.index("--grpc-listen") + 1] = str(old.ready["grpc"])
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        ready = wait_for_ready(process, READY_TIMEOUT_S)
+        if ready is None:
+            process.kill()
+            process.wait(timeout=10)
+            raise RuntimeError(f"restarted {name} did not become ready")
+        self.services[name] = Service(name, process, ready)
+
     def check_alive(self) -> str | None:
         for service in self.services.values():
             if service.process.poll() is not None:
@@ -191,7 +214,9 @@ def _wait_until(what: str, check: Callable[[], bool], timeout_s: float) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def _transceiver_registered(geosteer: str, netns: str = "") -> bool:
+def transceiver_offered(geosteer: str, netns: str = "") -> bool:
+    """True while geosteer lists a transceiver that takes new calls (registered, not
+    draining)."""
     with entered_namespace(netns), grpc.insecure_channel(geosteer) as channel:
         stub = geosteer_pb2_grpc.GeosteerServiceStub(channel)
         topology = stub.ListTopology(geosteer_pb2.ListTopologyRequest(), timeout=5).topology
@@ -290,7 +315,7 @@ def start_stack(config: StackConfig) -> Stack:
         )
         _wait_until(
             "the transceiver to register",
-            lambda: _transceiver_registered(geosteer, where("geosteer").netns),
+            lambda: transceiver_offered(geosteer, where("geosteer").netns),
             REGISTER_TIMEOUT_S,
         )
         relay_flags = [
