@@ -12,7 +12,8 @@ the figure is the relay process's CPU time per packet forwarded (both directions
 
 `--tcp-relay-restart N` (root): Chromium over TCP (UDP firewalled) mid-call; the relay
 is SIGKILLed and started again with the same command line; prints how long until it is
-ready and until audio flows to the page again (a TCP connection dies with the process).
+ready and until audio flows to the page again (a TCP connection dies with the process; the
+demo page restarts ICE by itself, web/demo/index.html).
 
 `--chromium N` (needs root: tools/netsim): headless Chromium on the testbed's client host
 calls N times over UDP and N times with the client's firewall dropping UDP (so over TCP to
@@ -329,6 +330,7 @@ def tcp_relay_restart(calls_n: int) -> None:
         wav = workdir / "tone.wav"
         write_tone_wav(wav, tone_s=1.0, silence_s=1.6, tone_hz=TONE_HZ)
         nat.apply_firewall(edge.testbed, "client", "udp-dns-only")
+        recovered: list[float] = []
         try:
             for index in range(calls_n):
                 with (
@@ -352,16 +354,25 @@ def tcp_relay_restart(calls_n: int) -> None:
                             break
                         time.sleep(0.02)
                     state = js(browser, "pc ? pc.iceConnectionState : 'call ended'")
+                    restarts = js(browser, "window.voiceedgeIceRestarts.count")
+                    recovered.append(resumed - killed)
                     print(
                         f"relay restart {index + 1}: relay ready again "
                         f"{(ready - killed) * 1000:.0f} ms after the kill; audio resumed "
-                        f"{(resumed - killed) * 1000:.0f} ms after the kill (ICE {state})",
+                        f"{(resumed - killed) * 1000:.0f} ms after the kill (ICE {state}, "
+                        f"{restarts} ICE restart(s) by the page)",
                         flush=True,
                     )
                     if js(browser, "pc !== null"):
                         browser.find_element(By.ID, "talk").click()
         finally:
             nat.remove_firewall(edge.testbed, "client")
+    if recovered:
+        ms = sorted(r * 1000 for r in recovered)
+        print(
+            f"relay kill -> audio back over TCP: min {ms[0]:.0f} / median "
+            f"{statistics.median(ms):.0f} / max {ms[-1]:.0f} ms ({len(ms)} restarts)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

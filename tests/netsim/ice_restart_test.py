@@ -38,16 +38,11 @@ NEW_CLIENT_ADDRESS = "10.10.0.3/24"
 NAT_INSIDE = "10.10.0.1"
 SERVICES_LOG: dict[str, Path] = {}
 
+# The demo page's own functions do the rest: localOffer (an offer and its whole gathering),
+# sdpAttribute, and iceRestart (restartIce(), the PATCH, the answer set again), the code
+# the page itself runs when its ICE fails.
 HELPERS = """
 window.sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-// A new local offer and its whole gathering (the null candidate ends it; 3 s at most).
-window.localOffer = async (pc) => {
-  const ended = new Promise((resolve) =>
-    pc.addEventListener("icecandidate", (e) => e.candidate || resolve()),
-  );
-  await pc.setLocalDescription(await pc.createOffer());
-  await Promise.race([ended, sleep(3000)]);
-};
 window.inbound = async (pc) => {
   let received = 0;
   (await pc.getStats()).forEach((s) => {
@@ -71,10 +66,6 @@ window.networkBack = async () => {
     await sleep(50);
   }
   return false;
-};
-window.attribute = (sdp, name) => {
-  const line = sdp.split("\\r\\n").find((l) => l.startsWith(`a=${name}:`));
-  return line ? line.slice(name.length + 3) : null;
 };
 """
 
@@ -118,40 +109,12 @@ const done = arguments[arguments.length - 1];
   const seen = await networkBack();
   if (!seen) return done({ error: "Chromium saw no network after the move" });
   const networkMs = performance.now() - moved;
-  pc.restartIce();
-  await localOffer(pc);
-  const sdp = pc.localDescription.sdp;
-  const lines = sdp.split("\\r\\n");
-  const frag = [
-    "a=ice-options:trickle ice2",
-    lines.find((l) => l.startsWith("m=")),
-    `a=mid:${attribute(sdp, "mid")}`,
-    `a=ice-ufrag:${attribute(sdp, "ice-ufrag")}`,
-    `a=ice-pwd:${attribute(sdp, "ice-pwd")}`,
-    ...lines.filter((l) => l.startsWith("a=candidate:")),
-    "a=end-of-candidates",
-  ].join("\\r\\n") + "\\r\\n";
   const before = await inbound(pc);
-  const sent = performance.now();
-  const response = await fetch(whip.url, {
-    method: "PATCH",
-    headers: {
-      Authorization: `Bearer ${whip.key}`,
-      "Content-Type": "application/trickle-ice-sdpfrag",
-      "If-Match": "*",
-    },
-    body: frag,
-  });
-  const answered = performance.now();
-  const body = await response.text();
-  if (response.status !== 200) return done({ status: response.status, body });
-  const ufrag = attribute(body, "ice-ufrag");
-  const pwd = attribute(body, "ice-pwd");
-  whip.answer = whip.answer
-    .replace(/a=ice-ufrag:[^\\r\\n]*/g, `a=ice-ufrag:${ufrag}`)
-    .replace(/a=ice-pwd:[^\\r\\n]*/g, `a=ice-pwd:${pwd}`);
-  await pc.setRemoteDescription({ type: "answer", sdp: whip.answer });
-  const applied = performance.now();
+  const restart = await iceRestart(pc, whip.url, whip.key, whip.answer);
+  const { body, frag, sentAt: sent } = restart;
+  if (restart.status !== 200) return done({ status: restart.status, body });
+  whip.answer = restart.answer;
+  const ufrag = sdpAttribute(body, "ice-ufrag");
   const base = await inbound(pc);
   let resumed = null;
   for (let i = 0; i < 1000 && resumed === null; i++) {
@@ -159,10 +122,10 @@ const done = arguments[arguments.length - 1];
     else await sleep(5);
   }
   const oldEtag = whip.etag;
-  whip.etag = response.headers.get("ETag");
+  whip.etag = restart.etag;
   done({
     status: 200, body, before, base, oldEtag, etag: whip.etag, ufrag, frag,
-    networkMs, seen, patchMs: answered - sent, appliedMs: applied - sent,
+    networkMs, seen, patchMs: restart.answeredAt - sent, appliedMs: restart.appliedAt - sent,
     resumedMs: resumed === null ? null : resumed - sent,
   });
 })().catch((e) => done({ error: String(e) }));

@@ -3,9 +3,12 @@ it as a tcptype passive candidate. Headless Chromium on the client host (behind 
 keeps UDP while UDP works; with the client's firewall dropping all UDP but DNS it connects
 over TCP to the relay and hears the tone. 1000 idle TCP connects from the client host stay
 within the per-IP pending cap, cost the relay little memory, and a call through it keeps
-its audio meanwhile.
+its audio meanwhile. A relay kill -9 under a TCP call ends its connection: the demo page
+restarts ICE by itself (a PATCH of its call URL) and the tone comes back over TCP on the
+same call; the time from the kill to audio back is printed (BENCHMARKS.md).
 
-The tests run in file order on one edge: the firewall test is last (it is removed after).
+The tests run in file order on one edge: the firewall tests are last (it is removed after),
+the relay restart the very last.
 """
 
 from __future__ import annotations
@@ -54,6 +57,26 @@ pc.getStats().then((stats) => {
     remote: `${remote.address}:${remote.port}`, tcpType: remote.tcpType || "",
   });
 });"""
+
+# In the page: packetsReceived of its audio sampled every 10 ms from the kill on (the
+# caller stores `killedAt` right before it); `back` is when a packet first arrives after
+# the connection died (the baseline is taken 300 ms after the kill, when nothing from
+# before it can still be in flight).
+WATCH_AUDIO_BACK = """window.audioBack = { killedAt: performance.now(), back: null };
+(async () => {
+  const watch = window.audioBack;
+  let base = null;
+  for (let i = 0; i < 6000 && watch.back === null; i++) {  // 60 s at most
+    let received = 0;
+    (await pc.getStats()).forEach((s) => {
+      if (s.type === "inbound-rtp" && s.kind === "audio") received = s.packetsReceived;
+    });
+    const now = performance.now();
+    if (base === null && now - watch.killedAt >= 300) base = received;
+    else if (base !== null && received > base) watch.back = now;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+})();"""
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +252,57 @@ def test_chromium_with_udp_blocked_connects_over_tcp(edge: NetEdge, tmp_path: Pa
         relay_metric(edge, "voiceedge_relay_tcp_frames_total", 'direction="transceiver_to_client"')
         > 0
     )
+
+
+def selected_pair(browser: Any, timeout_s: float = 40) -> dict[str, Any]:
+    wait = WebDriverWait(browser, timeout=timeout_s, poll_frequency=0.2)
+    wait.until(lambda d: d.execute_async_script(SELECTED_PAIR) is not None)
+    return dict(browser.execute_async_script(SELECTED_PAIR))
+
+
+@pytest.mark.timeout_s(150)
+def test_chromium_over_tcp_restarts_ice_after_a_relay_kill_9(edge: NetEdge, tmp_path: Path) -> None:
+    nat.apply_firewall(edge.testbed, "client", "udp-dns-only")
+    try:
+        with pages.chromium_on_client(edge, tmp_path) as browser:
+            pages.start_call(browser, edge, timeout_s=40)
+            assert selected_pair(browser)["remoteProtocol"] == "tcp"
+            pages.hears_the_tone(browser)
+            call_url = js(browser, "callUrl")
+            with edge.testbed.entered("cluster"):
+                before = calls.live_session(edge)
+
+            browser.execute_script(WATCH_AUDIO_BACK)
+            edge.stack.kill("relay")  # kill -9: the TCP connection dies with the process
+            edge.stack.start_again("relay")
+            wait = WebDriverWait(browser, timeout=45, poll_frequency=0.1)
+            with contextlib.suppress(TimeoutException):  # the assert says what it saw
+                wait.until(lambda d: js(d, "window.audioBack.back") is not None)
+            restarts = js(browser, "window.voiceedgeIceRestarts")
+            page = str(js(browser, pages.PAGE_TEXT))
+            watch = js(browser, "window.audioBack")
+            assert watch["back"] is not None, (restarts, page)
+            last, killed = restarts["last"], watch["killedAt"]
+            print(
+                f"relay kill -9 under a Chromium TCP call: ICE no longer connected "
+                f"{restarts['downAt'] - killed:.0f} ms after the kill, the ICE restart PATCH sent "
+                f"{last['sentAt'] - killed:.0f} ms after the kill (restart "
+                f"{restarts['count']}), answered in {last['answeredAt'] - last['sentAt']:.0f} ms; "
+                f"audio back {watch['back'] - killed:.0f} ms after the kill"
+            )
+            assert restarts["count"] >= 1, restarts
+            assert last["status"] == 200, restarts
+
+            # The tone again, over TCP, on the same call.
+            js(browser, "window.voiceedgeReceived.loudWindows = 0")
+            js(browser, "window.voiceedgeReceived.peaksHz = []")
+            pages.hears_the_tone(browser)
+            pair = selected_pair(browser)
+            assert (pair["localProtocol"], pair["remoteProtocol"]) == ("tcp", "tcp"), pair
+            assert js(browser, "callUrl") == call_url
+            with edge.testbed.entered("cluster"):
+                after = calls.live_session(edge)
+            assert after.session_id == before.session_id
+            assert after.ice_ufrag != before.ice_ufrag  # a new ICE session, the same call
+    finally:
+        nat.remove_firewall(edge.testbed, "client")
