@@ -269,6 +269,7 @@ class Router:
         tcp: bool = False,
         admission: Admission | None = None,
         topology_hold_s: float = 300.0,
+        gone_grace_s: float = 10.0,
         now: float = 0.0,
         replays: ReplayTable | None = None,
     ) -> None:
@@ -277,6 +278,7 @@ class Router:
         self.topology = topology
         self._fresh = topology  # the source's latest answer; `topology` adds retained nodes
         self.topology_hold_s = topology_hold_s
+        self.gone_grace_s = gone_grace_s
         self._node_bindings: dict[tuple[int, int], int] = {}  # (cluster, transceiver) -> n
         self.admission = admission = admission or Admission()
         # Separate budgets: a restarted relay's unbound SRTP from a carrier NAT's IP must not
@@ -362,11 +364,13 @@ class Router:
             time.time() if wall is None else wall,
             self.topology_hold_s,
             self._node_bindings,
+            self.gone_grace_s,
         )
         for binding in self._bindings.values():
             media = topology.transceivers.get((binding.cluster_id, binding.transceiver_id))
             if media is not None and media != binding.media:
                 binding.media = media
+        self._forget_unrouted()
 
     def prune_topology(self, wall: float) -> bool:
         """Lets retained nodes go once their hold passed and their bindings left (the data
@@ -375,9 +379,31 @@ class Router:
             return False
         before = self.topology.transceivers
         self.topology = retained(
-            self.topology, self._fresh, wall, self.topology_hold_s, self._node_bindings
+            self.topology,
+            self._fresh,
+            wall,
+            self.topology_hold_s,
+            self._node_bindings,
+            self.gone_grace_s,
         )
-        return self.topology.transceivers != before
+        if self.topology.transceivers == before:
+            return False
+        self._forget_unrouted()
+        return True
+
+    def _forget_unrouted(self) -> None:
+        """Drops the bindings of nodes the view no longer routes to (a gone transceiver's
+        callers): their packets are then dropped as for any unknown node, and their Redis
+        copies, no longer refreshed, expire with their TTL. Counted as expired."""
+        known = self.topology.transceivers
+        stale = [
+            client
+            for client, binding in self._bindings.items()
+            if (binding.cluster_id, binding.transceiver_id) not in known
+        ]
+        for client in stale:
+            self._remove(client)
+        self.bindings_expired += len(stale)
 
     def _install(
         self,
@@ -625,6 +651,7 @@ def make_router(
         tcp=tcp,
         admission=admission_of(settings),
         topology_hold_s=settings.topology_hold_s,
+        gone_grace_s=settings.gone_grace_s,
         now=time.monotonic(),
         replays=replays,
     )

@@ -438,6 +438,27 @@ def test_an_empty_answer_from_a_restarted_geosteer_keeps_routing() -> None:
     assert set(r.topology.transceivers) == {(1, 1)}
 
 
+def test_a_transceiver_that_left_geosteer_loses_its_callers_after_the_grace() -> None:
+    """A node geosteer saw leave (dead or deregistered) goes after gone_grace_s although
+    its callers' checks keep their bindings alive; with it go those bindings, so their Redis
+    copies stop being refreshed, and a later packet of theirs is dropped, not forwarded to
+    the dead node."""
+    r = Router(KEYS, TopologyView(), topology_hold_s=60.0, gone_grace_s=5.0)
+    both = static_view(["1/1=127.0.0.1:40000", "1/2=127.0.0.1:40001"])
+    r.set_topology(both, wall=0.0)
+    assert isinstance(r.route_client_packet(request(1, 1), CLIENT, 0.0), Forward)
+    only_2 = TopologyView({(1, 2): ("127.0.0.1", 40001)}, 2, gone=frozenset({(1, 1)}))
+    r.set_topology(only_2, wall=100.0)  # declared dead at 100 s
+    assert r.topology.retained == {(1, 1)}  # its callers hear the end for the grace
+    assert r.route_client_packet(SRTP, CLIENT, 101.0)[0] == MEDIA
+    assert not r.prune_topology(104.0)
+    assert r.prune_topology(105.5)
+    assert set(r.topology.transceivers) == {(1, 2)}
+    assert r.get(CLIENT) is None
+    assert not isinstance(r.route_client_packet(SRTP, CLIENT, 106.0), Forward)
+    assert r.counters().bindings_expired == 1
+
+
 def test_preload_installs_bindings_without_writing_them_back() -> None:
     written: list[Binding] = []
     r = router(on_bind=written.append)

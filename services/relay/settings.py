@@ -174,6 +174,13 @@ class RelaySettings(ServiceSettings):
         "last named, and for as long as it has bindings (geosteer restarts, drained callers)",
         gt=0,
     )
+    gone_grace_s: float = setting(
+        10.0,
+        "a transceiver that left geosteer's topology (deregistered after its drain, or "
+        "declared dead) stays routable this long, bindings or not; then its callers' "
+        "bindings go (their Redis copies expire)",
+        ge=0,
+    )
     preload_timeout_s: float = setting(
         5.0,
         "at start, how long reading the Redis copy of bindings and topology may take before "

@@ -43,6 +43,9 @@ class TopologyView:
     seen_at: Mapping[tuple[int, int], float] = field(default_factory=dict)
     # Nodes kept although the last answer did not name them.
     retained: frozenset[tuple[int, int]] = frozenset()
+    # Nodes the source saw leave (in one answer, missing from a later answer of the same
+    # stream: deregistered or declared dead by geosteer), as opposed to not heard of yet.
+    gone: frozenset[tuple[int, int]] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "clusters", frozenset(c for c, _ in self.transceivers))
@@ -53,7 +56,8 @@ class TopologyView:
 
     def merged(self, other: TopologyView) -> TopologyView:
         """`other` with this view's entries laid over it."""
-        return TopologyView({**other.transceivers, **self.transceivers}, other.revision)
+        table = {**other.transceivers, **self.transceivers}
+        return TopologyView(table, other.revision, gone=other.gone - table.keys())
 
 
 def retained(
@@ -62,13 +66,18 @@ def retained(
     wall: float,
     hold_s: float,
     in_use: Container[tuple[int, int]],
+    gone_grace_s: float = 0.0,
 ) -> TopologyView:
     """The view to route on: `fresh` (the source's latest answer), plus every node of
     `previous` that the answer no longer names but that still has bindings (`in_use`) or
     was last named less than `hold_s` ago. So an empty or partial answer (a geosteer that
     just restarted and has not heard every node again) and a deregistered, draining
     transceiver with calls still ending never cut a live call; a node leaves once it is
-    gone from the answers for `hold_s` and has no binding left."""
+    gone from the answers for `hold_s` and has no binding left. A node the source saw
+    leave (`fresh.gone`: deregistered after its drain, or declared dead) is kept only
+    `gone_grace_s` after it was last named, bindings or not: a dead transceiver's callers,
+    whose checks keep their bindings alive, must not keep it (and their Redis copies)
+    forever."""
     table = dict(fresh.transceivers)
     seen = dict.fromkeys(table, wall)
     kept: set[tuple[int, int]] = set()
@@ -76,11 +85,17 @@ def retained(
         if key in table:
             continue
         seen_at = previous.seen_at.get(key, wall)
-        if key in in_use or wall - seen_at < hold_s:
+        if key in fresh.gone:
+            if key not in previous.retained:
+                seen_at = wall  # it left in this answer: the grace starts now
+            keep = wall - seen_at < gone_grace_s
+        else:
+            keep = key in in_use or wall - seen_at < hold_s
+        if keep:
             table[key] = media
             seen[key] = seen_at
             kept.add(key)
-    return TopologyView(table, fresh.revision, seen, frozenset(kept))
+    return TopologyView(table, fresh.revision, seen, frozenset(kept), fresh.gone)
 
 
 def encode_view(view: TopologyView) -> str:
@@ -143,6 +158,27 @@ def view_from_proto(topology: geosteer_pb2.Topology) -> TopologyView:
     return TopologyView(table, topology.revision)
 
 
+MAX_GONE = 10_000  # bound on the nodes remembered as gone
+
+
+def left(
+    previous: Iterable[tuple[int, int]] | None,
+    now: Iterable[tuple[int, int]],
+    gone: Iterable[tuple[int, int]],
+) -> frozenset[tuple[int, int]]:
+    """The nodes known to have left after an answer naming `now`: those of `previous` (the
+    same stream's last answer; None for a stream's first, which only sets a baseline: a
+    restarted geosteer starts empty) that `now` leaves out, plus those already `gone` that
+    `now` does not name again. Past MAX_GONE, older departures are forgotten (they then
+    fall under the ordinary hold)."""
+    named = frozenset(now)
+    lost = frozenset(previous or ()) - named
+    still = frozenset(gone) - named
+    if len(still) + len(lost) > MAX_GONE:
+        still = frozenset()
+    return still | lost
+
+
 class TopologySource(Protocol):
     """Produces topology views; `run` reports each new one until cancelled."""
 
@@ -185,9 +221,15 @@ class GeosteerTopology:
             stub = geosteer_pb2_grpc.GeosteerServiceStub(channel)
             while True:  # until cancelled; each turn waits at least `backoff`
                 call = stub.WatchTopology(geosteer_pb2.WatchTopologyRequest())
+                previous: frozenset[tuple[int, int]] | None = None  # this stream's last answer
                 try:
                     async for message in call:
-                        self._view = self._static.merged(view_from_proto(message.topology))
+                        answer = view_from_proto(message.topology)
+                        gone = left(previous, answer.transceivers, self._view.gone)
+                        previous = frozenset(answer.transceivers)
+                        self._view = self._static.merged(
+                            TopologyView(answer.transceivers, answer.revision, gone=gone)
+                        )
                         self.updates += 1
                         backoff = 0.1
                         on_update(self._view)

@@ -16,6 +16,7 @@ from services.relay.topology import (
     TopologyView,
     decode_view,
     encode_view,
+    left,
     retained,
     static_view,
     view_from_proto,
@@ -102,6 +103,11 @@ async def test_geosteer_watch_updates_the_view() -> None:
         view = await asyncio.wait_for(updates.get(), 10)
         assert view.transceivers[(2, 5)] == ("127.0.0.1", 42000)
         assert source.current() is view
+        assert view.gone == frozenset()
+        await servicer.topologies.put(geosteer_pb2.Topology(revision=3))  # 2/5 left
+        view = await asyncio.wait_for(updates.get(), 10)
+        assert view.gone == {(2, 5)}  # left in this stream, not merely unheard of
+        assert view.transceivers == {(1, 1): ("127.0.0.1", 40000)}
     finally:
         await cancel_and_wait(task)
         await server.stop(0)
@@ -133,6 +139,42 @@ def test_retained_keeps_what_an_answer_leaves_out(
     assert view.revision == 2
     for key in kept:  # a retained node keeps the time it was last named
         assert view.seen_at[key] == 0.0
+
+
+def test_a_node_that_left_is_kept_for_the_gone_grace_only() -> None:
+    previous = TopologyView({(1, 1): A, (1, 2): B}, 1, {(1, 1): 0.0, (1, 2): 0.0})
+    fresh = TopologyView({(1, 1): A}, 2, gone=frozenset({(1, 2)}))
+    # It left in this answer (at 500 s): kept for the grace, live bindings or not.
+    view = retained(previous, fresh, 500.0, 60.0, {(1, 2)}, gone_grace_s=5.0)
+    assert view.retained == {(1, 2)}
+    assert view.seen_at[(1, 2)] == 500.0
+    assert view.gone == {(1, 2)}
+    later = retained(view, fresh, 505.0, 60.0, {(1, 2)}, gone_grace_s=5.0)
+    assert set(later.transceivers) == {(1, 1)}
+
+
+@pytest.mark.parametrize(
+    ("previous", "now", "gone", "expected"),
+    [
+        (None, set(), set(), set()),  # a stream's first answer is a baseline
+        (None, {(1, 1)}, {(1, 2)}, {(1, 2)}),  # a new stream keeps what had left
+        ({(1, 1), (1, 2)}, {(1, 1)}, set(), {(1, 2)}),  # left in this stream
+        ({(1, 1)}, {(1, 1), (1, 2)}, {(1, 2)}, set()),  # named again: back
+    ],
+)
+def test_left_tells_a_departure_from_a_node_not_heard_of_yet(
+    previous: set[tuple[int, int]] | None,
+    now: set[tuple[int, int]],
+    gone: set[tuple[int, int]],
+    expected: set[tuple[int, int]],
+) -> None:
+    assert left(previous, now, gone) == expected
+
+
+def test_static_entries_are_never_gone() -> None:
+    static = TopologyView({(1, 1): A})
+    answer = TopologyView({}, 3, gone=frozenset({(1, 1), (1, 2)}))
+    assert static.merged(answer).gone == {(1, 2)}
 
 
 def test_the_persisted_copy_round_trips_and_rejects_garbage() -> None:
