@@ -11,6 +11,8 @@ edge (//tools/demo:stack, every service its own process on loopback):
   FAULTS_WAIT_CALLER=1 the test also waits for, and records, the caller's own failure;
 - Redis kill -9 and a restart on its data (append-only file, as shipped): the live call's
   record is still there, GET and DELETE of it work;
+- signaling kill -9 and a restart on its port: the live call's audio goes on, GET and
+  DELETE of it work on the new process, a new call is placed;
 - transceiver kill -9 under Chromium: when the browser's iceConnectionState leaves
   `connected` (a figure, not a promise: the browser's own timers decide).
 
@@ -316,6 +318,45 @@ async def test_state_redis_kill_and_restart_keeps_the_live_call(tmp_path: Path) 
         assert outcome["status"] in ("connecting", "connected"), outcome
         assert outcome["delete"] in (200, 204), outcome
         _record(f"redis_restart restart_ms={round(outcome['restart_ms'])}")
+
+
+@pytest.mark.timeout_s(120)
+async def test_state_signaling_kill_and_restart_keeps_the_live_call(tmp_path: Path) -> None:
+    """Signaling holds no call state of its own (Redis does): a kill -9 and a restart on its
+    port leave the live call's media alone, GET and DELETE of it work on the new process,
+    and a new call is placed."""
+    with redis_server() as server, edge(tmp_path, API_KEY, redis_url=server.url) as stack:
+        outcome: dict[str, Any] = {}
+
+        async def kill_and_restart() -> None:
+            _kill(stack, "signaling")
+            started = time.monotonic()
+            await asyncio.to_thread(stack.restart, "signaling")
+            outcome["restart_ms"] = (time.monotonic() - started) * 1000
+
+        async def after(pc: RTCPeerConnection, result: CallResult) -> None:
+            frames = len(result.received)
+            deadline = time.monotonic() + EVENT_TIMEOUT_S
+            while len(result.received) < frames + 25:  # half a second more of agent audio
+                assert time.monotonic() < deadline, "no audio after the signaling restart"
+                await asyncio.sleep(0.02)
+            outcome["new_call"] = (await _post_call(stack))[0]
+            url = stack.http_base + result.call_url
+            async with aiohttp.ClientSession() as http:
+                async with http.get(url, headers=_headers()) as response:
+                    outcome["get"] = response.status
+                async with http.delete(url, headers=_headers()) as response:
+                    outcome["delete"] = response.status
+                    outcome["delete_body"] = await response.text()
+            log = (tmp_path / "services.log").read_text().splitlines()
+            assert await _closed(pc, EVENT_TIMEOUT_S), (outcome, log[-40:])
+
+        (result,) = await _calls_until(stack, 1, kill_and_restart, after)
+        assert "error" not in result.event_types()
+        assert outcome["get"] == 200, outcome
+        assert outcome["delete"] in (200, 204), outcome
+        assert outcome["new_call"] == 201, outcome
+        _record(f"signaling_restart restart_ms={round(outcome['restart_ms'])}")
 
 
 @pytest.mark.timeout_s(120)

@@ -86,8 +86,9 @@ class Stack:
     relay_udp: tuple[str, int] = ("127.0.0.1", 0)
     http_base: str = ""
     api_key: str = ""
-    # Starts a service again with its flags (fault tests: a restart after kill -9).
-    launcher: Callable[[str, list[str]], Service] | None = None
+    # Starts a service again with its flags and a gRPC port (0: as configured; fault tests:
+    # a restart after kill -9).
+    launcher: Callable[[str, list[str], int], Service] | None = None
 
     def kill(self, name: str) -> None:
         """SIGKILL, as a crash would (the process is ours: started by start_stack)."""
@@ -99,7 +100,7 @@ class Stack:
         """Launches `name` again with the flags it had; returns once it is ready. The old
         process may still run (a replacement binding beside it) or be gone."""
         assert self.launcher is not None
-        return self.launcher(name, self.services[name].flags)
+        return self.launcher(name, self.services[name].flags, 0)
 
     def grpc(self, name: str) -> str:
         return str(self.services[name].ready["grpc"])
@@ -113,28 +114,16 @@ class Stack:
         procs = [(s.name, s.process) for s in reversed(list(self.services.values()))]
         return stop_processes(procs, force=force)
 
-    def restart(self, name: str) -> None:
-        """Starts `name` again with its first command line, on the gRPC port it had (a
-        fault test's kill -9 and restart; the old process must have exited). Its stderr is
-        dropped; `stop()` stops the new process."""
+    def restart(self, name: str) -> Service:
+        """Starts `name` again with the flags it had, on the gRPC (and HTTP) port it had (a
+        fault test's kill -9 and restart: the old process must have exited); returns once
+        it is ready."""
+        assert self.launcher is not None
         old = self.services[name]
-        command = [str(a) for a in old.process.args]  # type: ignore[union-attr]
-        if "--grpc-listen" in command:
-            command[command.index("--grpc-listen") + 1] = str(old.ready["grpc"])
-        process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-        )
-        ready = wait_for_ready(process, READY_TIMEOUT_S)
-        if ready is None:
-            process.kill()
-            process.wait(timeout=10)
-            raise RuntimeError(f"restarted {name} did not become ready")
-        self.services[name] = Service(name, process, ready)
+        flags = list(old.flags)
+        if "--http-listen" in flags and "http" in old.ready:
+            flags[flags.index("--http-listen") + 1] = str(old.ready["http"])
+        return self.launcher(name, flags, int(str(old.ready["grpc"]).rpartition(":")[2]))
 
     def check_alive(self) -> str | None:
         for service in self.services.values():
@@ -253,8 +242,8 @@ def start_stack(config: StackConfig) -> Stack:
     def where(name: str) -> Placement:
         return config.placement.get(name, Placement())
 
-    def launch(name: str, flags: list[str]) -> Service:
-        port = config.grpc_ports.get(name, 0)
+    def launch(name: str, flags: list[str], grpc_port: int = 0) -> Service:
+        port = grpc_port or config.grpc_ports.get(name, 0)
         command = [
             _binary(name),
             "--grpc-listen",
