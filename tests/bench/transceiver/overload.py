@@ -60,6 +60,11 @@ from tests.bench.transceiver.saturation import (
 from voiceedge.transceiver.v1 import transceiver_pb2_grpc
 
 LAG_METRIC = re.compile(r"^voiceedge_transceiver_event_loop_lag_ms(?:\{[^}]*\})? (\S+)$", re.M)
+SESSION_METRICS = re.compile(
+    r"^(voiceedge_transceiver_(?:sessions_active|sessions_closed_total|udpmux_drop\w*))"
+    r"(\{[^}]*\})? (\S+)$",
+    re.M,
+)
 WARM_UP_S = 2.5  # after a batch: jitter buffers fill and the 2 s lag window sees only it
 UNTOUCHED_MARGIN = 0.005  # late ratio may rise this much (0.5 points) and still be untouched
 
@@ -76,6 +81,7 @@ class Quality:
     frames: int
     loop_lag_ms: float
     server_cpu: float
+    pacer_lag_p99_ms: float = 0.0  # the generator's own lateness: over 10 ms, it lagged
 
     @property
     def late_ratio(self) -> float:
@@ -86,7 +92,8 @@ class Quality:
             f"    {label:7} {self.calls:4d} calls  frames/s per call min {self.fps_min:5.1f} "
             f"median {self.fps_median:5.1f}  longest gap {self.longest_gap_ms:6.0f} ms  "
             f"late/lost {100 * self.late_ratio:6.2f}%  loop lag {self.loop_lag_ms:5.1f} ms  "
-            f"server CPU {100 * self.server_cpu:3.0f}%"
+            f"server CPU {100 * self.server_cpu:3.0f}%  "
+            f"pacer lag p99 {self.pacer_lag_p99_ms:4.1f} ms"
         )
 
 
@@ -122,11 +129,24 @@ def quality_of(logs: Sequence[list[tuple[float, int]]], window_s: float) -> Qual
     return Quality(len(logs), min(fps, default=0.0), median, gap * 1000, late, frames, 0, 0)
 
 
-def loop_lag_ms(metrics_address: str) -> float:
-    """The transceiver's published median loop lag (what admission reads), from /metrics."""
+def scrape(metrics_address: str) -> str:
     with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as response:
-        found = LAG_METRIC.search(response.read().decode())
+        return str(response.read().decode())
+
+
+def loop_lag_ms(text: str) -> float:
+    """The published median loop lag (what admission reads) in a /metrics text."""
+    found = LAG_METRIC.search(text)
     return float(found[1]) if found else -1.0
+
+
+def session_counters(text: str) -> str:
+    """Active sessions, closes by reason and mux drops in a /metrics text, on one line."""
+    found = SESSION_METRICS.findall(text)
+    return "  ".join(
+        f"{name.removeprefix('voiceedge_transceiver_')}{labels} {value}"
+        for name, labels, value in found
+    )
 
 
 class Overload:
@@ -139,8 +159,16 @@ class Overload:
         self.pacer = Pacer(self.clients, tone_packets(50))
         self._index = 0
 
+    def _pacer_p99_ms(self) -> float:
+        """p99 of the pacer's lateness since the last call (and resets it)."""
+        lags, self.pacer.lags = sorted(self.pacer.lags) or [0.0], []
+        return lags[int(len(lags) * 0.99)] * 1000
+
     async def _metrics_lag(self) -> float:
-        return await asyncio.to_thread(loop_lag_ms, self.metrics)
+        return loop_lag_ms(await asyncio.to_thread(scrape, self.metrics))
+
+    async def print_counters(self) -> None:
+        print(f"    {session_counters(await asyncio.to_thread(scrape, self.metrics))}", flush=True)
 
     async def offer(self, count: int) -> tuple[list[LoadClient], int, int]:
         """Offers `count` calls at once; (admitted and sending, refused, other errors)."""
@@ -189,6 +217,7 @@ class Overload:
             await asyncio.sleep(SETTLE_S)
             for client in self.clients:
                 client.arrivals = []
+            self.pacer.lags = []
             cpu0, wall0 = cpu_seconds(self.pid), time.monotonic()
             await asyncio.sleep(window_s)
             logs = [client.arrivals for client in self.clients[:first]]
@@ -201,6 +230,7 @@ class Overload:
         result = quality_of(logs, wall)
         result.loop_lag_ms = await self._metrics_lag()
         result.server_cpu = cpu
+        result.pacer_lag_p99_ms = self._pacer_p99_ms()
         return result
 
     async def run(
@@ -247,6 +277,7 @@ class Overload:
             existing = self.clients[:]
             for client in existing:
                 client.arrivals = []
+            self.pacer.lags = []
             cpu0, wall0 = cpu_seconds(self.pid), time.monotonic()
             _, refused, errors = await self.offer(min(batch, target - len(self.clients)))
             refused_in_ramp = refused > 0 and not calls
@@ -260,7 +291,8 @@ class Overload:
                 f"    ramp {len(self.clients):4d} calls  refused {refused}  errors {errors}  "
                 f"loop lag {await self._metrics_lag():5.1f} ms  server CPU {100 * cpu:3.0f}%  "
                 f"earlier calls: late/lost {100 * seen.late_ratio:5.2f}% longest gap "
-                f"{seen.longest_gap_ms:4.0f} ms  (t={time.monotonic() - t0:.0f} s)",
+                f"{seen.longest_gap_ms:4.0f} ms  pacer lag p99 {self._pacer_p99_ms():4.1f} ms  "
+                f"(t={time.monotonic() - t0:.0f} s)",
                 flush=True,
             )
             if errors and not self.clients:
@@ -268,6 +300,7 @@ class Overload:
         first = len(self.clients)
         before = await self.measure(first, window_s)
         print(before.row("before"), flush=True)
+        await self.print_counters()
         admitted = refused = other = 0
         for _ in range(extra):
             ok, no, err = await self.offer(1)
@@ -280,6 +313,7 @@ class Overload:
         await asyncio.sleep(WARM_UP_S - SETTLE_S)
         after = await self.measure(first, window_s)
         print(after.row("after"), flush=True)
+        await self.print_counters()
         return RunResult(
             self.admission_ms, first, refused_in_ramp, before, after, admitted, refused, other
         )
