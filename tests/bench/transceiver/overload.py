@@ -46,6 +46,7 @@ from services.transceiver.transceiver_testing import create_request
 from tests.bench.transceiver.bench import cpu_seconds, start_transceiver
 from tests.bench.transceiver.saturation import (
     FRAME_S,
+    LAG_LIMIT_MS,
     LATE_LIMIT,
     SETTLE_S,
     BridgeProcess,
@@ -65,6 +66,7 @@ SESSION_METRICS = re.compile(
     r"(\{[^}]*\})? (\S+)$",
     re.M,
 )
+SCOPE_LABELS = re.compile(r'otel_scope_\w+="[^"]*",?')
 WARM_UP_S = 2.5  # after a batch: jitter buffers fill and the 2 s lag window sees only it
 UNTOUCHED_MARGIN = 0.005  # late ratio may rise this much (0.5 points) and still be untouched
 
@@ -142,7 +144,10 @@ def loop_lag_ms(text: str) -> float:
 
 def session_counters(text: str) -> str:
     """Active sessions, closes by reason and mux drops in a /metrics text, on one line."""
-    found = SESSION_METRICS.findall(text)
+    found = [
+        (name, SCOPE_LABELS.sub("", labels).replace("{}", ""), value)
+        for name, labels, value in SESSION_METRICS.findall(text)
+    ]
     return "  ".join(
         f"{name.removeprefix('voiceedge_transceiver_')}{labels} {value}"
         for name, labels, value in found
@@ -325,19 +330,26 @@ def untouched(result: RunResult) -> bool:
     return after < LATE_LIMIT and after <= result.before.late_ratio + UNTOUCHED_MARGIN
 
 
+def held(result: RunResult) -> str:
+    """untouched / DEGRADED, and whether the generator itself lagged in the after window."""
+    text = "untouched" if untouched(result) else "DEGRADED"
+    if result.after.pacer_lag_p99_ms > LAG_LIMIT_MS:
+        text += " (the generator lagged: not the server's alone)"
+    return text
+
+
 def verdict(on: RunResult, off: RunResult | None) -> str:
-    held = "untouched" if untouched(on) else "DEGRADED"
     text = (
         f"VERDICT admission {on.admission_ms:g} ms: at {on.calls} calls "
         f"({'admission refused during the ramp' if on.ramp_refused else 'ramp never refused'}) "
         f"{on.refused}/{on.admitted + on.refused + on.other_errors} extra refused, first "
-        f"{on.calls} {held} (late {100 * on.before.late_ratio:.2f}% -> "
+        f"{on.calls} {held(on)} (late {100 * on.before.late_ratio:.2f}% -> "
         f"{100 * on.after.late_ratio:.2f}%)"
     )
     if off is not None:
         text += (
             f"; admission off: {off.admitted} admitted, first {off.calls} "
-            f"{'untouched' if untouched(off) else 'degraded'} "
+            f"{held(off)} "
             f"({100 * off.before.late_ratio:.2f}% -> {100 * off.after.late_ratio:.2f}%)"
         )
     return text
