@@ -183,10 +183,14 @@ class Overload:
         for client in new:
             if client not in admitted:
                 await client.close()
-        async with asyncio.timeout(60):
-            await asyncio.gather(*(c.connected.wait() for c in admitted))
+        if admitted:
+            waits = [asyncio.ensure_future(c.connected.wait()) for c in admitted]
+            _, pending = await asyncio.wait(waits, timeout=60)
+            for wait in pending:
+                wait.cancel()
         for client in admitted:
-            if client.failed:  # admitted, but ICE or DTLS failed: an error, not a call
+            if client.failed or not client.connected.is_set():
+                client.failed = True  # admitted, but ICE or DTLS failed: an error, not a call
                 await client.close()
         admitted = [c for c in admitted if not c.failed]
         for client in admitted:
@@ -302,6 +306,11 @@ class Overload:
             )
             if errors and not self.clients:
                 raise SystemExit("no call could be set up")
+            if 2 * errors >= batch:
+                print(
+                    "    half the set-ups of this step failed: at capacity, ramp ends", flush=True
+                )
+                break
         first = len(self.clients)
         before = await self.measure(first, window_s)
         print(before.row("before"), flush=True)
