@@ -103,7 +103,7 @@ class Quality:
 class RunResult:
     admission_ms: float
     calls: int
-    ramp_refused: bool
+    stopped: str  # why the ramp ended at N
     before: Quality
     after: Quality
     admitted: int
@@ -280,16 +280,15 @@ class Overload:
         self, calls: int, max_calls: int, batch: int, extra: int, window_s: float
     ) -> RunResult:
         target = calls or max_calls
-        refused_in_ramp = False
+        stopped = f"{target} calls reached"
         t0 = time.monotonic()
-        while len(self.clients) < target and not refused_in_ramp:
+        while len(self.clients) < target:
             existing = self.clients[:]
             for client in existing:
                 client.arrivals = []
             self.pacer.lags = []
             cpu0, wall0 = cpu_seconds(self.pid), time.monotonic()
             _, refused, errors = await self.offer(min(batch, target - len(self.clients)))
-            refused_in_ramp = refused > 0 and not calls
             await asyncio.sleep(WARM_UP_S)
             wall = time.monotonic() - wall0
             cpu = (cpu_seconds(self.pid) - cpu0) / wall
@@ -306,10 +305,12 @@ class Overload:
             )
             if errors and not self.clients:
                 raise SystemExit("no call could be set up")
+            if refused and not calls:
+                stopped = "admission refused during the ramp"
+                break
             if 2 * errors >= batch:
-                print(
-                    "    half the set-ups of this step failed: at capacity, ramp ends", flush=True
-                )
+                stopped = "half a step's set-ups failed"
+                print(f"    {stopped}: at capacity, ramp ends", flush=True)
                 break
         first = len(self.clients)
         before = await self.measure(first, window_s)
@@ -328,9 +329,7 @@ class Overload:
         after = await self.measure(first, window_s)
         print(after.row("after"), flush=True)
         await self.print_counters()
-        return RunResult(
-            self.admission_ms, first, refused_in_ramp, before, after, admitted, refused, other
-        )
+        return RunResult(self.admission_ms, first, stopped, before, after, admitted, refused, other)
 
 
 def untouched(result: RunResult) -> bool:
@@ -350,7 +349,7 @@ def held(result: RunResult) -> str:
 def verdict(on: RunResult, off: RunResult | None) -> str:
     text = (
         f"VERDICT admission {on.admission_ms:g} ms: at {on.calls} calls "
-        f"({'admission refused during the ramp' if on.ramp_refused else 'ramp never refused'}) "
+        f"({on.stopped}) "
         f"{on.refused}/{on.admitted + on.refused + on.other_errors} extra refused, first "
         f"{on.calls} {held(on)} (late {100 * on.before.late_ratio:.2f}% -> "
         f"{100 * on.after.late_ratio:.2f}%)"
