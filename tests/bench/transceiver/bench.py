@@ -241,8 +241,11 @@ def pinned(core: int) -> list[str]:
     return ["taskset", "-c", str(core)] if (os.cpu_count() or 1) > 1 else []
 
 
-def start_transceiver(bridge_address: str, profile: str) -> subprocess.Popen[str]:
-    """The transceiver under test, pinned to core 0 when there is more than one."""
+def start_transceiver(
+    bridge_address: str, profile: str, extra_args: Sequence[str] = ()
+) -> subprocess.Popen[str]:
+    """The transceiver under test, pinned to core 0 when there is more than one;
+    `extra_args` (settings flags) go after the benchmark's own."""
     command = binary("services/transceiver")
     if profile:
         command = [*binary("tests/bench/transceiver", "profiled_transceiver"), profile]
@@ -262,6 +265,7 @@ def start_transceiver(bridge_address: str, profile: str) -> subprocess.Popen[str
             "1",
             "--log-level",
             "WARNING",
+            *extra_args,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
