@@ -178,6 +178,14 @@ TRANSCEIVER_EVENT_LOOP_LAG = MetricSpec(
     "median lateness of the event loop over the last 2 s (admission_max_loop_lag_ms)",
     unit="ms",
 )
+TRANSCEIVER_CPU = MetricSpec(
+    "transceiver",
+    "cpu",
+    Kind.OBSERVABLE_GAUGE,
+    "median CPU of the process (all threads) over the last 2 s, as a share of one core "
+    "(admission_max_cpu_percent)",
+    unit="percent",
+)
 TRANSCEIVER_SESSIONS_REFUSED = MetricSpec(
     "transceiver",
     "sessions_refused",

@@ -11,7 +11,9 @@ and a real gRPC echo bridge that is stopped and started again on its port:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import threading
 import time
 
 import grpc
@@ -128,11 +130,11 @@ async def test_every_drained_caller_is_told_before_the_close() -> None:
 
 def test_lag_window_median_ignores_one_slow_turn() -> None:
     window = LagWindow(5)
-    assert window.median_ms == 0.0
+    assert window.median == 0.0
     for lag in (1.0, 2.0, 900.0, 1.0, -3.0):
         window.add(lag)
-    assert window.median_ms == 1.0
-    assert not overloaded(window.median_ms, 25.0)
+    assert window.median == 1.0
+    assert not overloaded(window.median, 25.0)
     assert overloaded(30.0, 25.0)
     assert not overloaded(1e6, 0.0)  # 0: off
 
@@ -153,7 +155,7 @@ async def test_a_late_event_loop_refuses_new_sessions_until_it_recovers() -> Non
 
     hogging = asyncio.create_task(hog())
     try:
-        await wait_for(lambda: stack.manager.loop_lag.window.median_ms > 20.0, 20)
+        await wait_for(lambda: stack.manager.loop_lag.window.median > 20.0, 20)
         request = create_request("late", await client.offer(), stack.relay.address)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stack.stub.CreateSession(request, timeout=10)
@@ -161,10 +163,43 @@ async def test_a_late_event_loop_refuses_new_sessions_until_it_recovers() -> Non
         assert "event loop" in (refused.value.details() or "")
         stop.set()
         await hogging
-        await wait_for(lambda: stack.manager.loop_lag.window.median_ms < 20.0, 20)
+        await wait_for(lambda: stack.manager.loop_lag.window.median < 20.0, 20)
         await stack.stub.CreateSession(request, timeout=10)
     finally:
         stop.set()
         await hogging
+        await client.close()
+        await stack.stop()
+
+
+@pytest.mark.timeout_s(60)
+async def test_a_busy_process_refuses_new_sessions_until_it_recovers() -> None:
+    """The CPU measure: work in another thread (hashing large buffers releases the GIL, as
+    codecs do) keeps the process at a core while its loop stays on time; new sessions are
+    refused until the work stops."""
+    stack = await Stack.start(admission_max_cpu_percent=50.0)
+    client = Client(pre_encoded=True)
+    stop = threading.Event()
+
+    def burn() -> None:
+        data = bytes(1 << 20)
+        while not stop.is_set():
+            hashlib.sha256(data).digest()
+
+    burner = threading.Thread(target=burn, daemon=True)
+    burner.start()
+    try:
+        await wait_for(lambda: stack.manager.loop_lag.cpu.median > 50.0, 20)
+        request = create_request("busy", await client.offer(), stack.relay.address)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stack.stub.CreateSession(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "of a core" in (refused.value.details() or "")
+        stop.set()
+        await asyncio.to_thread(burner.join, 10)
+        await wait_for(lambda: stack.manager.loop_lag.cpu.median < 50.0, 20)
+        await stack.stub.CreateSession(request, timeout=10)
+    finally:
+        stop.set()
         await client.close()
         await stack.stop()

@@ -16,6 +16,7 @@ import grpc
 from opentelemetry import metrics
 
 from libs.observability.metrics import (
+    TRANSCEIVER_CPU,
     TRANSCEIVER_EVENT_LOOP_LAG,
     TRANSCEIVER_SESSIONS_ACTIVE,
     TRANSCEIVER_SESSIONS_CLOSED,
@@ -86,8 +87,9 @@ class SessionManager:
         self.loop_lag = LoopLag(LAG_SAMPLE_INTERVAL_S, LAG_WINDOW_SAMPLES)
         self.loop_lag.start()
         TRANSCEIVER_EVENT_LOOP_LAG.create(
-            meter, [lambda _: [metrics.Observation(self.loop_lag.window.median_ms)]]
+            meter, [lambda _: [metrics.Observation(self.loop_lag.window.median)]]
         )
+        TRANSCEIVER_CPU.create(meter, [lambda _: [metrics.Observation(self.loop_lag.cpu.median)]])
         TRANSCEIVER_SESSIONS_ACTIVE.create(
             meter, [lambda _: [metrics.Observation(len(self._open))]]
         )
@@ -145,7 +147,7 @@ class SessionManager:
     def _admit(self) -> None:
         """Refuses a new session (RESOURCE_EXHAUSTED: signaling tries the next transceiver,
         or answers 503 with Retry-After) while draining, full or overloaded."""
-        lag_ms = self.loop_lag.window.median_ms
+        lag_ms = self.loop_lag.window.median
         if self.draining:
             raise self._refusal("draining", "transceiver is draining")
         if len(self._open) >= self.settings.max_sessions:
@@ -156,6 +158,13 @@ class SessionManager:
                 "overloaded",
                 f"event loop {lag_ms:.0f} ms late (admission_max_loop_lag_ms "
                 f"{self.settings.admission_max_loop_lag_ms:g})",
+            )
+        cpu = self.loop_lag.cpu.median
+        if overloaded(cpu, self.settings.admission_max_cpu_percent):
+            raise self._refusal(
+                "overloaded",
+                f"process at {cpu:.0f} % of a core (admission_max_cpu_percent "
+                f"{self.settings.admission_max_cpu_percent:g})",
             )
 
     def _refusal(self, code: str, message: str) -> StatusError:

@@ -145,6 +145,12 @@ class TransceiverSettings(SessionSettings, ServiceSettings):
         "median lateness over the last 2 s exceeds this; 0: off",
         ge=0,
     )
+    admission_max_cpu_percent: float = setting(
+        90.0,
+        "CreateSession is refused (RESOURCE_EXHAUSTED overloaded) while the process's median "
+        "CPU over the last 2 s exceeds this share of one core (all threads); 0: off",
+        ge=0,
+    )
     ice_timeout_ms: int = setting(
         10000, "default time from CreateSession to ICE connected before giving up", ge=1
     )

@@ -506,6 +506,7 @@ class Stack:
             "bridge_address": bridge.address,
             # Callers share this process and its loop: their load is not the transceiver's.
             "admission_max_loop_lag_ms": 0.0,
+            "admission_max_cpu_percent": 0.0,
         }
         values.update(settings)
         config = TransceiverSettings(**values)

@@ -8,8 +8,9 @@ frames it), one transceiver pinned to core 0 is ramped in batches until CreateSe
 refused (or to --calls N); the first N calls are measured, then --extra more are offered
 one by one (admitted ones start sending at once), and the first N are measured again.
 
-The same run is repeated with admission off (admission_max_loop_lag_ms=0) and the same N:
-the in-run reference for what the extra calls do when nothing refuses them.
+The same run is repeated with admission off (admission_max_loop_lag_ms=0,
+admission_max_cpu_percent=0) and the same N: the in-run reference for what the extra
+calls do when nothing refuses them.
 
 Per phase, over the first N calls (echo at the client: caller -> transceiver -> bridge ->
 transceiver -> caller): frames received per second per call (50 is every frame; min and
@@ -102,6 +103,7 @@ class Quality:
 @dataclass
 class RunResult:
     admission_ms: float
+    cpu_percent: float
     calls: int
     stopped: str  # why the ramp ended at N
     before: Quality
@@ -157,8 +159,9 @@ def session_counters(text: str) -> str:
 class Overload:
     """One transceiver, one echo bridge, the generator's callers, one run."""
 
-    def __init__(self, admission_ms: float, passthrough: bool) -> None:
+    def __init__(self, admission_ms: float, passthrough: bool, cpu_percent: float) -> None:
         self.admission_ms = admission_ms
+        self.cpu_percent = cpu_percent
         self.passthrough = passthrough
         self.clients: list[LoadClient] = []
         self.pacer = Pacer(self.clients, tone_packets(50))
@@ -248,6 +251,7 @@ class Overload:
         bridge = BridgeProcess()
         await bridge.start()
         flags = ["--admission-max-loop-lag-ms", f"{self.admission_ms:g}"]
+        flags += ["--admission-max-cpu-percent", f"{self.cpu_percent:g}"]
         flags += ["--metrics-listen", "127.0.0.1:0"]
         process = start_transceiver(bridge.address, "", flags)
         self.pid = process.pid
@@ -329,7 +333,17 @@ class Overload:
         after = await self.measure(first, window_s)
         print(after.row("after"), flush=True)
         await self.print_counters()
-        return RunResult(self.admission_ms, first, stopped, before, after, admitted, refused, other)
+        return RunResult(
+            self.admission_ms,
+            self.cpu_percent,
+            first,
+            stopped,
+            before,
+            after,
+            admitted,
+            refused,
+            other,
+        )
 
 
 def untouched(result: RunResult) -> bool:
@@ -348,7 +362,7 @@ def held(result: RunResult) -> str:
 
 def verdict(on: RunResult, off: RunResult | None) -> str:
     text = (
-        f"VERDICT admission {on.admission_ms:g} ms: at {on.calls} calls "
+        f"VERDICT admission {on.admission_ms:g} ms / {on.cpu_percent:g} %: at {on.calls} calls "
         f"({on.stopped}) "
         f"{on.refused}/{on.admitted + on.refused + on.other_errors} extra refused, first "
         f"{on.calls} {held(on)} (late {100 * on.before.late_ratio:.2f}% -> "
@@ -371,6 +385,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--admission-ms", type=float, default=50.0, help="admission_max_loop_lag_ms under test"
     )
+    parser.add_argument(
+        "--admission-cpu",
+        type=float,
+        default=90.0,
+        help="admission_max_cpu_percent under test (0: off)",
+    )
     parser.add_argument("--calls", type=int, default=0, help="N (default: ramp to a refusal)")
     parser.add_argument("--max-calls", type=int, default=400, help="ramp bound without --calls")
     parser.add_argument("--batch", type=int, default=10, help="calls offered per ramp step")
@@ -385,12 +405,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"load average at start: {loadavg.read().split()[:3]}", flush=True)
     passthrough = args.mode == "passthrough"
     run = (args.calls, args.max_calls, args.batch, args.extra, args.window_seconds)
-    print(f"{args.mode}, admission_max_loop_lag_ms={args.admission_ms:g}:", flush=True)
-    on = asyncio.run(Overload(args.admission_ms, passthrough).run(*run))
+    print(
+        f"{args.mode}, admission_max_loop_lag_ms={args.admission_ms:g}, "
+        f"admission_max_cpu_percent={args.admission_cpu:g}:",
+        flush=True,
+    )
+    on = asyncio.run(Overload(args.admission_ms, passthrough, args.admission_cpu).run(*run))
     off: RunResult | None = None
     if not args.no_reference:
         print(f"{args.mode}, admission off (0), same N={on.calls}:", flush=True)
-        off = asyncio.run(Overload(0.0, passthrough).run(on.calls, *run[1:]))
+        off = asyncio.run(Overload(0.0, passthrough, 0.0).run(on.calls, *run[1:]))
     with open("/proc/loadavg") as loadavg:
         print(f"load average at end: {loadavg.read().split()[:3]}")
     print(verdict(on, off))
