@@ -50,11 +50,15 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def usable_cpus(root: Path = CGROUP_ROOT) -> int:
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
-    quota = quota_cpus(
+def cgroup_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """This container's CPU quota in CPUs (None: no quota)."""
+    return quota_cpus(
         _read(root / "cpu.max"),
         _read(root / "cpu" / "cpu.cfs_quota_us"),
         _read(root / "cpu" / "cpu.cfs_period_us"),
     )
-    return cpus_from(quota, affinity or os.cpu_count() or 1)
+
+
+def usable_cpus(root: Path = CGROUP_ROOT) -> int:
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    return cpus_from(cgroup_quota(root), affinity or os.cpu_count() or 1)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.service.cpus import cpus_from, quota_cpus, usable_cpus
+from libs.service.cpus import cgroup_quota, cpus_from, quota_cpus, usable_cpus
 
 
 @pytest.mark.parametrize(
@@ -52,3 +52,9 @@ def test_reads_a_cgroup_v1_tree(tmp_path: Path) -> None:
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert usable_cpus(tmp_path) >= 1
+
+
+def test_cgroup_quota_is_the_fraction_a_container_may_use(tmp_path: Path) -> None:
+    assert cgroup_quota(tmp_path) is None  # no cgroup files: no quota
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert cgroup_quota(tmp_path) == 0.5

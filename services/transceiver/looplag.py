@@ -45,11 +45,13 @@ def overloaded(median: float, limit: float) -> bool:
 
 
 class LoopLag:
-    """Samples the running loop's lateness (ms) and the process's CPU (% of one core, all
-    its threads) every `interval_s` into windows of `window`."""
+    """Samples the running loop's lateness (ms) and the process's CPU (all its threads, in %
+    of `core`: one core, or less under a fractional cgroup quota, whose 100 % is then the
+    quota) every `interval_s` into windows of `window`."""
 
-    def __init__(self, interval_s: float, window: int) -> None:
+    def __init__(self, interval_s: float, window: int, core: float = 1.0) -> None:
         self.interval_s = interval_s
+        self.core = core
         self.window = LagWindow(window)  # lag, ms
         self.cpu = LagWindow(window)  # CPU, % of one core
         self._task: asyncio.Task[None] | None = None
@@ -69,4 +71,4 @@ class LoopLag:
             await asyncio.sleep(self.interval_s)
             elapsed = loop.time() - asleep
             self.window.add((elapsed - self.interval_s) * 1000.0)
-            self.cpu.add(100.0 * (time.process_time() - cpu) / elapsed)
+            self.cpu.add(100.0 * (time.process_time() - cpu) / (elapsed * self.core))

@@ -26,6 +26,7 @@ from libs.observability.metrics import (
 )
 from libs.observability.telemetry import log_event
 from libs.service.aio import cancel_and_wait
+from libs.service.cpus import cgroup_quota
 from libs.service.errors import StatusError, invalid_argument, not_found, resource_exhausted
 from services.transceiver import aiortc_compat, rtp, sdp
 from services.transceiver.bridge import BridgeStreams
@@ -84,7 +85,9 @@ class SessionManager:
         self._created = TRANSCEIVER_SESSIONS_CREATED.create(meter)
         self._ended = TRANSCEIVER_SESSIONS_CLOSED.create(meter)
         self._refused = TRANSCEIVER_SESSIONS_REFUSED.create(meter)
-        self.loop_lag = LoopLag(LAG_SAMPLE_INTERVAL_S, LAG_WINDOW_SAMPLES)
+        # A quota below one core is the whole budget (the process is throttled at it).
+        core = min(1.0, cgroup_quota() or 1.0)
+        self.loop_lag = LoopLag(LAG_SAMPLE_INTERVAL_S, LAG_WINDOW_SAMPLES, core)
         self.loop_lag.start()
         TRANSCEIVER_EVENT_LOOP_LAG.create(
             meter, [lambda _: [metrics.Observation(self.loop_lag.window.median)]]
