@@ -7,7 +7,8 @@ edge (//tools/demo:stack, every service its own process on loopback):
 - bridge kill -9 for good: the caller gets `error` `inference_unavailable`, then the close;
   new calls get 503 with Retry-After while the bridge is down;
 - transceiver kill -9 (on Redis): once geosteer declares it dead, its call is ended in the
-  store (CLOSE_REASON_NODE_LOST) with no GET, and its node index key is gone. With
+  store (CLOSE_REASON_NODE_LOST) with no GET, and its node index key is gone; the relay
+  lets the dead node go with its callers' bindings, whose Redis copies expire. With
   FAULTS_WAIT_CALLER=1 the test also waits for, and records, the caller's own failure;
 - Redis kill -9 and a restart on its data (append-only file, as shipped): the live call's
   record is still there, GET and DELETE of it work;
@@ -250,14 +251,25 @@ async def test_media_bridge_kill_tells_the_caller_and_new_calls_get_503(tmp_path
 @pytest.mark.timeout_s(120)
 async def test_state_transceiver_kill_ends_its_calls_in_the_api_at_once(tmp_path: Path) -> None:
     wait_caller = os.environ.get("FAULTS_WAIT_CALLER") == "1"
-    with redis_server() as server, edge(tmp_path, API_KEY, redis_url=server.url) as stack:
+    # Short relay timers, so the dead node's binding copies must go within the test: the
+    # caller keeps sending (audio, ICE checks), which used to keep them alive for minutes.
+    flags = {"relay": ["--gone-grace-s", "1", "--binding-ttl-s", "5"]}
+    with (
+        redis_server() as server,
+        edge(tmp_path, API_KEY, redis_url=server.url, extra_flags=flags) as stack,
+    ):
         store = redis.Redis.from_url(server.url, decode_responses=True)
         killed = 0.0
         ended_ms = 0.0
         failed_ms = 0.0
+        unbound_ms = 0.0
 
         async def kill() -> None:
             nonlocal killed
+            deadline = time.monotonic() + EVENT_TIMEOUT_S
+            while not await asyncio.to_thread(store.keys, "voiceedge:relay:binding:*"):
+                assert time.monotonic() < deadline, "the relay never stored the call's binding"
+                await asyncio.sleep(0.05)
             killed = time.monotonic()
             _kill(stack, "transceiver")
 
@@ -269,12 +281,18 @@ async def test_state_transceiver_kill_ends_its_calls_in_the_api_at_once(tmp_path
             return parsed
 
         async def after(pc: RTCPeerConnection, result: CallResult) -> None:
-            nonlocal ended_ms, failed_ms
+            nonlocal ended_ms, failed_ms, unbound_ms
             deadline = time.monotonic() + EVENT_TIMEOUT_S
             while (await asyncio.to_thread(record_of, result))["state"] != "ended":
                 assert time.monotonic() < deadline, "the call was never ended"
                 await asyncio.sleep(0.05)
             ended_ms = (time.monotonic() - killed) * 1000
+            deadline = time.monotonic() + EVENT_TIMEOUT_S
+            while await asyncio.to_thread(store.keys, "voiceedge:relay:binding:*"):
+                assert pc.connectionState != "closed"  # still sending while we wait
+                assert time.monotonic() < deadline, "the dead node's relay bindings stayed"
+                await asyncio.sleep(0.1)
+            unbound_ms = (time.monotonic() - killed) * 1000
             if wait_caller:
                 assert await _closed(pc, 60)
                 failed_ms = (time.monotonic() - killed) * 1000
@@ -287,7 +305,10 @@ async def test_state_transceiver_kill_ends_its_calls_in_the_api_at_once(tmp_path
         finally:
             store.close()
         caller = f" caller_failed_ms={round(failed_ms)}" if wait_caller else ""
-        _record(f"transceiver_kill api_ended_ms={round(ended_ms)}{caller}")
+        _record(
+            f"transceiver_kill api_ended_ms={round(ended_ms)} "
+            f"relay_bindings_gone_ms={round(unbound_ms)}{caller}"
+        )
 
 
 @pytest.mark.timeout_s(120)
