@@ -358,19 +358,8 @@ class Router:
         transceiver that deregistered while its callers still hear the end, never cuts a
         call."""
         self._fresh = topology
-        self.topology = topology = retained(
-            self.topology,
-            topology,
-            time.time() if wall is None else wall,
-            self.topology_hold_s,
-            self._node_bindings,
-            self.gone_grace_s,
-        )
-        for binding in self._bindings.values():
-            media = topology.transceivers.get((binding.cluster_id, binding.transceiver_id))
-            if media is not None and media != binding.media:
-                binding.media = media
-        self._forget_unrouted()
+        self._retain(time.time() if wall is None else wall)
+        self._follow_topology()
 
     def prune_topology(self, wall: float) -> bool:
         """Lets retained nodes go once their hold passed and their bindings left (the data
@@ -378,6 +367,14 @@ class Router:
         if not self.topology.retained:
             return False
         before = self.topology.transceivers
+        self._retain(wall)
+        if self.topology.transceivers == before:
+            return False
+        self._follow_topology()
+        return True
+
+    def _retain(self, wall: float) -> None:
+        """The view to route on: the latest answer plus what `topology.retained` keeps."""
         self.topology = retained(
             self.topology,
             self._fresh,
@@ -386,21 +383,20 @@ class Router:
             self._node_bindings,
             self.gone_grace_s,
         )
-        if self.topology.transceivers == before:
-            return False
-        self._forget_unrouted()
-        return True
 
-    def _forget_unrouted(self) -> None:
-        """Drops the bindings of nodes the view no longer routes to (a gone transceiver's
-        callers): their packets are then dropped as for any unknown node, and their Redis
-        copies, no longer refreshed, expire with their TTL. Counted as expired."""
+    def _follow_topology(self) -> None:
+        """One pass over the bindings after the view changed: those of a node that moved
+        follow it; those of a node the view no longer routes to (a gone transceiver's
+        callers) are dropped, so their packets are dropped as for any unknown node and their
+        Redis copies, no longer refreshed, expire with their TTL (counted as expired)."""
         known = self.topology.transceivers
-        stale = [
-            client
-            for client, binding in self._bindings.items()
-            if (binding.cluster_id, binding.transceiver_id) not in known
-        ]
+        stale: list[Address] = []
+        for client, binding in self._bindings.items():
+            media = known.get((binding.cluster_id, binding.transceiver_id))
+            if media is None:
+                stale.append(client)
+            elif media != binding.media:
+                binding.media = media
         for client in stale:
             self._remove(client)
         self.bindings_expired += len(stale)
