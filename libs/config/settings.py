@@ -198,6 +198,11 @@ class ServiceSettings:
                 rule.check(field.name, getattr(self, field.name))
 
 
+def join_host_port(host: str, port: int) -> str:
+    """The inverse of `host_port`: `127.0.0.1:80`, or `[::1]:80` for an IPv6 literal."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_host_port(value: str, name: str) -> tuple[str, int]:
     """`host_port` for code that reads an address setting: raises SettingsError naming it."""
     try:

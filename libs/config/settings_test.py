@@ -11,6 +11,7 @@ from libs.config.settings import (
     ServiceSettings,
     SettingsError,
     host_port,
+    join_host_port,
     load_settings,
     parse_host_port,
     redis_url,
@@ -160,3 +161,10 @@ def test_a_field_redefined_without_a_rule_keeps_the_base_rule() -> None:
     OverridingSettings().validate()
     with pytest.raises(SettingsError, match="grpc_listen: expected host:port"):
         OverridingSettings(grpc_listen="nowhere").validate()
+
+
+@pytest.mark.parametrize(("host", "port"), [("127.0.0.1", 80), ("::1", 443), ("2001:db8::5", 0)])
+def test_join_host_port_is_the_inverse_of_host_port(host: str, port: int) -> None:
+    text = join_host_port(host, port)
+    assert host_port(text) == (host, port)
+    assert text.startswith("[") == (":" in host)

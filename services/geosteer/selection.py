@@ -22,6 +22,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from libs.config.settings import join_host_port
+
 EARTH_RADIUS_KM = 6371.0088  # IUGG mean Earth radius
 FIBER_KM_PER_MS = 200.0
 PATH_INFLATION = 1.5
@@ -64,7 +66,7 @@ class Endpoint:
     tcp: bool = False
 
     def __str__(self) -> str:
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+        return join_host_port(self.ip, self.port)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from libs.config.settings import parse_host_port
+from libs.config.settings import join_host_port, parse_host_port
 from libs.fastio import fastio
 from libs.observability.telemetry import log_event
 from libs.wire.framing import Address
@@ -57,8 +57,9 @@ def bind_udp(address: str, *, reuse_port: bool) -> socket.socket:
 
 
 def sockname(sock: socket.socket) -> str:
+    """The bound address as `host:port` text."""
     host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_host_port(host, port)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from libs.config.settings import parse_host_port
+from libs.config.settings import join_host_port, parse_host_port
 from libs.observability.telemetry import log_event
 from libs.wire import ufrag
 from libs.wire.framing import Address
@@ -332,11 +332,6 @@ def bind_tcp(address: str) -> socket.socket:
     return sock
 
 
-def _text(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class TcpPlane:
     """One worker's public TCP listener, its router and its internal UDP socket."""
 
@@ -379,9 +374,9 @@ class TcpPlane:
             self._internal, _ = await loop.create_datagram_endpoint(
                 lambda: _Internal(self), sock=internal
             )
-            self.internal_address = _text(internal)
+            self.internal_address = join_host_port(*internal.getsockname()[:2])
             listener = bind_tcp(self._listen)
-            self.address = _text(listener)
+            self.address = join_host_port(*listener.getsockname()[:2])
             self._server = await loop.create_server(
                 lambda: _Connection(self), sock=listener, backlog=LISTEN_BACKLOG
             )
