@@ -270,6 +270,22 @@ BRIDGE_SESSIONS_ACTIVE = MetricSpec(
 BRIDGE_SESSIONS_OPENED = MetricSpec(
     "bridge", "sessions_opened", Kind.COUNTER, "bridge sessions accepted"
 )
+BRIDGE_UPSTREAM_RECONNECTS = MetricSpec(
+    "bridge",
+    "upstream_reconnects",
+    Kind.COUNTER,
+    "realtime upstream WebSockets replaced during a call (cause: go_away = announced, "
+    "expired = session_expired error, closed = upstream closed, error = socket failed)",
+    labels=("cause",),
+)
+BRIDGE_UPSTREAM_ERRORS = MetricSpec(
+    "bridge",
+    "upstream_errors",
+    Kind.COUNTER,
+    "realtime upstream errors by error_type (unreachable: reconnect attempts ran out); "
+    "fatal=true ended the call",
+    labels=("error_type", "fatal"),
+)
 
 CATALOGUE: tuple[MetricSpec, ...] = tuple(
     value for value in list(globals().values()) if isinstance(value, MetricSpec)

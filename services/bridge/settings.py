@@ -76,6 +76,43 @@ class BridgeSettings(ServiceSettings):
     realtime_connect_timeout_s: float = setting(
         10.0, "limit on opening the realtime WebSocket", gt=0
     )
+    realtime_goaway_event: str = setting(
+        "session.go_away",
+        "type of the server event that announces the upstream closing, with its time left "
+        "(time_left_ms, or timeLeft as a duration such as 10s); the adapter pre-connects",
+    )
+    realtime_expiry_lead_s: float = setting(
+        60.0,
+        "pre-connect this long before the session's announced expires_at (session.created)",
+        ge=0,
+    )
+    realtime_goaway_margin_ms: int = setting(
+        500,
+        "after a go-away, swap sockets at the latest this long before the announced close",
+        ge=0,
+        le=60000,
+    )
+    realtime_reconnect_attempts: int = setting(
+        5,
+        "connection attempts after an upstream drop before the call ends (backoff between)",
+        ge=1,
+        le=100,
+    )
+    realtime_reconnect_backoff_ms: int = setting(
+        100, "pause after the first failed reconnect attempt, doubling to 2 s", ge=0, le=10000
+    )
+    realtime_reconnect_buffer_ms: int = setting(
+        2000,
+        "caller audio kept to resend after a reconnect (speech the old socket left unanswered)",
+        ge=0,
+        le=30000,
+    )
+    realtime_replay_max_items: int = setting(
+        100, "conversation items replayed into a new upstream socket (the newest)", ge=0
+    )
+    realtime_max_errors_per_min: int = setting(
+        10, "non-fatal upstream errors in a minute past which the call ends", ge=1
+    )
 
     pipecat_factory: str = setting(
         "",
