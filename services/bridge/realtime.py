@@ -897,8 +897,15 @@ class RealtimeAdapter:
         self._wake.set()
 
     def _plan_expiry(self, expires_at: float) -> None:
-        self._expires_at = asyncio.get_running_loop().time() + expires_at - time.time()
-        self._prepare_at = self._expires_at - self._settings.realtime_expiry_lead_s
+        """Acts on session.expires_at `realtime_expiry_lead_s` ahead. One sooner than that
+        is ignored (0: off): whatever it dates, a socket that would be replaced as soon as
+        it opens would be replaced again and again."""
+        lead_s = self._settings.realtime_expiry_lead_s
+        left_s = expires_at - time.time()
+        if not lead_s or left_s <= lead_s:
+            return
+        self._expires_at = asyncio.get_running_loop().time() + left_s
+        self._prepare_at = self._expires_at - lead_s
         self._wake.set()
 
     def _lost(self, link: Link, cause: str) -> None:
@@ -964,16 +971,22 @@ class RealtimeAdapter:
         """Runs socket changes: connects a successor when one is needed, swaps it in when
         the time has come, ends the session when none can be had."""
         loop = asyncio.get_running_loop()
-        while not self._ended:
-            timers = [t for t in (self._prepare_at, self._swap_deadline()) if t is not None]
-            timeout = max(0.0, min(timers) - loop.time()) if timers else None
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            await self._step(loop.time())
+        try:
+            while not self._ended:
+                timers = [t for t in (self._prepare_at, self._swap_deadline()) if t is not None]
+                timeout = max(0.0, min(timers) - loop.time()) if timers else None
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                await self._step(loop.time())
+        except Exception:  # a bug here ends this session, never the process
+            logger.exception(
+                "realtime.supervisor_crashed", extra={"kv": {"session.id": self._ctx.session_id}}
+            )
+            self._finish(common_pb2.CLOSE_REASON_INTERNAL_ERROR, "internal error in the bridge")
 
     def _swap_deadline(self) -> float | None:
         if self._close_at is None:

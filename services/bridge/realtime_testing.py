@@ -163,7 +163,19 @@ def _request(event: dict[str, Any]) -> inference_pb2.StreamSessionRequest:
     )
 
 
-async def _speak_silence(call: Call, seconds: float) -> None:
+class _Writer:
+    """One writer at a time on the call (grpc.aio refuses concurrent writes)."""
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+        self._lock = asyncio.Lock()
+
+    async def write(self, request: inference_pb2.StreamSessionRequest) -> None:
+        async with self._lock:
+            await self._call.write(request)
+
+
+async def _speak_silence(call: _Writer, seconds: float) -> None:
     """Caller audio as a microphone sends it: 20 ms of silence every 20 ms."""
     frame = inference_pb2.StreamSessionRequest(
         audio_frame=inference_pb2.AudioFrame(data=bytes(RATE // 50 * 2))
@@ -184,10 +196,11 @@ async def run_call(stub: Any, seconds: float) -> CallReport:
     accepted = await read(call)
     assert accepted is not None
     assert accepted.HasField("session_accepted"), accepted
-    await call.write(_request({"type": "response.create"}))
+    writer = _Writer(call)
+    await writer.write(_request({"type": "response.create"}))
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    speaker = asyncio.create_task(_speak_silence(call, seconds))
+    speaker = asyncio.create_task(_speak_silence(writer, seconds))
     play_end: float | None = None
     try:
         while loop.time() - t0 < seconds:
@@ -205,7 +218,7 @@ async def run_call(stub: Any, seconds: float) -> CallReport:
             elif kind == "response_done":
                 report.done.append(message.response_done.response_id)
                 report.cancelled += message.response_done.cancelled
-                await call.write(_request({"type": "response.create"}))
+                await writer.write(_request({"type": "response.create"}))
             elif kind == "data_channel_message":
                 event = json.loads(message.data_channel_message.json)
                 if event.get("type") == "error":

@@ -83,7 +83,8 @@ class BridgeSettings(ServiceSettings):
     )
     realtime_expiry_lead_s: float = setting(
         60.0,
-        "pre-connect this long before the session's announced expires_at (session.created)",
+        "pre-connect this long before the session's announced expires_at (session.created; "
+        "0: off; a sooner one is ignored)",
         ge=0,
     )
     realtime_goaway_margin_ms: int = setting(
