@@ -74,6 +74,7 @@ from opentelemetry import metrics
 from libs.observability.metrics import BRIDGE_UPSTREAM_ERRORS, BRIDGE_UPSTREAM_RECONNECTS
 from libs.observability.telemetry import log_event
 from libs.service.aio import cancel_and_wait
+from libs.wire.realtime_session import merge_session
 from services.bridge.audio import FRAME_MS, frame_bytes, pcm_to_mono, resample_linear, split_frames
 from services.bridge.backend import BackendError, SessionContext
 from services.bridge.session import Playout, Response
@@ -393,19 +394,6 @@ def default_session(settings: BridgeSettings) -> dict[str, Any]:
             "output": {"format": pcm},
         },
     }
-
-
-def merge_session(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """`base` with a session.update's `session` applied as the Realtime API applies it:
-    objects merge key by key, anything else (lists, null) replaces."""
-    merged = dict(base)
-    for key, value in update.items():
-        old = merged.get(key)
-        if isinstance(old, Mapping) and isinstance(value, Mapping):
-            merged[key] = merge_session(old, value)
-        else:
-            merged[key] = value
-    return merged
 
 
 class Conversation:

@@ -44,7 +44,6 @@ from services.bridge.realtime import (
     ServerEventMapper,
     UpstreamError,
     classify_error,
-    merge_session,
     time_left_s,
 )
 from services.bridge.realtime_testing import (
@@ -681,16 +680,6 @@ def test_classify_error(error_type: str, code: str, expected: ErrorClass) -> Non
 )
 def test_time_left(event: dict[str, Any], expected: float) -> None:
     assert time_left_s(event) == expected
-
-
-def test_merge_session() -> None:
-    base = {"audio": {"input": {"format": "pcm", "turn_detection": {"type": "server_vad"}}}}
-    update = {"audio": {"input": {"turn_detection": None}}, "instructions": "hi"}
-    assert merge_session(base, update) == {
-        "audio": {"input": {"format": "pcm", "turn_detection": None}},
-        "instructions": "hi",
-    }
-    assert base["audio"]["input"]["turn_detection"] == {"type": "server_vad"}  # not changed
 
 
 def test_conversation_replays_text_items_in_first_seen_order() -> None:
