@@ -5,7 +5,8 @@ The transceiver answers every clear (our ClearAudio, or the caller's
 `next_sequence` is the AudioFrame.sequence of the first frame the caller did not hear: the
 interrupted item was heard for `next_sequence - (its first frame's sequence)` frames, exact
 to one frame. A transceiver that never reports (older than the report) leaves the adapter's
-own estimate from its pacing, used once `REPORT_WAIT_S` has passed without a report.
+own estimate from its pacing, used once `REPORT_WAIT_S` has passed without a report. An
+item is truncated once: what the model sends of it after the interruption never plays.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ logger = logging.getLogger("voiceedge.bridge.realtime")
 # A transceiver answers within a round trip (milliseconds); one that has not in this long
 # never will, and the model should not wait longer for its context to be fixed.
 REPORT_WAIT_S = 1.0
+
+ITEMS_REMEMBERED = 32
 
 # (item_id, audio_end_ms) -> the conversation.item.truncate event sent
 Truncate = Callable[[str, int], Awaitable[None]]
@@ -52,6 +55,9 @@ class TruncationSource:
         self._session_id = session_id
         self._wait_s = wait_s
         self._clears: collections.deque[_Clear] = collections.deque()
+        # Items truncated already: audio the model still sends for an interrupted item is
+        # dropped by the transceiver, so a later clear must not truncate it again (to 0).
+        self._truncated: collections.deque[str] = collections.deque(maxlen=ITEMS_REMEMBERED)
         self.reported = 0  # truncations from a PlayoutReport
         self.estimated = 0  # truncations from the estimate (no report in time)
 
@@ -60,6 +66,10 @@ class TruncationSource:
     ) -> None:
         """A clear went to (or came through) the transceiver: one report will follow. If
         none comes within the wait, `truncate` gets the estimate."""
+        if item_id in self._truncated:
+            item_id = ""
+        elif item_id:
+            self._truncated.append(item_id)
         clear = _Clear(item_id, first_sequence, estimate_ms)
         clear.fallback = asyncio.create_task(
             self._fall_back(clear, truncate), name="truncate-fallback"

@@ -37,6 +37,8 @@ async def test_each_report_answers_the_oldest_clear_exactly() -> None:
     assert await source.on_report(report(0)) is None
     assert await source.on_report(report(30)) == ("item_b", 0)  # none of it was heard
     assert await source.on_report(report(50)) is None  # no clear waiting
+    source.expect("item_a", 60, 999, sink)  # item_a again (its late audio): truncated once
+    assert await source.on_report(report(61)) is None
     assert source.reported == 2
     assert sink.truncated.empty()
     await source.close()

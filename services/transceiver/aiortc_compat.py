@@ -671,6 +671,8 @@ def check_versions() -> None:
     for name in RECEIVER_ATTRIBUTES:
         if not isinstance(getattr(receiver, name, None), queue.Queue):
             raise CompatError(f"aiortc.RTCRtpReceiver.{name} is gone: update aiortc_compat.py")
+    if not callable(getattr(receiver, "_handle_rtp_packet", None)):  # tap_rtp_packets
+        raise CompatError("aiortc.RTCRtpReceiver._handle_rtp_packet is gone")
     for name in ("query_consent", "build_request", "remote_password"):
         if not hasattr(connection, name):
             raise CompatError(f"aioice.Connection.{name} is gone: update aiortc_compat.py")
