@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from services.bridge.session import Outbox
 from services.bridge.settings import BridgeSettings
@@ -33,6 +33,15 @@ class Backend(Protocol):
     async def on_data_channel(self, text: str) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class PlayoutListener(Protocol):
+    """A backend that wants to know what the caller heard: the transceiver's PlayoutReport
+    after each clear (inference.proto). Optional; the servicer drops reports for a backend
+    without it."""
+
+    async def on_playout_report(self, report: inference_pb2.PlayoutReport) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -363,7 +363,10 @@ class PipecatBackend:
         await self._out.playout.wait_sent()
         await self._played_out()
         log_event(logger, "pipecat.pipeline_ended", session__id=self.session_id)
-        self._outbox.end(common_pb2.CLOSE_REASON_BRIDGE_ENDED, "pipecat pipeline ended")
+        # after_playout: a transceiver that knows it ends the call on its last frame played.
+        self._outbox.end(
+            common_pb2.CLOSE_REASON_BRIDGE_ENDED, "pipecat pipeline ended", after_playout=True
+        )
 
     async def _played_out(self) -> None:
         """Until the transceiver has played what was sent (a goodbye is heard in full):

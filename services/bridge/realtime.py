@@ -17,7 +17,8 @@ Server events (`ServerEventMapper`, pure) -> messages to the transceiver:
   (zero-padded).
 - input_audio_buffer.speech_started: ClearAudio (if response audio is queued or playing),
   then SpeechStarted; the server gets `conversation.item.truncate` with the played
-  duration of the interrupted item (estimated from the pacing).
+  duration of the interrupted item (from the transceiver's PlayoutReport, truncation.py;
+  estimated from the pacing when none comes).
 - input_audio_buffer.speech_stopped: SpeechStopped.
 - response.output_audio_transcript.delta / .done (and response.audio_transcript.*):
   TranscriptDelta, source OUTPUT, final on done.
@@ -79,6 +80,7 @@ from services.bridge.audio import FRAME_MS, frame_bytes, pcm_to_mono, resample_l
 from services.bridge.backend import BackendError, SessionContext
 from services.bridge.session import Playout, Response
 from services.bridge.settings import BridgeSettings
+from services.bridge.truncation import TruncationSource
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2
 
@@ -503,6 +505,7 @@ class RealtimeAdapter:
         self._tasks: list[asyncio.Task[None]] = []
         self._playing_item = ""  # output item whose audio is being played
         self._item_first_sequence = 0  # Playout sequence of that item's first frame
+        self._truncations = TruncationSource(ctx.session_id)
         # The model sends session.created / session.updated itself (passed through).
         self.sends_session_events = True
         self.session_defaults: Mapping[str, Any] | None = None
@@ -559,6 +562,7 @@ class RealtimeAdapter:
         tasks, self._tasks = self._tasks, []
         try:
             await cancel_and_wait(self._connecting, *tasks, *(x.task for x in links))
+            await self._truncations.close()
         finally:
             # Even when this task is being cancelled itself (the caller's stream went):
             # the endpoint must see its sockets closed.
@@ -645,9 +649,19 @@ class RealtimeAdapter:
             if clear_transceiver:
                 self._outbox.put(Response(clear=inference_pb2.ClearAudio()))
             log_event(logger, "realtime.barge_in", session__id=self._ctx.session_id)
-            if self._playing_item:
-                await self._truncate(self._playing_item, max(0, played_frames) * FRAME_MS)
+            # What was heard: the transceiver's PlayoutReport on this clear, else (none in
+            # time) the estimate from the pacing.
+            estimate_ms = max(0, played_frames) * FRAME_MS
+            self._truncations.expect(
+                self._playing_item, self._item_first_sequence, estimate_ms, self._truncate
+            )
         self._playing_item = ""
+
+    async def on_playout_report(self, report: inference_pb2.PlayoutReport) -> None:
+        """The transceiver's answer to a clear (PlayoutListener): the exact truncation."""
+        heard = await self._truncations.on_report(report)
+        if heard is not None:
+            await self._truncate(*heard)
 
     async def _truncate(self, item_id: str, audio_end_ms: int) -> None:
         """Tells the model how much of its answer the caller heard before interrupting, so

@@ -29,7 +29,13 @@ from libs.service.aio import cancel_and_wait
 from libs.service.errors import StatusError, invalid_argument, resource_exhausted
 from libs.wire.batches import ResponseBatches, refusal, session_requests
 from services.bridge.audio import FRAME_MS
-from services.bridge.backend import Backend, BackendError, BackendFactory, SessionContext
+from services.bridge.backend import (
+    Backend,
+    BackendError,
+    BackendFactory,
+    PlayoutListener,
+    SessionContext,
+)
 from services.bridge.registry import FACTORIES
 from services.bridge.session import Outbox, Response
 from services.bridge.settings import BridgeSettings
@@ -329,6 +335,9 @@ class BridgeServicer(inference_pb2_grpc.InferenceBridgeServiceServicer):
                     await backend.on_audio(request.audio_frame)
                 elif kind == "data_channel_message":
                     await backend.on_data_channel(request.data_channel_message.json)
+                elif kind == "playout_report":
+                    if isinstance(backend, PlayoutListener):
+                        await backend.on_playout_report(request.playout_report)
                 elif kind == "session_end":
                     log_event(
                         logger,

@@ -70,11 +70,15 @@ class Outbox:
         self,
         reason: common_pb2.CloseReason.ValueType = common_pb2.CLOSE_REASON_BRIDGE_ENDED,
         detail: str = "",
+        *,
+        after_playout: bool = False,
     ) -> None:
-        """Sends SessionEnd and closes (idempotent: only the first reason counts)."""
+        """Sends SessionEnd and closes (idempotent: only the first reason counts).
+        `after_playout`: the transceiver ends the call once the audio sent has played."""
         if self._closed:
             return
-        self.put(Response(session_end=inference_pb2.SessionEnd(reason=reason, detail=detail)))
+        end = inference_pb2.SessionEnd(reason=reason, detail=detail, after_playout=after_playout)
+        self.put(Response(session_end=end))
         self.close()
 
     def close(self) -> None:

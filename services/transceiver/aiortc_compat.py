@@ -592,6 +592,26 @@ def tap_encoded_audio(receiver: RTCRtpReceiver, sink: EncodedSink) -> None:
     setattr(receiver, name, _DecoderQueueTap(real, sink))
 
 
+# (sequence, RTP timestamp, payload, loop time of arrival)
+RtpPacketSink = Callable[[int, int, bytes, float], None]
+
+
+def tap_rtp_packets(receiver: RTCRtpReceiver, sink: RtpPacketSink) -> None:
+    """Test clients only: every SRTP-decrypted RTP packet of `receiver` reaches `sink` as it
+    arrives, before aiortc's jitter buffer (which hands an audio packet on only once the
+    next one has come), by wrapping `RTCRtpReceiver._handle_rtp_packet`."""
+    handle = getattr(receiver, "_handle_rtp_packet", None)
+    if handle is None:
+        raise CompatError("aiortc.RTCRtpReceiver._handle_rtp_packet is gone")
+
+    async def tapped(packet: Any, arrival_time_ms: int) -> None:
+        now = asyncio.get_running_loop().time()
+        sink(int(packet.sequence_number), int(packet.timestamp), bytes(packet.payload), now)
+        await handle(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = tapped  # type: ignore[method-assign]
+
+
 @dataclass(frozen=True)
 class SelectedPair:
     local: tuple[str, int]
@@ -651,6 +671,8 @@ def check_versions() -> None:
     for name in RECEIVER_ATTRIBUTES:
         if not isinstance(getattr(receiver, name, None), queue.Queue):
             raise CompatError(f"aiortc.RTCRtpReceiver.{name} is gone: update aiortc_compat.py")
+    if not callable(getattr(receiver, "_handle_rtp_packet", None)):  # tap_rtp_packets
+        raise CompatError("aiortc.RTCRtpReceiver._handle_rtp_packet is gone")
     for name in ("query_consent", "build_request", "remote_password"):
         if not hasattr(connection, name):
             raise CompatError(f"aioice.Connection.{name} is gone: update aiortc_compat.py")

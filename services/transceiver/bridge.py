@@ -44,11 +44,17 @@ class BridgeError(Exception):
 
 
 class BridgeEndedError(Exception):
-    """The bridge ended the session normally (SessionEnd or half-close)."""
+    """The bridge ended the session normally (SessionEnd or half-close); `after_playout`:
+    once the queued response audio has played (SessionEnd.after_playout)."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, after_playout: bool = False) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.after_playout = after_playout
+
+    @classmethod
+    def of(cls, end: inference_pb2.SessionEnd) -> BridgeEndedError:
+        return cls(end.detail or "session_end from bridge", after_playout=end.after_playout)
 
 
 Request = inference_pb2.StreamSessionRequest
@@ -135,7 +141,7 @@ class BridgeLink(AudioNumbering):
             if not isinstance(message, Response):  # grpc.aio.EOF
                 raise BridgeEndedError("bridge half-closed the stream")
             if message.WhichOneof("payload") == "session_end":
-                raise BridgeEndedError(message.session_end.detail or "session_end from bridge")
+                raise BridgeEndedError.of(message.session_end)
             on_message(message)
 
     def _put(self, request: Request) -> bool:
@@ -154,6 +160,9 @@ class BridgeLink(AudioNumbering):
 
     def send_event(self, text: str) -> None:
         self._put(Request(data_channel_message=inference_pb2.DataChannelMessage(json=text)))
+
+    def send_report(self, report: inference_pb2.PlayoutReport) -> None:
+        self._put(Request(playout_report=report))
 
     async def close(self, reason: int, detail: str, *, notify: bool) -> None:
         """Ends the stream: SessionEnd (unless the bridge ended it), half-close, then cancel
@@ -392,9 +401,7 @@ class BatchedLink(AudioNumbering):
         on_message = self._on_message
         if on_message is not None and not self._finished.done():  # streaming: most calls
             if message.WhichOneof("payload") == "session_end":
-                self._finish(
-                    BridgeEndedError(message.session_end.detail or "session_end from bridge")
-                )
+                self._finish(BridgeEndedError.of(message.session_end))
             else:
                 on_message(message)
             return
@@ -404,7 +411,7 @@ class BatchedLink(AudioNumbering):
         if self._finished.done():
             return
         if message.WhichOneof("payload") == "session_end":
-            self._finish(BridgeEndedError(message.session_end.detail or "session_end from bridge"))
+            self._finish(BridgeEndedError.of(message.session_end))
             return
         if self._on_message is None:
             self._early.append(message)
@@ -443,6 +450,10 @@ class BatchedLink(AudioNumbering):
         if not self._ended:
             message = inference_pb2.DataChannelMessage(json=text)
             self._bridge.enqueue(self.session_id, Request(data_channel_message=message))
+
+    def send_report(self, report: inference_pb2.PlayoutReport) -> None:
+        if not self._ended:
+            self._bridge.enqueue(self.session_id, Request(playout_report=report))
 
     async def close(self, reason: int, detail: str, *, notify: bool) -> None:
         """SessionEnd to the bridge (unless it ended the session), then forget the session.
@@ -487,6 +498,9 @@ class BridgeSession(Protocol):
 
     def send_event(self, text: str) -> None:
         """A client event for the bridge (DataChannelMessage)."""
+
+    def send_report(self, report: inference_pb2.PlayoutReport) -> None:
+        """What the caller heard of the response a clear interrupted (PlayoutReport)."""
 
     async def close(self, reason: int, detail: str, *, notify: bool) -> None:
         """Ends the stream, telling the bridge `reason` unless `notify` is False (the

@@ -1,5 +1,6 @@
 """Audio between aiortc and the bridge: caller frames -> fixed 20 ms PCM chunks, and bridge
-PCM -> a paced outbound track with a small jitter buffer that barge-in clears at once."""
+PCM -> a paced outbound queue with a small jitter buffer that barge-in clears at once, and
+that knows how much of each response the caller heard."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from services.transceiver import opus
 from services.transceiver.bridge import BridgeSession
+from voiceedge.inference.v1 import inference_pb2
 
 FRAME_MS = 20
 BYTES_PER_SAMPLE = 2  # s16le
@@ -155,11 +157,27 @@ class IdleTrack(MediaStreamTrack):
         self._stopped.set()
 
 
+@dataclass(frozen=True)
+class Cleared:
+    """What a clear did: every queued frame it dropped, and the report for the bridge."""
+
+    frames_dropped: int
+    report: inference_pb2.PlayoutReport
+
+
 class Playout:
     """Outbound audio, one Opus packet per 20 ms tick (`next_packet`). Bridge audio queues
-    here (bounded, the oldest frames drop first); playout starts once `prebuffer` frames are
-    queued or the first one has waited that long, and a silence packet fills gaps.
-    `clear()` drops everything queued (barge-in)."""
+    here; playout starts once `prebuffer` frames are queued or the first one has waited
+    that long, and a silence packet fills gaps.
+
+    The queue holds `max_frames` (settings: `playout_queue_max_s`, 30 s): a burst of any
+    size up to that plays whole, at 20 ms a frame; beyond it the newest frames are dropped
+    and counted (`frames_dropped`): what is playing never jumps. `clear()` drops everything
+    queued (barge-in) and says what the caller heard of the current response
+    (`PlayoutReport`, inference.proto): the response of the last `start_response`, whose
+    frames are told apart by stream order. Once the bridge uses responses, audio after a
+    clear (or after `cancel_response`) belongs to the cancelled response and is dropped
+    (`frames_discarded`) until the next `start_response`."""
 
     def __init__(
         self,
@@ -170,29 +188,39 @@ class Playout:
         on_first_audio: Callable[[], None] | None = None,
         encoder: EncoderOptions | None = None,
     ) -> None:
-        self.passthrough = False
-        self._encoder_options = (
-            encoder or EncoderOptions()
-        )  # True: the queue holds Opus packets from the bridge
+        self.passthrough = False  # True: the queue holds Opus packets from the bridge
+        self._encoder_options = encoder or EncoderOptions()
         self.rate_hz = rate_hz
         self._chunks = Rechunker(frame_bytes(rate_hz))
-        self._queue: deque[bytes] = deque(maxlen=max_frames)
+        # (payload, the bridge's AudioFrame.sequence it began in, response generation)
+        self._queue: deque[tuple[bytes, int, int]] = deque()
+        self._max_frames = max_frames
         self._prebuffer = prebuffer
         self._first_queued_at: float | None = None
         self._playing = False
         self._encoder = OpusPacketizer(rate_hz, self._encoder_options)
         self._silence = silence_packet(rate_hz)
         self._on_first_audio = on_first_audio
+        self._drained = asyncio.Event()
+        self._drained.set()
+        # The current response: frames queued under its generation count as its own.
+        self._generation = 0
+        self._response_id = ""
+        self._responses_used = False  # the bridge has sent a ResponseStarted
+        self._discarding = False  # the current response was cancelled: drop its audio
+        self._played_in_response = 0
+        self._pending_sequence = 0  # bridge sequence the rechunker's partial frame began in
+        self._next_sequence = 0  # bridge sequence after the last frame played
         self.frames_played = 0
-        self.frames_dropped = 0
+        self.frames_dropped = 0  # the queue was full
+        self.frames_discarded = 0  # audio of a cancelled response
         self.clears = 0
 
     def set_rate(self, rate_hz: int) -> None:
         """The bridge's output rate, known once it accepted; before any audio is queued."""
         if rate_hz == self.rate_hz:
             return
-        self.clear()
-        self.clears -= 1
+        self._queue.clear()
         self.rate_hz = rate_hz
         self._chunks = Rechunker(frame_bytes(rate_hz))
         self._encoder = OpusPacketizer(rate_hz, self._encoder_options)
@@ -202,34 +230,105 @@ class Playout:
     def queued(self) -> int:
         return len(self._queue)
 
-    def push(self, pcm: bytes) -> None:
+    def push(self, pcm: bytes, sequence: int = 0) -> None:
         """Queues bridge audio: PCM at rate_hz (any length), or one Opus packet in
-        passthrough mode."""
-        for chunk in [pcm] if self.passthrough else self._chunks.push(pcm):
-            if len(self._queue) == self._queue.maxlen:
+        passthrough mode; `sequence` is its AudioFrame.sequence."""
+        if self._discarding:
+            self.frames_discarded += 1
+            return
+        queue = self._queue
+        was_empty = not queue
+        if self.passthrough or (len(pcm) == self._chunks.size and not self._chunks.pending):
+            entries = [(pcm, sequence)]  # the usual whole 20 ms frame: no rechunking
+        else:
+            begun_in = self._pending_sequence if self._chunks.pending else sequence
+            chunks = self._chunks.push(pcm)
+            entries = [(chunk, begun_in if i == 0 else sequence) for i, chunk in enumerate(chunks)]
+            if self._chunks.pending:
+                self._pending_sequence = sequence if chunks else begun_in
+        generation = self._generation
+        for chunk, begun in entries:
+            if len(queue) >= self._max_frames:
                 self.frames_dropped += 1
-            self._queue.append(chunk)
-        if self._queue and self._first_queued_at is None:
-            self._first_queued_at = time.monotonic()
+                continue
+            queue.append((chunk, begun, generation))
+        if queue and was_empty:
+            self._drained.clear()
+            if self._first_queued_at is None:
+                self._first_queued_at = time.monotonic()
 
-    def clear(self) -> int:
+    def flush(self) -> None:
+        """Queues the partial last frame, padded with silence (the bridge's last words)."""
+        pending = self._chunks.pending
+        if pending and not self.passthrough and not self._discarding:
+            self.push(bytes(self._chunks.size - pending), self._pending_sequence)
+
+    async def wait_drained(self) -> None:
+        """Until every queued frame has been played (or cleared)."""
+        await self._drained.wait()
+
+    def start_response(self, response_id: str) -> None:
+        """A ResponseStarted: the audio that follows is this response's."""
+        self._responses_used = True
+        self._discarding = False
+        self._response_id = response_id
+        self._generation += 1
+        self._played_in_response = 0
+
+    def cancel_response(self) -> None:
+        """A cancelled ResponseDone: what is queued still plays, later audio is dropped."""
+        if self._responses_used:
+            self._discarding = True
+
+    def report(self) -> inference_pb2.PlayoutReport:
+        """What the caller has heard of the current response so far."""
+        generation = self._generation
+        unplayed = sum(1 for entry in self._queue if entry[2] == generation)
+        if self._queue:
+            next_sequence = self._queue[0][1]
+        elif self._chunks.pending:
+            next_sequence = self._pending_sequence
+        else:
+            next_sequence = self._next_sequence
+        return inference_pb2.PlayoutReport(
+            response_id=self._response_id,
+            played_ms=self._played_in_response * FRAME_MS,
+            dropped_ms=unplayed * FRAME_MS,
+            next_sequence=next_sequence,
+        )
+
+    def clear(self) -> Cleared:
+        """Barge-in: drops everything queued; the current response is cancelled (see the
+        class docstring), or, for a bridge without responses, the counts start again."""
+        report = self.report()
         dropped = len(self._queue)
         self._queue.clear()
         self._chunks.clear()
         self._first_queued_at = None
         self._playing = False
+        self._drained.set()
         self.clears += 1
-        return dropped
+        if self._responses_used:
+            self._discarding = True
+        else:
+            self._generation += 1
+            self._played_in_response = 0
+        return Cleared(dropped, report)
 
     def next_packet(self) -> bytes:
-        if not self._playing and self._queue:
+        queue = self._queue
+        if not self._playing and queue:
             waited = time.monotonic() - (self._first_queued_at or 0.0)
-            if len(self._queue) >= self._prebuffer or waited >= self._prebuffer * FRAME_MS / 1000:
+            if len(queue) >= self._prebuffer or waited >= self._prebuffer * FRAME_MS / 1000:
                 self._playing = True
-        if self._playing and self._queue:
-            payload = self._queue.popleft()
-            if not self._queue:
+        if self._playing and queue:
+            payload, sequence, generation = queue.popleft()
+            if not queue:
                 self._first_queued_at = None
+                self._drained.set()
+            if generation == self._generation:
+                self._played_in_response += 1
+            self._next_sequence = sequence + 1
             if self.frames_played == 0 and self._on_first_audio is not None:
                 self._on_first_audio()
             self.frames_played += 1

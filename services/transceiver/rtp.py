@@ -352,10 +352,49 @@ FRAME_S = 0.02
 MAX_CATCH_UP_FRAMES = 10  # after a longer stall the stream skips ahead instead of bursting
 
 
+@dataclass(frozen=True)
+class TickPlan:
+    """What one tick sends for one stream: frames `first` to `end - 1` (each its own RTP
+    timestamp, 960 apart), after skipping `skipped` frames that came due too long ago."""
+
+    first: int
+    end: int
+    skipped: int
+
+
+def plan_tick(start: float, sent: int, now: float) -> TickPlan:
+    """The frames a stream started at `start` with `sent` frames sent owes at `now`.
+
+    Frame n is due at `start + n * FRAME_S`, whatever the ticks before did, so a stream
+    never drifts from its own clock. The catch-up rule for a loop that was late: when at
+    most MAX_CATCH_UP_FRAMES (200 ms) came due, they all go out in this tick, back to back,
+    each with its own timestamp (a caller's jitter buffer absorbs that); after a longer
+    stall only the newest one goes out and the others are skipped, never sent: the RTP
+    timestamp jumps by them (RFC 3550 §5.1; the caller conceals the gap, as it would have
+    for packets that arrive too late to play). A skipped frame consumes no audio: the
+    queue plays on from where it was, later."""
+    due = int((now - start) / FRAME_S) + 1
+    skipped = due - sent - 1 if due - sent > MAX_CATCH_UP_FRAMES else 0
+    return TickPlan(sent + skipped, max(due, sent), skipped)
+
+
+def next_deadline(origin: float, ticks: int, now: float) -> tuple[int, float]:
+    """The pacer's next timer: the first point of its 20 ms grid (`origin + k * FRAME_S`,
+    k > `ticks`) after `now`, as (k, time). On the grid, not `now + FRAME_S`: a late tick
+    does not push every later one back, so the timer keeps its phase for hours (k is an
+    integer, so no float error adds up either)."""
+    k = ticks + 1
+    at = origin + k * FRAME_S
+    if at <= now:
+        k = int((now - origin) / FRAME_S) + 1
+        at = origin + k * FRAME_S
+    return k, at
+
+
 class Pacer:
-    """One loop timer every 20 ms for every registered stream. Each stream keeps its own
-    frame clock from when it was added; a late tick sends the frames that came due (up to
-    MAX_CATCH_UP_FRAMES, then skips, so the RTP timestamps show the gap)."""
+    """One loop timer on a 20 ms grid for every registered stream (deadline-based: see
+    next_deadline). Each stream keeps its own frame clock from when it was added and sends
+    exactly one packet per 20 ms of it; a late tick follows plan_tick's catch-up rule."""
 
     def __init__(
         self,
@@ -368,6 +407,8 @@ class Pacer:
         self._streams: dict[Paced, tuple[float, int]] = {}  # stream -> (start, frames sent)
         self.failed_streams = 0
         self._handle: asyncio.TimerHandle | None = None
+        self._origin = 0.0  # the grid: ticks at origin + k * FRAME_S
+        self._grid_index = 0
         self._next_at = 0.0
         self.ticks = 0
         self.late_ticks = 0
@@ -380,7 +421,9 @@ class Pacer:
         loop = asyncio.get_running_loop()
         self._streams[stream] = (loop.time(), 0)
         if self._handle is None:
-            self._next_at = loop.time() + FRAME_S
+            self._origin = loop.time()
+            self._grid_index = 1
+            self._next_at = self._origin + FRAME_S
             self._handle = loop.call_at(self._next_at, self._tick)
 
     def remove(self, stream: Paced) -> None:
@@ -405,12 +448,11 @@ class Pacer:
             self._before()
         try:
             for stream, (start, sent) in list(self._streams.items()):
-                due = int((now - start) / FRAME_S) + 1
-                if due - sent > MAX_CATCH_UP_FRAMES:
-                    self.skipped_frames += due - sent - 1
-                    sent = due - 1
+                plan = plan_tick(start, sent, now)
+                self.skipped_frames += plan.skipped
+                sent = plan.first
                 try:
-                    while sent < due:
+                    while sent < plan.end:
                         stream.tick(sent)
                         sent += 1
                 except Exception:  # one stream's bug must not silence every other stream
@@ -426,7 +468,5 @@ class Pacer:
         if not self._streams:
             self._handle = None
             return
-        self._next_at += FRAME_S
-        if self._next_at < now:  # more than a frame behind: re-anchor the timer, not streams
-            self._next_at = now + FRAME_S
+        self._grid_index, self._next_at = next_deadline(self._origin, self._grid_index, now)
         self._handle = loop.call_at(self._next_at, self._tick)

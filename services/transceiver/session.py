@@ -35,7 +35,7 @@ from services.transceiver.bridge import (
     pcm_format,
 )
 from services.transceiver.lifecycle import Action, Event, Lifecycle, Phase
-from services.transceiver.media import CallerAudio, EncoderOptions, IdleTrack, Playout
+from services.transceiver.media import CallerAudio, Cleared, EncoderOptions, IdleTrack, Playout
 from services.transceiver.realtime_events import RealtimeEvents
 from services.transceiver.rtp_path import RtpPath
 from services.transceiver.settings import SessionSettings
@@ -314,9 +314,10 @@ class Session:
                 self._client_backlog.append((text, sender))
             return
         outcome = self._events.from_client(text)
+        cleared = None
         if outcome.clear_playout:
-            dropped = self.playout.clear()
-            log_event(logger, "session.output_cleared", session__id=self.id, frames_dropped=dropped)
+            cleared = self.playout.clear()
+            self._log_clear("session.output_cleared", cleared)
         for event in outcome.broadcast:
             self._server_events.send(event)
         for event in outcome.reply:
@@ -326,6 +327,10 @@ class Session:
                 sender.put(event)
         if outcome.to_bridge is not None:
             bridge.send_event(outcome.to_bridge)
+        if cleared is not None:
+            # After the client's clear itself: the bridge learns of the clear, then of what
+            # the caller heard (inference.proto, PlayoutReport).
+            bridge.send_report(cleared.report)
 
     def attach_sideband(self) -> Sideband:
         """A reader of every server event from now on, starting with `session.created`
@@ -477,6 +482,8 @@ class Session:
             try:
                 await link.read_loop(self._on_bridge_message)
             except BridgeEndedError as exc:
+                if exc.after_playout:
+                    await self._play_out()
                 self._feed(Event.BRIDGE_ENDED, exc.detail)
                 return
             except BridgeError as exc:
@@ -532,18 +539,71 @@ class Session:
 
     def _on_bridge_message(self, message: inference_pb2.StreamSessionResponse) -> None:
         kind = message.WhichOneof("payload")
+        playout = self.playout
         if kind == "audio_frame":
-            self.playout.push(message.audio_frame.data)
+            frame = message.audio_frame
+            full = playout.frames_dropped
+            playout.push(frame.data, frame.sequence)
             self.frames_out += 1
+            if playout.frames_dropped != full and not full:
+                log_event(
+                    logger,
+                    "session.playout_full",
+                    level=logging.WARNING,
+                    session__id=self.id,
+                    queue_max_s=self._settings.playout_queue_max_s,
+                )
             return
         if kind == "clear":
-            dropped = self.playout.clear()
-            log_event(logger, "session.barge_in", session__id=self.id, frames_dropped=dropped)
-            for event in self._events.cleared_by_bridge(dropped):
+            cleared = playout.clear()
+            self._log_clear("session.barge_in", cleared)
+            if self._bridge is not None:
+                self._bridge.send_report(cleared.report)
+            for event in self._events.cleared_by_bridge(cleared.frames_dropped):
                 self._server_events.send(event)
             return
+        if kind == "response_started":
+            playout.start_response(message.response_started.response_id)
+        elif kind == "response_done" and message.response_done.cancelled:
+            playout.cancel_response()
         for event in self._events.from_bridge(message):
             self._server_events.send(event)
+
+    def _log_clear(self, event: str, cleared: Cleared) -> None:
+        report = cleared.report
+        log_event(
+            logger,
+            event,
+            session__id=self.id,
+            frames_dropped=cleared.frames_dropped,
+            response__id=report.response_id,
+            played_ms=report.played_ms,
+            discarded_frames=self.playout.frames_discarded,
+        )
+
+    async def _play_out(self) -> None:
+        """The bridge ended the call after its last words (SessionEnd.after_playout): no
+        more caller audio to it, and the queued response audio (its partial last frame
+        padded) plays to the end, for at most `playout_drain_timeout_s`."""
+        self._caller_audio.bridge = None
+        playout = self.playout
+        playout.flush()
+        queued = playout.queued
+        timeout_s = self._settings.playout_drain_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await playout.wait_drained()
+        except TimeoutError:
+            log_event(
+                logger,
+                "session.play_out_timeout",
+                level=logging.WARNING,
+                session__id=self.id,
+                frames_left=playout.queued,
+                timeout_s=timeout_s,
+            )
+        else:
+            log_event(logger, "session.played_out", session__id=self.id, frames=queued)
 
     # ---- teardown
 

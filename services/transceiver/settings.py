@@ -113,12 +113,23 @@ class MediaSettings:
     jitter_buffer_frames: int = setting(
         3, "20 ms bridge frames buffered before playout starts after a gap", ge=0, le=50
     )
-    playout_queue_max_frames: int = setting(
-        1500,
-        "bound of queued response audio (20 ms frames); the oldest drop (at least "
-        "jitter_buffer_frames)",
-        ge=1,
+    playout_queue_max_s: float = setting(
+        30.0,
+        "bound of queued response audio: a burst up to it plays whole at 20 ms a frame, "
+        "beyond it the newest frames drop, counted (at least jitter_buffer_frames x 20 ms)",
+        gt=0,
+        le=600,
     )
+    playout_drain_timeout_s: float = setting(
+        30.0,
+        "a bridge SessionEnd with after_playout waits this long at most for the queued "
+        "response audio to play out before the call ends",
+        ge=0,
+    )
+
+    @property
+    def playout_queue_max_frames(self) -> int:
+        return max(1, round(self.playout_queue_max_s * 1000 / 20))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -184,4 +195,4 @@ class TransceiverSettings(SessionSettings, ServiceSettings):
     def validate(self) -> None:
         super().validate()
         if self.playout_queue_max_frames < self.jitter_buffer_frames:
-            raise SettingsError("playout_queue_max_frames: must be >= jitter_buffer_frames")
+            raise SettingsError("playout_queue_max_s: must hold jitter_buffer_frames")

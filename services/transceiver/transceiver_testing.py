@@ -113,6 +113,7 @@ class BridgeStream:
     passthrough: bool = False
     input_format: common_pb2.AudioFormat | None = None
     arrivals: list[tuple[int, float]] = field(default_factory=list)  # (sequence, monotonic)
+    reports: asyncio.Queue[inference_pb2.PlayoutReport] = field(default_factory=asyncio.Queue)
 
 
 class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
@@ -170,6 +171,8 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
             stream.events_in.append(request.data_channel_message.json)
             if self.echo_events:
                 return Resp(data_channel_message=request.data_channel_message)
+        elif kind == "playout_report":
+            stream.reports.put_nowait(request.playout_report)
         elif kind == "session_end":
             stream.end_reason = request.session_end.reason
             stream.ends += 1
