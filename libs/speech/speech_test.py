@@ -114,3 +114,9 @@ def test_pool_recognises_in_worker_processes() -> None:
     heard, silence = asyncio.run(asyncio.wait_for(run(), 90))
     assert word_error_rate(INTELLIGIBILITY_SENTENCE, heard) <= 0.2, heard
     assert silence == ""
+
+
+def test_scaled_speech_is_quieter_and_clips_when_louder() -> None:
+    speech = Speech(np.array([1000, -20000], dtype="<i2").tobytes(), 16000)
+    assert np.frombuffer(speech.scaled(0.5).pcm, "<i2").tolist() == [500, -10000]
+    assert np.frombuffer(speech.scaled(2.0).pcm, "<i2").tolist() == [2000, -32768]

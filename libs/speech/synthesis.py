@@ -46,6 +46,11 @@ class Speech:
     def seconds(self) -> float:
         return len(self.pcm) / 2 / self.rate_hz
 
+    def scaled(self, gain: float) -> Speech:
+        """The same speech, `gain` times as loud (clipped to 16 bits)."""
+        samples = np.frombuffer(self.pcm, dtype="<i2").astype(np.float64) * gain
+        return Speech(np.clip(samples, -32768, 32767).astype("<i2").tobytes(), self.rate_hz)
+
     def at_rate(self, rate_hz: int) -> Speech:
         """The same speech resampled to `rate_hz`."""
         samples = np.frombuffer(self.pcm, dtype="<i2").astype(np.int16)
