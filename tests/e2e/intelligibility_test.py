@@ -94,5 +94,14 @@ def test_a_spoken_sentence_comes_back_as_its_transcript_and_is_answered(
     peaks = js(browser, "window.voiceedgeReceived.peaksHz")
     assert 80 < float(np.median(peaks)) < 4000, peaks  # a voice, not a tone or hiss
 
+    # What a person sees: both lines in the page's transcript box.
+    shown = js(
+        browser,
+        "[...document.querySelectorAll('#transcripts p')]"
+        ".map(p => p.className + ': ' + p.textContent)",
+    )
+    assert f"user: {heard}" in shown, shown
+    assert f"agent: {answer}" in shown, shown
+
     browser.find_element(By.ID, "talk").click()  # hang up
     wait.until(lambda d: js(d, "document.getElementById('state').textContent") == "idle")
