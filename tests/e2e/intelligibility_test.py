@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 import pytest
 from selenium import webdriver
-from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from libs.speech.synthesis import INTELLIGIBILITY_SENTENCE, Speech, synthesise, write_wav
 from libs.speech.wer import word_error_rate
-from tests.e2e.browser import WAV_RATE, chromium, js
+from tests.e2e.browser import WAV_RATE, chromium, hang_up, js, start_call
 from tests.e2e.edge import edge
 from tools.demo.stack import Stack
 
@@ -63,11 +62,7 @@ def transcripts(driver: webdriver.Chrome, role: str) -> list[dict[str, Any]]:
 def test_a_spoken_sentence_comes_back_as_its_transcript_and_is_answered(
     stack: Stack, browser: webdriver.Chrome
 ) -> None:
-    browser.get(stack.http_base + "/")
-    browser.find_element(By.ID, "talk").click()
-    wait = WebDriverWait(browser, timeout=20, poll_frequency=0.2)
-    wait.until(lambda d: js(d, "window.voiceedgeState") == "connected")
-
+    start_call(browser, stack.http_base + "/")
     slow = WebDriverWait(browser, timeout=60, poll_frequency=0.25)
     slow.until(lambda d: transcripts(d, "user"))
     heard = transcripts(browser, "user")[0]["text"]
@@ -103,5 +98,4 @@ def test_a_spoken_sentence_comes_back_as_its_transcript_and_is_answered(
     assert f"user: {heard}" in shown, shown
     assert f"agent: {answer}" in shown, shown
 
-    browser.find_element(By.ID, "talk").click()  # hang up
-    wait.until(lambda d: js(d, "document.getElementById('state').textContent") == "idle")
+    hang_up(browser)
