@@ -61,6 +61,11 @@ for service in "${services[@]}"; do
   "$docker" run --rm --network none --entrypoint python "$image" -m pip check >&2
   "$docker" run --rm --network none --entrypoint python "$image" \
     -c "import services.$service.__main__" >&2
+  if [ "$service" = bridge ]; then  # the listen backend's speech: espeak-ng, the model
+    "$docker" run --rm --network none --entrypoint espeak-ng "$image" --version >&2
+    "$docker" run --rm --network none --entrypoint python "$image" \
+      -c "import libs.speech.recognition as r; r.load_model()" >&2
+  fi
   size="$("$docker" image inspect --format '{{.Size}}' "$image")"
   echo "$image $((size / 1000000)) MB"
 done

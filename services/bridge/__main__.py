@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from libs.observability.telemetry import Telemetry
 from libs.service.runtime import ServiceParts, Servicer, service_main
+from services.bridge import listen
 from services.bridge.pipecat_loader import preload
 from services.bridge.servicer import BridgeServicer
 from services.bridge.settings import BridgeSettings
@@ -19,7 +20,14 @@ from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 async def build(settings: BridgeSettings, telemetry: Telemetry) -> ServiceParts:
     if settings.backend == "pipecat":
         await preload(settings)
+    if settings.backend == "listen":
+        await listen.preload(settings)
     servicer = BridgeServicer(settings, telemetry)
+
+    async def close() -> None:
+        await servicer.close()
+        await listen.close_pool()
+
     full_name = inference_pb2.DESCRIPTOR.services_by_name["InferenceBridgeService"].full_name
     return ServiceParts(
         servicers=[
@@ -28,7 +36,7 @@ async def build(settings: BridgeSettings, telemetry: Telemetry) -> ServiceParts:
             )
         ],
         drain=servicer.drain,
-        close=servicer.close,
+        close=close,
         ready={"backend": settings.backend},
     )
 

@@ -343,13 +343,7 @@ class EchoAgent:
             Response(response_started=inference_pb2.ResponseStarted(response_id=response_id))
         )
         audio = resample_linear(utterance, self._in_rate, self._out_rate).astype("<i2").tobytes()
-        size = frame_bytes(self._out_rate)
-        frames, rest = split_frames(audio, size)
-        if rest:
-            frames.append(rest + bytes(size - len(rest)))
-        for frame in frames:
-            self._playout.enqueue_audio(frame)
-        await self._playout.wait_sent()
+        frames = await self._play(audio)
         self._outbox.put(
             Response(response_done=inference_pb2.ResponseDone(response_id=response_id))
         )
@@ -358,5 +352,17 @@ class EchoAgent:
             "echo.response_done",
             session__id=self.session_id,
             response__id=response_id,
-            frames=len(frames),
+            frames=frames,
         )
+
+    async def _play(self, audio: bytes) -> int:
+        """Queues response audio (at the output rate) as 20 ms frames, the last one padded
+        with silence; returns once all are sent, with their count."""
+        size = frame_bytes(self._out_rate)
+        frames, rest = split_frames(audio, size)
+        if rest:
+            frames.append(rest + bytes(size - len(rest)))
+        for frame in frames:
+            self._playout.enqueue_audio(frame)
+        await self._playout.wait_sent()
+        return len(frames)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from services.bridge.backend import BackendFactory
 from services.bridge.echo import EchoAgent
+from services.bridge.listen import ListenAgent
 from services.bridge.pipecat_loader import PipecatLoader
 from services.bridge.realtime import RealtimeAdapter
 
@@ -14,4 +15,5 @@ FACTORIES: Mapping[str, BackendFactory] = {
     "echo": EchoAgent,
     "realtime": RealtimeAdapter,
     "pipecat": PipecatLoader,
+    "listen": ListenAgent,
 }

@@ -38,3 +38,15 @@ def test_a_pipecat_factory_that_cannot_load_stops_the_bridge_at_start_up() -> No
     assert result.returncode == 2, result.stderr
     assert "pipecat_factory" in result.stderr
     assert "nowhere" in result.stderr
+
+
+def test_the_listen_backend_loads_its_model_before_ready_and_drains() -> None:
+    assert_service_lifecycle(
+        COMMAND, "voiceedge.inference.v1.InferenceBridgeService", ["--backend", "listen"]
+    )
+
+
+def test_a_listen_voice_espeak_ng_lacks_stops_the_bridge_at_start_up() -> None:
+    result = run_cli(COMMAND, ["--backend", "listen", "--listen-voice", "nosuchvoice"])
+    assert result.returncode == 2, result.stderr
+    assert "listen_voice" in result.stderr

@@ -6,7 +6,7 @@ import dataclasses
 
 from libs.config.settings import ServiceSettings, SettingsError, host_port, setting
 
-BACKENDS = ("echo", "realtime", "pipecat")
+BACKENDS = ("echo", "realtime", "pipecat", "listen")
 
 
 def _websocket_url(url: str) -> str:
@@ -33,8 +33,9 @@ class BridgeSettings(ServiceSettings):
     )
     backend: str = setting(
         "echo",
-        "echo (turn-taking echo agent), realtime (OpenAI Realtime WebSocket) or pipecat "
-        "(a Pipecat pipeline per session, from pipecat_factory)",
+        "echo (turn-taking echo agent), realtime (OpenAI Realtime WebSocket), pipecat "
+        "(a Pipecat pipeline per session, from pipecat_factory) or listen (offline speech "
+        "recognition answering what it understood)",
         choices=BACKENDS,
     )
     max_sessions: int = setting(1000, "concurrent streams; more get RESOURCE_EXHAUSTED", ge=1)
@@ -123,6 +124,19 @@ class BridgeSettings(ServiceSettings):
     )
     pipecat_input_rate_hz: int = setting(
         16000, "rate of the caller audio the Pipecat pipeline gets (pipecat)", ge=8000, le=48000
+    )
+
+    listen_voice: str = setting(
+        "en-us+f3", "espeak-ng voice of the listen backend's answers (espeak-ng --voices)"
+    )
+    listen_words_per_minute: int = setting(
+        140, "speaking rate of the listen backend's answers", ge=80, le=450
+    )
+    listen_workers: int = setting(
+        1,
+        "speech recognition processes of the listen backend (each loads the model: ~100 MB)",
+        ge=1,
+        le=32,
     )
 
     def validate(self) -> None:

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -75,3 +77,18 @@ def chromium(
 def js(driver: webdriver.Chrome, expression: str) -> Any:
     """The value of a JavaScript expression in the page."""
     return driver.execute_script(f"return {expression};")
+
+
+def start_call(driver: webdriver.Chrome, page_url: str, timeout_s: float = 20) -> None:
+    """Opens the demo page, clicks Talk and waits until the call is connected."""
+    driver.get(page_url)
+    driver.find_element(By.ID, "talk").click()
+    wait = WebDriverWait(driver, timeout=timeout_s, poll_frequency=0.2)
+    wait.until(lambda d: js(d, "window.voiceedgeState") == "connected")
+
+
+def hang_up(driver: webdriver.Chrome, timeout_s: float = 20) -> None:
+    """Clicks Hang up on the demo page and waits until it is idle again."""
+    driver.find_element(By.ID, "talk").click()
+    wait = WebDriverWait(driver, timeout=timeout_s, poll_frequency=0.2)
+    wait.until(lambda d: js(d, "document.getElementById('state').textContent") == "idle")

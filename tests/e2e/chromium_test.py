@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
-from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.e2e.browser import chromium, js, write_tone_wav
+from tests.e2e.browser import chromium, hang_up, js, start_call, write_tone_wav
 from tests.e2e.edge import edge
 from tools.demo.stack import Stack
 
@@ -44,10 +43,8 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
 def test_browser_call_through_the_relay_with_echo_and_barge_in(
     stack: Stack, browser: webdriver.Chrome
 ) -> None:
-    browser.get(stack.http_base + "/")
-    browser.find_element(By.ID, "talk").click()
+    start_call(browser, stack.http_base + "/")
     wait = WebDriverWait(browser, timeout=20, poll_frequency=0.2)
-    wait.until(lambda d: js(d, "window.voiceedgeState") == "connected")
     relay = f"{stack.relay_udp[0]}:{stack.relay_udp[1]}"
     wait.until(lambda d: js(d, "window.voiceedgeRemote") == relay)
 
@@ -72,5 +69,4 @@ def test_browser_call_through_the_relay_with_echo_and_barge_in(
     assert any("speech_started" in e for e in events), events
     assert any("speech_stopped" in e for e in events), events
 
-    browser.find_element(By.ID, "talk").click()  # hang up
-    wait.until(lambda d: js(d, "document.getElementById('state').textContent") == "idle")
+    hang_up(browser)

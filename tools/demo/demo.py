@@ -3,8 +3,11 @@
 `./bazelw run //:demo` starts geosteer, bridge, transceiver, relay and signaling, prints
 the page URL and the dev API key, and stops every process cleanly on Ctrl-C or SIGTERM:
 the first drains every service (each within its grace), a second stops them at once.
-Set REDIS_URL to share state through Redis instead of the embedded in-memory store, and
-VOICEEDGE_API_KEY to choose the API key (otherwise one is generated and printed).
+Set REDIS_URL to share state through Redis instead of the embedded in-memory store,
+VOICEEDGE_API_KEY to choose the API key (otherwise one is generated and printed), and
+VOICEEDGE_DEMO_BACKEND to pick the bridge's backend: `echo` (the default) plays each turn
+back, `listen` recognises it offline and answers "you said: ..." (the page shows both
+transcripts).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ DEV_METRICS_PORTS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     del argv
+    backend = os.environ.get("VOICEEDGE_DEMO_BACKEND", "") or "echo"
     stop = threading.Event()
     force = threading.Event()
 
@@ -53,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         api_key=os.environ.get("VOICEEDGE_API_KEY", ""),
         redis_url=os.environ.get("REDIS_URL", ""),
         # The page at / and its loopback-only client secrets.
-        extra_flags={"signaling": ["--demo-page", "true"]},
+        extra_flags={"signaling": ["--demo-page", "true"], "bridge": ["--backend", backend]},
     )
     print("demo: starting geosteer, bridge, transceiver, relay, signaling ...", flush=True)
     try:
@@ -73,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"demo: API key       {stack.api_key}")
         store = f"redis {config.redis_url}" if config.redis_url else "in-memory"
         print(f"demo: store         {store}")
+        print(f"demo: backend       {backend} (VOICEEDGE_DEMO_BACKEND: echo or listen)")
         print("demo: Ctrl-C stops every process.", flush=True)
         while not stop.wait(0.5):
             problem = stack.check_alive()
