@@ -1,9 +1,10 @@
-"""GeosteerService over real gRPC on 127.0.0.1:0, with an injected clock for leases."""
+"""GeosteerService over real gRPC on 127.0.0.1:0, with an injected clock for leases; every
+test runs on the in-memory registry and on a real Redis."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+import redis
 
+from libs.service.redis_testing import Redis, redis_server
 from libs.service.runtime import GrpcService, Servicer
 from services.geosteer.client import HeartbeatLoop, NodeReport
 from services.geosteer.servicer import Geosteer
@@ -49,6 +52,22 @@ FRANKFURT_IP = "194.25.0.1"  # the bundled DB-IP Lite places it in Frankfurt am 
 SYDNEY_IP = "1.1.1.1"  # ... and this one in Sydney
 
 
+@pytest.fixture(scope="module")
+def redis_instance() -> Iterator[Redis]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "redis"])
+def registry(request: pytest.FixtureRequest, redis_instance: Redis) -> str:
+    """The redis_url setting: "" (this process's memory) or a flushed real Redis."""
+    if request.param == "memory":
+        return ""
+    with redis.Redis.from_url(redis_instance.url) as client:
+        client.flushall()
+    return redis_instance.url
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -66,7 +85,7 @@ class Harness:
 
 
 @asynccontextmanager
-async def serve(tmp_path: Path, **settings: object) -> AsyncIterator[Harness]:
+async def serve(tmp_path: Path, registry: str = "", **settings: object) -> AsyncIterator[Harness]:
     path = tmp_path / "topology.toml"
     path.write_text(TOPOLOGY)
     clock = FakeClock()
@@ -75,6 +94,7 @@ async def serve(tmp_path: Path, **settings: object) -> AsyncIterator[Harness]:
         topology_path=str(path),
         heartbeat_interval_ms=100,
         heartbeat_ttl_ms=300,
+        redis_url=registry,
         **settings,  # type: ignore[arg-type]
     )
     geosteer = Geosteer(config, clock=clock)
@@ -131,8 +151,8 @@ async def route(stub: geosteer_pb2_grpc.GeosteerServiceAsyncStub, ip: str) -> in
     return response.cluster.cluster_id
 
 
-async def test_routes_spills_fails_over_and_learns(tmp_path: Path) -> None:
-    async with serve(tmp_path) as h:
+async def test_routes_spills_fails_over_and_learns(tmp_path: Path, registry: str) -> None:
+    async with serve(tmp_path, registry) as h:
         for cluster_id in (1, 2, 3):
             await register(h.stub, transceiver(cluster_id, 1))
 
@@ -181,8 +201,8 @@ async def test_routes_spills_fails_over_and_learns(tmp_path: Path) -> None:
         assert h.geosteer.directory.rtt_samples_dropped == 1
 
 
-async def test_errors_and_unknown_nodes(tmp_path: Path) -> None:
-    async with serve(tmp_path) as h:
+async def test_errors_and_unknown_nodes(tmp_path: Path, registry: str) -> None:
+    async with serve(tmp_path, registry) as h:
         assert not await beat(h.stub, "never-registered")
         removed = await h.stub.DeregisterNode(geosteer_pb2.DeregisterNodeRequest(node_id="x"))
         assert not removed.removed
@@ -239,8 +259,8 @@ async def test_errors_and_unknown_nodes(tmp_path: Path) -> None:
         assert removed.removed
 
 
-async def test_watch_sees_registration_and_expiry(tmp_path: Path) -> None:
-    async with serve(tmp_path) as h:
+async def test_watch_sees_registration_and_expiry(tmp_path: Path, registry: str) -> None:
+    async with serve(tmp_path, registry) as h:
         call = h.stub.WatchTopology(geosteer_pb2.WatchTopologyRequest())
         try:
             first = await asyncio.wait_for(call.read(), 10)
@@ -264,8 +284,8 @@ async def test_watch_sees_registration_and_expiry(tmp_path: Path) -> None:
             call.cancel()
 
 
-async def test_heartbeat_loop_registers_and_recovers(tmp_path: Path) -> None:
-    async with serve(tmp_path) as h:
+async def test_heartbeat_loop_registers_and_recovers(tmp_path: Path, registry: str) -> None:
+    async with serve(tmp_path, registry) as h:
         call = h.stub.WatchTopology(geosteer_pb2.WatchTopologyRequest())
         load = NodeReport(active_sessions=0)
         loop = HeartbeatLoop(h.channel, transceiver(2, 4, capacity=8), lambda: load)

@@ -30,6 +30,7 @@ from libs.service.auth import internal_channel
 from libs.service.errors import StatusError
 from libs.wire import ufrag as ufrag_codec
 from libs.wire.realtime_session import merge_session
+from services.geosteer.client import geosteer_channel
 from services.signaling import errors
 from services.signaling.ratelimit import RateLimiter, retry_after_header
 from services.signaling.sdp import OfferError, SdpFrag, answer_sdpfrag, validate_offer
@@ -161,7 +162,7 @@ class CallService:
         self._monotonic = monotonic
         self._key_limiter = RateLimiter(settings.rate_per_key_per_s, settings.burst_per_key)
         self._ip_limiter = RateLimiter(settings.rate_per_ip_per_s, settings.burst_per_ip)
-        self._geosteer_channel = internal_channel(settings.geosteer_address)
+        self._geosteer_channel = geosteer_channel(settings.geosteer_address)
         self._geosteer = geosteer_pb2_grpc.GeosteerServiceStub(self._geosteer_channel)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.draining = False
