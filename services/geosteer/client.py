@@ -60,6 +60,9 @@ SERVICE_CONFIG = {
     ],
 }
 
+RECONNECT_INITIAL_MS = 200
+RECONNECT_MAX_MS = 2000
+
 
 def geosteer_target(value: str) -> str:
     """The gRPC target of a `geosteer_address` setting (a `Rule.parse`; ValueError says
@@ -93,7 +96,14 @@ def geosteer_channel(address: str) -> grpc.aio.Channel:
     """A channel to geosteer at a `geosteer_address` setting (see `geosteer_target`)."""
     return internal_channel(
         geosteer_target(address),
-        options=[("grpc.service_config", json.dumps(SERVICE_CONFIG)), ("grpc.enable_retries", 1)],
+        options=[
+            ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+            ("grpc.enable_retries", 1),
+            # A replica that comes back is used again within RECONNECT_MAX_MS (gRPC's
+            # default backoff grows to 120 s).
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_MS),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
+        ],
     )
 
 

@@ -13,6 +13,11 @@ Redis layout (prefix `voiceedge:geosteer:`):
                       as a registry of one process starts at 1
     events    pub/sub {"o": origin, "r": revision} or {"o": origin, "c": cluster, "s": [...]}
 
+Nothing lives without an expiry: `nodes` and `leases` expire KEY_GRACE_S after the last
+lease written ends (all of them have run out by then), `revision` REVISION_TTL_S after a
+replica last read or changed it (only a registry with no replica running for that long
+starts counting again).
+
 Lease deadlines are Unix time in Redis, so replicas on different hosts agree on them
 (NTP-synchronised clocks); each replica converts them to and from its own monotonic clock
 at this edge. Pub/sub is at most once: a replica that missed a notice (its connection
@@ -44,6 +49,8 @@ KEY_PREFIX = "voiceedge:geosteer:"
 REDIS_RETRY_BASE_S = 0.02
 REDIS_RETRY_CAP_S = 0.2
 FOLLOW_MAX_BACKOFF_S = 5.0
+KEY_GRACE_S = 60.0
+REVISION_TTL_S = 86_400
 
 # KEYS: nodes, leases; ARGV: node id, now (Unix s). Deletes only a lease that ran out, so a
 # replica sweeping a stale read never removes a node another replica just renewed.
@@ -289,9 +296,12 @@ class RedisNodeStore:
 
     async def put(self, node: NodeState) -> None:
         expires = self._to_unix(node.expires_at)
+        keep_ms = max(1, int((node.expires_at - self._clock() + KEY_GRACE_S) * 1000))
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(self._nodes, node.node_id, encode_node(node, expires))
         pipe.zadd(self._leases, {node.node_id: expires})
+        pipe.pexpire(self._nodes, keep_ms)
+        pipe.pexpire(self._leases, keep_ms)
         await self._run(pipe.execute())
 
     async def get(self, node_id: str) -> NodeState | None:
@@ -324,7 +334,11 @@ class RedisNodeStore:
         )
 
     async def changed(self) -> int:
-        revision = 1 + int(await self._run(self._redis.incr(self._revision)))
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.incr(self._revision)
+        pipe.expire(self._revision, REVISION_TTL_S)
+        count, _ = await self._run(pipe.execute())
+        revision = 1 + int(count)
         await self._publish({"r": revision})
         return revision
 
@@ -338,7 +352,11 @@ class RedisNodeStore:
             )
 
     async def revision(self) -> int:
-        return 1 + int(await self._run(self._redis.get(self._revision)) or 0)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(self._revision)
+        pipe.expire(self._revision, REVISION_TTL_S)
+        count, _ = await self._run(pipe.execute())
+        return 1 + int(count or 0)
 
     async def follow(self, on_event: Callable[[StoreEvent], None]) -> None:
         """Subscribes, catches up on the revision, then hands on every other replica's

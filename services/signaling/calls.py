@@ -320,9 +320,13 @@ class CallService:
     async def _route(self, client_ip: str) -> geosteer_pb2.RouteSessionResponse:
         with self._tracer.start_as_current_span("geosteer.route") as span:
             try:
+                # Waits (up to the deadline) for a geosteer replica to be connected rather
+                # than failing at once: during a replica's failover the other may still be
+                # reconnecting.
                 route: geosteer_pb2.RouteSessionResponse = await self._geosteer.RouteSession(
                     geosteer_pb2.RouteSessionRequest(client_ip=client_ip),
                     timeout=self._settings.geosteer_timeout_s,
+                    wait_for_ready=True,
                 )
             except grpc.aio.AioRpcError as exc:
                 span.set_attribute("rpc.grpc.status_code", exc.code().value[0])

@@ -22,9 +22,11 @@ def edge(
     redis_url: str = "",
     extra_flags: dict[str, list[str]] | None = None,
     metrics: bool = False,
+    geosteer_replicas: int = 1,
 ) -> Iterator[Stack]:
-    """Every service on free loopback ports (with `metrics`, /metrics too: Stack.metrics);
-    their logs go to workdir/services.log."""
+    """Every service on free loopback ports (with `metrics`, /metrics too: Stack.metrics;
+    several geosteer replicas share `redis_url`'s registry); their logs go to
+    workdir/services.log."""
     with (workdir / "services.log").open("w") as log:
         running = start_stack(
             StackConfig(
@@ -36,6 +38,7 @@ def edge(
                 log=log,
                 extra_flags=extra_flags or {},
                 metrics_ports={} if metrics else None,
+                geosteer_replicas=geosteer_replicas,
             )
         )
         try:
