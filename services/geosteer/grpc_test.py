@@ -15,41 +15,18 @@ import pytest
 import redis
 
 from libs.service.redis_testing import Redis, redis_server
-from libs.service.runtime import GrpcService, Servicer
 from services.geosteer.client import HeartbeatLoop, NodeReport
+from services.geosteer.geosteer_testing import (
+    FRANKFURT_IP,
+    SYDNEY_IP,
+    TOPOLOGY,
+    serve_geosteer,
+    transceiver,
+)
 from services.geosteer.servicer import Geosteer
 from services.geosteer.settings import GeosteerSettings
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
-
-TOPOLOGY = """
-[[clusters]]
-id = 1
-name = "fra-1"
-region = "eu-central"
-latitude = 50.11
-longitude = 8.68
-relay_vips = ["203.0.113.1:3478"]
-
-[[clusters]]
-id = 2
-name = "ams-1"
-region = "eu-west"
-latitude = 52.37
-longitude = 4.90
-relay_vips = ["203.0.113.2:3478"]
-
-[[clusters]]
-id = 3
-name = "syd-1"
-region = "apac"
-latitude = -33.87
-longitude = 151.21
-relay_vips = ["203.0.113.3:3478"]
-"""
-
-FRANKFURT_IP = "194.25.0.1"  # the bundled DB-IP Lite places it in Frankfurt am Main
-SYDNEY_IP = "1.1.1.1"  # ... and this one in Sydney
 
 
 @pytest.fixture(scope="module")
@@ -97,39 +74,8 @@ async def serve(tmp_path: Path, registry: str = "", **settings: object) -> Async
         redis_url=registry,
         **settings,  # type: ignore[arg-type]
     )
-    geosteer = Geosteer(config, clock=clock)
-    geosteer.start()
-    name = geosteer_pb2.DESCRIPTOR.services_by_name["GeosteerService"].full_name
-    service = GrpcService(
-        "geosteer",
-        "127.0.0.1:0",
-        [
-            Servicer(
-                name, geosteer_pb2_grpc.add_GeosteerServiceServicer_to_server, geosteer.servicer
-            )
-        ],
-    )
-    await service.start()
-    channel = grpc.aio.insecure_channel(service.address)
-    try:
-        yield Harness(geosteer_pb2_grpc.GeosteerServiceStub(channel), channel, clock, geosteer)
-    finally:
-        # Geosteer first: its watch streams end cleanly before the server stops.
-        await geosteer.close()
-        await service.close(1.0)
-        await channel.close(None)
-
-
-def transceiver(cluster_id: int, tid: int, capacity: int = 1) -> geosteer_pb2.Node:
-    return geosteer_pb2.Node(
-        node_id=f"t{cluster_id}-{tid}",
-        kind=common_pb2.NODE_KIND_TRANSCEIVER,
-        cluster_id=cluster_id,
-        transceiver_id=tid,
-        grpc_address=f"127.0.0.1:{6000 + cluster_id}",
-        media_address=common_pb2.SocketAddress(ip="127.0.0.1", port=7000 + cluster_id),
-        capacity_sessions=capacity,
-    )
+    async with serve_geosteer(config, clock) as served:
+        yield Harness(served.stub, served.channel, clock, served.geosteer)
 
 
 async def register(

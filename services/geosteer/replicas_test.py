@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,43 +16,13 @@ import pytest
 import redis
 
 from libs.service.redis_testing import Redis, redis_server
-from libs.service.runtime import GrpcService, Servicer
 from services.geosteer.client import HeartbeatLoop, geosteer_channel, geosteer_target
-from services.geosteer.servicer import Geosteer
+from services.geosteer.geosteer_testing import FRANKFURT_IP, TOPOLOGY, Served, serve_geosteer
+from services.geosteer.geosteer_testing import transceiver as geosteer_transceiver
 from services.geosteer.settings import GeosteerSettings
-from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
-TOPOLOGY = """
-[[clusters]]
-id = 1
-name = "fra-1"
-region = "eu-central"
-latitude = 50.11
-longitude = 8.68
-relay_vips = ["203.0.113.1:3478"]
-
-[[clusters]]
-id = 2
-name = "ams-1"
-region = "eu-west"
-latitude = 52.37
-longitude = 4.90
-relay_vips = ["203.0.113.2:3478"]
-"""
-FRANKFURT_IP = "194.25.0.1"  # the bundled DB-IP Lite places it in Frankfurt am Main
 TIMEOUT_S = 10.0
-
-
-@dataclass
-class Replica:
-    geosteer: Geosteer
-    service: GrpcService
-    stub: geosteer_pb2_grpc.GeosteerServiceAsyncStub
-
-    @property
-    def address(self) -> str:
-        return self.service.address
 
 
 @pytest.fixture
@@ -63,7 +32,7 @@ def redis_instance() -> Iterator[Redis]:
 
 
 @asynccontextmanager
-async def replica(tmp_path: Path, redis_url: str) -> AsyncIterator[Replica]:
+async def replica(tmp_path: Path, redis_url: str) -> AsyncIterator[Served]:
     path = tmp_path / "topology.toml"
     path.write_text(TOPOLOGY)
     settings = GeosteerSettings(
@@ -74,37 +43,12 @@ async def replica(tmp_path: Path, redis_url: str) -> AsyncIterator[Replica]:
         heartbeat_ttl_ms=2000,
         redis_url=redis_url,
     )
-    geosteer = Geosteer(settings)
-    geosteer.start()
-    name = geosteer_pb2.DESCRIPTOR.services_by_name["GeosteerService"].full_name
-    add = geosteer_pb2_grpc.add_GeosteerServiceServicer_to_server
-    service = GrpcService("geosteer", "127.0.0.1:0", [Servicer(name, add, geosteer.servicer)])
-    await service.start()
-    channel = grpc.aio.insecure_channel(service.address)
-    try:
-        yield Replica(geosteer, service, geosteer_pb2_grpc.GeosteerServiceStub(channel))
-    finally:
-        await geosteer.close()  # idempotent: a test may have stopped it already
-        await service.close(1.0)
-        await channel.close(None)
-
-
-async def stop(r: Replica) -> None:
-    """The replica goes away: its streams end, its port closes."""
-    await r.geosteer.close()
-    await r.service.close(0.0)
+    async with serve_geosteer(settings) as served:
+        yield served
 
 
 def transceiver(cluster_id: int, tid: int) -> geosteer_pb2.Node:
-    return geosteer_pb2.Node(
-        node_id=f"t{cluster_id}-{tid}",
-        kind=common_pb2.NODE_KIND_TRANSCEIVER,
-        cluster_id=cluster_id,
-        transceiver_id=tid,
-        grpc_address=f"127.0.0.1:{6000 + tid}",
-        media_address=common_pb2.SocketAddress(ip="127.0.0.1", port=7000 + tid),
-        capacity_sessions=10,
-    )
+    return geosteer_transceiver(cluster_id, tid, capacity=10)
 
 
 def node_ids(topology: geosteer_pb2.Topology) -> set[str]:
@@ -213,7 +157,7 @@ async def test_a_client_of_both_replicas_carries_on_when_one_stops(
             routes = [await route(stub) for _ in range(4)]  # round robin: both answer
             assert {r.transceivers[0].node_id for r in routes} == {"t1-1"}
 
-            await stop(a)
+            await a.stop()
             # Every call after the stop lands on B; the loop's heartbeats go on there, so
             # the lease (2 s) never runs out while we watch for longer than that.
             for _ in range(10):

@@ -7,11 +7,15 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from tools.demo.stack import Stack, StackConfig, start_stack
 from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
+
+if TYPE_CHECKING:
+    from aiortc import RTCPeerConnection
 
 
 @contextlib.contextmanager
@@ -63,3 +67,13 @@ async def wait_for(what: str, check: Callable[[], bool], timeout_s: float) -> No
             return
         await asyncio.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def closed(pc: RTCPeerConnection, timeout_s: float) -> bool:
+    """Waits (bounded) for the caller's connection to be closed or failed."""
+    deadline = time.monotonic() + timeout_s
+    while pc.connectionState not in ("closed", "failed"):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

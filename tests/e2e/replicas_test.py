@@ -29,7 +29,7 @@ from aiortc import RTCPeerConnection
 
 from examples.python_client.client import CallResult, run_call
 from libs.service.redis_testing import redis_server
-from tests.e2e.edge import edge, wait_for
+from tests.e2e.edge import closed, edge, wait_for
 from tools.demo.stack import Stack
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
@@ -202,16 +202,6 @@ class Seen:
     delete: int = 0
     closed: bool = False
     survivor: int = -1
-
-
-async def closed(pc: RTCPeerConnection, timeout_s: float) -> bool:
-    """Waits (bounded) for the caller's connection to be closed or failed."""
-    deadline = time.monotonic() + timeout_s
-    while pc.connectionState not in ("closed", "failed"):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 @pytest.mark.timeout_s(120)
