@@ -69,7 +69,7 @@ async def wait_for(what: str, check: Callable[[], bool], timeout_s: float) -> No
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def closed(pc: RTCPeerConnection, timeout_s: float) -> bool:
+async def caller_closed(pc: RTCPeerConnection, timeout_s: float) -> bool:
     """Waits (bounded) for the caller's connection to be closed or failed."""
     deadline = time.monotonic() + timeout_s
     while pc.connectionState not in ("closed", "failed"):

@@ -29,7 +29,7 @@ from aiortc import RTCPeerConnection
 
 from examples.python_client.client import CallResult, run_call
 from libs.service.redis_testing import redis_server
-from tests.e2e.edge import closed, edge, wait_for
+from tests.e2e.edge import caller_closed, edge, wait_for
 from tools.demo.stack import Stack
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
@@ -229,7 +229,7 @@ async def test_two_signaling_replicas_behind_one_address_share_calls(stack: Stac
                     seen.after_kill.append(response.status)
             async with http.delete(url, headers=headers) as response:
                 seen.delete = response.status
-        seen.closed = await closed(pc, 15)
+        seen.closed = await caller_closed(pc, 15)
         seen.survivor = 1 - creator
 
     async with proxy.serving() as base:
