@@ -5,6 +5,7 @@ on when one stops."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -19,7 +20,9 @@ from libs.service.redis_testing import Redis, redis_server
 from services.geosteer.client import HeartbeatLoop, geosteer_channel, geosteer_target
 from services.geosteer.geosteer_testing import FRANKFURT_IP, TOPOLOGY, Served, serve_geosteer
 from services.geosteer.geosteer_testing import transceiver as geosteer_transceiver
+from services.geosteer.selection import Endpoint, NodeKind, NodeState
 from services.geosteer.settings import GeosteerSettings
+from services.geosteer.store import RedisNodeStore, decode_event, decode_node, encode_node
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
 TIMEOUT_S = 10.0
@@ -222,3 +225,47 @@ def test_geosteer_targets(value: str, target: str) -> None:
 def test_bad_geosteer_targets(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         geosteer_target(value)
+
+
+def test_node_records_round_trip_and_garbage_is_refused() -> None:
+    node = NodeState(
+        node_id="t1-1",
+        kind=NodeKind.TRANSCEIVER,
+        cluster_id=1,
+        expires_at=0.0,
+        transceiver_id=1,
+        grpc_address="10.0.0.5:50052",
+        media_address=Endpoint("10.0.0.5", 40000),
+        public_endpoints=(Endpoint("203.0.113.1", 3478), Endpoint("203.0.113.1", 443, True)),
+        capacity_sessions=10,
+        active_sessions=3,
+        cpu_load=0.5,
+        last_heartbeat_unix=1.7e9,
+    )
+    text = encode_node(node, 1.7e9 + 6)
+    assert decode_node(text, lambda unix: unix - 1.7e9) == dataclasses.replace(node, expires_at=6.0)
+    for garbage in ["", "[]", '{"id": "x"}', text.replace('"kind":2', '"kind":99')]:
+        with pytest.raises(ValueError, match="bad node record"):
+            decode_node(garbage, lambda unix: unix)
+    for garbage in ["nope", '{"r": 3}', '{"o": "a", "s": [["p", "x", 1]]}']:
+        with pytest.raises(ValueError, match="bad event"):
+            decode_event(garbage)
+
+
+@pytest.mark.timeout_s(30)
+async def test_garbage_in_redis_is_counted_and_skipped(
+    tmp_path: Path, redis_instance: Redis
+) -> None:
+    async with replica(tmp_path, redis_instance.url) as a:
+        await a.stub.RegisterNode(geosteer_pb2.RegisterNodeRequest(node=transceiver(1, 1)))
+        with redis.Redis.from_url(redis_instance.url) as client:
+            client.hset("voiceedge:geosteer:nodes", "junk", "not json")
+            client.publish("voiceedge:geosteer:events", "not json either")
+        listed = (await a.stub.ListTopology(geosteer_pb2.ListTopologyRequest())).topology
+        assert node_ids(listed) == {"t1-1"}
+        store = a.geosteer.directory.store
+        assert isinstance(store, RedisNodeStore)
+        assert store.bad_records >= 1
+        await a.stub.RegisterNode(geosteer_pb2.RegisterNodeRequest(node=transceiver(2, 2)))
+        listed = (await a.stub.ListTopology(geosteer_pb2.ListTopologyRequest())).topology
+        assert node_ids(listed) == {"t1-1", "t2-2"}  # it carries on
