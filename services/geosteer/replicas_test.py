@@ -5,6 +5,7 @@ on when one stops."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -269,3 +270,65 @@ async def test_garbage_in_redis_is_counted_and_skipped(
         await a.stub.RegisterNode(geosteer_pb2.RegisterNodeRequest(node=transceiver(2, 2)))
         listed = (await a.stub.ListTopology(geosteer_pb2.ListTopologyRequest())).topology
         assert node_ids(listed) == {"t1-1", "t2-2"}  # it carries on
+
+
+class Blackhole:
+    """A TCP relay to one address that can go silent: connections stay open, no byte
+    passes (a replica whose host vanished without a reset)."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self.silent = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                if self.silent.is_set():
+                    await asyncio.Event().wait()  # swallow: until the test cancels it
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        for task in (self._pipe(reader, up_writer), self._pipe(up_reader, writer)):
+            self._tasks.add(asyncio.ensure_future(task))
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[str]:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        try:
+            yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        finally:
+            server.close()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await server.wait_closed()
+
+
+@pytest.mark.timeout_s(45)
+async def test_a_watch_on_a_replica_gone_silent_breaks_within_the_keepalive(
+    tmp_path: Path, redis_instance: Redis
+) -> None:
+    async with replica(tmp_path, redis_instance.url) as a:
+        hole = Blackhole(a.address)
+        async with hole.serving() as address:
+            channel = geosteer_channel(address)
+            call = geosteer_pb2_grpc.GeosteerServiceStub(channel).WatchTopology(
+                geosteer_pb2.WatchTopologyRequest()
+            )
+            try:
+                assert isinstance(await asyncio.wait_for(call.read(), TIMEOUT_S), object)
+                hole.silent.set()
+                # Without keepalive this read would wait for TCP to give up (minutes); the
+                # unanswered ping (10 s + 5 s) closes the connection and the stream fails,
+                # so a follower reopens it on another replica.
+                with pytest.raises(grpc.aio.AioRpcError) as broken:
+                    await asyncio.wait_for(call.read(), 30)
+                assert broken.value.code() is grpc.StatusCode.UNAVAILABLE
+            finally:
+                call.cancel()
+                await channel.close(None)
