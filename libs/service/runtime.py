@@ -51,6 +51,13 @@ class Servicer:
     implementation: object
 
 
+# Clients may keep a connection alive with HTTP/2 pings as often as every 5 s while a call
+# is open (gRPC's default answers more than one ping per 5 minutes with GOAWAY
+# too_many_pings): geosteer's clients ping every 10 s to notice a replica that vanished
+# without closing its connections (services/geosteer/client.py).
+SERVER_OPTIONS = (("grpc.http2.min_ping_interval_without_data_ms", 5000),)
+
+
 def new_server(token: str = "") -> grpc.aio.Server:
     """A gRPC server with the interceptors every voiceedge server has: the internal token
     check when `token` is set (libs/service/auth.py), then the StatusError mapping. Test
@@ -59,7 +66,7 @@ def new_server(token: str = "") -> grpc.aio.Server:
     if token:
         interceptors.append(TokenServerInterceptor(token))
     interceptors.append(StatusErrorInterceptor())
-    return grpc.aio.server(interceptors=interceptors)
+    return grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
 
 
 class GrpcService:

@@ -8,12 +8,19 @@
 Registers, heartbeats at the interval geosteer returns, registers again when geosteer
 answers known=false (it restarted or dropped the node), and keeps retrying with capped
 backoff while geosteer is unreachable.
+
+Several geosteer replicas (sharing one Redis registry): `geosteer_address` settings take
+`host:port`, a DNS name (every address it resolves to) or a comma-separated list of IP
+literal host:ports; `geosteer_channel` spreads calls over them (gRPC round_robin), skips a
+replica that is down, and retries a call refused as UNAVAILABLE on another one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import json
 import logging
 import random
 import time
@@ -23,6 +30,7 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
+from libs.config.settings import host_port, join_host_port
 from libs.observability.telemetry import log_event
 from libs.service.aio import cancel_and_wait
 from libs.service.auth import internal_channel
@@ -32,6 +40,82 @@ logger = logging.getLogger("voiceedge.geosteer.client")
 
 RPC_TIMEOUT_S = 5.0
 MAX_BACKOFF_S = 10.0
+
+# Round robin over every address (a dead replica's subchannel drops out of the pick until it
+# reconnects), and a call that a replica refuses as UNAVAILABLE (it is stopping, or its
+# registry is unreachable) is tried again on another: every geosteer RPC may be repeated.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": "voiceedge.geosteer.v1.GeosteerService"}],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "0.5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+RECONNECT_INITIAL_MS = 200
+RECONNECT_MAX_MS = 2000
+# While a call is open (a WatchTopology stream always is), an HTTP/2 ping every
+# KEEPALIVE_MS, unanswered for KEEPALIVE_TIMEOUT_MS, closes the connection: a replica whose
+# host vanished without a TCP reset is left within 15 s instead of TCP's minutes. Servers
+# allow it (libs/service/runtime.py SERVER_OPTIONS).
+KEEPALIVE_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+
+
+def geosteer_target(value: str) -> str:
+    """The gRPC target of a `geosteer_address` setting (a `Rule.parse`; ValueError says
+    what is wrong): `host:port` as it is (a name resolves to all its addresses), or
+    several comma-separated `ip:port` / `[ipv6]:port` of one address family as gRPC's
+    `ipv4:` / `ipv6:` address list."""
+    entries = [part.strip() for part in value.split(",")]
+    if any(not entry for entry in entries):
+        raise ValueError(f"empty entry in {value!r}")
+    parsed = [host_port(entry) for entry in entries]
+    if any(port == 0 for _, port in parsed):
+        raise ValueError(f"port 0 in {value!r}")
+    if len(parsed) == 1:
+        return entries[0]
+    families = set()
+    for host, _ in parsed:
+        try:
+            families.add(ipaddress.ip_address(host).version)
+        except ValueError:
+            raise ValueError(
+                f"{host!r}: several addresses must be IP literals (one DNS name with several "
+                "addresses stands alone)"
+            ) from None
+    if len(families) != 1:
+        raise ValueError(f"mixes IPv4 and IPv6 in {value!r}")
+    scheme = "ipv4" if families == {4} else "ipv6"
+    return f"{scheme}:" + ",".join(join_host_port(host, port) for host, port in parsed)
+
+
+def geosteer_channel(address: str) -> grpc.aio.Channel:
+    """A channel to geosteer at a `geosteer_address` setting (see `geosteer_target`)."""
+    return internal_channel(
+        geosteer_target(address),
+        options=[
+            ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+            ("grpc.enable_retries", 1),
+            # A replica that comes back is used again within RECONNECT_MAX_MS (gRPC's
+            # default backoff grows to 120 s).
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_MS),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            # grpc-core times the keepalive ping out by this one (1 minute by default).
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.max_pings_without_data", 0),  # a quiet stream is still watched
+        ],
+    )
 
 
 @dataclass(frozen=True)
@@ -84,8 +168,9 @@ class HeartbeatLoop:
     def to_address(
         cls, address: str, node: geosteer_pb2.Node, report: Callable[[], NodeReport] = NodeReport
     ) -> HeartbeatLoop:
-        """A loop with its own channel to `address`, closed by `close()`."""
-        channel = internal_channel(address)
+        """A loop with its own channel to `address` (a `geosteer_address` setting: one or
+        several replicas), closed by `close()`."""
+        channel = geosteer_channel(address)
         loop = cls(channel, node, report)
         loop._owned_channel = channel
         return loop

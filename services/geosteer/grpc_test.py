@@ -1,9 +1,10 @@
-"""GeosteerService over real gRPC on 127.0.0.1:0, with an injected clock for leases."""
+"""GeosteerService over real gRPC on 127.0.0.1:0, with an injected clock for leases; every
+test runs on the in-memory registry and on a real Redis."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,42 +12,37 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+import redis
 
-from libs.service.runtime import GrpcService, Servicer
+from libs.service.redis_testing import Redis, redis_server
 from services.geosteer.client import HeartbeatLoop, NodeReport
+from services.geosteer.geosteer_testing import (
+    FRANKFURT_IP,
+    SYDNEY_IP,
+    TOPOLOGY,
+    serve_geosteer,
+    transceiver,
+)
 from services.geosteer.servicer import Geosteer
 from services.geosteer.settings import GeosteerSettings
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
-TOPOLOGY = """
-[[clusters]]
-id = 1
-name = "fra-1"
-region = "eu-central"
-latitude = 50.11
-longitude = 8.68
-relay_vips = ["203.0.113.1:3478"]
 
-[[clusters]]
-id = 2
-name = "ams-1"
-region = "eu-west"
-latitude = 52.37
-longitude = 4.90
-relay_vips = ["203.0.113.2:3478"]
+@pytest.fixture(scope="module")
+def redis_instance() -> Iterator[Redis]:
+    with redis_server() as server:
+        yield server
 
-[[clusters]]
-id = 3
-name = "syd-1"
-region = "apac"
-latitude = -33.87
-longitude = 151.21
-relay_vips = ["203.0.113.3:3478"]
-"""
 
-FRANKFURT_IP = "194.25.0.1"  # the bundled DB-IP Lite places it in Frankfurt am Main
-SYDNEY_IP = "1.1.1.1"  # ... and this one in Sydney
+@pytest.fixture(params=["memory", "redis"])
+def registry(request: pytest.FixtureRequest, redis_instance: Redis) -> str:
+    """The redis_url setting: "" (this process's memory) or a flushed real Redis."""
+    if request.param == "memory":
+        return ""
+    with redis.Redis.from_url(redis_instance.url) as client:
+        client.flushall()
+    return redis_instance.url
 
 
 class FakeClock:
@@ -66,7 +62,7 @@ class Harness:
 
 
 @asynccontextmanager
-async def serve(tmp_path: Path, **settings: object) -> AsyncIterator[Harness]:
+async def serve(tmp_path: Path, registry: str = "", **settings: object) -> AsyncIterator[Harness]:
     path = tmp_path / "topology.toml"
     path.write_text(TOPOLOGY)
     clock = FakeClock()
@@ -75,41 +71,11 @@ async def serve(tmp_path: Path, **settings: object) -> AsyncIterator[Harness]:
         topology_path=str(path),
         heartbeat_interval_ms=100,
         heartbeat_ttl_ms=300,
+        redis_url=registry,
         **settings,  # type: ignore[arg-type]
     )
-    geosteer = Geosteer(config, clock=clock)
-    geosteer.start()
-    name = geosteer_pb2.DESCRIPTOR.services_by_name["GeosteerService"].full_name
-    service = GrpcService(
-        "geosteer",
-        "127.0.0.1:0",
-        [
-            Servicer(
-                name, geosteer_pb2_grpc.add_GeosteerServiceServicer_to_server, geosteer.servicer
-            )
-        ],
-    )
-    await service.start()
-    channel = grpc.aio.insecure_channel(service.address)
-    try:
-        yield Harness(geosteer_pb2_grpc.GeosteerServiceStub(channel), channel, clock, geosteer)
-    finally:
-        # Geosteer first: its watch streams end cleanly before the server stops.
-        await geosteer.close()
-        await service.close(1.0)
-        await channel.close(None)
-
-
-def transceiver(cluster_id: int, tid: int, capacity: int = 1) -> geosteer_pb2.Node:
-    return geosteer_pb2.Node(
-        node_id=f"t{cluster_id}-{tid}",
-        kind=common_pb2.NODE_KIND_TRANSCEIVER,
-        cluster_id=cluster_id,
-        transceiver_id=tid,
-        grpc_address=f"127.0.0.1:{6000 + cluster_id}",
-        media_address=common_pb2.SocketAddress(ip="127.0.0.1", port=7000 + cluster_id),
-        capacity_sessions=capacity,
-    )
+    async with serve_geosteer(config, clock) as served:
+        yield Harness(served.stub, served.channel, clock, served.geosteer)
 
 
 async def register(
@@ -131,8 +97,8 @@ async def route(stub: geosteer_pb2_grpc.GeosteerServiceAsyncStub, ip: str) -> in
     return response.cluster.cluster_id
 
 
-async def test_routes_spills_fails_over_and_learns(tmp_path: Path) -> None:
-    async with serve(tmp_path) as h:
+async def test_routes_spills_fails_over_and_learns(tmp_path: Path, registry: str) -> None:
+    async with serve(tmp_path, registry) as h:
         for cluster_id in (1, 2, 3):
             await register(h.stub, transceiver(cluster_id, 1))
 
@@ -181,8 +147,8 @@ async def test_routes_spills_fails_over_and_learns(tmp_path: Path) -> None:
         assert h.geosteer.directory.rtt_samples_dropped == 1
 
 
-async def test_errors_and_unknown_nodes(tmp_path: Path) -> None:
-    async with serve(tmp_path) as h:
+async def test_errors_and_unknown_nodes(tmp_path: Path, registry: str) -> None:
+    async with serve(tmp_path, registry) as h:
         assert not await beat(h.stub, "never-registered")
         removed = await h.stub.DeregisterNode(geosteer_pb2.DeregisterNodeRequest(node_id="x"))
         assert not removed.removed
@@ -239,8 +205,8 @@ async def test_errors_and_unknown_nodes(tmp_path: Path) -> None:
         assert removed.removed
 
 
-async def test_watch_sees_registration_and_expiry(tmp_path: Path) -> None:
-    async with serve(tmp_path) as h:
+async def test_watch_sees_registration_and_expiry(tmp_path: Path, registry: str) -> None:
+    async with serve(tmp_path, registry) as h:
         call = h.stub.WatchTopology(geosteer_pb2.WatchTopologyRequest())
         try:
             first = await asyncio.wait_for(call.read(), 10)
@@ -264,8 +230,8 @@ async def test_watch_sees_registration_and_expiry(tmp_path: Path) -> None:
             call.cancel()
 
 
-async def test_heartbeat_loop_registers_and_recovers(tmp_path: Path) -> None:
-    async with serve(tmp_path) as h:
+async def test_heartbeat_loop_registers_and_recovers(tmp_path: Path, registry: str) -> None:
+    async with serve(tmp_path, registry) as h:
         call = h.stub.WatchTopology(geosteer_pb2.WatchTopologyRequest())
         load = NodeReport(active_sessions=0)
         loop = HeartbeatLoop(h.channel, transceiver(2, 4, capacity=8), lambda: load)

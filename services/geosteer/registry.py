@@ -1,8 +1,9 @@
 """Live topology: configured clusters plus registered nodes with heartbeat leases.
 
-`NodeStore` is the small storage interface (in memory here; a Redis implementation can
-slot in through `make_node_store`); `Directory` holds the lease rules, the topology
-revision and the change notifications that WatchTopology streams wait on.
+`Directory` holds the lease rules, the topology revision and the change notifications that
+WatchTopology streams wait on; the records live in a `NodeStore` (services/geosteer/store.py:
+this process's memory, or a Redis that several replicas share, whose changes `follow`
+brings in).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import grpc
 
@@ -21,48 +21,12 @@ from libs.observability.telemetry import log_event
 from libs.service.errors import StatusError, invalid_argument
 from services.geosteer.rtt import RttSampleError, RttTable
 from services.geosteer.selection import ClusterConfig, ClusterState, NodeKind, NodeState
+from services.geosteer.store import NodeStore, RttReport, StoreEvent
 
 logger = logging.getLogger("voiceedge.geosteer")
 
 # Kinds whose records must name a configured cluster (they carry traffic for it).
 CLUSTER_BOUND_KINDS = frozenset({NodeKind.RELAY, NodeKind.TRANSCEIVER})
-
-
-class NodeStore(Protocol):
-    """Where node records live. All methods are coroutines so a networked store fits."""
-
-    async def put(self, node: NodeState) -> None: ...
-
-    async def get(self, node_id: str) -> NodeState | None: ...
-
-    async def delete(self, node_id: str) -> bool: ...
-
-    async def all(self) -> list[NodeState]: ...
-
-
-class InMemoryNodeStore:
-    """The single-process store (dev, tests, one geosteer replica)."""
-
-    def __init__(self) -> None:
-        self._nodes: dict[str, NodeState] = {}
-
-    async def put(self, node: NodeState) -> None:
-        self._nodes[node.node_id] = node
-
-    async def get(self, node_id: str) -> NodeState | None:
-        return self._nodes.get(node_id)
-
-    async def delete(self, node_id: str) -> bool:
-        return self._nodes.pop(node_id, None) is not None
-
-    async def all(self) -> list[NodeState]:
-        return list(self._nodes.values())
-
-
-def make_node_store() -> NodeStore:
-    """The one place that picks the store. Only the in-memory store exists so far (a shared
-    Redis registry for several geosteer replicas is issue 16's; its setting comes with it)."""
-    return InMemoryNodeStore()
 
 
 @dataclass(frozen=True)
@@ -74,21 +38,23 @@ class HeartbeatUpdate:
 
 
 @dataclass(frozen=True)
-class RttReport:
-    client_prefix: str
-    rtt_ms: float
-    sample_count: int
-
-
-@dataclass(frozen=True)
 class Snapshot:
     clusters: tuple[ClusterState, ...]
     revision: int
     now: float
 
 
+def sweep_interval_s(heartbeat_interval_s: float, heartbeat_ttl_s: float) -> float:
+    """How often a replica sweeps out dead nodes (and, on Redis, re-reads the revision)."""
+    return max(0.05, min(heartbeat_interval_s, heartbeat_ttl_s / 2))
+
+
 class Directory:
-    """Clusters, node leases, revision and change notification. Single event loop."""
+    """Clusters, node leases, revision and change notification. Single event loop.
+
+    With a shared store, other replicas' changes arrive through `run_follower`: their
+    revisions wake this replica's WatchTopology streams, their RTT reports go into this
+    replica's table."""
 
     def __init__(
         self,
@@ -115,10 +81,16 @@ class Directory:
     def now(self) -> float:
         return self._clock()
 
-    def _bump(self, reason: str, node_id: str) -> None:
-        self.revision += 1
+    def _advance(self, revision: int) -> None:
+        """Wakes the watchers when `revision` is news to this replica."""
+        if revision <= self.revision:
+            return
+        self.revision = revision
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    async def _bump(self, reason: str, node_id: str) -> None:
+        self._advance(await self.store.changed())
         log_event(
             logger,
             "topology.changed",
@@ -127,6 +99,12 @@ class Directory:
             node__id=node_id,
             topology__revision=self.revision,
         )
+
+    def on_store_event(self, event: StoreEvent) -> None:
+        """Another replica's change (NodeStore.follow)."""
+        self._observe(event.cluster_id, event.samples, "")
+        if event.revision:
+            self._advance(event.revision)
 
     async def wait_changed(self, after_revision: int) -> int:
         """Returns once the revision is above `after_revision` (at once if it already is)."""
@@ -140,16 +118,15 @@ class Directory:
             raise invalid_argument(
                 "unknown_cluster", f"node {node.node_id}: unknown cluster_id {node.cluster_id}"
             )
+        live = await self._live_nodes()
         now = self.now()
-        await self.sweep()
         if node.kind is NodeKind.TRANSCEIVER:
-            for other in await self.store.all():
+            for other in live:
                 if (
                     other.node_id != node.node_id
                     and other.kind is NodeKind.TRANSCEIVER
                     and other.cluster_id == node.cluster_id
                     and other.transceiver_id == node.transceiver_id
-                    and other.is_live(now)
                 ):
                     raise StatusError(
                         grpc.StatusCode.ALREADY_EXISTS,
@@ -168,8 +145,27 @@ class Directory:
             node__kind=node.kind.name.lower(),
             cluster__id=node.cluster_id,
         )
-        self._bump("register", node.node_id)
+        await self._bump("register", node.node_id)
         return stored
+
+    def _observe(
+        self, cluster_id: int, samples: Sequence[RttReport], node_id: str
+    ) -> list[RttReport]:
+        """Folds RTT reports into the table; returns those taken (bad ones are counted)."""
+        taken = []
+        for sample in samples:
+            try:
+                self.rtt.observe(
+                    sample.client_prefix, cluster_id, sample.rtt_ms, sample.sample_count
+                )
+            except RttSampleError as exc:
+                self.rtt_samples_dropped += 1
+                log_event(
+                    logger, "rtt_sample.dropped", level=logging.DEBUG, node__id=node_id, error=exc
+                )
+            else:
+                taken.append(sample)
+        return taken
 
     async def heartbeat(
         self, node_id: str, update: HeartbeatUpdate, samples: Sequence[RttReport] = ()
@@ -191,55 +187,61 @@ class Directory:
             last_heartbeat_unix=self._wall(),
         )
         await self.store.put(renewed)
-        for sample in samples:
-            try:
-                self.rtt.observe(
-                    sample.client_prefix, node.cluster_id, sample.rtt_ms, sample.sample_count
-                )
-            except RttSampleError as exc:
-                self.rtt_samples_dropped += 1
-                log_event(
-                    logger, "rtt_sample.dropped", level=logging.DEBUG, node__id=node_id, error=exc
-                )
+        await self.store.share_rtt(
+            node.cluster_id, self._observe(node.cluster_id, samples, node_id)
+        )
         if (
             renewed.draining != node.draining
             or renewed.capacity_sessions != node.capacity_sessions
             or renewed.has_room != node.has_room
         ):
-            self._bump("heartbeat", node_id)
+            await self._bump("heartbeat", node_id)
         return True
 
     async def deregister(self, node_id: str) -> bool:
         removed = await self.store.delete(node_id)
         if removed:
             log_event(logger, "node.deregistered", node__id=node_id)
-            self._bump("deregister", node_id)
+            await self._bump("deregister", node_id)
         return removed
 
-    async def _expire(self, node: NodeState) -> None:
-        if await self.store.delete(node.node_id):
-            log_event(
-                logger,
-                "node.expired",
-                level=logging.WARNING,
-                node__id=node.node_id,
-                cluster__id=node.cluster_id,
-            )
-            self._bump("expired", node.node_id)
+    async def _expire(self, node: NodeState) -> bool:
+        """Drops `node` if its lease still ran out in the store (another replica may have
+        renewed or dropped it meanwhile); True if this call dropped it."""
+        if not await self.store.delete_expired(node.node_id, self.now()):
+            return False
+        log_event(
+            logger,
+            "node.expired",
+            level=logging.WARNING,
+            node__id=node.node_id,
+            cluster__id=node.cluster_id,
+        )
+        await self._bump("expired", node.node_id)
+        return True
+
+    async def _live_nodes(self) -> list[NodeState]:
+        """Every live record, after dropping those whose lease ran out (one store read)."""
+        now = self.now()
+        live = []
+        for node in await self.store.all():
+            if node.is_live(now):
+                live.append(node)
+            else:
+                await self._expire(node)
+        return live
 
     async def sweep(self) -> int:
-        """Drops nodes whose lease ran out; returns how many."""
+        """Drops nodes whose lease ran out; returns how many this call dropped."""
         now = self.now()
         expired = [n for n in await self.store.all() if not n.is_live(now)]
-        for node in expired:
-            await self._expire(node)
-        return len(expired)
+        return sum([await self._expire(node) for node in expired])
 
     async def snapshot(self) -> Snapshot:
-        await self.sweep()
+        live = await self._live_nodes()
         now = self.now()
         by_cluster: dict[int, list[NodeState]] = {cid: [] for cid in self.clusters}
-        for node in await self.store.all():
+        for node in live:
             if node.cluster_id in by_cluster:
                 by_cluster[node.cluster_id].append(node)
         clusters = tuple(
@@ -249,8 +251,16 @@ class Directory:
         return Snapshot(clusters, self.revision, now)
 
     async def run_sweeper(self) -> None:
-        """Periodic sweep so watchers learn of dead nodes without any reader; cancel to stop."""
-        interval = max(0.05, min(self.heartbeat_interval_s, self.heartbeat_ttl_s / 2))
+        """Periodic sweep so watchers learn of dead nodes without any reader; cancel to
+        stop. A store that cannot be reached is retried at the next turn."""
         while True:
-            await asyncio.sleep(interval)
-            await self.sweep()
+            await asyncio.sleep(sweep_interval_s(self.heartbeat_interval_s, self.heartbeat_ttl_s))
+            try:
+                await self.sweep()
+            except StatusError as exc:
+                log_event(logger, "registry.sweep_failed", level=logging.WARNING, error=exc)
+
+    async def run_follower(self) -> None:
+        """Takes in other replicas' changes until cancelled (at once done for a store of
+        this process only)."""
+        await self.store.follow(self.on_store_event)

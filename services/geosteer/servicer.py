@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,13 +18,7 @@ from libs.observability.telemetry import Telemetry, log_event
 from libs.service.aio import cancel_and_wait
 from libs.service.errors import StatusError, invalid_argument, resource_exhausted
 from services.geosteer.geoip import ClientLocator, MmdbLocator, bundled_db_path
-from services.geosteer.registry import (
-    Directory,
-    HeartbeatUpdate,
-    RttReport,
-    Snapshot,
-    make_node_store,
-)
+from services.geosteer.registry import Directory, HeartbeatUpdate, Snapshot, sweep_interval_s
 from services.geosteer.rtt import RttTable
 from services.geosteer.selection import (
     ClusterState,
@@ -36,6 +31,7 @@ from services.geosteer.selection import (
     select_route,
 )
 from services.geosteer.settings import GeosteerSettings
+from services.geosteer.store import RttReport, make_node_store
 from services.geosteer.topology import TopologyError, load_topology
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
@@ -313,20 +309,30 @@ class Geosteer:
             raise TopologyError(
                 f"default_cluster_id: {settings.default_cluster_id} is not in the topology"
             )
-        extra: dict[str, Any] = {} if clock is None else {"clock": clock}
+        clock = clock or time.monotonic
+        interval_s = settings.heartbeat_interval_ms / 1000
+        ttl_s = settings.heartbeat_ttl_ms / 1000
         self.directory = Directory(
             clusters,
-            make_node_store(),
+            make_node_store(
+                settings.redis_url,
+                timeout_s=settings.redis_timeout_s,
+                # A replica that missed a change notice learns it within one sweep.
+                poll_s=sweep_interval_s(interval_s, ttl_s),
+                clock=clock,
+                # An injected clock (tests) is the leases' only time, in Redis too.
+                wall_clock=time.time if clock is time.monotonic else clock,
+            ),
             RttTable(settings.rtt_max_prefixes, settings.rtt_ewma_alpha),
-            heartbeat_interval_s=settings.heartbeat_interval_ms / 1000,
-            heartbeat_ttl_s=settings.heartbeat_ttl_ms / 1000,
-            **extra,
+            heartbeat_interval_s=interval_s,
+            heartbeat_ttl_s=ttl_s,
+            clock=clock,
         )
         self.locator = open_locator(settings)
         self.servicer = GeosteerServicer(
             self.directory, self.locator, default_cluster_id=settings.default_cluster_id
         )
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         if telemetry is not None:
             self._instrument(telemetry)
@@ -346,14 +352,20 @@ class Geosteer:
         GEOSTEER_RTT_SAMPLES_DROPPED.create(telemetry.meter, [dropped])
 
     def start(self) -> None:
-        if self._sweeper is None:
-            self._sweeper = asyncio.ensure_future(self.directory.run_sweeper())
+        """Starts the sweeper and the follower of other replicas' changes."""
+        if not self._tasks:
+            self._tasks = [
+                asyncio.ensure_future(self.directory.run_sweeper()),
+                asyncio.ensure_future(self.directory.run_follower()),
+            ]
 
     async def close(self) -> None:
-        """Stops the sweeper, ends watch streams, closes the database. Idempotent."""
+        """Stops the background tasks, ends watch streams, closes the database and the
+        registry's connections. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self.servicer.closing.set()
-        await cancel_and_wait(self._sweeper)
+        await cancel_and_wait(*self._tasks)
         self.locator.close()
+        await self.directory.store.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from libs.config.settings import ServiceSettings, SettingsError, host_port, setting
+from libs.config.settings import ServiceSettings, SettingsError, host_port, redis_url, setting
 from services.geosteer.topology import TopologyError, load_topology
 
 
@@ -59,6 +59,15 @@ class GeosteerSettings(ServiceSettings):
     rtt_ewma_alpha: float = setting(
         0.2, "weight of one RTT measurement in the moving average", gt=0, le=1
     )
+    redis_url: str = setting(
+        "",
+        "redis://host:port/db of the node registry every geosteer replica shares "
+        "(registrations, leases, topology revision; RTT reports are passed on); empty: this "
+        "process's memory (run one replica)",
+        parse=redis_url,
+        optional=True,
+    )
+    redis_timeout_s: float = setting(2.0, "deadline of one Redis command of the registry", gt=0)
 
     def validate(self) -> None:
         super().validate()

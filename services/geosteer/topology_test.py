@@ -130,17 +130,18 @@ def test_bad_settings(fields: dict[str, Any], message: str) -> None:
         GeosteerSettings(**fields).validate()
 
 
-def test_the_unimplemented_redis_setting_is_refused() -> None:
-    # A shared registry is not implemented; a deployment that asks for one is told so.
-    with pytest.raises(SettingsError, match="unknown setting 'redis_url'"):
-        load_settings(
-            GeosteerSettings,
-            [],
-            env_prefix="VOICEEDGE_GEOSTEER_",
-            prog="geosteer",
-            description="d",
-            environ={"VOICEEDGE_GEOSTEER_REDIS_URL": "redis://127.0.0.1:6379"},
-        )
+def test_the_registry_goes_to_redis_by_url() -> None:
+    settings = load_settings(
+        GeosteerSettings,
+        [],
+        env_prefix="VOICEEDGE_GEOSTEER_",
+        prog="geosteer",
+        description="d",
+        environ={"VOICEEDGE_GEOSTEER_REDIS_URL": "redis://127.0.0.1:6379/0"},
+    )
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    with pytest.raises(SettingsError, match="redis_url: expected redis://"):
+        GeosteerSettings(redis_url="127.0.0.1:6379").validate()
 
 
 def test_default_settings_are_valid() -> None:

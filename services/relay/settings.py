@@ -15,6 +15,7 @@ from libs.config.settings import (
 )
 from libs.wire import ufrag
 from libs.wire.ufrag import DEV_KEYRING_SPEC
+from services.geosteer.client import geosteer_target
 
 
 def _keyring(spec: str) -> object:
@@ -95,8 +96,10 @@ class RelaySettings(ServiceSettings):
     )
     geosteer_address: str = setting(
         "",
-        "host:port of geosteer to watch the topology from; empty: static only",
-        parse=host_port,
+        "geosteer to watch the topology from and register with: host:port, a DNS name with "
+        "every replica's address, or comma-separated IP:port of each replica; empty: static "
+        "only",
+        parse=geosteer_target,
         optional=True,
     )
     public_advertise: tuple[str, ...] = setting(

@@ -19,8 +19,8 @@ import grpc
 import grpc.aio
 
 from libs.observability.telemetry import log_event
-from libs.service.auth import internal_channel
 from libs.wire.framing import Address
+from services.geosteer.client import geosteer_channel
 from services.relay.settings import parse_transceiver_entry
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
@@ -217,7 +217,7 @@ class GeosteerTopology:
 
     async def run(self, on_update: Callable[[TopologyView], None]) -> None:
         backoff = 0.1
-        async with internal_channel(self._address) as channel:
+        async with geosteer_channel(self._address) as channel:
             stub = geosteer_pb2_grpc.GeosteerServiceStub(channel)
             while True:  # until cancelled; each turn waits at least `backoff`
                 call = stub.WatchTopology(geosteer_pb2.WatchTopologyRequest())

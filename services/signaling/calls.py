@@ -30,6 +30,7 @@ from libs.service.auth import internal_channel
 from libs.service.errors import StatusError
 from libs.wire import ufrag as ufrag_codec
 from libs.wire.realtime_session import merge_session
+from services.geosteer.client import geosteer_channel
 from services.signaling import errors
 from services.signaling.ratelimit import RateLimiter, retry_after_header
 from services.signaling.sdp import OfferError, SdpFrag, answer_sdpfrag, validate_offer
@@ -161,7 +162,7 @@ class CallService:
         self._monotonic = monotonic
         self._key_limiter = RateLimiter(settings.rate_per_key_per_s, settings.burst_per_key)
         self._ip_limiter = RateLimiter(settings.rate_per_ip_per_s, settings.burst_per_ip)
-        self._geosteer_channel = internal_channel(settings.geosteer_address)
+        self._geosteer_channel = geosteer_channel(settings.geosteer_address)
         self._geosteer = geosteer_pb2_grpc.GeosteerServiceStub(self._geosteer_channel)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.draining = False
@@ -319,9 +320,13 @@ class CallService:
     async def _route(self, client_ip: str) -> geosteer_pb2.RouteSessionResponse:
         with self._tracer.start_as_current_span("geosteer.route") as span:
             try:
+                # Waits (up to the deadline) for a geosteer replica to be connected rather
+                # than failing at once: during a replica's failover the other may still be
+                # reconnecting.
                 route: geosteer_pb2.RouteSessionResponse = await self._geosteer.RouteSession(
                     geosteer_pb2.RouteSessionRequest(client_ip=client_ip),
                     timeout=self._settings.geosteer_timeout_s,
+                    wait_for_ready=True,
                 )
             except grpc.aio.AioRpcError as exc:
                 span.set_attribute("rpc.grpc.status_code", exc.code().value[0])

@@ -11,6 +11,7 @@ import ipaddress
 
 from libs.config.settings import ServiceSettings, SettingsError, host_port, redis_url, setting
 from libs.wire.ufrag import DEV_KEYRING_SPEC, Keyring
+from services.geosteer.client import geosteer_target
 
 
 def _api_key(key: str) -> str:
@@ -43,7 +44,12 @@ class SignalingSettings(ServiceSettings):
         parse=_api_key,
         what="each >= 16 chars, not ek_",
     )
-    geosteer_address: str = setting("127.0.0.1:50051", "gRPC target of geosteer", parse=host_port)
+    geosteer_address: str = setting(
+        "127.0.0.1:50051",
+        "geosteer: host:port, a DNS name with every replica's address, or comma-separated "
+        "IP:port of each replica",
+        parse=geosteer_target,
+    )
     geosteer_timeout_s: float = setting(2.0, "deadline of one RouteSession call", gt=0)
     node_watch_retry_s: float = setting(
         1.0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from libs.config.settings import ServiceSettings, SettingsError, host_port, setting
+from services.geosteer.client import geosteer_target
 from services.transceiver import opus
 
 
@@ -170,8 +171,9 @@ class TransceiverSettings(SessionSettings, ServiceSettings):
     )
     geosteer_address: str = setting(
         "",
-        "geosteer gRPC target for RegisterNode/Heartbeat; empty: off",
-        parse=host_port,
+        "geosteer for RegisterNode/Heartbeat: host:port, a DNS name with every replica's "
+        "address, or comma-separated IP:port of each replica; empty: off",
+        parse=geosteer_target,
         optional=True,
     )
     node_id: str = setting("", "node id registered with geosteer; empty: transceiver-<id>")

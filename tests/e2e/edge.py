@@ -7,11 +7,15 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from tools.demo.stack import Stack, StackConfig, start_stack
 from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
+
+if TYPE_CHECKING:
+    from aiortc import RTCPeerConnection
 
 
 @contextlib.contextmanager
@@ -22,9 +26,11 @@ def edge(
     redis_url: str = "",
     extra_flags: dict[str, list[str]] | None = None,
     metrics: bool = False,
+    geosteer_replicas: int = 1,
 ) -> Iterator[Stack]:
-    """Every service on free loopback ports (with `metrics`, /metrics too: Stack.metrics);
-    their logs go to workdir/services.log."""
+    """Every service on free loopback ports (with `metrics`, /metrics too: Stack.metrics;
+    several geosteer replicas share `redis_url`'s registry); their logs go to
+    workdir/services.log."""
     with (workdir / "services.log").open("w") as log:
         running = start_stack(
             StackConfig(
@@ -36,6 +42,7 @@ def edge(
                 log=log,
                 extra_flags=extra_flags or {},
                 metrics_ports={} if metrics else None,
+                geosteer_replicas=geosteer_replicas,
             )
         )
         try:
@@ -60,3 +67,13 @@ async def wait_for(what: str, check: Callable[[], bool], timeout_s: float) -> No
             return
         await asyncio.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def caller_closed(pc: RTCPeerConnection, timeout_s: float) -> bool:
+    """Waits (bounded) for the caller's connection to be closed or failed."""
+    deadline = time.monotonic() + timeout_s
+    while pc.connectionState not in ("closed", "failed"):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

@@ -41,7 +41,7 @@ from selenium.webdriver.common.by import By
 from examples.python_client.client import CallResult, run_call
 from libs.service.redis_testing import redis_server
 from tests.e2e.browser import chromium, js, write_tone_wav
-from tests.e2e.edge import edge
+from tests.e2e.edge import caller_closed, edge
 from tools.demo.stack import Stack, transceiver_offered
 from voiceedge.common.v1 import common_pb2
 
@@ -61,16 +61,6 @@ def _record(line: str) -> None:
 
 def _headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
-
-
-async def _closed(pc: RTCPeerConnection, timeout_s: float) -> bool:
-    """Waits (bounded) for the caller's connection to be closed or failed."""
-    deadline = time.monotonic() + timeout_s
-    while pc.connectionState not in ("closed", "failed"):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 async def _get_status(stack: Stack, result: CallResult) -> str:
@@ -171,7 +161,7 @@ async def test_media_sigterm_drain_tells_every_caller_and_ends_every_call(tmp_pa
         async def after(pc: RTCPeerConnection, result: CallResult) -> None:
             assert await result.wait_event("error", EVENT_TIMEOUT_S), result.event_types()
             told_ms.append((time.monotonic() - signalled) * 1000)
-            assert await _closed(pc, EVENT_TIMEOUT_S)
+            assert await caller_closed(pc, EVENT_TIMEOUT_S)
             assert await asyncio.to_thread(transceiver.wait, 30) == 0
             statuses.append(await _get_status(stack, result))
 
@@ -233,7 +223,7 @@ async def test_media_bridge_kill_tells_the_caller_and_new_calls_get_503(tmp_path
         async def after(pc: RTCPeerConnection, result: CallResult) -> None:
             assert await result.wait_event("error", EVENT_TIMEOUT_S), result.event_types()
             told_ms.append((time.monotonic() - killed) * 1000)
-            assert await _closed(pc, EVENT_TIMEOUT_S)
+            assert await caller_closed(pc, EVENT_TIMEOUT_S)
 
         (result,) = await _calls_until(stack, 1, kill, after)
         assert _ending(result)["code"] == "inference_unavailable"
@@ -294,7 +284,7 @@ async def test_state_transceiver_kill_ends_its_calls_in_the_api_at_once(tmp_path
                 await asyncio.sleep(0.1)
             unbound_ms = (time.monotonic() - killed) * 1000
             if wait_caller:
-                assert await _closed(pc, 60)
+                assert await caller_closed(pc, 60)
                 failed_ms = (time.monotonic() - killed) * 1000
 
         try:
@@ -332,7 +322,7 @@ async def test_state_redis_kill_and_restart_keeps_the_live_call(tmp_path: Path) 
                     outcome["status"] = (await response.json()).get("status")
                 async with http.delete(url, headers=_headers()) as response:
                     outcome["delete"] = response.status
-            assert await _closed(pc, EVENT_TIMEOUT_S)  # DELETE closed the session
+            assert await caller_closed(pc, EVENT_TIMEOUT_S)  # DELETE closed the session
 
         await _calls_until(stack, 1, kill_and_restart, after)
         assert outcome["get"] == 200, outcome
@@ -370,7 +360,7 @@ async def test_state_signaling_kill_and_restart_keeps_the_live_call(tmp_path: Pa
                     outcome["delete"] = response.status
                     outcome["delete_body"] = await response.text()
             log = (tmp_path / "services.log").read_text().splitlines()
-            assert await _closed(pc, EVENT_TIMEOUT_S), (outcome, log[-40:])
+            assert await caller_closed(pc, EVENT_TIMEOUT_S), (outcome, log[-40:])
 
         (result,) = await _calls_until(stack, 1, kill_and_restart, after)
         assert "error" not in result.event_types()

@@ -70,6 +70,9 @@ class StackConfig:
     http_host: str = "127.0.0.1"  # where signaling's public HTTP API listens
     # Prometheus /metrics of every service: None off; else service -> port (absent or 0: free).
     metrics_ports: dict[str, int] | None = None
+    # Geosteer processes ("geosteer", "geosteer-2", ...); more than one share redis_url's
+    # registry, and every other service is given all their addresses.
+    geosteer_replicas: int = 1
 
 
 @dataclass
@@ -139,6 +142,7 @@ def free_udp_port() -> int:
 
 
 def _binary(name: str) -> str:
+    name = name.partition("-")[0]  # a replica ("geosteer-2") runs its service's binary
     path = ROOT / "services" / name / name
     if not path.exists():
         raise RuntimeError(f"{path} is missing: depend on //services/{name} in data")
@@ -257,7 +261,7 @@ def start_stack(config: StackConfig) -> Stack:
             command += ["--metrics-listen", f"{where(name).host}:{metrics_port}"]
         if where(name).netns:
             command = ["ip", "netns", "exec", where(name).netns, *command]
-        command += config.extra_flags.get(name, [])
+        command += config.extra_flags.get(name.partition("-")[0], [])  # replicas: the same
         process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -289,7 +293,14 @@ def start_stack(config: StackConfig) -> Stack:
     stack.launcher = launch
 
     try:
-        geosteer = launch("geosteer", ["--topology-path", str(topology)]).ready["grpc"]
+        geosteer_flags = ["--topology-path", str(topology)]
+        if config.geosteer_replicas > 1:
+            geosteer_flags += redis
+        replicas = [
+            launch(f"geosteer-{i}" if i > 1 else "geosteer", geosteer_flags).ready["grpc"]
+            for i in range(1, config.geosteer_replicas + 1)
+        ]
+        geosteer = ",".join(replicas)
         bridge = launch("bridge", []).ready["grpc"]
         launch(
             "transceiver",
@@ -304,7 +315,7 @@ def start_stack(config: StackConfig) -> Stack:
         )
         _wait_until(
             "the transceiver to register",
-            lambda: transceiver_offered(geosteer, where("geosteer").netns),
+            lambda: transceiver_offered(replicas[-1], where("geosteer").netns),
             REGISTER_TIMEOUT_S,
         )
         relay_flags = [
