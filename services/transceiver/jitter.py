@@ -25,6 +25,7 @@ that comes after its slot was played is counted `late` and dropped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -74,6 +75,7 @@ def opus_duration_ticks(packet: bytes) -> int:
     return max(frame, min(frame * count, 5760))  # 120 ms at most
 
 
+_DECAY_PER_S = math.log(2) / DECAY_HALF_LIFE_S
 _SILENCE_SLOT = Slot(SILENCE)
 _LOST_SLOT = Slot(LOST)
 _WRAP = 1 << 32
@@ -139,7 +141,7 @@ class JitterBuffer:
         return last + delta
 
     def _target(self, now: float) -> float:
-        peak = self._peak * 0.5 ** ((now - self._peak_at) / DECAY_HALF_LIFE_S)
+        peak = self._peak * math.exp((self._peak_at - now) * _DECAY_PER_S)
         if now - self._loss_at < LOSS_MEMORY_S:
             peak += FRAME_S  # a lost frame's FEC is in the next packet: wait for it too
         return min(self._max_delay, max(self._min_delay, peak + MARGIN_S))
@@ -154,11 +156,10 @@ class JitterBuffer:
             return
         frames = self._frames
         held = frames.get(sequence)
-        if held is not None:
-            if from_red or not held[2]:
-                if not from_red:
-                    self.duplicates += 1
-                return  # a RED copy of what is here, or a duplicate
+        if held is not None and (from_red or not held[2]):
+            if not from_red:
+                self.duplicates += 1
+            return  # a RED copy of what is here, or a duplicate
         if next_seq is not None and sequence >= next_seq + self._capacity:
             self.overflow += 1
             return
@@ -178,7 +179,7 @@ class JitterBuffer:
             base = min(transit, base + (now - self._base_at) * BASE_CREEP_PER_S)
         self._base, self._base_at = base, now
         excess = transit - base
-        decayed = self._peak * 0.5 ** ((now - self._peak_at) / DECAY_HALF_LIFE_S)
+        decayed = self._peak * math.exp((self._peak_at - now) * _DECAY_PER_S)
         self._peak, self._peak_at = max(excess, decayed), now
 
     def tick(self) -> Slot | None:
@@ -270,3 +271,37 @@ class JitterBuffer:
             return Slot(SILENCE, payload, paused=paused)
         self._in_silence = False
         return Slot(FRAME, payload, from_red=from_red, paused=paused)
+
+
+RedBlock = tuple[int, int, bytes]  # (timestamp offset, payload type, data)
+
+
+def red_blocks(payload: bytes) -> list[RedBlock] | None:
+    """The blocks of an RFC 2198 (RED) payload, oldest first and the primary (offset 0)
+    last, or None when it is malformed. §3: a 4-byte header per redundant block (F=1,
+    block PT, 14-bit timestamp offset, 10-bit length), a 1-byte header for the primary
+    (F=0, PT), then the blocks' data in the same order."""
+    headers: list[tuple[int, int, int]] = []
+    index, size = 0, len(payload)
+    while True:
+        if index >= size:
+            return None
+        first = payload[index]
+        if not first & 0x80:
+            headers.append((0, first & 0x7F, -1))
+            index += 1
+            break
+        if index + 4 > size:
+            return None
+        offset = (payload[index + 1] << 6) | (payload[index + 2] >> 2)
+        length = ((payload[index + 2] & 0x03) << 8) | payload[index + 3]
+        headers.append((offset, first & 0x7F, length))
+        index += 4
+    blocks: list[RedBlock] = []
+    for offset, payload_type, length in headers:
+        end = size if length < 0 else index + length
+        if end > size:
+            return None
+        blocks.append((offset, payload_type, payload[index:end]))
+        index = end
+    return blocks

@@ -142,7 +142,8 @@ def test_delay_grows_under_jitter_and_shrinks_back() -> None:
     assert late_share < 0.01
     # Ten seconds after the jitter stopped the delay is back near the zero-jitter one.
     after = [d for at, d in run.delays_ms if at > end_jitter + 10.0]
-    assert after and max(after) <= 40.0
+    assert after
+    assert max(after) <= 40.0
     assert buffer.skipped > 0
 
 
@@ -217,7 +218,9 @@ def test_lost_frame_offers_the_next_packet_for_fec() -> None:
     buffer = JitterBuffer(clock)
     run = simulate(buffer, clock, delays)
     lost = [s for s in run.played() if s.kind == LOST]
-    assert len(lost) == 1 and lost[0].fec is not None and seq_of(lost[0].fec) == 21
+    assert len(lost) == 1
+    assert lost[0].fec is not None
+    assert seq_of(lost[0].fec) == 21
 
 
 def test_duplicates_and_red_copies_do_not_replace_a_packet() -> None:
@@ -232,8 +235,11 @@ def test_duplicates_and_red_copies_do_not_replace_a_packet() -> None:
     buffer.push(payload(1), 960, 1)  # the real one replaces the RED copy
     clock.now = 0.035
     first, second = buffer.tick(), buffer.tick()
-    assert first is not None and first.payload == payload(0)
-    assert second is not None and second.payload == payload(1) and not second.from_red
+    assert first is not None
+    assert first.payload == payload(0)
+    assert second is not None
+    assert second.payload == payload(1)
+    assert not second.from_red
 
 
 def test_rtp_timestamps_wrap() -> None:
@@ -259,3 +265,31 @@ def test_rtp_timestamps_wrap() -> None:
 )
 def test_opus_duration_from_the_toc(packet: bytes, ticks: int) -> None:
     assert jitter.opus_duration_ticks(packet) == ticks
+
+
+def red(*blocks: tuple[int, int, bytes]) -> bytes:
+    """An RFC 2198 payload: redundant (offset, pt, data) blocks, the last one primary."""
+    head = b""
+    for offset, pt, data in blocks[:-1]:
+        head += bytes([0x80 | pt, offset >> 6, ((offset & 0x3F) << 2) | (len(data) >> 8)])
+        head += bytes([len(data) & 0xFF])
+    head += bytes([blocks[-1][1]])
+    return head + b"".join(data for _, _, data in blocks)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (red((0, 111, b"primary")), [(0, 111, b"primary")]),
+        (
+            red((1920, 111, b"older"), (960, 111, b"old"), (0, 111, b"new")),
+            [(1920, 111, b"older"), (960, 111, b"old"), (0, 111, b"new")],
+        ),
+        (red((960, 111, b""), (0, 111, b"new")), [(960, 111, b""), (0, 111, b"new")]),
+        (b"", None),
+        (bytes([0x80 | 111, 0, 0]), None),  # header cut short
+        (bytes([0x80 | 111, 15, 0, 9, 111]) + b"abc", None),  # block longer than the data
+    ],
+)
+def test_red_blocks_follow_rfc2198(data: bytes, expected: list[tuple[int, int, bytes]]) -> None:
+    assert jitter.red_blocks(data) == expected

@@ -73,7 +73,9 @@ def speechlike(rate: int, seconds: float) -> bytes:
     t = np.arange(int(rate * seconds)) / rate
     f0 = 150.0 + 20.0 * np.sin(2 * np.pi * 3.0 * t)
     phase = 2 * np.pi * np.cumsum(f0) / rate
-    wave = sum(np.sin(k * phase) / k for k in range(1, 12))
+    wave = np.zeros_like(phase)
+    for k in range(1, 12):
+        wave += np.sin(k * phase) / k
     return (0.15 * 32767 * wave / 3).astype("<i2").tobytes()
 
 

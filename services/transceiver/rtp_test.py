@@ -152,7 +152,8 @@ def test_reordering_receiver_passes_older_packets_with_their_sequence(native: bo
     ]
     assert losses == []
     stats = receiver.stats
-    assert stats.packets == 5 and receiver.lost == 0
+    assert stats.packets == 5
+    assert receiver.lost == 0
     assert stats.dropped_srtp == 1
     assert stats.dropped_payload_type == 1
 
