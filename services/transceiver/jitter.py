@@ -50,6 +50,7 @@ class Slot(NamedTuple):
     # FRAME/SILENCE: slots just played as LOST while nothing was here that, this packet's
     # sequence number shows, were a pause of the sender (no packet missing): silence
     paused: int = 0
+    held: bool = False  # LOST/SILENCE: no packet is missing, the buffer grows by this slot
 
 
 def opus_duration_ticks(packet: bytes) -> int:
@@ -78,6 +79,8 @@ def opus_duration_ticks(packet: bytes) -> int:
 _DECAY_PER_S = math.log(2) / DECAY_HALF_LIFE_S
 _SILENCE_SLOT = Slot(SILENCE)
 _LOST_SLOT = Slot(LOST)
+_HELD_LOST = Slot(LOST, held=True)
+_HELD_SILENCE = Slot(SILENCE, held=True)
 _WRAP = 1 << 32
 _HALF_WRAP = 1 << 31
 
@@ -200,7 +203,7 @@ class JitterBuffer:
         self._since_skip += 1
         if lead < target - FRAME_S / 2:
             self.held += 1  # too little delay for this jitter: this slot waits a tick
-            return _SILENCE_SLOT if self._in_silence else _LOST_SLOT
+            return _HELD_SILENCE if self._in_silence else _HELD_LOST
         if lead > target + FRAME_S * 1.5 and (
             self._in_silence or self._since_skip >= SKIP_EVERY_TICKS
         ):

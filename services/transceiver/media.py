@@ -267,9 +267,10 @@ class CallerAudio:
     adaptive: `on_packet` per packet in any order into a jitter buffer (jitter.py), `tick`
     (the pacer, every 20 ms) takes one slot out: its packet; a lost one from the next
     packet's in-band FEC, or a RED copy, else PLC (up to `concealment_max_frames` in a row,
-    then a sequence gap); silence (DTX, a timestamp jump) as zero PCM, or in passthrough
-    the caller's DTX packet or a ready-made Opus silence packet. Passthrough lost frames
-    are sequence gaps (the bridge's decoder conceals, with the next packet's FEC). Until
+    then zero PCM: a PCM bridge gets exactly one frame per 20 ms, no sequence gaps);
+    silence (DTX, a timestamp jump) as zero PCM, or in passthrough the caller's DTX packet
+    or a ready-made Opus silence packet. Passthrough lost frames are sequence gaps (the
+    bridge's decoder conceals, with the next packet's FEC). Until
     the bridge accepted, slots wait (at most `first_words_max_s`, the oldest dropping and
     counted) and are delivered in order once it has, decoded then (whether it takes PCM
     or Opus is known only then). Nothing goes out after `stop()`."""
@@ -411,10 +412,14 @@ class CallerAudio:
             self._dropped_unsent = 0
         if slot.paused:
             # Played as LOST while nothing was here, but the sender had only paused.
-            moved = min(slot.paused, self.frames_concealed)
-            self.frames_concealed -= moved
-            self.frames_dtx += moved
+            concealed = min(slot.paused, self.frames_concealed)
+            lost = min(slot.paused - concealed, self.frames_lost)
+            self.frames_concealed -= concealed
+            self.frames_lost -= lost
+            self.frames_dtx += concealed + lost
         kind = slot.kind
+        if slot.held and self.passthrough:
+            return  # the buffer grows: this frame is a tick later, nothing is missing
         if kind == jitter.FRAME:
             self._lost_run = 0
             if slot.from_red:
@@ -432,15 +437,14 @@ class CallerAudio:
             self.frames_in += 1
         else:
             self._lost_run += 1
-            if self.passthrough or self._lost_run > self._concealment_max:
+            if self.passthrough:
                 self.frames_lost += 1
-                bridge.skip_audio(1, self._frame_samples())
+                bridge.skip_audio(1, OPUS_SAMPLES_PER_FRAME)
                 return
-            pcm = self._recover(slot.fec)
+            pcm = self._recover(slot.fec) if self._lost_run <= self._concealment_max else None
             if pcm is None:
                 self.frames_lost += 1
-                bridge.skip_audio(1, self._samples)
-                return
+                pcm = self._silence_pcm
             bridge.send_audio(pcm, self._samples)
             self.frames_in += 1
 

@@ -68,6 +68,9 @@ class RtpPath:
                 srtp.inbound, params.payload_type, on_opus, on_loss=on_loss
             )
         self._mux_session.rtp_sink = self.receiver.datagram
+        early, self._mux_session.early_rtp = self._mux_session.early_rtp, None
+        for datagram in early or ():  # what came before this path started, in order
+            self.receiver.datagram(datagram)
         self.sender = rtp.RtpSender(
             params, srtp.outbound, self._send, aiortc_compat.sender_report_sink(pc)
         )

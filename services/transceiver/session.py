@@ -232,6 +232,8 @@ class Session:
         )
         local = self.params.endpoints[0]
         self._mux_session = self._mux.register(self.params.ufrag, self.params.pwd, local)
+        if self._caller_audio.adaptive:  # first words: keep RTP that overtakes DTLS's end
+            self._mux_session.early_rtp = []
         self._rtp = RtpPath(
             self._mux, self._mux_session, connection, settings.receiver_report_interval_frames
         )
