@@ -66,11 +66,22 @@ async def test_first_words_wait_for_a_slow_bridge_and_arrive_contiguous(passthro
         except TimeoutError:
             audio = _session(stack, "fw")._caller_audio
             raise AssertionError(
-                (stream.audio_in, audio.frames_in, audio.frames_lost, audio.frames_dtx,
-                 len(audio._waiting), audio.jitter.late, audio.jitter.buffered,
-                 _session(stack, "fw")._rtp.receiver.stats, [f.sequence for f in stream.frames[:5]],
-                 [tone.packets.index(f.data) if f.data in tone.packets else -1 for f in stream.frames[:8]],
-                 [f.sequence for f in stream.frames][-5:])
+                (
+                    stream.audio_in,
+                    audio.frames_in,
+                    audio.frames_lost,
+                    audio.frames_dtx,
+                    len(audio._waiting),
+                    audio.jitter.late,
+                    audio.jitter.buffered,
+                    _session(stack, "fw")._rtp.receiver.stats,
+                    [f.sequence for f in stream.frames[:5]],
+                    [
+                        tone.packets.index(f.data) if f.data in tone.packets else -1
+                        for f in stream.frames[:8]
+                    ],
+                    [f.sequence for f in stream.frames][-5:],
+                )
             ) from None
         sequences = [frame.sequence for frame in stream.frames[:150]]
         assert sequences == list(range(150))
