@@ -171,6 +171,22 @@ TRANSCEIVER_UDPMUX_DROPS = MetricSpec(
     "datagrams dropped by the shared media socket",
     labels=("drop_reason",),
 )
+TRANSCEIVER_CALLER_FRAMES = MetricSpec(
+    "transceiver",
+    "caller_frames",
+    Kind.COUNTER,
+    "caller audio frames towards the bridge that were not the caller's own packet in time, "
+    "by frame_outcome: concealed (PLC), fec_recovered (Opus in-band FEC), red_recovered "
+    "(RFC 2198), dtx (silence the caller sent as DTX), lost (a sequence gap), late (came "
+    "after its slot); added when the session ends",
+    labels=("frame_outcome",),
+)
+TRANSCEIVER_FIRST_WORDS_DROPPED = MetricSpec(
+    "transceiver",
+    "first_words_dropped_frames",
+    Kind.COUNTER,
+    "caller audio frames dropped before the bridge accepted, beyond first_words_max_s",
+)
 TRANSCEIVER_EVENT_LOOP_LAG = MetricSpec(
     "transceiver",
     "event_loop_lag",

@@ -14,10 +14,16 @@ from typing import Any
 
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from opentelemetry import metrics
 
-from services.transceiver import opus
+from libs.observability.metrics import (
+    TRANSCEIVER_CALLER_FRAMES,
+    TRANSCEIVER_FIRST_WORDS_DROPPED,
+)
+from services.transceiver import jitter, opus
 from services.transceiver.bridge import BridgeSession
 from voiceedge.inference.v1 import inference_pb2
+from services.transceiver.settings import ReceiveSettings
 
 FRAME_MS = 20
 BYTES_PER_SAMPLE = 2  # s16le
@@ -72,6 +78,15 @@ class OpusToPcm:
             except opus.OpusError:
                 break
         return out
+
+    def recover(self, following: bytes) -> bytes | None:
+        """20 ms of the frame lost before `following`, from its in-band FEC (None: the
+        decoder refused it)."""
+        try:
+            pcm = self._decoder.decode_fec(following, self._size // 2)
+        except opus.OpusError:
+            return None
+        return pcm if len(pcm) == self._size else None
 
     def push(self, packet: bytes) -> list[bytes]:
         try:
@@ -340,28 +355,69 @@ class Playout:
 
 
 class CallerAudio:
-    """Caller Opus packets -> the bridge: decoded to 20 ms PCM at the session's rate, or
-    passed through; lost packets (a sequence gap) become libopus packet loss concealment
-    for up to `concealment_max_frames` of them, the rest (and every lost frame in
-    passthrough) a gap in AudioFrame.sequence, as inference.proto says. Nothing goes out
-    until `bridge` is set (the bridge accepted) or after `stop()`."""
+    """Caller Opus packets -> the bridge, on one of two receive paths (`receive_path`).
+
+    direct: `on_opus` per packet in arrival order (rtp.RtpReceiver drops late ones),
+    decoded to 20 ms PCM at the session's rate or passed through; lost packets (`on_loss`,
+    a sequence gap) become libopus PLC for up to `concealment_max_frames` of them, the rest
+    (and every lost frame in passthrough) a gap in AudioFrame.sequence, as inference.proto
+    says. Nothing goes out until `bridge` is set (the bridge accepted).
+
+    adaptive: `on_packet` per packet in any order into a jitter buffer (jitter.py), `tick`
+    (the pacer, every 20 ms) takes one slot out: its packet; a lost one from the next
+    packet's in-band FEC, or a RED copy, else PLC (up to `concealment_max_frames` in a row,
+    then zero PCM: a PCM bridge gets exactly one frame per 20 ms, no sequence gaps);
+    silence (DTX, a timestamp jump) as zero PCM, or in passthrough the caller's DTX packet
+    or a ready-made Opus silence packet. Passthrough lost frames are sequence gaps (the
+    bridge's decoder conceals, with the next packet's FEC). Until
+    the bridge accepted, slots wait (at most `first_words_max_s`, the oldest dropping and
+    counted) and are delivered in order once it has, decoded then (whether it takes PCM
+    or Opus is known only then). Nothing goes out after `stop()`."""
 
     def __init__(
-        self, rate_hz: int, concealment_max_frames: int, elapsed_ms: Callable[[], float]
+        self,
+        rate_hz: int,
+        concealment_max_frames: int,
+        elapsed_ms: Callable[[], float],
+        receive: ReceiveSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        receive = receive or ReceiveSettings()
         self.bridge: BridgeSession | None = None
         self.passthrough = False
+        self.adaptive = receive.receive_path == "adaptive"
         self.frames_in = 0
         self.ttfa_in_ms = 0.0
+        self.frames_concealed = 0  # PLC (and holds of the adaptive buffer)
+        self.frames_fec_recovered = 0
+        self.frames_red_recovered = 0
+        self.frames_dtx = 0  # silence the caller sent as DTX or a timestamp jump
+        self.frames_lost = 0  # left as sequence gaps
+        self.first_words_dropped = 0
+        self._dropped_unsent = 0
         self._decoder = OpusToPcm(rate_hz)
         self._samples = frame_samples(rate_hz)
+        self._silence_pcm = bytes(frame_bytes(rate_hz))
         self._concealment_max = concealment_max_frames
         self._elapsed_ms = elapsed_ms
         self._stopped = False
+        self.jitter = jitter.JitterBuffer(
+            clock,
+            min_delay_ms=receive.jitter_min_delay_ms,
+            max_delay_ms=receive.jitter_max_delay_ms,
+        )
+        self._waiting: deque[jitter.Slot] = deque()
+        self._waiting_max = int(receive.first_words_max_s * 1000 / FRAME_MS)
+        self._busy_ticks = 0  # ticks the last packet still covers (packets over 20 ms)
+        self._lost_run = 0
 
     def stop(self) -> None:
+        if not self._stopped:
+            _record(self)
         self._stopped = True
         self.bridge = None
+
+    # ---- direct
 
     def on_opus(self, packet: bytes, rtp_timestamp: int) -> None:
         """One Opus packet from the caller (rtp.RtpReceiver: in order, late ones dropped)."""
@@ -394,5 +450,160 @@ class CallerAudio:
         for chunk in concealed:
             bridge.send_audio(chunk, samples)
             self.frames_in += 1
+        self.frames_concealed += len(concealed)
         if packets > len(concealed):
             bridge.skip_audio(packets - len(concealed), samples)
+
+    # ---- adaptive
+
+    def on_packet(self, payload: bytes, timestamp: int, sequence: int, red: bool) -> None:
+        """One caller packet as it arrived (rtp.RtpReceiver with reorder): Opus, or RED
+        around Opus (RFC 2198), whose older blocks fill slots still empty."""
+        if self._stopped:
+            return
+        if not self.ttfa_in_ms:
+            self.ttfa_in_ms = self._elapsed_ms()
+        if not red:
+            self.jitter.push(payload, timestamp, sequence)
+            return
+        blocks = jitter.red_blocks(payload)
+        if blocks is None:
+            return
+        for offset, _, data in blocks:
+            back, rest = divmod(offset, jitter.FRAME_TICKS)
+            if not data or rest:
+                continue  # an empty block, or not a whole number of 20 ms frames back
+            self.jitter.push(data, timestamp - offset, sequence - back, from_red=back > 0)
+
+    def tick(self, frame_index: int) -> None:
+        """The pacer's 20 ms clock: one slot of the jitter buffer towards the bridge."""
+        if self._stopped:
+            return
+        if self._busy_ticks:
+            self._busy_ticks -= 1
+            return
+        slot = self.jitter.tick()
+        if slot is None:
+            return
+        if slot.payload is not None and slot.kind == jitter.FRAME:
+            self._busy_ticks = jitter.opus_duration_ticks(slot.payload) // FRAME_TICKS - 1
+        bridge = self.bridge
+        waiting = self._waiting
+        if bridge is None or waiting:
+            if len(waiting) >= self._waiting_max:
+                self.first_words_dropped += 1
+                self._dropped_unsent += 1
+                if not waiting:
+                    return
+                waiting.popleft()
+            waiting.append(slot)
+            if bridge is None:
+                return
+            for _ in range(min(len(waiting), CATCH_UP_SLOTS)):
+                self._deliver(bridge, waiting.popleft())
+            return
+        self._deliver(bridge, slot)
+
+    def _deliver(self, bridge: BridgeSession, slot: jitter.Slot) -> None:
+        if self._dropped_unsent:
+            # What overflowed while the bridge was not there: a gap before what follows.
+            bridge.skip_audio(self._dropped_unsent, self._frame_samples())
+            self._dropped_unsent = 0
+        if slot.paused:
+            # Played as LOST while nothing was here, but the sender had only paused.
+            concealed = min(slot.paused, self.frames_concealed)
+            lost = min(slot.paused - concealed, self.frames_lost)
+            self.frames_concealed -= concealed
+            self.frames_lost -= lost
+            self.frames_dtx += concealed + lost
+        kind = slot.kind
+        if slot.held and self.passthrough:
+            return  # the buffer grows: this frame is a tick later, nothing is missing
+        if kind == jitter.FRAME:
+            self._lost_run = 0
+            if slot.from_red:
+                self.frames_red_recovered += 1
+            self._send_packet(bridge, slot.payload or b"")
+        elif kind == jitter.SILENCE:
+            self._lost_run = 0
+            self.frames_dtx += 1
+            if self.passthrough:
+                bridge.send_audio(
+                    slot.payload or silence_packet(OPUS_CLOCK_HZ), OPUS_SAMPLES_PER_FRAME
+                )
+            else:
+                bridge.send_audio(self._silence_pcm, self._samples)
+            self.frames_in += 1
+        else:
+            self._lost_run += 1
+            if self.passthrough:
+                self.frames_lost += 1
+                bridge.skip_audio(1, OPUS_SAMPLES_PER_FRAME)
+                return
+            pcm = self._recover(slot.fec) if self._lost_run <= self._concealment_max else None
+            if pcm is None:
+                self.frames_lost += 1
+                pcm = self._silence_pcm
+            bridge.send_audio(pcm, self._samples)
+            self.frames_in += 1
+
+    def _frame_samples(self) -> int:
+        return OPUS_SAMPLES_PER_FRAME if self.passthrough else self._samples
+
+    def _send_packet(self, bridge: BridgeSession, packet: bytes) -> None:
+        if self.passthrough:
+            samples = jitter.opus_duration_ticks(packet)
+            bridge.send_audio(packet, samples)
+            self.frames_in += 1
+            return
+        for chunk in self._decoder.push(packet):
+            bridge.send_audio(chunk, self._samples)
+            self.frames_in += 1
+
+    def _recover(self, following: bytes | None) -> bytes | None:
+        """20 ms for a lost frame: the FEC in the next packet, else PLC."""
+        decoder = self._decoder
+        if following is not None and opus.has_fec(following):
+            pcm = decoder.recover(following)
+            if pcm is not None:
+                self.frames_fec_recovered += 1
+                return pcm
+        concealed = decoder.conceal(1)
+        if not concealed:
+            return None
+        self.frames_concealed += 1
+        return concealed[0]
+
+
+CATCH_UP_SLOTS = 10  # waiting slots delivered per tick once the bridge accepted
+FRAME_TICKS = jitter.FRAME_TICKS
+
+
+class _ReceiveCounters:
+    """The receive path's counts, added to the metrics once per session (at its stop)."""
+
+    def __init__(self) -> None:
+        meter = metrics.get_meter("voiceedge.transceiver")
+        self.frames = TRANSCEIVER_CALLER_FRAMES.create(meter)
+        self.first_words = TRANSCEIVER_FIRST_WORDS_DROPPED.create(meter)
+
+
+_counters: _ReceiveCounters | None = None
+
+
+def _record(audio: CallerAudio) -> None:
+    global _counters
+    if _counters is None:
+        _counters = _ReceiveCounters()
+    for outcome, count in (
+        ("concealed", audio.frames_concealed),
+        ("fec_recovered", audio.frames_fec_recovered),
+        ("red_recovered", audio.frames_red_recovered),
+        ("dtx", audio.frames_dtx),
+        ("lost", audio.frames_lost),
+        ("late", audio.jitter.late),
+    ):
+        if count:
+            _counters.frames.add(count, {"frame.outcome": outcome})
+    if audio.first_words_dropped:
+        _counters.first_words.add(audio.first_words_dropped)

@@ -19,6 +19,9 @@ RATES = (8000, 12000, 16000, 24000, 48000)  # what libopus decodes/encodes nativ
 APPLICATIONS = {"voip": 2048, "audio": 2049, "lowdelay": 2051}  # OPUS_APPLICATION_*
 SET_BITRATE = 4002  # OPUS_SET_BITRATE_REQUEST
 SET_COMPLEXITY = 4010  # OPUS_SET_COMPLEXITY_REQUEST
+SET_INBAND_FEC = 4012  # OPUS_SET_INBAND_FEC_REQUEST
+SET_PACKET_LOSS_PERC = 4014  # OPUS_SET_PACKET_LOSS_PERC_REQUEST
+SET_DTX = 4016  # OPUS_SET_DTX_REQUEST
 MAX_PACKET = 1500
 MAX_FRAME_S = 0.12  # the longest Opus packet, 120 ms (RFC 6716 §3.2.5)
 
@@ -78,6 +81,30 @@ def _error(code: int) -> str:
     return str(lib().opus_strerror(code).decode("ascii", "replace"))
 
 
+def has_fec(packet: bytes) -> bool:
+    """Whether an Opus packet's first frame carries LBRR (in-band FEC) data for the frame
+    before it: only SILK and Hybrid frames can (RFC 6716 §3.1 TOC config below 16), and
+    the LBRR flag follows each channel's VAD flags as the first bits the range coder
+    reads at probability 1/2 (§4.2.3, §4.2.4), i.e. plain bits of the frame's first byte.
+    Packets with one frame or frames of equal size (codes 0 and 1) are read; code 2 and 3
+    packets count as without."""
+    if len(packet) < 2:
+        return False
+    toc = packet[0]
+    config, code = toc >> 3, toc & 3
+    if config >= 16 or code > 1:
+        return False
+    # SILK frames in this Opus frame: 10/20 ms one, 40 ms two, 60 ms three; Hybrid one.
+    silk_frames = 1 if config >= 12 or config & 3 < 2 else config & 3
+    channels = 2 if toc & 0x04 else 1
+    first = packet[1]
+    for channel in range(channels):
+        bit = (channel + 1) * (silk_frames + 1) - 1
+        if bit < 8 and first & (0x80 >> bit):
+            return True
+    return False
+
+
 class Decoder:
     """Opus packets -> mono s16le PCM at `rate_hz` (one call per packet)."""
 
@@ -101,6 +128,16 @@ class Decoder:
             raise OpusError(f"opus_decode (PLC): {_error(got)}")
         return ctypes.string_at(self._pcm, got * 2)
 
+    def decode_fec(self, following: bytes, samples: int) -> bytes:
+        """`samples` of the frame lost just before `following`, from the in-band FEC (LBRR,
+        RFC 6716 §2.1.7) that `following` carries, or PLC when it carries none; decode
+        `following` itself next as usual."""
+        samples = min(samples, self._max_samples)
+        got = self._decode(self._state, following, len(following), self._pcm, samples, 1)
+        if got < 0:
+            raise OpusError(f"opus_decode (FEC): {_error(got)}")
+        return ctypes.string_at(self._pcm, got * 2)
+
     def decode(self, packet: bytes) -> bytes:
         """PCM of one packet; OpusError for a corrupt one."""
         samples = self._decode(self._state, packet, len(packet), self._pcm, self._max_samples, 0)
@@ -117,7 +154,17 @@ class Decoder:
 class Encoder:
     """Mono s16le PCM frames at `rate_hz` -> Opus packets."""
 
-    def __init__(self, rate_hz: int, application: str, bitrate: int, complexity: int) -> None:
+    def __init__(
+        self,
+        rate_hz: int,
+        application: str,
+        bitrate: int,
+        complexity: int,
+        *,
+        inband_fec: bool = False,
+        packet_loss_percent: int = 0,
+        dtx: bool = False,
+    ) -> None:
         if rate_hz not in RATES:
             raise ValueError(f"opus encoder: rate {rate_hz} not one of {RATES}")
         if application not in APPLICATIONS:
@@ -128,7 +175,12 @@ class Encoder:
         )
         if not self._state:
             raise OpusError(f"opus_encoder_create: {_error(error.value)}")
-        for request, value in ((SET_BITRATE, bitrate), (SET_COMPLEXITY, complexity)):
+        requests = [(SET_BITRATE, bitrate), (SET_COMPLEXITY, complexity)]
+        if inband_fec:  # LBRR: each packet carries a coarse copy of the previous frame
+            requests += [(SET_INBAND_FEC, 1), (SET_PACKET_LOSS_PERC, packet_loss_percent)]
+        if dtx:
+            requests.append((SET_DTX, 1))
+        for request, value in requests:
             # opus_encoder_ctl is variadic: ctypes passes the int arguments as C ints.
             code = lib().opus_encoder_ctl(
                 ctypes.c_void_p(self._state), ctypes.c_int(request), ctypes.c_int(value)

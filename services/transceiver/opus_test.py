@@ -66,3 +66,62 @@ def test_bad_arguments_are_clear_errors() -> None:
         encoder.encode(b"\x00" * 10, 480)
     with pytest.raises(opus.OpusError, match="opus_decode"):
         opus.Decoder(24000).decode(b"\xff" * 3)
+
+
+def speechlike(rate: int, seconds: float) -> bytes:
+    """A voiced sound libopus codes with SILK: a 150 Hz pulse train's harmonics, wobbling."""
+    t = np.arange(int(rate * seconds)) / rate
+    f0 = 150.0 + 20.0 * np.sin(2 * np.pi * 3.0 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    wave = np.zeros_like(phase)
+    for k in range(1, 12):
+        wave += np.sin(k * phase) / k
+    return (0.15 * 32767 * wave / 3).astype("<i2").tobytes()
+
+
+def test_in_band_fec_recovers_a_lost_frame_better_than_plc() -> None:
+    rate, frame = 24000, 480
+    encoder = opus.Encoder(rate, "voip", 32000, 5, inband_fec=True, packet_loss_percent=20)
+    plain = opus.Encoder(rate, "voip", 32000, 5)
+    pcm = speechlike(rate, 2.0)
+    chunks = [pcm[i : i + frame * 2] for i in range(0, len(pcm), frame * 2)]
+    packets = [encoder.encode(chunk, frame) for chunk in chunks]
+    assert sum(opus.has_fec(p) for p in packets[10:]) > 0.2 * len(packets[10:])
+    assert not any(opus.has_fec(plain.encode(chunk, frame)) for chunk in chunks[10:30])
+    lost = next(i for i in range(20, len(packets) - 1) if opus.has_fec(packets[i + 1]))
+    with_fec, with_plc, reference = opus.Decoder(rate), opus.Decoder(rate), opus.Decoder(rate)
+    for packet in packets[:lost]:
+        for decoder in (with_fec, with_plc, reference):
+            decoder.decode(packet)
+    truth = np.frombuffer(reference.decode(packets[lost]), dtype="<i2").astype(float)
+    fec = np.frombuffer(with_fec.decode_fec(packets[lost + 1], frame), dtype="<i2")
+    plc = np.frombuffer(with_plc.conceal(frame), dtype="<i2")
+    assert len(fec) == len(plc) == frame
+    error_fec = np.mean((fec - truth) ** 2)
+    error_plc = np.mean((plc - truth) ** 2)
+    assert error_fec < 0.5 * error_plc
+    # Without LBRR in the next packet, decode_fec is the PLC: has_fec says which it is.
+    for index in range(20, 40):
+        a, b = opus.Decoder(rate), opus.Decoder(rate)
+        for packet in packets[:index]:
+            a.decode(packet)
+            b.decode(packet)
+        recovered = a.decode_fec(packets[index + 1], frame) != b.conceal(frame)
+        assert recovered == opus.has_fec(packets[index + 1])
+
+
+@pytest.mark.parametrize(
+    ("packet", "fec"),
+    [
+        (b"", False),
+        (bytes([0x08]), False),  # TOC only
+        (bytes([0x08, 0x40]), True),  # SILK WB 20 ms mono: VAD bit, then LBRR
+        (bytes([0x08, 0x80]), False),  # VAD set, LBRR clear
+        (bytes([0x10, 0x20]), True),  # SILK 40 ms: two VAD bits, then LBRR
+        (bytes([0x0C, 0x10]), True),  # stereo 20 ms: the side channel's LBRR
+        (bytes([0xF8, 0xFF]), False),  # CELT: no LBRR
+        (bytes([0x0A, 0x40]), False),  # code 2: not read
+    ],
+)
+def test_has_fec_reads_the_lbrr_flag(packet: bytes, fec: bool) -> None:
+    assert opus.has_fec(packet) is fec

@@ -94,6 +94,9 @@ class ReceiveStats:
 
 
 PayloadSink = Callable[[bytes, int], None]
+# With `reorder`: (payload, RTP timestamp, extended sequence number, is a RED packet), for
+# every packet but duplicates of the newest and those MAX_MISORDER or more behind it.
+PacketSink = Callable[[bytes, int, int, bool], None]
 # on_loss(n): n packets are missing just before the one about to reach the sink
 LossSink = Callable[[int], None]
 Clock = Callable[[], float]
@@ -107,13 +110,17 @@ class _ReceiverCore:
         self,
         srtp: pylibsrtp.Session,
         payload_type: int,
-        sink: PayloadSink,
+        sink: PayloadSink | PacketSink,
         on_loss: LossSink | None,
         clock: Clock | None,
+        reorder: bool = False,
+        red_payload_type: int = -1,
     ) -> None:
         self._unprotect = srtp.unprotect
         self._payload_type = payload_type
-        self._sink = sink
+        self._red_payload_type = red_payload_type
+        self._reorder = reorder
+        self._sink: Any = sink
         self._on_loss = on_loss
         self._clock = clock or time.monotonic
         self.started = False
@@ -136,21 +143,29 @@ class _ReceiverCore:
         except RtpError:
             self.dropped_malformed += 1
             return
+        red = False
         if payload_type != self._payload_type:
-            self.dropped_payload_type += 1
-            return
+            if payload_type != self._red_payload_type:
+                self.dropped_payload_type += 1
+                return
+            red = True
         if not self.started:
             self.started = True
             self.base = self.highest = sequence
             self.source_ssrc = ssrc
+            extended = sequence
         else:
             delta = (sequence - self.highest) % SEQ_MOD
-            if delta == 0 or delta > SEQ_MOD - MAX_MISORDER:
+            if delta == 0 or (delta > SEQ_MOD - MAX_MISORDER and not self._reorder):
                 self.dropped_late += 1
                 return
-            self.highest += delta
-            if delta > 1 and self._on_loss is not None:
-                self._on_loss(delta - 1)
+            if delta > SEQ_MOD - MAX_MISORDER:  # older than the newest: the buffer reorders
+                extended = self.highest - (SEQ_MOD - delta)
+            else:
+                self.highest += delta
+                extended = self.highest
+                if delta > 1 and self._on_loss is not None and not self._reorder:
+                    self._on_loss(delta - 1)
         self.packets += 1
         self.bytes += len(payload)
         transit = self._clock() * OPUS_CLOCK_HZ - timestamp
@@ -159,30 +174,38 @@ class _ReceiverCore:
             if difference < 1 << 30:  # not a timestamp wrap or a new stream
                 self.jitter_ticks += (difference - self.jitter_ticks) / 16.0
         self._last_transit = transit
-        self._sink(payload, timestamp)
+        if self._reorder:
+            self._sink(payload, timestamp, extended, red)
+        else:
+            self._sink(payload, timestamp)
 
 
 class RtpReceiver:
-    """SRTP in, Opus payloads out in arrival order; packets older than the newest one seen
-    (reordered or duplicated) are dropped and counted, as a jitter buffer would for audio
-    that already played. `datagram` is the per-packet entry: rtpcore's C receiver when the
-    extension is there (`native`), else _ReceiverCore."""
+    """SRTP in, Opus payloads out in arrival order. By default packets older than the newest
+    one seen (reordered or duplicated) are dropped and counted, and a sequence gap calls
+    `on_loss` (the `direct` receive path). With `reorder` (the `adaptive` path: a jitter
+    buffer after it) every packet up to MAX_MISORDER behind the newest goes to the sink
+    with its extended sequence number (`PacketSink`), `on_loss` is not called, and
+    packets of `red_payload_type` (RFC 2198, -1: none) pass too, flagged. `datagram` is the
+    per-packet entry: rtpcore's C receiver when the extension is there (`native`), else
+    _ReceiverCore."""
 
     def __init__(
         self,
         srtp: pylibsrtp.Session,
         payload_type: int,
-        sink: PayloadSink,
+        sink: PayloadSink | PacketSink,
         clock: Clock | None = None,
         on_loss: LossSink | None = None,
         *,
         native: bool = True,
+        reorder: bool = False,
+        red_payload_type: int = -1,
     ) -> None:
-        core = rtpcore.receiver(srtp, payload_type, sink, on_loss, clock) if native else None
+        args = (srtp, payload_type, sink, on_loss, clock, reorder, red_payload_type)
+        core = rtpcore.receiver(*args) if native else None
         self.native = core is not None
-        self._core: Any = (
-            core if core is not None else _ReceiverCore(srtp, payload_type, sink, on_loss, clock)
-        )
+        self._core: Any = core if core is not None else _ReceiverCore(*args)
         self.datagram: Callable[[bytes], None] = self._core.datagram
         self._expected_prior = 0
         self._received_prior = 0

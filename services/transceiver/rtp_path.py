@@ -48,12 +48,29 @@ class RtpPath:
         params: sdp.AudioRtpParams,
         on_opus: Callable[[bytes, int], None],
         on_loss: Callable[[int], None],
+        on_packet: rtp.PacketSink | None = None,
     ) -> None:
-        """DTLS keyed SRTP: audio RTP leaves aiortc's per-packet path for ours."""
+        """DTLS keyed SRTP: audio RTP leaves aiortc's per-packet path for ours. With
+        `on_packet` (the adaptive receive path) every packet goes there in arrival order,
+        older ones and RED ones too, instead of `on_opus`/`on_loss`."""
         srtp = aiortc_compat.srtp_sessions(pc)
         self._pc, self._params = pc, params
-        self.receiver = rtp.RtpReceiver(srtp.inbound, params.payload_type, on_opus, on_loss=on_loss)
+        if on_packet is not None:
+            self.receiver = rtp.RtpReceiver(
+                srtp.inbound,
+                params.payload_type,
+                on_packet,
+                reorder=True,
+                red_payload_type=params.red_payload_type,
+            )
+        else:
+            self.receiver = rtp.RtpReceiver(
+                srtp.inbound, params.payload_type, on_opus, on_loss=on_loss
+            )
         self._mux_session.rtp_sink = self.receiver.datagram
+        early, self._mux_session.early_rtp = self._mux_session.early_rtp, None
+        for datagram in early or ():  # what came before this path started, in order
+            self.receiver.datagram(datagram)
         self.sender = rtp.RtpSender(
             params, srtp.outbound, self._send, aiortc_compat.sender_report_sink(pc)
         )

@@ -124,6 +124,41 @@ def test_receiver_orders_counts_loss_and_drops_what_it_cannot_use(native: bool) 
 
 
 @BOTH_CORES
+def test_reordering_receiver_passes_older_packets_with_their_sequence(native: bool) -> None:
+    """The adaptive path: packets behind the newest go on (the jitter buffer orders them),
+    extended sequence numbers across the wrap, RED packets flagged, no on_loss."""
+    tx, rx = srtp_pair()
+    got: list[tuple[int, int, bool]] = []
+    losses: list[int] = []
+    receiver = rtp.RtpReceiver(
+        rx,
+        111,
+        lambda p, ts, seq, red: got.append((ts, seq, red)),
+        on_loss=losses.append,
+        native=native,
+        reorder=True,
+        red_payload_type=63,
+    )
+    for seq, pt in ((65534, 111), (0, 111), (65535, 111), (2, 63), (1, 111), (3, 0)):
+        datagram = tx.protect(packet(seq, seq * 960, pt=pt))
+        receiver.datagram(datagram)
+    receiver.datagram(datagram)  # a duplicate: SRTP's replay check
+    assert got == [
+        (65534 * 960, 65534, False),
+        (0, 65536, False),
+        (65535 * 960, 65535, False),  # older than the newest: passed, not dropped
+        (2 * 960, 65538, True),  # RED
+        (960, 65537, False),
+    ]
+    assert losses == []
+    stats = receiver.stats
+    assert stats.packets == 5
+    assert receiver.lost == 0
+    assert stats.dropped_srtp == 1
+    assert stats.dropped_payload_type == 1
+
+
+@BOTH_CORES
 @pytest.mark.parametrize(
     "clear",
     [

@@ -75,9 +75,11 @@ def srtp_pointers(session: pylibsrtp.Session) -> SrtpPointers | None:
 def receiver(
     srtp: pylibsrtp.Session,
     payload_type: int,
-    sink: Callable[[bytes, int], None],
+    sink: Callable[..., None],
     on_loss: Callable[[int], None] | None,
     clock: Callable[[], float] | None,
+    reorder: bool = False,
+    red_payload_type: int = -1,
 ) -> Any:
     """An rtpcore.Receiver unprotecting with `srtp` (rtp._ReceiverCore's arguments), or
     None (see srtp_pointers)."""
@@ -85,7 +87,15 @@ def receiver(
     if pointers is None:
         return None
     return load().Receiver(
-        srtp, pointers.context, pointers.unprotect, payload_type, sink, on_loss, clock
+        srtp,
+        pointers.context,
+        pointers.unprotect,
+        payload_type,
+        sink,
+        on_loss,
+        clock,
+        int(reorder),
+        red_payload_type,
     )
 
 

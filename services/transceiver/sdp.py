@@ -102,6 +102,7 @@ class AudioRtpParams:
     ssrc: int
     mid: str
     mid_extension_id: int  # 0: not negotiated
+    red_payload_type: int = -1  # RFC 2198 red/48000/2 around Opus; -1: not negotiated
 
 
 def audio_rtp_params(answer: str) -> AudioRtpParams:
@@ -121,11 +122,14 @@ def audio_rtp_params(answer: str) -> AudioRtpParams:
     payload_type = ssrc = None
     mid = ""
     mid_extension_id = 0
+    red_payload_type = -1
     for line in section:
-        if line.startswith("a=rtpmap:") and payload_type is None:
+        if line.startswith("a=rtpmap:"):
             number, _, encoding = line[len("a=rtpmap:") :].partition(" ")
-            if encoding.lower().startswith("opus/48000"):
+            if encoding.lower().startswith("opus/48000") and payload_type is None:
                 payload_type = int(number)
+            elif encoding.lower() == "red/48000/2" and red_payload_type < 0:
+                red_payload_type = int(number)
         elif line.startswith("a=ssrc:") and ssrc is None:
             ssrc = int(line[len("a=ssrc:") :].split(" ", 1)[0])
         elif line.startswith("a=mid:"):
@@ -138,4 +142,62 @@ def audio_rtp_params(answer: str) -> AudioRtpParams:
         raise SdpError("answer: no opus/48000 payload type in the audio m-section")
     if ssrc is None:
         raise SdpError("answer: no a=ssrc in the audio m-section")
-    return AudioRtpParams(payload_type, ssrc, mid, mid_extension_id)
+    return AudioRtpParams(payload_type, ssrc, mid, mid_extension_id, red_payload_type)
+
+
+def _audio_section(lines: list[str]) -> tuple[int, int]:
+    """[start, end) of the first audio m-section's lines (start: the m= line); (-1, -1)."""
+    start = next((i for i, line in enumerate(lines) if line.startswith("m=audio ")), -1)
+    if start < 0:
+        return -1, -1
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("m=")), len(lines))
+    return start, end
+
+
+def _payload_type_of(section: list[str], encoding: str) -> int | None:
+    for line in section:
+        if line.startswith("a=rtpmap:"):
+            number, _, name = line[len("a=rtpmap:") :].partition(" ")
+            if name.lower().startswith(encoding):
+                return int(number)
+    return None
+
+
+def tune_audio_answer(answer: str, offer: str, *, red: bool) -> str:
+    """The answer's Opus asks for in-band FEC (`useinbandfec=1`, RFC 7587 §6.1: the
+    caller's encoder then puts LBRR in its packets); with `red`, and only if the offer has
+    red/48000/2 (RFC 2198) around that Opus, the answer accepts it as the preferred
+    format (first in the m-line, with the offer's payload type), so the caller sends it."""
+    lines = _lines(answer)
+    start, end = _audio_section(lines)
+    if start < 0:
+        return answer
+    section = lines[start:end]
+    opus_pt = _payload_type_of(section, "opus/48000")
+    if opus_pt is None:
+        return answer
+    fmtp = f"a=fmtp:{opus_pt} "
+    at = next((i for i, line in enumerate(section) if line.startswith(fmtp)), -1)
+    if at < 0:
+        rtpmap = next(
+            i for i, line in enumerate(section) if line.startswith(f"a=rtpmap:{opus_pt} ")
+        )
+        section.insert(rtpmap + 1, fmtp + "useinbandfec=1")
+    else:
+        params = [p for p in section[at][len(fmtp) :].split(";") if p]
+        params = [p for p in params if not p.strip().startswith("useinbandfec=")]
+        section[at] = fmtp + ";".join([*params, "useinbandfec=1"])
+    if red:
+        offered = _lines(offer)
+        offer_start, offer_end = _audio_section(offered)
+        red_pt = _payload_type_of(offered[offer_start:offer_end], "red/48000/2")
+        if red_pt is not None and _payload_type_of(section, "red/") is None:
+            parts = section[0].split(" ")
+            section[0] = " ".join([*parts[:3], str(red_pt), *parts[3:]])
+            rtpmap = next(i for i, line in enumerate(section) if line.startswith("a=rtpmap:"))
+            section[rtpmap:rtpmap] = [
+                f"a=rtpmap:{red_pt} red/48000/2",
+                f"a=fmtp:{red_pt} {opus_pt}/{opus_pt}",
+            ]
+    lines[start:end] = section
+    return "\r\n".join(lines) + "\r\n"

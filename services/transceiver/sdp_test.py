@@ -148,3 +148,60 @@ def test_audio_rtp_params_refuses_what_our_rtp_path_cannot_use(remove: str, mess
 def test_audio_rtp_params_without_the_mid_extension() -> None:
     answer = ANSWER.replace("a=extmap:4/sendrecv urn:ietf:params:rtp-hdrext:sdes:mid\r\n", "")
     assert sdp.audio_rtp_params(answer).mid_extension_id == 0
+
+
+RED_OFFER = ANSWER.replace("SAVPF 111 0", "SAVPF 111 63 0").replace(
+    "a=rtpmap:111 opus/48000/2",
+    "a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10\r\na=rtpmap:63 red/48000/2\r\n"
+    "a=fmtp:63 111/111",
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "offer", "red", "m_line", "expected"),
+    [
+        # no fmtp yet: one with useinbandfec; red not offered: not added
+        (ANSWER, ANSWER, True, "m=audio 9 UDP/TLS/RTP/SAVPF 111 0", ["a=fmtp:111 useinbandfec=1"]),
+        # an fmtp: useinbandfec=1 joins (or replaces useinbandfec=0)
+        (
+            ANSWER.replace(
+                "a=rtpmap:111 opus/48000/2", "a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10"
+            ),
+            ANSWER,
+            False,
+            "m=audio 9 UDP/TLS/RTP/SAVPF 111 0",
+            ["a=fmtp:111 minptime=10;useinbandfec=1"],
+        ),
+        (
+            ANSWER.replace(
+                "a=rtpmap:111 opus/48000/2",
+                "a=rtpmap:111 opus/48000/2\r\na=fmtp:111 useinbandfec=0",
+            ),
+            ANSWER,
+            False,
+            "m=audio 9 UDP/TLS/RTP/SAVPF 111 0",
+            ["a=fmtp:111 useinbandfec=1"],
+        ),
+        # red offered and wanted: first in the m-line, with the offer's payload type
+        (
+            ANSWER,
+            RED_OFFER,
+            True,
+            "m=audio 9 UDP/TLS/RTP/SAVPF 63 111 0",
+            ["a=rtpmap:63 red/48000/2", "a=fmtp:63 111/111", "a=fmtp:111 useinbandfec=1"],
+        ),
+        # red offered, not wanted (the direct receive path cannot read it)
+        (ANSWER, RED_OFFER, False, "m=audio 9 UDP/TLS/RTP/SAVPF 111 0", []),
+    ],
+)
+def test_tune_audio_answer_asks_for_fec_and_accepts_red_only_if_offered(
+    answer: str, offer: str, red: bool, m_line: str, expected: list[str]
+) -> None:
+    tuned = sdp.tune_audio_answer(answer, offer, red=red)
+    lines = tuned.split("\r\n")
+    assert m_line in lines
+    assert all(line in lines for line in expected)
+    assert ("a=rtpmap:63 red/48000/2" in lines) == ("63" in m_line.split(" "))
+    params = sdp.audio_rtp_params(tuned)
+    assert params.payload_type == 111
+    assert params.red_payload_type == (63 if "63" in m_line.split(" ") else -1)

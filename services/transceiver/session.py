@@ -119,7 +119,7 @@ class Session:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self._idle_track = IdleTrack()
         self._caller_audio = CallerAudio(
-            params.rate_hz, settings.concealment_max_frames, self._elapsed_ms
+            params.rate_hz, settings.concealment_max_frames, self._elapsed_ms, settings
         )
         self.playout = Playout(
             params.rate_hz,
@@ -158,6 +158,16 @@ class Session:
     def frames_in(self) -> int:
         return self._caller_audio.frames_in
 
+    @property
+    def frames_concealed(self) -> int:
+        """Caller frames the bridge got as libopus PLC (CallerAudio counts the rest)."""
+        return self._caller_audio.frames_concealed
+
+    @property
+    def frames_fec_recovered(self) -> int:
+        """Lost caller frames recovered from the next packet's in-band FEC."""
+        return self._caller_audio.frames_fec_recovered
+
     def _note_checks(self) -> None:
         # The mux counts packets per session; the first one is the client's ICE check.
         mux_session = self._mux_session
@@ -173,6 +183,7 @@ class Session:
             self._spawn(self._run_bridge())
         elif step.action is Action.TEAR_DOWN:
             self._caller_audio.stop()  # nothing more to the bridge from this turn on
+            self._pacer.remove(self._caller_audio)
             self._teardown = asyncio.get_running_loop().create_task(self._close())
         elif step.action is Action.AWAIT_RESTART:
             self._arm_grace()
@@ -221,6 +232,8 @@ class Session:
         )
         local = self.params.endpoints[0]
         self._mux_session = self._mux.register(self.params.ufrag, self.params.pwd, local)
+        if self._caller_audio.adaptive:  # first words: keep RTP that overtakes DTLS's end
+            self._mux_session.early_rtp = []
         self._rtp = RtpPath(
             self._mux, self._mux_session, connection, settings.receiver_report_interval_frames
         )
@@ -238,11 +251,12 @@ class Session:
         audio[0].direction = "sendrecv"
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)
-        self._rtp_params = sdp.audio_rtp_params(pc.localDescription.sdp)
+        local_sdp = pc.localDescription.sdp
+        if self._caller_audio.adaptive:  # FEC and RED: only the adaptive path reads them
+            local_sdp = sdp.tune_audio_answer(local_sdp, stripped, red=True)
+        self._rtp_params = sdp.audio_rtp_params(local_sdp)
         self._spawn(self._ice_timer())
-        answer_sdp = sdp.rewrite_answer(
-            pc.localDescription.sdp, self.params.endpoints, self.params.tcp_endpoints
-        )
+        answer_sdp = sdp.rewrite_answer(local_sdp, self.params.endpoints, self.params.tcp_endpoints)
         # Once: every BUNDLEd m-section of the answer repeats them.
         self.answer_candidates = tuple(
             dict.fromkeys(
@@ -354,7 +368,11 @@ class Session:
         if params is None or path is None:
             return
         audio = self._caller_audio
-        path.start(self.pc, params, audio.on_opus, audio.on_loss)
+        if audio.adaptive:  # the jitter buffer: packets in as they come, out on the pacer
+            path.start(self.pc, params, audio.on_opus, audio.on_loss, on_packet=audio.on_packet)
+            self._pacer.add(audio)
+        else:
+            path.start(self.pc, params, audio.on_opus, audio.on_loss)
         self._pacer.add(self)
 
     def tick(self, frame_index: int) -> None:

@@ -1,9 +1,10 @@
 """Settings of the transceiver service (flags, TOML file, VOICEEDGE_TRANSCEIVER_* environment).
 
 `TransceiverSettings` is made of groups, each a frozen dataclass of its own handed whole to
-what needs it: `BridgeSettings` (the bridge stream), `MediaSettings` (audio both ways) and
-`EngineSettings` (the WebRTC engine's knobs: pion's SettingEngine idea; in aiortc/aioice
-these are module constants tests patch). The loader sees their fields as flat settings.
+what needs it: `BridgeSettings` (the bridge stream), `MediaSettings` (audio both ways),
+`ReceiveSettings` (caller audio to the bridge) and `EngineSettings` (the WebRTC engine's
+knobs: pion's SettingEngine idea; in aiortc/aioice these are module constants tests patch).
+The loader sees their fields as flat settings.
 """
 
 from __future__ import annotations
@@ -133,8 +134,38 @@ class MediaSettings:
         return max(1, round(self.playout_queue_max_s * 1000 / 20))
 
 
+RECEIVE_PATHS = ("adaptive", "direct")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SessionSettings(EngineSettings, MediaSettings, BridgeSettings):
+class ReceiveSettings:
+    """Caller audio on its way to the bridge: the jitter buffer and the first words."""
+
+    receive_path: str = setting(
+        "adaptive",
+        "caller audio to the bridge: adaptive (a jitter buffer reorders and paces 50 frames "
+        "a second, FEC/RED/PLC for lost frames, the first words kept until the bridge "
+        "accepts) or direct (arrival order, late packets dropped, PLC for gaps, nothing "
+        "before the bridge accepts)",
+        choices=RECEIVE_PATHS,
+    )
+    jitter_min_delay_ms: float = setting(
+        10.0, "the adaptive jitter buffer's smallest delay (at zero jitter)", ge=0, le=200
+    )
+    jitter_max_delay_ms: float = setting(
+        200.0, "the adaptive jitter buffer's largest delay, whatever the jitter", ge=20, le=1000
+    )
+    first_words_max_s: float = setting(
+        6.0,
+        "adaptive path: caller audio kept from the first packet until the bridge accepts "
+        "(beyond it the oldest drop, counted)",
+        ge=0,
+        le=60,
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SessionSettings(EngineSettings, MediaSettings, ReceiveSettings, BridgeSettings):
     """The groups every session runs with, handed to it whole."""
 
 

@@ -28,7 +28,7 @@ from libs.wire import framing, ufrag
 from libs.wire.batches import ResponseBatches, session_requests
 from libs.wire.classify import is_rtp
 from libs.wire.framing import Address
-from services.transceiver import aiortc_compat
+from services.transceiver import aiortc_compat, opus
 from services.transceiver.manager import SessionManager
 from services.transceiver.media import OPUS_TIME_BASE, OpusPacketizer
 from services.transceiver.servicer import TransceiverServicer
@@ -52,6 +52,11 @@ class FramingRelay(asyncio.DatagramProtocol):
         self.returned = 0
         self.drop_rtp_every = 0  # > 0: every Nth client RTP datagram is lost on the way in
         self.dropped_rtp = 0
+        # > 0: every Nth client RTP datagram is held back and sent after the next one (an
+        # adjacent swap, as jitter makes them); with drop_rtp_every, the phases differ.
+        self.swap_rtp_every = 0
+        self.swapped_rtp = 0
+        self._held: bytes | None = None
         self._rtp_seen = 0
         self.blackhole = False  # True: the client has vanished; nothing passes either way
         self.closed = asyncio.Event()
@@ -79,13 +84,22 @@ class FramingRelay(asyncio.DatagramProtocol):
             self.returned += 1
             self.transport.sendto(payload, (ip, port))
         else:
-            if self.drop_rtp_every and is_rtp(data):
+            framed = framing.encode(addr[0], addr[1], data)
+            if (self.drop_rtp_every or self.swap_rtp_every) and is_rtp(data):
                 self._rtp_seen += 1
-                if self._rtp_seen % self.drop_rtp_every == 0:
+                if self.drop_rtp_every and self._rtp_seen % self.drop_rtp_every == 0:
                     self.dropped_rtp += 1
                     return
+                if self.swap_rtp_every and self._rtp_seen % self.swap_rtp_every == 3:
+                    self._held = framed
+                    return
             self.forwarded += 1
-            self.transport.sendto(framing.encode(addr[0], addr[1], data), self.upstream)
+            self.transport.sendto(framed, self.upstream)
+            held, self._held = self._held, None
+            if held is not None:
+                self.swapped_rtp += 1
+                self.forwarded += 1
+                self.transport.sendto(held, self.upstream)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed.set()
@@ -114,6 +128,7 @@ class BridgeStream:
     input_format: common_pb2.AudioFormat | None = None
     arrivals: list[tuple[int, float]] = field(default_factory=list)  # (sequence, monotonic)
     reports: asyncio.Queue[inference_pb2.PlayoutReport] = field(default_factory=asyncio.Queue)
+    frames: list[inference_pb2.AudioFrame] = field(default_factory=list)  # with arrivals
 
 
 class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
@@ -127,6 +142,8 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
         self.echo_events = True
         self.batching = True  # False: StreamSessions answers UNIMPLEMENTED
         self.record_arrivals = False
+        # > 0: SessionAccepted waits this long (a bridge or model still connecting)
+        self.accept_delay_s = 0.0
         self.opened = asyncio.Event()
         self.server: grpc.aio.Server | None = None
         self.address = ""
@@ -166,6 +183,7 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
             stream.audio_in += 1
             if self.record_arrivals:
                 stream.arrivals.append((request.audio_frame.sequence, time.monotonic()))
+                stream.frames.append(request.audio_frame)
             return Resp(audio_frame=request.audio_frame) if self.echo else None
         if kind == "data_channel_message":
             stream.events_in.append(request.data_channel_message.json)
@@ -192,6 +210,8 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
             async with lock:
                 await context.write(message)
 
+        if self.accept_delay_s:
+            await asyncio.sleep(self.accept_delay_s)  # the behaviour under test: a slow bridge
         await write(accepted)
         self.opened.set()
 
@@ -263,6 +283,13 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                         started, response = self._accept(request.session_start)
                         injectors[session_id] = asyncio.create_task(pump_injected(started))
                         self.opened.set()
+                        if self.accept_delay_s:  # a slow bridge: its answer comes later
+                            late = ResponseBatches()
+                            late.add(session_id, response)
+                            asyncio.get_running_loop().call_later(
+                                self.accept_delay_s, outbox.put_nowait, late.take()
+                            )
+                            response = None
                     elif (stream := self.streams.get(session_id)) is not None:
                         response = self._answer(stream, request)
                         if kind == "session_end":
@@ -341,21 +368,45 @@ class OpusToneTrack(PacedTrack):
     """The same paced tone as ToneTrack, but as ready Opus packets (one second encoded once
     and repeated): aiortc's sender only packs them, so many clients fit in one process."""
 
-    def __init__(self, frequency_hz: float = 440.0, frames: int | None = None) -> None:
+    def __init__(
+        self,
+        frequency_hz: float = 440.0,
+        frames: int | None = None,
+        *,
+        fec: bool = False,
+        pause: tuple[int, int] | None = None,
+    ) -> None:
+        # fec: libopus' SILK speech mode with in-band FEC (LBRR) for 20 % loss; pause
+        # (after, frames): after that many packets none for that many 20 ms, then on with
+        # RTP timestamps of real time and no sequence gap (a caller's DTX).
         super().__init__(frames)
-        encoder = OpusPacketizer(48000)
-        self._packets: list[bytes] = []
+        self.pause = pause
+        encoder = (
+            opus.Encoder(48000, "voip", 32000, 5, inband_fec=True, packet_loss_percent=20)
+            if fec
+            else None
+        )
+        packetizer = OpusPacketizer(48000)
+        self.packets: list[bytes] = []
         n = 960
         for count in range(50):  # one second: a whole number of 440 Hz periods
             t = (np.arange(n) + count * n) / 48000.0
-            samples = 0.3 * 32767 * np.sin(2 * math.pi * frequency_hz * t)
-            packet = encoder.encode(samples.astype(np.int16).tobytes())
+            samples = (0.3 * 32767 * np.sin(2 * math.pi * frequency_hz * t)).astype(np.int16)
+            packet = (
+                encoder.encode(samples.tobytes(), n)
+                if encoder is not None
+                else packetizer.encode(samples.tobytes())
+            )
             assert packet is not None
-            self._packets.append(packet)
+            self.packets.append(packet)
 
     async def recv(self) -> av.Packet[Any]:
         index = await self._next_index()
-        packet = av.Packet(self._packets[index % len(self._packets)])
+        if self.pause is not None and index == self.pause[0]:
+            for _ in range(self.pause[1]):
+                index = await self._next_index()
+        skipped = self.pause[1] if self.pause is not None and index > self.pause[0] else 0
+        packet = av.Packet(self.packets[(index - skipped) % len(self.packets)])
         packet.pts = index * 960
         packet.time_base = OPUS_TIME_BASE
         return packet
@@ -388,11 +439,12 @@ class Client:
         tone_frames: int | None = None,
         decode_audio: bool = True,
         pre_encoded: bool = False,
+        tone: MediaStreamTrack | None = None,
     ) -> None:
         # The tone track's frames go through aiortc's encoder, which measures each one's level.
         aiortc_compat.install_fast_audio_level()
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.tone: MediaStreamTrack = (
+        self.tone: MediaStreamTrack = tone or (
             OpusToneTrack(tone_hz, frames=tone_frames)
             if pre_encoded
             else ToneTrack(tone_hz, frames=tone_frames)

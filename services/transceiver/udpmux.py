@@ -86,6 +86,9 @@ class MuxCounters:
     bytes_out: int = 0
 
 
+EARLY_RTP_MAX = 50  # 1 s of caller packets before our RTP path started
+
+
 @dataclass(eq=False)
 class MuxSession:
     """One session's slot on the mux: its aioice protocol and the client addresses bound."""
@@ -96,6 +99,10 @@ class MuxSession:
     sink: DatagramSink | None = None
     # Once set (DTLS keyed SRTP), RTP (not RTCP) goes here instead of through aioice/aiortc.
     rtp_sink: Callable[[bytes], None] | None = None
+    # Not None: RTP that comes before rtp_sink is set is kept here (at most EARLY_RTP_MAX)
+    # for it, not handed to aiortc: the caller's first packets can overtake the DTLS
+    # handshake's end on its way through aiortc (the adaptive receive path's first words).
+    early_rtp: list[bytes] | None = None
     addresses: set[Address] = field(default_factory=set)
     counters: MuxCounters = field(default_factory=MuxCounters)
     transactions: dict[bytes, None] = field(default_factory=dict)  # insertion-ordered
@@ -244,6 +251,9 @@ class UdpMux(asyncio.DatagramProtocol):
         rtp_sink = session.rtp_sink
         if rtp_sink is not None and is_rtp(payload):
             rtp_sink(payload)
+        elif session.early_rtp is not None and is_rtp(payload):
+            if len(session.early_rtp) < EARLY_RTP_MAX:
+                session.early_rtp.append(payload)
         elif session.sink is not None:
             if payload[:2] == _BINDING_REQUEST_TYPE:
                 session.remember(payload[8:20])
@@ -334,6 +344,7 @@ class UdpMux(asyncio.DatagramProtocol):
                     self._route_of.pop(header, None)
         session.addresses.clear()
         session.rtp_sink = None
+        session.early_rtp = None
 
     def send(self, session: MuxSession, client: Address, payload: bytes) -> None:
         relay = self._relay_of.get(client)

@@ -1,7 +1,9 @@
 /* The per-packet work of the transceiver's audio RTP path (services/transceiver/rtp.py), in C.
  *
  * Receiver.datagram(srtp) : SRTP unprotect, RFC 3550 header parse, order check, loss and
- *                           jitter (RFC 3550 A.1, A.3, A.8), then sink(payload, timestamp)
+ *                           jitter (RFC 3550 A.1, A.3, A.8), then sink(payload, timestamp);
+ *                           with `reorder` sink(payload, timestamp, extended sequence, red)
+ *                           for older packets too (a jitter buffer orders them)
  * Sender.send(payload, frame_index, ticks_per_frame) : RTP header (+ mid extension),
  *                           SRTP protect, then send(datagram)
  *
@@ -56,7 +58,8 @@ typedef struct {
   void *ctx;
   srtp_fn unprotect;
   PyObject *sink, *on_loss, *clock; /* on_loss, clock: None or callables */
-  int payload_type;
+  int payload_type, red_payload_type; /* red: -1 when RED (RFC 2198) is not negotiated */
+  int reorder;
   int started, have_transit;
   long long base, highest; /* extended sequence numbers */
   unsigned int source_ssrc;
@@ -90,13 +93,16 @@ static void receiver_dealloc(Receiver *self) {
 }
 
 static int receiver_init(Receiver *self, PyObject *args, PyObject *kwargs) {
-  static char *names[] = {"owner", "context", "unprotect", "payload_type", "sink", "on_loss",
-                          "clock", NULL};
+  static char *names[] = {"owner",   "context", "unprotect", "payload_type",     "sink",
+                          "on_loss", "clock",   "reorder",   "red_payload_type", NULL};
   PyObject *owner, *context, *function, *sink, *on_loss = Py_None, *clock = Py_None;
-  int payload_type;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOiO|OO", names, &owner, &context, &function,
-                                   &payload_type, &sink, &on_loss, &clock))
+  int payload_type, reorder = 0, red_payload_type = -1;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOiO|OOpi", names, &owner, &context,
+                                   &function, &payload_type, &sink, &on_loss, &clock, &reorder,
+                                   &red_payload_type))
     return -1;
+  self->reorder = reorder;
+  self->red_payload_type = red_payload_type;
   void *fn;
   if (read_pointer(context, &self->ctx) < 0 || read_pointer(function, &fn) < 0) return -1;
   self->unprotect = (srtp_fn)fn;
@@ -165,28 +171,37 @@ static PyObject *receiver_datagram(Receiver *self, PyObject *data) {
     self->dropped_malformed++;
     Py_RETURN_NONE;
   }
+  int red = 0;
   if ((packet[1] & 0x7F) != self->payload_type) {
-    self->dropped_payload_type++;
-    Py_RETURN_NONE;
+    if ((packet[1] & 0x7F) != self->red_payload_type) {
+      self->dropped_payload_type++;
+      Py_RETURN_NONE;
+    }
+    red = 1;
   }
-  long long sequence = (packet[2] << 8) | packet[3];
+  long long sequence = (packet[2] << 8) | packet[3], extended;
   uint32_t timestamp = get_u32(packet + 4);
   if (!self->started) {
     self->started = 1;
-    self->base = self->highest = sequence;
+    self->base = self->highest = extended = sequence;
     self->source_ssrc = get_u32(packet + 8);
   } else {
     long long delta = (sequence - self->highest) % SEQ_MOD;
     if (delta < 0) delta += SEQ_MOD;
-    if (delta == 0 || delta > SEQ_MOD - MAX_MISORDER) {
+    if (delta == 0 || (delta > SEQ_MOD - MAX_MISORDER && !self->reorder)) {
       self->dropped_late++;
       Py_RETURN_NONE;
     }
-    self->highest += delta;
-    if (delta > 1 && self->on_loss != Py_None) {
-      PyObject *result = PyObject_CallFunction(self->on_loss, "L", delta - 1);
-      if (result == NULL) return NULL;
-      Py_DECREF(result);
+    if (delta > SEQ_MOD - MAX_MISORDER) { /* older than the newest: the buffer reorders */
+      extended = self->highest - (SEQ_MOD - delta);
+    } else {
+      self->highest += delta;
+      extended = self->highest;
+      if (delta > 1 && self->on_loss != Py_None && !self->reorder) {
+        PyObject *result = PyObject_CallFunction(self->on_loss, "L", delta - 1);
+        if (result == NULL) return NULL;
+        Py_DECREF(result);
+      }
     }
   }
   self->packets++;
@@ -203,7 +218,10 @@ static PyObject *receiver_datagram(Receiver *self, PyObject *data) {
   self->have_transit = 1;
   PyObject *payload = PyBytes_FromStringAndSize((const char *)packet + offset, end - offset);
   if (payload == NULL) return NULL;
-  PyObject *result = PyObject_CallFunction(self->sink, "Nk", payload, (unsigned long)timestamp);
+  PyObject *result =
+      self->reorder ? PyObject_CallFunction(self->sink, "NkLO", payload, (unsigned long)timestamp,
+                                            extended, red ? Py_True : Py_False)
+                    : PyObject_CallFunction(self->sink, "Nk", payload, (unsigned long)timestamp);
   if (result == NULL) return NULL;
   Py_DECREF(result);
   Py_RETURN_NONE;

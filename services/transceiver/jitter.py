@@ -1,0 +1,310 @@
+"""The caller's adaptive jitter buffer: RTP packets in, in any order; one 20 ms slot out per
+tick. Pure: the clock is handed in, nothing here touches sockets or the loop.
+
+What a tick returns (`Slot.kind`):
+- FRAME: the packet whose turn it is (its own, or a RED copy of it: `from_red`);
+- LOST: the packet never came in time; `fec` is the next packet when it is already here
+  (its Opus in-band FEC, LBRR, may carry this frame: RFC 6716 §2.1.7);
+- SILENCE: the caller sent nothing for this 20 ms on purpose: a timestamp jump with no
+  sequence gap, or Opus DTX (a packet of at most 2 bytes, RFC 6716 §3.1: a TOC and no
+  frame data), and the silence that follows one;
+- None: nothing yet (before the first packet has waited its delay).
+
+Delay: every packet's transit (arrival minus its RTP time) is compared with the fastest
+one seen (`base`, which creeps up slowly so a path that got slower is followed); the
+excess over it is held by a peak that decays (half-life `DECAY_HALF_LIFE_S`). The target
+delay is that peak plus a small margin (plus one frame for `LOSS_MEMORY_S` after a packet
+was missing, so that the next packet, with the lost frame's FEC, is here in time), within
+[min_delay_ms, max_delay_ms]. The cursor
+(the RTP time of the next slot) plays at base + target: when it leads by more than a
+frame over the target a frame is skipped (at most one every `SKIP_EVERY_TICKS` ticks in
+speech, every tick in silence), when it is short of the target a slot is concealed
+without advancing (the buffer grows), so the delay follows the jitter both ways. A packet
+that comes after its slot was played is counted `late` and dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+OPUS_CLOCK_HZ = 48000
+FRAME_TICKS = 960  # one 20 ms frame in RTP ticks (RFC 7587 §4.1: a 48 kHz clock)
+FRAME_S = 0.02
+DECAY_HALF_LIFE_S = 2.0
+MARGIN_S = 0.005  # over the measured peak: scheduling noise of the tick itself
+BASE_CREEP_PER_S = 0.005  # how fast the fastest-transit reference forgets (5 ms per s)
+LOSS_MEMORY_S = 10.0  # after a loss, the target keeps room for the next packet's FEC this long
+SKIP_EVERY_TICKS = 10  # in speech, shrink by at most one frame per 200 ms
+DTX_MAX_BYTES = 2  # Opus DTX / comfort-noise packets: a TOC byte and at most one more
+
+FRAME, LOST, SILENCE = 0, 1, 2
+
+
+class Slot(NamedTuple):
+    kind: int  # FRAME, LOST or SILENCE
+    payload: bytes | None = None  # FRAME: the Opus packet (or one DTX packet, then SILENCE)
+    fec: bytes | None = None  # LOST: the next packet, for in-band FEC
+    from_red: bool = False  # FRAME: recovered from a RED block (RFC 2198)
+    # FRAME/SILENCE: slots just played as LOST while nothing was here that, this packet's
+    # sequence number shows, were a pause of the sender (no packet missing): silence
+    paused: int = 0
+    held: bool = False  # LOST/SILENCE: no packet is missing, the buffer grows by this slot
+
+
+def opus_duration_ticks(packet: bytes) -> int:
+    """Duration of an Opus packet in 48 kHz ticks from its TOC (RFC 6716 §3.1); 960 when
+    it cannot be read."""
+    if not packet:
+        return FRAME_TICKS
+    toc = packet[0]
+    config = toc >> 3
+    if config < 12:  # SILK: 10, 20, 40, 60 ms
+        frame = (480, 960, 1920, 2880)[config & 3]
+    elif config < 16:  # Hybrid: 10, 20 ms
+        frame = (480, 960)[config & 1]
+    else:  # CELT: 2.5, 5, 10, 20 ms
+        frame = (120, 240, 480, 960)[config & 3]
+    code = toc & 3
+    if code == 0:
+        count = 1
+    elif code < 3:
+        count = 2
+    else:
+        count = packet[1] & 0x3F if len(packet) > 1 else 1
+    return max(frame, min(frame * count, 5760))  # 120 ms at most
+
+
+_DECAY_PER_S = math.log(2) / DECAY_HALF_LIFE_S
+_SILENCE_SLOT = Slot(SILENCE)
+_LOST_SLOT = Slot(LOST)
+_HELD_LOST = Slot(LOST, held=True)
+_HELD_SILENCE = Slot(SILENCE, held=True)
+_WRAP = 1 << 32
+_HALF_WRAP = 1 << 31
+
+
+class JitterBuffer:
+    """One caller stream's reordering buffer with an adapting delay (module docstring).
+    `push` per packet (extended RTP sequence number), `tick` once per 20 ms."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        *,
+        min_delay_ms: float = 10.0,
+        max_delay_ms: float = 200.0,
+        capacity_frames: int = 64,
+    ) -> None:
+        self._clock = clock  # seconds, monotonic
+        self._min_delay = min_delay_ms / 1000.0
+        self._max_delay = max(min_delay_ms, max_delay_ms) / 1000.0
+        self._capacity = capacity_frames
+        # sequence -> (payload, unwrapped RTP timestamp, from RED)
+        self._frames: dict[int, tuple[bytes, int, bool]] = {}
+        self._next_seq: int | None = None  # None until the first slot is played
+        self._cursor = 0  # unwrapped RTP time of the next slot
+        self._last_ts: int | None = None  # unwrapped timestamp of the newest packet
+        self._base: float | None = None  # fastest transit seen (creeping up)
+        self._base_at = 0.0
+        self._peak = 0.0  # decaying peak of transit over base, seconds
+        self._peak_at = 0.0
+        self._in_silence = False
+        self._since_skip = SKIP_EVERY_TICKS
+        self._loss_at = -LOSS_MEMORY_S  # when a packet was last missing at its slot
+        self._underrun = 0  # LOST slots played since the last packet, while none was here
+        self.late = 0  # packets that came after their slot was played
+        self.duplicates = 0
+        self.overflow = 0  # packets beyond capacity_frames ahead of the cursor
+        self.skipped = 0  # frames dropped to shrink the delay
+        self.held = 0  # slots concealed to grow the delay
+        self.delay_ms = 0.0  # how long the last FRAME waited here (arrival to release)
+        self._arrivals: dict[int, float] = {}
+
+    @property
+    def target_ms(self) -> float:
+        """The delay the buffer aims for now."""
+        return self._target(self._now()) * 1000.0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._frames)
+
+    def _now(self) -> float:
+        return self._clock()
+
+    def _unwrap(self, timestamp: int) -> int:
+        last = self._last_ts
+        if last is None:
+            return timestamp
+        delta = (timestamp - last) % _WRAP
+        if delta >= _HALF_WRAP:
+            delta -= _WRAP
+        return last + delta
+
+    def _target(self, now: float) -> float:
+        peak = self._peak * math.exp((self._peak_at - now) * _DECAY_PER_S)
+        if now - self._loss_at < LOSS_MEMORY_S:
+            peak += FRAME_S  # a lost frame's FEC is in the next packet: wait for it too
+        return min(self._max_delay, max(self._min_delay, peak + MARGIN_S))
+
+    def push(self, payload: bytes, timestamp: int, sequence: int, from_red: bool = False) -> None:
+        """One packet (RTP timestamp, extended sequence number) as it arrives; a RED block
+        (`from_red`) fills only a slot still empty and moves no estimate."""
+        next_seq = self._next_seq
+        if next_seq is not None and sequence < next_seq:
+            if not from_red:
+                self.late += 1
+            return
+        frames = self._frames
+        held = frames.get(sequence)
+        if held is not None and (from_red or not held[2]):
+            if not from_red:
+                self.duplicates += 1
+            return  # a RED copy of what is here, or a duplicate
+        if next_seq is not None and sequence >= next_seq + self._capacity:
+            self.overflow += 1
+            return
+        ts = self._unwrap(timestamp)
+        frames[sequence] = (payload, ts, from_red)
+        if from_red:
+            return
+        if self._last_ts is None or ts > self._last_ts:
+            self._last_ts = ts
+        now = self._now()
+        self._arrivals[sequence] = now
+        transit = now - ts / OPUS_CLOCK_HZ
+        base = self._base
+        if base is None:
+            base = transit
+        else:
+            base = min(transit, base + (now - self._base_at) * BASE_CREEP_PER_S)
+        self._base, self._base_at = base, now
+        excess = transit - base
+        decayed = self._peak * math.exp((self._peak_at - now) * _DECAY_PER_S)
+        self._peak, self._peak_at = max(excess, decayed), now
+
+    def tick(self) -> Slot | None:
+        """The next 20 ms slot (module docstring), or None before playing starts."""
+        frames = self._frames
+        base = self._base
+        if base is None:
+            return None
+        now = self._now()
+        target = self._target(now)
+        if self._next_seq is None:
+            first = min(frames)
+            ts = frames[first][1]
+            if now - base - ts / OPUS_CLOCK_HZ < target:
+                return None
+            self._next_seq, self._cursor = first, ts
+        lead = now - base - self._cursor / OPUS_CLOCK_HZ
+        self._since_skip += 1
+        if lead < target - FRAME_S / 2:
+            self.held += 1  # too little delay for this jitter: this slot waits a tick
+            return _HELD_SILENCE if self._in_silence else _HELD_LOST
+        if lead > target + FRAME_S * 1.5 and (
+            self._in_silence or self._since_skip >= SKIP_EVERY_TICKS
+        ):
+            self._since_skip = 0
+            self.skipped += 1
+            self._advance_skipping()
+        return self._release(now)
+
+    def _advance_skipping(self) -> None:
+        """Drops the cursor's frame (or 20 ms of a silence) to shrink the delay."""
+        seq = self._next_seq
+        assert seq is not None
+        held = self._frames.get(seq)
+        if held is not None and held[1] <= self._cursor:
+            del self._frames[seq]
+            self._arrivals.pop(seq, None)
+            self._next_seq = seq + 1
+            self._cursor = held[1] + opus_duration_ticks(held[0])
+        else:
+            self._cursor += FRAME_TICKS
+
+    def _release(self, now: float) -> Slot:
+        frames = self._frames
+        seq = self._next_seq
+        assert seq is not None
+        held = frames.get(seq)
+        paused = self._underrun
+        if held is None and frames:
+            first = min(frames)
+            if frames[first][1] <= self._cursor:
+                # Its slot has come: the ones before it were played as concealment while
+                # nothing was here (an underrun).
+                seq = self._next_seq = first
+                held = frames[first]
+                paused = 0
+        if held is None:
+            if not frames:
+                # Underrun: nothing here. After silence it is more silence; otherwise lost
+                # (which the next packet's sequence number will confirm or not).
+                self._cursor += FRAME_TICKS
+                if self._in_silence:
+                    return _SILENCE_SLOT
+                self._underrun += 1
+                return _LOST_SLOT
+            self._underrun = 0
+            self._next_seq = seq + 1
+            self._cursor += FRAME_TICKS
+            self._loss_at = now
+            following = frames.get(seq + 1)
+            self._in_silence = False
+            return Slot(LOST, fec=following[0] if following is not None else None)
+        payload, ts, from_red = held
+        self._underrun = 0
+        if ts < self._cursor - FRAME_TICKS // 2:
+            paused = 0  # it is older than the slots played meanwhile: the network stalled
+        if ts - self._cursor >= FRAME_TICKS:
+            self._in_silence = True  # the sender skipped time (DTX): silence until ts
+            self._cursor += FRAME_TICKS
+            return Slot(SILENCE, paused=paused) if paused else _SILENCE_SLOT
+        del frames[seq]
+        arrived = self._arrivals.pop(seq, None)
+        if arrived is not None:
+            self.delay_ms = (now - arrived) * 1000.0
+        self._next_seq = seq + 1
+        self._cursor = ts + opus_duration_ticks(payload)
+        if len(payload) <= DTX_MAX_BYTES:
+            self._in_silence = True
+            return Slot(SILENCE, payload, paused=paused)
+        self._in_silence = False
+        return Slot(FRAME, payload, from_red=from_red, paused=paused)
+
+
+RedBlock = tuple[int, int, bytes]  # (timestamp offset, payload type, data)
+
+
+def red_blocks(payload: bytes) -> list[RedBlock] | None:
+    """The blocks of an RFC 2198 (RED) payload, oldest first and the primary (offset 0)
+    last, or None when it is malformed. §3: a 4-byte header per redundant block (F=1,
+    block PT, 14-bit timestamp offset, 10-bit length), a 1-byte header for the primary
+    (F=0, PT), then the blocks' data in the same order."""
+    headers: list[tuple[int, int, int]] = []
+    index, size = 0, len(payload)
+    while True:
+        if index >= size:
+            return None
+        first = payload[index]
+        if not first & 0x80:
+            headers.append((0, first & 0x7F, -1))
+            index += 1
+            break
+        if index + 4 > size:
+            return None
+        offset = (payload[index + 1] << 6) | (payload[index + 2] >> 2)
+        length = ((payload[index + 2] & 0x03) << 8) | payload[index + 3]
+        headers.append((offset, first & 0x7F, length))
+        index += 4
+    blocks: list[RedBlock] = []
+    for offset, payload_type, length in headers:
+        end = size if length < 0 else index + length
+        if end > size:
+            return None
+        blocks.append((offset, payload_type, payload[index:end]))
+        index = end
+    return blocks
