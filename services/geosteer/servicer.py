@@ -33,6 +33,7 @@ from services.geosteer.selection import (
     NodeState,
     NoRouteError,
     RouteHints,
+    RttSource,
     select_route,
 )
 from services.geosteer.settings import GeosteerSettings
@@ -224,6 +225,7 @@ class GeosteerServicer(geosteer_pb2_grpc.GeosteerServiceServicer):
                 for t in decision.transceivers
             ],
             estimated_rtt_ms=decision.estimated_rtt_ms or 0.0,
+            estimated_rtt_measured=decision.rtt_source is RttSource.MEASURED,
             client_region=location.country if located and location is not None else "",
             client_latitude=client.latitude if located and client is not None else 0.0,
             client_longitude=client.longitude if located and client is not None else 0.0,
@@ -294,7 +296,9 @@ def open_locator(settings: GeosteerSettings) -> ClientLocator:
     if settings.geoip_db_path == "off":
         return ClientLocator(None, default)
     path = settings.geoip_db_path or bundled_db_path()
-    return ClientLocator(MmdbLocator(path), default)
+    return ClientLocator(
+        MmdbLocator(path), default, locate_private=settings.geoip_locate_private
+    )
 
 
 class Geosteer:
@@ -317,7 +321,12 @@ class Geosteer:
         self.directory = Directory(
             clusters,
             make_node_store(),
-            RttTable(settings.rtt_max_prefixes, settings.rtt_ewma_alpha),
+            RttTable(
+                settings.rtt_max_prefixes,
+                settings.rtt_ewma_alpha,
+                settings.rtt_max_age_s,
+                **extra,
+            ),
             heartbeat_interval_s=settings.heartbeat_interval_ms / 1000,
             heartbeat_ttl_s=settings.heartbeat_ttl_ms / 1000,
             **extra,

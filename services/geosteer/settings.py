@@ -34,6 +34,11 @@ class GeosteerSettings(ServiceSettings):
         parse=_mmdb_path,
         optional=True,
     )
+    geoip_locate_private: bool = setting(
+        False,
+        "also look private and documentation-range client addresses up in geoip_db_path "
+        "(a private network's own database, test beds); off: they get the default",
+    )
     default_latitude: float = setting(
         0.0,
         "latitude given to private/unlocatable clients; 0 with default_longitude 0: no "
@@ -58,6 +63,12 @@ class GeosteerSettings(ServiceSettings):
     )
     rtt_ewma_alpha: float = setting(
         0.2, "weight of one RTT measurement in the moving average", gt=0, le=1
+    )
+    rtt_max_age_s: float = setting(
+        1800.0,
+        "a measured RTT not reported again for this long is forgotten (the distance "
+        "estimate applies again, so a fixed route is measured anew)",
+        gt=0,
     )
 
     def validate(self) -> None:
