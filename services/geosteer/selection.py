@@ -246,9 +246,7 @@ def _vip_rtt(
 def _served_vips(cluster: ClusterState, now: float) -> list[RelayVip]:
     """Another cluster's VIPs, only while one of its relays is live and not draining (its
     configured VIPs alone say nothing about a relay being there)."""
-    serving = any(
-        n.kind is NodeKind.RELAY and not n.draining for n in cluster.live_nodes(now)
-    )
+    serving = any(n.kind is NodeKind.RELAY and not n.draining for n in cluster.live_nodes(now))
     return cluster.relay_vips(now) if serving else []
 
 

@@ -296,9 +296,7 @@ def open_locator(settings: GeosteerSettings) -> ClientLocator:
     if settings.geoip_db_path == "off":
         return ClientLocator(None, default)
     path = settings.geoip_db_path or bundled_db_path()
-    return ClientLocator(
-        MmdbLocator(path), default, locate_private=settings.geoip_locate_private
-    )
+    return ClientLocator(MmdbLocator(path), default, locate_private=settings.geoip_locate_private)
 
 
 class Geosteer:

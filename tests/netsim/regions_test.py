@@ -189,9 +189,10 @@ async def test_a_cluster_whose_heartbeats_stop_gets_no_new_calls_and_its_callers
     iad = edge.world.region(region_id(edge, "iad"))
     assert (await asyncio.to_thread(edge.route, newyork)).cluster.cluster_id == iad.cluster_id
     edge.kill_transceivers(iad)
-    await until("geosteer to route New York elsewhere", lambda: (
-        edge.route(newyork).cluster.cluster_id != iad.cluster_id
-    ))
+    await until(
+        "geosteer to route New York elsewhere",
+        lambda: edge.route(newyork).cluster.cluster_id != iad.cluster_id,
+    )
     result = await asyncio.to_thread(edge.call, newyork)
     assert result.status == 201, result.error_body
     landed = regions.cluster_of(result)

@@ -102,9 +102,7 @@ class RegionsEdge:
     def measured(self, client: Client, cluster_id: int) -> bool:
         """Whether geosteer holds an RTT measured for client's prefix in cluster_id."""
         answer = self.route(client, prefer=cluster_id)
-        return bool(
-            answer.cluster.cluster_id == cluster_id and answer.estimated_rtt_measured
-        )
+        return bool(answer.cluster.cluster_id == cluster_id and answer.estimated_rtt_measured)
 
     def offered(self) -> dict[int, tuple[int, int]]:
         """cluster id -> (live relays, live non-draining transceivers)."""
@@ -413,9 +411,7 @@ def steer(
 
 def table(rows: list[Row]) -> list[str]:
     """The benchmark's table: one line per client."""
-    lines = [
-        f"{'client':13} {'best':>5} {'ms':>6}  calls: cluster/vip first-hop ms (* within)"
-    ]
+    lines = [f"{'client':13} {'best':>5} {'ms':>6}  calls: cluster/vip first-hop ms (* within)"]
     for row in rows:
         name, best_ms = row.best
         calls = "  ".join(
