@@ -89,10 +89,13 @@ def test_a_test_database_places_test_range_addresses_when_asked(tmp_path: Path) 
         default = GeoPoint(1.0, 1.0)
         private = ClientLocator(database, default, locate_private=True)
         located, found = private.resolve("10.101.3.9")
-        assert found and located is not None
+        assert found
+        assert located is not None
         assert (located.point, located.country) == (GeoPoint(-33.87, 151.21), "AU")
         doc, found = private.resolve("192.0.2.77")
-        assert found and doc is not None and doc.point == GeoPoint(50.1, 8.7)
+        assert found
+        assert doc is not None
+        assert doc.point == GeoPoint(50.1, 8.7)
         assert private.resolve("10.101.4.1") == (Location(default), False)  # not in it
         public_only = ClientLocator(database, default)
         assert public_only.resolve("10.101.3.9") == (Location(default), False)

@@ -94,7 +94,8 @@ async def test_first_contact_takes_the_shortest_first_hop_and_a_bad_route_is_lea
             # next calls take the fastest first hop.
             assert first.vip_region == "gru", row
             assert all(landing.learned for landing in row.landings), row
-            assert row.within(1) and row.within(2), row
+            assert row.within(1), row
+            assert row.within(2), row
             assert row.landings[2].vip_region == "iad", row
         else:
             assert row.within(0), row
@@ -163,7 +164,8 @@ async def test_a_full_cluster_spills_to_the_next_nearest_and_refuses_only_when_a
                 ended = await call.started()
                 assert ended is None, (ended.status, ended.error_body) if ended else None
                 await until(
-                    f"geosteer to see {count} sessions", lambda: sum(active(edge).values()) == count
+                    f"geosteer to see {count} sessions",
+                    lambda n=count: sum(active(edge).values()) == n,
                 )
                 assert active(edge)[cluster] == 1, active(edge)
             refused = await asyncio.to_thread(edge.call, london)
