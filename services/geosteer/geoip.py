@@ -88,12 +88,16 @@ def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 
 class ClientLocator:
-    """Resolves a client IP literal: public addresses through `database`, everything else
-    (and addresses the database does not know) to `default` (None: unknown)."""
+    """Resolves a client IP literal: public addresses (every address with
+    `locate_private`) through `database`, everything else (and addresses the database does
+    not know) to `default` (None: unknown)."""
 
-    def __init__(self, database: Locator | None, default: GeoPoint | None) -> None:
+    def __init__(
+        self, database: Locator | None, default: GeoPoint | None, *, locate_private: bool = False
+    ) -> None:
         self._database = database
         self._default = Location(default) if default is not None else None
+        self._locate_private = locate_private
 
     @property
     def description(self) -> str:
@@ -104,7 +108,7 @@ class ClientLocator:
         """(location, located): located is False when the default (or None) was used.
         Raises ValueError when `ip` is not an IP literal."""
         address = ipaddress.ip_address(ip)
-        if self._database is not None and is_public(address):
+        if self._database is not None and (self._locate_private or is_public(address)):
             found = self._database.locate(str(address))
             if found is not None:
                 return found, True

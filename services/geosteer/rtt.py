@@ -4,13 +4,22 @@ Transceivers report RttSample(client_prefix, rtt_ms, sample_count) in their hear
 We keep an exponentially weighted moving average per client /24 (IPv4) or /48 (IPv6)
 and cluster; RouteSession uses it instead of the distance estimate for that cluster.
 The table is bounded: the least recently updated prefixes are evicted first.
+
+Measurements age out: one older than `max_age_s` is no longer used, and the next report
+for it starts afresh instead of being averaged with it. Without that, a prefix steered
+away from a cluster by a bad route would never go back once the route is fixed (nobody
+of that prefix measures the cluster any more); after `max_age_s` the distance estimate
+sends it there again and the new RTT is learned.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+import time
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 IPV4_PREFIX_LEN = 24
 IPV6_PREFIX_LEN = 48
@@ -41,21 +50,38 @@ def normalize_prefix(text: str) -> str:
     return client_prefix(network.network_address)
 
 
+@dataclass(frozen=True)
+class Measured:
+    rtt_ms: float
+    updated_at: float  # the table's clock (monotonic seconds) at the last report
+
+
 class RttTable:
-    """EWMA of measured RTT per (client prefix, cluster id), LRU-bounded by prefix count.
+    """EWMA of measured RTT per (client prefix, cluster id), LRU-bounded by prefix count,
+    each entry forgotten `max_age_s` after its last report (see the module docstring).
 
     `alpha` is the weight of one measurement; a report averaging n measurements weighs
     1 - (1 - alpha)^n, as if they had arrived one by one with the same mean.
     """
 
-    def __init__(self, max_prefixes: int = 100_000, alpha: float = 0.2) -> None:
+    def __init__(
+        self,
+        max_prefixes: int = 100_000,
+        alpha: float = 0.2,
+        max_age_s: float = 1800.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_prefixes < 1:
             raise ValueError("max_prefixes must be >= 1")
         if not 0.0 < alpha <= 1.0:
             raise ValueError("alpha must be in (0, 1]")
+        if not max_age_s > 0.0:
+            raise ValueError("max_age_s must be > 0")
         self._max = max_prefixes
         self._alpha = alpha
-        self._table: OrderedDict[str, dict[int, float]] = OrderedDict()
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._table: OrderedDict[str, dict[int, Measured]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._table)
@@ -65,6 +91,7 @@ class RttTable:
         if not math.isfinite(rtt_ms) or not 0.0 < rtt_ms <= MAX_RTT_MS:
             raise RttSampleError(f"rtt_ms {rtt_ms!r} out of range (0, {MAX_RTT_MS:g}]")
         key = normalize_prefix(prefix)
+        now = self._clock()
         weight = 1.0 - (1.0 - self._alpha) ** max(1, sample_count)
         per_cluster = self._table.get(key)
         if per_cluster is None:
@@ -75,14 +102,28 @@ class RttTable:
         else:
             self._table.move_to_end(key)
         previous = per_cluster.get(cluster_id)
-        per_cluster[cluster_id] = (
-            rtt_ms if previous is None else previous + weight * (rtt_ms - previous)
-        )
+        if previous is None or self._is_stale(previous, now):
+            per_cluster[cluster_id] = Measured(rtt_ms, now)
+        else:
+            averaged = previous.rtt_ms + weight * (rtt_ms - previous.rtt_ms)
+            per_cluster[cluster_id] = Measured(averaged, now)
+
+    def _is_stale(self, entry: Measured, now: float) -> bool:
+        return now - entry.updated_at > self._max_age_s
 
     def lookup(self, client_ip: str) -> dict[int, float]:
-        """cluster id -> measured RTT for the client's prefix (empty when none)."""
+        """cluster id -> measured RTT for the client's prefix (empty when none); entries
+        past `max_age_s` are dropped here."""
         try:
             key = client_prefix(client_ip)
         except ValueError:
             return {}
-        return dict(self._table.get(key, {}))
+        per_cluster = self._table.get(key)
+        if per_cluster is None:
+            return {}
+        now = self._clock()
+        for cluster_id in [c for c, e in per_cluster.items() if self._is_stale(e, now)]:
+            del per_cluster[cluster_id]
+        if not per_cluster:
+            del self._table[key]
+        return {cluster_id: entry.rtt_ms for cluster_id, entry in per_cluster.items()}

@@ -233,16 +233,56 @@ def _cluster_rtt(
     return None, RttSource.NONE
 
 
+def _vip_rtt(
+    vip: RelayVip, cluster: ClusterState, client: GeoPoint, measured: Mapping[int, float]
+) -> float:
+    """The client's RTT to one VIP: what it measured to the VIP's cluster for a VIP at the
+    cluster, else the distance estimate to where the VIP is."""
+    if vip.location is None and cluster.cluster_id in measured:
+        return measured[cluster.cluster_id]
+    return estimate_rtt_ms(client, vip.location or cluster.config.location)
+
+
+def _served_vips(cluster: ClusterState, now: float) -> list[RelayVip]:
+    """Another cluster's VIPs, only while one of its relays is live and not draining (its
+    configured VIPs alone say nothing about a relay being there)."""
+    serving = any(n.kind is NodeKind.RELAY and not n.draining for n in cluster.live_nodes(now))
+    return cluster.relay_vips(now) if serving else []
+
+
 def _nearest_vips(
-    cluster: ClusterState, client: GeoPoint | None, now: float
+    chosen: ClusterState,
+    clusters: Sequence[ClusterState],
+    client: GeoPoint | None,
+    measured: Mapping[int, float],
+    now: float,
 ) -> tuple[Endpoint, ...]:
-    vips = cluster.relay_vips(now)
+    """The chosen cluster's VIPs nearest first, preceded by any other cluster's VIP that is
+    nearer still: a relay forwards to every cluster's transceivers, so media enters at the
+    relay with the shortest first hop even when the transceiver is far (RTT as for
+    clusters: measured for the client's prefix when known, else estimated)."""
+    own = chosen.relay_vips(now)
     if client is None:
-        return tuple(v.endpoint for v in vips)
-    home = cluster.config.location
-    # sorted() is stable: equally distant VIPs keep configuration order.
-    ranked = sorted(vips, key=lambda v: haversine_km(client, v.location or home))
-    return tuple(v.endpoint for v in ranked)
+        return tuple(v.endpoint for v in own)
+    # sorted() is stable: equally near VIPs keep configuration order.
+    ranked = sorted(own, key=lambda v: _vip_rtt(v, chosen, client, measured))
+    if not ranked:
+        return ()
+    own_best = _vip_rtt(ranked[0], chosen, client, measured)
+    nearer: list[tuple[float, RelayVip]] = []
+    for cluster in clusters:
+        if cluster.cluster_id == chosen.cluster_id:
+            continue
+        for vip in _served_vips(cluster, now):
+            rtt = _vip_rtt(vip, cluster, client, measured)
+            if rtt < own_best:
+                nearer.append((rtt, vip))
+    nearer.sort(key=lambda entry: entry[0])
+    endpoints: list[Endpoint] = []
+    for vip in [v for _, v in nearer] + ranked:
+        if vip.endpoint not in endpoints:
+            endpoints.append(vip.endpoint)
+    return tuple(endpoints)
 
 
 def select_route(
@@ -257,11 +297,14 @@ def select_route(
     Order: the preferred cluster, then clusters of the preferred region, then lowest RTT
     (measured for the client's prefix when known, else estimated from distance), then
     lowest load, then cluster id. Clusters that are excluded, unhealthy, draining or full
-    are skipped, which is how sessions spill to the next nearest cluster.
+    are skipped, which is how sessions spill to the next nearest cluster. The relay
+    endpoints are the nearest VIPs, another cluster's first when it is nearer (see
+    `_nearest_vips`).
     Raises NoRouteError when nothing is left.
     """
     hints = hints or RouteHints()
     measured = rtt_overrides or {}
+    clusters = list(clusters)
     ranked: list[tuple[tuple[bool, bool, float, float, int], ClusterState, float | None, RttSource]]
     ranked = []
     for cluster in clusters:
@@ -287,7 +330,7 @@ def select_route(
     _, best, rtt, source = ranked[0]
     return RouteDecision(
         cluster=best,
-        relay_endpoints=_nearest_vips(best, client, now),
+        relay_endpoints=_nearest_vips(best, clusters, client, measured, now),
         transceivers=tuple(best.available_transceivers(now)),
         estimated_rtt_ms=rtt,
         rtt_source=source,

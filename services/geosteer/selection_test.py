@@ -205,6 +205,42 @@ def test_relay_vip_nearest_the_client_first() -> None:
     assert near_syd[0].ip == "198.51.100.2"
 
 
+def relay(cluster_id: int, ip: str, *, draining: bool = False) -> NodeState:
+    return NodeState(
+        node_id=f"r{cluster_id}-{ip}",
+        kind=NodeKind.RELAY,
+        cluster_id=cluster_id,
+        expires_at=NOW + TTL,
+        public_endpoints=(Endpoint(ip, 3478),),
+        draining=draining,
+    )
+
+
+def test_a_nearer_relay_of_another_cluster_goes_first() -> None:
+    """fra is full: the Frankfurt caller's transceiver is in ams (or iad), but media enters
+    at fra's relay, the shortest first hop; a cluster without a live relay offers none."""
+    fra_relay = relay(1, "198.51.100.10")
+    fra = ClusterState(CONFIGS["fra"], (transceiver(1, 1, active=10), fra_relay))
+    ams = cluster("ams", transceiver(2, 1))
+    decision = select_route([fra, ams], FRANKFURT, NOW)
+    assert decision.cluster.cluster_id == 2
+    assert [str(e) for e in decision.relay_endpoints] == ["198.51.100.10:3478", "203.0.113.2:3478"]
+    # A draining relay is not offered; nor is another cluster's farther relay.
+    fra_draining = ClusterState(CONFIGS["fra"], (relay(1, "198.51.100.10", draining=True),))
+    iad = ClusterState(CONFIGS["iad"], (relay(4, "198.51.100.40"),))
+    decision = select_route([fra_draining, ams, iad], FRANKFURT, NOW)
+    assert [str(e) for e in decision.relay_endpoints] == ["203.0.113.2:3478"]
+
+
+def test_measured_rtt_ranks_relay_vips_too() -> None:
+    """The nearest relay by distance (fra) is slow for this prefix: its VIP is not offered
+    ahead of the chosen cluster's."""
+    fra = ClusterState(CONFIGS["fra"], (relay(1, "198.51.100.10"),))
+    ams = cluster("ams", transceiver(2, 1))
+    decision = select_route([fra, ams], FRANKFURT, NOW, {1: 90.0})
+    assert [str(e) for e in decision.relay_endpoints] == ["203.0.113.2:3478"]
+
+
 @pytest.mark.parametrize(
     ("a", "b", "km"),
     [
@@ -287,3 +323,28 @@ def test_bad_rtt_samples_are_rejected(prefix: str, rtt_ms: float) -> None:
 def test_client_prefix() -> None:
     assert client_prefix("198.51.100.9") == "198.51.100.0/24"
     assert client_prefix("2001:db8:aa:bb::1") == "2001:db8:aa::/48"
+
+
+def test_measured_rtt_ages_out_and_is_learned_again() -> None:
+    """A bad route steers the prefix away; once the measurement is older than max_age_s the
+    distance estimate applies again, and the next report replaces it (no averaging with
+    the stale value), so a fixed route is learned at once."""
+    clock = [NOW]
+    rtt = RttTable(alpha=0.2, max_age_s=60.0, clock=lambda: clock[0])
+    rtt.observe("10.7.0.0/24", 1, 300.0)
+    clock[0] += 59.0
+    assert rtt.lookup("10.7.0.9") == {1: 300.0}
+    assert select_route(world(), FRANKFURT, NOW, rtt.lookup("10.7.0.9")).cluster.cluster_id == 2
+    clock[0] += 2.0
+    assert rtt.lookup("10.7.0.9") == {}
+    assert len(rtt) == 0
+    rtt.observe("10.7.0.0/24", 1, 20.0)
+    assert rtt.lookup("10.7.0.9") == {1: 20.0}
+    clock[0] += 30.0
+    rtt.observe("10.7.0.0/24", 1, 30.0)  # fresh: averaged (alpha 0.2)
+    assert rtt.lookup("10.7.0.9")[1] == pytest.approx(22.0)
+
+
+def test_rtt_max_age_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_age_s"):
+        RttTable(max_age_s=0.0)

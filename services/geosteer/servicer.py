@@ -28,6 +28,7 @@ from services.geosteer.selection import (
     NodeState,
     NoRouteError,
     RouteHints,
+    RttSource,
     select_route,
 )
 from services.geosteer.settings import GeosteerSettings
@@ -220,6 +221,7 @@ class GeosteerServicer(geosteer_pb2_grpc.GeosteerServiceServicer):
                 for t in decision.transceivers
             ],
             estimated_rtt_ms=decision.estimated_rtt_ms or 0.0,
+            estimated_rtt_measured=decision.rtt_source is RttSource.MEASURED,
             client_region=location.country if located and location is not None else "",
             client_latitude=client.latitude if located and client is not None else 0.0,
             client_longitude=client.longitude if located and client is not None else 0.0,
@@ -290,7 +292,7 @@ def open_locator(settings: GeosteerSettings) -> ClientLocator:
     if settings.geoip_db_path == "off":
         return ClientLocator(None, default)
     path = settings.geoip_db_path or bundled_db_path()
-    return ClientLocator(MmdbLocator(path), default)
+    return ClientLocator(MmdbLocator(path), default, locate_private=settings.geoip_locate_private)
 
 
 class Geosteer:
@@ -323,7 +325,12 @@ class Geosteer:
                 # An injected clock (tests) is the leases' only time, in Redis too.
                 wall_clock=time.time if clock is time.monotonic else clock,
             ),
-            RttTable(settings.rtt_max_prefixes, settings.rtt_ewma_alpha),
+            RttTable(
+                settings.rtt_max_prefixes,
+                settings.rtt_ewma_alpha,
+                settings.rtt_max_age_s,
+                clock=clock,
+            ),
             heartbeat_interval_s=interval_s,
             heartbeat_ttl_s=ttl_s,
             clock=clock,

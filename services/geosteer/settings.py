@@ -34,6 +34,11 @@ class GeosteerSettings(ServiceSettings):
         parse=_mmdb_path,
         optional=True,
     )
+    geoip_locate_private: bool = setting(
+        False,
+        "also look private and documentation-range client addresses up in geoip_db_path "
+        "(a private network's own database, test beds); off: they get the default",
+    )
     default_latitude: float = setting(
         0.0,
         "latitude given to private/unlocatable clients; 0 with default_longitude 0: no "
@@ -68,6 +73,12 @@ class GeosteerSettings(ServiceSettings):
         optional=True,
     )
     redis_timeout_s: float = setting(2.0, "deadline of one Redis command of the registry", gt=0)
+    rtt_max_age_s: float = setting(
+        1800.0,
+        "a measured RTT not reported again for this long is forgotten (the distance "
+        "estimate applies again, so a fixed route is measured anew)",
+        gt=0,
+    )
 
     def validate(self) -> None:
         super().validate()

@@ -25,8 +25,6 @@ from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2
 from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
 
-# How often live sessions' RTTs are sampled for geosteer (each batch goes out once).
-RTT_SAMPLE_INTERVAL_S = 10.0
 # How long the gRPC server still answers after deregistering, when it closed sessions.
 DEREGISTERED_ANSWER_S = 1.0
 
@@ -45,7 +43,7 @@ async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceP
     media_host, media_port = await mux.start(host, port)
     manager = SessionManager(settings, mux, telemetry.meter)
     reporter: HeartbeatLoop | None = None
-    rtts = RttCollector(lambda: live_sessions(manager), RTT_SAMPLE_INTERVAL_S)
+    rtts = RttCollector(lambda: live_sessions(manager), settings.rtt_report_interval_s)
 
     async def started(grpc_address: str) -> None:
         nonlocal reporter

@@ -224,6 +224,12 @@ class TransceiverSettings(SessionSettings, ServiceSettings):
         parse=host_port,
         optional=True,
     )
+    rtt_report_interval_s: float = setting(
+        10.0,
+        "how often live sessions' first-hop RTTs are sampled for geosteer (each batch rides "
+        "the next heartbeat)",
+        gt=0,
+    )
 
     def validate(self) -> None:
         super().validate()

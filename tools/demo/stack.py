@@ -164,6 +164,39 @@ def _wait_ready(name: str, process: subprocess.Popen[str]) -> dict[str, Any]:
     return ready
 
 
+def launch_process(
+    name: str, command: list[str], env: dict[str, str], sink: TextIO
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """Starts one service process (its own session), copies its output to `sink` with a
+    `[name]` prefix, and returns once it printed its ready line; stops it and raises
+    RuntimeError (with its last line) if it never does."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        # Own session: a terminal's Ctrl-C reaches only the supervisor, which then
+        # drains each child with exactly one SIGTERM.
+        start_new_session=True,
+    )
+    assert process.stderr is not None
+    assert process.stdout is not None
+    last_lines: deque[str] = deque(maxlen=1)
+    threading.Thread(
+        target=_pump, args=(name, process.stderr, sink, last_lines), daemon=True
+    ).start()
+    try:
+        ready = _wait_ready(name, process)
+    except RuntimeError as exc:
+        stop_processes([(name, process)])
+        said = f": {last_lines[-1]}" if last_lines else ""
+        raise RuntimeError(f"{exc}{said}") from None
+    threading.Thread(target=_pump, args=(name, process.stdout, sink), daemon=True).start()
+    return process, ready
+
+
 def stop_processes(
     processes: Sequence[tuple[str, subprocess.Popen[str]]],
     *,
@@ -262,30 +295,7 @@ def start_stack(config: StackConfig) -> Stack:
         if where(name).netns:
             command = ["ip", "netns", "exec", where(name).netns, *command]
         command += config.extra_flags.get(name.partition("-")[0], [])  # replicas: the same
-        process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=env,
-            # Own session: a terminal's Ctrl-C reaches only the supervisor, which then
-            # drains each child with exactly one SIGTERM.
-            start_new_session=True,
-        )
-        assert process.stderr is not None
-        assert process.stdout is not None
-        last_lines: deque[str] = deque(maxlen=1)
-        threading.Thread(
-            target=_pump, args=(name, process.stderr, sink, last_lines), daemon=True
-        ).start()
-        try:
-            ready = _wait_ready(name, process)
-        except RuntimeError as exc:
-            stop_processes([(name, process)])
-            said = f": {last_lines[-1]}" if last_lines else ""
-            raise RuntimeError(f"{exc}{said}") from None
-        threading.Thread(target=_pump, args=(name, process.stdout, sink), daemon=True).start()
+        process, ready = launch_process(name, command, env, sink)
         service = Service(name, process, ready, flags)
         stack.services[name] = service
         return service

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ FRAME_MAX = 65536
 BATCH = 64  # frames read per readiness event, so one busy side cannot starve the timer
 
 
-def _packet_socket(ifname: str) -> socket.socket:
+def packet_socket(ifname: str) -> socket.socket:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -46,16 +46,54 @@ def _packet_socket(ifname: str) -> socket.socket:
     return sock
 
 
-class Forwarder:
-    def __init__(self, a: str, b: str, control: str, up: Profile, down: Profile) -> None:
-        self.side_a = _packet_socket(a)
-        self.side_b = _packet_socket(b)
-        # up: frames arriving on side a (the link's first host) leave on side b.
-        self.schedules = {"up": Schedule(up), "down": Schedule(down)}
+def incoming(sock: socket.socket) -> Iterator[bytes]:
+    """Up to BATCH frames waiting on `sock` (not our own transmissions), without blocking."""
+    for _ in range(BATCH):
+        try:
+            frame, address = sock.recvfrom(FRAME_MAX)
+        except BlockingIOError:
+            return
+        if address[2] != PACKET_OUTGOING:
+            yield frame
+
+
+class Releases:
+    """Frames waiting for their release time, sent in time order (then arrival order)."""
+
+    def __init__(self) -> None:
         self._queue: list[tuple[float, int, socket.socket, bytes]] = []
         self._seq = 0
         self.sent = 0
         self.send_errors = 0
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def push(self, release: float, out: socket.socket, frame: bytes) -> None:
+        self._seq += 1
+        heapq.heappush(self._queue, (release, self._seq, out, frame))
+
+    def release_due(self) -> float | None:
+        """Sends what is due; returns seconds until the next release (None: nothing)."""
+        now = time.monotonic()
+        queue = self._queue
+        while queue and queue[0][0] <= now:
+            _, _, out, frame = heapq.heappop(queue)
+            try:
+                out.send(frame)
+                self.sent += 1
+            except OSError:
+                self.send_errors += 1
+        return max(0.0, queue[0][0] - now) if queue else None
+
+
+class Forwarder:
+    def __init__(self, a: str, b: str, control: str, up: Profile, down: Profile) -> None:
+        self.side_a = packet_socket(a)
+        self.side_b = packet_socket(b)
+        # up: frames arriving on side a (the link's first host) leave on side b.
+        self.schedules = {"up": Schedule(up), "down": Schedule(down)}
+        self.releases = Releases()
         if os.path.exists(control):
             os.unlink(control)
         self.control = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -68,30 +106,10 @@ class Forwarder:
 
     def _ingest(self, sock: socket.socket, direction: str, out: socket.socket) -> None:
         schedule = self.schedules[direction]
-        for _ in range(BATCH):
-            try:
-                frame, address = sock.recvfrom(FRAME_MAX)
-            except BlockingIOError:
-                return
-            if address[2] == PACKET_OUTGOING:
-                continue
+        for frame in incoming(sock):
             release = schedule.decide(time.monotonic(), len(frame))
-            if release is None:
-                continue
-            self._seq += 1
-            heapq.heappush(self._queue, (release, self._seq, out, frame))
-
-    def _release_due(self) -> float | None:
-        now = time.monotonic()
-        queue = self._queue
-        while queue and queue[0][0] <= now:
-            _, _, out, frame = heapq.heappop(queue)
-            try:
-                out.send(frame)
-                self.sent += 1
-            except OSError:
-                self.send_errors += 1
-        return max(0.0, queue[0][0] - now) if queue else None
+            if release is not None:
+                self.releases.push(release, out, frame)
 
     def _handle_control(self) -> None:
         try:
@@ -112,9 +130,9 @@ class Forwarder:
             elif request.get("op") == "stats":
                 reply = {
                     "ok": True,
-                    "sent": self.sent,
-                    "send_errors": self.send_errors,
-                    "queued": len(self._queue),
+                    "sent": self.releases.sent,
+                    "send_errors": self.releases.send_errors,
+                    "queued": len(self.releases),
                     **{name: s.counters() for name, s in self.schedules.items()},
                 }
             else:
@@ -141,7 +159,7 @@ class Forwarder:
                     self._ingest(self.side_b, "down", self.side_a)
                 else:
                     self._handle_control()
-            timeout = self._release_due()
+            timeout = self.releases.release_due()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,7 +214,7 @@ class ImpairedLink:
             text=True,
             env=env,
         )
-        line = _read_line(self.process, READY_TIMEOUT_S)
+        line = read_line(self.process, READY_TIMEOUT_S)
         if '"ready"' not in line:
             raise RuntimeError(f"impairment forwarder {index} did not start: {line!r}")
 
@@ -245,7 +263,7 @@ def _as_dict(profile: Profile) -> dict[str, float]:
     return {name: float(getattr(profile, name)) for name in profile.__dataclass_fields__}
 
 
-def _read_line(process: subprocess.Popen[str], timeout_s: float) -> str:
+def read_line(process: subprocess.Popen[str], timeout_s: float) -> str:
     """The first stdout line, or "" if none within timeout_s (the process is left alone)."""
     assert process.stdout is not None
     ready = selectors.DefaultSelector()

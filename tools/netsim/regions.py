@@ -1,0 +1,423 @@
+"""The edge on a world of regions (tools/netsim/world.py): one relay per region on its VIP,
+one transceiver per full region, the control plane (geosteer, bridge, signaling) on one
+host, client hosts around the world, and what the region tests and the benchmark ask of
+it: place a call from a client, probe every VIP from it, ask geosteer where it would send
+a client, kill a region's transceivers.
+
+Geosteer locates clients through a City mmdb written for their test addresses
+(services/geosteer/mmdb_testing.py) with `geoip_locate_private`, so it steers by the
+simulated cities as it would by a real database. Every service is the Bazel binary
+started with `ip netns exec` (tools/demo/stack.launch_process); `world_edge` tears
+everything down on exit, also after an exception (the Testbed context manager).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+from aiortc import RTCPeerConnection
+
+from examples.python_client.client import CallResult, run_call
+from libs.wire import ufrag
+from services.geosteer.mmdb_testing import CityRecord, write_city_mmdb
+from tools.demo.stack import Service, _binary, launch_process, stop_processes
+from tools.netsim import layout, net, probe
+from tools.netsim.mesh import MeshLinks
+from tools.netsim.world import (
+    CONTROL,
+    RELAY_PORT,
+    Client,
+    Region,
+    World,
+    layout_text,
+    link_delays,
+    topology_toml,
+    within,
+)
+from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
+
+ECHO_PORT = 7  # UDP echo on every VIP, for the clients' first-hop probes
+HTTP_PORT = 8080
+REGISTER_TIMEOUT_S = 60.0
+NODE_KIND_RELAY = 1
+NODE_KIND_TRANSCEIVER = 2
+
+
+@dataclass(frozen=True)
+class Timers:
+    """Heartbeats and RTT reports, short so a test sees failover and learning quickly."""
+
+    heartbeat_interval_ms: int = 500
+    heartbeat_ttl_ms: int = 1500
+    rtt_report_interval_s: float = 1.0
+    rtt_max_age_s: float = 600.0
+    max_sessions: int = 50
+
+
+@dataclass
+class RegionsEdge:
+    world: World
+    testbed: net.Testbed
+    timers: Timers
+    services: dict[str, Service] = field(default_factory=dict)
+    api_key: str = ""
+    echoes: list[probe.EchoServer] = field(default_factory=list)
+
+    @property
+    def http_base(self) -> str:
+        return f"http://{self.services['signaling'].ready['http']}"
+
+    @property
+    def geosteer(self) -> str:
+        return str(self.services["geosteer"].ready["grpc"])
+
+    # -- questions to geosteer, asked from the control host ---------------------------
+
+    def _geosteer(self, call: Callable[[geosteer_pb2_grpc.GeosteerServiceStub], Any]) -> Any:
+        with self.testbed.entered("ctl"), grpc.insecure_channel(self.geosteer) as channel:
+            return call(geosteer_pb2_grpc.GeosteerServiceStub(channel))
+
+    def topology(self) -> geosteer_pb2.Topology:
+        return self._geosteer(
+            lambda s: s.ListTopology(geosteer_pb2.ListTopologyRequest(), timeout=5).topology
+        )
+
+    def route(self, client: Client, prefer: int | None = None) -> geosteer_pb2.RouteSessionResponse:
+        """What geosteer answers for `client` now (RouteSession has no side effects)."""
+        request = geosteer_pb2.RouteSessionRequest(client_ip=client.address)
+        if prefer is not None:
+            request.hints.preferred_cluster_id = prefer
+        return self._geosteer(lambda s: s.RouteSession(request, timeout=5))
+
+    def measured(self, client: Client, cluster_id: int) -> bool:
+        """Whether geosteer holds an RTT measured for client's prefix in cluster_id."""
+        answer = self.route(client, prefer=cluster_id)
+        return bool(answer.cluster.cluster_id == cluster_id and answer.estimated_rtt_measured)
+
+    def offered(self) -> dict[int, tuple[int, int]]:
+        """cluster id -> (live relays, live non-draining transceivers)."""
+        found = {}
+        for cluster in self.topology().clusters:
+            relays = sum(n.kind == NODE_KIND_RELAY for n in cluster.nodes)
+            trx = sum(n.kind == NODE_KIND_TRANSCEIVER and not n.draining for n in cluster.nodes)
+            found[cluster.cluster_id] = (relays, trx)
+        return found
+
+    # -- what a client does ------------------------------------------------------------
+
+    def probe_ms(self, client: Client, region: Region, count: int = 5) -> float:
+        """The client's first-hop RTT to region's VIP: median of `count` UDP echoes."""
+        with self.testbed.entered(client.host):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            samples = probe.probe(
+                sock, (region.vip, ECHO_PORT), count=count, interval_s=0.02, timeout_s=2.0
+            )
+        summary = probe.summarise(samples)
+        if summary.received == 0:
+            raise RuntimeError(f"no echo from {region.name}'s VIP to {client.city.name}")
+        return summary.rtt_median_ms
+
+    def call(
+        self,
+        client: Client,
+        during: Callable[[RTCPeerConnection, CallResult], Awaitable[None]] | None = None,
+        *,
+        seconds: float = 1.0,
+        connect_timeout_s: float = 30.0,
+    ) -> CallResult:
+        """An aiortc call from `client`'s host (blocking: its own thread and event loop, so
+        several clients can call at once, each thread in its own namespace)."""
+        with self.testbed.entered(client.host):
+            return asyncio.run(
+                run_call(
+                    self.http_base,
+                    self.api_key,
+                    seconds=seconds,
+                    during=during,
+                    connect_timeout_s=connect_timeout_s,
+                )
+            )
+
+    def kill_transceivers(self, region: Region) -> float:
+        """SIGKILL of the region's transceiver (by PID, ours); returns the monotonic time."""
+        process = self.services[f"transceiver{region.cluster_id}"].process
+        process.kill()
+        killed = time.monotonic()
+        process.wait(timeout=10)
+        return killed
+
+
+def cluster_of(result: CallResult) -> int:
+    """The cluster the call's transceiver is in, from the ufrag in the answer (the dev
+    keyring: the world edge configures none)."""
+    for line in result.answer_sdp.splitlines():
+        if line.startswith("a=ice-ufrag:"):
+            token = ufrag.decode(line.split(":", 1)[1].strip(), ufrag.dev_keyring())
+            return token.cluster_id
+    raise ValueError("no a=ice-ufrag in the answer")
+
+
+def first_candidate(sdp: str) -> str:
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            return line.split()[4]
+    raise ValueError("no candidate in the answer")
+
+
+def _mmdb_records(world: World) -> list[CityRecord]:
+    return [
+        CityRecord(c.network, c.city.location.latitude, c.city.location.longitude)
+        for c in world.clients
+    ]
+
+
+class _Launcher:
+    def __init__(self, edge: RegionsEdge, env: dict[str, str], log: TextIO) -> None:
+        self.edge, self.env, self.log = edge, env, log
+
+    def __call__(self, name: str, binary: str, host: str, address: str, *flags: str) -> Service:
+        command = [
+            "ip",
+            "netns",
+            "exec",
+            self.edge.testbed.ns(host),
+            _binary(binary),
+            "--grpc-listen",
+            f"{address}:0",
+            "--drain-grace-s",
+            "1",
+            *flags,
+        ]
+        process, ready = launch_process(name, command, self.env, self.log)
+        service = Service(name, process, ready, list(flags))
+        self.edge.services[name] = service
+        return service
+
+
+def _wait_registered(edge: RegionsEdge) -> None:
+    deadline = time.monotonic() + REGISTER_TIMEOUT_S
+    want = {r.cluster_id: (1, 1 if r.transceivers else 0) for r in edge.world.regions}
+    while time.monotonic() < deadline:
+        if edge.offered() == want:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"regions not registered in time: {edge.offered()} != {want}")
+
+
+def _start_services(edge: RegionsEdge, launch: _Launcher, workdir: Path) -> None:
+    world, timers = edge.world, edge.timers
+    topology = workdir / "regions.toml"
+    topology.write_text(topology_toml(world))
+    mmdb = write_city_mmdb(workdir / "clients.mmdb", _mmdb_records(world))
+    geosteer = launch(
+        "geosteer",
+        "geosteer",
+        "ctl",
+        CONTROL,
+        "--topology-path",
+        str(topology),
+        "--geoip-db-path",
+        str(mmdb),
+        "--geoip-locate-private",
+        "true",
+        "--heartbeat-interval-ms",
+        str(timers.heartbeat_interval_ms),
+        "--heartbeat-ttl-ms",
+        str(timers.heartbeat_ttl_ms),
+        "--rtt-max-age-s",
+        str(timers.rtt_max_age_s),
+    ).ready["grpc"]
+    bridge = launch("bridge", "bridge", "ctl", CONTROL).ready["grpc"]
+
+    def transceiver(region: Region) -> None:
+        launch(
+            f"transceiver{region.cluster_id}",
+            "transceiver",
+            region.transceiver_host,
+            region.transceiver_address,
+            "--geosteer-address",
+            geosteer,
+            "--bridge-address",
+            bridge,
+            "--media-listen",
+            f"{region.transceiver_address}:0",
+            "--cluster-id",
+            str(region.cluster_id),
+            "--transceiver-id",
+            "1",
+            "--max-sessions",
+            str(timers.max_sessions),
+            "--rtt-report-interval-s",
+            str(timers.rtt_report_interval_s),
+        )
+
+    def relay(region: Region) -> None:
+        internal = region.relay_internal if region.transceivers else region.vip
+        launch(
+            f"relay{region.cluster_id}",
+            "relay",
+            region.relay_host,
+            internal,
+            "--geosteer-address",
+            geosteer,
+            "--cluster-id",
+            str(region.cluster_id),
+            "--udp-listen",
+            f"{region.vip}:{RELAY_PORT}",
+            "--internal-listen",
+            f"{internal}:0",
+            "--public-advertise",
+            f"{region.vip}:{RELAY_PORT}",
+        )
+
+    # Start-up is mostly waiting for imports; two at a time keeps 2 cores busy.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = [pool.submit(transceiver, r) for r in world.regions if r.transceivers]
+        jobs += [pool.submit(relay, r) for r in world.regions]
+        for job in jobs:
+            job.result()
+    launch(
+        "signaling",
+        "signaling",
+        "ctl",
+        CONTROL,
+        "--geosteer-address",
+        geosteer,
+        "--http-listen",
+        f"{CONTROL}:{HTTP_PORT}",
+    )
+    _wait_registered(edge)
+
+
+def _start_echoes(edge: RegionsEdge) -> None:
+    for region in edge.world.regions:
+        with edge.testbed.entered(region.relay_host):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((region.vip, ECHO_PORT))
+        edge.echoes.append(probe.EchoServer(sock))
+
+
+@contextlib.contextmanager
+def world_edge(
+    world: World, workdir: Path, api_key: str, timers: Timers | None = None
+) -> Iterator[RegionsEdge]:
+    """Builds the world's layout, its delay links, and the edge on it; tears all of it
+    down on exit. Service logs go to workdir/services.log."""
+    plan = layout.parse(layout_text(world))
+    with net.Testbed(plan) as testbed, (workdir / "services.log").open("w") as log:
+        MeshLinks(testbed, link_delays(world))
+        edge = RegionsEdge(world, testbed, timers or Timers(), api_key=api_key)
+        env = dict(os.environ, VOICEEDGE_API_KEY=api_key)
+        try:
+            _start_echoes(edge)
+            _start_services(edge, _Launcher(edge, env, log), workdir)
+            yield edge
+        finally:
+            for echo in edge.echoes:
+                echo.close()
+            stop_processes(
+                [(s.name, s.process) for s in reversed(list(edge.services.values()))],
+                grace_s=10.0,
+            )
+
+
+# -- steering: where each client's calls land, against the best first hop ----------------
+
+
+@dataclass
+class Landing:
+    """One call: the cluster of its transceiver, the VIP media entered at, that first hop
+    as the client probed it, and whether geosteer learnt an RTT from it."""
+
+    cluster_id: int
+    vip_region: str
+    first_hop_ms: float
+    learned: bool
+
+
+@dataclass
+class Row:
+    client: Client
+    probes_ms: dict[str, float]  # region name -> the client's probed RTT to its VIP
+    landings: list[Landing] = field(default_factory=list)
+
+    @property
+    def best(self) -> tuple[str, float]:
+        name = min(self.probes_ms, key=lambda n: self.probes_ms[n])
+        return name, self.probes_ms[name]
+
+    def within(self, call_index: int) -> bool:
+        return within(self.landings[call_index].first_hop_ms, self.best[1])
+
+
+def probe_all(edge: RegionsEdge, client: Client) -> dict[str, float]:
+    return {r.name: edge.probe_ms(client, r) for r in edge.world.regions}
+
+
+def place_and_learn(
+    edge: RegionsEdge, client: Client, probes_ms: dict[str, float], learn_timeout_s: float
+) -> Landing:
+    """One call from `client`, held until geosteer holds an RTT measured for the client in
+    the call's cluster (or learn_timeout_s): the next call is steered with it."""
+    learned = [False]
+
+    async def until_learned(pc: RTCPeerConnection, result: CallResult) -> None:
+        cluster = cluster_of(result)
+        deadline = time.monotonic() + learn_timeout_s
+        while time.monotonic() < deadline:  # bounded; each check is one RouteSession
+            if await asyncio.to_thread(edge.measured, client, cluster):
+                learned[0] = True
+                return
+            await asyncio.sleep(0.2)
+
+    result = edge.call(client, until_learned)
+    if result.status != 201 or result.remote_candidate is None:
+        raise RuntimeError(f"{client.city.name}: call failed {result.status} {result.error_body}")
+    region = edge.world.region_of_vip(result.remote_candidate[0])
+    return Landing(cluster_of(result), region.name, probes_ms[region.name], learned[0])
+
+
+def steer(
+    edge: RegionsEdge,
+    clients: list[Client],
+    *,
+    calls: int,
+    parallel: int,
+    learn_timeout_s: float = 30.0,
+) -> list[Row]:
+    """Every client probes every VIP, then places `calls` calls one after the other
+    (`parallel` clients at a time)."""
+
+    def one(client: Client) -> Row:
+        row = Row(client, probe_all(edge, client))
+        for _ in range(calls):
+            row.landings.append(place_and_learn(edge, client, row.probes_ms, learn_timeout_s))
+        return row
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        return list(pool.map(one, clients))
+
+
+def table(rows: list[Row]) -> list[str]:
+    """The benchmark's table: one line per client."""
+    lines = [f"{'client':13} {'best':>5} {'ms':>6}  calls: cluster/vip first-hop ms (* within)"]
+    for row in rows:
+        name, best_ms = row.best
+        calls = "  ".join(
+            f"{landing.cluster_id}/{landing.vip_region} {landing.first_hop_ms:6.1f}"
+            f"{'*' if row.within(i) else ' '}"
+            for i, landing in enumerate(row.landings)
+        )
+        lines.append(f"{row.client.city.name:13} {name:>5} {best_ms:6.1f}  {calls}")
+    return lines
