@@ -253,6 +253,8 @@ class CallerAudio:
         self.bridge: BridgeSession | None = None
         self.passthrough = False
         self.frames_in = 0
+        self.frames_concealed = 0  # lost frames filled by libopus PLC (the call record)
+        self.frames_fec_recovered = 0  # lost frames rebuilt from in-band FEC (none yet)
         self.ttfa_in_ms = 0.0
         self._decoder = OpusToPcm(rate_hz)
         self._samples = frame_samples(rate_hz)
@@ -292,6 +294,7 @@ class CallerAudio:
             return
         samples = self._samples
         concealed = self._decoder.conceal(min(packets, self._concealment_max))
+        self.frames_concealed += len(concealed)
         for chunk in concealed:
             bridge.send_audio(chunk, samples)
             self.frames_in += 1
