@@ -20,7 +20,8 @@ rates (the transceiver's 24 kHz) are resampled to 16 kHz by linear interpolation
 (see audio.py) and re-cut into 20 ms frames. webrtcvad keeps saying "speech" for ~100 ms
 after speech ends (its hangover smoothing), which would put every turn's end that much late:
 with an energy floor, a frame whose level is below it is silence whatever webrtcvad says,
-and a speech frame's `speech_ms` ends at its last sample above the floor, so the end of
+and a speech frame's `speech_ms` ends at its last sample above the floor and within 30 dB
+of the frame's peak (Opus' decoded tail rings ~12 ms longer at -50 dBFS), so the end of
 speech is known to the millisecond (the per-turn latency the transceiver reports starts
 there).
 """
@@ -158,6 +159,7 @@ class TurnDetector:
 
 
 VAD_RATES = (8000, 16000, 32000, 48000)
+TAIL_DB = 30.0  # below a speech frame's peak by this much, its samples no longer count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +210,10 @@ class VoiceActivity:
         values = chunk.astype(np.float64)
         if float(np.sqrt(np.mean(values**2))) < self._floor:
             return VoiceFrame(False)
-        loud = np.flatnonzero(np.abs(values) >= self._floor)
+        # Where the frame's speech ends: its last sample above the floor and within TAIL_DB
+        # of the frame's peak (a codec's or a room's ringing below that is not speech).
+        magnitude = np.abs(values)
+        threshold = max(self._floor, float(magnitude.max()) * 10.0 ** (-TAIL_DB / 20.0))
+        loud = np.flatnonzero(magnitude >= threshold)
         last = int(loud[-1]) + 1 if len(loud) else len(chunk)
         return VoiceFrame(True, max(1, math.ceil(last * 1000 / self._rate)))
