@@ -252,6 +252,73 @@ TRANSCEIVER_LOSS = MetricSpec(
     buckets=(0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1),
 )
 
+# Per-turn latency and the call record (services/transceiver/turn_timing.py, call_metrics.py).
+TURN_BUCKETS_S = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+TRANSCEIVER_TURN_VOICE_TO_VOICE = MetricSpec(
+    "transceiver",
+    "turn_voice_to_voice",
+    Kind.HISTOGRAM,
+    "per turn: end of the caller's speech (as the bridge detected it) to the first packet of "
+    "the answer sent to the caller; the sum of turn_stage_seconds",
+    unit="seconds",
+    buckets=TURN_BUCKETS_S,
+)
+TRANSCEIVER_TURN_STAGE = MetricSpec(
+    "transceiver",
+    "turn_stage",
+    Kind.HISTOGRAM,
+    "per turn, its parts (stage: end_of_turn = speech end to SpeechStopped here, bridge = "
+    "SpeechStopped to the answer's first audio frame, playout = that frame to its first "
+    "packet sent)",
+    unit="seconds",
+    labels=("stage",),
+    buckets=TURN_BUCKETS_S,
+)
+TRANSCEIVER_CALL_DURATION = MetricSpec(
+    "transceiver",
+    "call_duration",
+    Kind.HISTOGRAM,
+    "per call record: session created to closed",
+    unit="seconds",
+    labels=("close_reason",),
+    buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+TRANSCEIVER_CALL_TURNS = MetricSpec(
+    "transceiver",
+    "call_turns",
+    Kind.HISTOGRAM,
+    "per call record: turns measured (answers played after the caller's speech ended)",
+    labels=("close_reason",),
+    buckets=(0, 1, 2, 5, 10, 20, 50, 100),
+)
+TRANSCEIVER_CALL_VOICE_TO_VOICE = MetricSpec(
+    "transceiver",
+    "call_voice_to_voice",
+    Kind.HISTOGRAM,
+    "per call record with turns: its median (quantile p50) and p95 turn voice-to-voice latency",
+    unit="seconds",
+    labels=("quantile",),
+    buckets=TURN_BUCKETS_S,
+)
+TRANSCEIVER_CALL_QUALITY = MetricSpec(
+    "transceiver",
+    "call_quality",
+    Kind.HISTOGRAM,
+    "per call record: MOS estimate (1 to 4.5) of the ITU-T G.107 E-model from the call's "
+    "loss, jitter and round trip (services/transceiver/call_quality.py)",
+    unit="mos",
+    labels=("close_reason",),
+    buckets=(1.0, 2.0, 2.5, 3.0, 3.5, 3.8, 4.0, 4.2, 4.4, 4.5),
+)
+TRANSCEIVER_CALLER_FRAMES_REPAIRED = MetricSpec(
+    "transceiver",
+    "caller_frames_repaired",
+    Kind.COUNTER,
+    "lost caller frames filled in before the bridge, counted at each call record (repair: "
+    "concealed = libopus PLC, fec = Opus in-band FEC)",
+    labels=("repair",),
+)
+
 # -- signaling -----------------------------------------------------------------------------
 SIGNALING_CALLS = MetricSpec(
     "signaling",

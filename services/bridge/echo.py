@@ -27,6 +27,9 @@ transceiver is dropped; what it has queued still plays, as with OpenAI's WebRTC 
 `input_audio_buffer.clear` drops the audio not yet committed (and an open turn);
 `response.create` answers with the last committed utterance (an empty response if there is
 none). Other client events are ignored.
+
+Think time: `echo_think_ms` holds each answer's audio back that long after ResponseStarted,
+as a model thinking would; latency tests measure it end to end.
 """
 
 from __future__ import annotations
@@ -93,10 +96,14 @@ class EchoAgent:
         turn_config = base_turn_config(settings)
         self._base_turn_config = turn_config
         self._detector = TurnDetector(turn_config)
-        self._vad = VoiceActivity(settings.vad_aggressiveness, ctx.input_rate_hz)
+        floor = settings.vad_energy_floor_dbfs
+        self._vad = VoiceActivity(
+            settings.vad_aggressiveness, ctx.input_rate_hz, floor if floor > -120 else None
+        )
         self._prefix_samples = ctx.input_rate_hz * settings.prefix_padding_ms // 1000
         self._max_samples = int(ctx.input_rate_hz * settings.max_utterance_s) + self._prefix_samples
         self._playout = Playout(ctx.outbox, settings.sample_rate_hz, settings.playout_lead_ms)
+        self._think_s = settings.echo_think_ms / 1000.0
         # Caller audio as (position of first sample, samples), oldest first.
         self._history: collections.deque[tuple[int, Samples]] = collections.deque()
         self._position = 0  # samples of caller audio received
@@ -164,8 +171,8 @@ class EchoAgent:
         self._history.append((self._position, samples))
         self._position += len(samples)
         if not self._manual:
-            for is_speech in self._vad.feed(samples):
-                for event in self._detector.feed(is_speech):
+            for voice in self._vad.frames(samples):
+                for event in self._detector.feed(voice.is_speech, speech_ms=voice.speech_ms):
                     self._on_turn_event(event)
         self._trim_history()
 
@@ -342,6 +349,8 @@ class EchoAgent:
         self._outbox.put(
             Response(response_started=inference_pb2.ResponseStarted(response_id=response_id))
         )
+        if self._think_s:
+            await asyncio.sleep(self._think_s)  # a barge-in meanwhile cancels the response
         audio = resample_linear(utterance, self._in_rate, self._out_rate).astype("<i2").tobytes()
         frames = await self._play(audio)
         self._outbox.put(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -92,6 +93,35 @@ async def test_echo_plays_the_utterance_back() -> None:
         assert await read(call) is None
         assert await call.code() == grpc.StatusCode.OK
     assert servicer.session_count == 0
+
+
+async def test_think_time_holds_the_answer_back_and_a_tone_ends_to_the_frame() -> None:
+    servicer = BridgeServicer(dataclasses.replace(SETTINGS, echo_think_ms=300))
+    async with serve(servicer) as stub:
+        call = stub.StreamSession(None)
+        await call.write(session_start())
+        assert await read(call) is not None
+        for request in audio_requests(np.concatenate([tone(440, 1.0), silence(1.0)])):
+            await call.write(request)
+        loop = asyncio.get_running_loop()
+        arrivals: dict[str, float] = {}
+        stopped_ms = -1
+        for _ in range(500):
+            message = await read(call)
+            assert message is not None
+            kind = str(message.WhichOneof("payload"))
+            arrivals.setdefault(kind, loop.time())
+            if kind == "speech_stopped":
+                stopped_ms = message.speech_stopped.audio_end_ms
+            if kind == "audio_frame":
+                break
+        # The energy floor: the end is the tone's own, not webrtcvad's ~100 ms hangover.
+        assert 1000 <= stopped_ms <= 1010
+        # The answer's audio waits out the think time after ResponseStarted (a lower bound:
+        # a sleep is never shorter).
+        assert arrivals["audio_frame"] - arrivals["response_started"] >= 0.29
+        call.cancel()
+        await asyncio.wait_for(servicer.wait_idle(), 5)
 
 
 async def test_barge_in_clears_at_once() -> None:

@@ -43,6 +43,13 @@ class BridgeSettings(ServiceSettings):
         24000, "rate of the response audio, and of caller audio when unset", ge=8000, le=48000
     )
     vad_aggressiveness: int = setting(2, "webrtcvad mode 0 (lenient) to 3 (strict)", ge=0, le=3)
+    vad_energy_floor_dbfs: float = setting(
+        -50.0,
+        "frames quieter (RMS) than this are silence whatever webrtcvad says (it hangs over "
+        "~100 ms), and speech ends at the last sample above it; -120: off",
+        ge=-120,
+        le=0,
+    )
     speech_start_ms: int = setting(
         60, "continuous speech needed before a turn starts", ge=1, le=2000
     )
@@ -66,6 +73,13 @@ class BridgeSettings(ServiceSettings):
     )
     playout_lead_ms: int = setting(
         200, "how far response audio may run ahead of real time (jitter buffer)", ge=0, le=5000
+    )
+    echo_think_ms: int = setting(
+        0,
+        "echo: wait this long between ResponseStarted and the answer's audio (a model's "
+        "think time, for latency tests)",
+        ge=0,
+        le=10000,
     )
     realtime_url: str = setting(
         "",

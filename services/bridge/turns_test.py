@@ -182,3 +182,34 @@ def test_split_frames() -> None:
     frames, rest = split_frames(b"abcdefg", 3)
     assert frames == [b"abc", b"def"]
     assert rest == b"g"
+
+
+def test_the_energy_floor_cuts_webrtcvads_hangover_and_ends_speech_to_the_ms() -> None:
+    rate = 24000
+    burst = tone(440, 1.013, rate)  # ends 13 ms into a 20 ms frame
+    signal = np.concatenate(
+        [np.zeros(rate // 2, dtype=np.int16), burst, np.zeros(rate, dtype=np.int16)]
+    )
+    ends = {}
+    for floor in (None, -50.0):
+        vad = VoiceActivity(2, rate, floor)
+        detector = TurnDetector(TurnConfig(end_of_turn_silence_ms=400))
+        events = [
+            event
+            for i in range(0, len(signal), 480)
+            for voice in vad.frames(signal[i : i + 480])
+            for event in detector.feed(voice.is_speech, speech_ms=voice.speech_ms)
+        ]
+        (stopped,) = [e for e in events if isinstance(e, SpeechStopped)]
+        ends[floor] = stopped.audio_end_ms
+    assert ends[-50.0] == 1513  # 500 ms of silence, then the 1013 ms tone
+    assert ends[None] >= 1580  # webrtcvad alone hangs over by ~100 ms
+
+
+def test_speech_ms_moves_the_end_within_the_last_speech_frame() -> None:
+    config = TurnConfig(speech_start_ms=20, end_of_turn_silence_ms=40, short_utterance_ms=0)
+    detector = TurnDetector(config)
+    assert detector.feed(True) == [SpeechStarted(0)]
+    assert detector.feed(True, speech_ms=7) == []
+    assert detector.feed(False) == []
+    assert detector.feed(False) == [SpeechStopped(27), TurnComplete(0, 27)]

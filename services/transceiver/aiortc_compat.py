@@ -37,7 +37,8 @@ What the transceiver needs that the public APIs do not offer:
 Test clients and load generators only: `add_loopback_host_candidate`,
 `install_fast_audio_level` (`aiortc.rtp.compute_audio_level_dbov`, which aiortc's sender
 calls per audio frame it encodes: the transceiver's own sender never encodes one),
-`tap_encoded_audio` (`RTCRtpReceiver.__decoder_queue`) and `tap_rtp_datagrams`.
+`tap_encoded_audio` (`RTCRtpReceiver.__decoder_queue`), `tap_rtp_arrivals`
+(`RTCRtpReceiver._handle_rtp_packet`) and `tap_rtp_datagrams`.
 
 private_api_test.py fails with the attribute's name if an upgrade moves any of them.
 """
@@ -578,6 +579,22 @@ class _DecoderQueueTap:
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         return self._real.get(block, timeout)
+
+
+def tap_rtp_arrivals(receiver: RTCRtpReceiver, sink: EncodedSink) -> None:
+    """Test clients only: each RTP packet's payload (one Opus packet) and RTP timestamp go to
+    `sink` as the packet arrives, after SRTP and before aiortc's jitter buffer (which holds
+    audio back ~80 ms), so a client can time what it receives; aiortc then handles it as
+    before."""
+    original = getattr(receiver, "_handle_rtp_packet", None)
+    if original is None:
+        raise CompatError("aiortc.RTCRtpReceiver._handle_rtp_packet is gone")
+
+    async def handle(packet: Any, arrival_time_ms: int) -> None:
+        sink(bytes(packet.payload), int(packet.timestamp))
+        await original(packet, arrival_time_ms)
+
+    setattr(receiver, "_handle_rtp_packet", handle)  # noqa: B010 (shadowing on purpose)
 
 
 def tap_encoded_audio(receiver: RTCRtpReceiver, sink: EncodedSink) -> None:

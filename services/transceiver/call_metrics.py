@@ -1,31 +1,57 @@
 """What the transceiver's sessions tell operators, beside the session counters in manager.py:
-call set-up time, first-hop RTT, jitter and loss, and capacity.
+call set-up time, first-hop RTT, jitter and loss, capacity, per-turn latency (histograms and
+one OpenTelemetry `turn` span per turn) and, at each call's end, the call record.
 
 RTT, jitter and loss come from the caller's RTCP receiver reports on our audio (RFC 3550
 §6.4.1), one sample per report block (about one a second per call): the caller measures
 what our packets met on the first hop (transceiver, relay, caller), and the report's
 LSR/DLSR give the round trip without clock sync. aiortc parses the reports and keeps only
 a smoothed RTT; `aiortc_compat.tap_receiver_reports` hands each block here as it comes.
+
+Turns: each session's `TurnTimer` (turn_timing.py) hands its completed turns here.
+
+The call record, once per session at its close: one `call.record` log line (duration, close
+reason, turns, p50/p95 voice-to-voice, RTT, jitter and loss both ways, concealed and
+FEC-recovered caller frames, the E-model R-factor and MOS of call_quality.py) and the same
+facts as the call_* metrics. The score takes the worse direction: the caller's receiver
+reports (what our audio met) against our own receiver (what the caller's met, lost frames
+that in-band FEC rebuilt not counted as lost).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
 
 from libs.observability.metrics import (
+    TRANSCEIVER_CALL_DURATION,
+    TRANSCEIVER_CALL_QUALITY,
     TRANSCEIVER_CALL_SETUP_DURATION,
+    TRANSCEIVER_CALL_TURNS,
+    TRANSCEIVER_CALL_VOICE_TO_VOICE,
+    TRANSCEIVER_CALLER_FRAMES_REPAIRED,
     TRANSCEIVER_JITTER,
     TRANSCEIVER_LOSS,
     TRANSCEIVER_RTT,
     TRANSCEIVER_SESSIONS_MAX,
+    TRANSCEIVER_TURN_STAGE,
+    TRANSCEIVER_TURN_VOICE_TO_VOICE,
 )
+from libs.observability.telemetry import log_event
 from services.transceiver import aiortc_compat
+from services.transceiver.call_quality import call_quality, percentile
 from services.transceiver.media import OPUS_CLOCK_HZ
+from services.transceiver.turn_timing import TurnLatency, TurnTimer
+from voiceedge.common.v1 import common_pb2
+
+logger = logging.getLogger("voiceedge.transceiver.calls")
+
+RECORDS_KEPT = 100
 
 # A round trip past this is a report that does not match our sender report (or a clock
 # step), not a network: it is left out rather than recorded.
@@ -50,6 +76,23 @@ def link_sample(report: aiortc_compat.ReceiverReport, clock_hz: int = OPUS_CLOCK
     )
 
 
+@dataclass(frozen=True)
+class InboundAudio:
+    """The caller's audio on its way in, as the session's receiver and decoder saw it."""
+
+    packets: int = 0
+    lost: int = 0
+    jitter_ms: float = 0.0
+    frames_concealed: int = 0
+    frames_fec_recovered: int = 0
+
+    @property
+    def loss_ratio(self) -> float:
+        """Lost packets the bridge missed (those FEC rebuilt are not) over those expected."""
+        expected = self.packets + self.lost
+        return max(0, self.lost - self.frames_fec_recovered) / expected if expected else 0.0
+
+
 class WatchedSession(Protocol):
     """What the metrics read of a session (session.Session has all of it)."""
 
@@ -62,6 +105,40 @@ class WatchedSession(Protocol):
     @property
     def ttfa_in_ms(self) -> float: ...  # created to the caller's first audio; 0 before
 
+    @property
+    def turns(self) -> TurnTimer: ...
+
+    @property
+    def close_reason(self) -> int: ...
+
+    @property
+    def created_at(self) -> float: ...  # wall clock
+
+    @property
+    def closed_at(self) -> float | None: ...  # wall clock; None while open
+
+    @property
+    def inbound(self) -> InboundAudio: ...
+
+
+@dataclass
+class _Link:
+    """The caller's receiver reports of one call, summed for its record."""
+
+    reports: int = 0
+    loss_sum: float = 0.0
+    jitter_sum_ms: float = 0.0
+    rtts: int = 0
+    rtt_sum_ms: float = 0.0
+
+    def add(self, sample: LinkSample) -> None:
+        self.reports += 1
+        self.loss_sum += sample.loss_ratio
+        self.jitter_sum_ms += sample.jitter_ms
+        if sample.rtt_ms is not None:
+            self.rtts += 1
+            self.rtt_sum_ms += sample.rtt_ms
+
 
 @dataclass
 class _Watch:
@@ -70,6 +147,76 @@ class _Watch:
     negotiate_ms: float  # session created to answer returned
     connected: bool = False
     first_audio: bool = False
+    link: _Link = field(default_factory=_Link)
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One call's summary, as logged (`call.record`) and exported at its close."""
+
+    session_id: str
+    close_reason: str
+    duration_s: float
+    turns: int  # answers measured
+    turns_abandoned: int  # the caller spoke again, or the answer was cleared, before it played
+    turns_unmatched: int  # SpeechStopped with an audio_end_ms the history did not hold
+    voice_to_voice_p50_ms: float | None
+    voice_to_voice_p95_ms: float | None
+    rtt_ms: float | None  # mean of the caller's reports' round trips
+    jitter_ms: float  # mean jitter of our audio at the caller
+    loss_ratio: float  # mean fraction of our audio lost on the way to the caller
+    inbound_jitter_ms: float
+    inbound_loss_ratio: float
+    frames_concealed: int
+    frames_fec_recovered: int
+    r_factor: float
+    mos: float
+
+    def log_fields(self) -> dict[str, Any]:
+        """The log line's attributes (`session.id`, `close.reason`, the rest by name)."""
+        fields: dict[str, Any] = {
+            "session__id": self.session_id,
+            "close__reason": self.close_reason,
+        }
+        for name, value in vars(self).items():
+            if name in ("session_id", "close_reason"):
+                continue
+            fields[name] = round(value, 4) if isinstance(value, float) else value
+        return fields
+
+
+def call_record(session: WatchedSession, link: _Link) -> CallRecord:
+    turns = session.turns
+    inbound = session.inbound
+    closed_at = session.closed_at if session.closed_at is not None else time.time()
+    reports = link.reports
+    loss = link.loss_sum / reports if reports else 0.0
+    jitter_ms = link.jitter_sum_ms / reports if reports else 0.0
+    rtt_ms = link.rtt_sum_ms / link.rtts if link.rtts else None
+    quality = call_quality(
+        max(loss, inbound.loss_ratio), max(jitter_ms, inbound.jitter_ms), rtt_ms or 0.0
+    )
+    p50 = percentile(turns.voice_to_voice_s, 0.5)
+    p95 = percentile(turns.voice_to_voice_s, 0.95)
+    return CallRecord(
+        session_id=session.id,
+        close_reason=common_pb2.CloseReason.Name(session.close_reason),  # type: ignore[arg-type]
+        duration_s=max(0.0, closed_at - session.created_at),
+        turns=len(turns.voice_to_voice_s),
+        turns_abandoned=turns.abandoned,
+        turns_unmatched=turns.unmatched,
+        voice_to_voice_p50_ms=None if p50 is None else p50 * 1000.0,
+        voice_to_voice_p95_ms=None if p95 is None else p95 * 1000.0,
+        rtt_ms=rtt_ms,
+        jitter_ms=jitter_ms,
+        loss_ratio=loss,
+        inbound_jitter_ms=inbound.jitter_ms,
+        inbound_loss_ratio=inbound.loss_ratio,
+        frames_concealed=inbound.frames_concealed,
+        frames_fec_recovered=inbound.frames_fec_recovered,
+        r_factor=quality.r_factor,
+        mos=quality.mos,
+    )
 
 
 class CallMetrics:
@@ -79,15 +226,25 @@ class CallMetrics:
         max_sessions: int,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,  # RTCP's, for the round trips
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._clock = clock
         self._wall_clock = wall_clock
+        self._tracer = tracer or trace.get_tracer("voiceedge.transceiver")
         self._watches: dict[str, _Watch] = {}
+        self.records: list[CallRecord] = []  # the last RECORDS_KEPT, for tests and tools
         self._setup = TRANSCEIVER_CALL_SETUP_DURATION.create(meter)
         self._rtt = TRANSCEIVER_RTT.create(meter)
         self._jitter = TRANSCEIVER_JITTER.create(meter)
         self._loss = TRANSCEIVER_LOSS.create(meter)
         TRANSCEIVER_SESSIONS_MAX.create(meter, [lambda _: [metrics.Observation(max_sessions)]])
+        self._turn_total = TRANSCEIVER_TURN_VOICE_TO_VOICE.create(meter)
+        self._turn_stage = TRANSCEIVER_TURN_STAGE.create(meter)
+        self._call_duration = TRANSCEIVER_CALL_DURATION.create(meter)
+        self._call_turns = TRANSCEIVER_CALL_TURNS.create(meter)
+        self._call_voice_to_voice = TRANSCEIVER_CALL_VOICE_TO_VOICE.create(meter)
+        self._call_quality = TRANSCEIVER_CALL_QUALITY.create(meter)
+        self._repaired = TRANSCEIVER_CALLER_FRAMES_REPAIRED.create(meter)
 
     def watch(self, session: WatchedSession, created_at: float) -> None:
         """From the answer on (`created_at`: the monotonic time the session was made)."""
@@ -106,14 +263,79 @@ class CallMetrics:
         aiortc_compat.tap_receiver_reports(
             pc, lambda report: self._report(watch, report), self._wall_clock
         )
+        session.turns.on_turn = lambda turn: self._turn(session.id, turn)
 
-    def closed(self, session_id: str) -> None:
+    def closed(self, session_id: str) -> CallRecord | None:
+        """The session ended: its call record, logged and exported (None if not watched)."""
         watch = self._watches.pop(session_id, None)
-        if watch is not None:
-            self._note_first_audio(watch)
+        if watch is None:
+            return None
+        self._note_first_audio(watch)
+        record = call_record(watch.session, watch.link)
+        log_event(logger, "call.record", **record.log_fields())
+        reason = {"close.reason": record.close_reason}
+        self._call_duration.record(record.duration_s, reason)
+        self._call_turns.record(record.turns, reason)
+        self._call_quality.record(record.mos, reason)
+        for quantile, value_ms in (
+            ("p50", record.voice_to_voice_p50_ms),
+            ("p95", record.voice_to_voice_p95_ms),
+        ):
+            if value_ms is not None:
+                self._call_voice_to_voice.record(value_ms / 1000.0, {"quantile": quantile})
+        if record.frames_concealed:
+            self._repaired.add(record.frames_concealed, {"repair": "concealed"})
+        if record.frames_fec_recovered:
+            self._repaired.add(record.frames_fec_recovered, {"repair": "fec"})
+        self.records.append(record)
+        del self.records[:-RECORDS_KEPT]
+        return record
+
+    def _turn(self, session_id: str, turn: TurnLatency) -> None:
+        self._turn_total.record(turn.voice_to_voice_s)
+        for stage, seconds in (
+            ("end_of_turn", turn.end_of_turn_s),
+            ("bridge", turn.bridge_s),
+            ("playout", turn.playout_s),
+        ):
+            self._turn_stage.record(seconds, {"stage": stage})
+        self._turn_spans(session_id, turn)
+
+    def _turn_spans(self, session_id: str, turn: TurnLatency) -> None:
+        """A `turn` span from the speech end to the first packet of the answer, its three
+        parts as child spans; made after the fact, at the moments the timer recorded."""
+        offset_s = self._wall_clock() - self._clock()
+
+        def ns(monotonic_s: float) -> int:
+            return int((monotonic_s + offset_s) * 1e9)
+
+        attributes: dict[str, str | int | float] = {
+            "session.id": session_id,
+            "turn.index": turn.index,
+            "turn.audio_end_ms": turn.audio_end_ms,
+            "turn.voice_to_voice_ms": round(turn.voice_to_voice_s * 1000.0, 3),
+            "turn.end_of_turn_ms": round(turn.end_of_turn_s * 1000.0, 3),
+            "turn.bridge_ms": round(turn.bridge_s * 1000.0, 3),
+            "turn.playout_ms": round(turn.playout_s * 1000.0, 3),
+        }
+        parent = self._tracer.start_span(
+            "turn", start_time=ns(turn.speech_end_at), attributes=attributes
+        )
+        context = trace.set_span_in_context(parent)
+        for name, start, end in (
+            ("turn.end_of_turn", turn.speech_end_at, turn.stopped_at),
+            ("turn.bridge", turn.stopped_at, turn.first_audio_at),
+            ("turn.playout", turn.first_audio_at, turn.played_at),
+        ):
+            child = self._tracer.start_span(
+                name, context=context, start_time=ns(start), attributes={"session.id": session_id}
+            )
+            child.end(end_time=ns(end))
+        parent.end(end_time=ns(turn.played_at))
 
     def _report(self, watch: _Watch, report: aiortc_compat.ReceiverReport) -> None:
         sample = link_sample(report)
+        watch.link.add(sample)
         self._loss.record(sample.loss_ratio)
         self._jitter.record(sample.jitter_ms)
         if sample.rtt_ms is not None:

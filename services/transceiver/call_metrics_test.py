@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -18,10 +19,15 @@ from aiortc.rtp import RtcpPacket, RtcpReceiverInfo, RtcpRrPacket
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.transceiver import aiortc_compat
-from services.transceiver.call_metrics import CallMetrics, link_sample
+from services.transceiver.call_metrics import CallMetrics, InboundAudio, link_sample
 from services.transceiver.transceiver_testing import Client, Stack, wait_for
+from services.transceiver.turn_timing import TurnLatency, TurnTimer
+from voiceedge.common.v1 import common_pb2
 
 READER = InMemoryMetricReader()
 metrics.set_meter_provider(MeterProvider(metric_readers=[READER]))
@@ -59,6 +65,11 @@ class _Session:
     id: str
     pc: RTCPeerConnection
     ttfa_in_ms: float = 0.0
+    turns: TurnTimer = field(default_factory=TurnTimer)
+    close_reason: int = common_pb2.CLOSE_REASON_CLIENT_HANGUP
+    created_at: float = 1000.0
+    closed_at: float | None = None
+    inbound: InboundAudio = field(default_factory=InboundAudio)
 
 
 def test_link_sample_units_and_implausible_round_trips() -> None:
@@ -165,3 +176,109 @@ async def test_a_real_call_records_setup_rtt_and_capacity() -> None:
     finally:
         await client.close()
         await stack.stop()
+
+
+def _turn(index: int, speech_end_at: float, parts_s: tuple[float, float, float]) -> TurnLatency:
+    stopped = speech_end_at + parts_s[0]
+    first_audio = stopped + parts_s[1]
+    return TurnLatency(
+        index, 1000 * index, speech_end_at, stopped, first_audio, first_audio + parts_s[2]
+    )
+
+
+@pytest.mark.timeout_s(20)
+async def test_turns_make_histograms_and_spans_and_the_close_a_call_record(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        pc.addTransceiver("audio")
+        now = {"mono": 500.0}
+        calls = CallMetrics(
+            metrics.get_meter("record"),
+            max_sessions=1,
+            clock=lambda: now["mono"],
+            wall_clock=lambda: 2000.0 + now["mono"],
+            tracer=provider.get_tracer("test"),
+        )
+        session = _Session("rec", pc, created_at=1000.0)
+        calls.watch(session, created_at=499.0)
+        timer = session.turns
+        assert timer.on_turn is not None
+        # Three turns: voice to voice 0.80, 1.00 and 1.50 s.
+        for index, parts in enumerate([(0.6, 0.1, 0.1), (0.7, 0.2, 0.1), (0.7, 0.7, 0.1)], 1):
+            turn = _turn(index, 400.0 + index, parts)
+            timer.voice_to_voice_s.append(turn.voice_to_voice_s)
+            timer.on_turn(turn)
+        timer.abandoned = 1
+        total = _histogram("voiceedge_transceiver_turn_voice_to_voice_seconds", "record")
+        assert total is not None
+        assert total.count == 3
+        assert total.sum == pytest.approx(3.3)
+        bridge = _histogram("voiceedge_transceiver_turn_stage_seconds", "record", stage="bridge")
+        assert bridge is not None
+        assert bridge.sum == pytest.approx(1.0)
+
+        finished = spans.get_finished_spans()
+        assert [s.name for s in finished].count("turn") == 3
+        first = [s for s in finished if s.attributes and s.attributes.get("turn.index") == 1]
+        parent = next(s for s in first if s.name == "turn")
+        children = [s for s in finished if s.parent and s.parent.span_id == parent.context.span_id]
+        assert sorted(c.name for c in children) == [
+            "turn.bridge",
+            "turn.end_of_turn",
+            "turn.playout",
+        ]
+        assert parent.start_time == int((401.0 + 2000.0 + 500.0 - 500.0) * 1e9)
+        assert parent.end_time is not None
+        assert parent.start_time is not None
+        assert (parent.end_time - parent.start_time) / 1e9 == pytest.approx(0.8)
+        assert parent.attributes is not None
+        assert parent.attributes["session.id"] == "rec"
+
+        session.closed_at = 1065.5
+        session.inbound = InboundAudio(
+            packets=990, lost=10, jitter_ms=3.0, frames_concealed=8, frames_fec_recovered=2
+        )
+        with caplog.at_level(logging.INFO, logger="voiceedge.transceiver.calls"):
+            record = calls.closed("rec")
+        assert record is not None
+        assert record.duration_s == pytest.approx(65.5)
+        assert record.close_reason == "CLOSE_REASON_CLIENT_HANGUP"
+        assert (record.turns, record.turns_abandoned, record.turns_unmatched) == (3, 1, 0)
+        assert record.voice_to_voice_p50_ms == pytest.approx(1000.0)
+        assert record.voice_to_voice_p95_ms == pytest.approx(1450.0)
+        assert record.rtt_ms is None  # no receiver report came
+        assert record.inbound_loss_ratio == pytest.approx(0.008)  # 8 of 1000 not rebuilt
+        assert (record.frames_concealed, record.frames_fec_recovered) == (8, 2)
+        assert 1 <= record.mos < 4.41  # below a lossless call's
+        (line,) = [r for r in caplog.records if r.getMessage() == "call.record"]
+        kv: dict[str, Any] = line.__dict__["kv"]  # log_event's attributes
+        assert kv["session.id"] == "rec"
+        assert kv["close.reason"] == "CLOSE_REASON_CLIENT_HANGUP"
+        assert kv["turns"] == 3
+        assert kv["voice_to_voice_p95_ms"] == pytest.approx(1450.0)
+        assert kv["mos"] == round(record.mos, 4)
+        labels = {"close.reason": "CLOSE_REASON_CLIENT_HANGUP"}
+        duration = _histogram("voiceedge_transceiver_call_duration_seconds", "record", **labels)
+        assert duration is not None
+        assert duration.sum == pytest.approx(65.5)
+        mos = _histogram("voiceedge_transceiver_call_quality_mos", "record", **labels)
+        assert mos is not None
+        assert mos.sum == pytest.approx(record.mos)
+        p95 = _histogram(
+            "voiceedge_transceiver_call_voice_to_voice_seconds", "record", quantile="p95"
+        )
+        assert p95 is not None
+        assert p95.sum == pytest.approx(1.45)
+        repaired = {
+            dict(p.attributes or {})["repair"]: p.value
+            for p in _points("voiceedge_transceiver_caller_frames_repaired", "record")
+        }
+        assert repaired == {"concealed": 8, "fec": 2}
+        assert calls.closed("rec") is None  # once
+    finally:
+        await pc.close()

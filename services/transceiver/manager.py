@@ -30,7 +30,7 @@ from libs.service.cpus import cgroup_quota
 from libs.service.errors import StatusError, invalid_argument, not_found, resource_exhausted
 from services.transceiver import aiortc_compat, rtp, sdp
 from services.transceiver.bridge import BridgeStreams
-from services.transceiver.call_metrics import CallMetrics
+from services.transceiver.call_metrics import CallMetrics, CallRecord
 from services.transceiver.looplag import LoopLag, overloaded
 from services.transceiver.session import Session, SessionParams, endpoints_of
 from services.transceiver.settings import TransceiverSettings
@@ -110,6 +110,11 @@ class SessionManager:
     @property
     def active(self) -> int:
         return len(self._open)
+
+    @property
+    def call_records(self) -> list[CallRecord]:
+        """The last call records (call_metrics.py), oldest first."""
+        return self._call_metrics.records
 
     def _params(self, request: transceiver_pb2.CreateSessionRequest) -> SessionParams:
         if not request.session_id:

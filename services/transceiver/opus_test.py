@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from services.transceiver import opus
-from services.transceiver.media import OpusPacketizer, OpusToPcm
+from services.transceiver.media import OpusPacketizer, OpusToPcm, Playout
 from services.transceiver.transceiver_testing import peak_frequency
 
 
@@ -125,3 +125,23 @@ def test_in_band_fec_recovers_a_lost_frame_better_than_plc() -> None:
 )
 def test_has_fec_reads_the_lbrr_flag(packet: bytes, fec: bool) -> None:
     assert opus.has_fec(packet) is fec
+
+
+def _level_dbfs(packet: bytes, decoder: opus.Decoder) -> float:
+    pcm = np.frombuffer(decoder.decode(packet), dtype=np.int16).astype(np.float64)
+    return float(20 * np.log10(max(np.sqrt(np.mean(pcm**2)), 1e-9) / 32768))
+
+
+def test_every_answer_starts_at_full_level_after_the_silence_packets() -> None:
+    """The caller's decoder hears our ready-made silence packets between answers; the
+    playout's encoder is brought to the same state first, or its first packets decode
+    25-40 dB too quiet (Opus codes band energies relative to the previous frame)."""
+    playout = Playout(24000, prebuffer=0, max_frames=100)
+    caller = opus.Decoder(48000)
+    answer = tone(24000, 0.2)
+    for _ in range(2):  # the first answer, then one after a gap
+        for _ in range(25):
+            _level_dbfs(playout.next_packet(), caller)  # silence between answers
+        playout.push(answer)
+        levels = [_level_dbfs(playout.next_packet(), caller) for _ in range(10)]
+        assert min(levels[:3]) > -20.0, levels  # the tone is -13.5 dBFS

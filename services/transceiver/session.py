@@ -34,12 +34,21 @@ from services.transceiver.bridge import (
     opus_format,
     pcm_format,
 )
+from services.transceiver.call_metrics import InboundAudio
 from services.transceiver.lifecycle import Action, Event, Lifecycle, Phase
-from services.transceiver.media import CallerAudio, Cleared, EncoderOptions, IdleTrack, Playout
+from services.transceiver.media import (
+    OPUS_CLOCK_HZ,
+    CallerAudio,
+    Cleared,
+    EncoderOptions,
+    IdleTrack,
+    Playout,
+)
 from services.transceiver.realtime_events import RealtimeEvents
 from services.transceiver.rtp_path import RtpPath
 from services.transceiver.settings import SessionSettings
 from services.transceiver.sideband import ServerEvents, Sideband
+from services.transceiver.turn_timing import TurnTimer
 from services.transceiver.udpmux import MuxSession, UdpMux
 from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2
@@ -117,6 +126,7 @@ class Session:
         self._connection: Any = None
         self._rtp_params: sdp.AudioRtpParams | None = None
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.turns = TurnTimer()  # per-turn latency (turn_timing.py; call_metrics.py reads it)
         self._idle_track = IdleTrack()
         self._caller_audio = CallerAudio(
             params.rate_hz, settings.concealment_max_frames, self._elapsed_ms, settings
@@ -167,6 +177,22 @@ class Session:
     def frames_fec_recovered(self) -> int:
         """Lost caller frames recovered from the next packet's in-band FEC."""
         return self._caller_audio.frames_fec_recovered
+
+    @property
+    def inbound(self) -> InboundAudio:
+        """The caller's audio on its way in, for the call record (call_metrics.py)."""
+        stats = common_pb2.SessionStats()
+        if self._rtp is not None:
+            self._rtp.fill_stats(stats)
+        audio = self._caller_audio
+        return InboundAudio(
+            packets=stats.packets_received,
+            lost=stats.packets_lost,
+            jitter_ms=stats.jitter_ms,
+            # CallerAudio's receive path is being rewritten (branch rx): read them if there.
+            frames_concealed=getattr(audio, "frames_concealed", 0),
+            frames_fec_recovered=getattr(audio, "frames_fec_recovered", 0),
+        )
 
     def _note_checks(self) -> None:
         # The mux counts packets per session; the first one is the client's ICE check.
@@ -385,6 +411,8 @@ class Session:
         path.send(playout.next_packet(), frame_index)
         events = self._events
         played = playout.frames_played != played_before
+        if played:
+            self.turns.played(playout)
         if played != events.output_active or (played and events.idle_ticks):
             event = events.playout(played)
             if event is not None:
@@ -475,7 +503,7 @@ class Session:
             self.playout.passthrough = True
         elif accepted is not None and accepted.output_format.sample_rate_hz:
             self.playout.set_rate(accepted.output_format.sample_rate_hz)
-        audio.bridge = link
+        audio.bridge = self.turns.tap(link, OPUS_CLOCK_HZ if audio.passthrough else params.rate_hz)
         return link
 
     async def _run_bridge(self) -> None:
@@ -556,6 +584,7 @@ class Session:
         return f"{cause} (not back within {grace_s:g} s)" if grace_s else cause
 
     def _on_bridge_message(self, message: inference_pb2.StreamSessionResponse) -> None:
+        self.turns.bridge_message(message, self.playout)
         kind = message.WhichOneof("payload")
         playout = self.playout
         if kind == "audio_frame":
