@@ -146,12 +146,18 @@ def score(
     arrivals: dict[int, float],
     first: int,
     count: int,
+    save_as: Path | None,
 ) -> tuple[dict[str, float], float, fidelity.Delivery, int]:
     samples, missing = fidelity.assemble(frames, first, count)
     received = speech.resample(samples, capture.sample_rate_hz, fidelity.RATE)
     margin = fidelity.RATE * fidelity.ALIGN_MARGIN_MS // 1000
     alignment = fidelity.align(reference.samples_16k, received, margin)
     stretch = fidelity.Stretch(alignment.matched(), received)
+    if save_as is not None:
+        speech.write_wav(save_as.with_name(save_as.name + "-received.wav"), received, fidelity.RATE)
+        speech.write_wav(
+            save_as.with_name(save_as.name + "-reference.wav"), stretch.reference, fidelity.RATE
+        )
     quality = {metric.name: metric.compute(stretch) for metric in fidelity.QUALITY_METRICS}
     verdicts = fidelity.frame_verdicts(alignment, received)
     window = [arrivals[s] for s in range(first, first + count) if s in arrivals]
@@ -159,9 +165,10 @@ def score(
 
 
 @dataclass(frozen=True)
-class Timing:
+class Options:
     seconds: float
     warmup_s: float
+    save_audio: Path | None = None  # each call's received stretch and its reference, as WAVs
 
 
 def measure(
@@ -171,7 +178,7 @@ def measure(
     reference: speech.SpeechReference,
     condition: Condition,
     path: str,
-    timing: Timing,
+    options: Options,
 ) -> Row:
     """One call under `condition`; its row."""
     known = bridge.session_ids()
@@ -180,27 +187,30 @@ def measure(
     capture = bridge.new_session(known, CALL_TIMEOUT_S)
     edge.link.set("up", **asdict(condition.profile))
     edge.link.reseed(SEED, "up")
-    measured_from = time.monotonic() + timing.warmup_s
-    count = round(timing.seconds * FRAMES_PER_S)
+    measured_from = time.monotonic() + options.warmup_s
+    count = round(options.seconds * FRAMES_PER_S)
     bridge.wait_for(
         "audio after the warm-up",
         lambda: capture.first_after(measured_from) is not None,
-        timing.warmup_s + CALL_TIMEOUT_S,
+        options.warmup_s + CALL_TIMEOUT_S,
     )
     with bridge.changed:
         first = capture.first_after(measured_from)
     assert first is not None
-    progress(f"  {path} {condition.key}: measuring {timing.seconds:.0f} s from frame {first}")
+    progress(f"  {path} {condition.key}: measuring {options.seconds:.0f} s from frame {first}")
     bridge.wait_for(
-        f"{timing.seconds:.0f} s of audio",
+        f"{options.seconds:.0f} s of audio",
         lambda: max(capture.frames, default=-1) >= first + count - 1,
-        3 * timing.seconds + CALL_TIMEOUT_S,
+        3 * options.seconds + CALL_TIMEOUT_S,
     )
     delay = jitter_buffer_delay_ms(edge)
     edge.link.set("up", **asdict(Profile()))
     hang_up(browser, edge)
     frames, arrivals = bridge.snapshot(capture)
-    quality, broken, delivered, missing = score(reference, capture, frames, arrivals, first, count)
+    saved = options.save_audio / f"{path}-{condition.key}" if options.save_audio else None
+    quality, broken, delivered, missing = score(
+        reference, capture, frames, arrivals, first, count, saved
+    )
     return Row(condition, path, quality, broken, delivered, missing, delay)
 
 
@@ -226,7 +236,11 @@ def caller_and_bridge(
         chromium(workdir, reference.wav_path, secure_origin=edge.http_base) as browser,
     ):
         browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RAW_MICROPHONE})
-        yield edge, bridge, browser
+        try:
+            yield edge, bridge, browser
+        finally:
+            # The transceiver first (its bridge stream ends), then the bridge.
+            edge.stack.stop()
 
 
 def run_path(
@@ -234,7 +248,7 @@ def run_path(
     path: str,
     conditions: Sequence[Condition],
     reference: speech.SpeechReference,
-    timing: Timing,
+    options: Options,
 ) -> list[Row]:
     """Every condition on one receive path; one edge and one Chromium for all of them."""
     rows = []
@@ -242,7 +256,7 @@ def run_path(
     with caller_and_bridge(workdir, path, reference) as (edge, bridge, browser):
         for index, condition in enumerate(conditions, 1):
             progress(f"{path} [{index}/{len(conditions)}] {condition.label}: calling")
-            row = measure(edge, bridge, browser, reference, condition, path, timing)
+            row = measure(edge, bridge, browser, reference, condition, path, options)
             progress(f"{path} [{index}/{len(conditions)}] {format_row(row)}")
             rows.append(row)
     return rows
@@ -341,6 +355,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--warmup-s", type=float, default=3.0, help="impaired audio before scoring starts"
     )
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
+    parser.add_argument(
+        "--save-audio",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write each call's received audio and aligned reference there (16 kHz WAVs)",
+    )
     args = parser.parse_args(argv)
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if not args.paths or set(args.paths) - set(PATHS):
@@ -365,8 +386,8 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Row]:
             progress(f"{path}: not in this build (no transceiver setting receive_path)")
             continue
         (workdir / path).mkdir(exist_ok=True)
-        timing = Timing(args.seconds, args.warmup_s)
-        rows += run_path(workdir / path, path, args.conditions, reference, timing)
+        options = Options(args.seconds, args.warmup_s, args.save_audio)
+        rows += run_path(workdir / path, path, args.conditions, reference, options)
     return sorted(rows, key=lambda r: (CONDITIONS.index(r.condition), PATHS.index(r.path)))
 
 

@@ -91,25 +91,31 @@ class BridgeThread:
         self.changed = threading.Condition()
         self.bridge = CapturingBridge(self.changed)
         self._where = (netns, host, port)
-        self._loop = asyncio.new_event_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="capture-bridge", daemon=True)
 
-    def _run(self) -> None:
+    async def _serve(self) -> None:
         netns, host, port = self._where
-        asyncio.set_event_loop(self._loop)
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
         try:
             with entered_namespace(netns):
-                self._loop.run_until_complete(self.bridge.serve(host, port))
-        except BaseException as exc:  # reported by __enter__
+                await self.bridge.serve(host, port)
+        except Exception as exc:  # __enter__ reports it
             self._error = exc
-            self._ready.set()
             return
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(self.bridge.stop())
-        self._loop.close()
+        finally:
+            self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.bridge.stop()
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())  # cancels what the stopped server left running
 
     def __enter__(self) -> BridgeThread:
         self._thread.start()
@@ -125,8 +131,8 @@ class BridgeThread:
         value: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if self._error is None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(START_TIMEOUT_S)
 
     @property

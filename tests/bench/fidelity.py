@@ -8,14 +8,16 @@ metrics, on 16 kHz float samples.
 - PESQ (ITU-T P.862.2 wideband, the `pesq` package) and STOI (`pystoi`) of the received
   stretch against the aligned reference.
 - Broken frames (`frame_verdicts`): a 20 ms frame counts when the reference is speech there
-  (its RMS within `ACTIVE_DB` of the loudest reference frame); it is broken when its
-  waveform does not match the reference: the best normalised cross-correlation with the
-  reference over lags within +-`SEARCH_MS` of the tracked alignment is below `MIN_CORR`,
-  or its level differs from the reference's there by more than `MAX_LEVEL_DB`. A gap
-  (silence) always is; a concealed frame is when the concealment did not reproduce the
-  speech. Each frame matched with correlation >= `TRACK_CORR` moves the tracked lag to its
-  own, so a receive path that changes its delay (a jitter buffer growing by a frame) is
-  followed instead of counting everything after the change as broken.
+  (its RMS within `ACTIVE_DB` of the loudest reference frame). It is broken when it does
+  not sound like the reference: its level differs from the reference's by more than
+  `MAX_LEVEL_DB` (a gap, silence, always does), or it matches neither the waveform (best
+  normalised cross-correlation within +-`FINE_SEARCH_MS` below `MIN_CORR`) nor the
+  spectral envelope (`envelope_distance_db` above `MAX_ENVELOPE_DB`: Opus codes noise-like
+  sounds by their envelope, not their waveform). A concealed or FEC-recovered frame passes
+  when it reproduced the speech well enough. The alignment follows a receive path that
+  changes its delay (a jitter buffer growing by a frame): after `TRACK_FRAMES` frames in a
+  row that fail at the current lag but match (>= `TRACK_CORR`) at one other lag within
+  +-`SEARCH_MS`, that lag is the alignment from then on.
 - Delivery (`delivery`): frames per second at the bridge over the stretch and the longest
   interval between two frames (50 and 20 ms when paced exactly).
 
@@ -25,6 +27,7 @@ computed from the `Stretch` like PESQ and STOI.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,10 +39,17 @@ from pystoi import stoi  # type: ignore[import-untyped]
 RATE = 16000
 FRAME_MS = 20
 ACTIVE_DB = 30.0
+FINE_SEARCH_MS = 1
 SEARCH_MS = 25
 MIN_CORR = 0.5
-TRACK_CORR = 0.8
 MAX_LEVEL_DB = 10.0
+# On the clean link no frame's envelope is more than 6.1 dB off (Opus keeps the spectral
+# shape of what it does not code as a waveform, such as fricatives).
+MAX_ENVELOPE_DB = 7.0
+TRACK_CORR = 0.9
+TRACK_FRAMES = 3
+# Band edges of the envelope comparison, Hz (the last band ends at half the rate).
+BAND_EDGES_HZ = (0, 300, 600, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000)
 ALIGN_MARGIN_MS = 200  # how far the tracked lag may wander from the global alignment
 
 
@@ -92,35 +102,50 @@ def align(reference: np.ndarray, received: np.ndarray, margin: int = 0) -> Align
 @dataclass(frozen=True)
 class FrameVerdicts:
     active: int  # frames where the reference is speech
-    broken: int  # of those, the ones whose waveform does not match
+    broken: int  # of those, the ones that do not sound like it
 
     @property
     def broken_pct(self) -> float:
         return 100.0 * self.broken / self.active if self.active else 0.0
 
 
-def _best_match(window: np.ndarray, frame: np.ndarray) -> tuple[int, float, float]:
-    """(index, normalised correlation, frame energy / reference energy in dB) of the slice
-    of `window` that matches `frame` best."""
+def _correlations(window: np.ndarray, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised cross-correlation of `frame` with every slice of `window`, and the
+    slices' energies."""
     size = len(frame)
     products = np.correlate(window, frame, mode="valid")
     squares = np.concatenate([[0.0], np.cumsum(window**2)])
-    energies = squares[size:] - squares[:-size]
+    energies = np.maximum(squares[size:] - squares[:-size], 0.0)
     own = float(np.dot(frame, frame))
-    if own <= 0.0:
-        return 0, 0.0, -math.inf
     # Cauchy-Schwarz keeps this within [-1, 1]; the floor (40 dB under the frame) keeps a
     # silent stretch of reference from dividing by nothing.
-    ncc = products / np.sqrt(np.maximum(energies, own * 1e-4) * own)
-    best = int(np.argmax(ncc))
-    level_db = 10.0 * math.log10(own / max(float(energies[best]), 1e-20))
-    return best, float(ncc[best]), level_db
+    ncc = products / np.sqrt(np.maximum(energies, own * 1e-4) * own) if own > 0 else products * 0
+    return ncc, energies
+
+
+def _band_energies(frame: np.ndarray, rate: int) -> np.ndarray:
+    power = np.abs(np.fft.rfft(frame * np.hanning(len(frame)))) ** 2
+    freqs = np.fft.rfftfreq(len(frame), 1.0 / rate)
+    edges = [*BAND_EDGES_HZ, rate / 2 + 1]
+    return np.array([power[(freqs >= a) & (freqs < b)].sum() for a, b in itertools.pairwise(edges)])
+
+
+def envelope_distance_db(frame: np.ndarray, expected: np.ndarray, rate: int = RATE) -> float:
+    """How far the spectral shape of `frame` is from `expected`'s: the RMS over the bands
+    (those within 40 dB of `expected`'s strongest) of their level differences in dB, the
+    mean difference (the overall level) taken out."""
+    got = _band_energies(frame, rate) + 1e-20
+    want = _band_energies(expected, rate) + 1e-20
+    keep = want > want.max() * 1e-4
+    differences = 10.0 * np.log10(got[keep] / want[keep])
+    return float(np.sqrt(np.mean((differences - differences.mean()) ** 2)))
 
 
 def frame_verdicts(alignment: Alignment, received: np.ndarray, rate: int = RATE) -> FrameVerdicts:
     """Counts the active and the broken 20 ms frames of `received` (see the module's text)."""
     size = frame_samples(rate)
     search = rate * SEARCH_MS // 1000
+    fine = rate * FINE_SEARCH_MS // 1000
     reach = max(0, alignment.margin - search)
     reference = alignment.reference
     matched = alignment.matched()
@@ -129,7 +154,7 @@ def frame_verdicts(alignment: Alignment, received: np.ndarray, rate: int = RATE)
         default=0.0,
     )
     active_floor = loudest * 10 ** (-ACTIVE_DB / 20)
-    track = 0
+    track, candidate, streak = 0, 0, 0
     active = broken = 0
     for k in range(len(received) // size):
         frame = received[k * size : (k + 1) * size]
@@ -139,11 +164,26 @@ def frame_verdicts(alignment: Alignment, received: np.ndarray, rate: int = RATE)
             continue
         active += 1
         window = reference[at - search : at + search + size]
-        index, correlation, level_db = _best_match(window, frame)
-        if correlation < MIN_CORR or abs(level_db) > MAX_LEVEL_DB:
+        ncc, energies = _correlations(window, frame)
+        near = search - fine + int(np.argmax(ncc[search - fine : search + fine + 1]))
+        own = float(np.dot(frame, frame))
+        level_db = 10.0 * math.log10(max(own, 1e-20) / max(float(energies[near]), 1e-20))
+        correlation = float(ncc[near])
+        if abs(level_db) > MAX_LEVEL_DB or (
+            correlation < MIN_CORR
+            and envelope_distance_db(frame, window[near : near + size], rate) > MAX_ENVELOPE_DB
+        ):
             broken += 1
-        elif correlation >= TRACK_CORR:
-            track = max(-reach, min(reach, track + index - search))
+        # A delay change: frames that match well elsewhere, at one new lag, 3 times running.
+        best = int(np.argmax(ncc))
+        if correlation < MIN_CORR and ncc[best] >= TRACK_CORR:
+            lag = track + best - search
+            streak = streak + 1 if abs(lag - candidate) <= 2 else 1
+            candidate = lag
+            if streak >= TRACK_FRAMES:
+                track, streak = max(-reach, min(reach, candidate)), 0
+        else:
+            streak = 0
     return FrameVerdicts(active, broken)
 
 
