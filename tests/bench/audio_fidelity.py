@@ -4,7 +4,7 @@ InferenceBridgeService receives, against the clean speech reference Chromium sen
 Printed, never asserted; recorded in BENCHMARKS.md. Needs root (network namespaces).
 
     ./bazelw run //tests/bench:audio_fidelity                      # every condition, both paths
-    ./bazelw run //tests/bench:audio_fidelity -- --conditions clean,loss5 --seconds 5
+    ./bazelw run //tests/bench:audio_fidelity -- --conditions clean,loss5 --seconds 5 --calls 1
     ./bazelw run //tests/bench:audio_fidelity -- --paths direct
 
 How: the netsim standard layout with the whole edge (tools/netsim/edge.py); headless
@@ -13,10 +13,11 @@ as its microphone (the demo page, its microphone processing off: echo cancellati
 suppression and gain control would change the reference before it is sent) and calls the
 edge; the transceiver's bridge is the capturing bridge (capture_bridge.py) in the cluster
 host. Per condition and receive path, one call: connected over a clean link, then the
-caller-to-edge direction ("up") gets the condition's impairment (seeded: the same drops
-for both paths), `--warmup-s` for Chromium's encoder and the receive path to settle, then
-`--seconds` of frames by sequence number (a missing one is silence) are scored
-(fidelity.py says how). The receive path is the transceiver setting `receive_path`
+caller-to-edge direction ("up") gets the condition's impairment, `--warmup-s` for
+Chromium's encoder and the receive path to settle, then `--seconds` of frames by sequence
+number (a missing one is silence) are scored (fidelity.py says how). `--calls` calls per
+row, each with its own seeded loss pattern (the same seeds for both paths), averaged: one
+8 s call's PESQ under 5 % loss moves by +-0.3 with which frames are lost. The receive path is the transceiver setting `receive_path`
 (`direct`: today's, `adaptive`: the jitter buffer); a build without it measures `direct`
 only and says so.
 """
@@ -34,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -106,6 +108,32 @@ class Row:
     missing: int = 0  # sequence numbers the bridge never got
     jitter_buffer_ms: float | None = None
     note: str = ""  # instead of figures: why there are none
+    calls: int = 1  # how many calls the figures average
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
+def combine(rows: Sequence[Row]) -> Row:
+    """The calls of one condition and path as one row: means, the longest gap, the frames
+    missing in all."""
+    first = rows[0]
+    quality = {name: float(np.mean([r.quality[name] for r in rows])) for name in first.quality}
+    return Row(
+        first.condition,
+        first.path,
+        quality,
+        float(np.mean([r.broken_pct for r in rows])),
+        fidelity.Delivery(
+            float(np.mean([r.delivery.frames_per_s for r in rows])),
+            max(r.delivery.max_interval_ms for r in rows),
+        ),
+        sum(r.missing for r in rows),
+        _mean([r.jitter_buffer_ms for r in rows]),
+        calls=len(rows),
+    )
 
 
 def receive_path_supported() -> bool:
@@ -169,6 +197,7 @@ class Options:
     seconds: float
     warmup_s: float
     save_audio: Path | None = None  # each call's received stretch and its reference, as WAVs
+    calls: int = 1  # per condition and path, each with its own loss pattern; rows average them
 
 
 def measure(
@@ -179,14 +208,15 @@ def measure(
     condition: Condition,
     path: str,
     options: Options,
+    call: int,
 ) -> Row:
-    """One call under `condition`; its row."""
+    """Call number `call` under `condition` (its loss pattern: seed SEED + call); its row."""
     known = bridge.session_ids()
     edge.link.set("up", **asdict(Profile()))
     pages.start_call(browser, edge, timeout_s=CALL_TIMEOUT_S)
     capture = bridge.new_session(known, CALL_TIMEOUT_S)
     edge.link.set("up", **asdict(condition.profile))
-    edge.link.reseed(SEED, "up")
+    edge.link.reseed(SEED + call, "up")
     measured_from = time.monotonic() + options.warmup_s
     count = round(options.seconds * FRAMES_PER_S)
     bridge.wait_for(
@@ -207,7 +237,8 @@ def measure(
     edge.link.set("up", **asdict(Profile()))
     hang_up(browser, edge)
     frames, arrivals = bridge.snapshot(capture)
-    saved = options.save_audio / f"{path}-{condition.key}" if options.save_audio else None
+    name = f"{path}-{condition.key}-{call}"
+    saved = options.save_audio / name if options.save_audio else None
     quality, broken, delivered, missing = score(
         reference, capture, frames, arrivals, first, count, saved
     )
@@ -255,10 +286,15 @@ def run_path(
     progress(f"{path}: starting the edge and Chromium")
     with caller_and_bridge(workdir, path, reference) as (edge, bridge, browser):
         for index, condition in enumerate(conditions, 1):
-            progress(f"{path} [{index}/{len(conditions)}] {condition.label}: calling")
-            row = measure(edge, bridge, browser, reference, condition, path, options)
-            progress(f"{path} [{index}/{len(conditions)}] {format_row(row)}")
-            rows.append(row)
+            each = []
+            for call in range(options.calls):
+                step = f"{path} [{index}/{len(conditions)}] call {call + 1}/{options.calls}"
+                progress(f"{step} {condition.label}: calling")
+                each.append(
+                    measure(edge, bridge, browser, reference, condition, path, options, call)
+                )
+                progress(f"{step} {format_row(each[-1])}")
+            rows.append(combine(each))
     return rows
 
 
@@ -354,6 +390,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup-s", type=float, default=3.0, help="impaired audio before scoring starts"
     )
+    parser.add_argument(
+        "--calls", type=int, default=3, help="calls per condition and path (averaged)"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
     parser.add_argument(
         "--save-audio",
@@ -366,6 +405,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if not args.paths or set(args.paths) - set(PATHS):
         parser.error(f"--paths: of {','.join(PATHS)}")
+    if args.calls < 1:
+        parser.error("--calls: at least 1")
     if args.seconds < 3.2:
         parser.error("--seconds: PESQ needs at least 3.2 s")
     return args
@@ -386,7 +427,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Row]:
             progress(f"{path}: not in this build (no transceiver setting receive_path)")
             continue
         (workdir / path).mkdir(exist_ok=True)
-        options = Options(args.seconds, args.warmup_s, args.save_audio)
+        options = Options(args.seconds, args.warmup_s, args.save_audio, args.calls)
         rows += run_path(workdir / path, path, args.conditions, reference, options)
     return sorted(rows, key=lambda r: (CONDITIONS.index(r.condition), PATHS.index(r.path)))
 
@@ -394,8 +435,8 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Row]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     print(
-        f"audio fidelity: {args.seconds:.0f} s scored per call after {args.warmup_s:.0f} s "
-        f"of warm-up; {machine_load()}"
+        f"audio fidelity: {args.calls} call(s) per row, {args.seconds:.0f} s scored per call "
+        f"after {args.warmup_s:.0f} s of warm-up; {machine_load()}"
     )
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))

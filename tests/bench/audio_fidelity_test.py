@@ -12,7 +12,18 @@ from tests.bench import audio_fidelity
 
 def test_a_clean_link_scores_as_clean(tmp_path: Path) -> None:
     args = audio_fidelity.parse_args(
-        ["--conditions", "clean", "--paths", "direct", "--seconds", "4", "--warmup-s", "1"]
+        [
+            "--conditions",
+            "clean",
+            "--paths",
+            "direct",
+            "--seconds",
+            "4",
+            "--warmup-s",
+            "1",
+            "--calls",
+            "1",
+        ]
     )
     (row,) = audio_fidelity.run(args, tmp_path)
     print(audio_fidelity.format_table([row]))
