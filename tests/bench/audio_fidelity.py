@@ -17,9 +17,9 @@ caller-to-edge direction ("up") gets the condition's impairment, `--warmup-s` fo
 Chromium's encoder and the receive path to settle, then `--seconds` of frames by sequence
 number (a missing one is silence) are scored (fidelity.py says how). `--calls` calls per
 row, each with its own seeded loss pattern (the same seeds for both paths), averaged: one
-8 s call's PESQ under 5 % loss moves by +-0.3 with which frames are lost. The receive path is the transceiver setting `receive_path`
-(`direct`: today's, `adaptive`: the jitter buffer); a build without it measures `direct`
-only and says so.
+8 s call's PESQ under 5 % loss moves by +-0.3 with which frames are lost. The receive
+path is the transceiver setting `receive_path` (`direct`: today's, `adaptive`: the jitter
+buffer); a build without it measures `direct` only and says so.
 """
 
 from __future__ import annotations
