@@ -22,8 +22,8 @@ from libs.observability.metrics import (
 )
 from services.transceiver import jitter, opus
 from services.transceiver.bridge import BridgeSession
-from voiceedge.inference.v1 import inference_pb2
 from services.transceiver.settings import ReceiveSettings
+from voiceedge.inference.v1 import inference_pb2
 
 FRAME_MS = 20
 BYTES_PER_SAMPLE = 2  # s16le

@@ -53,7 +53,7 @@ def _gaps(stream: BridgeStream) -> int:
 async def test_first_words_wait_for_a_slow_bridge_and_arrive_contiguous(passthrough: bool) -> None:
     """The bridge accepts 1.5 s after SessionStart; it still gets every frame from the
     caller's first packet on, in order, with no gap."""
-    stack = await Stack.start()
+    stack = await Stack.start(receive_path="adaptive")
     stack.bridge.record_arrivals = True
     stack.bridge.accept_delay_s = 1.5
     tone = OpusToneTrack(440.0, frames=150)  # 3 s: half of it before the bridge accepts
@@ -74,7 +74,7 @@ async def test_first_words_wait_for_a_slow_bridge_and_arrive_contiguous(passthro
                     len(audio._waiting),
                     audio.jitter.late,
                     audio.jitter.buffered,
-                    _session(stack, "fw")._rtp.receiver.stats,
+                    _session(stack, "fw")._rtp.receiver.stats,  # type: ignore[union-attr]
                     [f.sequence for f in stream.frames[:5]],
                     [
                         tone.packets.index(f.data) if f.data in tone.packets else -1
@@ -105,7 +105,7 @@ async def test_reordered_and_lost_packets_reach_the_bridge_in_order_one_per_20ms
     in-band FEC on: the bridge gets one PCM frame per 20 ms of caller audio, in order and
     with no gap; reordered packets are played in place, lost ones mostly come back from
     the next packet's FEC."""
-    stack = await Stack.start()
+    stack = await Stack.start(receive_path="adaptive")
     stack.bridge.record_arrivals = True
     frames = 250
     client = Client(tone=OpusToneTrack(440.0, frames=frames, fec=True))
@@ -150,7 +150,7 @@ async def test_a_dtx_pause_is_silence_not_loss() -> None:
     """The caller sends nothing for 0.5 s and goes on with RTP timestamps of real time and
     no sequence gap (what DTX does): the bridge gets silence for it, counted as DTX, no
     loss, no concealment."""
-    stack = await Stack.start()
+    stack = await Stack.start(receive_path="adaptive")
     stack.bridge.record_arrivals = True
     client = Client(tone=OpusToneTrack(440.0, frames=200, pause=(100, 25)))
     try:

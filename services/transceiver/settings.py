@@ -142,10 +142,10 @@ class ReceiveSettings:
     """Caller audio on its way to the bridge: the jitter buffer and the first words."""
 
     receive_path: str = setting(
-        "adaptive",
-        "caller audio to the bridge: adaptive (a jitter buffer reorders and paces 50 frames "
-        "a second, FEC/RED/PLC for lost frames, the first words kept until the bridge "
-        "accepts) or direct (arrival order, late packets dropped, PLC for gaps, nothing "
+        "direct",
+        "caller audio to the bridge: adaptive (experimental: a jitter buffer reorders and "
+        "paces 50 frames a second, FEC/RED/PLC for lost frames, the first words kept until "
+        "the bridge accepts) or direct (arrival order, late packets dropped, PLC for gaps, nothing "
         "before the bridge accepts)",
         choices=RECEIVE_PATHS,
     )

@@ -238,6 +238,9 @@ class TimedBridge:
     def send_event(self, text: str) -> None:
         self.bridge.send_event(text)
 
+    def send_report(self, report: inference_pb2.PlayoutReport) -> None:
+        self.bridge.send_report(report)
+
     async def open(self, start: inference_pb2.SessionStart, timeout_s: float) -> None:
         await self.bridge.open(start, timeout_s)
         self.accepted = self.bridge.accepted

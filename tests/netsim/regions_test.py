@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from examples.python_client.client import CallResult
 from tests.netsim.calls import API_KEY
 from tools.netsim import regions
 from tools.netsim.regions import RegionsEdge, Timers, world_edge
-from tools.netsim.world import CITIES, REGIONS, Client, make_world
+from tools.netsim.world import CITIES, REGIONS, RELAY_PORT, Client, make_world
 
 REGION_NAMES = ("fra", "iad", "gru", "syd")
 CITY_NAMES = ("london", "madrid", "newyork", "miami", "rio", "lima", "sydney")
@@ -51,11 +51,11 @@ def region_id(edge: RegionsEdge, name: str) -> int:
     return next(r.cluster_id for r in edge.world.regions if r.name == name)
 
 
-async def until(what: str, check: object, timeout_s: float = WAIT_S) -> None:
+async def until(what: str, check: Callable[[], object], timeout_s: float = WAIT_S) -> None:
     """Polls a blocking check (a gRPC query) in a thread until it holds."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if await asyncio.to_thread(check):  # type: ignore[arg-type]
+        if await asyncio.to_thread(check):
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
@@ -115,7 +115,7 @@ async def test_a_far_client_enters_at_the_nearest_relay_and_its_transceiver_is_e
     result = await asyncio.to_thread(edge.call, sydney)
     assert result.status == 201, result.error_body
     assert regions.first_candidate(result.answer_sdp) == pop.vip
-    assert result.remote_candidate == (pop.vip, regions.RELAY_PORT)
+    assert result.remote_candidate == (pop.vip, RELAY_PORT)
     cluster = regions.cluster_of(result)
     assert cluster != pop.cluster_id  # the PoP has no transceivers
     # Media entered at the PoP's relay, which forwarded to the transceiver's region: that
@@ -169,7 +169,7 @@ async def test_a_full_cluster_spills_to_the_next_nearest_and_refuses_only_when_a
                 assert ended is None, (ended.status, ended.error_body) if ended else None
                 await until(
                     f"geosteer to see {count} sessions",
-                    lambda n=count: sum(active(edge).values()) == n,
+                    lambda n=count: sum(active(edge).values()) == n,  # type: ignore[misc]
                 )
                 assert active(edge)[cluster] == 1, active(edge)
             refused = await asyncio.to_thread(edge.call, london)
@@ -183,7 +183,7 @@ async def test_a_full_cluster_spills_to_the_next_nearest_and_refuses_only_when_a
     # transceiver is in another region (the caller's ICE then takes whichever path
     # answers first: fra's relay and the backbone, or the far region's own relay).
     assert [regions.first_candidate(r.answer_sdp) for r in results] == [fra.vip] * 3
-    assert results[0].remote_candidate == (fra.vip, regions.RELAY_PORT)
+    assert results[0].remote_candidate == (fra.vip, RELAY_PORT)
 
 
 @pytest.mark.timeout_s(120)
@@ -205,7 +205,7 @@ async def test_a_cluster_whose_heartbeats_stop_gets_no_new_calls_and_its_callers
     # The next-nearest region with transceivers (fra: 6,200 km; gru: 7,700 km).
     assert landed == region_id(edge, "fra")
     # iad's relay still runs: media enters there, the shortest first hop.
-    assert result.remote_candidate == (iad.vip, regions.RELAY_PORT)
+    assert result.remote_candidate == (iad.vip, RELAY_PORT)
     first_hop = await asyncio.to_thread(edge.probe_ms, newyork, iad)
     direct = await asyncio.to_thread(edge.probe_ms, newyork, edge.world.region(landed))
     assert first_hop * 3 < direct, (first_hop, direct)

@@ -88,16 +88,20 @@ class RegionsEdge:
             return call(geosteer_pb2_grpc.GeosteerServiceStub(channel))
 
     def topology(self) -> geosteer_pb2.Topology:
-        return self._geosteer(
+        topology: geosteer_pb2.Topology = self._geosteer(
             lambda s: s.ListTopology(geosteer_pb2.ListTopologyRequest(), timeout=5).topology
         )
+        return topology
 
     def route(self, client: Client, prefer: int | None = None) -> geosteer_pb2.RouteSessionResponse:
         """What geosteer answers for `client` now (RouteSession has no side effects)."""
         request = geosteer_pb2.RouteSessionRequest(client_ip=client.address)
         if prefer is not None:
             request.hints.preferred_cluster_id = prefer
-        return self._geosteer(lambda s: s.RouteSession(request, timeout=5))
+        response: geosteer_pb2.RouteSessionResponse = self._geosteer(
+            lambda s: s.RouteSession(request, timeout=5)
+        )
+        return response
 
     def measured(self, client: Client, cluster_id: int) -> bool:
         """Whether geosteer holds an RTT measured for client's prefix in cluster_id."""
