@@ -87,6 +87,8 @@ class EchoAgent:
     """One session of the echo backend. Call `start()`, feed `on_audio` / `on_data_channel`,
     then `close()` (idempotent)."""
 
+    UTTERANCE_TAIL_MS = 0
+
     def __init__(self, ctx: SessionContext, settings: BridgeSettings) -> None:
         self.session_id = ctx.session_id
         self._outbox = ctx.outbox
@@ -101,6 +103,9 @@ class EchoAgent:
             settings.vad_aggressiveness, ctx.input_rate_hz, floor if floor > -120 else None
         )
         self._prefix_samples = ctx.input_rate_hz * settings.prefix_padding_ms // 1000
+        # Audio kept after the detected end of speech in a turn's utterance (none: the echo
+        # repeats exactly what was said; the end-of-turn silence is in the history by then).
+        self._tail_samples = ctx.input_rate_hz * self.UTTERANCE_TAIL_MS // 1000
         self._max_samples = int(ctx.input_rate_hz * settings.max_utterance_s) + self._prefix_samples
         self._playout = Playout(ctx.outbox, settings.sample_rate_hz, settings.playout_lead_ms)
         self._think_s = settings.echo_think_ms / 1000.0
@@ -281,7 +286,8 @@ class EchoAgent:
             self._turn_start = None
             end = self._samples(event.audio_end_ms)
             utterance = self._utterance(
-                self._samples(event.audio_start_ms) - self._prefix_samples, end
+                self._samples(event.audio_start_ms) - self._prefix_samples,
+                min(end + self._tail_samples, self._position),
             )
             self._input_start = end
             self._event_committed()

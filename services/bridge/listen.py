@@ -95,6 +95,10 @@ async def preload(settings: BridgeSettings) -> None:
 class ListenAgent(EchoAgent):
     """One session of the listen backend: the echo agent's turns, a spoken answer."""
 
+    # The energy floor (vad_energy_floor_dbfs) ends speech at its last loud sample: a word's
+    # quiet release after it (the "t" of "account") is part of what the recogniser needs.
+    UTTERANCE_TAIL_MS = 300
+
     def __init__(self, ctx: SessionContext, settings: BridgeSettings) -> None:
         super().__init__(ctx, settings)
         self._pool = recognition_pool(settings)

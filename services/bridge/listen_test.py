@@ -32,7 +32,9 @@ from voiceedge.common.v1 import common_pb2
 from voiceedge.inference.v1 import inference_pb2
 
 SETTINGS = BridgeSettings(
-    backend="listen", end_of_turn_silence_ms=500, short_utterance_extra_silence_ms=0
+    backend="listen",
+    end_of_turn_silence_ms=500,
+    short_utterance_extra_silence_ms=0,
 )
 INPUT = inference_pb2.TRANSCRIPT_SOURCE_INPUT
 OUTPUT = inference_pb2.TRANSCRIPT_SOURCE_OUTPUT
