@@ -281,6 +281,7 @@ class Blackhole:
         self._target = (host, int(port))
         self.silent = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
@@ -293,6 +294,10 @@ class Blackhole:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self._target)
+        if self._closed:  # a client reconnected while the test was tearing down
+            up_writer.close()
+            writer.close()
+            return
         for task in (self._pipe(reader, up_writer), self._pipe(up_reader, writer)):
             self._tasks.add(asyncio.ensure_future(task))
 
@@ -302,6 +307,7 @@ class Blackhole:
         try:
             yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
         finally:
+            self._closed = True
             server.close()
             for task in self._tasks:
                 task.cancel()

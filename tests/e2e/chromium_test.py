@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.e2e.browser import chromium, hang_up, js, start_call, write_tone_wav
@@ -27,7 +28,10 @@ TONE_HZ = 440.0
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    flags = {"signaling": ["--demo-page", "true"]}
+    # The answer (a 1.3 s echo) starts after 0.7-1.0 s of end-of-turn silence; a 600 ms think
+    # time keeps it playing when the next tone starts 1.6 s after the last, whatever the
+    # set-up and playout delays of this run (without it the answer sometimes ended first).
+    flags = {"signaling": ["--demo-page", "true"], "bridge": ["--echo-think-ms", "600"]}
     with edge(tmp_path_factory.mktemp("stack"), API_KEY, extra_flags=flags) as running:
         yield running
 
@@ -60,11 +64,14 @@ def test_browser_call_through_the_relay_with_echo_and_barge_in(
     assert abs(heard - TONE_HZ) < TONE_HZ * 0.05, peaks
 
     # The next tone starts while the answer plays: the agent is interrupted (barge-in).
-    slow.until(
-        lambda d: any(
-            "cancel" in e or "clear" in e for e in (js(d, "window.voiceedgeEvents") or [])
+    try:
+        slow.until(
+            lambda d: any(
+                "cancel" in e or "clear" in e for e in (js(d, "window.voiceedgeEvents") or [])
+            )
         )
-    )
+    except TimeoutException:
+        raise AssertionError(f"no barge-in: {js(browser, 'window.voiceedgeEvents')}") from None
     events = js(browser, "window.voiceedgeEvents")
     assert any("speech_started" in e for e in events), events
     assert any("speech_stopped" in e for e in events), events
