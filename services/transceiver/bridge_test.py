@@ -27,6 +27,13 @@ class OddBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
     def __init__(self) -> None:
         self.items: list[tuple[str, str]] = []
         self.changed = asyncio.Event()
+        # The gRPC tasks running our handlers: awaited at teardown, so none outlives a test.
+        self.rpc_tasks: set[asyncio.Task[Any]] = set()
+
+    def _track(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.rpc_tasks.add(task)
 
     async def StreamSession(  # type: ignore[override]  # noqa: N802 (gRPC method name)
         self,
@@ -40,6 +47,7 @@ class OddBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
         request_iterator: AsyncIterator[inference_pb2.StreamSessionsRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
+        self._track()
         async for batch in request_iterator:
             for item in batch.items:
                 kind = str(item.request.WhichOneof("payload"))
@@ -61,9 +69,7 @@ async def wait_for_item(bridge: OddBridge, item: tuple[str, str]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def batched_bridge(
-    servicer: inference_pb2_grpc.InferenceBridgeServiceServicer,
-) -> AsyncIterator[BatchedBridge]:
+async def batched_bridge(servicer: OddBridge) -> AsyncIterator[BatchedBridge]:
     """A BatchedBridge to `servicer` served by a real gRPC server on 127.0.0.1."""
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceBridgeServiceServicer_to_server(servicer, server)
@@ -77,6 +83,8 @@ async def batched_bridge(
         await batched.close()
         await channel.close(None)
         await server.stop(None)
+        if servicer.rpc_tasks:  # cancelled by stop(); on a busy machine not yet finished
+            await asyncio.wait(servicer.rpc_tasks, timeout=5)
 
 
 @pytest.mark.timeout_s(30)
@@ -110,6 +118,7 @@ class AcceptingBridge(OddBridge):
         request_iterator: AsyncIterator[inference_pb2.StreamSessionsRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
+        self._track()
         async for batch in request_iterator:
             self.batch_bytes.append(batch.ByteSize())
             for item in batch.items:

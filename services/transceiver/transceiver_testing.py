@@ -122,6 +122,8 @@ class BridgeStream:
     audio_in: int = 0
     events_in: list[str] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once SessionAccepted is written: injected messages never overtake it.
+    accepted_sent: asyncio.Event = field(default_factory=asyncio.Event)
     end_reason: int = 0
     ends: int = 0  # SessionEnd messages received (a session ends once)
     passthrough: bool = False
@@ -129,6 +131,11 @@ class BridgeStream:
     arrivals: list[tuple[int, float]] = field(default_factory=list)  # (sequence, monotonic)
     reports: asyncio.Queue[inference_pb2.PlayoutReport] = field(default_factory=asyncio.Queue)
     frames: list[inference_pb2.AudioFrame] = field(default_factory=list)  # with arrivals
+
+
+# A batch for the StreamSessions writer (None: a marker only) and the streams whose
+# SessionAccepted has been written once it is.
+_Answer = tuple[inference_pb2.StreamSessionsResponse | None, list[BridgeStream]]
 
 
 class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
@@ -213,6 +220,7 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
         if self.accept_delay_s:
             await asyncio.sleep(self.accept_delay_s)  # the behaviour under test: a slow bridge
         await write(accepted)
+        stream.accepted_sent.set()
         self.opened.set()
 
         async def pump_injected() -> None:
@@ -254,6 +262,7 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                 await context.write(batch)
 
         async def pump_injected(stream: BridgeStream) -> None:
+            await stream.accepted_sent.wait()
             injected = ResponseBatches()
             while (item := await stream.inject.get()) is not None:
                 injected.add(stream.session_id, item)
@@ -263,11 +272,16 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                     stream.ended.set()
                     return
 
-        outbox: asyncio.Queue[inference_pb2.StreamSessionsResponse | None] = asyncio.Queue()
+        # Answer batches, each with the streams whose SessionAccepted it carries.
+        outbox: asyncio.Queue[_Answer | None] = asyncio.Queue()
 
         async def pump_answers() -> None:
             while (ready := await outbox.get()) is not None:
-                await write(ready)
+                batch, accepted = ready
+                if batch is not None:
+                    await write(batch)
+                for stream in accepted:
+                    stream.accepted_sent.set()
 
         writer = asyncio.create_task(pump_answers())
         try:
@@ -276,6 +290,7 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                 if not isinstance(batch, inference_pb2.StreamSessionsRequest):  # grpc.aio.EOF
                     break
                 answers = ResponseBatches()
+                accepted_now: list[BridgeStream] = []
                 for session_id, request in session_requests(batch):
                     kind = request.WhichOneof("payload")
                     response: Resp | None = None
@@ -287,9 +302,11 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                             late = ResponseBatches()
                             late.add(session_id, response)
                             asyncio.get_running_loop().call_later(
-                                self.accept_delay_s, outbox.put_nowait, late.take()
+                                self.accept_delay_s, outbox.put_nowait, (late.take(), [started])
                             )
                             response = None
+                        else:
+                            accepted_now.append(started)
                     elif (stream := self.streams.get(session_id)) is not None:
                         response = self._answer(stream, request)
                         if kind == "session_end":
@@ -300,7 +317,9 @@ class EchoBridge(inference_pb2_grpc.InferenceBridgeServiceServicer):
                     if response is not None:
                         answers.add(session_id, response)
                 while (out := answers.take()) is not None:
-                    outbox.put_nowait(out)
+                    outbox.put_nowait((out, []))
+                if accepted_now:  # after every batch that carries their answers
+                    outbox.put_nowait((None, accepted_now))
                 if writer.done():  # the stream broke under the writer
                     break
         finally:
