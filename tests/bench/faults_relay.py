@@ -85,8 +85,14 @@ SCENARIOS = [
     ),
     Scenario(
         "relay_kill_restart_memory",
-        "relay kill -9 + restart, memory only: until the client's next STUN check",
+        "relay kill -9 + restart, memory only: bindings recalled from the transceiver, "
+        "gap = the new process starting",
         lambda e, a: relay_faults.relay_kill_restart(e, redis=False),
+    ),
+    Scenario(
+        "relay_kill_restart_memory_no_recall",
+        "reference: the same with --recall-bindings=false (until the client's next STUN check)",
+        lambda e, a: relay_faults.relay_kill_restart(e, redis=False, recall=False),
     ),
     Scenario(
         "relay_replacement",
@@ -95,7 +101,7 @@ SCENARIOS = [
     ),
     Scenario(
         "relay_replacement_memory",
-        "the same, memory only: flows the kernel moves wait for their next STUN check",
+        "the same, memory only: the new process recalls the bindings from the transceiver",
         lambda e, a: relay_faults.relay_replacement(e, redis=False),
     ),
     Scenario(
