@@ -189,7 +189,10 @@ async def relay_kill_restart(edge: NetEdge, *, redis: bool = True, recall: bool 
         t0 = time.monotonic()
         took = await asyncio.to_thread(_restart_relay, edge)
         gap = await _carried_after(result, t0, t0 + took)
-        return Figures(gap, {"restart_s": took})
+        # From the new process's ready line to the caller's next frame: what the restart
+        # costs beyond starting a process (a wait for the next STUN check without recall).
+        back = calls.Arrivals(list(result.arrivals)).gaps_after(t0 + took)
+        return Figures(gap, {"restart_s": took, "back_after_ready_s": back})
 
     if redis:
         return await around_call(edge, fault)
