@@ -290,7 +290,12 @@ async def make_worker(
     routers = [router] if tcp is None else [router, tcp.router]
     recaller = BindingRecall(router, keyring, settings.internal_listen, worker_id)
     if settings.recall_bindings:
-        await recaller.start()
+        try:
+            await recaller.start()
+        except BaseException:
+            await plane.close()
+            await store.close()
+            raise
 
     def set_topology(view: TopologyView) -> None:
         for each in routers:
