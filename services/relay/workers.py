@@ -282,20 +282,16 @@ async def make_worker(
         tcp=tcp,
         persist_topology=worker_id == 0,
     )
+    recaller = BindingRecall(router, keyring, settings.internal_listen, worker_id)
     try:
         await plane.start()
+        if settings.recall_bindings:
+            await recaller.start()  # after the sockets: what it installs is forwarded at once
     except BaseException:
+        await plane.close()  # idempotent, also after a start that failed halfway
         await store.close()
         raise
     routers = [router] if tcp is None else [router, tcp.router]
-    recaller = BindingRecall(router, keyring, settings.internal_listen, worker_id)
-    if settings.recall_bindings:
-        try:
-            await recaller.start()
-        except BaseException:
-            await plane.close()
-            await store.close()
-            raise
 
     def set_topology(view: TopologyView) -> None:
         for each in routers:
