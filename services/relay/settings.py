@@ -190,6 +190,12 @@ class RelaySettings(ServiceSettings):
         "the sockets open anyway",
         gt=0,
     )
+    recall_bindings: bool = setting(
+        True,
+        "at start, ask every transceiver of the topology for the clients it carries through "
+        "this relay's host and install them (proven with each session's ICE password): a "
+        "restart without Redis keeps its calls' media",
+    )
     unbound_pps_per_ip: float = setting(
         200.0,
         "STUN (and, apart, DTLS/SRTP) packets per second from addresses without a binding, "

@@ -150,6 +150,7 @@ def _settings(**overrides: object) -> RelaySettings:
         "tcp_listen": "",
         "workers": 1,
         "preload_timeout_s": 2.0,
+        "recall_bindings": False,  # its hellos would reach the fake transceiver (recall_test)
     }
     return RelaySettings(**{**base, **overrides})  # type: ignore[arg-type]
 

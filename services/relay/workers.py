@@ -28,11 +28,17 @@ from libs.wire import ufrag
 from services.relay import messages
 from services.relay.dataplane import DataPlane, WorkerCounters
 from services.relay.limits import ReplayTable, SharedReplayTable
+from services.relay.recall import BindingRecall
 from services.relay.router import BindingInfo, Router, make_router
 from services.relay.settings import RelaySettings
 from services.relay.store import BindingStore, make_binding_store
 from services.relay.tcp import make_tcp_plane
-from services.relay.topology import TopologyView, decode_view, make_topology_source
+from services.relay.topology import (
+    TopologySource,
+    TopologyView,
+    decode_view,
+    make_topology_source,
+)
 
 logger = logging.getLogger("voiceedge.relay.workers")
 
@@ -276,9 +282,13 @@ async def make_worker(
         tcp=tcp,
         persist_topology=worker_id == 0,
     )
+    recaller = BindingRecall(router, keyring, settings.internal_listen, worker_id)
     try:
         await plane.start()
+        if settings.recall_bindings:
+            await recaller.start()  # after the sockets: what it installs is forwarded at once
     except BaseException:
+        await plane.close()  # idempotent, also after a start that failed halfway
         await store.close()
         raise
     routers = [router] if tcp is None else [router, tcp.router]
@@ -286,9 +296,20 @@ async def make_worker(
     def set_topology(view: TopologyView) -> None:
         for each in routers:
             each.set_topology(view)
+        recaller.greet(router.topology)
 
-    watch = asyncio.get_running_loop().create_task(source.run(set_topology))
+    watch = asyncio.get_running_loop().create_task(_watch(source, set_topology, recaller))
     return plane, store, watch
+
+
+async def _watch(
+    source: TopologySource, on_update: Callable[[TopologyView], None], recaller: BindingRecall
+) -> None:
+    """The topology watch; the recall's socket closes with it."""
+    try:
+        await source.run(on_update)
+    finally:
+        recaller.close()
 
 
 async def _load_topology(store: BindingStore, timeout_s: float) -> TopologyView:

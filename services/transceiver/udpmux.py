@@ -7,6 +7,11 @@ Demux: by client address; an unknown address is admitted only by a STUN Binding 
 whose USERNAME names a session's server ufrag and whose MESSAGE-INTEGRITY verifies with that
 session's password (RFC 8445 §7.2.2, RFC 8489 §9.1.3). Replies go, framed, to the relay that
 last sent for that client, so a restarted or different relay takes over at once.
+
+A relay worker that starts without bindings (no Redis) greets the transceivers with a
+recall hello (protos/wire/relay-recall-v1.md); the mux answers with the UDP clients it last
+heard through that relay's host, each proven with its session's ICE password and the
+hello's nonce, at most once per HELLO_INTERVAL_S per relay socket.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +27,7 @@ from typing import Any, Protocol, cast
 
 from libs.fastio import fastio
 from libs.observability.telemetry import log_event
-from libs.wire import framing, stun
+from libs.wire import framing, recall, stun
 from libs.wire.classify import is_rtp
 from libs.wire.framing import Address
 
@@ -46,6 +52,10 @@ DROP_UNKNOWN_UFRAG = "unknown_ufrag"
 DROP_BAD_INTEGRITY = "bad_integrity"
 DROP_NO_RELAY = "no_relay_for_client"
 DROP_REPLAYED = "replayed_transaction"
+DROP_BAD_RECALL = "bad_recall_hello"
+DROP_RECALL_RATE = "recall_hello_rate_limited"
+HELLO_INTERVAL_S = 0.2  # per relay socket: a spoofed hello flood costs one answer per 0.2 s
+MAX_HELLO_SOURCES = 1024
 # Binding-request transaction ids remembered per session: a check from a new address that
 # repeats one of them is a replay of the client's own packet (RFC 8489 §6: ids are random
 # per transaction; retransmissions come from the same address).
@@ -176,6 +186,8 @@ class UdpMux(asyncio.DatagramProtocol):
         self.frames_in = 0
         self.frames_out = 0
         self.address: Address = ("", 0)
+        self._hello_at: dict[Address, float] = {}  # relay socket -> monotonic of last answer
+        self.recall_answers = 0
 
     async def start(self, host: str, port: int) -> Address:
         loop = asyncio.get_running_loop()
@@ -239,7 +251,7 @@ class UdpMux(asyncio.DatagramProtocol):
             session, client = route
             payload = data[framing.HEADER_V4 :]
         else:
-            found = self._bind(data)
+            found = self._bind(data, relay)
             if found is None:
                 return
             session, client, payload = found
@@ -259,13 +271,16 @@ class UdpMux(asyncio.DatagramProtocol):
                 session.remember(payload[8:20])
             session.sink.datagram_received(payload, client)
 
-    def _bind(self, data: bytes) -> tuple[MuxSession, Address, bytes] | None:
+    def _bind(self, data: bytes, relay: Address) -> tuple[MuxSession, Address, bytes] | None:
         """A datagram whose header is not a bound client's: decoded in full, and admitted
         (which binds the client to a session) or dropped and counted."""
         try:
             client_ip, client_port, payload = framing.decode(data)
         except framing.FrameError:
-            self.drops[DROP_BAD_FRAME] += 1
+            if recall.is_recall(data):
+                self._answer_hello(data, relay)
+            else:
+                self.drops[DROP_BAD_FRAME] += 1
             return None
         client: Address = (client_ip, client_port)
         session = self._by_address.get(client)
@@ -298,6 +313,43 @@ class UdpMux(asyncio.DatagramProtocol):
                 client__port=client_port,
             )
         return session, client, payload
+
+    def _answer_hello(self, data: bytes, relay: Address) -> None:
+        """A restarted relay worker asks for its host's clients: announce them."""
+        try:
+            nonce = recall.decode_hello(data)
+        except recall.RecallError:
+            self.drops[DROP_BAD_RECALL] += 1
+            return
+        now = time.monotonic()
+        if now - self._hello_at.get(relay, float("-inf")) < HELLO_INTERVAL_S:
+            self.drops[DROP_RECALL_RATE] += 1
+            return
+        if len(self._hello_at) >= MAX_HELLO_SOURCES:
+            self._hello_at.clear()
+        self._hello_at[relay] = now
+        entries = []
+        for client, via in self._relay_of.items():
+            session = self._by_address.get(client)
+            header = self._header_of.get(client)
+            if via[0] != relay[0] or session is None or header is None:
+                continue
+            if client in self.tcp_clients:
+                continue  # its TCP connection died with the relay process
+            tag = recall.proof(session.password, nonce, header, session.ufrag)
+            entries.append(recall.Entry(header, session.ufrag, tag))
+        if self._transport is None:
+            return
+        for datagram in recall.encode_announce(nonce, entries):
+            self._transport.sendto(datagram, relay)
+        self.recall_answers += 1
+        log_event(
+            logger,
+            "udpmux.bindings_announced",
+            relay__address=relay[0],
+            relay__port=relay[1],
+            clients=len(entries),
+        )
 
     def error_received(self, exc: Exception) -> None:
         self.drops["socket_error"] += 1

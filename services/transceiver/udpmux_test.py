@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from libs.fastio import fastio
-from libs.wire import framing, stun
+from libs.wire import framing, recall, stun
 from services.transceiver import udpmux
 
 UFRAG = "SERVERUFRAG1"
@@ -313,3 +313,35 @@ async def test_tcp_clients_get_replies_with_the_tcp_flag(client: tuple[str, int]
         assert frame == framing.encode(*client, b"reply", tcp=True)
         transport.close()
         assert client not in mux.tcp_clients
+
+
+async def test_a_recall_hello_is_answered_with_the_clients_of_that_relay_host() -> None:
+    """A relay worker that restarted without bindings greets the mux (libs/wire/recall.py):
+    the answer lists the UDP clients last heard through that host, each proven with its
+    session's password and the hello's nonce; a repeat within HELLO_INTERVAL_S is not
+    answered, a malformed hello is a counted drop."""
+    async with one_session() as rig:
+        mux, address, relay, relay_in = rig.mux, rig.address, rig.relay, rig.relay_in
+        client = ("198.51.100.9", 50000)
+        relay.sendto(framing.encode(*client, request(f"{UFRAG}:cli", PWD)), address)
+        async with asyncio.timeout(5):
+            await rig.sink.received.get()
+
+        nonce = bytes(range(16))
+        relay.sendto(recall.encode_hello(nonce), address)
+        relay.sendto(recall.encode_hello(nonce), address)  # within the interval: ignored
+        relay.sendto(b"VC\x01\x01short", address)
+        async with asyncio.timeout(5):
+            data, _ = await relay_in.received.get()
+        got, [entry] = recall.decode_announce(data)
+        assert got == nonce
+        assert entry.header == framing.header(*client)
+        assert entry.ufrag == UFRAG
+        assert recall.verify(entry, PWD, nonce)
+        for _ in range(500):  # 5 s at most
+            if mux.drops[udpmux.DROP_BAD_RECALL]:
+                break
+            await asyncio.sleep(0.01)
+        assert mux.drops[udpmux.DROP_RECALL_RATE] == 1
+        assert mux.recall_answers == 1
+        assert relay_in.received.empty()

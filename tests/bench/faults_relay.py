@@ -85,8 +85,14 @@ SCENARIOS = [
     ),
     Scenario(
         "relay_kill_restart_memory",
-        "relay kill -9 + restart, memory only: until the client's next STUN check",
+        "relay kill -9 + restart, memory only: bindings recalled from the transceiver, "
+        "gap = the new process starting",
         lambda e, a: relay_faults.relay_kill_restart(e, redis=False),
+    ),
+    Scenario(
+        "relay_kill_restart_memory_no_recall",
+        "reference: the same with --recall-bindings=false (until the client's next STUN check)",
+        lambda e, a: relay_faults.relay_kill_restart(e, redis=False, recall=False),
     ),
     Scenario(
         "relay_replacement",
@@ -95,7 +101,7 @@ SCENARIOS = [
     ),
     Scenario(
         "relay_replacement_memory",
-        "the same, memory only: flows the kernel moves wait for their next STUN check",
+        "the same, memory only: the new process recalls the bindings from the transceiver",
         lambda e, a: relay_faults.relay_replacement(e, redis=False),
     ),
     Scenario(
@@ -148,16 +154,20 @@ def _counts(runs: Sequence[Figures]) -> str:
     return "; ".join(parts)
 
 
-async def run(args: argparse.Namespace) -> None:
+Rows = list[tuple[Scenario, list[Figures]]]
+
+
+async def measure(args: argparse.Namespace) -> Rows:
+    """Each chosen scenario `args.runs` times on one standard edge; progress on stderr."""
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="faults-relay-"))
+    rows: Rows = []
     with standard_edge(
         workdir,
         API_KEY,
         grpc_ports={"geosteer": relay_faults.GEOSTEER_PORT},
         extra_flags={"relay": ["--workers", str(args.workers)]},
     ) as edge:
-        rows = []
         for scenario in chosen:
             runs: list[Figures] = []
             for index in range(args.runs):
@@ -170,27 +180,40 @@ async def run(args: argparse.Namespace) -> None:
                     flush=True,
                 )
             rows.append((scenario, runs))
-        print(f"\nflood: {args.flood_pps} pps for {args.flood_s} s; relay workers: {args.workers}")
+    return rows
+
+
+def print_table(rows: Rows, args: argparse.Namespace) -> None:
+    print(f"\nflood: {args.flood_pps} pps for {args.flood_s} s; relay workers: {args.workers}")
+    print(
+        "\n| scenario | promise | longest audio gap ms (min / median / max) | counted "
+        "(min / median / max) | command |"
+    )
+    print("|---|---|---|---|---|")
+    for scenario, runs in rows:
+        gaps = [f.gap_s for f in runs]
         print(
-            "\n| scenario | promise | longest audio gap ms (min / median / max) | counted "
-            "(min / median / max) | command |"
+            f"| {scenario.name} | {scenario.promise} | {_spread(gaps, 1000)} | "
+            f"{_counts(runs)} | `{COMMAND} -- --only {scenario.name}` |"
         )
-        print("|---|---|---|---|---|")
-        for scenario, runs in rows:
-            gaps = [f.gap_s for f in runs]
-            print(
-                f"| {scenario.name} | {scenario.promise} | {_spread(gaps, 1000)} | "
-                f"{_counts(runs)} | `{COMMAND} -- --only {scenario.name}` |"
-            )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+async def run(args: argparse.Namespace) -> None:
+    print_table(await measure(args), args)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of this program (the soak program takes them too)."""
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated scenario names")
     parser.add_argument("--flood-pps", type=int, default=20_000)
     parser.add_argument("--flood-s", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
     parser.add_argument("--list", action="store_true", help="print the scenarios and exit")
     args = parser.parse_args(argv)
     if args.list:

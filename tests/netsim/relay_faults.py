@@ -161,13 +161,18 @@ async def relay_restart_while_geosteer_down(edge: NetEdge) -> Figures:
     return await around_call(edge, fault)
 
 
-async def _memory_only(edge: NetEdge, body: Callable[[], Awaitable[Figures]]) -> Figures:
+async def _memory_only(
+    edge: NetEdge, body: Callable[[], Awaitable[Figures]], *, recall: bool = True
+) -> Figures:
     """Runs `body` with the relay restarted without Redis (and so its replacements), then
-    restores the relay with the shared copy for the scenarios after it."""
+    restores the relay with the shared copy for the scenarios after it. `recall` False:
+    without asking the transceivers for its bindings either (what it did before that)."""
     flags = edge.stack.services["relay"].flags
     saved = list(flags)
     at = flags.index("--redis-url")
     del flags[at : at + 2]
+    if not recall:
+        flags.append("--recall-bindings=false")
     await asyncio.to_thread(_restart_relay, edge)
     try:
         return await body()
@@ -176,24 +181,28 @@ async def _memory_only(edge: NetEdge, body: Callable[[], Awaitable[Figures]]) ->
         await asyncio.to_thread(_restart_relay, edge)
 
 
-async def relay_kill_restart(edge: NetEdge, *, redis: bool = True) -> Figures:
-    """The relay kill -9 and started again (geosteer up); without Redis: memory only."""
+async def relay_kill_restart(edge: NetEdge, *, redis: bool = True, recall: bool = True) -> Figures:
+    """The relay kill -9 and started again (geosteer up); without Redis: memory only, the
+    bindings recalled from the transceiver (`recall`) or waiting for the next STUN check."""
 
     async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
         t0 = time.monotonic()
         took = await asyncio.to_thread(_restart_relay, edge)
         gap = await _carried_after(result, t0, t0 + took)
-        return Figures(gap, {"restart_s": took})
+        # From the new process's ready line to the caller's next frame: what the restart
+        # costs beyond starting a process (a wait for the next STUN check without recall).
+        back = calls.Arrivals(list(result.arrivals)).gaps_after(t0 + took)
+        return Figures(gap, {"restart_s": took, "back_after_ready_s": back})
 
     if redis:
         return await around_call(edge, fault)
-    return await _memory_only(edge, lambda: around_call(edge, fault))
+    return await _memory_only(edge, lambda: around_call(edge, fault), recall=recall)
 
 
 async def relay_replacement(edge: NetEdge, *, redis: bool = True) -> Figures:
     """Zero-gap upgrade: a second relay binds the same port (SO_REUSEPORT) and reads the
     Redis copy, then the old one gets SIGTERM and drains out. Memory only: the second one
-    knows no binding."""
+    recalls the bindings from the transceiver."""
 
     async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
         old: Service = edge.stack.services["relay"]

@@ -1,8 +1,8 @@
 """Relay faults with a live call across hosts (issue 20), short versions of the scenarios
 `//tests/bench:faults_relay` measures: geosteer restarted under the call, the relay
-restarted while geosteer is down, a crashed worker, a captured check replayed from 64
-ports. Bounds are behaviour (the call carries on, nothing is bound or reflected); the
-measured figures are in RELIABILITY.md."""
+restarted while geosteer is down, the relay restarted without Redis, a crashed worker, a
+captured check replayed from 64 ports. Bounds are behaviour (the call carries on, nothing
+is bound or reflected); the measured figures are in RELIABILITY.md."""
 
 from __future__ import annotations
 
@@ -49,6 +49,14 @@ async def test_a_relay_started_while_geosteer_is_down_forwards_the_live_call(
     assert figures.counts["topology_transceivers"] >= 1  # from the persisted copy
     assert figures.counts["bindings_active"] >= 1
     # No new STUN was needed: the gap is the new process starting, nothing after it.
+    assert figures.gap_s < figures.counts["restart_s"] + QUIET_GAP_S, figures
+
+
+@pytest.mark.timeout_s(120)
+async def test_a_relay_restarted_without_redis_recalls_the_live_call(edge: NetEdge) -> None:
+    figures = await relay_faults.relay_kill_restart(edge, redis=False)
+    # The transceiver announced the call's binding: no wait for the client's next consent
+    # check (3.5-5.3 s before), the gap is the new process starting.
     assert figures.gap_s < figures.counts["restart_s"] + QUIET_GAP_S, figures
 
 
