@@ -127,6 +127,8 @@ class Session:
         self._rtp_params: sdp.AudioRtpParams | None = None
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.turns = TurnTimer()  # per-turn latency (turn_timing.py; call_metrics.py reads it)
+        # The first-hop RTT geosteer hears (call_metrics.py; the manager wires it up).
+        self.first_hop_rtt_ms: Callable[[], float] = lambda: 0.0
         self._idle_track = IdleTrack()
         self._caller_audio = CallerAudio(
             params.rate_hz, settings.concealment_max_frames, self._elapsed_ms, settings
@@ -738,6 +740,7 @@ class Session:
         transceivers = self.pc.getTransceivers()
         if transceivers:
             stats.dtls_state = transceivers[0].receiver.transport.state
+        stats.min_rtt_ms = self.first_hop_rtt_ms()
         if self._connection is not None:
             pair = aiortc_compat.selected_pair(self._connection)
             if pair is not None:
