@@ -540,6 +540,12 @@ class Session:
                     self._feed(Event.BRIDGE_FAILED, reopened)
                     return
                 link = reopened
+            else:
+                # Closed by this side (teardown): a shared stream's session returns from
+                # read_loop at once from then on, and looping would never yield again (a
+                # transceiver spun at 100 % CPU when a call hung up right after its
+                # bridge opened, in the regions benchmark).
+                return
 
     def _replay_client_backlog(self) -> None:
         backlog, self._client_backlog = self._client_backlog, []

@@ -109,6 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in misses:
         guess = geo_guess(world, row.client).name
         print(f"first contact missed: {row.client.city.name} (distance guess {guess})")
+    plain = [r for r in rows if not any(r.client.city.name == c for c, _ in world.bad_routes)]
+    print(
+        f"first contact, clients without a bad route: {regions.share_within(plain, 0):.0f} % "
+        f"of {len(plain)}"
+    )
     learned = sum(all(landing.learned for landing in row.landings) for row in rows)
     print(f"calls whose RTT geosteer learned: every call of {learned} of {len(rows)} clients")
     print(regions.summary(rows))

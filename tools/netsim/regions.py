@@ -114,14 +114,18 @@ class RegionsEdge:
         return bool(answer.estimated_rtt_measured)
 
     def session_rtt_ms(self, region: Region, session_id: str) -> float:
-        """The RTCP round trip the region's transceiver measured for one session (0.0
-        before it has one): what its next RTT report to geosteer carries."""
+        """The first-hop RTT the region's transceiver holds for one session (0.0 before
+        it has one, or when the transceiver does not answer): what its next RTT report to
+        geosteer carries."""
         address = str(self.services[f"transceiver{region.cluster_id}"].ready["grpc"])
         request = transceiver_pb2.GetSessionRequest(session_id=session_id)
         with self.testbed.entered("ctl"), grpc.insecure_channel(address) as channel:
             stub = transceiver_pb2_grpc.TransceiverServiceStub(channel)
-            info = stub.GetSession(request, timeout=5).session
-        return float(info.stats.rtt_ms)
+            try:
+                info = stub.GetSession(request, timeout=5).session
+            except grpc.RpcError:
+                return 0.0
+        return float(info.stats.min_rtt_ms)
 
     def last_heartbeat_unix(self, cluster_id: int) -> float:
         """When geosteer last heard the cluster's transceiver (its own wall clock)."""
