@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import time
@@ -73,6 +74,7 @@ class RegionsEdge:
     services: dict[str, Service] = field(default_factory=dict)
     api_key: str = ""
     echoes: list[probe.EchoServer] = field(default_factory=list)
+    mesh: MeshLinks | None = None
 
     @property
     def http_base(self) -> str:
@@ -185,6 +187,13 @@ class RegionsEdge:
                     connect_timeout_s=connect_timeout_s,
                 )
             )
+
+    def set_bad_routes(self, bad_routes: dict[tuple[str, str], float]) -> None:
+        """The routes change while everything runs: these (city, region) pairs are bad from
+        now on, every other pair takes its distance again."""
+        assert self.mesh is not None
+        self.world = dataclasses.replace(self.world, bad_routes=dict(bad_routes))
+        self.mesh.set_delays(link_delays(self.world))
 
     def kill_transceivers(self, region: Region) -> float:
         """SIGKILL of the region's transceiver (by PID, ours); returns the monotonic time."""
@@ -353,8 +362,8 @@ def world_edge(
     down on exit. Service logs go to workdir/services.log."""
     plan = layout.parse(layout_text(world))
     with net.Testbed(plan) as testbed, (workdir / "services.log").open("w") as log:
-        MeshLinks(testbed, link_delays(world))
-        edge = RegionsEdge(world, testbed, timers or Timers(), api_key=api_key)
+        mesh = MeshLinks(testbed, link_delays(world))
+        edge = RegionsEdge(world, testbed, timers or Timers(), api_key=api_key, mesh=mesh)
         env = dict(os.environ, VOICEEDGE_API_KEY=api_key)
         try:
             _start_echoes(edge)
