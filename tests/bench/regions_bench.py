@@ -15,7 +15,10 @@ RTT its transceiver measured for the client's prefix (so the next call is steere
 
 Per client the table gives its best VIP and RTT, then per call the cluster of the
 transceiver, the VIP media entered at, that first hop as the client probed it, and `*`
-when within 10 % or 5 ms of the best. The last line is the summary.
+when within 10 % or 5 ms of the best. Then (unless --no-route-fix) every bad route is
+fixed while the edge runs, and once geosteer forgot their slow RTTs (rtt_max_age_s, 30 s
+here) their clients call twice more: the fixed route is learned again. Progress goes to
+stderr; the last line is the summary.
 """
 
 from __future__ import annotations

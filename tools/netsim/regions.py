@@ -430,8 +430,9 @@ def place_and_learn(
         session_id = result.call_url.rstrip("/").rsplit("/", 1)[-1]
         measured_at = 0.0
         # A report taken after measured_at rides the first heartbeat after the next
-        # sampling (every rtt_report_interval_s); one more interval of margin.
-        window_s = edge.timers.rtt_report_interval_s + edge.timers.heartbeat_interval_ms / 500
+        # sampling (every rtt_report_interval_s); two heartbeat intervals of margin.
+        heartbeat_s = edge.timers.heartbeat_interval_ms / 1000
+        window_s = edge.timers.rtt_report_interval_s + 2 * heartbeat_s
         deadline = time.monotonic() + learn_timeout_s
         while time.monotonic() < deadline:  # bounded; each check is one or two RPCs
             seen = await asyncio.to_thread(edge.measured, client, cluster)
