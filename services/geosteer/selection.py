@@ -188,6 +188,22 @@ class RouteHints:
     excluded_cluster_ids: frozenset[int] = frozenset()
 
 
+@dataclass(frozen=True)
+class SwitchMargin:
+    """How much better a cluster's distance estimate must be than a cluster measured for
+    the client before it is tried instead: by `share` of the estimate and `slack_ms`,
+    whichever is more. A measured RTT carries the relay hop and a little queueing that a
+    distance estimate does not, so without a margin a client whose measured cluster is as
+    good as an unmeasured one flips between them call after call; a bad route (measured
+    far above every estimate) is still left at once."""
+
+    share: float = 0.10
+    slack_ms: float = 5.0
+
+    def penalty_ms(self, estimate_ms: float) -> float:
+        return max(self.slack_ms, self.share * estimate_ms)
+
+
 class RttSource(enum.Enum):
     MEASURED = "measured"
     GEO = "geo"
@@ -291,11 +307,13 @@ def select_route(
     now: float,
     rtt_overrides: Mapping[int, float] | None = None,
     hints: RouteHints | None = None,
+    margin: SwitchMargin = SwitchMargin(),
 ) -> RouteDecision:
     """Picks the cluster for a new session.
 
     Order: the preferred cluster, then clusters of the preferred region, then lowest RTT
-    (measured for the client's prefix when known, else estimated from distance), then
+    (measured for the client's prefix when known, else estimated from distance; while the
+    prefix has any measurement, an estimate ranks `margin` worse, see SwitchMargin), then
     lowest load, then cluster id. Clusters that are excluded, unhealthy, draining or full
     are skipped, which is how sessions spill to the next nearest cluster. The relay
     endpoints are the nearest VIPs, another cluster's first when it is nearer (see
@@ -316,10 +334,13 @@ def select_route(
         rtt, source = _cluster_rtt(cluster, client, measured)
         capacity = sum(t.capacity_sessions for t in ready)
         load = cluster.active_sessions(now) / capacity if capacity else 0.0
+        rank_ms = math.inf if rtt is None else rtt
+        if source is RttSource.GEO and measured and rtt is not None:
+            rank_ms += margin.penalty_ms(rtt)
         key = (
             cluster.cluster_id != hints.preferred_cluster_id,
             not hints.preferred_region or cluster.config.region != hints.preferred_region,
-            math.inf if rtt is None else rtt,
+            rank_ms,
             load,
             cluster.cluster_id,
         )

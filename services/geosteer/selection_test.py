@@ -18,6 +18,7 @@ from services.geosteer.selection import (
     RelayVip,
     RouteHints,
     RttSource,
+    SwitchMargin,
     estimate_rtt_ms,
     haversine_km,
     select_route,
@@ -271,6 +272,22 @@ def test_measured_rtt_beats_the_estimate() -> None:
     # Another prefix has no measurements: geography decides.
     other = select_route(world(), FRANKFURT, NOW, rtt.lookup("194.25.1.1"))
     assert (other.cluster.cluster_id, other.rtt_source) == (1, RttSource.GEO)
+
+
+@pytest.mark.parametrize(
+    ("case", "measured", "margin", "expected"),
+    [
+        ("ams measured 9 ms: fra's 5 ms estimate is not 5 ms better", {2: 9.0}, None, 2),
+        ("without a margin it flips to the estimate", {2: 9.0}, SwitchMargin(0.0, 0.0), 1),
+        ("ams measured 11 ms: fra's estimate is more than 5 ms better", {2: 11.0}, None, 1),
+        ("a bad route (fra measured 300 ms) is left at once", {1: 300.0}, None, 2),
+    ],
+)
+def test_an_estimate_must_beat_a_measurement_by_the_switch_margin(
+    case: str, measured: dict[int, float], margin: SwitchMargin | None, expected: int
+) -> None:
+    decision = select_route(world(), FRANKFURT, NOW, measured, margin=margin or SwitchMargin())
+    assert decision.cluster.cluster_id == expected, case
 
 
 def test_rtt_ewma_and_sample_weight() -> None:

@@ -29,6 +29,7 @@ from services.geosteer.selection import (
     NoRouteError,
     RouteHints,
     RttSource,
+    SwitchMargin,
     select_route,
 )
 from services.geosteer.settings import GeosteerSettings
@@ -153,11 +154,17 @@ class GeosteerServicer(geosteer_pb2_grpc.GeosteerServiceServicer):
     """The gRPC face of a Directory and a ClientLocator."""
 
     def __init__(
-        self, directory: Directory, locator: ClientLocator, *, default_cluster_id: int = 0
+        self,
+        directory: Directory,
+        locator: ClientLocator,
+        *,
+        default_cluster_id: int = 0,
+        margin: SwitchMargin = SwitchMargin(),  # noqa: B008 (frozen, shared safely)
     ) -> None:
         self.directory = directory
         self.locator = locator
         self.default_cluster_id = default_cluster_id
+        self.margin = margin
         self.closing = asyncio.Event()
 
     async def RouteSession(  # noqa: N802 (gRPC method name)
@@ -190,7 +197,9 @@ class GeosteerServicer(geosteer_pb2_grpc.GeosteerServiceServicer):
         snapshot = await self.directory.snapshot()
         client: GeoPoint | None = location.point if location is not None else None
         try:
-            decision = select_route(snapshot.clusters, client, snapshot.now, measured, hints)
+            decision = select_route(
+                snapshot.clusters, client, snapshot.now, measured, hints, self.margin
+            )
         except NoRouteError as exc:
             log_event(
                 logger, "route.none", level=logging.WARNING, client__address=request.client_ip
@@ -337,7 +346,10 @@ class Geosteer:
         )
         self.locator = open_locator(settings)
         self.servicer = GeosteerServicer(
-            self.directory, self.locator, default_cluster_id=settings.default_cluster_id
+            self.directory,
+            self.locator,
+            default_cluster_id=settings.default_cluster_id,
+            margin=SwitchMargin(settings.rtt_switch_share, settings.rtt_switch_slack_ms),
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False

@@ -79,6 +79,16 @@ class GeosteerSettings(ServiceSettings):
         "estimate applies again, so a fixed route is measured anew)",
         gt=0,
     )
+    rtt_switch_share: float = setting(
+        0.10,
+        "a cluster known only by distance is tried instead of one measured for the client "
+        "only when its estimate is lower by this share of it (and by rtt_switch_slack_ms)",
+        ge=0,
+        le=1,
+    )
+    rtt_switch_slack_ms: float = setting(
+        5.0, "the same margin in milliseconds (the larger of the two applies)", ge=0
+    )
 
     def validate(self) -> None:
         super().validate()

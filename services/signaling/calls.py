@@ -71,6 +71,9 @@ _REFUSALS = {
     grpc.StatusCode.ABORTED,
 }
 
+# What _create_session raises when no transceiver of a cluster took the call: another
+# cluster may.
+_CLUSTER_REFUSALS = frozenset({"no_capacity", "transceivers_unavailable"})
 
 # A call's StreamSessionEvents stream on its transceiver (the sideband WebSocket's far end).
 SidebandCall = grpc.aio.StreamStreamCall[
@@ -282,9 +285,10 @@ class CallService:
                 "sdp.has_datachannel": summary.has_datachannel,
             },
         ) as span:
-            route = await self._route(client_ip)
+            route, created = await self._route_and_create(
+                call_id, offer_text, session_config, client_ip
+            )
             span.set_attribute("cluster.id", route.cluster.cluster_id)
-            created = await self._create_session(call_id, offer_text, session_config, route)
             candidate, ice_ufrag, answer = created
             call = CallRecord(
                 call_id=call_id,
@@ -317,14 +321,59 @@ class CallService:
         )
         return CreatedCall(call, answer)
 
-    async def _route(self, client_ip: str) -> geosteer_pb2.RouteSessionResponse:
+    async def _route_and_create(
+        self,
+        call_id: str,
+        offer_sdp: str,
+        session_config: dict[str, Any] | None,
+        client_ip: str,
+    ) -> tuple[
+        geosteer_pb2.RouteSessionResponse, tuple[geosteer_pb2.TransceiverCandidate, str, str]
+    ]:
+        """Routes and creates the session. When every transceiver of the chosen cluster
+        refuses (full since its last heartbeat, or failing), geosteer is asked again without
+        that cluster, up to `max_cluster_attempts` clusters; the caller hears the first
+        cluster's refusal only when no other cluster takes the call."""
+        excluded: list[int] = []
+        first_refusal: StatusError | None = None
+        while True:
+            try:
+                route = await self._route(client_ip, excluded)
+            except StatusError:
+                if first_refusal is not None:
+                    raise first_refusal from None
+                raise
+            try:
+                created = await self._create_session(call_id, offer_sdp, session_config, route)
+            except StatusError as exc:
+                if exc.code not in _CLUSTER_REFUSALS:
+                    raise
+                first_refusal = first_refusal or exc
+                excluded.append(route.cluster.cluster_id)
+                log_event(
+                    logger,
+                    "call.cluster_refused",
+                    call__id=call_id,
+                    cluster__id=route.cluster.cluster_id,
+                    error__code=exc.code,
+                )
+                if len(excluded) >= self._settings.max_cluster_attempts:
+                    raise first_refusal from None
+                continue
+            return route, created
+
+    async def _route(
+        self, client_ip: str, excluded: Sequence[int] = ()
+    ) -> geosteer_pb2.RouteSessionResponse:
+        request = geosteer_pb2.RouteSessionRequest(client_ip=client_ip)
+        request.hints.excluded_cluster_ids.extend(excluded)
         with self._tracer.start_as_current_span("geosteer.route") as span:
             try:
                 # Waits (up to the deadline) for a geosteer replica to be connected rather
                 # than failing at once: during a replica's failover the other may still be
                 # reconnecting.
                 route: geosteer_pb2.RouteSessionResponse = await self._geosteer.RouteSession(
-                    geosteer_pb2.RouteSessionRequest(client_ip=client_ip),
+                    request,
                     timeout=self._settings.geosteer_timeout_s,
                     wait_for_ready=True,
                 )

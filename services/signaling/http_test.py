@@ -464,6 +464,51 @@ async def test_503_every_transceiver_full_leaves_nothing_behind() -> None:
         assert no_sessions(e.cluster)
 
 
+async def test_a_cluster_whose_transceivers_all_refuse_hands_the_call_to_the_next() -> None:
+    # Geosteer's view lags a heartbeat: the cluster it chose is full by now, the next has room.
+    async with env(spill_clusters=1) as e:
+        for node in e.cluster.transceivers:
+            node.refuse = grpc.StatusCode.RESOURCE_EXHAUSTED
+        response = await e.post_offer()
+        answer = await response.text()
+        assert response.status == 201, answer
+        assert ufrag.decode(answer_ufrag(answer), ufrag.dev_keyring()).cluster_id == 8
+        (spilled,) = e.cluster.geosteer.spill[8]
+        assert len(spilled.sessions) == 1
+        assert no_sessions(e.cluster)
+        excluded = [list(r.hints.excluded_cluster_ids) for r in e.cluster.geosteer.requests]
+        assert excluded == [[], [7]]
+        # The call is recorded on the transceiver that took it: hanging up closes it there.
+        location = response.headers["Location"]
+        hangup = await e.http.delete(e.url(location), headers=AUTH)
+        assert hangup.status == 204, await hangup.text()
+        assert spilled.closed == [location.rsplit("/", 1)[1]]
+
+
+async def test_503_after_max_cluster_attempts_with_the_first_clusters_refusal() -> None:
+    async with env(SignalingSettings(max_cluster_attempts=2), spill_clusters=2) as e:
+        for node in e.cluster.transceivers:
+            node.refuse = grpc.StatusCode.RESOURCE_EXHAUSTED
+        for nodes in e.cluster.geosteer.spill.values():
+            for node in nodes:
+                node.refuse = grpc.StatusCode.UNAVAILABLE
+        response = await e.post_offer()
+        await expect_error(response, 503, "server_error", "no_capacity")
+        excluded = [list(r.hints.excluded_cluster_ids) for r in e.cluster.geosteer.requests]
+        assert excluded == [[], [7]]  # the third cluster is never asked
+
+
+async def test_503_when_geosteer_has_no_other_cluster() -> None:
+    async with env(SignalingSettings(max_cluster_attempts=3)) as e:
+        for node in e.cluster.transceivers:
+            node.refuse = grpc.StatusCode.UNAVAILABLE
+        response = await e.post_offer()
+        # The cluster's own refusal, not geosteer's "nothing left" for the retry.
+        await expect_error(response, 503, "server_error", "transceivers_unavailable")
+        excluded = [list(r.hints.excluded_cluster_ids) for r in e.cluster.geosteer.requests]
+        assert excluded == [[], [7]]
+
+
 async def test_503_transceivers_failing() -> None:
     async with env() as e:
         for node in e.cluster.transceivers:

@@ -63,6 +63,12 @@ class SignalingSettings(ServiceSettings):
     max_transceiver_attempts: int = setting(
         3, "ranked transceivers tried per call before giving up", ge=1
     )
+    max_cluster_attempts: int = setting(
+        2,
+        "clusters tried per call: when every transceiver of the one geosteer chose refuses, "
+        "geosteer is asked again without it (1: no second cluster)",
+        ge=1,
+    )
     ufrag_keys: str = setting(
         DEV_KEYRING_SPEC, "ufrag keyring '<id>:<hex>,...' (default: the public dev key)"
     )

@@ -197,6 +197,9 @@ class FakeGeosteer(geosteer_pb2_grpc.GeosteerServiceServicer):
     transceivers: list[FakeTransceiver]
     refuse: grpc.StatusCode | None = None
     requests: list[geosteer_pb2.RouteSessionRequest] = field(default_factory=list)
+    # Clusters offered, in this order, to a request that excludes the ones before them
+    # (as geosteer's next-nearest): cluster id -> its transceivers.
+    spill: dict[int, list[FakeTransceiver]] = field(default_factory=dict)
 
     async def RouteSession(  # noqa: N802 (gRPC method name)
         self,
@@ -206,16 +209,22 @@ class FakeGeosteer(geosteer_pb2_grpc.GeosteerServiceServicer):
         self.requests.append(request)
         if self.refuse is not None:
             await context.abort(self.refuse, "geosteer refuses")
+        offered = {self.cluster_id: self.transceivers, **self.spill}
+        excluded = set(request.hints.excluded_cluster_ids)
+        left = [(c, nodes) for c, nodes in offered.items() if c not in excluded]
+        if not left:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no cluster left")
+        cluster_id, nodes = left[0]
         return geosteer_pb2.RouteSessionResponse(
             cluster=geosteer_pb2.Cluster(
-                cluster_id=self.cluster_id, name="loopback-1", region="local", healthy=True
+                cluster_id=cluster_id, name=f"loopback-{cluster_id}", region="local", healthy=True
             ),
             relay_endpoints=self.relays,
             transceivers=[
                 geosteer_pb2.TransceiverCandidate(
                     node_id=t.node_id, transceiver_id=t.transceiver_id, grpc_address=t.address
                 )
-                for t in self.transceivers
+                for t in nodes
             ],
         )
 
@@ -280,17 +289,26 @@ async def _serve(
 
 @contextlib.asynccontextmanager
 async def fake_cluster(
-    transceivers: int = 2, cluster_id: int = 7, relay_port: int = 3478
+    transceivers: int = 2, cluster_id: int = 7, relay_port: int = 3478, spill_clusters: int = 0
 ) -> AsyncIterator[FakeCluster]:
-    """Geosteer and `transceivers` transceivers, each a real gRPC server on loopback."""
+    """Geosteer and `transceivers` transceivers, each a real gRPC server on loopback; with
+    `spill_clusters`, further clusters (ids cluster_id + 1, ...) of one transceiver each
+    that geosteer offers when the ones before are excluded (`FakeGeosteer.spill`)."""
     async with contextlib.AsyncExitStack() as stack:
         nodes = [FakeTransceiver(f"transceiver-{i}", 40 + i) for i in range(transceivers)]
-        for node in nodes:
+        spill = {
+            cluster_id + n: [FakeTransceiver(f"transceiver-c{cluster_id + n}", 40)]
+            for n in range(1, spill_clusters + 1)
+        }
+        for node in nodes + [t for ts in spill.values() for t in ts]:
             node.address, node.server = await _serve(
                 transceiver_pb2_grpc.add_TransceiverServiceServicer_to_server, node, stack
             )
         geosteer = FakeGeosteer(
-            cluster_id, [common_pb2.SocketAddress(ip="127.0.0.1", port=relay_port)], nodes
+            cluster_id,
+            [common_pb2.SocketAddress(ip="127.0.0.1", port=relay_port)],
+            nodes,
+            spill=spill,
         )
         address, _ = await _serve(
             geosteer_pb2_grpc.add_GeosteerServiceServicer_to_server, geosteer, stack
@@ -443,14 +461,17 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def env(
-    settings: SignalingSettings | None = None, geosteer_address: str | None = None, **kwargs: Any
+    settings: SignalingSettings | None = None,
+    geosteer_address: str | None = None,
+    spill_clusters: int = 0,
+    **kwargs: Any,
 ) -> AsyncIterator[Env]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     now = [1_800_000_000.0]
     async with (
-        fake_cluster() as cluster,
+        fake_cluster(spill_clusters=spill_clusters) as cluster,
         running_signaling(
             geosteer_address or cluster.geosteer_address,
             [API_KEY, OTHER_KEY],

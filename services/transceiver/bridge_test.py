@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -15,6 +16,7 @@ import pytest
 
 from libs.wire.batches import BATCH_BYTES_MAX
 from services.transceiver.bridge import BatchedBridge, BatchedLink, BridgeError
+from services.transceiver.session import Session
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 
 Resp = inference_pb2.StreamSessionResponse
@@ -153,3 +155,38 @@ async def test_a_large_backlog_goes_as_batches_under_the_message_limit() -> None
         audio_batches = bridge.batch_bytes[1:]  # after the one with session_start
         assert len(audio_batches) >= 5
         assert max(audio_batches) <= BATCH_BYTES_MAX + len(frame) + 64
+
+
+class ClosedLink:
+    """A bridge stream this side already closed: read_loop returns at once (the shared
+    stream's BatchedLink after close)."""
+
+    accepted = None
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def read_loop(self, on_message: Any) -> None:
+        self.reads += 1
+        if self.reads > 3:  # the bug: a loop that never yields; end it for the assert
+            raise BridgeError("read again after the close")
+
+
+@pytest.mark.timeout_s(10)
+async def test_a_session_stops_reading_a_bridge_stream_it_closed_itself() -> None:
+    # Reading again returned at once, forever, without yielding: a transceiver spun at
+    # 100 % CPU when a call hung up right after its bridge opened.
+    link = ClosedLink()
+
+    async def open_bridge() -> ClosedLink:
+        return link
+
+    session = SimpleNamespace(
+        id="s1",
+        params=SimpleNamespace(bridge_address="127.0.0.1:1"),
+        _open_bridge=open_bridge,
+        _replay_client_backlog=lambda: None,
+        _on_bridge_message=lambda message: None,
+    )
+    await asyncio.wait_for(Session._run_bridge(session), 5)  # type: ignore[arg-type]
+    assert link.reads == 1

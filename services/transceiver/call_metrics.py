@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -123,13 +124,15 @@ class WatchedSession(Protocol):
 
 @dataclass
 class _Link:
-    """The caller's receiver reports of one call, summed for its record."""
+    """The caller's receiver reports of one call, summed for its record; the last round
+    trips kept for the first-hop RTT geosteer hears (`CallMetrics.first_hop_rtt_ms`)."""
 
     reports: int = 0
     loss_sum: float = 0.0
     jitter_sum_ms: float = 0.0
     rtts: int = 0
     rtt_sum_ms: float = 0.0
+    recent_rtts_ms: deque[float] = field(default_factory=deque)  # bounded by its maker
 
     def add(self, sample: LinkSample) -> None:
         self.reports += 1
@@ -138,6 +141,7 @@ class _Link:
         if sample.rtt_ms is not None:
             self.rtts += 1
             self.rtt_sum_ms += sample.rtt_ms
+            self.recent_rtts_ms.append(sample.rtt_ms)
 
 
 @dataclass
@@ -227,7 +231,11 @@ class CallMetrics:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,  # RTCP's, for the round trips
         tracer: trace.Tracer | None = None,
+        rtt_window: int = 8,
+        rtt_min_samples: int = 3,
     ) -> None:
+        self._rtt_window = rtt_window
+        self._rtt_min_samples = rtt_min_samples
         self._clock = clock
         self._wall_clock = wall_clock
         self._tracer = tracer or trace.get_tracer("voiceedge.transceiver")
@@ -249,7 +257,8 @@ class CallMetrics:
     def watch(self, session: WatchedSession, created_at: float) -> None:
         """From the answer on (`created_at`: the monotonic time the session was made)."""
         now = self._clock()
-        watch = _Watch(session, now, (now - created_at) * 1000.0)
+        link = _Link(recent_rtts_ms=deque(maxlen=self._rtt_window))
+        watch = _Watch(session, now, (now - created_at) * 1000.0, link=link)
         self._watches[session.id] = watch
         pc = session.pc
 
@@ -264,6 +273,20 @@ class CallMetrics:
             pc, lambda report: self._report(watch, report), self._wall_clock
         )
         session.turns.on_turn = lambda turn: self._turn(session.id, turn)
+
+    def first_hop_rtt_ms(self, session_id: str) -> float:
+        """What geosteer hears for the session: the smallest of the caller's last
+        `rtt_window` round trips, once `rtt_min_samples` arrived; 0.0 before (or for a
+        session not watched). A round trip is the network's plus the delays of both event
+        loops, which only add: under load the mean overstates a short first hop several
+        times (a 10 ms path measured at 190 ms on a busy machine), the minimum does not."""
+        watch = self._watches.get(session_id)
+        if watch is None:
+            return 0.0
+        recent = watch.link.recent_rtts_ms
+        if len(recent) < self._rtt_min_samples:
+            return 0.0
+        return min(recent)
 
     def closed(self, session_id: str) -> CallRecord | None:
         """The session ended: its call record, logged and exported (None if not watched)."""

@@ -72,6 +72,15 @@ class _Session:
     inbound: InboundAudio = field(default_factory=InboundAudio)
 
 
+def _sender_after_report(pc: RTCPeerConnection) -> Any:
+    """The audio sender, its last sender report LSR 0x12345678 sent at wall time 1000.0."""
+    sender = pc.addTransceiver("audio").sender
+    lsr_name, lsr_time_name = aiortc_compat.SENDER_RTT_ATTRIBUTES
+    setattr(sender, lsr_name, 0x12345678)
+    setattr(sender, lsr_time_name, 1000.0)
+    return sender
+
+
 def test_link_sample_units_and_implausible_round_trips() -> None:
     report = aiortc_compat.ReceiverReport(fraction_lost=128, jitter_ticks=960, rtt_s=0.042)
     sample = link_sample(report)
@@ -87,11 +96,7 @@ def test_link_sample_units_and_implausible_round_trips() -> None:
 async def test_a_receiver_report_with_known_loss_jitter_and_lsr() -> None:
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     try:
-        sender = pc.addTransceiver("audio").sender
-        # Our last sender report: LSR 0x12345678 left at wall time 1000.0.
-        lsr_name, lsr_time_name = aiortc_compat.SENDER_RTT_ATTRIBUTES
-        setattr(sender, lsr_name, 0x12345678)
-        setattr(sender, lsr_time_name, 1000.0)
+        sender = _sender_after_report(pc)
         now = {"mono": 50.0}
         calls = CallMetrics(
             metrics.get_meter(TEST_SCOPE),
@@ -143,6 +148,46 @@ async def test_a_receiver_report_with_known_loss_jitter_and_lsr() -> None:
         assert loss is not None
         assert loss.count == 2
         calls.closed("known")
+    finally:
+        await pc.close()
+
+
+@pytest.mark.timeout_s(20)
+async def test_the_first_hop_rtt_is_the_least_of_the_last_round_trips_once_enough_came() -> None:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        sender = _sender_after_report(pc)
+        wall = [1000.0]
+        calls = CallMetrics(
+            metrics.get_meter(TEST_SCOPE),
+            max_sessions=7,
+            wall_clock=lambda: wall[0],
+            rtt_window=3,
+            rtt_min_samples=2,
+        )
+        session = _Session("window", pc)
+        calls.watch(session, created_at=0.0)
+        dlsr = 65536 // 10
+        block = RtcpReceiverInfo(
+            ssrc=sender._ssrc,
+            fraction_lost=0,
+            packets_lost=0,
+            highest_sequence=400,
+            jitter=0,
+            lsr=0x12345678,
+            dlsr=dlsr,
+        )
+        seen = []
+        # A busy loop's first round trip (190 ms) on a 12 ms path, then the path's own.
+        for rtt_ms in (190.0, 40.0, 12.0, 50.0, 60.0, 70.0):
+            wall[0] = 1000.0 + dlsr / 65536 + rtt_ms / 1000
+            (packet,) = RtcpPacket.parse(bytes(RtcpRrPacket(ssrc=0xCAFE, reports=[block])))
+            await sender._handle_rtcp_packet(packet)
+            seen.append(round(calls.first_hop_rtt_ms("window"), 3))
+        assert seen == [0.0, 40.0, 12.0, 12.0, 12.0, 50.0]
+        assert calls.first_hop_rtt_ms("unknown") == 0.0
+        calls.closed("window")
+        assert calls.first_hop_rtt_ms("window") == 0.0
     finally:
         await pc.close()
 

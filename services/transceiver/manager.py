@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import time
@@ -105,7 +106,12 @@ class SessionManager:
                 ]
             ],
         )
-        self._call_metrics = CallMetrics(meter, settings.max_sessions)
+        self._call_metrics = CallMetrics(
+            meter,
+            settings.max_sessions,
+            rtt_window=settings.rtt_report_window,
+            rtt_min_samples=settings.rtt_report_min_samples,
+        )
 
     @property
     def active(self) -> int:
@@ -220,6 +226,9 @@ class SessionManager:
         self.created_total += 1
         self._created.add(1)
         self._call_metrics.watch(session, created_at)
+        session.first_hop_rtt_ms = functools.partial(
+            self._call_metrics.first_hop_rtt_ms, session.id
+        )
         log_event(
             logger,
             "session.created",

@@ -1,9 +1,11 @@
 """First-hop RTTs for geosteer: what the transceiver measures per client prefix.
 
 Geosteer folds these into its per-prefix estimate (services/geosteer/rtt.py), so steering
-learns from real latency instead of great-circle distance alone. The RTT is RTCP's
-round-trip time of each live session (remote-inbound-rtp), grouped by the client's /24
-(IPv4) or /48 (IPv6), the prefixes geosteer keys on.
+learns from real latency instead of great-circle distance alone. A session's RTT is the
+smallest of its caller's last RTCP round trips (SessionStats.min_rtt_ms, call_metrics.py:
+the mean, or aiortc's smoothed remote-inbound-rtp, carries both event loops' lag, which on
+a busy host made a 10 ms first hop look longer than a transatlantic one), grouped by the
+client's /24 (IPv4) or /48 (IPv6), the prefixes geosteer keys on.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ def rtt_samples(infos: Iterable[transceiver_pb2.SessionInfo]) -> list[geosteer_p
     sums: dict[str, tuple[float, int]] = {}
     for info in infos:
         stats = info.stats
-        if info.state != transceiver_pb2.SESSION_STATE_CONNECTED or stats.rtt_ms <= 0:
+        if info.state != transceiver_pb2.SESSION_STATE_CONNECTED or stats.min_rtt_ms <= 0:
             continue
         prefix = client_prefix(stats.selected_remote_address.ip)
         if prefix is None:
             continue
         total, count = sums.get(prefix, (0.0, 0))
-        sums[prefix] = (total + stats.rtt_ms, count + 1)
+        sums[prefix] = (total + stats.min_rtt_ms, count + 1)
     return [
         geosteer_pb2.RttSample(client_prefix=prefix, rtt_ms=total / count, sample_count=count)
         for prefix, (total, count) in sorted(sums.items())

@@ -12,7 +12,7 @@ CONNECTED = transceiver_pb2.SESSION_STATE_CONNECTED
 
 
 def _info(ip: str, rtt_ms: float, state: int = CONNECTED) -> transceiver_pb2.SessionInfo:
-    stats = common_pb2.SessionStats(rtt_ms=rtt_ms)
+    stats = common_pb2.SessionStats(min_rtt_ms=rtt_ms, rtt_ms=rtt_ms * 3)
     stats.selected_remote_address.ip = ip
     return transceiver_pb2.SessionInfo(state=state, stats=stats)  # type: ignore[arg-type]
 
@@ -36,7 +36,7 @@ def test_samples_average_per_prefix_and_skip_what_has_no_rtt() -> None:
             _info("203.0.113.7", 20.0),
             _info("203.0.113.99", 40.0),
             _info("198.51.100.1", 80.0),
-            _info("198.51.100.2", 0.0),  # no RTCP round trip yet
+            _info("198.51.100.2", 0.0),  # not rtt_report_min_samples round trips yet
             _info("192.0.2.1", 10.0, state=transceiver_pb2.SESSION_STATE_CONNECTING),
             _info("", 15.0),  # no selected pair
         ]

@@ -127,6 +127,8 @@ class Session:
         self._rtp_params: sdp.AudioRtpParams | None = None
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.turns = TurnTimer()  # per-turn latency (turn_timing.py; call_metrics.py reads it)
+        # The first-hop RTT geosteer hears (call_metrics.py; the manager wires it up).
+        self.first_hop_rtt_ms: Callable[[], float] = lambda: 0.0
         self._idle_track = IdleTrack()
         self._caller_audio = CallerAudio(
             params.rate_hz, settings.concealment_max_frames, self._elapsed_ms, settings
@@ -538,6 +540,12 @@ class Session:
                     self._feed(Event.BRIDGE_FAILED, reopened)
                     return
                 link = reopened
+            else:
+                # Closed by this side (teardown): a shared stream's session returns from
+                # read_loop at once from then on, and looping would never yield again (a
+                # transceiver spun at 100 % CPU when a call hung up right after its
+                # bridge opened, in the regions benchmark).
+                return
 
     def _replay_client_backlog(self) -> None:
         backlog, self._client_backlog = self._client_backlog, []
@@ -738,6 +746,7 @@ class Session:
         transceivers = self.pc.getTransceivers()
         if transceivers:
             stats.dtls_state = transceivers[0].receiver.transport.state
+        stats.min_rtt_ms = self.first_hop_rtt_ms()
         if self._connection is not None:
             pair = aiortc_compat.selected_pair(self._connection)
             if pair is not None:

@@ -230,8 +230,23 @@ class TransceiverSettings(SessionSettings, ServiceSettings):
         "the next heartbeat)",
         gt=0,
     )
+    rtt_report_window: int = setting(
+        8,
+        "a session's first-hop RTT for geosteer is the smallest of the caller's last this "
+        "many RTCP round trips (loop lag and queueing only add to one)",
+        ge=1,
+        le=1000,
+    )
+    rtt_report_min_samples: int = setting(
+        3,
+        "RTCP round trips a session needs before its RTT is reported to geosteer",
+        ge=1,
+        le=1000,
+    )
 
     def validate(self) -> None:
         super().validate()
+        if self.rtt_report_min_samples > self.rtt_report_window:
+            raise SettingsError("rtt_report_min_samples: at most rtt_report_window")
         if self.playout_queue_max_frames < self.jitter_buffer_frames:
             raise SettingsError("playout_queue_max_s: must hold jitter_buffer_frames")

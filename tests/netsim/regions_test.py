@@ -1,10 +1,10 @@
-"""Steering across regions on the testbed (issue 16), reduced: three regions (fra, iad,
-gru) and a relay-only PoP in Sydney, seven client cities with delays from distance, one
-bad route (Lima to São Paulo goes through Miami). Real aiortc calls from each client
+"""Steering across regions on the testbed (issue 16), reduced for CI: three regions (fra,
+iad, gru) and a relay-only PoP in Sydney, four client cities with delays from distance,
+one bad route (Lima to São Paulo goes through Miami). Real aiortc calls from each client
 host; first hops measured by the clients themselves (UDP echo on every VIP).
 
-The full simulation (six regions, 42 cities, three calls each) is the benchmark
-`./bazelw run //tests/bench:regions`.
+The full simulation (six regions, 42 cities, three bad routes, three calls each) is the
+benchmark `./bazelw run //tests/bench:regions`, on the same code (tools/netsim/regions.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tools.netsim.regions import RegionsEdge, Timers, world_edge
 from tools.netsim.world import CITIES, REGIONS, RELAY_PORT, Client, make_world
 
 REGION_NAMES = ("fra", "iad", "gru", "syd")
-CITY_NAMES = ("london", "madrid", "newyork", "miami", "rio", "lima", "sydney")
+CITY_NAMES = ("london", "newyork", "lima", "sydney")
 WAIT_S = 30.0
 
 
@@ -75,11 +75,7 @@ async def idle(edge: RegionsEdge) -> None:
     await until("every session gone from geosteer", lambda: not any(active(edge).values()))
 
 
-@pytest.mark.skip(
-    reason="issue 16, open: geosteer never reports a measured RTT to these calls (the "
-    "transceivers' RTT reports do not arrive in time); not yet traced"
-)
-@pytest.mark.timeout_s(240)
+@pytest.mark.timeout_s(150)
 async def test_first_contact_takes_the_shortest_first_hop_and_a_bad_route_is_learned(
     edge: RegionsEdge,
 ) -> None:

@@ -1,6 +1,7 @@
 """The testbed itself, in namespaces it builds: the impairment link delays and drops what it
-is told to (a UDP probe checks, with tolerances), settings change while it runs, NAT maps
-and rebinds, firewall profiles block what they say, and nothing is left behind."""
+is told to (a UDP probe checks, with tolerances), settings change while it runs, a mesh
+link delays by far end and takes new delays while it runs, NAT maps and rebinds, firewall
+profiles block what they say, and nothing is left behind."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 from tools.netsim import cli, layout, nat, net
 from tools.netsim.forwarder import ImpairedLink
 from tools.netsim.impair import Profile
+from tools.netsim.mesh import MeshLinks
 from tools.netsim.probe import EchoServer, probe, summarise
 
 ADDR = layout.StandardAddresses()
@@ -221,3 +223,30 @@ def test_the_netsim_command_brings_a_layout_up_changes_it_and_tears_it_down() ->
         up.wait(timeout=30)
     assert up.returncode == 0
     assert not set(names) & set(net.run(["ip", "netns", "list"]).split())
+
+
+MESH_LAYOUT = """
+router w
+host a
+host b
+link a 10.77.1.2/24 w 10.77.1.1/24 impaired
+link b 10.77.2.2/24 w 10.77.2.1/24
+route a default via 10.77.1.1
+route b default via 10.77.2.1
+"""
+
+
+def test_a_mesh_link_delays_by_far_end_and_takes_new_delays_while_running() -> None:
+    with net.Testbed(layout.parse(MESH_LAYOUT)) as bed:
+        mesh = MeshLinks(bed, [{"10.77.2.0/24": 20.0}])
+        server = EchoServer(_udp(bed, "b", ("10.77.2.2", ECHO_PORT)))
+        try:
+            with _udp(bed, "a") as sock:
+                slow = summarise(probe(sock, ("10.77.2.2", ECHO_PORT), count=20, interval_s=0.02))
+                mesh.set_delays([{"10.77.2.0/24": 5.0}])  # the route changes
+                fast = summarise(probe(sock, ("10.77.2.2", ECHO_PORT), count=20, interval_s=0.02))
+        finally:
+            server.close()
+    # 20 ms each way, then 5: the medians, with room for a busy machine.
+    assert 40 <= slow.rtt_median_ms <= 55, slow.line()
+    assert 10 <= fast.rtt_median_ms <= 25, fast.line()

@@ -77,16 +77,36 @@ class Mesh:
         self.selector = selectors.DefaultSelector()
         self.releases = Releases()
         self._stop = False
+        self._reload: Path | None = None
+        self._directions: list[tuple[Direction, Direction]] = []
         for link in links:
             with entered_namespace(str(link["ns"])):
                 side_a, side_b = packet_socket("side-a"), packet_socket("side-b")
             up, down = directions(link.get("delays", {}))
             up.out, down.out = side_b, side_a
+            self._directions.append((up, down))
             self.selector.register(side_a, selectors.EVENT_READ, (up, IPV4_DST))
             self.selector.register(side_b, selectors.EVENT_READ, (down, IPV4_SRC))
 
     def stop(self, *_: Any) -> None:
         self._stop = True
+
+    def reload_from(self, config: Path) -> None:
+        """New delays from `config` (same links, same order), applied by the loop."""
+        self._reload = config
+
+    def _apply_reload(self) -> None:
+        config, self._reload = self._reload, None
+        assert config is not None
+        links = json.loads(config.read_text())["links"]
+        if len(links) != len(self._directions):
+            raise ValueError(f"{len(links)} links in {config}, {len(self._directions)} running")
+        for link, (up, down) in zip(links, self._directions, strict=True):
+            new_up, new_down = directions(link.get("delays", {}))
+            up.routes, down.routes = new_up.routes, new_down.routes
+            up._cache.clear()
+            down._cache.clear()
+        print(json.dumps({"reloaded": True}), flush=True)
 
     def _ingest(self, sock: socket.socket, direction: Direction, far_end: slice) -> None:
         assert direction.out is not None
@@ -104,6 +124,8 @@ class Mesh:
         print(json.dumps({"ready": True}), flush=True)
         timeout: float | None = None
         while not self._stop:
+            if self._reload is not None:
+                self._apply_reload()
             wait = 0.5 if timeout is None else min(timeout, 0.5)  # SIGTERM seen promptly
             for key, _ in self.selector.select(wait):
                 direction, far_end = key.data
@@ -115,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="JSON file: {'links': [...]}")
     args = parser.parse_args(argv)
-    mesh = Mesh(json.loads(Path(args.config).read_text())["links"])
+    config = Path(args.config)
+    mesh = Mesh(json.loads(config.read_text())["links"])
+    signal.signal(signal.SIGHUP, lambda *_: mesh.reload_from(config))
     signal.signal(signal.SIGTERM, mesh.stop)
     signal.signal(signal.SIGINT, mesh.stop)
     mesh.run()
@@ -130,13 +154,13 @@ class MeshLinks:
         count = len(testbed.layout.impaired_links())
         if len(delays) != count:
             raise ValueError(f"{len(delays)} delay tables for {count} impaired links")
-        config = testbed.run_dir / "mesh.json"
-        links = [{"ns": testbed.impair_ns(i), "delays": dict(d)} for i, d in enumerate(delays)]
-        config.write_text(json.dumps({"links": links}))
+        self._testbed = testbed
+        self._config = testbed.run_dir / "mesh.json"
+        self._write(delays)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.process = testbed.start(
             testbed.impair_ns(0),
-            [sys.executable, "-m", "tools.netsim.mesh", "--config", str(config)],
+            [sys.executable, "-m", "tools.netsim.mesh", "--config", str(self._config)],
             name="mesh",
             stdout=subprocess.PIPE,
             text=True,
@@ -145,6 +169,23 @@ class MeshLinks:
         line = read_line(self.process, READY_TIMEOUT_S)
         if '"ready"' not in line:
             raise RuntimeError(f"mesh forwarder did not start: {line!r}")
+
+    def _write(self, delays: Sequence[Mapping[str, float]]) -> None:
+        links = [
+            {"ns": self._testbed.impair_ns(i), "delays": dict(d)} for i, d in enumerate(delays)
+        ]
+        self._config.write_text(json.dumps({"links": links}))
+
+    def set_delays(self, delays: Sequence[Mapping[str, float]]) -> None:
+        """New delay tables on the running links (a route changes): SIGHUP, and back
+        once the mesh applied them. Frames already queued keep their release time."""
+        if len(delays) != len(self._testbed.layout.impaired_links()):
+            raise ValueError("one delay table per impaired link")
+        self._write(delays)
+        self.process.send_signal(signal.SIGHUP)
+        line = read_line(self.process, READY_TIMEOUT_S)
+        if '"reloaded"' not in line:
+            raise RuntimeError(f"mesh forwarder did not reload: {line!r}")
 
 
 if __name__ == "__main__":

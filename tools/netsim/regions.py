@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import time
@@ -45,6 +46,7 @@ from tools.netsim.world import (
     within,
 )
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
+from voiceedge.transceiver.v1 import transceiver_pb2, transceiver_pb2_grpc
 
 ECHO_PORT = 7  # UDP echo on every VIP, for the clients' first-hop probes
 HTTP_PORT = 8080
@@ -72,6 +74,7 @@ class RegionsEdge:
     services: dict[str, Service] = field(default_factory=dict)
     api_key: str = ""
     echoes: list[probe.EchoServer] = field(default_factory=list)
+    mesh: MeshLinks | None = None
 
     @property
     def http_base(self) -> str:
@@ -103,10 +106,42 @@ class RegionsEdge:
         )
         return response
 
-    def measured(self, client: Client, cluster_id: int) -> bool:
-        """Whether geosteer holds an RTT measured for client's prefix in cluster_id."""
+    def measured(self, client: Client, cluster_id: int) -> bool | None:
+        """Whether geosteer holds an RTT measured for client's prefix in cluster_id; None
+        when it cannot tell: a full cluster is never chosen, even when preferred, so its
+        answer says nothing about that cluster's RTT until a session ends."""
         answer = self.route(client, prefer=cluster_id)
-        return bool(answer.cluster.cluster_id == cluster_id and answer.estimated_rtt_measured)
+        if answer.cluster.cluster_id != cluster_id:
+            return None
+        return bool(answer.estimated_rtt_measured)
+
+    def session_rtt_ms(self, region: Region, session_id: str) -> float:
+        """The first-hop RTT the region's transceiver holds for one session (0.0 before
+        it has one, or when the transceiver does not answer): what its next RTT report to
+        geosteer carries."""
+        address = str(self.services[f"transceiver{region.cluster_id}"].ready["grpc"])
+        request = transceiver_pb2.GetSessionRequest(session_id=session_id)
+        with self.testbed.entered("ctl"), grpc.insecure_channel(address) as channel:
+            stub = transceiver_pb2_grpc.TransceiverServiceStub(channel)
+            try:
+                info = stub.GetSession(request, timeout=5).session
+            except grpc.RpcError:
+                return 0.0
+        return float(info.stats.min_rtt_ms)
+
+    def last_heartbeat_unix(self, cluster_id: int) -> float:
+        """When geosteer last heard the cluster's transceiver (its own wall clock)."""
+        for cluster in self.topology().clusters:
+            if cluster.cluster_id == cluster_id:
+                return max(
+                    (
+                        n.last_heartbeat_at.ToMicroseconds() / 1e6
+                        for n in cluster.nodes
+                        if n.kind == NODE_KIND_TRANSCEIVER
+                    ),
+                    default=0.0,
+                )
+        return 0.0
 
     def offered(self) -> dict[int, tuple[int, int]]:
         """cluster id -> (live relays, live non-draining transceivers)."""
@@ -152,6 +187,13 @@ class RegionsEdge:
                     connect_timeout_s=connect_timeout_s,
                 )
             )
+
+    def set_bad_routes(self, bad_routes: dict[tuple[str, str], float]) -> None:
+        """The routes change while everything runs: these (city, region) pairs are bad from
+        now on, every other pair takes its distance again."""
+        assert self.mesh is not None
+        self.world = dataclasses.replace(self.world, bad_routes=dict(bad_routes))
+        self.mesh.set_delays(link_delays(self.world))
 
     def kill_transceivers(self, region: Region) -> float:
         """SIGKILL of the region's transceiver (by PID, ours); returns the monotonic time."""
@@ -320,8 +362,8 @@ def world_edge(
     down on exit. Service logs go to workdir/services.log."""
     plan = layout.parse(layout_text(world))
     with net.Testbed(plan) as testbed, (workdir / "services.log").open("w") as log:
-        MeshLinks(testbed, link_delays(world))
-        edge = RegionsEdge(world, testbed, timers or Timers(), api_key=api_key)
+        mesh = MeshLinks(testbed, link_delays(world))
+        edge = RegionsEdge(world, testbed, timers or Timers(), api_key=api_key, mesh=mesh)
         env = dict(os.environ, VOICEEDGE_API_KEY=api_key)
         try:
             _start_echoes(edge)
@@ -373,23 +415,59 @@ def place_and_learn(
     edge: RegionsEdge, client: Client, probes_ms: dict[str, float], learn_timeout_s: float
 ) -> Landing:
     """One call from `client`, held until geosteer holds an RTT measured for the client in
-    the call's cluster (or learn_timeout_s): the next call is steered with it."""
+    the call's cluster (or learn_timeout_s): the next call is steered with it.
+
+    A cluster this call fills (max_sessions 1 in the region test) hides the measurement
+    until the call ends (see `RegionsEdge.measured`); the call is then held until the
+    transceiver has measured the session's RTT and heartbeat with a report taken after
+    that, and geosteer is asked again once the call is gone."""
+    region = edge.world.region
+    reported_at = [0.0]  # geosteer's clock at the heartbeat that carried our RTT
     learned = [False]
 
     async def until_learned(pc: RTCPeerConnection, result: CallResult) -> None:
         cluster = cluster_of(result)
+        session_id = result.call_url.rstrip("/").rsplit("/", 1)[-1]
+        measured_at = 0.0
+        # A report taken after measured_at rides the first heartbeat after the next
+        # sampling (every rtt_report_interval_s); two heartbeat intervals of margin.
+        heartbeat_s = edge.timers.heartbeat_interval_ms / 1000
+        window_s = edge.timers.rtt_report_interval_s + 2 * heartbeat_s
         deadline = time.monotonic() + learn_timeout_s
-        while time.monotonic() < deadline:  # bounded; each check is one RouteSession
-            if await asyncio.to_thread(edge.measured, client, cluster):
+        while time.monotonic() < deadline:  # bounded; each check is one or two RPCs
+            seen = await asyncio.to_thread(edge.measured, client, cluster)
+            if seen:
                 learned[0] = True
                 return
+            if seen is None and not measured_at:
+                rtt = await asyncio.to_thread(edge.session_rtt_ms, region(cluster), session_id)
+                measured_at = time.time() if rtt > 0 else 0.0
+            elif seen is None:
+                heard = await asyncio.to_thread(edge.last_heartbeat_unix, cluster)
+                if heard > measured_at + window_s:
+                    reported_at[0] = heard
+                    return
             await asyncio.sleep(0.2)
 
     result = edge.call(client, until_learned)
     if result.status != 201 or result.remote_candidate is None:
         raise RuntimeError(f"{client.city.name}: call failed {result.status} {result.error_body}")
-    region = edge.world.region_of_vip(result.remote_candidate[0])
-    return Landing(cluster_of(result), region.name, probes_ms[region.name], learned[0])
+    cluster = cluster_of(result)
+    if reported_at[0] and not learned[0]:
+        learned[0] = _wait_measured(edge, client, cluster, learn_timeout_s)
+    entry = edge.world.region_of_vip(result.remote_candidate[0])
+    return Landing(cluster, entry.name, probes_ms[entry.name], learned[0])
+
+
+def _wait_measured(edge: RegionsEdge, client: Client, cluster_id: int, timeout_s: float) -> bool:
+    """After a call that filled its cluster: until the cluster has room again (the
+    transceiver's next heartbeat) and geosteer's answer shows the measured RTT."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if edge.measured(client, cluster_id):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def steer(
@@ -399,14 +477,17 @@ def steer(
     calls: int,
     parallel: int,
     learn_timeout_s: float = 30.0,
+    progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
     """Every client probes every VIP, then places `calls` calls one after the other
-    (`parallel` clients at a time)."""
+    (`parallel` clients at a time); `progress` hears of each client's row when done."""
 
     def one(client: Client) -> Row:
         row = Row(client, probe_all(edge, client))
         for _ in range(calls):
             row.landings.append(place_and_learn(edge, client, row.probes_ms, learn_timeout_s))
+        if progress is not None:
+            progress(table_line(row))
         return row
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -415,13 +496,33 @@ def steer(
 
 def table(rows: list[Row]) -> list[str]:
     """The benchmark's table: one line per client."""
-    lines = [f"{'client':13} {'best':>5} {'ms':>6}  calls: cluster/vip first-hop ms (* within)"]
-    for row in rows:
-        name, best_ms = row.best
-        calls = "  ".join(
-            f"{landing.cluster_id}/{landing.vip_region} {landing.first_hop_ms:6.1f}"
-            f"{'*' if row.within(i) else ' '}"
-            for i, landing in enumerate(row.landings)
-        )
-        lines.append(f"{row.client.city.name:13} {name:>5} {best_ms:6.1f}  {calls}")
-    return lines
+    header = f"{'client':13} {'best':>5} {'ms':>6}  calls: cluster/vip first-hop ms (* within)"
+    return [header] + [table_line(row) for row in rows]
+
+
+def table_line(row: Row) -> str:
+    """One client: its best VIP and RTT, then each call's cluster, entry VIP, first hop,
+    and `*` when that is within the target of the best."""
+    name, best_ms = row.best
+    calls = "  ".join(
+        f"{landing.cluster_id}/{landing.vip_region} {landing.first_hop_ms:6.1f}"
+        f"{'*' if row.within(i) else ' '}"
+        for i, landing in enumerate(row.landings)
+    )
+    return f"{row.client.city.name:13} {name:>5} {best_ms:6.1f}  {calls}"
+
+
+def share_within(rows: list[Row], call_index: int) -> float:
+    """Percent of clients whose call `call_index` (-1: the last) was within the target."""
+    if not rows:
+        return 0.0
+    return 100.0 * sum(row.within(call_index) for row in rows) / len(rows)
+
+
+def summary(rows: list[Row]) -> str:
+    """The benchmark's last line."""
+    calls = min((len(row.landings) for row in rows), default=0)
+    return (
+        f"first contact within 10 %: {share_within(rows, 0):.0f} % of {len(rows)} clients; "
+        f"after {calls} calls: {share_within(rows, -1):.0f} %"
+    )

@@ -187,6 +187,12 @@ class World:
                 return region
         raise KeyError(cluster_id)
 
+    def region_named(self, name: str) -> Region:
+        for region in self.regions:
+            if region.name == name:
+                return region
+        raise KeyError(name)
+
     def region_of_vip(self, ip: str) -> Region:
         for region in self.regions:
             if region.vip == ip:
