@@ -700,6 +700,7 @@ class Session:
             audio_frames_in=self.frames_in,
             audio_frames_out=self.frames_out,
             **(self._rtp.drops() if self._rtp is not None else {}),
+            **self._caller_audio.outcomes(),
         )
         self._closed.set()
         self._on_closed(self)
