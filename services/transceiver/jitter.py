@@ -13,12 +13,12 @@ What a tick returns (`Slot.kind`):
 Delay: every packet's transit (arrival minus its RTP time) is compared with the fastest
 one seen (`base`, which creeps up slowly so a path that got slower is followed); the
 excess over it is held by a peak that decays (half-life `DECAY_HALF_LIFE_S`) and climbs
-by at most a frame per packet beyond `PEAK_RISE_PER_S` (a burst after a stall is not
-jitter). A packet read while the loop is behind (the tick due before it has not run
-yet) counts as arriving when that tick was due: the loop's own delay is no jitter. A
-late packet still counts. The target delay is that peak plus a margin (plus one frame
-for `LOSS_MEMORY_S` after a packet was missing, so that the next packet, with the lost
-frame's FEC, is here in time), within [min_delay_ms, max_delay_ms].
+by at most a frame per 20 ms (a burst after a stall is not jitter). A packet read while
+the loop is behind (the tick due before it has not run yet) counts as arriving when that
+tick was due: the loop's own delay is no jitter. A late packet still counts. The target
+delay is that peak plus a margin (plus one frame for `LOSS_MEMORY_S` after a packet was
+missing, so that the next packet, with the lost frame's FEC, is here in time), within
+[min_delay_ms, max_delay_ms].
 
 Playout: `tick(at)` plays the slot due at `at` (the pacer's grid, so ticks that run late
 back to back each play their own slot). The cursor (the RTP time of the next slot) plays
@@ -51,7 +51,6 @@ LOSS_MEMORY_S = 10.0  # after a loss, the target keeps room for the next packet'
 SHRINK_MARGIN_S = 0.03  # spare delay over the target before a frame is skipped
 SKIP_AFTER_TICKS = 50  # in speech, that much spare delay for 1 s before a frame is skipped
 STALE_TICKS = FRAME_TICKS  # after an underrun, a packet this far behind the cursor still plays
-PEAK_RISE_PER_S = 0.5  # how fast the peak may climb beyond a frame per packet
 DTX_MAX_BYTES = 2  # Opus DTX / comfort-noise packets: a TOC byte and at most one more
 
 FRAME, LOST, SILENCE = 0, 1, 2
@@ -126,6 +125,7 @@ class JitterBuffer:
         self._base_at = 0.0
         self._peak = 0.0  # decaying peak of transit over base, seconds
         self._peak_at = 0.0
+        self._rise_at = -math.inf  # when the peak last climbed
         self._in_silence = False
         self._over_ticks = 0  # ticks in a row with spare delay over the target
         self._loss_at = -LOSS_MEMORY_S  # when a packet was last missing at its slot
@@ -136,12 +136,19 @@ class JitterBuffer:
         self.skipped = 0  # frames dropped to shrink the delay
         self.held = 0  # slots concealed to grow the delay
         self.delay_ms = 0.0  # how long the last FRAME waited here (arrival to release)
+        self._delay_sum_ms = 0.0
+        self._delayed = 0
         self._arrivals: dict[int, float] = {}
 
     @property
     def target_ms(self) -> float:
         """The delay the buffer aims for now."""
         return self._target(self._now()) * 1000.0
+
+    @property
+    def mean_delay_ms(self) -> float:
+        """How long the FRAMEs played so far waited here, on average."""
+        return self._delay_sum_ms / self._delayed if self._delayed else 0.0
 
     @property
     def buffered(self) -> int:
@@ -209,10 +216,14 @@ class JitterBuffer:
         self._base, self._base_at = base, now
         excess = transit - base
         decayed = self._peak * math.exp(min(0.0, self._peak_at - now) * _DECAY_PER_S)
-        # A burst after a stall raises the peak by a frame, not by the stall: only jitter
-        # that lasts (PEAK_RISE_PER_S) moves it far.
-        ceiling = decayed + FRAME_S + max(0.0, now - self._peak_at) * PEAK_RISE_PER_S
-        self._peak, self._peak_at = max(min(excess, ceiling), decayed), now
+        peak = decayed
+        if excess > decayed and now - self._rise_at >= FRAME_S:
+            # At most a frame per 20 ms: a burst after a stall (one instant, the first
+            # packet of it the latest) raises the peak by a frame, not by the stall, and
+            # jitter that lasts still gets there within a few packets.
+            peak = min(excess, decayed + FRAME_S)
+            self._rise_at = now
+        self._peak, self._peak_at = peak, now
         return now
 
     def tick(self, at: float | None = None) -> Slot | None:
@@ -353,6 +364,8 @@ class JitterBuffer:
         arrived = self._arrivals.pop(seq, None)
         if arrived is not None:
             self.delay_ms = (now - arrived) * 1000.0
+            self._delay_sum_ms += self.delay_ms
+            self._delayed += 1
         self._next_seq = seq + 1
         self._cursor = ts + opus_duration_ticks(payload)
         if len(payload) <= DTX_MAX_BYTES:

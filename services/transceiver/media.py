@@ -439,7 +439,7 @@ class CallerAudio:
                 "receive__late": jb.late,
                 "receive__skipped": jb.skipped,
                 "receive__held": jb.held,
-                "receive__delay_ms": round(jb.delay_ms),
+                "receive__delay_ms": round(jb.mean_delay_ms),
                 "receive__target_ms": round(jb.target_ms),
                 "receive__first_words_dropped": self.first_words_dropped,
             }

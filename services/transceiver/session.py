@@ -746,6 +746,8 @@ class Session:
                 stats.selected_remote_address.ip, stats.selected_remote_address.port = pair.remote
         if self._rtp is not None:
             self._rtp.fill_stats(stats)
+        if self._caller_audio.adaptive:
+            stats.jitter_buffer_delay_ms = self._caller_audio.jitter.mean_delay_ms
         if self.pc.connectionState != "closed":
             # RTT: aiortc's RTCP (our sender reports, the caller's receiver reports).
             report = await self.pc.getStats()
