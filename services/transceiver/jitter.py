@@ -203,17 +203,20 @@ class JitterBuffer:
         base and the peak; returns now."""
         now = self._now()
         due = self._last_at + FRAME_S
-        if now > due:
+        behind = now > due
+        if behind:
             # The loop is behind (the tick due then has not run yet): the packet is in time
-            # for that tick whatever the loop's delay, so that delay is no jitter.
+            # for that tick whatever the loop's delay, so that delay is no jitter. When it
+            # really came is unknown (after `due`, perhaps): it does not move the base.
             now = due
         transit = now - ts / OPUS_CLOCK_HZ
         base = self._base
         if base is None:
             base = transit
-        else:
+        elif not behind:
             base = min(transit, base + (now - self._base_at) * BASE_CREEP_PER_S)
-        self._base, self._base_at = base, now
+        if not behind or self._base is None:
+            self._base, self._base_at = base, now
         excess = transit - base
         decayed = self._peak * math.exp(min(0.0, self._peak_at - now) * _DECAY_PER_S)
         peak = decayed

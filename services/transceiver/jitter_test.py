@@ -316,11 +316,12 @@ def test_a_network_stall_costs_its_frames_not_a_lasting_delay() -> None:
 
 
 def test_a_late_running_loop_neither_holds_nor_skips() -> None:
-    """The loop stalls for up to 60 ms twice a second: packets are read late, and the ticks
-    due meanwhile run back to back after the stall, each with the time it was due. The
-    buffer plays every frame in order, none held, none skipped, its target unmoved."""
+    """The loop stalls for up to 60 ms twice a second, and once for 400 ms: packets are
+    read late, and the ticks due meanwhile run back to back after the stall, each with the
+    time it was due (CallerAudio replays the slots the pacer skipped). The buffer plays
+    every frame in order, none held, none skipped, its target unmoved."""
     rng = random.Random(11)
-    stalls: list[tuple[float, float]] = []
+    stalls: list[tuple[float, float]] = [(6.0, 6.4)]
     at = 0.0
     while at < 12.0:
         at += rng.expovariate(2.0)

@@ -421,6 +421,7 @@ class CallerAudio:
         self._waiting_max = int(receive.first_words_max_s * 1000 / FRAME_MS)
         self._clock = clock
         self._origin: float | None = None  # the pacer's grid: slot k is due at origin + k x 20 ms
+        self._last_index: int | None = None  # the pacer's last frame index
         self._busy_ticks = 0  # ticks the last packet still covers (packets over 20 ms)
         self._lost_run = 0
 
@@ -510,7 +511,17 @@ class CallerAudio:
             self.jitter.push(data, timestamp - offset, sequence - back, from_red=back > 0)
 
     def tick(self, frame_index: int) -> None:
-        """The pacer's 20 ms clock: one slot of the jitter buffer towards the bridge."""
+        """The pacer's 20 ms clock: one slot of the jitter buffer towards the bridge. After
+        a stall the pacer skips frames (rtp.plan_tick); their slots are played here all the
+        same, back to back (at most `CATCH_UP_SLOTS` x 5 of them), so that what the bridge
+        hears keeps the caller's timeline and the buffer its delay."""
+        last = self._last_index
+        first = frame_index if last is None else max(last + 1, frame_index - CATCH_UP_SLOTS * 5)
+        self._last_index = frame_index
+        for index in range(first, frame_index + 1):
+            self._tick_slot(index)
+
+    def _tick_slot(self, frame_index: int) -> None:
         if self._stopped:
             return
         if self._busy_ticks:
