@@ -12,15 +12,27 @@ What a tick returns (`Slot.kind`):
 
 Delay: every packet's transit (arrival minus its RTP time) is compared with the fastest
 one seen (`base`, which creeps up slowly so a path that got slower is followed); the
-excess over it is held by a peak that decays (half-life `DECAY_HALF_LIFE_S`). The target
-delay is that peak plus a small margin (plus one frame for `LOSS_MEMORY_S` after a packet
-was missing, so that the next packet, with the lost frame's FEC, is here in time), within
-[min_delay_ms, max_delay_ms]. The cursor
-(the RTP time of the next slot) plays at base + target: when it leads by more than a
-frame over the target a frame is skipped (at most one every `SKIP_EVERY_TICKS` ticks in
-speech, every tick in silence), when it is short of the target a slot is concealed
-without advancing (the buffer grows), so the delay follows the jitter both ways. A packet
-that comes after its slot was played is counted `late` and dropped.
+excess over it is held by a peak that decays (half-life `DECAY_HALF_LIFE_S`) and climbs
+by at most a frame per 20 ms (a burst after a stall is not jitter). A packet read while
+the loop is behind (the tick due before it has not run yet) counts as arriving when that
+tick was due: the loop's own delay is no jitter. A late packet still counts. The target
+delay is that peak plus a margin (plus one frame for `LOSS_MEMORY_S` after a packet was
+missing, so that the next packet, with the lost frame's FEC, is here in time), within
+[min_delay_ms, max_delay_ms].
+
+Playout: `tick(at)` plays the slot due at `at` (the pacer's grid, so ticks that run late
+back to back each play their own slot). The cursor (the RTP time of the next slot) plays
+`lead` after base. Every change of the delay is a frame more or less in what the bridge
+hears, so it changes only when it must:
+- grow: only when the cursor's packet is missing and the lead is short of the target
+  (the slot is held: concealed without advancing); a packet that is here plays, however
+  short the lead;
+- shrink: when the lead has exceeded the target by `SHRINK_MARGIN_S`, a slot that costs
+  nothing is skipped (silence, or a packet that is missing anyway), or after
+  `SKIP_AFTER_TICKS` ticks in a row of it, a frame of speech;
+- after an underrun (nothing here, the cursor ran on), a packet more than `STALE_TICKS`
+  behind the cursor is late: a stall of the network costs its frames, not a lasting
+  delay. A packet that comes after its slot was played is counted `late` and dropped.
 """
 
 from __future__ import annotations
@@ -33,10 +45,12 @@ OPUS_CLOCK_HZ = 48000
 FRAME_TICKS = 960  # one 20 ms frame in RTP ticks (RFC 7587 §4.1: a 48 kHz clock)
 FRAME_S = 0.02
 DECAY_HALF_LIFE_S = 2.0
-MARGIN_S = 0.005  # over the measured peak: scheduling noise of the tick itself
+MARGIN_S = 0.015  # over the measured peak: a busy loop reads packets and runs ticks late
 BASE_CREEP_PER_S = 0.005  # how fast the fastest-transit reference forgets (5 ms per s)
 LOSS_MEMORY_S = 10.0  # after a loss, the target keeps room for the next packet's FEC this long
-SKIP_EVERY_TICKS = 10  # in speech, shrink by at most one frame per 200 ms
+SHRINK_MARGIN_S = 0.03  # spare delay over the target before a frame is skipped
+SKIP_AFTER_TICKS = 50  # in speech, that much spare delay for 1 s before a frame is skipped
+STALE_TICKS = FRAME_TICKS  # after an underrun, a packet this far behind the cursor still plays
 DTX_MAX_BYTES = 2  # Opus DTX / comfort-noise packets: a TOC byte and at most one more
 
 FRAME, LOST, SILENCE = 0, 1, 2
@@ -93,11 +107,12 @@ class JitterBuffer:
         self,
         clock: Callable[[], float],
         *,
-        min_delay_ms: float = 10.0,
+        min_delay_ms: float = 20.0,
         max_delay_ms: float = 200.0,
         capacity_frames: int = 64,
     ) -> None:
         self._clock = clock  # seconds, monotonic
+        self._last_at = math.inf  # when the last slot was due (its tick's time)
         self._min_delay = min_delay_ms / 1000.0
         self._max_delay = max(min_delay_ms, max_delay_ms) / 1000.0
         self._capacity = capacity_frames
@@ -110,8 +125,9 @@ class JitterBuffer:
         self._base_at = 0.0
         self._peak = 0.0  # decaying peak of transit over base, seconds
         self._peak_at = 0.0
+        self._rise_at = -math.inf  # when the peak last climbed
         self._in_silence = False
-        self._since_skip = SKIP_EVERY_TICKS
+        self._over_ticks = 0  # ticks in a row with spare delay over the target
         self._loss_at = -LOSS_MEMORY_S  # when a packet was last missing at its slot
         self._underrun = 0  # LOST slots played since the last packet, while none was here
         self.late = 0  # packets that came after their slot was played
@@ -120,12 +136,19 @@ class JitterBuffer:
         self.skipped = 0  # frames dropped to shrink the delay
         self.held = 0  # slots concealed to grow the delay
         self.delay_ms = 0.0  # how long the last FRAME waited here (arrival to release)
+        self._delay_sum_ms = 0.0
+        self._delayed = 0
         self._arrivals: dict[int, float] = {}
 
     @property
     def target_ms(self) -> float:
         """The delay the buffer aims for now."""
         return self._target(self._now()) * 1000.0
+
+    @property
+    def mean_delay_ms(self) -> float:
+        """How long the FRAMEs played so far waited here, on average."""
+        return self._delay_sum_ms / self._delayed if self._delayed else 0.0
 
     @property
     def buffered(self) -> int:
@@ -144,7 +167,7 @@ class JitterBuffer:
         return last + delta
 
     def _target(self, now: float) -> float:
-        peak = self._peak * math.exp((self._peak_at - now) * _DECAY_PER_S)
+        peak = self._peak * math.exp(min(0.0, self._peak_at - now) * _DECAY_PER_S)
         if now - self._loss_at < LOSS_MEMORY_S:
             peak += FRAME_S  # a lost frame's FEC is in the next packet: wait for it too
         return min(self._max_delay, max(self._min_delay, peak + MARGIN_S))
@@ -155,7 +178,8 @@ class JitterBuffer:
         next_seq = self._next_seq
         if next_seq is not None and sequence < next_seq:
             if not from_red:
-                self.late += 1
+                self.late += 1  # its slot was played: dropped, but its lateness counts
+                self._measure(self._unwrap(timestamp))
             return
         frames = self._frames
         held = frames.get(sequence)
@@ -172,26 +196,50 @@ class JitterBuffer:
             return
         if self._last_ts is None or ts > self._last_ts:
             self._last_ts = ts
+        self._arrivals[sequence] = self._measure(ts)
+
+    def _measure(self, ts: int) -> float:
+        """The transit of a packet with (unwrapped) timestamp `ts` arriving now, into the
+        base and the peak; returns now."""
         now = self._now()
-        self._arrivals[sequence] = now
+        due = self._last_at + FRAME_S
+        behind = now > due
+        if behind:
+            # The loop is behind (the tick due then has not run yet): the packet is in time
+            # for that tick whatever the loop's delay, so that delay is no jitter. When it
+            # really came is unknown (after `due`, perhaps): it does not move the base.
+            now = due
         transit = now - ts / OPUS_CLOCK_HZ
         base = self._base
         if base is None:
             base = transit
-        else:
+        elif not behind:
             base = min(transit, base + (now - self._base_at) * BASE_CREEP_PER_S)
-        self._base, self._base_at = base, now
+        if not behind or self._base is None:
+            self._base, self._base_at = base, now
         excess = transit - base
-        decayed = self._peak * math.exp((self._peak_at - now) * _DECAY_PER_S)
-        self._peak, self._peak_at = max(excess, decayed), now
+        decayed = self._peak * math.exp(min(0.0, self._peak_at - now) * _DECAY_PER_S)
+        peak = decayed
+        if excess > decayed and now - self._rise_at >= FRAME_S:
+            # At most a frame per 20 ms: a burst after a stall (one instant, the first
+            # packet of it the latest) raises the peak by a frame, not by the stall, and
+            # jitter that lasts still gets there within a few packets.
+            peak = min(excess, decayed + FRAME_S)
+            self._rise_at = now
+        self._peak, self._peak_at = peak, now
+        return now
 
-    def tick(self) -> Slot | None:
-        """The next 20 ms slot (module docstring), or None before playing starts."""
+    def tick(self, at: float | None = None) -> Slot | None:
+        """The next 20 ms slot (module docstring), or None before playing starts. `at`: the
+        time this slot is due on the pacer's grid (default: the clock); a late timer that
+        runs several slots back to back hands each its own time, so a stall of the loop
+        neither skips nor holds a frame."""
         frames = self._frames
         base = self._base
         if base is None:
             return None
-        now = self._now()
+        now = self._now() if at is None else at
+        self._last_at = now
         target = self._target(now)
         if self._next_seq is None:
             first = min(frames)
@@ -200,17 +248,44 @@ class JitterBuffer:
                 return None
             self._next_seq, self._cursor = first, ts
         lead = now - base - self._cursor / OPUS_CLOCK_HZ
-        self._since_skip += 1
-        if lead < target - FRAME_S / 2:
-            self.held += 1  # too little delay for this jitter: this slot waits a tick
+        missing = not self._due_here()
+        if missing and lead < self._wait_for_missing(now, target):
+            # Its packet may still come: this slot waits a tick (the buffer grows).
+            self.held += 1
+            self._over_ticks = 0
+            if not self._frames:
+                self._underrun += 1  # nothing here: as much a pause as the slots after it
             return _HELD_SILENCE if self._in_silence else _HELD_LOST
-        if lead > target + FRAME_S * 1.5 and (
-            self._in_silence or self._since_skip >= SKIP_EVERY_TICKS
+        if lead > target + SHRINK_MARGIN_S:
+            self._over_ticks += 1
+        else:
+            self._over_ticks = 0
+        if self._over_ticks and (
+            self._in_silence or missing or self._over_ticks >= SKIP_AFTER_TICKS
         ):
-            self._since_skip = 0
+            # Shrink by the slot that costs least: silence, a frame that is missing
+            # anyway (nothing to conceal), or, after a long stretch of spare delay, speech.
+            self._over_ticks = 0
             self.skipped += 1
             self._advance_skipping()
         return self._release(now)
+
+    def _due_here(self) -> bool:
+        """The packet of the cursor's slot (or one whose time has come) is here."""
+        frames = self._frames
+        seq = self._next_seq
+        if seq in frames:
+            return True
+        return bool(frames) and frames[min(frames)][1] <= self._cursor
+
+    def _wait_for_missing(self, now: float, target: float) -> float:
+        """How much lead a missing packet is waited for: its own lateness (the peak), and
+        when the next packet is not here either, room for that one's FEC too."""
+        seq = self._next_seq
+        assert seq is not None
+        if self._in_silence or (seq + 1) in self._frames:
+            return target - FRAME_S / 2
+        return target
 
     def _advance_skipping(self) -> None:
         """Drops the cursor's frame (or 20 ms of a silence) to shrink the delay."""
@@ -222,13 +297,38 @@ class JitterBuffer:
             self._arrivals.pop(seq, None)
             self._next_seq = seq + 1
             self._cursor = held[1] + opus_duration_ticks(held[0])
+        elif self._in_silence or held is not None:
+            self._cursor += FRAME_TICKS  # 20 ms of a pause (the next packet is later)
         else:
+            self._next_seq = seq + 1  # a missing packet: never concealed, never waited for
             self._cursor += FRAME_TICKS
+            self._loss_at = self._peak_at
+
+    def _drop_stale(self) -> None:
+        """The cursor ran on through an underrun: packets whose slot is more than
+        `STALE_TICKS` behind it now are late (dropped, counted). So one stall of the network
+        grows the buffer by a frame at most, instead of by its length (what followed would
+        be that much later, until skipped frames won it back)."""
+        frames = self._frames
+        limit = self._cursor - STALE_TICKS
+        while frames:
+            first = min(frames)
+            if frames[first][1] >= limit:
+                return
+            del frames[first]
+            self._arrivals.pop(first, None)
+            self.late += 1
+            if self._next_seq is not None and first >= self._next_seq:
+                self._next_seq = first + 1
 
     def _release(self, now: float) -> Slot:
         frames = self._frames
         seq = self._next_seq
         assert seq is not None
+        if self._underrun and frames:
+            self._drop_stale()
+            seq = self._next_seq
+            assert seq is not None
         held = frames.get(seq)
         paused = self._underrun
         if held is None and frames:
@@ -267,6 +367,8 @@ class JitterBuffer:
         arrived = self._arrivals.pop(seq, None)
         if arrived is not None:
             self.delay_ms = (now - arrived) * 1000.0
+            self._delay_sum_ms += self.delay_ms
+            self._delayed += 1
         self._next_seq = seq + 1
         self._cursor = ts + opus_duration_ticks(payload)
         if len(payload) <= DTX_MAX_BYTES:

@@ -293,3 +293,67 @@ def red(*blocks: tuple[int, int, bytes]) -> bytes:
 )
 def test_red_blocks_follow_rfc2198(data: bytes, expected: list[tuple[int, int, bytes]]) -> None:
     assert jitter.red_blocks(data) == expected
+
+
+def test_a_network_stall_costs_its_frames_not_a_lasting_delay() -> None:
+    """The network holds 200 ms of packets and releases them at once (a stalled forwarder):
+    their slots were played as concealment, so they are late (dropped), and what follows
+    plays at the delay of before: no frame later, none skipped to win it back."""
+    delays: list[float | None] = [0.030] * 400
+    for seq in range(200, 210):
+        delays[seq] = 0.030 + (210 - seq) * jitter.FRAME_S  # all arrive with packet 210
+    clock = Clock()
+    buffer = JitterBuffer(clock)
+    run = simulate(buffer, clock, delays)
+    played = run.played()
+    frames = [seq_of(s.payload) for s in played if s.kind == FRAME and s.payload]
+    assert frames[-1] == 399
+    assert buffer.late >= 8
+    assert len(played) <= 400 + 1  # the timeline grew by a frame at most
+    assert buffer.skipped == 0
+    before = max(d for at, d in run.delays_ms if at < 4.0)
+    assert max(d for at, d in run.delays_ms if at > 5.0) <= before + 20.0 + 1.0
+
+
+def test_a_late_running_loop_neither_holds_nor_skips() -> None:
+    """The loop stalls for up to 60 ms twice a second, and once for 400 ms: packets are
+    read late, and the ticks due meanwhile run back to back after the stall, each with the
+    time it was due (CallerAudio replays the slots the pacer skipped). The buffer plays
+    every frame in order, none held, none skipped, its target unmoved."""
+    rng = random.Random(11)
+    stalls: list[tuple[float, float]] = [(6.0, 6.4)]
+    at = 0.0
+    while at < 12.0:
+        at += rng.expovariate(2.0)
+        stalls.append((at, at + rng.uniform(0.005, 0.060)))
+
+    def after_stalls(t: float) -> float:
+        for start, end in stalls:
+            if start <= t < end:
+                return end
+        return t
+
+    count = 500
+    events: list[tuple[float, int, int, float]] = []  # (run at, 0 packet / 1 tick, index, due)
+    for seq in range(count):
+        arrival = seq * jitter.FRAME_S + 0.030
+        events.append((after_stalls(arrival), 0, seq, arrival))
+    for index in range(count + 10):
+        due = index * jitter.FRAME_S + 0.013
+        events.append((after_stalls(due), 1, index, due))
+    events.sort()
+    clock = Clock()
+    buffer = JitterBuffer(clock)
+    slots: list[Slot] = []
+    for run_at, kind, index, due in events:
+        clock.now = run_at
+        if kind == 0:
+            buffer.push(payload(index), index * jitter.FRAME_TICKS, index)
+        else:
+            slot = buffer.tick(due)
+            if slot is not None:
+                slots.append(slot)
+    frames = [seq_of(s.payload) for s in slots if s.kind == FRAME and s.payload]
+    assert frames == list(range(count))
+    assert buffer.held == buffer.skipped == buffer.late == 0
+    assert buffer.target_ms <= 40.0

@@ -419,8 +419,32 @@ class CallerAudio:
         )
         self._waiting: deque[jitter.Slot] = deque()
         self._waiting_max = int(receive.first_words_max_s * 1000 / FRAME_MS)
+        self._clock = clock
+        self._origin: float | None = None  # the pacer's grid: slot k is due at origin + k x 20 ms
+        self._last_index: int | None = None  # the pacer's last frame index
         self._busy_ticks = 0  # ticks the last packet still covers (packets over 20 ms)
         self._lost_run = 0
+
+    def outcomes(self) -> dict[str, int]:
+        """The receive path's counts for the session's close log (`receive__*`)."""
+        counts = {
+            "receive__concealed": self.frames_concealed,
+            "receive__fec_recovered": self.frames_fec_recovered,
+            "receive__lost": self.frames_lost,
+            "receive__dtx": self.frames_dtx,
+        }
+        if self.adaptive:
+            jb = self.jitter
+            counts |= {
+                "receive__red_recovered": self.frames_red_recovered,
+                "receive__late": jb.late,
+                "receive__skipped": jb.skipped,
+                "receive__held": jb.held,
+                "receive__delay_ms": round(jb.mean_delay_ms),
+                "receive__target_ms": round(jb.target_ms),
+                "receive__first_words_dropped": self.first_words_dropped,
+            }
+        return counts
 
     def stop(self) -> None:
         if not self._stopped:
@@ -487,13 +511,23 @@ class CallerAudio:
             self.jitter.push(data, timestamp - offset, sequence - back, from_red=back > 0)
 
     def tick(self, frame_index: int) -> None:
-        """The pacer's 20 ms clock: one slot of the jitter buffer towards the bridge."""
+        """The pacer's 20 ms clock: one slot of the jitter buffer towards the bridge. After
+        a stall the pacer skips frames (rtp.plan_tick); their slots are played here all the
+        same, back to back (at most `CATCH_UP_SLOTS` x 5 of them), so that what the bridge
+        hears keeps the caller's timeline and the buffer its delay."""
+        last = self._last_index
+        first = frame_index if last is None else max(last + 1, frame_index - CATCH_UP_SLOTS * 5)
+        self._last_index = frame_index
+        for index in range(first, frame_index + 1):
+            self._tick_slot(index)
+
+    def _tick_slot(self, frame_index: int) -> None:
         if self._stopped:
             return
         if self._busy_ticks:
             self._busy_ticks -= 1
             return
-        slot = self.jitter.tick()
+        slot = self.jitter.tick(self._slot_time(frame_index))
         if slot is None:
             return
         if slot.payload is not None and slot.kind == jitter.FRAME:
@@ -514,6 +548,15 @@ class CallerAudio:
                 self._deliver(bridge, waiting.popleft())
             return
         self._deliver(bridge, slot)
+
+    def _slot_time(self, frame_index: int) -> float:
+        """When the pacer's slot `frame_index` was due: the earliest tick's time minus its
+        index sets the grid, so a tick that runs late (a busy loop, the pacer catching up
+        back to back) still plays the slot of its own time."""
+        origin = self._clock() - frame_index * jitter.FRAME_S
+        if self._origin is None or origin < self._origin:
+            self._origin = origin
+        return self._origin + frame_index * jitter.FRAME_S
 
     def _deliver(self, bridge: BridgeSession, slot: jitter.Slot) -> None:
         if self._dropped_unsent:

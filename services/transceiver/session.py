@@ -708,6 +708,7 @@ class Session:
             audio_frames_in=self.frames_in,
             audio_frames_out=self.frames_out,
             **(self._rtp.drops() if self._rtp is not None else {}),
+            **self._caller_audio.outcomes(),
         )
         self._closed.set()
         self._on_closed(self)
@@ -754,6 +755,8 @@ class Session:
                 stats.selected_remote_address.ip, stats.selected_remote_address.port = pair.remote
         if self._rtp is not None:
             self._rtp.fill_stats(stats)
+        if self._caller_audio.adaptive:
+            stats.jitter_buffer_delay_ms = self._caller_audio.jitter.mean_delay_ms
         if self.pc.connectionState != "closed":
             # RTT: aiortc's RTCP (our sender reports, the caller's receiver reports).
             report = await self.pc.getStats()

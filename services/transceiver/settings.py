@@ -150,7 +150,7 @@ class ReceiveSettings:
         choices=RECEIVE_PATHS,
     )
     jitter_min_delay_ms: float = setting(
-        10.0, "the adaptive jitter buffer's smallest delay (at zero jitter)", ge=0, le=200
+        20.0, "the adaptive jitter buffer's smallest delay (at zero jitter)", ge=0, le=200
     )
     jitter_max_delay_ms: float = setting(
         200.0, "the adaptive jitter buffer's largest delay, whatever the jitter", ge=20, le=1000
