@@ -117,13 +117,14 @@ def _ms(value: float | None) -> str:
 
 def format_table(summaries: Sequence[ThinkSummary]) -> str:
     """A Markdown table: per think time, p50 / p95 (ms) of every figure."""
-    header = ["think ms", "turns", *(label for _, label in COLUMNS), "|diff| <= 20 ms"]
+    header = ["think ms", "turns", *(label for _, label in COLUMNS), "worst diff, within 20 ms"]
     header.append("call record p50 / p95")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
         cells = [str(s.think_ms), f"{len(s.turns)} (+{s.unmatched} unpaired)"]
         cells += [_p50_p95([getattr(t, key) for t in s.turns]) for key, _ in COLUMNS]
-        cells.append(f"{s.within_tolerance()} of {len(s.turns)}")
+        worst = max((t.difference_ms for t in s.turns), key=abs, default=None)
+        cells.append(f"{_ms(worst)}, {s.within_tolerance()} of {len(s.turns)}")
         cells.append(f"{_ms(s.record_p50_ms)} / {_ms(s.record_p95_ms)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

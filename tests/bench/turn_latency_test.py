@@ -36,6 +36,7 @@ def test_turns_pair_by_index_and_summarise() -> None:
     assert summary.within_tolerance() == 2
     table = turn_latency.format_table([summary])
     assert "| 200 | 2 (+2 unpaired) |" in table, table
+    assert "| 10.0, 2 of 2 |" in table, table
     assert "worst +10.0 ms" in turn_latency.worst_line([summary])
 
 

@@ -549,7 +549,11 @@ async def run_ours(
     """Our transceiver, on its default receive path or on `receive_path` (its setting)."""
     bridge = BridgeProcess()
     await bridge.start()
-    flags = ["--receive-path", receive_path] if receive_path else []
+    # Admission off (issue 20: it refuses sessions once the loop lags or the CPU is high):
+    # this benchmark finds where lateness, not admission, sets the limit.
+    flags = ["--admission-max-loop-lag-ms", "0", "--admission-max-cpu-percent", "0"]
+    if receive_path:
+        flags += ["--receive-path", receive_path]
     process = start_transceiver(bridge.address, profile, flags)
     python_relay: FramingRelay | None = None
     try:
