@@ -1,6 +1,7 @@
 """What the bridge hears of a caller through an impaired access link (issue 19, "Receive
-path"): PESQ wideband, STOI, broken 20 ms frames and frame delivery of the audio a real
-InferenceBridgeService receives, against the clean speech reference Chromium sends.
+path"): PESQ wideband, STOI, word error rate (PocketSphinx), broken 20 ms frames and frame
+delivery of the audio a real InferenceBridgeService receives, against the clean speech
+reference Chromium sends and its sentences.
 Printed, never asserted; recorded in BENCHMARKS.md. Needs root (network namespaces).
 
     ./bazelw run //tests/bench:audio_fidelity                      # every condition, both paths
@@ -180,13 +181,24 @@ def score(
     received = speech.resample(samples, capture.sample_rate_hz, fidelity.RATE)
     margin = fidelity.RATE * fidelity.ALIGN_MARGIN_MS // 1000
     alignment = fidelity.align(reference.samples_16k, received, margin)
-    stretch = fidelity.Stretch(alignment.matched(), received)
+    sentences = fidelity.sentences_in(
+        reference.sentences, len(reference.samples_16k), alignment.offset, len(received)
+    )
+    stretch = fidelity.Stretch(
+        alignment.matched(), received, sentences=sentences, vocabulary=reference.vocabulary
+    )
     if save_as is not None:
         speech.write_wav(save_as.with_name(save_as.name + "-received.wav"), received, fidelity.RATE)
         speech.write_wav(
             save_as.with_name(save_as.name + "-reference.wav"), stretch.reference, fidelity.RATE
         )
-    quality = {metric.name: metric.compute(stretch) for metric in fidelity.QUALITY_METRICS}
+    quality: dict[str, float] = {}
+    for metric in fidelity.QUALITY_METRICS:
+        started = time.monotonic()
+        quality[metric.name] = metric.compute(stretch)
+        progress(
+            f"    {metric.name} {quality[metric.name]:.3f} in {time.monotonic() - started:.2f} s"
+        )
     verdicts = fidelity.frame_verdicts(alignment, received)
     window = [arrivals[s] for s in range(first, first + count) if s in arrivals]
     return quality, verdicts.broken_pct, fidelity.delivery(window), missing
@@ -417,9 +429,25 @@ def machine_load() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
 
 
+def recogniser_floor(reference: speech.SpeechReference) -> float:
+    """The WER column's floor: the clean reference pass itself, recognised sentence by
+    sentence as the received audio is."""
+    samples = reference.samples_16k
+    inside = fidelity.sentences_in(reference.sentences, len(samples), 0, len(samples))
+    clean = fidelity.Stretch(samples, samples, sentences=inside, vocabulary=reference.vocabulary)
+    return fidelity.word_error_rate(clean)
+
+
 def run(args: argparse.Namespace, workdir: Path) -> list[Row]:
     reference = speech.synthesise(workdir)
     progress(f"speech reference: {reference.seconds:.1f} s per loop ({reference.wav_path})")
+    started = time.monotonic()
+    floor = recogniser_floor(reference)
+    print(
+        f"WER of the clean reference (the recogniser's floor): {floor:.2f}, "
+        f"{time.monotonic() - started:.1f} s with the model load",
+        flush=True,
+    )
     rows: list[Row] = []
     for path in args.paths:
         if path != "direct" and not receive_path_supported():

@@ -1,7 +1,8 @@
 """The audio fidelity metrics (tests/bench/fidelity.py) on signals whose answer is known:
 a looped reference found at its offset, gaps as silence, broken frames counted (a gap, a
 wrong level) and not counted (a clean copy, a copy whose delay grows by one frame), the
-delivery rate, and PESQ/STOI at their ends of the scale."""
+delivery rate, PESQ/STOI at their ends of the scale, and the word error rate of the
+sentences wholly inside a stretch (the recogniser is the real PocketSphinx)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,13 @@ FRAME = fidelity.frame_samples()
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
-    return speech.synthesise(tmp_path_factory.mktemp("speech")).samples_16k
+def spoken(tmp_path_factory: pytest.TempPathFactory) -> speech.SpeechReference:
+    return speech.synthesise(tmp_path_factory.mktemp("speech"))
+
+
+@pytest.fixture(scope="module")
+def reference(spoken: speech.SpeechReference) -> np.ndarray:
+    return spoken.samples_16k
 
 
 def looped(reference: np.ndarray, start: int, length: int) -> np.ndarray:
@@ -122,3 +128,47 @@ def test_speech_wav_is_48k_mono(tmp_path: Path) -> None:
     samples, rate = speech.read_wav(made.wav_path)
     assert rate == speech.BROWSER_RATE
     assert len(samples) / rate == pytest.approx(made.seconds, abs=0.01)
+
+
+def test_each_sentence_is_found_between_the_pauses(spoken: speech.SpeechReference) -> None:
+    texts = [s.text for s in spoken.sentences]
+    assert texts == speech.split_sentences(speech.SENTENCES)
+    assert len(texts) == 3
+    for before, after in zip(spoken.sentences, spoken.sentences[1:], strict=False):
+        assert after.start - before.end >= speech.SENTENCE_PAUSE_MS * RATE // 1000
+    for sentence in spoken.sentences:
+        assert 2.0 < (sentence.end - sentence.start) / RATE < 4.5, sentence
+    with pytest.raises(ValueError, match="2 sentences but 3 stretches"):
+        speech.locate_sentences(spoken.samples_16k, RATE, "One. Two.")
+
+
+def test_the_sentences_inside_a_stretch_come_from_its_place_in_the_loop(
+    spoken: speech.SpeechReference,
+) -> None:
+    period = len(spoken.samples_16k)
+    first = spoken.sentences[0]
+    start = first.end + RATE // 10  # just after the first sentence: the other two, then it
+    received = looped(spoken.samples_16k, start, 8 * RATE)
+    alignment = fidelity.align(spoken.samples_16k, received, margin=3200)
+    assert alignment.offset == start
+    inside = fidelity.sentences_in(spoken.sentences, period, alignment.offset, len(received))
+    assert [s.text for s in inside] == [s.text for s in spoken.sentences[1:]]
+    pad = fidelity.SENTENCE_PAD_MS * RATE // 1000
+    assert inside[0].start == spoken.sentences[1].start - start - pad
+    assert all(0 <= s.start < s.end <= len(received) for s in inside)
+    assert fidelity.sentences_in(spoken.sentences, period, first.start + 1, 2 * RATE) == ()
+
+
+def test_word_error_rate_of_clean_silenced_and_sentence_free_stretches(
+    spoken: speech.SpeechReference,
+) -> None:
+    samples = spoken.samples_16k
+    inside = fidelity.sentences_in(spoken.sentences, len(samples), 0, len(samples))
+    assert len(inside) == 3
+    clean = fidelity.Stretch(samples, samples, sentences=inside, vocabulary=spoken.vocabulary)
+    floor = fidelity.word_error_rate(clean)
+    assert floor <= 0.4  # the recogniser on espeak-ng's voice: 0.30 here
+    assert fidelity.word_error_rate(clean) == floor  # the same words every time
+    silenced = fidelity.Stretch(samples, np.zeros_like(samples), sentences=inside)
+    assert fidelity.word_error_rate(silenced) == 1.0  # every word deleted
+    assert np.isnan(fidelity.word_error_rate(fidelity.Stretch(samples, samples)))

@@ -3,12 +3,16 @@
 Chromium loops as its microphone, and kept as 16 kHz samples for PESQ wideband and STOI.
 
 The sentences are our own; the voice, rate and level are fixed, so every run sends the same
-reference (espeak-ng is deterministic for a given version).
+reference (espeak-ng is deterministic for a given version). Where each sentence lies in the
+pass (`Sentence`) is found from espeak-ng's pauses: about 300 ms between sentences, under
+60 ms inside one; the word error rate column recognises the received audio sentence by
+sentence against these texts.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import subprocess
 import wave
@@ -17,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import soxr  # type: ignore[import-untyped]
+
+from libs.speech import wer
 
 ESPEAK = "espeak-ng"
 BROWSER_RATE = 48000  # what Chromium's fake capture plays (tests/e2e/browser.py WAV_RATE)
@@ -29,6 +35,22 @@ SENTENCES = (
 WORDS_PER_MINUTE = 175
 LEVEL_DBFS = -20.0  # RMS of the active speech: a plain talker into a microphone, no clipping
 TRAILING_SILENCE_S = 0.5  # between two passes of the loop
+# Sentence spans: 10 ms blocks quieter than the loudest by this much are silence, and this
+# much silence in a row ends a sentence (espeak-ng: ~300 ms between sentences, <= 60 ms
+# inside one at this rate).
+SILENCE_DB = 40.0
+SENTENCE_PAUSE_MS = 200
+BLOCK_MS = 10
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """One sentence of the pass: its text and where it is spoken, in samples at the
+    metrics' rate (end exclusive)."""
+
+    text: str
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -37,6 +59,12 @@ class SpeechReference:
 
     wav_path: Path  # 48 kHz mono s16le, Chromium's microphone
     samples_16k: np.ndarray  # float64 in [-1, 1], the same pass
+    sentences: tuple[Sentence, ...] = ()  # in the order spoken
+
+    @property
+    def vocabulary(self) -> tuple[str, ...]:
+        """Every word spoken, once each (normalised as the word error rate compares them)."""
+        return tuple(sorted({w for s in self.sentences for w in wer.words(s.text)}))
 
     @property
     def seconds(self) -> float:
@@ -81,6 +109,43 @@ def _at_level(samples: np.ndarray, dbfs: float) -> np.ndarray:
     return scaled * (0.9 / peak) if peak > 0.9 else scaled
 
 
+def split_sentences(text: str) -> list[str]:
+    return [part for part in re.split(r"(?<=[.!?])\s+", text.strip()) if part]
+
+
+def speech_spans(samples: np.ndarray, rate: int) -> list[tuple[int, int]]:
+    """The stretches of `samples` between pauses of at least SENTENCE_PAUSE_MS, as
+    (start, end) sample indices; leading and trailing silence left out."""
+    block = rate * BLOCK_MS // 1000
+    count = len(samples) // block
+    if count == 0:
+        return []
+    levels = np.sqrt(np.mean(samples[: count * block].reshape(count, block) ** 2, axis=1))
+    loud = levels > levels.max() * 10 ** (-SILENCE_DB / 20)
+    spans: list[tuple[int, int]] = []
+    quiet_run = SENTENCE_PAUSE_MS // BLOCK_MS  # as if a pause came before the first block
+    for index, is_loud in enumerate(loud):
+        if not is_loud:
+            quiet_run += 1
+            continue
+        if quiet_run >= SENTENCE_PAUSE_MS // BLOCK_MS:
+            spans.append((index * block, (index + 1) * block))
+        else:
+            spans[-1] = (spans[-1][0], (index + 1) * block)
+        quiet_run = 0
+    return spans
+
+
+def locate_sentences(samples: np.ndarray, rate: int, text: str) -> tuple[Sentence, ...]:
+    """Each sentence of `text` with its span in `samples`; ValueError when the pauses do not
+    split the audio into as many stretches as there are sentences."""
+    texts = split_sentences(text)
+    spans = speech_spans(samples, rate)
+    if len(spans) != len(texts):
+        raise ValueError(f"{len(texts)} sentences but {len(spans)} stretches of speech")
+    return tuple(Sentence(t, a, b) for t, (a, b) in zip(texts, spans, strict=True))
+
+
 def synthesise(workdir: Path, text: str = SENTENCES) -> SpeechReference:
     """Speaks `text` with espeak-ng into workdir/speech.wav (48 kHz, levelled, a short
     silence appended so the loop's passes are apart); RuntimeError if espeak-ng is missing."""
@@ -100,4 +165,5 @@ def synthesise(workdir: Path, text: str = SENTENCES) -> SpeechReference:
     write_wav(wav_path, browser, BROWSER_RATE)
     # What Chromium reads back (s16 rounding included), taken to the metrics' rate.
     played, _ = read_wav(wav_path)
-    return SpeechReference(wav_path, resample(played, BROWSER_RATE, METRIC_RATE))
+    samples = resample(played, BROWSER_RATE, METRIC_RATE)
+    return SpeechReference(wav_path, samples, locate_sentences(samples, METRIC_RATE, text))

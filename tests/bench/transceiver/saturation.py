@@ -36,6 +36,10 @@ bridge, ours only); the step's figure is the worse of the two. A failing step wh
 ran late (p99 tick lag over 10 ms: the generator, not the server, fell behind) is measured
 once more.
 
+`--receive-paths direct,adaptive` runs each of our modes once per receive path (the
+transceiver's `receive_path` setting), one after the other, and prints the server CPU of
+the two at every step both measured.
+
 Run: ./bazelw run //tests/bench/transceiver:saturation -- --step-seconds 10
 """
 
@@ -535,11 +539,22 @@ def native_relay(media: tuple[str, int]) -> contextlib.AbstractContextManager[An
 
 
 async def run_ours(
-    passthrough: bool, steps: list[int], step_seconds: float, relay_kind: str, profile: str = ""
+    passthrough: bool,
+    steps: list[int],
+    step_seconds: float,
+    relay_kind: str,
+    profile: str = "",
+    receive_path: str = "",
 ) -> list[StepResult]:
+    """Our transceiver, on its default receive path or on `receive_path` (its setting)."""
     bridge = BridgeProcess()
     await bridge.start()
-    process = start_transceiver(bridge.address, profile)
+    # Admission off (issue 20: it refuses sessions once the loop lags or the CPU is high):
+    # this benchmark finds where lateness, not admission, sets the limit.
+    flags = ["--admission-max-loop-lag-ms", "0", "--admission-max-cpu-percent", "0"]
+    if receive_path:
+        flags += ["--receive-path", receive_path]
+    process = start_transceiver(bridge.address, profile, flags)
     python_relay: FramingRelay | None = None
     try:
         with contextlib.ExitStack() as stack:
@@ -566,6 +581,8 @@ async def run_ours(
                 await client.accept(response.answer_sdp)
 
             name = "ours, passthrough" if passthrough else "ours, transcoding"
+            if receive_path:
+                name += f", {receive_path}"
             results = await ramp(name, process.pid, connect, steps, step_seconds, bridge)
             await channel.close(None)
             return results
@@ -625,6 +642,29 @@ def summary(name: str, results: list[StepResult]) -> None:
     )
 
 
+def compare_paths(mode: str, direct: list[StepResult], adaptive: list[StepResult]) -> str:
+    """The adaptive receive path against the direct one (issue 19: it must not cost more
+    than 15 % of the sessions per core): the capacity each reached and the server CPU at
+    every step both measured."""
+
+    def capacity(results: list[StepResult]) -> int:
+        good = [r.sessions for r in results if r.late_ratio < LATE_LIMIT]
+        return good[-1] if good else 0
+
+    parts = [
+        f"{mode}: under 1 % late up to {capacity(direct)} direct, {capacity(adaptive)} adaptive"
+    ]
+    by_count = {r.sessions: r for r in direct}
+    for r in adaptive:
+        base = by_count.get(r.sessions)
+        if base is not None and base.server_cpu > 0:
+            parts.append(
+                f"CPU at {r.sessions}: {100 * base.server_cpu:.0f} % -> "
+                f"{100 * r.server_cpu:.0f} % ({100 * (r.server_cpu / base.server_cpu - 1):+.0f} %)"
+            )
+    return "; ".join(parts)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -644,6 +684,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "python: the testkit's FramingRelay inside the generator process",
     )
     parser.add_argument(
+        "--receive-paths",
+        default="",
+        help="our transceiver's receive_path setting, comma-separated (direct,adaptive: each "
+        "mode once per path, one after the other, and a comparison); default: its default",
+    )
+    parser.add_argument(
         "--profile",
         default="",
         help="run our transceiver under cProfile, stats to PATH.<mode> (figures then include "
@@ -654,6 +700,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # server keeps aiortc's example set-up, the default loop).
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     steps = [int(s) for s in args.steps.split(",")]
+    receive_paths = [p.strip() for p in args.receive_paths.split(",") if p.strip()] or [""]
+    if set(receive_paths) - {"", "direct", "adaptive"}:
+        parser.error("--receive-paths: of direct,adaptive")
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
     with open("/proc/loadavg") as loadavg:
@@ -663,22 +712,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if mode == "stock":
             all_results["stock aiortc echo"] = asyncio.run(run_stock(steps, args.step_seconds))
         elif mode in ("transcoding", "passthrough"):
-            results = asyncio.run(
-                run_ours(
-                    mode == "passthrough",
-                    steps,
-                    args.step_seconds,
-                    args.relay,
-                    f"{args.profile}.{mode}" if args.profile else "",
+            for path in receive_paths:
+                suffix = f".{path}" if path else ""
+                results = asyncio.run(
+                    run_ours(
+                        mode == "passthrough",
+                        steps,
+                        args.step_seconds,
+                        args.relay,
+                        f"{args.profile}.{mode}{suffix}" if args.profile else "",
+                        path,
+                    )
                 )
-            )
-            all_results[f"ours, {mode}"] = results
+                all_results[f"ours, {mode}" + (f", {path}" if path else "")] = results
         else:
             parser.error(f"unknown mode {mode}")
     with open("/proc/loadavg") as loadavg:
         print(f"load average at end: {loadavg.read().split()[:3]}")
     for name, results in all_results.items():
         summary(name, results)
+    for mode in ("transcoding", "passthrough"):
+        direct = all_results.get(f"ours, {mode}, direct")
+        adaptive = all_results.get(f"ours, {mode}, adaptive")
+        if direct is not None and adaptive is not None:
+            print(compare_paths(mode, direct, adaptive))
     return 0
 
 
