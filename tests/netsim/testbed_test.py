@@ -247,6 +247,8 @@ def test_a_mesh_link_delays_by_far_end_and_takes_new_delays_while_running() -> N
                 fast = summarise(probe(sock, ("10.77.2.2", ECHO_PORT), count=20, interval_s=0.02))
         finally:
             server.close()
-    # 20 ms each way, then 5: the medians, with room for a busy machine.
-    assert 40 <= slow.rtt_median_ms <= 55, slow.line()
-    assert 10 <= fast.rtt_median_ms <= 25, fast.line()
+    # 20 ms each way, then 5. A delay is a floor, so the fastest round trip shows which one
+    # applies (a busy machine only adds; the first probes after the reload may still see
+    # the old delay, since the mesh takes SIGHUP asynchronously).
+    assert slow.rtt_min_ms >= 40, slow.line()
+    assert 10 <= fast.rtt_min_ms < 40, fast.line()
