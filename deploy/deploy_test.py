@@ -478,6 +478,7 @@ def test_dockerfile_has_a_healthy_labelled_target_per_service() -> None:
     # Each extension lands where its loader looks (native/ beside the loading module).
     assert "/src/fastio.so /app/libs/fastio/native/fastio.so" in text
     assert "/src/rtpcore.so /app/services/transceiver/native/rtpcore.so" in text
+    assert "/src/relaycore.so /app/services/relay/native/relaycore.so" in text
     for arg in ("PIP_INDEX_URL", "CA_CERTS_PEM"):
         assert f"ARG {arg}" in text
 

@@ -136,6 +136,7 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
             "internal": plane.internal_address,
             "workers": workers,
             "batched_io": plane.batched,
+            "native_path": plane.native,
         },
         started=started,
         health=health,

@@ -22,6 +22,7 @@ from libs.config.settings import join_host_port, parse_host_port
 from libs.fastio import fastio
 from libs.observability.telemetry import log_event
 from libs.wire.framing import Address
+from services.relay import native
 from services.relay.router import C2T, T2C, Binding, BindingInfo, Forward, Router, RouterCounters
 from services.relay.store import TOPOLOGY_RESAVE_S, BindingStore, RedisCounts, counts_of
 from services.relay.tcp import TcpCounters, TcpPlane
@@ -135,6 +136,7 @@ class DataPlane:
         batched_io: bool = True,
         tcp: TcpPlane | None = None,
         persist_topology: bool = False,
+        native_path: str = "auto",
     ) -> None:
         self.router = router
         self.tcp = tcp  # the worker's ICE-TCP listener, started and closed with the plane
@@ -157,6 +159,8 @@ class DataPlane:
         self._refresher: asyncio.Task[None] | None = None
         self._closed = False
         self._fastio = fastio.load() if batched_io else None
+        self._native_wanted = native.wanted(native_path)
+        self._native: native.NativePath | None = None
         self._readers: list[socket.socket] = []
         self._public_fds: list[int] = []
         self._internal_fd = -1
@@ -171,8 +175,15 @@ class DataPlane:
         """True when the native recvmmsg/sendmmsg path carries the traffic."""
         return self._fastio is not None
 
+    @property
+    def native(self) -> bool:
+        """True when the C per-packet path (services/relay/native) carries bound clients."""
+        return self._native_wanted
+
     async def start(self) -> None:
-        if self._fastio is not None:
+        if self._native_wanted:
+            self._start_native()
+        elif self._fastio is not None:
             self._start_batched()
         else:
             await self._start_endpoints()
@@ -190,10 +201,11 @@ class DataPlane:
             udp=",".join(self.public_addresses),
             internal=self.internal_address,
             batched_io=self.batched,
+            native_path=self.native,
         )
 
-    def _start_batched(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _bind_raw(self) -> None:
+        """The internal and public sockets as plain non-blocking sockets (batched paths)."""
         try:
             internal = bind_udp(self._internal_listen, reuse_port=False)
             self._readers.append(internal)
@@ -209,9 +221,62 @@ class DataPlane:
                 sock.close()
             self._readers.clear()
             raise
+
+    def _start_batched(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._bind_raw()
         loop.add_reader(self._internal_fd, self._internal_readable)
         for via, fd in enumerate(self._public_fds):
             loop.add_reader(fd, self._public_readable, via, fd)
+
+    def _start_native(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._bind_raw()
+        core = native.NativePath(
+            self.router,
+            self._internal_fd,
+            tuple(self._public_fds),
+            lambda: self.now,
+            lookups=self.store.enabled,
+        )
+        self._native = core
+        self.router.attach(core)
+        loop.add_reader(self._internal_fd, self._internal_native)
+        for via, fd in enumerate(self._public_fds):
+            loop.add_reader(fd, self._public_native, via)
+
+    def _public_native(self, via: int) -> None:
+        """C forwards the bound clients' media and counts its drops; what it hands up is
+        routed here as on the Python path (STUN, new clients), or a Redis lookup."""
+        assert self._native is not None
+        router, core, internal = self.router, self._native, self._readers[0]
+        for data, addr, kind in core.pump_public(via):
+            if kind == native.LOOKUP:
+                self.lookup(addr, via)
+                continue
+            result = router.route_client_packet(data, addr, self.now, via, kind == native.ADMITTED)
+            if type(result) is Forward:
+                binding = router.get(addr)
+                if binding is not None:
+                    core.set_via(binding)
+                self._send(internal, result, C2T)
+            elif result[0] == _NO_BINDING and self.store.enabled:
+                self.lookup(addr, via)
+
+    def _internal_native(self) -> None:
+        assert self._native is not None
+        route = self.router.route_transceiver_packet
+        for frame, addr in self._native.pump_internal():
+            result = route(frame, addr)
+            if type(result) is Forward:
+                self._send(self._readers[1 + result.via], result, T2C)
+
+    def _send(self, sock: socket.socket, forward: Forward, direction: int) -> None:
+        """One datagram the Python router decided on the native path (rare: STUN)."""
+        try:
+            sock.sendto(forward.data, forward.dest)
+        except OSError:
+            self.router.count_send_failed(direction, len(forward.data))
 
     def _public_readable(self, via: int, fd: int) -> None:
         """Up to MAX_ROUNDS batches per wake-up, then back to the loop (fairness)."""
@@ -411,6 +476,9 @@ class DataPlane:
             transport.close()
         self._transports.clear()
         loop = asyncio.get_running_loop()
+        if self._native is not None:
+            self.router.attach(None)  # pulls the last counters first
+            self._native = None
         for sock in self._readers:
             loop.remove_reader(sock.fileno())
             sock.close()

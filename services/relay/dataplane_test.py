@@ -32,13 +32,18 @@ def _name(sock: object) -> tuple[str, int]:
     return str(host), int(port)
 
 
+@pytest.mark.parametrize("native_path", ["on", "off"])
 @pytest.mark.parametrize("batched_io", [True, False])
-async def test_valid_clients_reach_the_transceiver_and_nothing_else(batched_io: bool) -> None:
+async def test_valid_clients_reach_the_transceiver_and_nothing_else(
+    batched_io: bool, native_path: str
+) -> None:
     with contextlib.ExitStack() as stack:
         transceiver = stack.enter_context(udp_socket())
         good, bad, other = (stack.enter_context(udp_socket()) for _ in range(3))
         media = _name(transceiver)
-        async with data_plane([f"1/1={media[0]}:{media[1]}"], batched_io=batched_io) as plane:
+        async with data_plane(
+            [f"1/1={media[0]}:{media[1]}"], batched_io=batched_io, native_path=native_path
+        ) as plane:
             vip = address_of(plane.public_addresses[0])
             internal = address_of(plane.internal_address)
             request, _ = binding_request_for(KEYS, 1, 1)
@@ -64,15 +69,16 @@ async def test_valid_clients_reach_the_transceiver_and_nothing_else(batched_io: 
             # A stranger posing as a transceiver reaches nobody.
             other.sendto(framing.encode(*client, SRTP), internal)
             assert await recv_until_quiet(good, 0.2) == []
-            drops = plane.router.drop_packets
+            drops = plane.router.counters().drop_packets
             assert drops[0][relay_pb2.DROP_REASON_BAD_MAC] == 1
             assert drops[0][relay_pb2.DROP_REASON_NO_BINDING] == 1
             assert drops[0][relay_pb2.DROP_REASON_UNKNOWN_CLASS] == 1
             assert drops[1][relay_pb2.DROP_REASON_UNKNOWN_SOURCE] == 1
 
 
+@pytest.mark.parametrize("native_path", ["on", "off"])
 @pytest.mark.parametrize("batched_io", [True, False])
-async def test_ipv6_vip(batched_io: bool) -> None:
+async def test_ipv6_vip(batched_io: bool, native_path: str) -> None:
     import socket
 
     try:
@@ -88,7 +94,10 @@ async def test_ipv6_vip(batched_io: bool) -> None:
         transceiver = stack.enter_context(udp_socket())
         media = _name(transceiver)
         async with data_plane(
-            [f"1/1={media[0]}:{media[1]}"], udp_listen=("[::1]:0",), batched_io=batched_io
+            [f"1/1={media[0]}:{media[1]}"],
+            udp_listen=("[::1]:0",),
+            batched_io=batched_io,
+            native_path=native_path,
         ) as plane:
             vip = address_of(plane.public_addresses[0])
             request, _ = binding_request_for(KEYS, 1, 1)
@@ -103,8 +112,11 @@ async def test_ipv6_vip(batched_io: bool) -> None:
             assert data == SRTP
 
 
+@pytest.mark.parametrize("native_path", ["on", "off"])
 @pytest.mark.parametrize("batched_io", [True, False])
-async def test_replies_leave_from_the_vip_each_client_talks_to(batched_io: bool) -> None:
+async def test_replies_leave_from_the_vip_each_client_talks_to(
+    batched_io: bool, native_path: str
+) -> None:
     with contextlib.ExitStack() as stack:
         transceiver = stack.enter_context(udp_socket())
         media = _name(transceiver)
@@ -113,6 +125,7 @@ async def test_replies_leave_from_the_vip_each_client_talks_to(batched_io: bool)
             [f"1/1={media[0]}:{media[1]}"],
             udp_listen=("127.0.0.1:0", "127.0.0.1:0"),
             batched_io=batched_io,
+            native_path=native_path,
         ) as plane:
             vips = [address_of(a) for a in plane.public_addresses]
             assert vips[0] != vips[1]
@@ -139,14 +152,16 @@ datagrams = st.lists(
 )
 
 
-async def _fuzz_once(payloads: list[bytes], batched_io: bool) -> None:
+async def _fuzz_once(payloads: list[bytes], batched_io: bool, native_path: str) -> None:
     errors: list[dict[str, object]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
     with contextlib.ExitStack() as stack:
         transceiver = stack.enter_context(udp_socket())
         attacker, marker = (stack.enter_context(udp_socket()) for _ in range(2))
         media = _name(transceiver)
-        async with data_plane([f"1/1={media[0]}:{media[1]}"], batched_io=batched_io) as plane:
+        async with data_plane(
+            [f"1/1={media[0]}:{media[1]}"], batched_io=batched_io, native_path=native_path
+        ) as plane:
             vip = address_of(plane.public_addresses[0])
             internal = address_of(plane.internal_address)
             for payload in payloads:
@@ -165,11 +180,11 @@ async def _fuzz_once(payloads: list[bytes], batched_io: bool) -> None:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(datagrams, st.booleans())
+@given(datagrams, st.booleans(), st.sampled_from(["on", "off"]))
 def test_fuzz_random_datagrams_never_reach_the_transceiver(
-    payloads: list[bytes], batched_io: bool
+    payloads: list[bytes], batched_io: bool, native_path: str
 ) -> None:
-    asyncio.run(_fuzz_once(payloads, batched_io))
+    asyncio.run(_fuzz_once(payloads, batched_io, native_path))
 
 
 async def test_oversized_datagram_is_dropped_not_cut() -> None:

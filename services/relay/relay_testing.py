@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator
 
@@ -15,6 +16,8 @@ from services.relay.store import BindingStore, MemoryBindingStore
 from services.relay.topology import static_view
 
 KEYS = ufrag.dev_keyring()
+# Which per-packet path in-process data planes run: targets run twice (native, Python).
+NATIVE_PATH = os.environ.get("VOICEEDGE_RELAY_NATIVE_PATH", "on")
 
 
 def udp_socket() -> socket.socket:
@@ -59,6 +62,7 @@ async def data_plane(
     store: BindingStore | None = None,
     udp_listen: tuple[str, ...] = ("127.0.0.1:0",),
     batched_io: bool = True,
+    native_path: str = NATIVE_PATH,
 ) -> AsyncIterator[DataPlane]:
     router = Router(KEYS, static_view(transceivers))
     plane = DataPlane(
@@ -69,9 +73,11 @@ async def data_plane(
         binding_ttl_s=30.0,
         redis_max_inflight=16,
         batched_io=batched_io,
+        native_path=native_path,
     )
-    # Under Bazel the native extension is in the runfiles: never test only the fallback.
+    # Under Bazel the native extensions are in the runfiles: never test only the fallback.
     assert plane.batched == batched_io, "libs/fastio/native:fastio.so did not load"
+    assert plane.native == (native_path == "on"), native_path
     await plane.start()
     try:
         yield plane

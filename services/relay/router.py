@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from libs.wire import framing, stun, ufrag
 from libs.wire.classify import PacketClass, classify
@@ -189,6 +189,19 @@ class BindingInfo:
     created_at: float  # wall clock
 
 
+class BindingMirror(Protocol):
+    """A copy of the binding table outside Python (the native path, services/relay/native.py).
+    The router calls `add` and `remove` from its one install/remove path, so every way a
+    binding is made, moved or dropped reaches the copy; `pull` moves the copy's per-packet
+    activity and counters into the router before anything reads them."""
+
+    def add(self, binding: Binding) -> None: ...
+
+    def remove(self, binding: Binding) -> None: ...
+
+    def pull(self, router: Router) -> None: ...
+
+
 Matrix = tuple[tuple[int, ...], ...]  # [direction][packet class or drop reason]
 
 
@@ -312,9 +325,25 @@ class Router:
         self.bindings_created = 0
         self.bindings_expired = 0
         self.bindings_evicted = 0
+        self.mirror: BindingMirror | None = None
+
+    def attach(self, mirror: BindingMirror | None) -> None:
+        """Keeps `mirror` in step with the table from now on (None: detaches, after pulling
+        what the old one counted); the bindings already held are added at once."""
+        self.pull()
+        self.mirror = mirror
+        if mirror is not None:
+            for binding in self._bindings.values():
+                mirror.add(binding)
+
+    def pull(self) -> None:
+        """Moves the mirror's activity and counters into the table and the plain ints."""
+        if self.mirror is not None:
+            self.mirror.pull(self)
 
     def counters(self) -> RouterCounters:
         """A copy of the hot path's plain ints (for the admin API, metrics, the pipe)."""
+        self.pull()
         return RouterCounters(
             _frozen(self.rx_packets),
             _frozen(self.rx_bytes),
@@ -349,6 +378,7 @@ class Router:
         return self._bindings.get(client)
 
     def bindings(self) -> Iterator[Binding]:
+        self.pull()
         return iter(list(self._bindings.values()))
 
     def set_topology(self, topology: TopologyView, wall: float | None = None) -> None:
@@ -397,6 +427,8 @@ class Router:
                 stale.append(client)
             elif media != binding.media:
                 binding.media = media
+                if self.mirror is not None:
+                    self.mirror.add(binding)
         for client in stale:
             self._remove(client)
         self.bindings_expired += len(stale)
@@ -423,6 +455,8 @@ class Router:
         binding = Binding(client, cluster_id, transceiver_id, media, ufrag_text, now, via, self.tcp)
         self._bindings[client] = binding
         self._by_header[binding.header] = binding
+        if self.mirror is not None:
+            self.mirror.add(binding)
         node = (cluster_id, transceiver_id)
         self._node_bindings[node] = self._node_bindings.get(node, 0) + 1
         self.bindings_created += 1
@@ -434,6 +468,8 @@ class Router:
         binding = self._bindings.pop(client, None)
         if binding is not None:
             self._by_header.pop(binding.header, None)
+            if self.mirror is not None:
+                self.mirror.remove(binding)
             node = (binding.cluster_id, binding.transceiver_id)
             left = self._node_bindings[node] - 1
             if left:
@@ -481,6 +517,7 @@ class Router:
             min(self.idle_timeout_s, self.drain_idle_s) if self.draining else self.idle_timeout_s
         )
         limit = now - timeout
+        self.pull()
         stale = [c for c, b in self._bindings.items() if b.last_seen < limit]
         for client in stale:
             self._remove(client)
@@ -495,9 +532,10 @@ class Router:
         return _DROPS[reason]
 
     def route_client_packet(
-        self, data: bytes, client: Address, now: float, via: int = 0
+        self, data: bytes, client: Address, now: float, via: int = 0, admitted: bool = False
     ) -> Forward | Drop:
-        """A datagram from a client's public address, received on public socket `via`."""
+        """A datagram from a client's public address, received on public socket `via`;
+        `admitted`: the native path already charged the per-IP budget for it."""
         size = len(data)
         kind = _CLASS_OF_FIRST_BYTE[data[0]] if size else _OTHER
         self.rx_packets[C2T][kind] += 1
@@ -510,7 +548,11 @@ class Router:
                     return self._drop(C2T, _RATE_LIMITED, size)
                 return self._drop(C2T, relay_pb2.DROP_REASON_NO_BINDING, size)
         elif kind == _STUN:
-            if binding is None and not self._unbound_stun.take(source_key(client[0]), now):
+            if (
+                binding is None
+                and not admitted
+                and not self._unbound_stun.take(source_key(client[0]), now)
+            ):
                 return self._drop(C2T, _RATE_LIMITED, size)  # before any parsing or HMAC
             result = self._route_stun(data, client, binding, now, via)
             if isinstance(result, Drop):

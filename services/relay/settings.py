@@ -17,6 +17,8 @@ from libs.wire import ufrag
 from libs.wire.ufrag import DEV_KEYRING_SPEC
 from services.geosteer.client import geosteer_target
 
+NATIVE_PATHS = ("auto", "on", "off")
+
 
 def _keyring(spec: str) -> object:
     return ufrag.Keyring.parse(spec)
@@ -168,6 +170,13 @@ class RelaySettings(ServiceSettings):
         True,
         "move datagrams with the native recvmmsg/sendmmsg extension when it is built (routing "
         "stays in Python); false: plain asyncio datagram endpoints",
+    )
+    native_path: str = setting(
+        "auto",
+        "the C per-packet path for bound UDP clients (services/relay/native): auto (when "
+        "relaycore.so is built), on (required: fail at start without it) or off (the Python "
+        "router for every packet)",
+        choices=NATIVE_PATHS,
     )
     redis_timeout_s: float = setting(0.5, "timeout of one Redis operation", gt=0)
     redis_max_inflight: int = setting(256, "concurrent Redis lookups for unbound clients", ge=1)

@@ -279,6 +279,7 @@ async def make_worker(
         redis_max_inflight=settings.redis_max_inflight,
         worker_id=worker_id,
         batched_io=settings.batched_io,
+        native_path=settings.native_path,
         tcp=tcp,
         persist_topology=worker_id == 0,
     )

@@ -1,5 +1,9 @@
 """Relay forwarding benchmark: `./bazelw run //tests/bench:relay`.
 
+One run measures three forwarders side by side: the relay on its Python per-packet path
+(`--native-path off`), the relay on its native path (`--native-path on`,
+services/relay/native), and the C reference.
+
 The relay runs pinned to core 1 (taskset -c 1); a C load generator and sink (loadgen.c,
 compiled here with gcc -O2) run on core 0. Clients send 200-byte SRTP-class packets; each
 client first binds with a valid STUN Binding request minted with the dev keyring. The sink
@@ -8,7 +12,8 @@ plays the transceiver and measures one-way latency from a send timestamp in the 
 Per forwarder: saturation = the highest offered rate with < 0.1% loss (a bounded descending
 search from the unthrottled throughput, confirmed over 5 s), then p50/p99 latency at 10%,
 50% and 90% of it. The same for a C recvmmsg/sendmmsg reference forwarder
-(ref_forwarder.c), then the ratios. Also prints memory per binding of the router table.
+(ref_forwarder.c), then the ratios. Also prints memory per binding of the router table and
+of the native table (its own accounting, and the process RSS growth for --native-bindings).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from pathlib import Path
 from libs.fastio import fastio
 from libs.service.readiness import wait_for_line
 from libs.wire import ufrag
-from services.relay.router import Router, binding_request_for
+from services.relay import native
+from services.relay.limits import Budget
+from services.relay.router import Admission, Binding, Router, binding_request_for
 from services.relay.topology import static_view
 
 HERE = Path(os.path.abspath(__file__)).parent
@@ -197,6 +204,7 @@ def bench_relay(
     trial_s: float,
     confirm_s: float,
     extra_args: list[str],
+    name: str,
 ) -> Result:
     vip_port = free_udp_port()
     process = subprocess.Popen(
@@ -232,7 +240,7 @@ def bench_relay(
         for client in clients:
             client.sendto(binding_request_for(keyring, 1, 1)[0], ("127.0.0.1", vip_port))
             sink.recv(65535)  # the framed Binding request: the client is bound
-        return measure("relay", loadgen, vip_port, sink, clients, trial_s, confirm_s)
+        return measure(name, loadgen, vip_port, sink, clients, trial_s, confirm_s)
     finally:
         process.kill()
         process.wait(timeout=10)
@@ -263,7 +271,14 @@ def bench_reference(
 def memory_per_binding(count: int) -> float:
     """Bytes of Python heap per binding in the router table (tracemalloc)."""
     keyring = ufrag.dev_keyring()
-    router = Router(keyring, static_view(["1/1=127.0.0.1:40000"]), max_bindings=count + 1)
+    # A verification budget that never runs out: the clock stands still here.
+    unlimited = Admission(verifications=Budget(float(count), float(count)))
+    router = Router(
+        keyring,
+        static_view(["1/1=127.0.0.1:40000"]),
+        max_bindings=count + 1,
+        admission=unlimited,
+    )
     requests = [binding_request_for(keyring, 1, 1)[0] for _ in range(count)]
     clients = [
         (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000 + i % 20000) for i in range(count)
@@ -282,30 +297,62 @@ def memory_per_binding(count: int) -> float:
     return (grown + client_bytes) / count
 
 
-def print_table(relay: Result, reference: Result) -> None:
+def native_memory_per_binding(count: int) -> tuple[float, float]:
+    """Bytes per binding of the native table: its own accounting (slab + index), and the
+    growth of the process's resident set while `count` bindings are added."""
+    module = native.load()
+    if module is None:
+        return float("nan"), float("nan")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        core = module.Core(
+            sock.fileno(), (sock.fileno(),), bytes(256), bytes(4), 1.0, 1.0, 1000, False
+        )
+        binding = Binding(("10.0.0.1", 1), 1, 1, ("127.0.0.1", 40000), "", 0.0)
+        before = rss_bytes()
+        for i in range(count):
+            ip = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+            core.add(ip, 40000 + (i >> 24), "127.0.0.1", 40000, 0, binding)
+        grown = rss_bytes() - before
+        table = int(core.stats()["table_bytes"])
+    return table / count, grown / count
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def print_table(results: list[Result], reference: Result) -> None:
     print()
     print(f"packet size {PACKET_SIZE} B, forwarder pinned to core 1, load generator on core 0")
-    print(f"{'':28}{'relay':>14}{'reference (C)':>16}{'ratio':>10}")
-    rows = [
-        ("unthrottled received pps", relay.unthrottled_pps, reference.unthrottled_pps),
-        (
-            "saturation pps (<0.1% loss)",
-            relay.saturation.received_pps,
-            reference.saturation.received_pps,
-        ),
-    ]
-    for label, a, b in rows:
-        print(f"{label:28}{a:>14,.0f}{b:>16,.0f}{a / b:>10.2f}")
-    print(
-        f"{'loss at saturation':28}{relay.saturation.loss:>14.4%}{reference.saturation.loss:>16.4%}"
+    header = "".join(f"{r.name:>16}{'x ref':>7}" for r in results)
+    print(f"{'':28}{header}{'reference (C)':>16}")
+
+    def row(label: str, values: list[float], ref: float, fmt: str) -> None:
+        cells = "".join(
+            f"{format(v, fmt):>16}{(v / ref if ref else float('nan')):>7.2f}" for v in values
+        )
+        print(f"{label:28}{cells}{format(ref, fmt):>16}")
+
+    row(
+        "unthrottled received pps",
+        [r.unthrottled_pps for r in results],
+        reference.unthrottled_pps,
+        ",.0f",
     )
+    row(
+        "saturation pps (<0.1% loss)",
+        [r.saturation.received_pps for r in results],
+        reference.saturation.received_pps,
+        ",.0f",
+    )
+    losses = "".join(f"{r.saturation.loss:>16.4%}{'':>7}" for r in results)
+    print(f"{'loss at saturation':28}{losses}{reference.saturation.loss:>16.4%}")
     for point in LOAD_POINTS:
         for stat in ("p50_us", "p99_us"):
-            a = getattr(relay.latency[point], stat)
-            b = getattr(reference.latency[point], stat)
             label = f"{stat[:3]} latency us @ {point:.0%}"
-            ratio = a / b if b else float("nan")
-            print(f"{label:28}{a:>14.1f}{b:>16.1f}{ratio:>10.2f}")
+            values = [float(getattr(r.latency[point], stat)) for r in results]
+            row(label, values, float(getattr(reference.latency[point], stat)), ".1f")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trial-s", type=float, default=2.0)
     parser.add_argument("--confirm-s", type=float, default=5.0)
     parser.add_argument("--bindings", type=int, default=100_000, help="for memory per binding")
+    parser.add_argument(
+        "--native-bindings", type=int, default=1_000_000, help="for the native table's memory"
+    )
+    parser.add_argument(
+        "--paths", default="off,on", help="relay native_path values to measure, comma-separated"
+    )
     parser.add_argument(
         "--relay-arg",
         action="append",
@@ -324,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs 2 cores (forwarder on core 1, load on core 0)")
     os.sched_setaffinity(0, {0})
+    # The native table first: memory Python frees afterwards would hide its RSS growth.
+    table, rss = native_memory_per_binding(args.native_bindings)
+    print(
+        f"native table: {table:.0f} B per binding by its own accounting, {rss:.0f} B RSS growth "
+        f"per binding ({args.native_bindings:,} bindings)",
+        flush=True,
+    )
     print(
         f"memory per binding: {memory_per_binding(args.bindings):.0f} B "
         f"({args.bindings:,} bindings, tracemalloc)",
@@ -334,16 +394,25 @@ def main(argv: list[str] | None = None) -> int:
         sink = udp()
         clients = [udp() for _ in range(args.clients)]
         try:
-            relay = bench_relay(
-                loadgen, sink, clients, args.trial_s, args.confirm_s, args.relay_arg
-            )
+            relays = [
+                bench_relay(
+                    loadgen,
+                    sink,
+                    clients,
+                    args.trial_s,
+                    args.confirm_s,
+                    [f"--native-path={path}", *args.relay_arg],
+                    "python path" if path == "off" else f"native ({path})",
+                )
+                for path in args.paths.split(",")
+            ]
             reference = bench_reference(
                 forwarder, loadgen, sink, clients, args.trial_s, args.confirm_s
             )
         finally:
             for sock in (sink, *clients):
                 sock.close()
-    print_table(relay, reference)
+    print_table(relays, reference)
     return 0
 
 

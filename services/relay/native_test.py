@@ -1,0 +1,132 @@
+"""The native per-packet path (services/relay/native) on real loopback sockets: its table
+follows the router's install/remove, it forwards and counts what it decides, hands the rest
+to the router, and the selection falls back when the extension is missing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import pytest
+
+from libs.wire import framing
+from services.relay import native
+from services.relay.relay_testing import KEYS, address_of, data_plane, recv, recv_until_quiet
+from services.relay.relay_testing import udp_socket as udp
+from services.relay.router import C2T, T2C, Binding, binding_request_for
+from voiceedge.relay.v1 import relay_pb2
+
+SRTP = bytes([0x80, 0x6F]) + bytes(100)
+R = relay_pb2
+
+
+def _name(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
+
+
+async def _bind(client: socket.socket, vip: tuple[str, int], transceiver: socket.socket) -> None:
+    request, _ = binding_request_for(KEYS, 1, 1)
+    client.sendto(request, vip)
+    frame, _ = await recv(transceiver)
+    assert frame == framing.encode(*_name(client), request)
+
+
+async def test_bound_media_is_forwarded_in_c_and_follows_unbind() -> None:
+    with contextlib.ExitStack() as stack:
+        transceiver, client = (stack.enter_context(udp()) for _ in range(2))
+        media = _name(transceiver)
+        async with data_plane([f"1/1={media[0]}:{media[1]}"], native_path="on") as plane:
+            vip = address_of(plane.public_addresses[0])
+            await _bind(client, vip, transceiver)
+            for _ in range(5):
+                client.sendto(SRTP, vip)
+            frames = await recv_until_quiet(transceiver, 0.3)
+            assert frames == [framing.encode(*_name(client), SRTP)] * 5
+            binding = plane.router.get(_name(client))
+            assert binding is not None
+            counters = plane.router.counters()  # pulls C's counters and activity
+            assert counters.fwd_packets[C2T][int(R.PACKET_CLASS_SRTP)] == 5
+            assert binding.packets == 6
+            assert binding.last_seen == plane.now
+
+            # Unbind through the router: C drops the client's media at once, counted.
+            plane.router.forget(_name(client))
+            client.sendto(SRTP, vip)
+            client.sendto(b"\xff" * 20, vip)
+            assert await recv_until_quiet(transceiver, 0.3) == []
+            drops = plane.router.counters().drop_packets[C2T]
+            assert drops[R.DROP_REASON_NO_BINDING] == 1
+            assert drops[R.DROP_REASON_UNKNOWN_CLASS] == 1
+
+
+async def test_replies_only_from_the_owning_transceiver() -> None:
+    with contextlib.ExitStack() as stack:
+        transceiver, impostor, client = (stack.enter_context(udp()) for _ in range(3))
+        media = _name(transceiver)
+        async with data_plane([f"1/1={media[0]}:{media[1]}"], native_path="on") as plane:
+            vip = address_of(plane.public_addresses[0])
+            internal = address_of(plane.internal_address)
+            await _bind(client, vip, transceiver)
+            frame = framing.encode(*_name(client), SRTP)
+            impostor.sendto(frame, internal)  # handed up: the router counts UNKNOWN_SOURCE
+            transceiver.sendto(frame, internal)  # C forwards it
+            data, source = await recv(client)
+            assert (data, source) == (SRTP, vip)
+            assert await recv_until_quiet(client, 0.2) == []
+            counters = plane.router.counters()
+            assert counters.drop_packets[T2C][R.DROP_REASON_UNKNOWN_SOURCE] == 1
+            assert counters.fwd_packets[T2C][int(R.PACKET_CLASS_SRTP)] == 1
+
+
+async def test_unbound_flood_is_rate_limited_in_c() -> None:
+    with contextlib.ExitStack() as stack:
+        transceiver, flooder = (stack.enter_context(udp()) for _ in range(2))
+        media = _name(transceiver)
+        async with data_plane([f"1/1={media[0]}:{media[1]}"], native_path="on") as plane:
+            vip = address_of(plane.public_addresses[0])
+            for _ in range(1000):  # the default budget: 200/s, burst 400
+                flooder.sendto(SRTP, vip)
+            drops: tuple[int, ...] = ()
+            for _ in range(100):  # until all 1000 are counted (bounded)
+                drops = plane.router.counters().drop_packets[C2T]
+                if drops[R.DROP_REASON_NO_BINDING] + drops[R.DROP_REASON_RATE_LIMITED] >= 1000:
+                    break
+                await asyncio.sleep(0.05)
+            assert drops[R.DROP_REASON_NO_BINDING] + drops[R.DROP_REASON_RATE_LIMITED] == 1000
+            assert drops[R.DROP_REASON_RATE_LIMITED] >= 1000 - 400 - 200
+            assert await recv_until_quiet(transceiver, 0.1) == []
+
+
+def test_table_grows_and_shrinks() -> None:
+    module = native.load()
+    assert module is not None, "services/relay/native:relaycore.so did not load"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        core = module.Core(sock.fileno(), (sock.fileno(),), bytes(256), bytes(4), 1, 2, 10, False)
+        binding = Binding(("10.0.0.1", 1), 1, 1, ("127.0.0.1", 40000), "", 0.0)
+        for i in range(5000):
+            core.add(f"10.0.{i >> 8}.{i & 255}", 1000 + i, "127.0.0.1", 40000, 0, binding)
+        core.add("2001:db8::1", 5, "::1", 40000, 0, binding)
+        core.add("10.0.0.0", 1000, "127.0.0.1", 40001, 0, binding)  # an update, not a new one
+        assert core.stats()["bindings"] == 5001
+        removed = [core.remove(f"10.0.{i >> 8}.{i & 255}", 1000 + i) for i in range(0, 5000, 2)]
+        assert all(removed)
+        assert not core.remove("10.0.0.0", 1000)
+        assert core.stats()["bindings"] == 2501
+        with pytest.raises(ValueError, match="not an IP literal"):
+            core.add("not-an-ip", 1, "127.0.0.1", 1, 0, binding)
+        with pytest.raises(ValueError, match="out of range"):
+            core.add("10.0.0.1", 1, "127.0.0.1", 1, 7, binding)  # no public socket 7
+
+
+def test_selection_falls_back_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert native.wanted("auto")
+    assert native.wanted("on")
+    assert not native.wanted("off")
+    monkeypatch.setattr(native, "load", lambda: None)
+    assert not native.wanted("auto")
+    with pytest.raises(ValueError, match="missing"):
+        native.wanted("on")
+    with pytest.raises(ValueError, match="one of"):
+        native.wanted("fast")
