@@ -449,6 +449,8 @@ def run(args: argparse.Namespace, workdir: Path) -> list[Row]:
         flush=True,
     )
     rows: list[Row] = []
+    if args.save_audio is not None:
+        args.save_audio.mkdir(parents=True, exist_ok=True)
     for path in args.paths:
         if path != "direct" and not receive_path_supported():
             rows += [Row(c, path, note="adaptive: not in this build") for c in args.conditions]
