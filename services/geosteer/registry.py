@@ -118,26 +118,21 @@ class Directory:
             raise invalid_argument(
                 "unknown_cluster", f"node {node.node_id}: unknown cluster_id {node.cluster_id}"
             )
-        live = await self._live_nodes()
+        await self._live_nodes()  # drops and announces leases that ran out, as every read does
         now = self.now()
-        if node.kind is NodeKind.TRANSCEIVER:
-            for other in live:
-                if (
-                    other.node_id != node.node_id
-                    and other.kind is NodeKind.TRANSCEIVER
-                    and other.cluster_id == node.cluster_id
-                    and other.transceiver_id == node.transceiver_id
-                ):
-                    raise StatusError(
-                        grpc.StatusCode.ALREADY_EXISTS,
-                        "transceiver_id_taken",
-                        f"transceiver_id {node.transceiver_id} of cluster {node.cluster_id} "
-                        f"is held by live node {other.node_id}",
-                    )
         stored = dataclasses.replace(
             node, expires_at=now + self.heartbeat_ttl_s, last_heartbeat_unix=self._wall()
         )
-        await self.store.put(stored)
+        # The claim check and the write are one step in the store: two replicas
+        # registering one transceiver id at once cannot both win.
+        holder = await self.store.register(stored, now)
+        if holder:
+            raise StatusError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "transceiver_id_taken",
+                f"transceiver_id {node.transceiver_id} of cluster {node.cluster_id} "
+                f"is held by live node {holder}",
+            )
         log_event(
             logger,
             "node.registered",
@@ -250,15 +245,21 @@ class Directory:
         )
         return Snapshot(clusters, self.revision, now)
 
-    async def run_sweeper(self) -> None:
+    async def run_sweeper(self, on_reachable: Callable[[bool], None] | None = None) -> None:
         """Periodic sweep so watchers learn of dead nodes without any reader; cancel to
-        stop. A store that cannot be reached is retried at the next turn."""
+        stop. A store that cannot be reached is retried at the next turn; `on_reachable`
+        hears after every sweep whether the store answered (what health reports)."""
         while True:
             await asyncio.sleep(sweep_interval_s(self.heartbeat_interval_s, self.heartbeat_ttl_s))
             try:
                 await self.sweep()
             except StatusError as exc:
                 log_event(logger, "registry.sweep_failed", level=logging.WARNING, error=exc)
+                if on_reachable is not None:
+                    on_reachable(False)
+            else:
+                if on_reachable is not None:
+                    on_reachable(True)
 
     async def run_follower(self) -> None:
         """Takes in other replicas' changes until cancelled (at once done for a store of

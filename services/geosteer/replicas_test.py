@@ -338,3 +338,44 @@ async def test_a_watch_on_a_replica_gone_silent_breaks_within_the_keepalive(
             finally:
                 call.cancel()
                 await channel.close(None)
+
+
+@pytest.mark.timeout_s(45)
+async def test_two_replicas_racing_for_one_transceiver_id_let_exactly_one_win(
+    tmp_path: Path, redis_instance: Redis
+) -> None:
+    async with (
+        replica(tmp_path, redis_instance.url) as a,
+        replica(tmp_path, redis_instance.url) as b,
+    ):
+        for tid in range(1, 21):  # both at once through both replicas, 20 times
+            first, second = transceiver(1, tid), transceiver(1, tid)
+            first.node_id, second.node_id = f"a-{tid}", f"b-{tid}"
+            results = await asyncio.gather(
+                a.stub.RegisterNode(geosteer_pb2.RegisterNodeRequest(node=first), timeout=5),
+                b.stub.RegisterNode(geosteer_pb2.RegisterNodeRequest(node=second), timeout=5),
+                return_exceptions=True,
+            )
+            refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+            assert len(refused) == 1, (tid, results)
+            assert refused[0].code() is grpc.StatusCode.ALREADY_EXISTS, refused
+            trailers: dict[str, Any] = dict(refused[0].trailing_metadata() or ())  # type: ignore[arg-type]
+            assert trailers.get("error-code") == "transceiver_id_taken"
+        listed = (await a.stub.ListTopology(geosteer_pb2.ListTopologyRequest())).topology
+        ids = [n.transceiver_id for c in listed.clusters for n in c.nodes]
+        assert len(ids) == len(set(ids)), ids  # never two live holders of one id
+
+        # A holder that registers again under another id gives its old one up.
+        moved = transceiver(2, 1)
+        moved.node_id = "mover"
+        await a.stub.RegisterNode(geosteer_pb2.RegisterNodeRequest(node=moved))
+        moved.transceiver_id = 2
+        await a.stub.RegisterNode(geosteer_pb2.RegisterNodeRequest(node=moved))
+        taker = transceiver(2, 1)
+        taker.node_id = "taker"
+        await b.stub.RegisterNode(geosteer_pb2.RegisterNodeRequest(node=taker))
+        again = transceiver(2, 2)
+        again.node_id = "late"
+        with pytest.raises(grpc.aio.AioRpcError) as taken:
+            await b.stub.RegisterNode(geosteer_pb2.RegisterNodeRequest(node=again))
+        assert taken.value.code() is grpc.StatusCode.ALREADY_EXISTS

@@ -272,11 +272,21 @@ def _nearest_vips(
     client: GeoPoint | None,
     measured: Mapping[int, float],
     now: float,
+    margin: SwitchMargin,
 ) -> tuple[Endpoint, ...]:
-    """The chosen cluster's VIPs nearest first, preceded by any other cluster's VIP that is
-    nearer still: a relay forwards to every cluster's transceivers, so media enters at the
-    relay with the shortest first hop even when the transceiver is far (RTT as for
-    clusters: measured for the client's prefix when known, else estimated)."""
+    """The relay VIPs for the answer, nearest first. A relay forwards to every cluster's
+    transceivers, so media may enter at another cluster's relay (a relay-only PoP) when
+    that first hop is shorter (RTT as for clusters: measured for the client's prefix when
+    known, else estimated).
+
+    When another cluster's VIP is nearer than every one of the chosen cluster's own by
+    more than `margin`, the answer lists only the VIPs within `margin` of the nearest: the
+    caller's ICE takes the pair whose check, end to end through the relay to the
+    transceiver, answers first, and through a PoP off the way to the transceiver that is
+    longer than the direct path to the transceiver's own relay (Perth: the Sydney PoP is
+    the short first hop, Singapore's relay the short way to Singapore), so with both in
+    the answer media would not enter at the nearest relay. Otherwise the nearer VIPs come
+    first and then the chosen cluster's own, as fallbacks."""
     own = chosen.relay_vips(now)
     if client is None:
         return tuple(v.endpoint for v in own)
@@ -294,8 +304,14 @@ def _nearest_vips(
             if rtt < own_best:
                 nearer.append((rtt, vip))
     nearer.sort(key=lambda entry: entry[0])
+    candidates = [v for _, v in nearer]
+    if nearer and own_best - nearer[0][0] > margin.penalty_ms(nearer[0][0]):
+        limit = nearer[0][0] + margin.penalty_ms(nearer[0][0])
+        candidates = [v for rtt, v in nearer if rtt <= limit]
+    else:
+        candidates += ranked
     endpoints: list[Endpoint] = []
-    for vip in [v for _, v in nearer] + ranked:
+    for vip in candidates:
         if vip.endpoint not in endpoints:
             endpoints.append(vip.endpoint)
     return tuple(endpoints)
@@ -316,8 +332,8 @@ def select_route(
     prefix has any measurement, an estimate ranks `margin` worse, see SwitchMargin), then
     lowest load, then cluster id. Clusters that are excluded, unhealthy, draining or full
     are skipped, which is how sessions spill to the next nearest cluster. The relay
-    endpoints are the nearest VIPs, another cluster's first when it is nearer (see
-    `_nearest_vips`).
+    endpoints are the nearest VIPs, another cluster's first when it is nearer, and only
+    those when it is nearer by `margin` (see `_nearest_vips`).
     Raises NoRouteError when nothing is left.
     """
     hints = hints or RouteHints()
@@ -351,7 +367,7 @@ def select_route(
     _, best, rtt, source = ranked[0]
     return RouteDecision(
         cluster=best,
-        relay_endpoints=_nearest_vips(best, clusters, client, measured, now),
+        relay_endpoints=_nearest_vips(best, clusters, client, measured, now, margin),
         transceivers=tuple(best.available_transceivers(now)),
         estimated_rtt_ms=rtt,
         rtt_source=source,

@@ -219,18 +219,57 @@ def relay(cluster_id: int, ip: str, *, draining: bool = False) -> NodeState:
 
 def test_a_nearer_relay_of_another_cluster_goes_first() -> None:
     """fra is full: the Frankfurt caller's transceiver is in ams (or iad), but media enters
-    at fra's relay, the shortest first hop; a cluster without a live relay offers none."""
+    at fra's relay, the shortest first hop; a cluster without a live relay offers none.
+    Nearer by more than the margin (5 against 11 ms), fra's VIP is the only one offered;
+    within it, ams's own follows as a fallback."""
     fra_relay = relay(1, "198.51.100.10")
     fra = ClusterState(CONFIGS["fra"], (transceiver(1, 1, active=10), fra_relay))
     ams = cluster("ams", transceiver(2, 1))
     decision = select_route([fra, ams], FRANKFURT, NOW)
     assert decision.cluster.cluster_id == 2
+    assert [str(e) for e in decision.relay_endpoints] == ["198.51.100.10:3478"]
+    wide = SwitchMargin(slack_ms=10.0)
+    decision = select_route([fra, ams], FRANKFURT, NOW, margin=wide)
     assert [str(e) for e in decision.relay_endpoints] == ["198.51.100.10:3478", "203.0.113.2:3478"]
     # A draining relay is not offered; nor is another cluster's farther relay.
     fra_draining = ClusterState(CONFIGS["fra"], (relay(1, "198.51.100.10", draining=True),))
     iad = ClusterState(CONFIGS["iad"], (relay(4, "198.51.100.40"),))
     decision = select_route([fra_draining, ams, iad], FRANKFURT, NOW)
     assert [str(e) for e in decision.relay_endpoints] == ["203.0.113.2:3478"]
+
+
+def test_a_relay_pop_nearer_than_the_transceivers_own_relay_is_the_only_vip() -> None:
+    """Perth: the Sydney PoP (no transceivers) is the shortest first hop, 54 ms against
+    Singapore's 64 ms estimate. Listed together, ICE would take Singapore's relay (its
+    check, not through Sydney, answers first), so the answer has the PoP's VIPs only (UDP
+    and ICE-TCP); another PoP within the margin of the nearest is kept."""
+    perth = GeoPoint(-31.95, 115.86)
+    sin_config = ClusterConfig(5, "sin-1", "apac", GeoPoint(1.35, 103.82))
+    sin = ClusterState(sin_config, (transceiver(5, 1), relay(5, "198.51.100.50")))
+    pop_relay = dataclasses.replace(
+        relay(3, "198.51.100.30"),
+        public_endpoints=(Endpoint("198.51.100.30", 3478), Endpoint("198.51.100.30", 443, True)),
+    )
+    pop = ClusterState(CONFIGS["syd"], (pop_relay,))
+    decision = select_route([sin, pop], perth, NOW)
+    assert decision.cluster.cluster_id == 5
+    assert [str(e) for e in decision.relay_endpoints] == ["198.51.100.30:3478", "198.51.100.30:443"]
+    melbourne = ClusterState(
+        ClusterConfig(6, "mel-pop", "apac", GeoPoint(-37.81, 144.96)), (relay(6, "198.51.100.60"),)
+    )
+    # A second PoP nearer still (46 ms): Sydney's (54) is past the margin of it.
+    decision = select_route([sin, pop, melbourne], perth, NOW)
+    assert [e.ip for e in decision.relay_endpoints] == ["198.51.100.60"]
+    wide = SwitchMargin(slack_ms=10.0)
+    decision = select_route([sin, pop, melbourne], perth, NOW, margin=wide)
+    assert [str(e) for e in decision.relay_endpoints] == [
+        "198.51.100.60:3478",
+        "198.51.100.30:3478",
+        "198.51.100.30:443",
+    ]
+    # Measured for Perth's prefix, Singapore's own relay is as near: both, own VIP last.
+    decision = select_route([sin, pop], perth, NOW, {5: 56.0})
+    assert [e.ip for e in decision.relay_endpoints] == ["198.51.100.30", "198.51.100.50"]
 
 
 def test_measured_rtt_ranks_relay_vips_too() -> None:

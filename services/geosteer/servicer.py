@@ -6,7 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -353,6 +353,11 @@ class Geosteer:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        # Whether the registry answered at the last sweep (always, in memory); health
+        # follows it through `report_health`.
+        self.registry_reachable = True
+        self._reachable_changed = asyncio.Event()
+        self._health_task: asyncio.Task[None] | None = None
         if telemetry is not None:
             self._instrument(telemetry)
 
@@ -370,13 +375,44 @@ class Geosteer:
         GEOSTEER_TOPOLOGY_REVISION.create(telemetry.meter, [revision])
         GEOSTEER_RTT_SAMPLES_DROPPED.create(telemetry.meter, [dropped])
 
+    def _on_reachable(self, reachable: bool) -> None:
+        if reachable == self.registry_reachable:
+            return
+        self.registry_reachable = reachable
+        log_event(
+            logger,
+            "registry.reachable" if reachable else "registry.unreachable",
+            level=logging.INFO if reachable else logging.WARNING,
+        )
+        self._reachable_changed.set()
+
     def start(self) -> None:
         """Starts the sweeper and the follower of other replicas' changes."""
         if not self._tasks:
             self._tasks = [
-                asyncio.ensure_future(self.directory.run_sweeper()),
+                asyncio.ensure_future(self.directory.run_sweeper(self._on_reachable)),
                 asyncio.ensure_future(self.directory.run_follower()),
             ]
+
+    def report_health(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
+        """Hands every change of `registry_reachable` to `set_serving` until close() or
+        stop_health(): a replica whose Redis registry is unreachable can neither route nor
+        take heartbeats, so it says NOT_SERVING and a balancer or Kubernetes readiness
+        takes it out until Redis answers again (at the next sweep)."""
+
+        async def follow() -> None:
+            while True:
+                self._reachable_changed.clear()
+                await set_serving(self.registry_reachable)
+                await self._reachable_changed.wait()
+
+        self._health_task = asyncio.ensure_future(follow())
+        self._tasks.append(self._health_task)
+
+    async def stop_health(self) -> None:
+        """Health is no longer the registry's to say (the process drains)."""
+        if self._health_task is not None:
+            await cancel_and_wait(self._health_task)
 
     async def close(self) -> None:
         """Stops the background tasks, ends watch streams, closes the database and the

@@ -9,11 +9,16 @@ Redis layout (prefix `voiceedge:geosteer:`):
 
     nodes     hash    node id -> the record (JSON, lease deadline as Unix time)
     leases    zset    node id -> lease deadline (Unix seconds): what a sweep expires
+    claims    hash    "<cluster>:<transceiver id>" -> the node id that registered it last
     revision  string  changes so far (INCR on every change); the revision is 1 + this,
                       as a registry of one process starts at 1
     events    pub/sub {"o": origin, "r": revision} or {"o": origin, "c": cluster, "s": [...]}
 
-Nothing lives without an expiry: `nodes` and `leases` expire KEY_GRACE_S after the last
+A transceiver registers with one Lua script (`REGISTER_LUA`) that checks the claim and
+writes the record and lease together, so two nodes claiming one transceiver id through two
+replicas at once cannot both win: Redis runs one script at a time.
+
+Nothing lives without an expiry: `nodes`, `leases` and `claims` expire KEY_GRACE_S after the last
 lease written ends (all of them have run out by then), `revision` REVISION_TTL_S after a
 replica last read or changed it (only a registry with no replica running for that long
 starts counting again).
@@ -64,6 +69,49 @@ end
 return 0
 """
 
+# KEYS: nodes, leases, claims; ARGV: node id, record, lease deadline (Unix s), key lifetime
+# (ms), claim field ("" for a node that claims nothing), cluster id, transceiver id, now
+# (Unix s). Writes the record and its lease unless another node holds the claim: a node
+# whose lease still runs and whose record still names that cluster and transceiver id (a
+# holder that re-registered under another id, or ran out, holds nothing). Returns the
+# holder's id when refused, else "".
+REGISTER_LUA = """
+if ARGV[5] ~= '' then
+  local holder = redis.call('HGET', KEYS[3], ARGV[5])
+  if holder and holder ~= ARGV[1] then
+    local deadline = redis.call('ZSCORE', KEYS[2], holder)
+    local raw = redis.call('HGET', KEYS[1], holder)
+    if deadline and raw and tonumber(deadline) > tonumber(ARGV[8]) then
+      local ok, record = pcall(cjson.decode, raw)
+      if ok and type(record) == 'table' and record['kind'] == 2
+          and tostring(record['cluster']) == ARGV[6]
+          and tostring(record['transceiver']) == ARGV[7] then
+        return holder
+      end
+    end
+  end
+  redis.call('HSET', KEYS[3], ARGV[5], ARGV[1])
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return ''
+"""
+
+
+def claim_of(node: NodeState) -> str:
+    """The claim a registration makes: a transceiver's (cluster, transceiver id), which
+    the ufrag carries and so must name one live node; "" for every other kind."""
+    if node.kind is NodeKind.TRANSCEIVER:
+        return f"{node.cluster_id}:{node.transceiver_id}"
+    return ""
+
+
+def holds_claim(node: NodeState, claim: str, now: float) -> bool:
+    return claim != "" and claim_of(node) == claim and node.is_live(now)
+
 
 @dataclass(frozen=True)
 class RttReport:
@@ -86,6 +134,11 @@ class NodeStore(Protocol):
     store that cannot be reached raises StatusError UNAVAILABLE (`registry_unavailable`)."""
 
     async def put(self, node: NodeState) -> None: ...
+
+    async def register(self, node: NodeState, now: float) -> str:
+        """Puts `node` unless another live node holds its claim (`claim_of`), checked and
+        written in one step; returns that holder's id when refused, else ""."""
+        ...
 
     async def get(self, node_id: str) -> NodeState | None: ...
 
@@ -119,6 +172,15 @@ class InMemoryNodeStore:
 
     async def put(self, node: NodeState) -> None:
         self._nodes[node.node_id] = node
+
+    async def register(self, node: NodeState, now: float) -> str:
+        # No await between the check and the write: one event loop makes it one step.
+        claim = claim_of(node)
+        for other in self._nodes.values():
+            if other.node_id != node.node_id and holds_claim(other, claim, now):
+                return other.node_id
+        self._nodes[node.node_id] = node
+        return ""
 
     async def get(self, node_id: str) -> NodeState | None:
         return self._nodes.get(node_id)
@@ -269,7 +331,9 @@ class RedisNodeStore:
         self._channel = f"{prefix}events"
         # Tells this replica's own notices from the others' (it applied them already).
         self.origin = secrets.token_hex(8)
+        self._claims = f"{prefix}claims"
         self._delete_expired = self._redis.register_script(DELETE_EXPIRED_LUA)
+        self._register = self._redis.register_script(REGISTER_LUA)
         self.bad_records = 0
 
     def _to_unix(self, monotonic: float) -> float:
@@ -302,7 +366,28 @@ class RedisNodeStore:
         pipe.zadd(self._leases, {node.node_id: expires})
         pipe.pexpire(self._nodes, keep_ms)
         pipe.pexpire(self._leases, keep_ms)
+        pipe.pexpire(self._claims, keep_ms)  # a live holder's claim outlives its lease
         await self._run(pipe.execute())
+
+    async def register(self, node: NodeState, now: float) -> str:
+        expires = self._to_unix(node.expires_at)
+        keep_ms = max(1, int((node.expires_at - self._clock() + KEY_GRACE_S) * 1000))
+        holder = await self._run(
+            self._register(
+                keys=[self._nodes, self._leases, self._claims],
+                args=[
+                    node.node_id,
+                    encode_node(node, expires),
+                    expires,
+                    keep_ms,
+                    claim_of(node),
+                    node.cluster_id,
+                    node.transceiver_id,
+                    self._to_unix(now),
+                ],
+            )
+        )
+        return holder.decode() if isinstance(holder, bytes) else str(holder or "")
 
     async def get(self, node_id: str) -> NodeState | None:
         raw = await self._run(self._redis.hget(self._nodes, node_id))
