@@ -66,6 +66,7 @@ class Directory:
         heartbeat_ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        area_of: Callable[[str], str] = lambda prefix: "",
     ) -> None:
         self.clusters = {c.cluster_id: c for c in sorted(clusters, key=lambda c: c.cluster_id)}
         self.store = store
@@ -77,6 +78,8 @@ class Directory:
         self.revision = 1
         self._changed = asyncio.Event()
         self.rtt_samples_dropped = 0
+        # A reported prefix's area (rtt.area_key of its GeoIP location; "" for none).
+        self.area_of = area_of
 
     def now(self) -> float:
         return self._clock()
@@ -151,7 +154,11 @@ class Directory:
         for sample in samples:
             try:
                 self.rtt.observe(
-                    sample.client_prefix, cluster_id, sample.rtt_ms, sample.sample_count
+                    sample.client_prefix,
+                    cluster_id,
+                    sample.rtt_ms,
+                    sample.sample_count,
+                    self.area_of(sample.client_prefix),
                 )
             except RttSampleError as exc:
                 self.rtt_samples_dropped += 1

@@ -10,6 +10,13 @@ for it starts afresh instead of being averaged with it. Without that, a prefix s
 away from a cluster by a bad route would never go back once the route is fixed (nobody
 of that prefix measures the cluster any more); after `max_age_s` the distance estimate
 sends it there again and the new RTT is learned.
+
+Areas: a prefix never measured borrows what other prefixes in its area measured. An area
+is the cell of a grid of `area_deg` degrees that the prefix's GeoIP location falls in (a
+metro's networks mostly share its routes: Lima's to São Paulo run through Miami whichever
+ISP the caller is on), so the first caller of a metro pays for a bad route and its
+neighbours on other /24s do not. The client's own measurement for a cluster always wins
+over the area's; area entries age out like the others.
 """
 
 from __future__ import annotations
@@ -50,6 +57,13 @@ def normalize_prefix(text: str) -> str:
     return client_prefix(network.network_address)
 
 
+def area_key(latitude: float, longitude: float, area_deg: float) -> str:
+    """The grid cell of a location ("" with area_deg 0: areas off)."""
+    if area_deg <= 0:
+        return ""
+    return f"{math.floor(latitude / area_deg)}:{math.floor(longitude / area_deg)}"
+
+
 @dataclass(frozen=True)
 class Measured:
     rtt_ms: float
@@ -82,25 +96,47 @@ class RttTable:
         self._max_age_s = max_age_s
         self._clock = clock
         self._table: OrderedDict[str, dict[int, Measured]] = OrderedDict()
+        self._areas: OrderedDict[str, dict[int, Measured]] = OrderedDict()  # same bound
 
     def __len__(self) -> int:
         return len(self._table)
 
-    def observe(self, prefix: str, cluster_id: int, rtt_ms: float, sample_count: int = 1) -> None:
-        """Folds one report in; raises RttSampleError for bad input (caller counts a drop)."""
+    def observe(
+        self,
+        prefix: str,
+        cluster_id: int,
+        rtt_ms: float,
+        sample_count: int = 1,
+        area: str = "",
+    ) -> None:
+        """Folds one report in (into the prefix's entry and, given one, its area's);
+        raises RttSampleError for bad input (caller counts a drop)."""
         if not math.isfinite(rtt_ms) or not 0.0 < rtt_ms <= MAX_RTT_MS:
             raise RttSampleError(f"rtt_ms {rtt_ms!r} out of range (0, {MAX_RTT_MS:g}]")
         key = normalize_prefix(prefix)
         now = self._clock()
         weight = 1.0 - (1.0 - self._alpha) ** max(1, sample_count)
-        per_cluster = self._table.get(key)
+        self._fold(self._table, key, cluster_id, rtt_ms, weight, now)
+        if area:
+            self._fold(self._areas, area, cluster_id, rtt_ms, weight, now)
+
+    def _fold(
+        self,
+        table: OrderedDict[str, dict[int, Measured]],
+        key: str,
+        cluster_id: int,
+        rtt_ms: float,
+        weight: float,
+        now: float,
+    ) -> None:
+        per_cluster = table.get(key)
         if per_cluster is None:
             per_cluster = {}
-            self._table[key] = per_cluster
-            while len(self._table) > self._max:
-                self._table.popitem(last=False)
+            table[key] = per_cluster
+            while len(table) > self._max:
+                table.popitem(last=False)
         else:
-            self._table.move_to_end(key)
+            table.move_to_end(key)
         previous = per_cluster.get(cluster_id)
         if previous is None or self._is_stale(previous, now):
             per_cluster[cluster_id] = Measured(rtt_ms, now)
@@ -118,12 +154,19 @@ class RttTable:
             key = client_prefix(client_ip)
         except ValueError:
             return {}
-        per_cluster = self._table.get(key)
+        return self._read(self._table, key)
+
+    def lookup_area(self, area: str) -> dict[int, float]:
+        """cluster id -> RTT measured by the area's prefixes (empty when none or area "")."""
+        return self._read(self._areas, area) if area else {}
+
+    def _read(self, table: OrderedDict[str, dict[int, Measured]], key: str) -> dict[int, float]:
+        per_cluster = table.get(key)
         if per_cluster is None:
             return {}
         now = self._clock()
         for cluster_id in [c for c, e in per_cluster.items() if self._is_stale(e, now)]:
             del per_cluster[cluster_id]
         if not per_cluster:
-            del self._table[key]
+            del table[key]
         return {cluster_id: entry.rtt_ms for cluster_id, entry in per_cluster.items()}

@@ -6,7 +6,13 @@ import dataclasses
 
 import pytest
 
-from services.geosteer.rtt import RttSampleError, RttTable, client_prefix, normalize_prefix
+from services.geosteer.rtt import (
+    RttSampleError,
+    RttTable,
+    area_key,
+    client_prefix,
+    normalize_prefix,
+)
 from services.geosteer.selection import (
     ClusterConfig,
     ClusterState,
@@ -269,7 +275,11 @@ def test_a_relay_pop_nearer_than_the_transceivers_own_relay_is_the_only_vip() ->
     ]
     # Measured for Perth's prefix, Singapore's own relay is as near: both, own VIP last.
     decision = select_route([sin, pop], perth, NOW, {5: 56.0})
-    assert [e.ip for e in decision.relay_endpoints] == ["198.51.100.30", "198.51.100.50"]
+    assert [str(e) for e in decision.relay_endpoints] == [
+        "198.51.100.30:3478",
+        "198.51.100.30:443",
+        "198.51.100.50:3478",
+    ]
 
 
 def test_measured_rtt_ranks_relay_vips_too() -> None:
@@ -404,3 +414,24 @@ def test_measured_rtt_ages_out_and_is_learned_again() -> None:
 def test_rtt_max_age_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_age_s"):
         RttTable(max_age_s=0.0)
+
+
+def test_a_prefix_not_measured_borrows_its_areas_rtts() -> None:
+    """Lima's first network measured São Paulo at 170 ms (through Miami): a second Lima
+    network, never measured, takes that from the area; its own measurement wins."""
+    now = [0.0]
+    rtt = RttTable(max_age_s=10.0, clock=lambda: now[0])
+    lima = area_key(-12.05, -77.04, 0.5)
+    assert lima == area_key(-12.2, -77.3, 0.5)  # one cell
+    assert lima != area_key(-12.6, -77.04, 0.5)
+    assert area_key(-12.05, -77.04, 0.0) == ""  # off
+    rtt.observe("10.100.37.0/24", 5, 170.0, area=lima)
+    rtt.observe("10.100.37.0/24", 2, 83.0, area=lima)
+    assert rtt.lookup("10.100.79.2") == {}
+    assert rtt.lookup_area(lima) == {5: 170.0, 2: 83.0}
+    assert rtt.lookup_area("") == {}
+    rtt.observe("10.100.79.0/24", 2, 90.0, area=lima)
+    assert rtt.lookup("10.100.79.2") == {2: 90.0}
+    assert rtt.lookup_area(lima)[2] == pytest.approx(83.0 + 0.2 * 7.0)
+    now[0] = 11.0  # nobody reported for longer than max_age_s: the area forgets too
+    assert rtt.lookup_area(lima) == {}

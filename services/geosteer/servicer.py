@@ -19,7 +19,7 @@ from libs.service.aio import cancel_and_wait
 from libs.service.errors import StatusError, invalid_argument, resource_exhausted
 from services.geosteer.geoip import ClientLocator, MmdbLocator, bundled_db_path
 from services.geosteer.registry import Directory, HeartbeatUpdate, Snapshot, sweep_interval_s
-from services.geosteer.rtt import RttTable
+from services.geosteer.rtt import RttTable, area_key
 from services.geosteer.selection import (
     ClusterState,
     Endpoint,
@@ -160,11 +160,13 @@ class GeosteerServicer(geosteer_pb2_grpc.GeosteerServiceServicer):
         *,
         default_cluster_id: int = 0,
         margin: SwitchMargin = SwitchMargin(),  # noqa: B008 (frozen, shared safely)
+        area_deg: float = 0.0,
     ) -> None:
         self.directory = directory
         self.locator = locator
         self.default_cluster_id = default_cluster_id
         self.margin = margin
+        self.area_deg = area_deg
         self.closing = asyncio.Event()
 
     async def RouteSession(  # noqa: N802 (gRPC method name)
@@ -193,9 +195,17 @@ class GeosteerServicer(geosteer_pb2_grpc.GeosteerServiceServicer):
             hints = RouteHints(
                 hints.preferred_region, self.default_cluster_id, hints.excluded_cluster_ids
             )
-        measured = self.directory.rtt.lookup(request.client_ip) if located else {}
-        snapshot = await self.directory.snapshot()
         client: GeoPoint | None = location.point if location is not None else None
+        own = self.directory.rtt.lookup(request.client_ip) if located else {}
+        area = (
+            self.directory.rtt.lookup_area(
+                area_key(client.latitude, client.longitude, self.area_deg)
+            )
+            if located and client is not None
+            else {}
+        )
+        measured = {**area, **own}  # the client's own measurement wins
+        snapshot = await self.directory.snapshot()
         try:
             decision = select_route(
                 snapshot.clusters, client, snapshot.now, measured, hints, self.margin
@@ -206,6 +216,9 @@ class GeosteerServicer(geosteer_pb2_grpc.GeosteerServiceServicer):
             )
             # The contract's code for "nothing left": signaling answers HTTP 503.
             raise resource_exhausted("no_cluster_capacity", str(exc)) from exc
+        nearby = (
+            decision.rtt_source is RttSource.MEASURED and decision.cluster.cluster_id not in own
+        )
         log_event(
             logger,
             "route.selected",
@@ -213,6 +226,7 @@ class GeosteerServicer(geosteer_pb2_grpc.GeosteerServiceServicer):
             cluster__id=decision.cluster.cluster_id,
             rtt_ms=round(decision.estimated_rtt_ms or 0.0, 1),
             rtt_source=decision.rtt_source.value,
+            rtt_nearby=nearby,
         )
         return geosteer_pb2.RouteSessionResponse(
             cluster=cluster_to_proto(decision.cluster, snapshot.now),
@@ -231,6 +245,7 @@ class GeosteerServicer(geosteer_pb2_grpc.GeosteerServiceServicer):
             ],
             estimated_rtt_ms=decision.estimated_rtt_ms or 0.0,
             estimated_rtt_measured=decision.rtt_source is RttSource.MEASURED,
+            estimated_rtt_nearby=nearby,
             client_region=location.country if located and location is not None else "",
             client_latitude=client.latitude if located and client is not None else 0.0,
             client_longitude=client.longitude if located and client is not None else 0.0,
@@ -343,6 +358,7 @@ class Geosteer:
             heartbeat_interval_s=interval_s,
             heartbeat_ttl_s=ttl_s,
             clock=clock,
+            area_of=lambda prefix: self._area_of(prefix, settings.rtt_area_deg),
         )
         self.locator = open_locator(settings)
         self.servicer = GeosteerServicer(
@@ -350,6 +366,7 @@ class Geosteer:
             self.locator,
             default_cluster_id=settings.default_cluster_id,
             margin=SwitchMargin(settings.rtt_switch_share, settings.rtt_switch_slack_ms),
+            area_deg=settings.rtt_area_deg,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -374,6 +391,19 @@ class Geosteer:
 
         GEOSTEER_TOPOLOGY_REVISION.create(telemetry.meter, [revision])
         GEOSTEER_RTT_SAMPLES_DROPPED.create(telemetry.meter, [dropped])
+
+    def _area_of(self, prefix: str, area_deg: float) -> str:
+        """The area of a reported prefix: where GeoIP places its first address."""
+        if area_deg <= 0:
+            return ""
+        try:
+            network = ipaddress.ip_network(prefix.strip(), strict=False)
+            location, located = self.locator.resolve(str(network.network_address))
+        except ValueError:
+            return ""  # the RTT table refuses and counts the sample
+        if not located or location is None:
+            return ""
+        return area_key(location.point.latitude, location.point.longitude, area_deg)
 
     def _on_reachable(self, reachable: bool) -> None:
         if reachable == self.registry_reachable:

@@ -79,6 +79,14 @@ class GeosteerSettings(ServiceSettings):
         "estimate applies again, so a fixed route is measured anew)",
         gt=0,
     )
+    rtt_area_deg: float = setting(
+        0.5,
+        "client prefixes whose GeoIP locations share a grid cell of this many degrees share "
+        "measured RTTs: a prefix not measured for a cluster takes its area's (a metro's "
+        "networks share its routes); 0: off",
+        ge=0,
+        le=10,
+    )
     rtt_switch_share: float = setting(
         0.10,
         "a cluster known only by distance is tried instead of one measured for the client "

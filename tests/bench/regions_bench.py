@@ -2,12 +2,14 @@
 cluster with the shortest first hop, at first contact and after learning? Figures are
 printed, never asserted; results are recorded in BENCHMARKS.md. Needs root.
 
-    ./bazelw run //tests/bench:regions                         # 6 regions, 42 cities, 3 calls
+    ./bazelw run //tests/bench:regions                # 6 regions, 42 cities x 2 networks, 3 calls
     ./bazelw run //tests/bench:regions -- --cities lima,rio --regions gru,iad --calls 2
 
 The world is tools/netsim/world.py (five regions with transceivers and a relay-only PoP in
-Sydney, every city a client host with its own /24, delays from great-circle distance with
-a fibre factor, the bad routes of world.BAD_ROUTES plus --bad-route ones); the edge on it
+Sydney, every city --networks client networks (hosts with their own /24s at the city,
+sharing its routes; every city's first network calls before any second one), delays from
+great-circle distance with a fibre factor, the bad routes of world.BAD_ROUTES plus
+--bad-route ones); the edge on it
 and the calls are tools/netsim/regions.py, the same code as tests/netsim/regions_test.py.
 Every client first probes every relay VIP (UDP echo, median of 5: the best first hop),
 then places --calls aiortc calls one after the other, each held until geosteer holds the
@@ -81,7 +83,7 @@ def route_fix(edge: regions.RegionsEdge, learn_timeout_s: float) -> list[regions
     progress(f"{len(bad)} bad routes fixed; waiting for geosteer to forget them")
     deadline = time.monotonic() + 3 * TIMERS.rtt_max_age_s
     for client, region in bad:
-        while edge.measured(client, region.cluster_id) and time.monotonic() < deadline:
+        while edge.measured(client, region.cluster_id, area=True) and time.monotonic() < deadline:
             time.sleep(0.5)
     progress("forgotten; the clients of the fixed routes call again")
     return regions.steer(
@@ -99,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--regions", default="", help="comma-separated names; default all")
     parser.add_argument("--cities", default="", help="comma-separated names; default all")
     parser.add_argument("--calls", type=int, default=3, help="calls per client, in turn")
-    parser.add_argument("--parallel", type=int, default=3, help="clients calling at once")
+    parser.add_argument("--parallel", type=int, default=4, help="clients calling at once")
+    parser.add_argument("--networks", type=int, default=2, help="client networks per city (1 to 5)")
     parser.add_argument(
         "--bad-route", type=_bad_route, action="append", default=[], help="city:region=ms"
     )
@@ -114,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("the regions benchmark needs root (network namespaces)", file=sys.stderr)
         return 1
+    if not 1 <= args.networks <= 5:
+        parser.error("--networks: 1 to 5")
     region_names = _names(args.regions, [r.name for r in REGIONS], "regions")
     city_names = _names(args.cities, [c.name for c in CITIES], "cities")
     bad_routes = {**BAD_ROUTES, **EXTRA_BAD_ROUTES, **dict(args.bad_route)}
@@ -121,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tuple(r for r in REGIONS if not region_names or r.name in region_names),
         tuple(c for c in CITIES if not city_names or c.name in city_names),
         {k: v for k, v in bad_routes.items() if not city_names or k[0] in city_names},
+        networks=args.networks,
     )
     progress(
         f"{len(world.regions)} regions, {len(world.clients)} clients, "
@@ -155,12 +161,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     misses = [r for r in rows if not r.within(0)]
     for row in misses:
         guess = geo_guess(world, row.client).name
-        print(f"first contact missed: {row.client.city.name} (distance guess {guess})")
+        print(f"first contact missed: {row.client.name} (distance guess {guess})")
     plain = [r for r in rows if not any(r.client.city.name == c for c, _ in world.bad_routes)]
     print(
         f"first contact, clients without a bad route: {regions.share_within(plain, 0):.0f} % "
         f"of {len(plain)}"
     )
+    if args.networks > 1:
+        first = [r for r in rows if r.client.isp == 1]
+        later = [r for r in rows if r.client.isp > 1]
+        print(
+            f"first contact, each city's first network: {regions.share_within(first, 0):.0f} % "
+            f"of {len(first)}; its later networks: {regions.share_within(later, 0):.0f} % "
+            f"of {len(later)}"
+        )
     learned = sum(all(landing.learned for landing in row.landings) for row in rows)
     print(f"calls whose RTT geosteer learned: every call of {learned} of {len(rows)} clients")
     print(regions.summary(rows))

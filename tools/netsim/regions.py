@@ -106,14 +106,17 @@ class RegionsEdge:
         )
         return response
 
-    def measured(self, client: Client, cluster_id: int) -> bool | None:
-        """Whether geosteer holds an RTT measured for client's prefix in cluster_id; None
-        when it cannot tell: a full cluster is never chosen, even when preferred, so its
-        answer says nothing about that cluster's RTT until a session ends."""
+    def measured(self, client: Client, cluster_id: int, *, area: bool = False) -> bool | None:
+        """Whether geosteer holds an RTT measured for client's prefix in cluster_id (with
+        `area`: or by its area's other prefixes); None when it cannot tell: a full cluster
+        is never chosen, even when preferred, so its answer says nothing about that
+        cluster's RTT until a session ends."""
         answer = self.route(client, prefer=cluster_id)
         if answer.cluster.cluster_id != cluster_id:
             return None
-        return bool(answer.estimated_rtt_measured)
+        if area:
+            return bool(answer.estimated_rtt_measured)
+        return answer.estimated_rtt_measured and not answer.estimated_rtt_nearby
 
     def session_rtt_ms(self, region: Region, session_id: str) -> float:
         """The first-hop RTT the region's transceiver holds for one session (0.0 before
@@ -214,11 +217,14 @@ def cluster_of(result: CallResult) -> int:
     raise ValueError("no a=ice-ufrag in the answer")
 
 
-def first_candidate(sdp: str) -> str:
+def candidates(sdp: str) -> list[str]:
+    """The addresses an SDP's candidates offer, in order, each once (every m-section
+    repeats them)."""
+    found: list[str] = []
     for line in sdp.splitlines():
-        if line.startswith("a=candidate:"):
-            return line.split()[4]
-    raise ValueError("no candidate in the answer")
+        if line.startswith("a=candidate:") and line.split()[4] not in found:
+            found.append(line.split()[4])
+    return found
 
 
 def _mmdb_records(world: World) -> list[CityRecord]:
@@ -451,7 +457,7 @@ def place_and_learn(
 
     result = edge.call(client, until_learned)
     if result.status != 201 or result.remote_candidate is None:
-        raise RuntimeError(f"{client.city.name}: call failed {result.status} {result.error_body}")
+        raise RuntimeError(f"{client.name}: call failed {result.status} {result.error_body}")
     cluster = cluster_of(result)
     if reported_at[0] and not learned[0]:
         learned[0] = _wait_measured(edge, client, cluster, learn_timeout_s)
@@ -509,7 +515,7 @@ def table_line(row: Row) -> str:
         f"{'*' if row.within(i) else ' '}"
         for i, landing in enumerate(row.landings)
     )
-    return f"{row.client.city.name:13} {name:>5} {best_ms:6.1f}  {calls}"
+    return f"{row.client.name:13} {name:>5} {best_ms:6.1f}  {calls}"
 
 
 def share_within(rows: list[Row], call_index: int) -> float:

@@ -6,10 +6,12 @@ layout, topology file and GeoIP records that put it on network namespaces.
                                         |                   t<id> (transceiver)
                                        ctl 10.250.0.2 (geosteer, signaling, bridge)
 
-Every client has its own /24 (geosteer learns RTTs per /24). Delays come from great-circle
-distance with a fibre factor: light covers ~200 km/ms in fibre, real paths are longer
-than the great circle by a factor drawn per (city, region) pair from 1.35 to 1.75 (a
-deterministic hash, so every run is the same world), plus `ACCESS_MS` for the access
+Every client has its own /24 (geosteer learns RTTs per /24); a city may have several
+client networks (`make_world(networks=)`), other ISPs' /24s at the same place that share
+the city's routes, bad ones included (geosteer shares RTTs within an area). Delays come
+from great-circle distance with a fibre factor: light covers ~200 km/ms in fibre, real
+paths are longer than the great circle by a factor drawn per (city, region) pair from
+1.35 to 1.75 (a deterministic hash, so every run is the same world), plus `ACCESS_MS` for the access
 network. Geosteer's own model (services/geosteer/selection.py) uses a flat 1.5 and 5 ms,
 so its first guess is near but not exact, as with a real GeoIP database. `BAD_ROUTES`
 are pairs whose real RTT is far above what distance says (peering detours documented in
@@ -93,6 +95,11 @@ class City:
 class Client:
     index: int
     city: City
+    isp: int = 1  # the city's first, second, ... client network (another ISP's /24)
+
+    @property
+    def name(self) -> str:
+        return self.city.name if self.isp == 1 else f"{self.city.name}-{self.isp}"
 
     @property
     def host(self) -> str:
@@ -216,8 +223,14 @@ def make_world(
     regions: tuple[Region, ...] = REGIONS,
     cities: tuple[City, ...] = CITIES,
     bad_routes: dict[tuple[str, str], float] | None = None,
+    networks: int = 1,
 ) -> World:
-    clients = tuple(Client(i, city) for i, city in enumerate(cities))
+    """`networks` client networks per city (each its own host and /24 at the same place,
+    sharing the city's routes): every city's first network, then every city's second..."""
+    pairs = [(isp, city) for isp in range(1, networks + 1) for city in cities]
+    if len(pairs) > 250:
+        raise ValueError(f"{len(pairs)} client networks: at most 250 (10.100.<i>.0/24)")
+    clients = tuple(Client(i, city, isp) for i, (isp, city) in enumerate(pairs))
     return World(regions, clients, dict(BAD_ROUTES if bad_routes is None else bad_routes))
 
 
