@@ -235,10 +235,16 @@ async def test_a_cluster_whose_heartbeats_stop_gets_no_new_calls_and_its_callers
     newyork = client(edge, "newyork")
     iad = edge.world.region(region_id(edge, "iad"))
     assert (await asyncio.to_thread(edge.route, newyork)).cluster.cluster_id == iad.cluster_id
-    edge.kill_transceivers(iad)
+    killed = edge.kill_transceivers(iad)
     await until(
         "geosteer to route New York elsewhere",
         lambda: edge.route(newyork).cluster.cluster_id != iad.cluster_id,
+    )
+    # A figure, not an assert (the target, 3 heartbeat intervals, is the lease TTL here).
+    print(
+        f"iad's transceiver killed: New York routed elsewhere "
+        f"{(time.monotonic() - killed) * 1000:.0f} ms later (heartbeat interval "
+        f"{edge.timers.heartbeat_interval_ms} ms, ttl {edge.timers.heartbeat_ttl_ms} ms)"
     )
     result = await asyncio.to_thread(edge.call, newyork)
     assert result.status == 201, result.error_body
