@@ -161,25 +161,26 @@ class SessionManager:
     def _admit(self) -> None:
         """Refuses a new session (RESOURCE_EXHAUSTED: signaling tries the next transceiver,
         or answers 503 with Retry-After) while draining, full or overloaded."""
-        lag_ms = self.loop_lag.window.median
         if self.draining:
             raise self._refusal("draining", "transceiver is draining")
         if len(self._open) >= self.settings.max_sessions:
             raise self._refusal("capacity", f"max_sessions ({self.settings.max_sessions}) reached")
-        if overloaded(lag_ms, self.settings.admission_max_loop_lag_ms):
-            # Before the calls it carries degrade: every one shares this loop.
-            raise self._refusal(
-                "overloaded",
-                f"event loop {lag_ms:.0f} ms late (admission_max_loop_lag_ms "
-                f"{self.settings.admission_max_loop_lag_ms:g})",
-            )
-        cpu = self.loop_lag.cpu.median
-        if overloaded(cpu, self.settings.admission_max_cpu_percent):
-            raise self._refusal(
-                "overloaded",
-                f"process at {cpu:.0f} % of a core (admission_max_cpu_percent "
-                f"{self.settings.admission_max_cpu_percent:g})",
-            )
+        # Before the calls it carries degrade: every one shares this loop and this core.
+        limits = (
+            (
+                self.loop_lag.window,
+                self.settings.admission_max_loop_lag_ms,
+                "event loop {:.0f} ms late (admission_max_loop_lag_ms {:g})",
+            ),
+            (
+                self.loop_lag.cpu,
+                self.settings.admission_max_cpu_percent,
+                "process at {:.0f} % of a core (admission_max_cpu_percent {:g})",
+            ),
+        )
+        for window, limit, message in limits:
+            if overloaded(window.median, limit):
+                raise self._refusal("overloaded", message.format(window.median, limit))
 
     def _refusal(self, code: str, message: str) -> StatusError:
         self._refused.add(1, {"refusal.reason": code})
