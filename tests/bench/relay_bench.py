@@ -1,8 +1,10 @@
 """Relay forwarding benchmark: `./bazelw run //tests/bench:relay`.
 
-One run measures three forwarders side by side: the relay on its Python per-packet path
-(`--native-path off`), the relay on its native path (`--native-path on`,
-services/relay/native), and the C reference.
+One run measures the forwarders side by side: the relay on its Python per-packet path
+(`--native-path off`), on its native path without and with GSO (`--native-path on`,
+services/relay/native, `--udp-gso` false / true), and the C reference; `--paths` picks.
+Each forwarder's CPU time per forwarded packet in the unthrottled trial is printed too.
+Every run first prints how SO_REUSEPORT spreads 1000 clients over 2 and 3 sockets.
 
 The relay runs pinned to core 1 (taskset -c 1); a C load generator and sink (loadgen.c,
 compiled here with gcc -O2) run on core 0. Clients send 200-byte SRTP-class packets; each
