@@ -483,6 +483,25 @@ def test_dockerfile_has_a_healthy_labelled_target_per_service() -> None:
         assert f"ARG {arg}" in text
 
 
+def test_dockerfile_copies_what_the_native_sources_include() -> None:
+    """The build stage compiles the extensions with plain gcc, outside Bazel: every C
+    source it copies, and every header those include by repository path, must be copied
+    where `-I/src` finds it (a shared header added to one cc_library would otherwise break
+    only the image build)."""
+    text = DOCKERFILE.read_text()
+    root = HERE.parent
+    sources = re.findall(r"/src/(\w+)\.c\b", text)
+    assert set(sources) >= {"fastio", "relaycore", "rtpcore"}
+    for name in set(sources):
+        (path,) = root.glob(f"*/*/native/{name}.c")
+        headers = re.findall(r'^#include "([^"]+)"', path.read_text(), re.MULTILINE)
+        for header in headers:
+            assert (root / header).is_file(), f"{path.name} includes {header}"
+            assert re.search(rf"COPY {re.escape(header)} /src/{re.escape(header)}\b", text), header
+        if headers:
+            assert re.search(rf"gcc [^\n]*-I/src [^\n]*/src/{name}\.c", text), name
+
+
 @pytest.mark.parametrize("service", sorted(SETTINGS))
 def test_runtime_locks_match_the_base_interpreter(service: str) -> None:
     lock = (HERE.parent / "requirements" / "runtime" / f"{service}.lock").read_text()

@@ -137,6 +137,7 @@ class DataPlane:
         tcp: TcpPlane | None = None,
         persist_topology: bool = False,
         native_path: str = "auto",
+        udp_gso: bool = True,
     ) -> None:
         self.router = router
         self.tcp = tcp  # the worker's ICE-TCP listener, started and closed with the plane
@@ -161,6 +162,8 @@ class DataPlane:
         self._fastio = fastio.load() if batched_io else None
         self._native_wanted = native.wanted(native_path)
         self._native: native.NativePath | None = None
+        self._udp_gso = udp_gso
+        self._gso_refused = 0
         self._readers: list[socket.socket] = []
         self._public_fds: list[int] = []
         self._internal_fd = -1
@@ -238,6 +241,7 @@ class DataPlane:
             tuple(self._public_fds),
             lambda: self.now,
             lookups=self.store.enabled,
+            gso=self._udp_gso,
         )
         self._native = core
         self.router.attach(core)
@@ -358,11 +362,22 @@ class DataPlane:
                 if len(self._negative) > NEGATIVE_CACHE_MAX:
                     self._negative.clear()
                 self._save_topology()
+                self._check_gso()
             if self.store.enabled and now - last_refresh >= self._refresh_every_s:
                 last_refresh = now
                 # In its own task: a slow or down Redis must not stall the coarse clock.
                 if self._refresher is None or self._refresher.done():
                     self._refresher = asyncio.create_task(self._refresh(now))
+
+    def _check_gso(self) -> None:
+        """Logs once when the kernel refused UDP segmentation offload (the C core then
+        sends plain datagrams)."""
+        if self._native is None or not self._udp_gso:
+            return
+        refused = self._native.stats()["gso_refused"]
+        if refused > self._gso_refused:
+            self._gso_refused = refused
+            log_event(logger, "relay.gso_refused", worker=self.worker_id, refused=refused)
 
     async def _refresh(self, now: float) -> None:
         """TTL refresh for bindings with traffic since their last write, batched."""

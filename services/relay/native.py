@@ -73,6 +73,7 @@ class NativePath:
         clock: Callable[[], float],
         *,
         lookups: bool,
+        gso: bool = False,
     ) -> None:
         module = load()
         if module is None:
@@ -91,6 +92,7 @@ class NativePath:
             budget.burst,
             router.admission.max_tracked_keys,
             lookups,
+            gso,
         )
         self._clock = clock
         self.pump_public = self.core.pump_public

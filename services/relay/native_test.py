@@ -99,6 +99,46 @@ async def test_unbound_flood_is_rate_limited_in_c() -> None:
             assert await recv_until_quiet(transceiver, 0.1) == []
 
 
+SO_NO_CHECK = 11  # socket(7): no UDP checksum on send, which the kernel's GSO refuses
+
+
+@pytest.mark.parametrize("mode", ["gso", "plain", "refused"])
+async def test_runs_to_one_transceiver_go_segmented_and_arrive_whole(mode: str) -> None:
+    """Equal-size media of two clients to one transceiver, a shorter packet in between:
+    with GSO the runs go as UDP_SEGMENT messages, yet the transceiver receives each framed
+    datagram on its own, in order; off, or refused by the kernel (then counted and switched
+    off), the same datagrams go plain."""
+    with contextlib.ExitStack() as stack:
+        transceiver, one, two = (stack.enter_context(udp()) for _ in range(3))
+        media = _name(transceiver)
+        async with data_plane(
+            [f"1/1={media[0]}:{media[1]}"], native_path="on", udp_gso=mode != "plain"
+        ) as plane:
+            vip = address_of(plane.public_addresses[0])
+            await _bind(one, vip, transceiver)
+            await _bind(two, vip, transceiver)
+            if mode == "refused":
+                plane._readers[0].setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+            short = SRTP[:40]
+            sends = [(one, SRTP), (two, SRTP), (one, SRTP), (two, short), (one, SRTP)]
+            sends += [(two, SRTP)] * 3
+            for client, data in sends:  # all queued before the core's next read
+                client.sendto(data, vip)
+            frames = await recv_until_quiet(transceiver, 0.3)
+            assert frames == [framing.encode(*_name(c), d) for c, d in sends]
+            stats = plane._native.stats() if plane._native else {}
+            expected = {
+                "gso": (1, 2, 8, 0),  # runs [4 ending with the short one], [4]
+                "plain": (0, 0, 0, 0),
+                "refused": (0, 0, 0, 1),
+            }[mode]
+            got = (stats["gso"], stats["gso_messages"], stats["gso_segments"])
+            assert (*got, stats["gso_refused"]) == expected
+            counters = plane.router.counters()
+            assert counters.fwd_packets[C2T][int(R.PACKET_CLASS_SRTP)] == len(sends)
+            assert counters.drop_packets[C2T][R.DROP_REASON_SEND_FAILED] == 0
+
+
 def test_table_grows_and_shrinks() -> None:
     module = native.load()
     assert module is not None, "services/relay/native:relaycore.so did not load"

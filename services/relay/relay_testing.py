@@ -63,6 +63,7 @@ async def data_plane(
     udp_listen: tuple[str, ...] = ("127.0.0.1:0",),
     batched_io: bool = True,
     native_path: str = NATIVE_PATH,
+    udp_gso: bool = True,
 ) -> AsyncIterator[DataPlane]:
     router = Router(KEYS, static_view(transceivers))
     plane = DataPlane(
@@ -74,6 +75,7 @@ async def data_plane(
         redis_max_inflight=16,
         batched_io=batched_io,
         native_path=native_path,
+        udp_gso=udp_gso,
     )
     # Under Bazel the native extensions are in the runfiles: never test only the fallback.
     assert plane.batched == batched_io, "libs/fastio/native:fastio.so did not load"

@@ -178,6 +178,11 @@ class RelaySettings(ServiceSettings):
         "router for every packet)",
         choices=NATIVE_PATHS,
     )
+    udp_gso: bool = setting(
+        True,
+        "native path: send runs of equal-size frames to one transceiver as one UDP_SEGMENT "
+        "(GSO) message; switched off by itself (counted) where the kernel refuses it",
+    )
     redis_timeout_s: float = setting(0.5, "timeout of one Redis operation", gt=0)
     redis_max_inflight: int = setting(256, "concurrent Redis lookups for unbound clients", ge=1)
     topology_hold_s: float = setting(

@@ -280,6 +280,7 @@ async def make_worker(
         worker_id=worker_id,
         batched_io=settings.batched_io,
         native_path=settings.native_path,
+        udp_gso=settings.udp_gso,
         tcp=tcp,
         persist_topology=worker_id == 0,
     )

@@ -1,8 +1,10 @@
 """Relay forwarding benchmark: `./bazelw run //tests/bench:relay`.
 
-One run measures three forwarders side by side: the relay on its Python per-packet path
-(`--native-path off`), the relay on its native path (`--native-path on`,
-services/relay/native), and the C reference.
+One run measures the forwarders side by side: the relay on its Python per-packet path
+(`--native-path off`), on its native path without and with GSO (`--native-path on`,
+services/relay/native, `--udp-gso` false / true), and the C reference; `--paths` picks.
+Each forwarder's CPU time per forwarded packet in the unthrottled trial is printed too.
+Every run first prints how SO_REUSEPORT spreads 1000 clients over 2 and 3 sockets.
 
 The relay runs pinned to core 1 (taskset -c 1); a C load generator and sink (loadgen.c,
 compiled here with gcc -O2) run on core 0. Clients send 200-byte SRTP-class packets; each
@@ -19,8 +21,10 @@ of the native table (its own accounting, and the process RSS growth for --native
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -46,6 +50,11 @@ PACKET_SIZE = 200
 LOSS_LIMIT = 0.001
 SEARCH_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3)
 LOAD_POINTS = (0.1, 0.5, 0.9)
+VARIANTS = {
+    "off": ["--native-path=off"],
+    "on": ["--native-path=on", "--udp-gso=false"],
+    "gso": ["--native-path=on", "--udp-gso=true"],
+}
 
 
 @dataclass
@@ -70,6 +79,7 @@ class Run:
 class Result:
     name: str
     unthrottled_pps: float
+    cpu_us_per_packet: float  # the forwarder's CPU (user + system) over what it forwarded
     saturation: Run
     latency: dict[float, Run]
 
@@ -161,8 +171,25 @@ def run_load(
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its live children (the relay's worker processes),
+    threads included, from /proc."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
     name: str,
+    pid: int,
     loadgen: Path,
     target_port: int,
     sink: socket.socket,
@@ -170,9 +197,15 @@ def measure(
     trial_s: float,
     confirm_s: float,
 ) -> Result:
+    cpu_before = cpu_seconds(pid)
     unthrottled = run_load(loadgen, target_port, 0, trial_s, sink, clients)
+    cpu = cpu_seconds(pid) - cpu_before
     ceiling = unthrottled.received_pps
-    print(f"  {name}: unthrottled {ceiling:,.0f} pps received", flush=True)
+    per_packet = cpu / unthrottled.received * 1e6 if unthrottled.received else float("nan")
+    print(
+        f"  {name}: unthrottled {ceiling:,.0f} pps received, {per_packet:.2f} us CPU per packet",
+        flush=True,
+    )
     saturation: Run | None = None
     best: Run | None = None
     for factor in SEARCH_FACTORS:  # bounded descending search
@@ -194,7 +227,7 @@ def measure(
         point: run_load(loadgen, target_port, saturation.rate * point, trial_s, sink, clients)
         for point in LOAD_POINTS
     }
-    return Result(name, ceiling, saturation, latency)
+    return Result(name, ceiling, per_packet, saturation, latency)
 
 
 def bench_relay(
@@ -205,18 +238,17 @@ def bench_relay(
     confirm_s: float,
     extra_args: list[str],
     name: str,
+    cpus: str,
 ) -> Result:
     vip_port = free_udp_port()
     process = subprocess.Popen(
         [
             "taskset",
             "-c",
-            "1",
+            cpus,
             str(RELAY_BINARY),
             "--grpc-listen",
             "127.0.0.1:0",
-            "--workers",
-            "1",
             "--tcp-listen",
             "127.0.0.1:0",
             "--udp-listen",
@@ -240,7 +272,7 @@ def bench_relay(
         for client in clients:
             client.sendto(binding_request_for(keyring, 1, 1)[0], ("127.0.0.1", vip_port))
             sink.recv(65535)  # the framed Binding request: the client is bound
-        return measure(name, loadgen, vip_port, sink, clients, trial_s, confirm_s)
+        return measure(name, process.pid, loadgen, vip_port, sink, clients, trial_s, confirm_s)
     finally:
         process.kill()
         process.wait(timeout=10)
@@ -253,16 +285,17 @@ def bench_reference(
     clients: list[socket.socket],
     trial_s: float,
     confirm_s: float,
+    cpus: str,
 ) -> Result:
     process = subprocess.Popen(
-        ["taskset", "-c", "1", str(forwarder), "0", str(port_of(sink))],
+        ["taskset", "-c", cpus, str(forwarder), "0", str(port_of(sink))],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         port = int(read_line(process, "ready", 10).split()[1])
-        return measure("reference", loadgen, port, sink, clients, trial_s, confirm_s)
+        return measure("reference", process.pid, loadgen, port, sink, clients, trial_s, confirm_s)
     finally:
         process.kill()
         process.wait(timeout=10)
@@ -322,9 +355,70 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def print_table(results: list[Result], reference: Result) -> None:
+def reuseport_spread(workers: int, clients: int, rounds: int = 3) -> None:
+    """How the kernel's SO_REUSEPORT hash spreads clients over the workers' sockets: the
+    share of clients per socket, whether each client's packets always reach the same one,
+    and how many clients of the surviving sockets move when one socket closes (a worker
+    dying)."""
+    listeners: list[socket.socket] = []
+    senders = [udp(1 << 16) for _ in range(clients)]
+    try:
+        first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        first.bind(("127.0.0.1", 0))
+        listeners.append(first)
+        for _ in range(workers - 1):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(first.getsockname())
+            listeners.append(sock)
+        for sock in listeners:
+            fastio.set_buffers(sock, 8 << 20)
+            sock.setblocking(False)
+
+        def owners() -> dict[int, set[int]]:
+            seen: dict[int, set[int]] = {}
+            for _ in range(rounds):
+                for sender in senders:
+                    sender.sendto(b"x", first.getsockname())
+            for index, sock in enumerate(listeners):
+                if sock.fileno() < 0:
+                    continue
+                with contextlib.suppress(BlockingIOError):
+                    for _ in range(clients * rounds + 1):
+                        _, source = sock.recvfrom(16)
+                        seen.setdefault(source[1], set()).add(index)
+            return seen
+
+        before = owners()
+        shares = [sum(1 for o in before.values() if o == {i}) for i in range(workers)]
+        sticky = sum(1 for o in before.values() if len(o) == 1)
+        print(
+            f"SO_REUSEPORT, {workers} sockets, {clients} clients x {rounds} packets: clients per "
+            f"socket {shares}, {sticky}/{len(before)} always on one socket",
+            flush=True,
+        )
+        if workers >= 2:
+            listeners[-1].close()
+            after = owners()
+            survivors = [c for c, o in before.items() if o != {workers - 1}]
+            moved = sum(1 for c in survivors if after.get(c) != before[c])
+            print(
+                f"  socket {workers - 1} closed: {moved}/{len(survivors)} clients of the "
+                f"surviving sockets moved to another one",
+                flush=True,
+            )
+    finally:
+        for sock in (*listeners, *senders):
+            sock.close()
+
+
+def print_table(results: list[Result], reference: Result, cpus: str, workers: int) -> None:
     print()
-    print(f"packet size {PACKET_SIZE} B, forwarder pinned to core 1, load generator on core 0")
+    print(
+        f"packet size {PACKET_SIZE} B, forwarders on CPUs {cpus} (relay: {workers} worker(s)), "
+        f"load generator on core 0; load average {os.getloadavg()[0]:.2f}"
+    )
     header = "".join(f"{r.name:>16}{'x ref':>7}" for r in results)
     print(f"{'':28}{header}{'reference (C)':>16}")
 
@@ -339,6 +433,12 @@ def print_table(results: list[Result], reference: Result) -> None:
         [r.unthrottled_pps for r in results],
         reference.unthrottled_pps,
         ",.0f",
+    )
+    row(
+        "CPU us per packet (unthr.)",
+        [r.cpu_us_per_packet for r in results],
+        reference.cpu_us_per_packet,
+        ".2f",
     )
     row(
         "saturation pps (<0.1% loss)",
@@ -365,7 +465,14 @@ def main(argv: list[str] | None = None) -> int:
         "--native-bindings", type=int, default=1_000_000, help="for the native table's memory"
     )
     parser.add_argument(
-        "--paths", default="off,on", help="relay native_path values to measure, comma-separated"
+        "--paths",
+        default="off,on,gso",
+        help="relay variants to measure, comma-separated: off (Python path), on (native path, "
+        "no GSO), gso (native path with udp_gso)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="relay worker processes")
+    parser.add_argument(
+        "--relay-cpus", default="1", help="taskset CPU list of the forwarders (relay, reference)"
     )
     parser.add_argument(
         "--relay-arg",
@@ -373,7 +480,16 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="extra relay flag, repeatable, e.g. --relay-arg=--batched-io=false",
     )
+    parser.add_argument(
+        "--spread-only", action="store_true", help="only the SO_REUSEPORT spread (2, 3 sockets)"
+    )
     args = parser.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    for workers in (2, 3):
+        reuseport_spread(workers, 1000)
+    if args.spread_only:
+        return 0
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs 2 cores (forwarder on core 1, load on core 0)")
     os.sched_setaffinity(0, {0})
@@ -401,18 +517,19 @@ def main(argv: list[str] | None = None) -> int:
                     clients,
                     args.trial_s,
                     args.confirm_s,
-                    [f"--native-path={path}", *args.relay_arg],
-                    "python path" if path == "off" else f"native ({path})",
+                    [*VARIANTS[path], f"--workers={args.workers}", *args.relay_arg],
+                    {"off": "python path", "on": "native", "gso": "native+GSO"}[path],
+                    args.relay_cpus,
                 )
                 for path in args.paths.split(",")
             ]
             reference = bench_reference(
-                forwarder, loadgen, sink, clients, args.trial_s, args.confirm_s
+                forwarder, loadgen, sink, clients, args.trial_s, args.confirm_s, args.relay_cpus
             )
         finally:
             for sock in (sink, *clients):
                 sock.close()
-    print_table(relays, reference)
+    print_table(relays, reference, args.relay_cpus, args.workers)
     return 0
 
 

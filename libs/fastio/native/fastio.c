@@ -13,6 +13,7 @@
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
 #include <Python.h>
+#include "libs/fastio/native/address.h"
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -23,18 +24,6 @@
 #define MAX_DATAGRAM 65536
 
 static char rx_buffers[MAX_BATCH][2048];
-
-static PyObject *address_tuple(const struct sockaddr_storage *ss) {
-  char text[INET6_ADDRSTRLEN];
-  if (ss->ss_family == AF_INET) {
-    const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
-    inet_ntop(AF_INET, &sin->sin_addr, text, sizeof text);
-    return Py_BuildValue("(si)", text, ntohs(sin->sin_port));
-  }
-  const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
-  inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof text);
-  return Py_BuildValue("(si)", text, ntohs(sin6->sin6_port));
-}
 
 static PyObject *recv_batch(PyObject *self, PyObject *args) {
   int fd, max;

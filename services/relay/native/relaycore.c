@@ -3,7 +3,7 @@
  * One Core per data plane owns its public sockets and its internal socket for the hot path:
  *
  *   Core(internal_fd, public_fds, class_table, reasons, unbound_rate, unbound_burst,
- *        max_keys, lookups)
+ *        max_keys, lookups, gso=False)
  *   add(client_ip, client_port, media_ip, media_port, via, binding)  upsert one binding
  *   remove(client_ip, client_port)
  *   set_via(client_ip, client_port, via)
@@ -19,7 +19,8 @@
  *
  * pump_public: recvmmsg (64 per call, up to 8 calls), then per datagram, by first byte
  * (RFC 7983): DTLS/SRTP from a bound client are framed (relay-framing-v1: "VE", 1, flags, port, address; the header is
- * its own iovec) and sent with sendmmsg to the binding's transceiver. Unknown class: counted
+ * its own iovec) and sent with sendmmsg to the binding's transceiver (with `gso`, runs to one
+ * transceiver as UDP_SEGMENT messages: send_gso). Unknown class: counted
  * drop. Unbound DTLS/SRTP: the per-source bucket (IPv4 address, IPv6 /64) first
  * (RATE_LIMITED), then NO_BINDING, handed up as kind 2 (empty data) when `lookups` is set so
  * Python asks Redis. Unbound STUN over the bucket: RATE_LIMITED, else handed up as kind 1
@@ -37,9 +38,11 @@
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
 #include <Python.h>
+#include "libs/fastio/native/address.h"
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -60,6 +63,11 @@
 #define CLS_SRTP 3
 #define SLOT_EMPTY 0u
 #define SLOT_DEAD 0xFFFFFFFFu
+#define GSO_MAX_SEGMENTS 64 /* the kernel's UDP_MAX_SEGMENTS before Linux 6.9 */
+#define GSO_MAX_BYTES 65000 /* one UDP datagram's payload at most (65507) */
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103 /* linux/udp.h */
+#endif
 
 typedef struct {
   uint8_t family; /* AF_INET or AF_INET6; 0: free slab entry */
@@ -92,6 +100,8 @@ typedef struct {
   uint8_t classes[256];
   int reason_unknown_class, reason_rate_limited, reason_no_binding, reason_send_failed;
   int lookups;
+  int gso;                                        /* UDP_SEGMENT on the internal socket */
+  uint64_t gso_messages, gso_segments, gso_refused; /* totals, for stats() */
   double rate, burst;
   Buckets stun, media;
   Entry *slab;
@@ -251,18 +261,6 @@ static double monotonic(void) {
 
 /* ---- helpers ----------------------------------------------------------------------------- */
 
-static PyObject *address_tuple(const struct sockaddr_storage *ss) {
-  char text[INET6_ADDRSTRLEN];
-  if (ss->ss_family == AF_INET) {
-    const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
-    inet_ntop(AF_INET, &sin->sin_addr, text, sizeof text);
-    return Py_BuildValue("(si)", text, ntohs(sin->sin_port));
-  }
-  const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
-  inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof text);
-  return Py_BuildValue("(si)", text, ntohs(sin6->sin6_port));
-}
-
 static int parse_ip(const char *host, uint8_t *family, uint8_t *addr) {
   memset(addr, 0, 16);
   if (inet_pton(AF_INET, host, addr) == 1) {
@@ -376,8 +374,9 @@ static int Core_init(Core *c, PyObject *args, PyObject *kwds) {
   PyObject *fds;
   Py_buffer classes, reasons;
   unsigned int max_keys;
-  if (!PyArg_ParseTuple(args, "iO!y*y*ddIp", &c->internal_fd, &PyTuple_Type, &fds, &classes,
-                        &reasons, &c->rate, &c->burst, &max_keys, &c->lookups))
+  c->gso = 0;
+  if (!PyArg_ParseTuple(args, "iO!y*y*ddIp|p", &c->internal_fd, &PyTuple_Type, &fds, &classes,
+                        &reasons, &c->rate, &c->burst, &max_keys, &c->lookups, &c->gso))
     return -1;
   int ok = classes.len == 256 && reasons.len == 4 && PyTuple_GET_SIZE(fds) >= 1 &&
            PyTuple_GET_SIZE(fds) <= MAX_VIAS;
@@ -529,6 +528,93 @@ static int recv_round(Core *c, int fd, struct mmsghdr *msgs, struct iovec *iov,
   return recvmmsg(fd, msgs, BATCH, MSG_DONTWAIT, NULL);
 }
 
+/* Client -> transceiver, one datagram per message. */
+static void send_plain(Core *c, struct mmsghdr *tx, const uint32_t *tx_size, int ntx) {
+  int sent = 0;
+  while (sent < ntx) {
+    int k = sendmmsg(c->internal_fd, tx + sent, ntx - sent, MSG_DONTWAIT);
+    if (k <= 0) break;
+    sent += k;
+  }
+  for (int i = sent; i < ntx; i++) drop(c, C2T, c->reason_send_failed, tx_size[i]);
+}
+
+static int same_destination(const struct msghdr *a, const struct msghdr *b) {
+  return a->msg_namelen == b->msg_namelen &&
+         (a->msg_name == b->msg_name || memcmp(a->msg_name, b->msg_name, a->msg_namelen) == 0);
+}
+
+typedef union {
+  char buf[CMSG_SPACE(sizeof(uint16_t))];
+  struct cmsghdr align;
+} SegmentControl;
+
+/* Client -> transceiver with UDP segmentation offload (UDP_SEGMENT, Linux 4.18): a run of
+ * consecutive framed datagrams to the same transceiver, all of one size but the last (which
+ * may be shorter: the kernel's rule), goes as one message whose iovecs are the run's
+ * header/payload pairs, and the stack cuts it into the same datagrams past routing, so one
+ * trip through the IP output path carries up to GSO_MAX_SEGMENTS packets. The transceiver
+ * still receives separate datagrams (the kernel segments a looped or forwarded GSO packet
+ * before a socket without UDP_GRO sees it). Runs of one stay plain messages; all go in one
+ * sendmmsg. A kernel or device that refuses the offload (EIO: no checksum offload on the
+ * route; EINVAL: a segment above the path MTU) switches it off for this core, counted in
+ * gso_refused, and the rest of the batch goes plain. */
+static void send_gso(Core *c, struct mmsghdr *tx, struct iovec (*tx_iov)[2],
+                     const uint32_t *tx_size, int ntx) {
+  struct mmsghdr groups[BATCH];
+  SegmentControl control[BATCH];
+  int first[BATCH + 1], ng = 0;
+  for (int i = 0; i < ntx;) {
+    uint32_t segment = tx_size[i], total = segment;
+    int j = i + 1;
+    while (j < ntx && j - i < GSO_MAX_SEGMENTS && tx_size[j] <= segment &&
+           total + tx_size[j] <= GSO_MAX_BYTES && same_destination(&tx[i].msg_hdr, &tx[j].msg_hdr)) {
+      total += tx_size[j];
+      if (tx_size[j++] < segment) break; /* a shorter datagram ends the run */
+    }
+    struct msghdr *g = &groups[ng].msg_hdr;
+    memset(&groups[ng], 0, sizeof groups[ng]);
+    g->msg_name = tx[i].msg_hdr.msg_name;
+    g->msg_namelen = tx[i].msg_hdr.msg_namelen;
+    g->msg_iov = tx_iov[i]; /* the run's pairs are contiguous in tx_iov */
+    g->msg_iovlen = 2 * (size_t)(j - i);
+    if (j - i > 1) {
+      g->msg_control = control[ng].buf;
+      g->msg_controllen = sizeof control[ng].buf;
+      struct cmsghdr *cm = CMSG_FIRSTHDR(g);
+      cm->cmsg_level = SOL_UDP;
+      cm->cmsg_type = UDP_SEGMENT;
+      cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+      uint16_t size = (uint16_t)segment;
+      memcpy(CMSG_DATA(cm), &size, sizeof size);
+    }
+    first[ng++] = i;
+    i = j;
+  }
+  first[ng] = ntx;
+  int sent = 0;
+  while (sent < ng) {
+    int k = sendmmsg(c->internal_fd, groups + sent, ng - sent, MSG_DONTWAIT);
+    if (k > 0) {
+      for (int g = sent; g < sent + k; g++)
+        if (first[g + 1] - first[g] > 1) {
+          c->gso_messages++;
+          c->gso_segments += (uint64_t)(first[g + 1] - first[g]);
+        }
+      sent += k;
+      continue;
+    }
+    if (k < 0 && (errno == EIO || errno == EINVAL) && first[sent + 1] - first[sent] > 1) {
+      c->gso = 0;
+      c->gso_refused++;
+      send_plain(c, tx + first[sent], tx_size + first[sent], ntx - first[sent]);
+      return;
+    }
+    break;
+  }
+  for (int i = first[sent]; i < ntx; i++) drop(c, C2T, c->reason_send_failed, tx_size[i]);
+}
+
 static PyObject *Core_pump_public(Core *c, PyObject *args) {
   int via;
   if (!PyArg_ParseTuple(args, "i", &via)) return NULL;
@@ -621,13 +707,10 @@ static PyObject *Core_pump_public(Core *c, PyObject *args) {
       tx_size[ntx] = size + (uint32_t)tx_iov[ntx][0].iov_len;
       ntx++;
     }
-    int sent = 0;
-    while (sent < ntx) {
-      int k = sendmmsg(c->internal_fd, tx + sent, ntx - sent, MSG_DONTWAIT);
-      if (k <= 0) break;
-      sent += k;
-    }
-    for (int i = sent; i < ntx; i++) drop(c, C2T, c->reason_send_failed, tx_size[i]);
+    if (c->gso)
+      send_gso(c, tx, tx_iov, tx_size, ntx);
+    else
+      send_plain(c, tx, tx_size, ntx);
     if (n < BATCH) break;
   }
   return out;
@@ -781,9 +864,12 @@ static PyObject *Core_take_counters(Core *c, PyObject *noargs) {
 static PyObject *Core_stats(Core *c, PyObject *noargs) {
   size_t table = (size_t)c->slab_cap * sizeof(Entry) + (size_t)c->index_cap * sizeof(uint32_t) +
                  (size_t)c->dirty_cap * sizeof(uint32_t);
-  return Py_BuildValue("{sIsIsIsnsn}", "bindings", c->slab_used, "slab_capacity", c->slab_cap,
-                       "index_capacity", c->index_cap, "table_bytes", (Py_ssize_t)table,
-                       "entry_bytes", (Py_ssize_t)sizeof(Entry));
+  return Py_BuildValue("{sIsIsIsnsnsisKsKsK}", "bindings", c->slab_used, "slab_capacity",
+                       c->slab_cap, "index_capacity", c->index_cap, "table_bytes",
+                       (Py_ssize_t)table, "entry_bytes", (Py_ssize_t)sizeof(Entry), "gso",
+                       c->gso, "gso_messages", (unsigned long long)c->gso_messages,
+                       "gso_segments", (unsigned long long)c->gso_segments, "gso_refused",
+                       (unsigned long long)c->gso_refused);
 }
 
 static PyMethodDef Core_methods[] = {
