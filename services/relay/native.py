@@ -92,6 +92,15 @@ class NativePath:
             router.admission.max_tracked_keys,
             lookups,
         )
+        # A flood from many sources passes every per-source bucket: C sheds what the
+        # worker's verification budget would refuse anyway, before a Python call each.
+        verifications = router.admission.verifications
+        self.core.limit_unbound(
+            relay_pb2.DROP_REASON_OVERLOADED,
+            relay_pb2.DROP_REASON_MALFORMED,
+            verifications.rate_per_s,
+            max(1.0, verifications.burst),
+        )
         self._clock = clock
         self.pump_public = self.core.pump_public
         self.pump_internal = self.core.pump_internal

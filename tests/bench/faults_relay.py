@@ -39,28 +39,10 @@ class Scenario:
     run: Callable[[NetEdge, argparse.Namespace], Awaitable[Figures]]
 
 
-async def _with_relay_flags(edge: NetEdge, extra: list[str], body: Awaitable[Figures]) -> Figures:
-    """Runs `body` with the relay restarted with `extra` flags, then restores it."""
-    flags = edge.stack.services["relay"].flags
-    saved = list(flags)
-    flags += extra
-    await asyncio.to_thread(_restart, edge)
-    try:
-        return await body
-    finally:
-        flags[:] = saved
-        await asyncio.to_thread(_restart, edge)
-
-
-def _restart(edge: NetEdge) -> None:
-    edge.stack.kill("relay")
-    edge.stack.start_again("relay")
-
-
 def _flood(mode: str, limits: bool) -> Callable[[NetEdge, argparse.Namespace], Awaitable[Figures]]:
     def run(edge: NetEdge, args: argparse.Namespace) -> Awaitable[Figures]:
         body = relay_faults.flood(edge, args.flood_pps, args.flood_s, mode)
-        return body if limits else _with_relay_flags(edge, NO_LIMITS, body)
+        return body if limits else relay_faults.with_relay_flags(edge, NO_LIMITS, body)
 
     return run
 
