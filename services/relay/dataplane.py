@@ -238,6 +238,7 @@ class DataPlane:
             tuple(self._public_fds),
             lambda: self.now,
             lookups=self.store.enabled,
+            lookups_per_s=float(self._max_inflight),
         )
         self._native = core
         self.router.attach(core)

@@ -178,7 +178,7 @@ async def measure(args: argparse.Namespace, tools: Tools) -> list[str]:
                 for kind, spoof in kinds:
                     for rate in rates:
                         mine = await relay_faults.flood_generated(
-                            edge, tools.floodgen, rate, args.flood_s, kind, spoof=spoof
+                            edge, rate, args.flood_s, kind, spoof=spoof, floodgen=tools.floodgen
                         )
                         print(f"{path} {kind} spoof={spoof} {rate}: {mine}", file=sys.stderr,
                               flush=True)

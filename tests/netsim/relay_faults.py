@@ -34,6 +34,8 @@ GEOSTEER_PORT = 50051  # fixed, inside the cluster namespace: a restart comes ba
 AFTER_S = 3.0  # audio the call must carry after a recovery, counted in the gap window
 REPLAY_PORTS = 64
 FLOOD = Path(__file__).with_name("flood.py")
+# The C generator (tests/bench/floodgen.c, built by Bazel): 100k+ pps and spoofed sources.
+FLOODGEN = Path(os.path.abspath(__file__)).parents[1] / "bench" / "floodgen"
 
 
 @dataclass
@@ -474,7 +476,7 @@ def _in_spoof_range(ip: str) -> bool:
 
 
 async def flood_generated(
-    edge: NetEdge, floodgen: Path, pps: int, seconds: float, kind: str, *, spoof: bool
+    edge: NetEdge, pps: int, seconds: float, kind: str, *, spoof: bool, floodgen: Path = FLOODGEN
 ) -> Figures:
     """The C generator (tests/bench/floodgen.c) floods the relay from the third host at
     `pps` (0: as fast as it can) for `seconds`, from 64 ports of that host or (`spoof`) from

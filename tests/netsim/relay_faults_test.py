@@ -1,7 +1,8 @@
 """Relay faults with a live call across hosts (issue 20), short versions of the scenarios
 `//tests/bench:faults_relay` measures: geosteer restarted under the call, the relay
 restarted while geosteer is down, the relay restarted without Redis, a crashed worker, a
-captured check replayed from 64 ports. Bounds are behaviour (the call carries on, nothing
+captured check replayed from 64 ports, floods from one host and from a spoofed /16 (the C
+generator, a modest rate: behaviour, not the relay's limit). Bounds are behaviour (the call carries on, nothing
 is bound or reflected); the measured figures are in RELIABILITY.md."""
 
 from __future__ import annotations
@@ -74,3 +75,40 @@ async def test_a_check_replayed_from_64_ports_binds_and_reflects_nothing(edge: N
     assert figures.counts["reflected_bytes"] == 0
     assert figures.counts["replayed_drops"] > 0
     assert figures.gap_s < QUIET_GAP_S, figures
+
+
+@pytest.mark.timeout_s(90)
+async def test_a_forged_flood_from_a_spoofed_16_is_dropped_and_counted(edge: NetEdge) -> None:
+    # Binding requests with the call's own USERNAME and a random MESSAGE-INTEGRITY, each
+    # from a new address: no per-source bucket stops them, the integrity check does.
+    figures = await relay_faults.flood_generated(edge, 5000, 2.0, "forged", spoof=True)
+    counts = figures.counts
+    assert counts["flood_bindings"] == 0
+    refused = counts.get("drop_bad_message_integrity", 0) + counts.get("drop_overloaded", 0)
+    assert refused > 0, counts
+    # Beyond the call's own RTP/RTCP, only its STUN checks and DTLS reach the transceiver.
+    assert counts["forwarded_c2t"] - counts["call_packets_up"] < 100, counts
+    assert counts["call_packets_up"] > 0  # the caller's audio kept reaching the transceiver
+    assert figures.gap_s < QUIET_GAP_S, figures
+
+
+@pytest.mark.timeout_s(90)
+async def test_random_and_dtls_floods_are_dropped_by_reason(edge: NetEdge) -> None:
+    one_host = await relay_faults.flood_generated(edge, 5000, 2.0, "dtls", spoof=False)
+    counts = one_host.counts
+    assert counts["drop_rate_limited"] > 0, counts  # one host: its per-source budget
+    assert counts["drop_no_binding"] > 0, counts
+    assert counts["flood_bindings"] == 0
+    assert counts["forwarded_c2t"] - counts["call_packets_up"] < 100, counts
+    assert one_host.gap_s < QUIET_GAP_S, one_host
+    spoofed = await relay_faults.flood_generated(edge, 5000, 2.0, "random", spoof=True)
+    counts = spoofed.counts
+    # Random first bytes: mostly no class at all, DTLS/SRTP-looking ones unbound, and
+    # STUN-looking ones with a bad header.
+    assert counts["drop_unknown_class"] > 0, counts
+    assert counts["drop_no_binding"] > 0, counts
+    assert counts.get("drop_malformed", 0) > 0, counts
+    assert counts["flood_bindings"] == 0
+    assert counts["forwarded_c2t"] - counts["call_packets_up"] < 100, counts
+    assert counts["call_packets_up"] > 0
+    assert spoofed.gap_s < QUIET_GAP_S, spoofed

@@ -12,7 +12,8 @@
  *   take_activity() -> list[(binding, packets, bytes, via, seen)]  bindings with traffic
  *     since the last call (seen: a client packet among it, which refreshes last_seen)
  *   take_counters() -> 6 matrices [direction][class|reason], deltas since the last call
- *   limit_unbound(overloaded, malformed, per_s, burst)  the worker-wide hand-up budget
+ *   limit_unbound(overloaded, malformed, stun_per_s, stun_burst, lookups_per_s, lookups_burst)
+ *     the worker-wide hand-up budgets (unbound STUN; Redis lookups)
  *
  * The binding table is a slab of entries (stable indices) under an open-addressing index
  * keyed by the client address; the Python Router calls add/remove from its one
@@ -824,10 +825,12 @@ static PyObject *Core_take_counters(Core *c, PyObject *noargs) {
 
 static PyObject *Core_limit_unbound(Core *c, PyObject *args) {
   int overloaded, malformed;
-  double rate, burst;
-  if (!PyArg_ParseTuple(args, "iidd", &overloaded, &malformed, &rate, &burst)) return NULL;
+  double rate, burst, lookup_rate, lookup_burst;
+  if (!PyArg_ParseTuple(args, "iidddd", &overloaded, &malformed, &rate, &burst, &lookup_rate,
+                        &lookup_burst))
+    return NULL;
   if (overloaded < 0 || overloaded >= MAX_REASONS || malformed < 0 || malformed >= MAX_REASONS ||
-      rate < 0 || burst < 1) {
+      rate < 0 || burst < 1 || lookup_rate < 0 || lookup_burst < 1) {
     PyErr_SetString(PyExc_ValueError, "bad limit_unbound arguments");
     return NULL;
   }
@@ -835,7 +838,7 @@ static PyObject *Core_limit_unbound(Core *c, PyObject *args) {
   c->reason_malformed = malformed;
   double now = monotonic();
   c->stun_handups = (Budget){burst, now, rate, burst};
-  c->lookup_handups = (Budget){burst, now, rate, burst};
+  c->lookup_handups = (Budget){lookup_burst, now, lookup_rate, lookup_burst};
   Py_RETURN_NONE;
 }
 
