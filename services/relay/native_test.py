@@ -13,9 +13,9 @@ import pytest
 
 from libs.wire import framing, stun, ufrag
 from services.relay import native
+from services.relay.limits import Budget
 from services.relay.relay_testing import KEYS, address_of, data_plane, recv, recv_until_quiet
 from services.relay.relay_testing import udp_socket as udp
-from services.relay.limits import Budget
 from services.relay.router import C2T, T2C, Admission, Binding, binding_request_for
 from voiceedge.relay.v1 import relay_pb2
 

@@ -65,16 +65,26 @@ async def reference_row(
         relay_faults.spoof_route(edge)
     forwarder = tb.start(
         tb.ns("relay"),
-        [str(tools.forwarder), str(REF_PORT), str(SINK_PORT), addr.relay_public,
-         addr.cluster_internal],
+        [
+            str(tools.forwarder),
+            str(REF_PORT),
+            str(SINK_PORT),
+            addr.relay_public,
+            addr.cluster_internal,
+        ],
         name="ref_forwarder",
         stdout=subprocess.PIPE,
         text=True,
     )
     sink = tb.start(
         tb.ns("cluster"),
-        [str(tools.floodgen), "probe-sink", addr.cluster_internal, str(SINK_PORT),
-         str(seconds + 4)],
+        [
+            str(tools.floodgen),
+            "probe-sink",
+            addr.cluster_internal,
+            str(SINK_PORT),
+            str(seconds + 4),
+        ],
         name="probe-sink",
         stdout=subprocess.PIPE,
         text=True,
@@ -84,11 +94,17 @@ async def reference_row(
             assert process.stdout is not None
             line = await asyncio.to_thread(process.stdout.readline)
             if not line.startswith("ready"):
-                raise AssertionError(f"{process.args}: {line!r}")
+                raise AssertionError(f"{process.args!r}: {line!r}")
         probe = tb.start(
             tb.ns("client"),
-            [str(tools.floodgen), "probe-send", addr.relay_public, str(REF_PORT),
-             str(PROBE_PPS), str(seconds + 2)],
+            [
+                str(tools.floodgen),
+                "probe-send",
+                addr.relay_public,
+                str(REF_PORT),
+                str(PROBE_PPS),
+                str(seconds + 2),
+            ],
             name="probe-send",
             stdout=subprocess.DEVNULL,
         )
@@ -127,13 +143,17 @@ def _fmt(value: float, digits: int = 0) -> str:
 
 def _row(path: str, kind: str, spoof: bool, rate: int, mine: Figures, ref: Figures) -> str:
     c, r = mine.counts, ref.counts
+    flood = f"{kind}{' spoofed /16' if spoof else ''}"
+    loss = f"{_fmt(c['down_loss_pct'], 1)} / {_fmt(c['up_loss_pct'], 1)}"
     reasons = ", ".join(
-        f"{k.removeprefix('drop_')} {_fmt(v)}" for k, v in sorted(c.items()) if k.startswith("drop_")
+        f"{k.removeprefix('drop_')} {_fmt(v)}"
+        for k, v in sorted(c.items())
+        if k.startswith("drop_")
     )
     return (
-        f"| {path} | {kind}{' spoofed /16' if spoof else ''} | {'max' if rate == 0 else _fmt(rate)} "
+        f"| {path} | {flood} | {'max' if rate == 0 else _fmt(rate)} "
         f"| {_fmt(c['offered_pps'])} | {_fmt(c['received_pps'])} | {_fmt(c['kernel_drops'])} "
-        f"| {_fmt(mine.gap_s * 1000)} | {_fmt(c['down_loss_pct'], 1)} / {_fmt(c['up_loss_pct'], 1)} "
+        f"| {_fmt(mine.gap_s * 1000)} | {loss} "
         f"| {_fmt(c['relay_cpu_pct'])} | {_fmt(c['forwarded_c2t'] - c['call_packets_up'])} "
         f"/ {_fmt(c['flood_bindings'])} | {reasons} "
         f"| {_fmt(r['offered_pps'])} | {_fmt(r['cpu_pct'])} | {_fmt(r['kernel_drops'])} "
@@ -152,7 +172,9 @@ HEADER = (
 
 async def measure(args: argparse.Namespace, tools: Tools) -> list[str]:
     workdir = Path(tempfile.mkdtemp(prefix="relay-flood-"))
-    kinds = [(k, s) for s in (False, True) for k in args.kinds.split(",") if s or not args.spoof_only]
+    kinds = [
+        (k, s) for s in (False, True) for k in args.kinds.split(",") if s or not args.spoof_only
+    ]
     rates = [int(r) for r in args.rates.split(",")]
     lines: list[str] = []
     gaps_at_target: list[tuple[str, float]] = []
@@ -170,8 +192,11 @@ async def measure(args: argparse.Namespace, tools: Tools) -> list[str]:
                 refs[kind, spoof, rate] = await reference_row(
                     edge, tools, rate, args.flood_s, kind, spoof
                 )
-                print(f"ref {kind} spoof={spoof} {rate}: {refs[kind, spoof, rate]}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"ref {kind} spoof={spoof} {rate}: {refs[kind, spoof, rate]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         for path in args.paths.split(","):
 
             async def rows(path: str = path) -> Figures:
@@ -180,23 +205,34 @@ async def measure(args: argparse.Namespace, tools: Tools) -> list[str]:
                         mine = await relay_faults.flood_generated(
                             edge, rate, args.flood_s, kind, spoof=spoof, floodgen=tools.floodgen
                         )
-                        print(f"{path} {kind} spoof={spoof} {rate}: {mine}", file=sys.stderr,
-                              flush=True)
+                        print(
+                            f"{path} {kind} spoof={spoof} {rate}: {mine}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         lines.append(_row(path, kind, spoof, rate, mine, refs[kind, spoof, rate]))
-                        if rate == TARGET_PPS or (rate == 0 and mine.counts["offered_pps"] >= TARGET_PPS):
-                            gaps_at_target.append((f"{path}/{kind}{'/spoofed' if spoof else ''}", mine.gap_s))
+                        if rate == TARGET_PPS or (
+                            rate == 0 and mine.counts["offered_pps"] >= TARGET_PPS
+                        ):
+                            gaps_at_target.append(
+                                (f"{path}/{kind}{'/spoofed' if spoof else ''}", mine.gap_s)
+                            )
                 return Figures()
 
             await relay_faults.with_relay_flags(edge, ["--native-path", path], rows())
-    print(f"\nflood {args.flood_s} s per row; relay workers {args.workers}; "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"\nflood {args.flood_s} s per row; relay workers {args.workers}; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     print(lines[0])
     print()
     print(HEADER)
     for line in lines[1:]:
         print(line)
-    worst = {p: max((g for name, g in gaps_at_target if name.startswith(p + "/")), default=float("nan"))
-             for p in args.paths.split(",")}
+    worst = {
+        p: max((g for name, g in gaps_at_target if name.startswith(p + "/")), default=float("nan"))
+        for p in args.paths.split(",")
+    }
     print()
     # The target is the native path's (the default); the last line says whether it is met.
     for path in sorted(worst, key=lambda p: p == "on"):

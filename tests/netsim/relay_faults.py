@@ -442,7 +442,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def floodgen_argv(
-    floodgen: Path, target: tuple[str, int], pps: int, seconds: float, kind: str, username: str,
+    floodgen: Path,
+    target: tuple[str, int],
+    pps: int,
+    seconds: float,
+    kind: str,
+    username: str,
     spoof: bool,
 ) -> list[str]:
     argv = [str(floodgen), "flood", target[0], str(target[1]), str(pps), str(seconds), kind]
@@ -455,7 +460,7 @@ def parse_counts(line: str) -> dict[str, float]:
 
 
 def _by_reason(before: relay_pb2.RelayStats, after: relay_pb2.RelayStats) -> dict[str, float]:
-    out = {}
+    out: dict[str, float] = {}
     for reason, number in relay_pb2.DropReason.items():
         delta = drops(after, number) - drops(before, number)
         if delta:
@@ -529,6 +534,7 @@ async def flood_generated(
             # RTCP and consent checks): the flood's share, which must stay 0.
             "forwarded_c2t": _c2t(after, "packets_forwarded") - _c2t(before, "packets_forwarded"),
             "call_packets_up": float(up_got),
+            "heard_frames": float(heard),
             "flood_bindings": len(flood_bound),
             **_by_reason(before, after),
         }
