@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.netsim import relay_faults
-from tests.netsim.calls import API_KEY
 from tests.netsim.relay_faults import Figures
 from tools.netsim import net
-from tools.netsim.edge import NetEdge, standard_edge
+from tools.netsim.edge import NetEdge
 
 COMMAND = "./bazelw run //tests/bench:faults_relay"
 NO_LIMITS = ["--unbound-pps-per-ip", "1000000000", "--verifications-per-s", "1000000000"]
@@ -144,12 +143,7 @@ async def measure(args: argparse.Namespace) -> Rows:
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="faults-relay-"))
     rows: Rows = []
-    with standard_edge(
-        workdir,
-        API_KEY,
-        grpc_ports={"geosteer": relay_faults.GEOSTEER_PORT},
-        extra_flags={"relay": ["--workers", str(args.workers)]},
-    ) as edge:
+    with relay_faults.fault_edge(workdir, args.workers) as edge:
         for scenario in chosen:
             runs: list[Figures] = []
             for index in range(args.runs):

@@ -112,28 +112,29 @@ static int parse_cidr(const char *text, uint32_t *base, uint32_t *mask) {
 }
 
 /* Sends PPS (0: unthrottled) for SECONDS: `send_batch(count)` sends `count` datagrams and
- * returns how many left. Batches shrink at low rates so the pacing stays smooth. */
+ * returns how many left. Each round sends what is due (at most BATCH), so a nap that
+ * oversleeps on a loaded machine is made up at once instead of lowering the rate. */
 typedef int (*send_fn)(int count);
 
 static uint64_t pace(double rate, double seconds, send_fn send_batch, uint64_t *errors) {
-  uint64_t start = now_ns(), end = start + (uint64_t)(seconds * 1e9), sent = 0;
-  int batch = rate > 0 && rate < 20000 ? 1 : (rate > 0 && rate < 100000 ? 8 : BATCH);
-  for (;;) {
-    uint64_t t = now_ns();
-    if (t >= end) break;
+  const uint64_t start = now_ns(), stop = start + (uint64_t)(seconds * 1e9);
+  const struct timespec nap = {0, 20000};
+  uint64_t sent = 0;
+  for (uint64_t t = start; t < stop; t = now_ns()) {
+    int count = BATCH;
     if (rate > 0) {
-      double due = (double)(t - start) * rate / 1e9;
-      if ((double)sent + batch > due) {
-        struct timespec pause = {0, 20000};
-        if ((double)sent + batch - due > rate * 0.0002) nanosleep(&pause, NULL);
+      double due = (double)(t - start) * rate / 1e9 - (double)sent;
+      if (due < 1) {
+        nanosleep(&nap, NULL);
         continue;
       }
+      if (due < BATCH) count = (int)due;
     }
-    int k = send_batch(batch);
-    if (k > 0) sent += (uint64_t)k;
-    if (k < batch) *errors += (uint64_t)(batch - (k > 0 ? k : 0));
+    int k = send_batch(count);
+    sent += (uint64_t)count; /* failed sends are counted apart, never retried */
+    if (k < count) *errors += (uint64_t)(count - (k > 0 ? k : 0));
   }
-  return sent;
+  return sent - *errors;
 }
 
 static uint8_t pool[POOL][MAX_DGRAM + IP_UDP_HEADERS];

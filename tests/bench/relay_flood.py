@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.netsim import relay_faults
-from tests.netsim.calls import API_KEY
 from tests.netsim.relay_faults import Figures
 from tools.netsim import net
-from tools.netsim.edge import NetEdge, standard_edge
+from tools.netsim.edge import NetEdge
 
 HERE = Path(os.path.abspath(__file__)).parent
 REF_PORT = 3479  # the reference forwarder, beside the relay on its public address
@@ -178,12 +177,7 @@ async def measure(args: argparse.Namespace, tools: Tools) -> list[str]:
     rates = [int(r) for r in args.rates.split(",")]
     lines: list[str] = []
     gaps_at_target: list[tuple[str, float]] = []
-    with standard_edge(
-        workdir,
-        API_KEY,
-        grpc_ports={"geosteer": relay_faults.GEOSTEER_PORT},
-        extra_flags={"relay": ["--workers", str(args.workers)]},
-    ) as edge:
+    with relay_faults.fault_edge(workdir, args.workers) as edge:
         quiet = await relay_faults.quiet(edge, args.flood_s)
         lines.append(f"quiet call (no flood, reference): longest gap {quiet.gap_s * 1000:.0f} ms")
         refs: dict[tuple[str, bool, int], Figures] = {}

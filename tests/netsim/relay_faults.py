@@ -10,12 +10,13 @@ from just before the fault until the call has run `AFTER_S` past the recovery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from aiortc import RTCPeerConnection
 from examples.python_client.client import CallResult
 from tests.netsim import calls
 from tools.demo.stack import Service
-from tools.netsim.edge import NetEdge
+from tools.netsim.edge import NetEdge, standard_edge
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
@@ -36,6 +37,19 @@ REPLAY_PORTS = 64
 FLOOD = Path(__file__).with_name("flood.py")
 # The C generator (tests/bench/floodgen.c, built by Bazel): 100k+ pps and spoofed sources.
 FLOODGEN = Path(os.path.abspath(__file__)).parents[1] / "bench" / "floodgen"
+
+
+@contextlib.contextmanager
+def fault_edge(workdir: Path, workers: int) -> Iterator[NetEdge]:
+    """The standard edge these scenarios run on: geosteer on its fixed port (restarts come
+    back on it), the relay with `workers` workers and Redis."""
+    with standard_edge(
+        workdir,
+        calls.API_KEY,
+        grpc_ports={"geosteer": GEOSTEER_PORT},
+        extra_flags={"relay": ["--workers", str(workers)]},
+    ) as edge:
+        yield edge
 
 
 @dataclass
