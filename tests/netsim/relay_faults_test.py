@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.netsim import relay_faults
-from tests.netsim.calls import API_KEY
-from tools.netsim.edge import NetEdge, standard_edge
+from tools.netsim.edge import NetEdge
 
 # The longest gap a call may hear when nothing on its path stops: 50 frames a second,
 # scheduled by asyncio on a 2-core machine shared with the whole edge and other builds;
@@ -27,12 +26,7 @@ QUIET_GAP_S = 1.0
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetEdge]:
     workdir: Path = tmp_path_factory.mktemp("netsim")
-    with standard_edge(
-        workdir,
-        API_KEY,
-        grpc_ports={"geosteer": relay_faults.GEOSTEER_PORT},
-        extra_flags={"relay": ["--workers", "2"]},
-    ) as running:
+    with relay_faults.fault_edge(workdir, 2) as running:
         yield running
 
 
