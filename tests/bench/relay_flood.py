@@ -213,9 +213,11 @@ async def measure(args: argparse.Namespace, tools: Tools) -> list[str]:
                             )
                 return Figures()
 
-            await relay_faults.with_relay_flags(edge, ["--native-path", path], rows())
+            flags = ["--native-path", path, *args.relay_arg]
+            await relay_faults.with_relay_flags(edge, flags, rows())
     print(
-        f"\nflood {args.flood_s} s per row; relay workers {args.workers}; "
+        f"\nflood {args.flood_s} s per row; relay workers {args.workers} "
+        f"{' '.join(args.relay_arg)}; "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     print(lines[0])
@@ -246,6 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spoof-only", action="store_true", help="only the spoofed-source rows")
     parser.add_argument("--flood-s", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--relay-arg",
+        action="append",
+        default=[],
+        help="one more relay flag for every row, e.g. --relay-arg=--verifications-per-s=1000",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("relay_flood needs root (network namespaces)", file=sys.stderr)
