@@ -242,6 +242,7 @@ class DataPlane:
             lambda: self.now,
             lookups=self.store.enabled,
             gso=self._udp_gso,
+            lookups_per_s=float(self._max_inflight),
         )
         self._native = core
         self.router.attach(core)

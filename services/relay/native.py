@@ -74,6 +74,7 @@ class NativePath:
         *,
         lookups: bool,
         gso: bool = False,
+        lookups_per_s: float = 256.0,
     ) -> None:
         module = load()
         if module is None:
@@ -93,6 +94,19 @@ class NativePath:
             router.admission.max_tracked_keys,
             lookups,
             gso,
+        )
+        # A flood from many sources passes every per-source bucket: C sheds what the
+        # worker's verification budget would refuse anyway, before a Python call each, and
+        # asks Python for at most `lookups_per_s` Redis lookups a second (each one a task
+        # and a round trip; the drop is counted NO_BINDING either way).
+        verifications = router.admission.verifications
+        self.core.limit_unbound(
+            relay_pb2.DROP_REASON_OVERLOADED,
+            relay_pb2.DROP_REASON_MALFORMED,
+            verifications.rate_per_s,
+            max(1.0, verifications.burst),
+            lookups_per_s,
+            max(1.0, lookups_per_s),
         )
         self._clock = clock
         self.pump_public = self.core.pump_public

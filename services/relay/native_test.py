@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 
 import pytest
 
-from libs.wire import framing
+from libs.wire import framing, stun, ufrag
 from services.relay import native
+from services.relay.limits import Budget
 from services.relay.relay_testing import KEYS, address_of, data_plane, recv, recv_until_quiet
 from services.relay.relay_testing import udp_socket as udp
-from services.relay.router import C2T, T2C, Binding, binding_request_for
+from services.relay.router import C2T, T2C, Admission, Binding, binding_request_for
 from voiceedge.relay.v1 import relay_pb2
 
 SRTP = bytes([0x80, 0x6F]) + bytes(100)
@@ -137,6 +139,47 @@ async def test_runs_to_one_transceiver_go_segmented_and_arrive_whole(mode: str) 
             counters = plane.router.counters()
             assert counters.fwd_packets[C2T][int(R.PACKET_CLASS_SRTP)] == len(sends)
             assert counters.drop_packets[C2T][R.DROP_REASON_SEND_FAILED] == 0
+
+
+async def test_a_flood_from_many_sources_is_shed_in_c() -> None:
+    """Forged Binding requests from 32 source addresses (each within its per-source
+    budget) are charged to the worker's verification budget in C: beyond it OVERLOADED,
+    counted, never handed to Python; a bad STUN header is MALFORMED in C; nothing reaches
+    the transceiver."""
+    admission = Admission(verifications=Budget(rate_per_s=1.0, burst=10.0))
+    server = ufrag.mint(KEYS, 1, 1)
+    with contextlib.ExitStack() as stack:
+        transceiver = stack.enter_context(udp())
+        flooders = []
+        for i in range(32):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            sock.bind((f"127.0.9.{i + 1}", 0))  # every 127/8 address is loopback's
+            flooders.append(sock)
+        media = _name(transceiver)
+        async with data_plane(
+            [f"1/1={media[0]}:{media[1]}"], native_path="on", admission=admission
+        ) as plane:
+            vip = address_of(plane.public_addresses[0])
+            for _ in range(10):
+                for sock in flooders:
+                    # The real ufrag, a wrong password: MESSAGE-INTEGRITY cannot verify.
+                    forged = stun.binding_request(f"{server}:cli1", "x" * 22, os.urandom(12))
+                    sock.sendto(forged, vip)
+                    sock.sendto(b"\x00\x01\x00\x00" + bytes(16), vip)  # no magic cookie
+            counted: list[int] = []
+            for _ in range(100):  # until all 640 are counted (bounded)
+                counted = list(plane.router.counters().drop_packets[C2T])
+                if sum(counted) >= 640:
+                    break
+                await asyncio.sleep(0.05)
+            assert sum(counted) == 640, counted
+            assert counted[R.DROP_REASON_MALFORMED] == 320
+            # At most the burst plus a few seconds' refill reached Python and its HMACs.
+            assert counted[R.DROP_REASON_OVERLOADED] >= 320 - 10 - 10
+            assert counted[R.DROP_REASON_BAD_MESSAGE_INTEGRITY] <= 20
+            assert counted[R.DROP_REASON_RATE_LIMITED] == 0
+            assert await recv_until_quiet(transceiver, 0.1) == []
+            assert plane.router.counters().bindings_active == 0
 
 
 def test_table_grows_and_shrinks() -> None:

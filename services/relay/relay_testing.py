@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from libs.wire import ufrag
 from services.relay.dataplane import DataPlane
-from services.relay.router import Router
+from services.relay.router import Admission, Router
 from services.relay.store import BindingStore, MemoryBindingStore
 from services.relay.topology import static_view
 
@@ -64,8 +64,9 @@ async def data_plane(
     batched_io: bool = True,
     native_path: str = NATIVE_PATH,
     udp_gso: bool = True,
+    admission: Admission | None = None,
 ) -> AsyncIterator[DataPlane]:
-    router = Router(KEYS, static_view(transceivers))
+    router = Router(KEYS, static_view(transceivers), admission=admission)
     plane = DataPlane(
         router,
         store or MemoryBindingStore(),

@@ -184,7 +184,12 @@ class RelaySettings(ServiceSettings):
         "(GSO) message; switched off by itself (counted) where the kernel refuses it",
     )
     redis_timeout_s: float = setting(0.5, "timeout of one Redis operation", gt=0)
-    redis_max_inflight: int = setting(256, "concurrent Redis lookups for unbound clients", ge=1)
+    redis_max_inflight: int = setting(
+        256,
+        "concurrent Redis lookups for unbound clients; the native path also asks for at "
+        "most this many a second per worker",
+        ge=1,
+    )
     topology_hold_s: float = setting(
         300.0,
         "a transceiver missing from geosteer's answers stays routable this long after it was "
@@ -220,7 +225,8 @@ class RelaySettings(ServiceSettings):
     verifications_per_s: float = setting(
         5000.0,
         "per worker, ufrag and MESSAGE-INTEGRITY checks per second of Binding requests from "
-        "unbound addresses (burst the same); beyond it dropped as overloaded",
+        "unbound addresses (burst the same); beyond it dropped as overloaded (on the native "
+        "path in C, before any parsing)",
         gt=0,
     )
     new_addresses_per_ufrag_burst: int = setting(

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.netsim import relay_faults
-from tests.netsim.calls import API_KEY
 from tests.netsim.relay_faults import Figures
 from tools.netsim import net
-from tools.netsim.edge import NetEdge, standard_edge
+from tools.netsim.edge import NetEdge
 
 COMMAND = "./bazelw run //tests/bench:faults_relay"
 NO_LIMITS = ["--unbound-pps-per-ip", "1000000000", "--verifications-per-s", "1000000000"]
@@ -39,28 +38,10 @@ class Scenario:
     run: Callable[[NetEdge, argparse.Namespace], Awaitable[Figures]]
 
 
-async def _with_relay_flags(edge: NetEdge, extra: list[str], body: Awaitable[Figures]) -> Figures:
-    """Runs `body` with the relay restarted with `extra` flags, then restores it."""
-    flags = edge.stack.services["relay"].flags
-    saved = list(flags)
-    flags += extra
-    await asyncio.to_thread(_restart, edge)
-    try:
-        return await body
-    finally:
-        flags[:] = saved
-        await asyncio.to_thread(_restart, edge)
-
-
-def _restart(edge: NetEdge) -> None:
-    edge.stack.kill("relay")
-    edge.stack.start_again("relay")
-
-
 def _flood(mode: str, limits: bool) -> Callable[[NetEdge, argparse.Namespace], Awaitable[Figures]]:
     def run(edge: NetEdge, args: argparse.Namespace) -> Awaitable[Figures]:
         body = relay_faults.flood(edge, args.flood_pps, args.flood_s, mode)
-        return body if limits else _with_relay_flags(edge, NO_LIMITS, body)
+        return body if limits else relay_faults.with_relay_flags(edge, NO_LIMITS, body)
 
     return run
 
@@ -162,12 +143,7 @@ async def measure(args: argparse.Namespace) -> Rows:
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="faults-relay-"))
     rows: Rows = []
-    with standard_edge(
-        workdir,
-        API_KEY,
-        grpc_ports={"geosteer": relay_faults.GEOSTEER_PORT},
-        extra_flags={"relay": ["--workers", str(args.workers)]},
-    ) as edge:
+    with relay_faults.fault_edge(workdir, args.workers) as edge:
         for scenario in chosen:
             runs: list[Figures] = []
             for index in range(args.runs):

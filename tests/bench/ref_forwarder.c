@@ -2,7 +2,8 @@
  * core. Everything received on the listen port goes, unchanged (no framing), to one fixed
  * destination, in batches with recvmmsg/sendmmsg.
  *
- * usage: ref_forwarder LISTEN_PORT DEST_PORT   (both on 127.0.0.1)
+ * usage: ref_forwarder LISTEN_PORT DEST_PORT [LISTEN_IP DEST_IP]   (default 127.0.0.1; the
+ * flood benchmark runs it on a testbed host)
  * Prints "ready <port>" once bound; runs until killed. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -17,8 +18,8 @@
 #define MAXLEN 2048
 
 int main(int argc, char **argv) {
-  if (argc != 3) {
-    fprintf(stderr, "usage: %s LISTEN_PORT DEST_PORT\n", argv[0]);
+  if (argc != 3 && argc != 5) {
+    fprintf(stderr, "usage: %s LISTEN_PORT DEST_PORT [LISTEN_IP DEST_IP]\n", argv[0]);
     return 2;
   }
   int fd = socket(AF_INET, SOCK_DGRAM, 0);
@@ -28,7 +29,7 @@ int main(int argc, char **argv) {
   if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &buf, sizeof buf) != 0)
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
   struct sockaddr_in me = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1]))};
-  inet_pton(AF_INET, "127.0.0.1", &me.sin_addr);
+  inet_pton(AF_INET, argc == 5 ? argv[3] : "127.0.0.1", &me.sin_addr);
   if (bind(fd, (struct sockaddr *)&me, sizeof me) != 0) {
     perror("bind");
     return 1;
@@ -38,7 +39,7 @@ int main(int argc, char **argv) {
   printf("ready %d\n", ntohs(me.sin_port));
   fflush(stdout);
   struct sockaddr_in dest = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
-  inet_pton(AF_INET, "127.0.0.1", &dest.sin_addr);
+  inet_pton(AF_INET, argc == 5 ? argv[4] : "127.0.0.1", &dest.sin_addr);
 
   static char data[BATCH][MAXLEN];
   struct iovec iov[BATCH];

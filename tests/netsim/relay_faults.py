@@ -10,12 +10,13 @@ from just before the fault until the call has run `AFTER_S` past the recovery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from aiortc import RTCPeerConnection
 from examples.python_client.client import CallResult
 from tests.netsim import calls
 from tools.demo.stack import Service
-from tools.netsim.edge import NetEdge
+from tools.netsim.edge import NetEdge, standard_edge
 from voiceedge.common.v1 import common_pb2
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
@@ -34,6 +35,21 @@ GEOSTEER_PORT = 50051  # fixed, inside the cluster namespace: a restart comes ba
 AFTER_S = 3.0  # audio the call must carry after a recovery, counted in the gap window
 REPLAY_PORTS = 64
 FLOOD = Path(__file__).with_name("flood.py")
+# The C generator (tests/bench/floodgen.c, built by Bazel): 100k+ pps and spoofed sources.
+FLOODGEN = Path(os.path.abspath(__file__)).parents[1] / "bench" / "floodgen"
+
+
+@contextlib.contextmanager
+def fault_edge(workdir: Path, workers: int) -> Iterator[NetEdge]:
+    """The standard edge these scenarios run on: geosteer on its fixed port (restarts come
+    back on it), the relay with `workers` workers and Redis."""
+    with standard_edge(
+        workdir,
+        calls.API_KEY,
+        grpc_ports={"geosteer": GEOSTEER_PORT},
+        extra_flags={"relay": ["--workers", str(workers)]},
+    ) as edge:
+        yield edge
 
 
 @dataclass
@@ -134,6 +150,25 @@ def _restart_relay(edge: NetEdge) -> float:
     edge.stack.kill("relay")
     edge.stack.start_again("relay")
     return time.monotonic() - t0
+
+
+def restart_relay_in_place(edge: NetEdge) -> None:
+    """kill -9 of the relay, then started again with its (possibly changed) flags."""
+    edge.stack.kill("relay")
+    edge.stack.start_again("relay")
+
+
+async def with_relay_flags(edge: NetEdge, extra: list[str], body: Awaitable[Figures]) -> Figures:
+    """Runs `body` with the relay restarted with `extra` flags, then restores it."""
+    flags = edge.stack.services["relay"].flags
+    saved = list(flags)
+    flags += extra
+    await asyncio.to_thread(restart_relay_in_place, edge)
+    try:
+        return await body
+    finally:
+        flags[:] = saved
+        await asyncio.to_thread(restart_relay_in_place, edge)
 
 
 async def relay_restart_while_geosteer_down(edge: NetEdge) -> Figures:
@@ -368,5 +403,155 @@ async def quiet(edge: NetEdge, seconds: float) -> Figures:
         t0 = time.monotonic()
         await asyncio.sleep(seconds)
         return Figures(calls.Arrivals(list(result.arrivals)).longest_gap_s(t0, time.monotonic()))
+
+    return await around_call(edge, fault)
+
+
+# ---- floods from the C generator (issue 18): 100k+ pps, spoofed sources ---------------------
+
+SPOOF_PREFIX = "10.77.0.0/16"  # the spoofed sources: inside 10/8, used by nothing else here
+FLOOD_KINDS = ("random", "forged", "dtls")
+
+
+def spoof_route(edge: NetEdge) -> None:
+    """The internet router sends SPOOF_PREFIX back towards the flooding host, so its
+    spoofed datagrams pass reverse-path filtering as a real botnet's would. Idempotent."""
+    edge.testbed.run_in(
+        "inet", ["ip", "route", "replace", SPOOF_PREFIX, "via", edge.addresses.other]
+    )
+
+
+def socket_drops(edge: NetEdge, host: str, port: int) -> int:
+    """Datagrams the kernel dropped on `host`'s UDP sockets bound to `port` (receive buffer
+    full): the drops column of /proc/net/udp, summed over the SO_REUSEPORT sockets."""
+    total = 0
+    for line in edge.testbed.run_in(host, ["cat", "/proc/net/udp"]).splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 13 and int(fields[1].rpartition(":")[2], 16) == port:
+            total += int(fields[-1])
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of `pid` and every live descendant (the relay's workers)."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:  # bounded: /proc's process tree has no cycles
+        current = todo.pop()
+        total += times.get(current, 0.0)
+        todo += children.get(current, [])
+    return total
+
+
+def floodgen_argv(
+    floodgen: Path,
+    target: tuple[str, int],
+    pps: int,
+    seconds: float,
+    kind: str,
+    username: str,
+    spoof: bool,
+) -> list[str]:
+    argv = [str(floodgen), "flood", target[0], str(target[1]), str(pps), str(seconds), kind]
+    return [*argv, username or "x:y", *([SPOOF_PREFIX] if spoof else [])]
+
+
+def parse_counts(line: str) -> dict[str, float]:
+    """`a=1 b=2.5` -> {"a": 1.0, "b": 2.5}."""
+    return {k: float(v) for k, _, v in (w.partition("=") for w in line.split()) if v}
+
+
+def _by_reason(before: relay_pb2.RelayStats, after: relay_pb2.RelayStats) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for reason, number in relay_pb2.DropReason.items():
+        delta = drops(after, number) - drops(before, number)
+        if delta:
+            out["drop_" + reason.removeprefix("DROP_REASON_").lower()] = delta
+    return out
+
+
+def _c2t(stats: relay_pb2.RelayStats, field_name: str) -> int:
+    return sum(
+        getattr(t, field_name)
+        for t in stats.traffic
+        if t.direction == relay_pb2.DIRECTION_CLIENT_TO_TRANSCEIVER
+    )
+
+
+def _in_spoof_range(ip: str) -> bool:
+    return ip.startswith("10.77.")
+
+
+async def flood_generated(
+    edge: NetEdge, pps: int, seconds: float, kind: str, *, spoof: bool, floodgen: Path = FLOODGEN
+) -> Figures:
+    """The C generator (tests/bench/floodgen.c) floods the relay from the third host at
+    `pps` (0: as fast as it can) for `seconds`, from 64 ports of that host or (`spoof`) from
+    random addresses of SPOOF_PREFIX, while a call runs. Counts: offered and received pps,
+    kernel drops on the relay's public sockets, relay CPU % (of one core, all workers), the
+    call's audio loss both ways, drops by reason, bindings the flood made, and how much more
+    than the call's own packets the relay forwarded to the transceiver."""
+    if spoof:
+        spoof_route(edge)
+
+    async def fault(pc: RTCPeerConnection, result: CallResult) -> Figures:
+        username, _ = calls.ice_credentials(pc, result)
+        relay_pid = edge.stack.services["relay"].process.pid
+        port = edge.relay[1]
+        before = relay_stats(edge)
+        session_before = calls.live_session(edge).stats
+        kernel_before = socket_drops(edge, "relay", port)
+        argv = floodgen_argv(floodgen, edge.relay, pps, seconds, kind, username, spoof)
+        cpu0, t0 = cpu_seconds(relay_pid), time.monotonic()
+        process = edge.testbed.start(
+            edge.testbed.ns("other"), argv, name="floodgen", stdout=subprocess.PIPE, text=True
+        )
+        out, _ = await asyncio.to_thread(process.communicate, None, seconds + 30)
+        cpu1, t1 = cpu_seconds(relay_pid), time.monotonic()
+        if process.returncode != 0:
+            raise AssertionError(f"floodgen failed ({process.returncode}): {out}")
+        await asyncio.sleep(0.7)  # child workers push their counters every 0.5 s
+        after = relay_stats(edge)
+        session_after = calls.live_session(edge).stats
+        arrivals = calls.Arrivals(list(result.arrivals))
+        heard = sum(1 for x in arrivals.times if t0 <= x <= t1)
+        sent = parse_counts(out.strip().splitlines()[-1])
+        elapsed = t1 - t0
+        up_got = session_after.packets_received - session_before.packets_received
+        up_lost = session_after.packets_lost - session_before.packets_lost
+        flood_bound = [
+            b
+            for b in calls.relay_bindings(edge)
+            if b[0] == edge.addresses.other or _in_spoof_range(b[0])
+        ]
+        counts = {
+            "offered_pps": sent.get("sent", 0) / max(sent.get("seconds", elapsed), 1e-3),
+            "received_pps": (_c2t(after, "packets_received") - _c2t(before, "packets_received"))
+            / elapsed,
+            "kernel_drops": socket_drops(edge, "relay", port) - kernel_before,
+            "relay_cpu_pct": 100 * (cpu1 - cpu0) / elapsed,
+            "down_loss_pct": max(0.0, 100 * (1 - heard * 0.02 / elapsed)),
+            "up_loss_pct": 100 * max(0, up_lost) / max(1, up_got + max(0, up_lost)),
+            # What reached the transceiver beyond the call's own packets (~100 pps with
+            # RTCP and consent checks): the flood's share, which must stay 0.
+            "forwarded_c2t": _c2t(after, "packets_forwarded") - _c2t(before, "packets_forwarded"),
+            "call_packets_up": float(up_got),
+            "heard_frames": float(heard),
+            "flood_bindings": len(flood_bound),
+            **_by_reason(before, after),
+        }
+        return Figures(arrivals.longest_gap_s(t0, t1), counts)
 
     return await around_call(edge, fault)

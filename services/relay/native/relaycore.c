@@ -12,6 +12,8 @@
  *   take_activity() -> list[(binding, packets, bytes, via, seen)]  bindings with traffic
  *     since the last call (seen: a client packet among it, which refreshes last_seen)
  *   take_counters() -> 6 matrices [direction][class|reason], deltas since the last call
+ *   limit_unbound(overloaded, malformed, stun_per_s, stun_burst, lookups_per_s, lookups_burst)
+ *     the worker-wide hand-up budgets (unbound STUN; Redis lookups)
  *
  * The binding table is a slab of entries (stable indices) under an open-addressing index
  * keyed by the client address; the Python Router calls add/remove from its one
@@ -24,7 +26,13 @@
  * drop. Unbound DTLS/SRTP: the per-source bucket (IPv4 address, IPv6 /64) first
  * (RATE_LIMITED), then NO_BINDING, handed up as kind 2 (empty data) when `lookups` is set so
  * Python asks Redis. Unbound STUN over the bucket: RATE_LIMITED, else handed up as kind 1
- * (admitted: Python skips its own per-IP bucket). STUN from a bound client (consent checks,
+ * (admitted: Python skips its own per-IP bucket). Unbound STUN is first checked in C
+ * for a well-formed header (MALFORMED, as stun.parse would say), then charged against a
+ * budget for the whole worker (limit_unbound: the verification budget, OVERLOADED beyond
+ * it), so a flood from many (spoofed) sources, which no per-source bucket stops, costs C
+ * a drop per datagram and never more than that many Python calls a second; the lookups
+ * of kind 2 have such a budget of their own (beyond it: no lookup, still NO_BINDING).
+ * STUN from a bound client (consent checks,
  * ICE restarts, responses: a few packets a second per call) is handed up as kind 0. Python routes kinds 0 and 1 with the
  * unchanged router and counts what it decides; C counts only what it decides itself.
  *
@@ -87,6 +95,11 @@ typedef struct {
   double tokens, last;
 } Bucket;
 
+/* One budget for the whole worker (no key): rate 0 = unlimited. */
+typedef struct {
+  double tokens, last, rate, burst;
+} Budget;
+
 typedef struct {
   Bucket *slots;
   uint32_t cap, count, max_keys; /* cap: power of two >= 2 * max_keys */
@@ -104,6 +117,8 @@ typedef struct {
   uint64_t gso_messages, gso_segments, gso_refused; /* totals, for stats() */
   double rate, burst;
   Buckets stun, media;
+  int reason_overloaded, reason_malformed;
+  Budget stun_handups, lookup_handups;
   Entry *slab;
   uint32_t slab_cap, slab_used, free_head; /* free list threads through media_len */
   uint32_t *index; /* slab index + 1, SLOT_EMPTY or SLOT_DEAD */
@@ -239,6 +254,25 @@ static int buckets_take(Core *c, Buckets *b, uint64_t key, double now) {
   b->slots[pos] = (Bucket){key, c->burst - 1.0, now};
   b->count++;
   return c->burst >= 1.0;
+}
+
+static int budget_take(Budget *b, double now) {
+  if (b->rate <= 0) return 1;
+  b->tokens += (now - b->last) * b->rate;
+  if (b->tokens > b->burst) b->tokens = b->burst;
+  b->last = now;
+  if (b->tokens < 1.0) return 0;
+  b->tokens -= 1.0;
+  return 1;
+}
+
+/* The header checks of libs/wire/stun.parse (RFC 8489 §5), those it raises on before any
+ * attribute: a datagram failing them is MALFORMED there too. */
+static int stun_header_ok(const uint8_t *d, uint32_t size) {
+  if (size < 20 || (d[0] & 0xC0)) return 0;
+  if (d[4] != 0x21 || d[5] != 0x12 || d[6] != 0xA4 || d[7] != 0x42) return 0;
+  uint32_t length = (uint32_t)d[2] << 8 | d[3];
+  return length % 4 == 0 && length + 20 == size;
 }
 
 static uint64_t source_key(const struct sockaddr_storage *ss) {
@@ -663,6 +697,15 @@ static PyObject *Core_pump_public(Core *c, PyObject *args) {
           continue;
         }
         if (kind == CLS_STUN) {
+          int reason = c->reason_malformed && !stun_header_ok(data, size) ? c->reason_malformed
+                       : !budget_take(&c->stun_handups, now)             ? c->reason_overloaded
+                                                                         : -1;
+          if (reason >= 0) {
+            c->rx_p[C2T][kind]++;
+            c->rx_b[C2T][kind] += size;
+            drop(c, C2T, reason, size);
+            continue;
+          }
           if (hand_up(out, data, size, &from[i], 1) < 0) goto fail;
           pending_add(&pending, family, addr, port);
           continue;
@@ -670,7 +713,9 @@ static PyObject *Core_pump_public(Core *c, PyObject *args) {
         c->rx_p[C2T][kind]++;
         c->rx_b[C2T][kind] += size;
         drop(c, C2T, c->reason_no_binding, size);
-        if (c->lookups && hand_up(out, data, 0, &from[i], 2) < 0) goto fail;
+        if (c->lookups && budget_take(&c->lookup_handups, now) &&
+            hand_up(out, data, 0, &from[i], 2) < 0)
+          goto fail;
         continue;
       }
       /* STUN from a bound client (consent checks, ICE restarts, responses): the Python
@@ -861,6 +906,25 @@ static PyObject *Core_take_counters(Core *c, PyObject *noargs) {
   return result;
 }
 
+static PyObject *Core_limit_unbound(Core *c, PyObject *args) {
+  int overloaded, malformed;
+  double rate, burst, lookup_rate, lookup_burst;
+  if (!PyArg_ParseTuple(args, "iidddd", &overloaded, &malformed, &rate, &burst, &lookup_rate,
+                        &lookup_burst))
+    return NULL;
+  if (overloaded < 0 || overloaded >= MAX_REASONS || malformed < 0 || malformed >= MAX_REASONS ||
+      rate < 0 || burst < 1 || lookup_rate < 0 || lookup_burst < 1) {
+    PyErr_SetString(PyExc_ValueError, "bad limit_unbound arguments");
+    return NULL;
+  }
+  c->reason_overloaded = overloaded;
+  c->reason_malformed = malformed;
+  double now = monotonic();
+  c->stun_handups = (Budget){burst, now, rate, burst};
+  c->lookup_handups = (Budget){lookup_burst, now, lookup_rate, lookup_burst};
+  Py_RETURN_NONE;
+}
+
 static PyObject *Core_stats(Core *c, PyObject *noargs) {
   size_t table = (size_t)c->slab_cap * sizeof(Entry) + (size_t)c->index_cap * sizeof(uint32_t) +
                  (size_t)c->dirty_cap * sizeof(uint32_t);
@@ -881,6 +945,7 @@ static PyMethodDef Core_methods[] = {
     {"take_activity", (PyCFunction)Core_take_activity, METH_NOARGS, "bindings with traffic"},
     {"take_counters", (PyCFunction)Core_take_counters, METH_NOARGS, "counter deltas"},
     {"stats", (PyCFunction)Core_stats, METH_NOARGS, "table size and memory"},
+    {"limit_unbound", (PyCFunction)Core_limit_unbound, METH_VARARGS, "worker-wide hand-up budget"},
     {NULL, NULL, 0, NULL},
 };
 
