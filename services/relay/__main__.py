@@ -116,9 +116,11 @@ ADMIN_MODULES = (
     "libs.service.runtime",
     "services.relay.servicer",
     "services.geosteer.client",
-    "opentelemetry.sdk.metrics",
-    "opentelemetry.sdk.trace",
+    "opentelemetry.sdk.metrics.export",
+    "opentelemetry.sdk.resources",
+    "opentelemetry.sdk.trace.export",
     "opentelemetry.exporter.prometheus",
+    "prometheus_client",
 )
 
 

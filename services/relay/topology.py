@@ -198,6 +198,13 @@ class StaticTopology:
         return None
 
 
+def _import_grpc() -> None:
+    import grpc.aio  # noqa: F401
+
+    import services.geosteer.client  # noqa: F401
+    import voiceedge.geosteer.v1.geosteer_pb2_grpc  # noqa: F401
+
+
 class GeosteerTopology:
     """Watches geosteer's WatchTopology stream and reconnects with backoff when it breaks.
     Static entries are laid over what geosteer says."""
@@ -214,8 +221,10 @@ class GeosteerTopology:
         return self._view
 
     async def run(self, on_update: Callable[[TopologyView], None]) -> None:
-        # gRPC is imported when the watch starts, after the data plane forwards: the
-        # relay's first packets need only the persisted copy (services/relay/README.md).
+        # gRPC is imported when the watch starts, after the data plane forwards (the
+        # relay's first packets need only the persisted copy; services/relay/README.md),
+        # and in a thread: an import holds the event loop, which now forwards.
+        await asyncio.get_running_loop().run_in_executor(None, _import_grpc)
         import grpc.aio
 
         from services.geosteer.client import geosteer_channel
