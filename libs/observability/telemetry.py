@@ -6,18 +6,14 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any
-
-from opentelemetry import metrics, trace
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from prometheus_client import REGISTRY, start_http_server
+from typing import TYPE_CHECKING, Any
 
 from libs.config.settings import parse_host_port
+
+if TYPE_CHECKING:
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
 
 
 @dataclass
@@ -58,6 +54,18 @@ def setup_telemetry(
     in `metrics_port`); otlp_endpoint "host:port" exports traces and metrics over OTLP/gRPC.
     The providers are also installed globally so instrumented libraries find them.
     """
+    # Imported here, not with the module: log_event and configure_logging are on every
+    # process's start-up path (the relay forwards before it sets telemetry up), and the
+    # SDK and Prometheus client cost ~0.1 s of imports.
+    from opentelemetry import metrics, trace
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from prometheus_client import REGISTRY, start_http_server
+
     resource = Resource.create({"service.name": service_name, "service.namespace": "voiceedge"})
     readers: list[MetricReader] = []
     closers: list[Any] = []

@@ -243,6 +243,19 @@ def service_main(
     return asyncio.run(_serve(name, settings, build, token))
 
 
+async def serve(
+    name: str, settings: S, build: Callable[[S, Telemetry], Awaitable[ServiceParts]]
+) -> int:
+    """`service_main` after its settings and logging, inside a running loop: for an entry
+    point that starts something before this module is even imported (the relay's data
+    plane forwards before gRPC and telemetry load). Returns the exit code."""
+    try:
+        token = token_from_env()
+    except TokenError as exc:
+        return exit_on_settings_error(name, str(exc))
+    return await _serve(name, settings, build, token)
+
+
 async def _serve(
     name: str,
     settings: S,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import random
@@ -30,10 +29,10 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
-from libs.config.settings import host_port, join_host_port
 from libs.observability.telemetry import log_event
 from libs.service.aio import cancel_and_wait
 from libs.service.auth import internal_channel
+from services.geosteer.target import geosteer_target
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
 logger = logging.getLogger("voiceedge.geosteer.client")
@@ -68,34 +67,6 @@ RECONNECT_MAX_MS = 2000
 # allow it (libs/service/runtime.py SERVER_OPTIONS).
 KEEPALIVE_MS = 10_000
 KEEPALIVE_TIMEOUT_MS = 5_000
-
-
-def geosteer_target(value: str) -> str:
-    """The gRPC target of a `geosteer_address` setting (a `Rule.parse`; ValueError says
-    what is wrong): `host:port` as it is (a name resolves to all its addresses), or
-    several comma-separated `ip:port` / `[ipv6]:port` of one address family as gRPC's
-    `ipv4:` / `ipv6:` address list."""
-    entries = [part.strip() for part in value.split(",")]
-    if any(not entry for entry in entries):
-        raise ValueError(f"empty entry in {value!r}")
-    parsed = [host_port(entry) for entry in entries]
-    if any(port == 0 for _, port in parsed):
-        raise ValueError(f"port 0 in {value!r}")
-    if len(parsed) == 1:
-        return entries[0]
-    families = set()
-    for host, _ in parsed:
-        try:
-            families.add(ipaddress.ip_address(host).version)
-        except ValueError:
-            raise ValueError(
-                f"{host!r}: several addresses must be IP literals (one DNS name with several "
-                "addresses stands alone)"
-            ) from None
-    if len(families) != 1:
-        raise ValueError(f"mixes IPv4 and IPv6 in {value!r}")
-    scheme = "ipv4" if families == {4} else "ipv6"
-    return f"{scheme}:" + ",".join(join_host_port(host, port) for host, port in parsed)
 
 
 def geosteer_channel(address: str) -> grpc.aio.Channel:

@@ -18,12 +18,13 @@ import pytest
 import redis
 
 from libs.service.redis_testing import Redis, redis_server
-from services.geosteer.client import HeartbeatLoop, geosteer_channel, geosteer_target
+from services.geosteer.client import HeartbeatLoop, geosteer_channel
 from services.geosteer.geosteer_testing import FRANKFURT_IP, TOPOLOGY, Served, serve_geosteer
 from services.geosteer.geosteer_testing import transceiver as geosteer_transceiver
 from services.geosteer.selection import Endpoint, NodeKind, NodeState
 from services.geosteer.settings import GeosteerSettings
 from services.geosteer.store import RedisNodeStore, decode_event, decode_node, encode_node
+from services.geosteer.target import geosteer_target
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 
 TIMEOUT_S = 10.0

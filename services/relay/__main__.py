@@ -1,46 +1,89 @@
 """Relay: the stateless single-port UDP edge that routes on the ICE ufrag.
 
 Run: ./bazelw run //services/relay -- --help
+
+Start-up puts the data plane first, because after a kill -9 the caller hears silence until
+it forwards: worker 0 loads the persisted topology and the Redis bindings, binds its
+sockets and starts the recall with only the modules forwarding needs; then the child
+workers start; only then are gRPC (admin, health, the geosteer watch and registration) and
+telemetry imported and started. `relay.forwarding` and the ready line carry the timeline
+(`startup_ms`: milliseconds since the process started, launcher and interpreter included).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import logging
 import os
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from libs.config.settings import parse_host_port
-from libs.observability.telemetry import Telemetry, log_event
+from libs.config.settings import SettingsError, load_settings, parse_host_port
+from libs.observability.telemetry import configure_logging, log_event
 from libs.service.aio import cancel_and_wait
 from libs.service.cpus import usable_cpus
-from libs.service.runtime import ServiceParts, Servicer, service_main
+from libs.service.startclock import Timeline
 from libs.wire import ufrag
-from services.geosteer.client import HeartbeatLoop, NodeReport, ProcessCpuMeter
+from services.relay.dataplane import DataPlane
 from services.relay.limits import SharedReplayTable
-from services.relay.servicer import RelayAdmin, RelayState, register_metrics
 from services.relay.settings import RelaySettings
-from services.relay.workers import RemoteWorker, WorkerSupervisor, make_worker
-from voiceedge.common.v1 import common_pb2
-from voiceedge.geosteer.v1 import geosteer_pb2
-from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
+from services.relay.store import BindingStore
+from services.relay.workers import RemoteWorker, make_worker
+
+if TYPE_CHECKING:
+    from libs.observability.telemetry import Telemetry
+    from libs.service.runtime import ServiceParts
+    from services.geosteer.client import HeartbeatLoop
+    from services.relay.servicer import RelayState
 
 logger = logging.getLogger("voiceedge.relay")
 
 
-async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
+@dataclasses.dataclass
+class Planes:
+    """Every worker's data plane, forwarding, before the admin side exists."""
+
+    plane: DataPlane  # worker 0, in this process
+    store: BindingStore
+    watch: asyncio.Task[None]
+    replays: SharedReplayTable
+    child_settings: RelaySettings  # what a (re)spawned child worker runs with
+    remotes: list[RemoteWorker] = dataclasses.field(default_factory=list)
+    timeline: Timeline = dataclasses.field(default_factory=Timeline)
+    _closed: bool = False
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await cancel_and_wait(self.watch)
+        for remote in self.remotes:
+            await remote.close()
+        await self.plane.close()
+        await self.store.close()
+        self.replays.close()
+
+
+async def start_planes(settings: RelaySettings, timeline: Timeline) -> Planes:
+    """Worker 0 forwarding, then the child workers ready (each loads its bindings before it
+    binds, so the kernel moving a flow to it costs no packet)."""
     if settings.ufrag_keys == ufrag.DEV_KEYRING_SPEC:
         log_event(logger, "relay.dev_keyring", level=logging.WARNING, detail="never in production")
     workers = settings.workers or usable_cpus()
     # One replay table for every worker: the kernel hashes a replay's ports anywhere.
     replays = SharedReplayTable.create(settings.replay_cache_size)
-    plane, store, watch = await make_worker(settings, 0, replays)
+    try:
+        plane, store, watch = await make_worker(settings, 0, replays, timeline.mark)
+    except BaseException:
+        replays.close()
+        raise
+    log_event(logger, "relay.forwarding", worker=0, **_ms(timeline))
     # Children bind the ports worker 0 got (port 0 picks one) and their own internal socket.
     internal_host = settings.internal_listen.rpartition(":")[0]
     child_settings = dataclasses.replace(
@@ -51,21 +94,54 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
         metrics_listen="",
         otlp_endpoint="",
     )
-    remotes: list[RemoteWorker] = []
+    planes = Planes(plane, store, watch, replays, child_settings, timeline=timeline)
     try:
         for worker_id in range(1, workers):
-            remotes.append(RemoteWorker.spawn(child_settings, worker_id, replays.path))
-        for remote in remotes:
+            planes.remotes.append(RemoteWorker.spawn(child_settings, worker_id, replays.path))
+        # Meanwhile the admin side's modules load in a thread: an import holds the loop
+        # for as long as it runs (0.3-2 s here), and worker 0 now forwards on this loop.
+        admin = asyncio.get_running_loop().run_in_executor(None, _import_admin)
+        for remote in planes.remotes:
             await remote.wait_ready()
+        timeline.mark("workers")
+        await admin
     except BaseException:
-        for remote in remotes:
-            await remote.close()
-        await cancel_and_wait(watch)
-        await plane.close()
-        await store.close()
-        replays.close()
+        await planes.close()
         raise
+    return planes
 
+
+# What the admin side imports (gRPC, health, reflection, OpenTelemetry, Prometheus).
+ADMIN_MODULES = (
+    "libs.service.runtime",
+    "services.relay.servicer",
+    "services.geosteer.client",
+    "opentelemetry.sdk.metrics.export",
+    "opentelemetry.sdk.resources",
+    "opentelemetry.sdk.trace.export",
+    "opentelemetry.exporter.prometheus",
+    "prometheus_client",
+)
+
+
+def _import_admin() -> None:
+    for name in ADMIN_MODULES:
+        importlib.import_module(name)
+
+
+def _ms(timeline: Timeline) -> dict[str, int]:
+    return {f"startup_ms__{name}": ms for name, ms in timeline.marks.items()}
+
+
+async def build(settings: RelaySettings, telemetry: Telemetry, planes: Planes) -> ServiceParts:
+    """The admin side around data planes that already forward."""
+    from libs.service.runtime import ServiceParts, Servicer
+    from services.relay.servicer import RelayAdmin, RelayState, register_metrics
+    from services.relay.workers import WorkerSupervisor
+    from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc
+
+    plane, store, remotes, replays = planes.plane, planes.store, planes.remotes, planes.replays
+    workers = 1 + len(remotes)
     state = RelayState(
         [plane, *remotes], store, settings.drain_grace_s, topology=lambda: plane.router.topology
     )
@@ -89,7 +165,7 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
             task.add_done_callback(health_tasks.discard)
 
     supervisor = WorkerSupervisor(
-        child_settings, remotes, on_degraded, state.replace_worker, replays.path
+        planes.child_settings, remotes, on_degraded, state.replace_worker, replays.path
     )
     supervising = asyncio.get_running_loop().create_task(supervisor.run())
 
@@ -99,8 +175,19 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
         if state.degraded:
             on_degraded(True)
 
+    ready: dict[str, Any] = {
+        "udp": list(plane.public_addresses),
+        "tcp": plane.tcp.address if plane.tcp is not None else "",
+        "internal": plane.internal_address,
+        "workers": workers,
+        "batched_io": plane.batched,
+        "native_path": plane.native,
+    }
+
     async def started(grpc_address: str) -> None:
         nonlocal reporter
+        planes.timeline.mark("admin")
+        ready["startup_ms"] = dict(planes.timeline.marks)  # the ready line is printed next
         reporter = start_reporter(settings, state, workers, grpc_address)
 
     async def drain(grace_s: float) -> None:
@@ -114,13 +201,8 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
         await cancel_and_wait(supervising, *health_tasks)
         if reporter is not None:
             await reporter.close()  # deregisters from geosteer, closes the channel
-        await cancel_and_wait(watch)
         await state.close()
-        for remote in remotes:
-            await remote.close()
-        await plane.close()
-        await store.close()
-        replays.close()
+        await planes.close()
 
     return ServiceParts(
         servicers=[
@@ -130,14 +212,7 @@ async def build(settings: RelaySettings, telemetry: Telemetry) -> ServiceParts:
         ],
         drain=drain,
         close=close,
-        ready={
-            "udp": list(plane.public_addresses),
-            "tcp": plane.tcp.address if plane.tcp is not None else "",
-            "internal": plane.internal_address,
-            "workers": workers,
-            "batched_io": plane.batched,
-            "native_path": plane.native,
-        },
+        ready=ready,
         started=started,
         health=health,
     )
@@ -150,6 +225,10 @@ def start_reporter(
     count and the drain flag (geosteer stops handing out a draining relay's VIPs)."""
     if not settings.public_advertise:
         return None
+    from services.geosteer.client import HeartbeatLoop, NodeReport, ProcessCpuMeter
+    from voiceedge.common.v1 import common_pb2
+    from voiceedge.geosteer.v1 import geosteer_pb2
+
     endpoints = [
         (*parse_host_port(a, "public_advertise"), False) for a in settings.public_advertise
     ] + [(*parse_host_port(a, "tcp_advertise"), True) for a in settings.tcp_advertise]
@@ -180,11 +259,37 @@ def start_reporter(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    timeline = Timeline()
+    timeline.mark("main")  # launcher, interpreter and the data plane's imports
+    try:
+        settings = load_settings(
+            RelaySettings,
+            argv,
+            env_prefix="VOICEEDGE_RELAY_",
+            prog="relay",
+            description=__doc__ or "",
+        )
+    except SettingsError as exc:
+        from libs.service.runtime import exit_on_settings_error
+
+        return exit_on_settings_error("relay", str(exc))
+    configure_logging(settings.log_level)
     # uvloop's datagram path is several times faster than the default loop's (BENCHMARKS.md).
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return service_main(
-        argv, name="relay", settings_cls=RelaySettings, description=__doc__ or "", build=build
-    )
+    return asyncio.run(_serve(settings, timeline))
+
+
+async def _serve(settings: RelaySettings, timeline: Timeline) -> int:
+    planes = await start_planes(settings, timeline)
+    try:
+        from libs.service.runtime import serve  # loaded by start_planes, off the loop
+
+        async def built(s: RelaySettings, telemetry: Telemetry) -> ServiceParts:
+            return await build(s, telemetry, planes)
+
+        return await serve("relay", settings, built)
+    finally:
+        await planes.close()  # idempotent: the admin side's close() did it when it ran
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from libs.config.settings import (
 )
 from libs.wire import ufrag
 from libs.wire.ufrag import DEV_KEYRING_SPEC
-from services.geosteer.client import geosteer_target
+from services.geosteer.target import geosteer_target
 
 NATIVE_PATHS = ("auto", "on", "off")
 

@@ -13,13 +13,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
-
-import redis.asyncio as aioredis
-import redis.exceptions
+from typing import TYPE_CHECKING, Protocol
 
 from libs.observability.telemetry import log_event
 from libs.wire.framing import Address
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 logger = logging.getLogger("voiceedge.relay.store")
 
@@ -149,7 +149,13 @@ class RedisBindingStore:
     enabled = True
 
     def __init__(self, url: str, ttl_s: float, timeout_s: float) -> None:
-        self._redis = aioredis.Redis.from_url(
+        # Imported here: redis-py costs 0.1-0.3 s of imports, which a memory-only relay
+        # would pay before its first packet for nothing.
+        import redis.asyncio
+        import redis.exceptions
+
+        self._errors: tuple[type[Exception], ...] = (redis.exceptions.RedisError, OSError)
+        self._redis: aioredis.Redis = redis.asyncio.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
         self._ttl_ms = max(1, int(ttl_s * 1000))
@@ -174,7 +180,7 @@ class RedisBindingStore:
             await self._redis.set(
                 binding_key(client), f"{cluster_id}/{transceiver_id}", px=self._ttl_ms
             )
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except self._errors as exc:
             self._failed("set", exc)
             return False
         self.writes += 1
@@ -190,7 +196,7 @@ class RedisBindingStore:
                 for client, cluster_id, transceiver_id in entries:
                     pipe.set(binding_key(client), f"{cluster_id}/{transceiver_id}", px=self._ttl_ms)
                 await pipe.execute()
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except self._errors as exc:
             self._failed("set", exc)
             return False
         self.writes += len(entries)
@@ -199,7 +205,7 @@ class RedisBindingStore:
     async def get(self, client: Address) -> tuple[int, int] | None:
         try:
             value = await self._redis.get(binding_key(client))
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except self._errors as exc:
             self._failed("get", exc)
             return None
         ids = parse_value(value) if value is not None else None
@@ -229,7 +235,7 @@ class RedisBindingStore:
                             found.append(entry)
                 if cursor == 0:
                     break
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except self._errors as exc:
             self._failed("scan", exc)
         self.hits += len(found)
         return found[:limit]
@@ -237,7 +243,7 @@ class RedisBindingStore:
     async def save_topology(self, text: str) -> bool:
         try:
             await self._redis.set(TOPOLOGY_KEY, text, ex=TOPOLOGY_TTL_S)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except self._errors as exc:
             self._failed("set", exc)
             return False
         self.writes += 1
@@ -246,7 +252,7 @@ class RedisBindingStore:
     async def load_topology(self) -> str | None:
         try:
             value = await self._redis.get(TOPOLOGY_KEY)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except self._errors as exc:
             self._failed("get", exc)
             return None
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

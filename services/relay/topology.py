@@ -13,17 +13,15 @@ import json
 import logging
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import grpc
-import grpc.aio
+from typing import TYPE_CHECKING, Protocol
 
 from libs.observability.telemetry import log_event
 from libs.wire.framing import Address
-from services.geosteer.client import geosteer_channel
 from services.relay.settings import parse_transceiver_entry
 from voiceedge.common.v1 import common_pb2
-from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
+
+if TYPE_CHECKING:
+    from voiceedge.geosteer.v1 import geosteer_pb2
 
 logger = logging.getLogger("voiceedge.relay.topology")
 
@@ -200,6 +198,13 @@ class StaticTopology:
         return None
 
 
+def _import_grpc() -> None:
+    import grpc.aio  # noqa: F401
+
+    import services.geosteer.client  # noqa: F401
+    import voiceedge.geosteer.v1.geosteer_pb2_grpc  # noqa: F401
+
+
 class GeosteerTopology:
     """Watches geosteer's WatchTopology stream and reconnects with backoff when it breaks.
     Static entries are laid over what geosteer says."""
@@ -216,6 +221,15 @@ class GeosteerTopology:
         return self._view
 
     async def run(self, on_update: Callable[[TopologyView], None]) -> None:
+        # gRPC is imported when the watch starts, after the data plane forwards (the
+        # relay's first packets need only the persisted copy; services/relay/README.md),
+        # and in a thread: an import holds the event loop, which now forwards.
+        await asyncio.get_running_loop().run_in_executor(None, _import_grpc)
+        import grpc.aio
+
+        from services.geosteer.client import geosteer_channel
+        from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
+
         backoff = 0.1
         async with geosteer_channel(self._address) as channel:
             stub = geosteer_pb2_grpc.GeosteerServiceStub(channel)

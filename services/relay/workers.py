@@ -24,6 +24,7 @@ import uvloop
 
 from libs.observability.telemetry import configure_logging, log_event
 from libs.service.aio import cancel_and_wait
+from libs.service.startclock import Timeline
 from libs.wire import ufrag
 from services.relay import messages
 from services.relay.dataplane import DataPlane, WorkerCounters
@@ -250,18 +251,24 @@ class WorkerSupervisor:
 
 
 async def make_worker(
-    settings: RelaySettings, worker_id: int, replays: ReplayTable | None = None
+    settings: RelaySettings,
+    worker_id: int,
+    replays: ReplayTable | None = None,
+    mark: Callable[[str], None] = lambda name: None,
 ) -> tuple[DataPlane, BindingStore, asyncio.Task[None]]:
-    """One worker's router, store, sockets and topology watch, started."""
+    """One worker's router, store, sockets and topology watch, started; `mark` is told
+    each start-up step as it ends (the start-up timeline)."""
     keyring = ufrag.Keyring.parse(settings.ufrag_keys)
     source = make_topology_source(settings.transceivers, settings.geosteer_address)
     store = make_binding_store(settings.redis_url, settings.binding_ttl_s, settings.redis_timeout_s)
     # Before any socket opens: the last topology and the bindings from the shared copy, so
     # a relay (re)started while geosteer is down forwards its calls' first packets.
     copy = await _load_topology(store, settings.preload_timeout_s)
+    mark("topology")
     router = make_router(settings, keyring, copy, replays=replays)
     router.set_topology(source.current())
     preloaded = await _preload(router, store, settings)
+    mark("bindings")
     log_event(
         logger,
         "relay.preloaded",
@@ -287,6 +294,7 @@ async def make_worker(
     recaller = BindingRecall(router, keyring, settings.internal_listen, worker_id)
     try:
         await plane.start()
+        mark("sockets")
         if settings.recall_bindings:
             await recaller.start()  # after the sockets: what it installs is forwarded at once
     except BaseException:
@@ -301,6 +309,7 @@ async def make_worker(
         recaller.greet(router.topology)
 
     watch = asyncio.get_running_loop().create_task(_watch(source, set_topology, recaller))
+    mark("forwarding")
     return plane, store, watch
 
 
@@ -367,7 +376,9 @@ async def _serve_worker(
     conn: multiprocessing.connection.Connection,
     replays: ReplayTable | None,
 ) -> None:
-    plane, store, watch = await make_worker(settings, worker_id, replays)
+    timeline = Timeline()
+    timeline.mark("main")  # the spawned interpreter and its imports
+    plane, store, watch = await make_worker(settings, worker_id, replays, timeline.mark)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     drain_task: asyncio.Task[None] | None = None
@@ -414,7 +425,12 @@ async def _serve_worker(
 
     loop.add_reader(conn.fileno(), on_command)
     send(messages.Ready(tuple(plane.public_addresses), plane.internal_address))
-    log_event(logger, "relay.worker_started", worker=worker_id)
+    log_event(
+        logger,
+        "relay.worker_started",
+        worker=worker_id,
+        **{f"startup_ms__{name}": ms for name, ms in timeline.marks.items()},
+    )
     try:
         while not stop.is_set():  # one snapshot per SNAPSHOT_S until stopped
             if not send(messages.CountersReport(plane.counters())):

@@ -11,7 +11,7 @@ import ipaddress
 
 from libs.config.settings import ServiceSettings, SettingsError, host_port, redis_url, setting
 from libs.wire.ufrag import DEV_KEYRING_SPEC, Keyring
-from services.geosteer.client import geosteer_target
+from services.geosteer.target import geosteer_target
 
 
 def _api_key(key: str) -> str:

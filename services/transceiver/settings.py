@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from libs.config.settings import ServiceSettings, SettingsError, host_port, setting
-from services.geosteer.client import geosteer_target
+from services.geosteer.target import geosteer_target
 from services.transceiver import opus
 
 

