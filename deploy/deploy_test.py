@@ -38,7 +38,7 @@ import pytest
 import yaml
 
 from libs.config.settings import ServiceSettings, load_settings
-from libs.service.auth import TOKEN_ENV, parse_token
+from libs.service.tokens import TOKEN_ENV, parse_token
 from services.bridge.settings import BridgeSettings
 from services.geosteer.settings import GeosteerSettings
 from services.relay.settings import RelaySettings

@@ -6,16 +6,14 @@ Servers answer UNAUTHENTICATED to any call that does not carry `authorization: B
 <token>`, except grpc.health.v1 (kubelet probes and the image HEALTHCHECK carry no token and
 learn nothing but SERVING). Clients made with `internal_channel` add the header to every call.
 
-A token is at least 32 characters with no whitespace; an obvious placeholder is refused at
-start-up, with a message that says so, rather than protecting the plane with a known string.
+The token's rules (at least 32 characters, no whitespace, no obvious placeholder) are in
+libs/service/tokens.py, which imports no gRPC, so a process can check it before anything else.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import os
-import re
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,14 +21,12 @@ import grpc
 import grpc.aio
 
 from libs.observability.telemetry import log_event
+from libs.service.tokens import TokenError, token_from_env
 
 logger = logging.getLogger("voiceedge.service.auth")
 
-TOKEN_ENV = "VOICEEDGE_INTERNAL_TOKEN"  # noqa: S105 (the variable's name, not a secret)
-MIN_TOKEN_CHARS = 32
 # Probes carry no credentials; health reveals only SERVING / NOT_SERVING.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
-_PLACEHOLDER = re.compile(r"replace|change[-_]?me|example|placeholder|^(.)\1*$", re.IGNORECASE)
 
 
 # The stubs make these generic; at run time they are plain classes.
@@ -46,37 +42,6 @@ else:
     _UnaryStreamBase = grpc.aio.UnaryStreamClientInterceptor
     _StreamUnaryBase = grpc.aio.StreamUnaryClientInterceptor
     _StreamStreamBase = grpc.aio.StreamStreamClientInterceptor
-
-
-class TokenError(ValueError):
-    """The configured internal token is unusable; the message says why (never the token)."""
-
-
-def check_secret(name: str, value: str) -> None:
-    """Refuses an obvious placeholder (REPLACE_ME, changeme, example, one character repeated)
-    as the secret `name`, naming the problem and never the value."""
-    if _PLACEHOLDER.search(value):
-        raise TokenError(f"{name}: is a placeholder, not a secret (`openssl rand -hex 32`)")
-
-
-def parse_token(text: str) -> str:
-    """The token to require and send; "" when none is configured (the plane is open)."""
-    token = text.strip()
-    if not token:
-        return ""
-    if any(c.isspace() for c in token):
-        raise TokenError(f"{TOKEN_ENV}: contains whitespace")
-    if len(token) < MIN_TOKEN_CHARS:
-        raise TokenError(
-            f"{TOKEN_ENV}: {len(token)} characters, need at least {MIN_TOKEN_CHARS} "
-            "(make one with `openssl rand -hex 32`)"
-        )
-    check_secret(TOKEN_ENV, token)
-    return token
-
-
-def token_from_env(environ: Mapping[str, str] | None = None) -> str:
-    return parse_token((os.environ if environ is None else environ).get(TOKEN_ENV, ""))
 
 
 def _bearer(token: str) -> str:

@@ -13,14 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from libs.config.settings import ServiceSettings
-from libs.service.auth import (
-    TOKEN_ENV,
-    TokenError,
-    check_secret,
-    internal_channel,
-    parse_token,
-)
+from libs.service.auth import internal_channel
 from libs.service.runtime import GrpcService, Servicer, service_main
+from libs.service.tokens import TOKEN_ENV, TokenError, check_secret, parse_token
 from voiceedge.geosteer.v1 import geosteer_pb2, geosteer_pb2_grpc
 from voiceedge.inference.v1 import inference_pb2, inference_pb2_grpc
 from voiceedge.relay.v1 import relay_pb2, relay_pb2_grpc

@@ -31,8 +31,9 @@ from grpc_reflection.v1alpha import reflection
 from libs.config.settings import ServiceSettings, SettingsError, load_settings
 from libs.observability.telemetry import Telemetry, configure_logging, log_event, setup_telemetry
 from libs.service.aio import cancel_and_wait
-from libs.service.auth import TokenError, TokenServerInterceptor, token_from_env
+from libs.service.auth import TokenServerInterceptor
 from libs.service.errors import StatusErrorInterceptor
+from libs.service.tokens import TokenError, token_from_env
 
 logger = logging.getLogger("voiceedge.service")
 

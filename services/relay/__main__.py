@@ -29,6 +29,7 @@ from libs.observability.telemetry import configure_logging, log_event
 from libs.service.aio import cancel_and_wait
 from libs.service.cpus import usable_cpus
 from libs.service.startclock import Timeline
+from libs.service.tokens import TokenError, token_from_env
 from libs.wire import ufrag
 from services.relay.dataplane import DataPlane
 from services.relay.limits import SharedReplayTable
@@ -269,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             prog="relay",
             description=__doc__ or "",
         )
-    except SettingsError as exc:
+        token_from_env()  # refused here, before a port is bound (runtime reads it again)
+    except (SettingsError, TokenError) as exc:
         from libs.service.runtime import exit_on_settings_error
 
         return exit_on_settings_error("relay", str(exc))

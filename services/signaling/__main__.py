@@ -18,8 +18,8 @@ from aiohttp import web
 
 from libs.config.settings import parse_host_port
 from libs.observability.telemetry import Telemetry, log_event
-from libs.service.auth import check_secret
 from libs.service.runtime import ServiceParts, Servicer, service_main
+from libs.service.tokens import check_secret
 from services.signaling.calls import CallService
 from services.signaling.http_api import build_app, make_runner
 from services.signaling.nodewatch import NodeWatch
