@@ -288,6 +288,7 @@ class Overload:
         t0 = time.monotonic()
         while len(self.clients) < target:
             existing = self.clients[:]
+            up = len(self.clients)
             for client in existing:
                 client.arrivals = []
             self.pacer.lags = []
@@ -311,6 +312,10 @@ class Overload:
                 raise SystemExit("no call could be set up")
             if refused and not calls:
                 stopped = "admission refused during the ramp"
+                break
+            if len(self.clients) == up:  # with --calls, admission may refuse every offer
+                stopped = "a whole step refused or failed"
+                print(f"    {stopped}: the ramp ends at {up} calls", flush=True)
                 break
             if 2 * errors >= batch:
                 stopped = "half a step's set-ups failed"
