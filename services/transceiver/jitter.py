@@ -49,7 +49,9 @@ MARGIN_S = 0.015  # over the measured peak: a busy loop reads packets and runs t
 BASE_CREEP_PER_S = 0.005  # how fast the fastest-transit reference forgets (5 ms per s)
 LOSS_MEMORY_S = 10.0  # after a loss, the target keeps room for the next packet's FEC this long
 SHRINK_MARGIN_S = 0.03  # spare delay over the target before a frame is skipped
-SKIP_AFTER_TICKS = 50  # in speech, that much spare delay for 1 s before a frame is skipped
+SKIP_AFTER_TICKS = 150  # in speech, that much spare delay for 3 s before a frame is skipped
+QUIET_RATIO = 0.5  # a packet at most this share of the mean size is a pause (VBR: no speech)
+SIZE_AVERAGE_PACKETS = 32  # the mean packet size follows the last ~32 packets
 STALE_TICKS = FRAME_TICKS  # after an underrun, a packet this far behind the cursor still plays
 DTX_MAX_BYTES = 2  # Opus DTX / comfort-noise packets: a TOC byte and at most one more
 
@@ -65,6 +67,7 @@ class Slot(NamedTuple):
     # sequence number shows, were a pause of the sender (no packet missing): silence
     paused: int = 0
     held: bool = False  # LOST/SILENCE: no packet is missing, the buffer grows by this slot
+    duration: int = FRAME_TICKS  # FRAME: the packet's length in 48 kHz ticks (its TOC)
 
 
 def opus_duration_ticks(packet: bytes) -> int:
@@ -95,6 +98,8 @@ _SILENCE_SLOT = Slot(SILENCE)
 _LOST_SLOT = Slot(LOST)
 _HELD_LOST = Slot(LOST, held=True)
 _HELD_SILENCE = Slot(SILENCE, held=True)
+# What tick(late=True) returns when the slot's packet is not here: nothing was played.
+DEFERRED = Slot(LOST)
 _WRAP = 1 << 32
 _HALF_WRAP = 1 << 31
 
@@ -116,8 +121,8 @@ class JitterBuffer:
         self._min_delay = min_delay_ms / 1000.0
         self._max_delay = max(min_delay_ms, max_delay_ms) / 1000.0
         self._capacity = capacity_frames
-        # sequence -> (payload, unwrapped RTP timestamp, from RED)
-        self._frames: dict[int, tuple[bytes, int, bool]] = {}
+        # sequence -> (payload, unwrapped RTP timestamp, from RED, duration in ticks)
+        self._frames: dict[int, tuple[bytes, int, bool, int]] = {}
         self._next_seq: int | None = None  # None until the first slot is played
         self._cursor = 0  # unwrapped RTP time of the next slot
         self._last_ts: int | None = None  # unwrapped timestamp of the newest packet
@@ -127,6 +132,7 @@ class JitterBuffer:
         self._peak_at = 0.0
         self._rise_at = -math.inf  # when the peak last climbed
         self._in_silence = False
+        self._size_mean = 0.0  # of the caller's packets (VBR): small ones are pauses
         self._over_ticks = 0  # ticks in a row with spare delay over the target
         self._loss_at = -LOSS_MEMORY_S  # when a packet was last missing at its slot
         self._underrun = 0  # LOST slots played since the last packet, while none was here
@@ -191,11 +197,15 @@ class JitterBuffer:
             self.overflow += 1
             return
         ts = self._unwrap(timestamp)
-        frames[sequence] = (payload, ts, from_red)
+        frames[sequence] = (payload, ts, from_red, opus_duration_ticks(payload))
         if from_red:
             return
         if self._last_ts is None or ts > self._last_ts:
             self._last_ts = ts
+        size = len(payload)
+        if size > DTX_MAX_BYTES:
+            mean = self._size_mean
+            self._size_mean = mean + (size - mean) / SIZE_AVERAGE_PACKETS if mean else size
         self._arrivals[sequence] = self._measure(ts)
 
     def _measure(self, ts: int) -> float:
@@ -203,20 +213,18 @@ class JitterBuffer:
         base and the peak; returns now."""
         now = self._now()
         due = self._last_at + FRAME_S
-        behind = now > due
-        if behind:
+        if now > due and self._base is not None:
             # The loop is behind (the tick due then has not run yet): the packet is in time
             # for that tick whatever the loop's delay, so that delay is no jitter. When it
-            # really came is unknown (after `due`, perhaps): it does not move the base.
-            now = due
+            # really came is unknown (it may have waited in the socket): it moves nothing.
+            return due
         transit = now - ts / OPUS_CLOCK_HZ
         base = self._base
         if base is None:
             base = transit
-        elif not behind:
+        else:
             base = min(transit, base + (now - self._base_at) * BASE_CREEP_PER_S)
-        if not behind or self._base is None:
-            self._base, self._base_at = base, now
+        self._base, self._base_at = base, now
         excess = transit - base
         decayed = self._peak * math.exp(min(0.0, self._peak_at - now) * _DECAY_PER_S)
         peak = decayed
@@ -229,17 +237,18 @@ class JitterBuffer:
         self._peak, self._peak_at = peak, now
         return now
 
-    def tick(self, at: float | None = None) -> Slot | None:
+    def tick(self, at: float | None = None, *, late: bool = False) -> Slot | None:
         """The next 20 ms slot (module docstring), or None before playing starts. `at`: the
         time this slot is due on the pacer's grid (default: the clock); a late timer that
         runs several slots back to back hands each its own time, so a stall of the loop
-        neither skips nor holds a frame."""
+        neither skips nor holds a frame. `late`: the loop runs behind, the slot's packet
+        may be unread in the socket: when it is not here, DEFERRED (nothing played, call
+        again for the same slot once the loop has read)."""
         frames = self._frames
         base = self._base
         if base is None:
             return None
         now = self._now() if at is None else at
-        self._last_at = now
         target = self._target(now)
         if self._next_seq is None:
             first = min(frames)
@@ -249,6 +258,9 @@ class JitterBuffer:
             self._next_seq, self._cursor = first, ts
         lead = now - base - self._cursor / OPUS_CLOCK_HZ
         missing = not self._due_here()
+        if missing and late:
+            return DEFERRED
+        self._last_at = now
         if missing and lead < self._wait_for_missing(now, target):
             # Its packet may still come: this slot waits a tick (the buffer grows).
             self.held += 1
@@ -261,10 +273,14 @@ class JitterBuffer:
         else:
             self._over_ticks = 0
         if self._over_ticks and (
-            self._in_silence or missing or self._over_ticks >= SKIP_AFTER_TICKS
+            self._in_silence
+            or missing
+            or self._quiet_here()
+            or self._over_ticks >= SKIP_AFTER_TICKS
         ):
             # Shrink by the slot that costs least: silence, a frame that is missing
-            # anyway (nothing to conceal), or, after a long stretch of spare delay, speech.
+            # anyway (nothing to conceal), a pause in the speech (a small packet), or,
+            # after a long stretch of spare delay, speech.
             self._over_ticks = 0
             self.skipped += 1
             self._advance_skipping()
@@ -277,6 +293,12 @@ class JitterBuffer:
         if seq in frames:
             return True
         return bool(frames) and frames[min(frames)][1] <= self._cursor
+
+    def _quiet_here(self) -> bool:
+        """The cursor's packet is a pause in the speech: much smaller than the mean (Opus
+        VBR spends few bytes where there is nothing to say)."""
+        held = self._frames.get(self._next_seq)  # type: ignore[arg-type]
+        return held is not None and len(held[0]) <= QUIET_RATIO * self._size_mean
 
     def _wait_for_missing(self, now: float, target: float) -> float:
         """How much lead a missing packet is waited for: its own lateness (the peak), and
@@ -296,7 +318,7 @@ class JitterBuffer:
             del self._frames[seq]
             self._arrivals.pop(seq, None)
             self._next_seq = seq + 1
-            self._cursor = held[1] + opus_duration_ticks(held[0])
+            self._cursor = held[1] + held[3]
         elif self._in_silence or held is not None:
             self._cursor += FRAME_TICKS  # 20 ms of a pause (the next packet is later)
         else:
@@ -355,7 +377,7 @@ class JitterBuffer:
             following = frames.get(seq + 1)
             self._in_silence = False
             return Slot(LOST, fec=following[0] if following is not None else None)
-        payload, ts, from_red = held
+        payload, ts, from_red, duration = held
         self._underrun = 0
         if ts < self._cursor - FRAME_TICKS // 2:
             paused = 0  # it is older than the slots played meanwhile: the network stalled
@@ -370,12 +392,12 @@ class JitterBuffer:
             self._delay_sum_ms += self.delay_ms
             self._delayed += 1
         self._next_seq = seq + 1
-        self._cursor = ts + opus_duration_ticks(payload)
+        self._cursor = ts + duration
         if len(payload) <= DTX_MAX_BYTES:
             self._in_silence = True
             return Slot(SILENCE, payload, paused=paused)
         self._in_silence = False
-        return Slot(FRAME, payload, from_red=from_red, paused=paused)
+        return Slot(FRAME, payload, from_red=from_red, paused=paused, duration=duration)
 
 
 RedBlock = tuple[int, int, bytes]  # (timestamp offset, payload type, data)

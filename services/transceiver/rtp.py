@@ -366,9 +366,13 @@ class RtpSender:
 
 
 class Paced(Protocol):
-    """A stream the pacer drives: `tick(frame_index)` sends that frame."""
+    """A stream the pacer drives: `tick(frame_index, due)` sends that frame; `due` is when
+    it was due on the pacer's grid (loop time: the timer that should have sent it), so a
+    tick that runs late knows by how much. Frame indexes the pacer skipped (plan_tick,
+    after a long stall) never come: a stream that must account for every 20 ms (the
+    receive path) sees the jump and the due time of each skipped frame follows from it."""
 
-    def tick(self, frame_index: int) -> None: ...
+    def tick(self, frame_index: int, due: float) -> None: ...
 
 
 FRAME_S = 0.02
@@ -442,12 +446,16 @@ class Pacer:
 
     def add(self, stream: Paced) -> None:
         loop = asyncio.get_running_loop()
-        self._streams[stream] = (loop.time(), 0)
+        now = loop.time()
         if self._handle is None:
-            self._origin = loop.time()
+            self._origin = now
             self._grid_index = 1
             self._next_at = self._origin + FRAME_S
             self._handle = loop.call_at(self._next_at, self._tick)
+        # Frame 0 is due at the grid's next tick; the stream's clock starts half a frame
+        # before it, so plan_tick's rounding never moves a frame to the tick after its own.
+        first_due = self._origin + (int((now - self._origin) / FRAME_S) + 1) * FRAME_S
+        self._streams[stream] = (first_due - FRAME_S / 2, 0)
 
     def remove(self, stream: Paced) -> None:
         self._streams.pop(stream, None)
@@ -476,7 +484,7 @@ class Pacer:
                 sent = plan.first
                 try:
                     while sent < plan.end:
-                        stream.tick(sent)
+                        stream.tick(sent, start + FRAME_S / 2 + sent * FRAME_S)
                         sent += 1
                 except Exception:  # one stream's bug must not silence every other stream
                     logger.exception("pacer.stream_failed")

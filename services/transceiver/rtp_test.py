@@ -226,7 +226,7 @@ class Recorder:
         self.enough = asyncio.Event()
         self.want = 0
 
-    def tick(self, frame_index: int) -> None:
+    def tick(self, frame_index: int, due: float) -> None:
         self.frames.append(frame_index)
         if len(self.frames) >= self.want:
             self.enough.set()
@@ -266,7 +266,7 @@ async def test_pacer_keeps_each_stream_contiguous_through_a_stall() -> None:
 
 
 class Broken:
-    def tick(self, frame_index: int) -> None:
+    def tick(self, frame_index: int, due: float) -> None:
         raise RuntimeError("a bug in one session")
 
 
