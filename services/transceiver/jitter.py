@@ -14,22 +14,25 @@ Delay: every packet's transit (arrival minus its RTP time) is compared with the 
 one seen (`base`, which creeps up slowly so a path that got slower is followed); the
 excess over it is held by a peak that decays (half-life `DECAY_HALF_LIFE_S`) and climbs
 by at most a frame per 20 ms (a burst after a stall is not jitter). A packet read while
-the loop is behind (the tick due before it has not run yet) counts as arriving when that
-tick was due: the loop's own delay is no jitter. A late packet still counts. The target
+the loop is behind (the tick due before it has not run yet) moves no estimate: it may have
+waited in the socket, and the loop's own delay is no jitter. A late packet still counts. The target
 delay is that peak plus a margin (plus one frame for `LOSS_MEMORY_S` after a packet was
 missing, so that the next packet, with the lost frame's FEC, is here in time), within
 [min_delay_ms, max_delay_ms].
 
 Playout: `tick(at)` plays the slot due at `at` (the pacer's grid, so ticks that run late
-back to back each play their own slot). The cursor (the RTP time of the next slot) plays
+back to back each play their own slot). `tick(at, late=True)` (the loop is behind: the
+slot's packet may be unread in the socket) plays nothing when the packet is not here and
+returns DEFERRED; the caller asks again once the loop has read. The cursor (the RTP time of the next slot) plays
 `lead` after base. Every change of the delay is a frame more or less in what the bridge
 hears, so it changes only when it must:
 - grow: only when the cursor's packet is missing and the lead is short of the target
   (the slot is held: concealed without advancing); a packet that is here plays, however
   short the lead;
 - shrink: when the lead has exceeded the target by `SHRINK_MARGIN_S`, a slot that costs
-  nothing is skipped (silence, or a packet that is missing anyway), or after
-  `SKIP_AFTER_TICKS` ticks in a row of it, a frame of speech;
+  nothing is skipped (silence, a packet that is missing anyway, or a pause in the speech:
+  a packet at most `QUIET_RATIO` of the mean size, since Opus VBR spends few bytes where
+  nothing is said), or after `SKIP_AFTER_TICKS` ticks in a row of it, a frame of speech;
 - after an underrun (nothing here, the cursor ran on), a packet more than `STALE_TICKS`
   behind the cursor is late: a stall of the network costs its frames, not a lasting
   delay. A packet that comes after its slot was played is counted `late` and dropped.
@@ -94,6 +97,7 @@ def opus_duration_ticks(packet: bytes) -> int:
 
 
 _DECAY_PER_S = math.log(2) / DECAY_HALF_LIFE_S
+_exp = math.exp
 _SILENCE_SLOT = Slot(SILENCE)
 _LOST_SLOT = Slot(LOST)
 _HELD_LOST = Slot(LOST, held=True)
@@ -121,8 +125,9 @@ class JitterBuffer:
         self._min_delay = min_delay_ms / 1000.0
         self._max_delay = max(min_delay_ms, max_delay_ms) / 1000.0
         self._capacity = capacity_frames
-        # sequence -> (payload, unwrapped RTP timestamp, from RED, duration in ticks)
-        self._frames: dict[int, tuple[bytes, int, bool, int]] = {}
+        # sequence -> (payload, unwrapped RTP timestamp, from RED, duration in ticks, when
+        # it arrived (None: from RED)); the TOC is read once, here
+        self._frames: dict[int, tuple[bytes, int, bool, int, float | None]] = {}
         self._next_seq: int | None = None  # None until the first slot is played
         self._cursor = 0  # unwrapped RTP time of the next slot
         self._last_ts: int | None = None  # unwrapped timestamp of the newest packet
@@ -144,12 +149,11 @@ class JitterBuffer:
         self.delay_ms = 0.0  # how long the last FRAME waited here (arrival to release)
         self._delay_sum_ms = 0.0
         self._delayed = 0
-        self._arrivals: dict[int, float] = {}
 
     @property
     def target_ms(self) -> float:
         """The delay the buffer aims for now."""
-        return self._target(self._now()) * 1000.0
+        return self._target(self._clock()) * 1000.0
 
     @property
     def mean_delay_ms(self) -> float:
@@ -159,9 +163,6 @@ class JitterBuffer:
     @property
     def buffered(self) -> int:
         return len(self._frames)
-
-    def _now(self) -> float:
-        return self._clock()
 
     def _unwrap(self, timestamp: int) -> int:
         last = self._last_ts
@@ -173,10 +174,16 @@ class JitterBuffer:
         return last + delta
 
     def _target(self, now: float) -> float:
-        peak = self._peak * math.exp(min(0.0, self._peak_at - now) * _DECAY_PER_S)
+        peak = self._peak
+        since = now - self._peak_at
+        if since > 0.0:
+            peak *= _exp(-since * _DECAY_PER_S)
         if now - self._loss_at < LOSS_MEMORY_S:
             peak += FRAME_S  # a lost frame's FEC is in the next packet: wait for it too
-        return min(self._max_delay, max(self._min_delay, peak + MARGIN_S))
+        target = peak + MARGIN_S
+        if target < self._min_delay:
+            return self._min_delay
+        return target if target < self._max_delay else self._max_delay
 
     def push(self, payload: bytes, timestamp: int, sequence: int, from_red: bool = False) -> None:
         """One packet (RTP timestamp, extended sequence number) as it arrives; a RED block
@@ -196,43 +203,52 @@ class JitterBuffer:
         if next_seq is not None and sequence >= next_seq + self._capacity:
             self.overflow += 1
             return
-        ts = self._unwrap(timestamp)
-        frames[sequence] = (payload, ts, from_red, opus_duration_ticks(payload))
+        last = self._last_ts
+        if last is None:
+            ts = timestamp
+        else:
+            delta = (timestamp - last) % _WRAP
+            ts = last + delta if delta < _HALF_WRAP else last + delta - _WRAP
         if from_red:
+            frames[sequence] = (payload, ts, True, opus_duration_ticks(payload), None)
             return
-        if self._last_ts is None or ts > self._last_ts:
+        if last is None or ts > last:
             self._last_ts = ts
         size = len(payload)
         if size > DTX_MAX_BYTES:
             mean = self._size_mean
             self._size_mean = mean + (size - mean) / SIZE_AVERAGE_PACKETS if mean else size
-        self._arrivals[sequence] = self._measure(ts)
+        frames[sequence] = (payload, ts, False, opus_duration_ticks(payload), self._measure(ts))
 
     def _measure(self, ts: int) -> float:
         """The transit of a packet with (unwrapped) timestamp `ts` arriving now, into the
         base and the peak; returns now."""
-        now = self._now()
+        now = self._clock()
         due = self._last_at + FRAME_S
-        if now > due and self._base is not None:
+        base = self._base
+        if now > due and base is not None:
             # The loop is behind (the tick due then has not run yet): the packet is in time
             # for that tick whatever the loop's delay, so that delay is no jitter. When it
             # really came is unknown (it may have waited in the socket): it moves nothing.
             return due
         transit = now - ts / OPUS_CLOCK_HZ
-        base = self._base
         if base is None:
             base = transit
         else:
-            base = min(transit, base + (now - self._base_at) * BASE_CREEP_PER_S)
+            base += (now - self._base_at) * BASE_CREEP_PER_S
+            if transit < base:
+                base = transit
         self._base, self._base_at = base, now
         excess = transit - base
-        decayed = self._peak * math.exp(min(0.0, self._peak_at - now) * _DECAY_PER_S)
-        peak = decayed
-        if excess > decayed and now - self._rise_at >= FRAME_S:
+        peak = self._peak
+        since = now - self._peak_at
+        if since > 0.0:
+            peak *= _exp(-since * _DECAY_PER_S)
+        if excess > peak and now - self._rise_at >= FRAME_S:
             # At most a frame per 20 ms: a burst after a stall (one instant, the first
             # packet of it the latest) raises the peak by a frame, not by the stall, and
             # jitter that lasts still gets there within a few packets.
-            peak = min(excess, decayed + FRAME_S)
+            peak = excess if excess < peak + FRAME_S else peak + FRAME_S
             self._rise_at = now
         self._peak, self._peak_at = peak, now
         return now
@@ -248,7 +264,7 @@ class JitterBuffer:
         base = self._base
         if base is None:
             return None
-        now = self._now() if at is None else at
+        now = self._clock() if at is None else at
         target = self._target(now)
         if self._next_seq is None:
             first = min(frames)
@@ -257,7 +273,7 @@ class JitterBuffer:
                 return None
             self._next_seq, self._cursor = first, ts
         lead = now - base - self._cursor / OPUS_CLOCK_HZ
-        missing = not self._due_here()
+        missing = self._next_seq not in frames and not self._due_here()
         if missing and late:
             return DEFERRED
         self._last_at = now
@@ -268,11 +284,11 @@ class JitterBuffer:
             if not self._frames:
                 self._underrun += 1  # nothing here: as much a pause as the slots after it
             return _HELD_SILENCE if self._in_silence else _HELD_LOST
-        if lead > target + SHRINK_MARGIN_S:
-            self._over_ticks += 1
-        else:
+        if lead <= target + SHRINK_MARGIN_S:
             self._over_ticks = 0
-        if self._over_ticks and (
+            return self._release(now)
+        self._over_ticks += 1
+        if (
             self._in_silence
             or missing
             or self._quiet_here()
@@ -316,7 +332,6 @@ class JitterBuffer:
         held = self._frames.get(seq)
         if held is not None and held[1] <= self._cursor:
             del self._frames[seq]
-            self._arrivals.pop(seq, None)
             self._next_seq = seq + 1
             self._cursor = held[1] + held[3]
         elif self._in_silence or held is not None:
@@ -338,7 +353,6 @@ class JitterBuffer:
             if frames[first][1] >= limit:
                 return
             del frames[first]
-            self._arrivals.pop(first, None)
             self.late += 1
             if self._next_seq is not None and first >= self._next_seq:
                 self._next_seq = first + 1
@@ -377,7 +391,7 @@ class JitterBuffer:
             following = frames.get(seq + 1)
             self._in_silence = False
             return Slot(LOST, fec=following[0] if following is not None else None)
-        payload, ts, from_red, duration = held
+        payload, ts, from_red, duration, arrived = held
         self._underrun = 0
         if ts < self._cursor - FRAME_TICKS // 2:
             paused = 0  # it is older than the slots played meanwhile: the network stalled
@@ -386,7 +400,6 @@ class JitterBuffer:
             self._cursor += FRAME_TICKS
             return Slot(SILENCE, paused=paused) if paused else _SILENCE_SLOT
         del frames[seq]
-        arrived = self._arrivals.pop(seq, None)
         if arrived is not None:
             self.delay_ms = (now - arrived) * 1000.0
             self._delay_sum_ms += self.delay_ms
@@ -397,7 +410,7 @@ class JitterBuffer:
             self._in_silence = True
             return Slot(SILENCE, payload, paused=paused)
         self._in_silence = False
-        return Slot(FRAME, payload, from_red=from_red, paused=paused, duration=duration)
+        return Slot(FRAME, payload, None, from_red, paused, False, duration)
 
 
 RedBlock = tuple[int, int, bytes]  # (timestamp offset, payload type, data)

@@ -521,9 +521,21 @@ class CallerAudio:
         the loop reads its sockets); deciding then would conceal a frame that came in time."""
         now = self._clock()
         pending = self._next_index
+        if pending == frame_index and self._deferred_at is None and due <= now + EARLY_TICK_S:
+            # The usual tick: its own slot only.
+            if self._tick_slot(due, now - due > LATE_TICK_S):
+                self._next_index = frame_index + 1
+            else:
+                self._deferred_at = now
+            return
         first = frame_index if pending is None else max(pending, frame_index - CATCH_UP_SLOTS * 5)
         for index in range(first, frame_index + 1):
             at = due - (frame_index - index) * jitter.FRAME_S
+            if at > now + EARLY_TICK_S:
+                # Not due yet (the pacer sends a frame up to rtp.GRID_GUARD_S early): its
+                # slot waits for its time, the packet may still come.
+                self._next_index = index
+                return
             # Deferred within one run of back-to-back ticks only: a tick after it comes once
             # the loop has read its sockets, and decides.
             deferred_at = self._deferred_at
@@ -640,6 +652,7 @@ class CallerAudio:
 
 CATCH_UP_SLOTS = 10  # waiting slots delivered per tick once the bridge accepted
 LATE_TICK_S = 0.004  # a tick this late may have packets of its slots unread in the socket
+EARLY_TICK_S = 0.001  # a slot due later than this is played at the next tick
 DEFER_RUN_S = 0.001  # ticks closer than this to a deferral are the same run of late ticks
 FRAME_TICKS = jitter.FRAME_TICKS
 

@@ -377,6 +377,7 @@ class Paced(Protocol):
 
 FRAME_S = 0.02
 MAX_CATCH_UP_FRAMES = 10  # after a longer stall the stream skips ahead instead of bursting
+GRID_GUARD_S = 0.001  # a stream's frame clock runs this far ahead of the pacer's grid
 
 
 @dataclass(frozen=True)
@@ -420,8 +421,10 @@ def next_deadline(origin: float, ticks: int, now: float) -> tuple[int, float]:
 
 class Pacer:
     """One loop timer on a 20 ms grid for every registered stream (deadline-based: see
-    next_deadline). Each stream keeps its own frame clock from when it was added and sends
-    exactly one packet per 20 ms of it; a late tick follows plan_tick's catch-up rule."""
+    next_deadline). Each stream keeps its own frame clock, on the grid from the first tick
+    after it was added (frame n is due n x 20 ms after that tick, and `tick` is told when),
+    and sends exactly one packet per 20 ms of it; a late tick follows plan_tick's catch-up
+    rule."""
 
     def __init__(
         self,
@@ -452,10 +455,11 @@ class Pacer:
             self._grid_index = 1
             self._next_at = self._origin + FRAME_S
             self._handle = loop.call_at(self._next_at, self._tick)
-        # Frame 0 is due at the grid's next tick; the stream's clock starts half a frame
-        # before it, so plan_tick's rounding never moves a frame to the tick after its own.
+        # Frame 0 is due at the grid's next tick; the stream's clock starts a hair before
+        # it, so float rounding in plan_tick never moves a frame to the tick after its own,
+        # and a late tick sends only the frames whose time has come.
         first_due = self._origin + (int((now - self._origin) / FRAME_S) + 1) * FRAME_S
-        self._streams[stream] = (first_due - FRAME_S / 2, 0)
+        self._streams[stream] = (first_due - GRID_GUARD_S, 0)
 
     def remove(self, stream: Paced) -> None:
         self._streams.pop(stream, None)
@@ -484,7 +488,7 @@ class Pacer:
                 sent = plan.first
                 try:
                     while sent < plan.end:
-                        stream.tick(sent, start + FRAME_S / 2 + sent * FRAME_S)
+                        stream.tick(sent, start + GRID_GUARD_S + sent * FRAME_S)
                         sent += 1
                 except Exception:  # one stream's bug must not silence every other stream
                     logger.exception("pacer.stream_failed")
