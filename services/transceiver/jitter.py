@@ -56,6 +56,9 @@ SKIP_AFTER_TICKS = 150  # in speech, that much spare delay for 3 s before a fram
 QUIET_RATIO = 0.5  # a packet at most this share of the mean size is a pause (VBR: no speech)
 SIZE_AVERAGE_PACKETS = 32  # the mean packet size follows the last ~32 packets
 STALE_TICKS = FRAME_TICKS  # after an underrun, a packet this far behind the cursor still plays
+# Stale packets dropped in a row before the buffer follows them instead: the sender's clock
+# fell behind (a stalled sender resumes with contiguous timestamps), it is no burst.
+STALE_RUN_MAX = 10
 DTX_MAX_BYTES = 2  # Opus DTX / comfort-noise packets: a TOC byte and at most one more
 
 FRAME, LOST, SILENCE = 0, 1, 2
@@ -141,6 +144,7 @@ class JitterBuffer:
         self._over_ticks = 0  # ticks in a row with spare delay over the target
         self._loss_at = -LOSS_MEMORY_S  # when a packet was last missing at its slot
         self._underrun = 0  # LOST slots played since the last packet, while none was here
+        self._stale_run = 0  # packets dropped as stale since a packet last played
         self.late = 0  # packets that came after their slot was played
         self.duplicates = 0
         self.overflow = 0  # packets beyond capacity_frames ahead of the cursor
@@ -345,15 +349,19 @@ class JitterBuffer:
         """The cursor ran on through an underrun: packets whose slot is more than
         `STALE_TICKS` behind it now are late (dropped, counted). So one stall of the network
         grows the buffer by a frame at most, instead of by its length (what followed would
-        be that much later, until skipped frames won it back)."""
+        be that much later, until skipped frames won it back). After `STALE_RUN_MAX` of them
+        in a row the packets are not a burst but a sender whose clock fell behind: the
+        buffer plays them (its delay grows by the slip, shed later like any spare delay)
+        instead of dropping every packet from then on."""
         frames = self._frames
         limit = self._cursor - STALE_TICKS
-        while frames:
+        while frames and self._stale_run < STALE_RUN_MAX:
             first = min(frames)
             if frames[first][1] >= limit:
                 return
             del frames[first]
             self.late += 1
+            self._stale_run += 1
             if self._next_seq is not None and first >= self._next_seq:
                 self._next_seq = first + 1
 
@@ -400,6 +408,7 @@ class JitterBuffer:
             self._cursor += FRAME_TICKS
             return Slot(SILENCE, paused=paused) if paused else _SILENCE_SLOT
         del frames[seq]
+        self._stale_run = 0
         if arrived is not None:
             self.delay_ms = (now - arrived) * 1000.0
             self._delay_sum_ms += self.delay_ms

@@ -424,3 +424,21 @@ def test_ticks_that_run_before_the_socket_is_read_conceal_nothing(seed: int) -> 
     jb = audio.jitter
     assert jb.held == jb.skipped == jb.late == 0
     assert audio.frames_lost == audio.frames_concealed == bridge.gaps == 0
+
+
+def test_a_sender_whose_clock_fell_behind_is_followed_not_dropped() -> None:
+    """The sender stalls for 300 ms and resumes with contiguous timestamps (its audio came
+    late, none was skipped): every packet from then on is 300 ms behind the cursor. A few
+    are dropped as stale (they could have been a burst), then the buffer follows the new
+    timing instead of dropping every packet to the end of the call."""
+    count = 600
+    delays: list[float | None] = [0.030] * count
+    for seq in range(200, count):
+        delays[seq] = 0.030 + 0.300
+    clock = Clock()
+    buffer = JitterBuffer(clock)
+    run = simulate(buffer, clock, delays)
+    frames = [seq_of(s.payload) for s in run.played() if s.kind == FRAME and s.payload]
+    assert frames[-1] == count - 1
+    assert len(frames) >= count - jitter.STALE_RUN_MAX - 2
+    assert buffer.late <= jitter.STALE_RUN_MAX
