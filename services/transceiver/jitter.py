@@ -23,9 +23,9 @@ missing, so that the next packet, with the lost frame's FEC, is here in time), w
 Playout: `tick(at)` plays the slot due at `at` (the pacer's grid, so ticks that run late
 back to back each play their own slot). `tick(at, late=True)` (the loop is behind: the
 slot's packet may be unread in the socket) plays nothing when the packet is not here and
-returns DEFERRED; the caller asks again once the loop has read. The cursor (the RTP time of the next slot) plays
-`lead` after base. Every change of the delay is a frame more or less in what the bridge
-hears, so it changes only when it must:
+returns DEFERRED; the caller asks again once the loop has read. The cursor (the RTP time
+of the next slot) plays `lead` after base. Every change of the delay is a frame more or
+less in what the bridge hears, so it changes only when it must:
 - grow: only when the cursor's packet is missing and the lead is short of the target
   (the slot is held: concealed without advancing); a packet that is here plays, however
   short the lead;

@@ -521,7 +521,8 @@ class CallerAudio:
         the loop reads its sockets); deciding then would conceal a frame that came in time."""
         now = self._clock()
         pending = self._next_index
-        if pending == frame_index and self._deferred_at is None and due <= now + EARLY_TICK_S:
+        usual = pending == frame_index and self._deferred_at is None
+        if usual and due <= now + EARLY_TICK_S:
             # The usual tick: its own slot only.
             if self._tick_slot(due, now - due > LATE_TICK_S):
                 self._next_index = frame_index + 1
@@ -539,7 +540,9 @@ class CallerAudio:
             # Deferred within one run of back-to-back ticks only: a tick after it comes once
             # the loop has read its sockets, and decides.
             deferred_at = self._deferred_at
-            defer = now - at > LATE_TICK_S and (deferred_at is None or now - deferred_at < DEFER_RUN_S)
+            defer = now - at > LATE_TICK_S and (
+                deferred_at is None or now - deferred_at < DEFER_RUN_S
+            )
             if not self._tick_slot(at, defer):
                 if deferred_at is None:
                     self._deferred_at = now
