@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -83,6 +84,18 @@ def simulate(
                 run.delays_ms.append((at, buffer.delay_ms))
             run.targets_ms.append((at, buffer.target_ms))
     return run
+
+
+def run_after(stalls: list[tuple[float, float]]) -> Callable[[float], float]:
+    """When a loop that stalls over `stalls` (start, end) runs what was due at t."""
+
+    def after_stalls(t: float) -> float:
+        for start, end in stalls:
+            if start <= t < end:
+                return end
+        return t
+
+    return after_stalls
 
 
 def test_zero_jitter_plays_every_frame_in_order_with_little_delay() -> None:
@@ -330,11 +343,7 @@ def test_a_late_running_loop_neither_holds_nor_skips() -> None:
         at += rng.expovariate(2.0)
         stalls.append((at, at + rng.uniform(0.005, 0.060)))
 
-    def after_stalls(t: float) -> float:
-        for start, end in stalls:
-            if start <= t < end:
-                return end
-        return t
+    after_stalls = run_after(stalls)
 
     count = 500
     events: list[tuple[float, int, int, float]] = []  # (run at, 0 packet / 1 tick, index, due)
@@ -391,11 +400,7 @@ def test_ticks_that_run_before_the_socket_is_read_conceal_nothing(seed: int) -> 
         stalls.append((at, at + rng.uniform(0.010, 0.150)))
         at += rng.uniform(0.3, 0.8)
 
-    def after_stalls(t: float) -> float:
-        for start, end in stalls:
-            if start <= t < end:
-                return end
-        return t
+    after_stalls = run_after(stalls)
 
     count = 500
     # (run at, 0 tick / 1 packet: timers before sockets, index, due)
