@@ -14,22 +14,25 @@ Delay: every packet's transit (arrival minus its RTP time) is compared with the 
 one seen (`base`, which creeps up slowly so a path that got slower is followed); the
 excess over it is held by a peak that decays (half-life `DECAY_HALF_LIFE_S`) and climbs
 by at most a frame per 20 ms (a burst after a stall is not jitter). A packet read while
-the loop is behind (the tick due before it has not run yet) counts as arriving when that
-tick was due: the loop's own delay is no jitter. A late packet still counts. The target
+the loop is behind (the tick due before it has not run yet) moves no estimate: it may have
+waited in the socket, and the loop's own delay is no jitter. A late packet still counts. The target
 delay is that peak plus a margin (plus one frame for `LOSS_MEMORY_S` after a packet was
 missing, so that the next packet, with the lost frame's FEC, is here in time), within
 [min_delay_ms, max_delay_ms].
 
 Playout: `tick(at)` plays the slot due at `at` (the pacer's grid, so ticks that run late
-back to back each play their own slot). The cursor (the RTP time of the next slot) plays
-`lead` after base. Every change of the delay is a frame more or less in what the bridge
-hears, so it changes only when it must:
+back to back each play their own slot). `tick(at, late=True)` (the loop is behind: the
+slot's packet may be unread in the socket) plays nothing when the packet is not here and
+returns DEFERRED; the caller asks again once the loop has read. The cursor (the RTP time
+of the next slot) plays `lead` after base. Every change of the delay is a frame more or
+less in what the bridge hears, so it changes only when it must:
 - grow: only when the cursor's packet is missing and the lead is short of the target
   (the slot is held: concealed without advancing); a packet that is here plays, however
   short the lead;
 - shrink: when the lead has exceeded the target by `SHRINK_MARGIN_S`, a slot that costs
-  nothing is skipped (silence, or a packet that is missing anyway), or after
-  `SKIP_AFTER_TICKS` ticks in a row of it, a frame of speech;
+  nothing is skipped (silence, a packet that is missing anyway, or a pause in the speech:
+  a packet at most `QUIET_RATIO` of the mean size, since Opus VBR spends few bytes where
+  nothing is said), or after `SKIP_AFTER_TICKS` ticks in a row of it, a frame of speech;
 - after an underrun (nothing here, the cursor ran on), a packet more than `STALE_TICKS`
   behind the cursor is late: a stall of the network costs its frames, not a lasting
   delay. A packet that comes after its slot was played is counted `late` and dropped.
@@ -49,8 +52,13 @@ MARGIN_S = 0.015  # over the measured peak: a busy loop reads packets and runs t
 BASE_CREEP_PER_S = 0.005  # how fast the fastest-transit reference forgets (5 ms per s)
 LOSS_MEMORY_S = 10.0  # after a loss, the target keeps room for the next packet's FEC this long
 SHRINK_MARGIN_S = 0.03  # spare delay over the target before a frame is skipped
-SKIP_AFTER_TICKS = 50  # in speech, that much spare delay for 1 s before a frame is skipped
+SKIP_AFTER_TICKS = 150  # in speech, that much spare delay for 3 s before a frame is skipped
+QUIET_RATIO = 0.5  # a packet at most this share of the mean size is a pause (VBR: no speech)
+SIZE_AVERAGE_PACKETS = 32  # the mean packet size follows the last ~32 packets
 STALE_TICKS = FRAME_TICKS  # after an underrun, a packet this far behind the cursor still plays
+# Stale packets dropped in a row before the buffer follows them instead: the sender's clock
+# fell behind (a stalled sender resumes with contiguous timestamps), it is no burst.
+STALE_RUN_MAX = 10
 DTX_MAX_BYTES = 2  # Opus DTX / comfort-noise packets: a TOC byte and at most one more
 
 FRAME, LOST, SILENCE = 0, 1, 2
@@ -65,6 +73,7 @@ class Slot(NamedTuple):
     # sequence number shows, were a pause of the sender (no packet missing): silence
     paused: int = 0
     held: bool = False  # LOST/SILENCE: no packet is missing, the buffer grows by this slot
+    duration: int = FRAME_TICKS  # FRAME: the packet's length in 48 kHz ticks (its TOC)
 
 
 def opus_duration_ticks(packet: bytes) -> int:
@@ -91,10 +100,13 @@ def opus_duration_ticks(packet: bytes) -> int:
 
 
 _DECAY_PER_S = math.log(2) / DECAY_HALF_LIFE_S
+_exp = math.exp
 _SILENCE_SLOT = Slot(SILENCE)
 _LOST_SLOT = Slot(LOST)
 _HELD_LOST = Slot(LOST, held=True)
 _HELD_SILENCE = Slot(SILENCE, held=True)
+# What tick(late=True) returns when the slot's packet is not here: nothing was played.
+DEFERRED = Slot(LOST)
 _WRAP = 1 << 32
 _HALF_WRAP = 1 << 31
 
@@ -116,8 +128,9 @@ class JitterBuffer:
         self._min_delay = min_delay_ms / 1000.0
         self._max_delay = max(min_delay_ms, max_delay_ms) / 1000.0
         self._capacity = capacity_frames
-        # sequence -> (payload, unwrapped RTP timestamp, from RED)
-        self._frames: dict[int, tuple[bytes, int, bool]] = {}
+        # sequence -> (payload, unwrapped RTP timestamp, from RED, duration in ticks, when
+        # it arrived (None: from RED)); the TOC is read once, here
+        self._frames: dict[int, tuple[bytes, int, bool, int, float | None]] = {}
         self._next_seq: int | None = None  # None until the first slot is played
         self._cursor = 0  # unwrapped RTP time of the next slot
         self._last_ts: int | None = None  # unwrapped timestamp of the newest packet
@@ -127,9 +140,11 @@ class JitterBuffer:
         self._peak_at = 0.0
         self._rise_at = -math.inf  # when the peak last climbed
         self._in_silence = False
+        self._size_mean = 0.0  # of the caller's packets (VBR): small ones are pauses
         self._over_ticks = 0  # ticks in a row with spare delay over the target
         self._loss_at = -LOSS_MEMORY_S  # when a packet was last missing at its slot
         self._underrun = 0  # LOST slots played since the last packet, while none was here
+        self._stale_run = 0  # packets dropped as stale since a packet last played
         self.late = 0  # packets that came after their slot was played
         self.duplicates = 0
         self.overflow = 0  # packets beyond capacity_frames ahead of the cursor
@@ -138,12 +153,11 @@ class JitterBuffer:
         self.delay_ms = 0.0  # how long the last FRAME waited here (arrival to release)
         self._delay_sum_ms = 0.0
         self._delayed = 0
-        self._arrivals: dict[int, float] = {}
 
     @property
     def target_ms(self) -> float:
         """The delay the buffer aims for now."""
-        return self._target(self._now()) * 1000.0
+        return self._target(self._clock()) * 1000.0
 
     @property
     def mean_delay_ms(self) -> float:
@@ -153,9 +167,6 @@ class JitterBuffer:
     @property
     def buffered(self) -> int:
         return len(self._frames)
-
-    def _now(self) -> float:
-        return self._clock()
 
     def _unwrap(self, timestamp: int) -> int:
         last = self._last_ts
@@ -167,10 +178,16 @@ class JitterBuffer:
         return last + delta
 
     def _target(self, now: float) -> float:
-        peak = self._peak * math.exp(min(0.0, self._peak_at - now) * _DECAY_PER_S)
+        peak = self._peak
+        since = now - self._peak_at
+        if since > 0.0:
+            peak *= _exp(-since * _DECAY_PER_S)
         if now - self._loss_at < LOSS_MEMORY_S:
             peak += FRAME_S  # a lost frame's FEC is in the next packet: wait for it too
-        return min(self._max_delay, max(self._min_delay, peak + MARGIN_S))
+        target = peak + MARGIN_S
+        if target < self._min_delay:
+            return self._min_delay
+        return target if target < self._max_delay else self._max_delay
 
     def push(self, payload: bytes, timestamp: int, sequence: int, from_red: bool = False) -> None:
         """One packet (RTP timestamp, extended sequence number) as it arrives; a RED block
@@ -190,56 +207,68 @@ class JitterBuffer:
         if next_seq is not None and sequence >= next_seq + self._capacity:
             self.overflow += 1
             return
-        ts = self._unwrap(timestamp)
-        frames[sequence] = (payload, ts, from_red)
+        last = self._last_ts
+        if last is None:
+            ts = timestamp
+        else:
+            delta = (timestamp - last) % _WRAP
+            ts = last + delta if delta < _HALF_WRAP else last + delta - _WRAP
         if from_red:
+            frames[sequence] = (payload, ts, True, opus_duration_ticks(payload), None)
             return
-        if self._last_ts is None or ts > self._last_ts:
+        if last is None or ts > last:
             self._last_ts = ts
-        self._arrivals[sequence] = self._measure(ts)
+        size = len(payload)
+        if size > DTX_MAX_BYTES:
+            mean = self._size_mean
+            self._size_mean = mean + (size - mean) / SIZE_AVERAGE_PACKETS if mean else size
+        frames[sequence] = (payload, ts, False, opus_duration_ticks(payload), self._measure(ts))
 
     def _measure(self, ts: int) -> float:
         """The transit of a packet with (unwrapped) timestamp `ts` arriving now, into the
         base and the peak; returns now."""
-        now = self._now()
+        now = self._clock()
         due = self._last_at + FRAME_S
-        behind = now > due
-        if behind:
+        base = self._base
+        if now > due and base is not None:
             # The loop is behind (the tick due then has not run yet): the packet is in time
             # for that tick whatever the loop's delay, so that delay is no jitter. When it
-            # really came is unknown (after `due`, perhaps): it does not move the base.
-            now = due
+            # really came is unknown (it may have waited in the socket): it moves nothing.
+            return due
         transit = now - ts / OPUS_CLOCK_HZ
-        base = self._base
         if base is None:
             base = transit
-        elif not behind:
-            base = min(transit, base + (now - self._base_at) * BASE_CREEP_PER_S)
-        if not behind or self._base is None:
-            self._base, self._base_at = base, now
+        else:
+            base += (now - self._base_at) * BASE_CREEP_PER_S
+            if transit < base:
+                base = transit
+        self._base, self._base_at = base, now
         excess = transit - base
-        decayed = self._peak * math.exp(min(0.0, self._peak_at - now) * _DECAY_PER_S)
-        peak = decayed
-        if excess > decayed and now - self._rise_at >= FRAME_S:
+        peak = self._peak
+        since = now - self._peak_at
+        if since > 0.0:
+            peak *= _exp(-since * _DECAY_PER_S)
+        if excess > peak and now - self._rise_at >= FRAME_S:
             # At most a frame per 20 ms: a burst after a stall (one instant, the first
             # packet of it the latest) raises the peak by a frame, not by the stall, and
             # jitter that lasts still gets there within a few packets.
-            peak = min(excess, decayed + FRAME_S)
+            peak = excess if excess < peak + FRAME_S else peak + FRAME_S
             self._rise_at = now
         self._peak, self._peak_at = peak, now
         return now
 
-    def tick(self, at: float | None = None) -> Slot | None:
+    def tick(self, at: float | None = None, *, late: bool = False) -> Slot | None:
         """The next 20 ms slot (module docstring), or None before playing starts. `at`: the
         time this slot is due on the pacer's grid (default: the clock); a late timer that
         runs several slots back to back hands each its own time, so a stall of the loop
-        neither skips nor holds a frame."""
+        neither skips nor holds a frame. `late`: the loop runs behind, the slot's packet
+        may be unread in the socket: when it is not here, DEFERRED (nothing played, call
+        again for the same slot once the loop has read)."""
         frames = self._frames
         base = self._base
         if base is None:
             return None
-        now = self._now() if at is None else at
-        self._last_at = now
+        now = self._clock() if at is None else at
         target = self._target(now)
         if self._next_seq is None:
             first = min(frames)
@@ -248,7 +277,10 @@ class JitterBuffer:
                 return None
             self._next_seq, self._cursor = first, ts
         lead = now - base - self._cursor / OPUS_CLOCK_HZ
-        missing = not self._due_here()
+        missing = self._next_seq not in frames and not self._due_here()
+        if missing and late:
+            return DEFERRED
+        self._last_at = now
         if missing and lead < self._wait_for_missing(now, target):
             # Its packet may still come: this slot waits a tick (the buffer grows).
             self.held += 1
@@ -256,15 +288,19 @@ class JitterBuffer:
             if not self._frames:
                 self._underrun += 1  # nothing here: as much a pause as the slots after it
             return _HELD_SILENCE if self._in_silence else _HELD_LOST
-        if lead > target + SHRINK_MARGIN_S:
-            self._over_ticks += 1
-        else:
+        if lead <= target + SHRINK_MARGIN_S:
             self._over_ticks = 0
-        if self._over_ticks and (
-            self._in_silence or missing or self._over_ticks >= SKIP_AFTER_TICKS
+            return self._release(now)
+        self._over_ticks += 1
+        if (
+            self._in_silence
+            or missing
+            or self._quiet_here()
+            or self._over_ticks >= SKIP_AFTER_TICKS
         ):
             # Shrink by the slot that costs least: silence, a frame that is missing
-            # anyway (nothing to conceal), or, after a long stretch of spare delay, speech.
+            # anyway (nothing to conceal), a pause in the speech (a small packet), or,
+            # after a long stretch of spare delay, speech.
             self._over_ticks = 0
             self.skipped += 1
             self._advance_skipping()
@@ -277,6 +313,12 @@ class JitterBuffer:
         if seq in frames:
             return True
         return bool(frames) and frames[min(frames)][1] <= self._cursor
+
+    def _quiet_here(self) -> bool:
+        """The cursor's packet is a pause in the speech: much smaller than the mean (Opus
+        VBR spends few bytes where there is nothing to say)."""
+        held = self._frames.get(self._next_seq)  # type: ignore[arg-type]
+        return held is not None and len(held[0]) <= QUIET_RATIO * self._size_mean
 
     def _wait_for_missing(self, now: float, target: float) -> float:
         """How much lead a missing packet is waited for: its own lateness (the peak), and
@@ -294,9 +336,8 @@ class JitterBuffer:
         held = self._frames.get(seq)
         if held is not None and held[1] <= self._cursor:
             del self._frames[seq]
-            self._arrivals.pop(seq, None)
             self._next_seq = seq + 1
-            self._cursor = held[1] + opus_duration_ticks(held[0])
+            self._cursor = held[1] + held[3]
         elif self._in_silence or held is not None:
             self._cursor += FRAME_TICKS  # 20 ms of a pause (the next packet is later)
         else:
@@ -308,16 +349,19 @@ class JitterBuffer:
         """The cursor ran on through an underrun: packets whose slot is more than
         `STALE_TICKS` behind it now are late (dropped, counted). So one stall of the network
         grows the buffer by a frame at most, instead of by its length (what followed would
-        be that much later, until skipped frames won it back)."""
+        be that much later, until skipped frames won it back). After `STALE_RUN_MAX` of them
+        in a row the packets are not a burst but a sender whose clock fell behind: the
+        buffer plays them (its delay grows by the slip, shed later like any spare delay)
+        instead of dropping every packet from then on."""
         frames = self._frames
         limit = self._cursor - STALE_TICKS
-        while frames:
+        while frames and self._stale_run < STALE_RUN_MAX:
             first = min(frames)
             if frames[first][1] >= limit:
                 return
             del frames[first]
-            self._arrivals.pop(first, None)
             self.late += 1
+            self._stale_run += 1
             if self._next_seq is not None and first >= self._next_seq:
                 self._next_seq = first + 1
 
@@ -355,7 +399,7 @@ class JitterBuffer:
             following = frames.get(seq + 1)
             self._in_silence = False
             return Slot(LOST, fec=following[0] if following is not None else None)
-        payload, ts, from_red = held
+        payload, ts, from_red, duration, arrived = held
         self._underrun = 0
         if ts < self._cursor - FRAME_TICKS // 2:
             paused = 0  # it is older than the slots played meanwhile: the network stalled
@@ -364,18 +408,18 @@ class JitterBuffer:
             self._cursor += FRAME_TICKS
             return Slot(SILENCE, paused=paused) if paused else _SILENCE_SLOT
         del frames[seq]
-        arrived = self._arrivals.pop(seq, None)
+        self._stale_run = 0
         if arrived is not None:
             self.delay_ms = (now - arrived) * 1000.0
             self._delay_sum_ms += self.delay_ms
             self._delayed += 1
         self._next_seq = seq + 1
-        self._cursor = ts + opus_duration_ticks(payload)
+        self._cursor = ts + duration
         if len(payload) <= DTX_MAX_BYTES:
             self._in_silence = True
             return Slot(SILENCE, payload, paused=paused)
         self._in_silence = False
-        return Slot(FRAME, payload, from_red=from_red, paused=paused)
+        return Slot(FRAME, payload, None, from_red, paused, False, duration)
 
 
 RedBlock = tuple[int, int, bytes]  # (timestamp offset, payload type, data)

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import pytest
 
-from services.transceiver import jitter
+from services.transceiver import jitter, media
+from services.transceiver.bridge import BridgeSession
 from services.transceiver.jitter import FRAME, LOST, SILENCE, JitterBuffer, Slot
+from services.transceiver.settings import ReceiveSettings
 
 
 class Clock:
@@ -80,6 +84,18 @@ def simulate(
                 run.delays_ms.append((at, buffer.delay_ms))
             run.targets_ms.append((at, buffer.target_ms))
     return run
+
+
+def run_after(stalls: list[tuple[float, float]]) -> Callable[[float], float]:
+    """When a loop that stalls over `stalls` (start, end) runs what was due at t."""
+
+    def after_stalls(t: float) -> float:
+        for start, end in stalls:
+            if start <= t < end:
+                return end
+        return t
+
+    return after_stalls
 
 
 def test_zero_jitter_plays_every_frame_in_order_with_little_delay() -> None:
@@ -327,11 +343,7 @@ def test_a_late_running_loop_neither_holds_nor_skips() -> None:
         at += rng.expovariate(2.0)
         stalls.append((at, at + rng.uniform(0.005, 0.060)))
 
-    def after_stalls(t: float) -> float:
-        for start, end in stalls:
-            if start <= t < end:
-                return end
-        return t
+    after_stalls = run_after(stalls)
 
     count = 500
     events: list[tuple[float, int, int, float]] = []  # (run at, 0 packet / 1 tick, index, due)
@@ -357,3 +369,81 @@ def test_a_late_running_loop_neither_holds_nor_skips() -> None:
     assert frames == list(range(count))
     assert buffer.held == buffer.skipped == buffer.late == 0
     assert buffer.target_ms <= 40.0
+
+
+class PassthroughBridge:
+    """A BridgeSession stand-in for CallerAudio in passthrough: keeps every packet."""
+
+    def __init__(self) -> None:
+        self.packets: list[bytes] = []
+        self.gaps = 0
+
+    def send_audio(self, data: bytes, samples: int) -> None:
+        self.packets.append(data)
+
+    def skip_audio(self, frames: int, samples_per_frame: int) -> None:
+        self.gaps += frames
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_ticks_that_run_before_the_socket_is_read_conceal_nothing(seed: int) -> None:
+    """A clean link, and a loop that stalls (10-150 ms, every half second or so). After a
+    stall the event loop runs its timers before it reads its sockets: the pacer's ticks
+    due meanwhile come first, back to back, each with its due time, and only then the
+    packets that came during the stall. Each of those packets was in time: CallerAudio
+    defers the slot to the next tick instead of concealing or holding it, so every frame
+    reaches the bridge once, in order, and nothing is concealed, held, skipped or late."""
+    rng = random.Random(seed)
+    stalls: list[tuple[float, float]] = []
+    at = 0.5
+    while at < 11.0:
+        stalls.append((at, at + rng.uniform(0.010, 0.150)))
+        at += rng.uniform(0.3, 0.8)
+
+    after_stalls = run_after(stalls)
+
+    count = 500
+    # (run at, 0 tick / 1 packet: timers before sockets, index, due)
+    events: list[tuple[float, int, int, float]] = []
+    for seq in range(count):
+        arrival = 1.0 + seq * jitter.FRAME_S + 0.030
+        events.append((after_stalls(arrival), 1, seq, arrival))
+    for index in range(count + 10):
+        due = 1.0 + index * jitter.FRAME_S + 0.013
+        events.append((after_stalls(due), 0, index, due))
+    events.sort()
+    clock = Clock()
+    audio = media.CallerAudio(24000, 5, lambda: 0.0, ReceiveSettings(), clock=clock)
+    bridge = PassthroughBridge()
+    audio.bridge = cast(BridgeSession, bridge)
+    audio.passthrough = True
+    for run_at, kind, index, due in events:
+        clock.now = run_at
+        if kind == 1:
+            audio.on_packet(payload(index), index * jitter.FRAME_TICKS, index, False)
+        else:
+            audio.tick(index, due)
+            if len(bridge.packets) == count:
+                break  # the ticks after the last packet are an underrun
+    assert [seq_of(p) for p in bridge.packets] == list(range(count))
+    jb = audio.jitter
+    assert jb.held == jb.skipped == jb.late == 0
+    assert audio.frames_lost == audio.frames_concealed == bridge.gaps == 0
+
+
+def test_a_sender_whose_clock_fell_behind_is_followed_not_dropped() -> None:
+    """The sender stalls for 300 ms and resumes with contiguous timestamps (its audio came
+    late, none was skipped): every packet from then on is 300 ms behind the cursor. A few
+    are dropped as stale (they could have been a burst), then the buffer follows the new
+    timing instead of dropping every packet to the end of the call."""
+    count = 600
+    delays: list[float | None] = [0.030] * count
+    for seq in range(200, count):
+        delays[seq] = 0.030 + 0.300
+    clock = Clock()
+    buffer = JitterBuffer(clock)
+    run = simulate(buffer, clock, delays)
+    frames = [seq_of(s.payload) for s in run.played() if s.kind == FRAME and s.payload]
+    assert frames[-1] == count - 1
+    assert len(frames) >= count - jitter.STALE_RUN_MAX - 2
+    assert buffer.late <= jitter.STALE_RUN_MAX

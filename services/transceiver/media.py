@@ -420,8 +420,8 @@ class CallerAudio:
         self._waiting: deque[jitter.Slot] = deque()
         self._waiting_max = int(receive.first_words_max_s * 1000 / FRAME_MS)
         self._clock = clock
-        self._origin: float | None = None  # the pacer's grid: slot k is due at origin + k x 20 ms
-        self._last_index: int | None = None  # the pacer's last frame index
+        self._next_index: int | None = None  # the pacer's frame index of the next slot
+        self._deferred_at: float | None = None  # when the pending slot was deferred (tick)
         self._busy_ticks = 0  # ticks the last packet still covers (packets over 20 ms)
         self._lost_run = 0
 
@@ -510,28 +510,61 @@ class CallerAudio:
                 continue  # an empty block, or not a whole number of 20 ms frames back
             self.jitter.push(data, timestamp - offset, sequence - back, from_red=back > 0)
 
-    def tick(self, frame_index: int) -> None:
-        """The pacer's 20 ms clock: one slot of the jitter buffer towards the bridge. After
-        a stall the pacer skips frames (rtp.plan_tick); their slots are played here all the
-        same, back to back (at most `CATCH_UP_SLOTS` x 5 of them), so that what the bridge
-        hears keeps the caller's timeline and the buffer its delay."""
-        last = self._last_index
-        first = frame_index if last is None else max(last + 1, frame_index - CATCH_UP_SLOTS * 5)
-        self._last_index = frame_index
-        for index in range(first, frame_index + 1):
-            self._tick_slot(index)
-
-    def _tick_slot(self, frame_index: int) -> None:
-        if self._stopped:
+    def tick(self, frame_index: int, due: float) -> None:
+        """The pacer's 20 ms clock (`due`: when this frame was due, rtp.Paced): one slot of
+        the jitter buffer towards the bridge, each slot at its own due time. Slots the
+        pacer skipped after a stall (rtp.plan_tick) are played here all the same, back to
+        back (at most `CATCH_UP_SLOTS` x 5 of them), so that what the bridge hears keeps the
+        caller's timeline and the buffer its delay. When this tick runs more than
+        `LATE_TICK_S` late, a slot whose packet is not here yet waits for the next tick:
+        the loop was busy, so the packet may be in the socket, unread (a timer runs before
+        the loop reads its sockets); deciding then would conceal a frame that came in time."""
+        now = self._clock()
+        pending = self._next_index
+        usual = pending == frame_index and self._deferred_at is None
+        if usual and due <= now + EARLY_TICK_S:
+            # The usual tick: its own slot only.
+            if self._tick_slot(due, now - due > LATE_TICK_S):
+                self._next_index = frame_index + 1
+            else:
+                self._deferred_at = now
             return
+        first = frame_index if pending is None else max(pending, frame_index - CATCH_UP_SLOTS * 5)
+        for index in range(first, frame_index + 1):
+            at = due - (frame_index - index) * jitter.FRAME_S
+            if at > now + EARLY_TICK_S:
+                # Not due yet (the pacer sends a frame up to rtp.GRID_GUARD_S early): its
+                # slot waits for its time, the packet may still come.
+                self._next_index = index
+                return
+            # Deferred within one run of back-to-back ticks only: a tick after it comes once
+            # the loop has read its sockets, and decides.
+            deferred_at = self._deferred_at
+            defer = now - at > LATE_TICK_S and (
+                deferred_at is None or now - deferred_at < DEFER_RUN_S
+            )
+            if not self._tick_slot(at, defer):
+                if deferred_at is None:
+                    self._deferred_at = now
+                self._next_index = index
+                return
+            self._deferred_at = None
+        self._next_index = frame_index + 1
+
+    def _tick_slot(self, at: float, late: bool) -> bool:
+        """One slot due at `at`; False: deferred (`late` and its packet is not here)."""
+        if self._stopped:
+            return True
         if self._busy_ticks:
             self._busy_ticks -= 1
-            return
-        slot = self.jitter.tick(self._slot_time(frame_index))
+            return True
+        slot = self.jitter.tick(at, late=late)
         if slot is None:
-            return
+            return True
+        if slot is jitter.DEFERRED:
+            return False
         if slot.payload is not None and slot.kind == jitter.FRAME:
-            self._busy_ticks = jitter.opus_duration_ticks(slot.payload) // FRAME_TICKS - 1
+            self._busy_ticks = slot.duration // FRAME_TICKS - 1
         bridge = self.bridge
         waiting = self._waiting
         if bridge is None or waiting:
@@ -539,24 +572,16 @@ class CallerAudio:
                 self.first_words_dropped += 1
                 self._dropped_unsent += 1
                 if not waiting:
-                    return
+                    return True
                 waiting.popleft()
             waiting.append(slot)
             if bridge is None:
-                return
+                return True
             for _ in range(min(len(waiting), CATCH_UP_SLOTS)):
                 self._deliver(bridge, waiting.popleft())
-            return
+            return True
         self._deliver(bridge, slot)
-
-    def _slot_time(self, frame_index: int) -> float:
-        """When the pacer's slot `frame_index` was due: the earliest tick's time minus its
-        index sets the grid, so a tick that runs late (a busy loop, the pacer catching up
-        back to back) still plays the slot of its own time."""
-        origin = self._clock() - frame_index * jitter.FRAME_S
-        if self._origin is None or origin < self._origin:
-            self._origin = origin
-        return self._origin + frame_index * jitter.FRAME_S
+        return True
 
     def _deliver(self, bridge: BridgeSession, slot: jitter.Slot) -> None:
         if self._dropped_unsent:
@@ -577,7 +602,7 @@ class CallerAudio:
             self._lost_run = 0
             if slot.from_red:
                 self.frames_red_recovered += 1
-            self._send_packet(bridge, slot.payload or b"")
+            self._send_packet(bridge, slot.payload or b"", slot.duration)
         elif kind == jitter.SILENCE:
             self._lost_run = 0
             self.frames_dtx += 1
@@ -604,9 +629,8 @@ class CallerAudio:
     def _frame_samples(self) -> int:
         return OPUS_SAMPLES_PER_FRAME if self.passthrough else self._samples
 
-    def _send_packet(self, bridge: BridgeSession, packet: bytes) -> None:
+    def _send_packet(self, bridge: BridgeSession, packet: bytes, samples: int) -> None:
         if self.passthrough:
-            samples = jitter.opus_duration_ticks(packet)
             bridge.send_audio(packet, samples)
             self.frames_in += 1
             return
@@ -630,6 +654,9 @@ class CallerAudio:
 
 
 CATCH_UP_SLOTS = 10  # waiting slots delivered per tick once the bridge accepted
+LATE_TICK_S = 0.004  # a tick this late may have packets of its slots unread in the socket
+EARLY_TICK_S = 0.001  # a slot due later than this is played at the next tick
+DEFER_RUN_S = 0.001  # ticks closer than this to a deferral are the same run of late ticks
 FRAME_TICKS = jitter.FRAME_TICKS
 
 

@@ -366,13 +366,18 @@ class RtpSender:
 
 
 class Paced(Protocol):
-    """A stream the pacer drives: `tick(frame_index)` sends that frame."""
+    """A stream the pacer drives: `tick(frame_index, due)` sends that frame; `due` is when
+    it was due on the pacer's grid (loop time: the timer that should have sent it), so a
+    tick that runs late knows by how much. Frame indexes the pacer skipped (plan_tick,
+    after a long stall) never come: a stream that must account for every 20 ms (the
+    receive path) sees the jump and the due time of each skipped frame follows from it."""
 
-    def tick(self, frame_index: int) -> None: ...
+    def tick(self, frame_index: int, due: float) -> None: ...
 
 
 FRAME_S = 0.02
 MAX_CATCH_UP_FRAMES = 10  # after a longer stall the stream skips ahead instead of bursting
+GRID_GUARD_S = 0.001  # a stream's frame clock runs this far ahead of the pacer's grid
 
 
 @dataclass(frozen=True)
@@ -416,8 +421,10 @@ def next_deadline(origin: float, ticks: int, now: float) -> tuple[int, float]:
 
 class Pacer:
     """One loop timer on a 20 ms grid for every registered stream (deadline-based: see
-    next_deadline). Each stream keeps its own frame clock from when it was added and sends
-    exactly one packet per 20 ms of it; a late tick follows plan_tick's catch-up rule."""
+    next_deadline). Each stream keeps its own frame clock, on the grid from the first tick
+    after it was added (frame n is due n x 20 ms after that tick, and `tick` is told when),
+    and sends exactly one packet per 20 ms of it; a late tick follows plan_tick's catch-up
+    rule."""
 
     def __init__(
         self,
@@ -442,12 +449,17 @@ class Pacer:
 
     def add(self, stream: Paced) -> None:
         loop = asyncio.get_running_loop()
-        self._streams[stream] = (loop.time(), 0)
+        now = loop.time()
         if self._handle is None:
-            self._origin = loop.time()
+            self._origin = now
             self._grid_index = 1
             self._next_at = self._origin + FRAME_S
             self._handle = loop.call_at(self._next_at, self._tick)
+        # Frame 0 is due at the grid's next tick; the stream's clock starts a hair before
+        # it, so float rounding in plan_tick never moves a frame to the tick after its own,
+        # and a late tick sends only the frames whose time has come.
+        first_due = self._origin + (int((now - self._origin) / FRAME_S) + 1) * FRAME_S
+        self._streams[stream] = (first_due - GRID_GUARD_S, 0)
 
     def remove(self, stream: Paced) -> None:
         self._streams.pop(stream, None)
@@ -476,7 +488,7 @@ class Pacer:
                 sent = plan.first
                 try:
                     while sent < plan.end:
-                        stream.tick(sent)
+                        stream.tick(sent, start + GRID_GUARD_S + sent * FRAME_S)
                         sent += 1
                 except Exception:  # one stream's bug must not silence every other stream
                     logger.exception("pacer.stream_failed")

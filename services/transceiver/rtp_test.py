@@ -223,11 +223,13 @@ def test_sender_writes_headers_the_receiver_reads(native: bool) -> None:
 class Recorder:
     def __init__(self) -> None:
         self.frames: list[int] = []
+        self.dues: list[tuple[float, float]] = []  # (due, loop time of the call)
         self.enough = asyncio.Event()
         self.want = 0
 
-    def tick(self, frame_index: int) -> None:
+    def tick(self, frame_index: int, due: float) -> None:
         self.frames.append(frame_index)
+        self.dues.append((due, asyncio.get_running_loop().time()))
         if len(self.frames) >= self.want:
             self.enough.set()
 
@@ -249,6 +251,13 @@ async def test_pacer_keeps_each_stream_contiguous_through_a_stall() -> None:
     await a.enough.wait()
     assert a.frames == list(range(len(a.frames)))
     assert b.frames == list(range(len(b.frames)))
+    for stream in (a, b):
+        # Each frame's due time is on the grid, 20 ms after the one before; no frame goes
+        # out before it (within the grid's guard), a stall's frames after it.
+        first = stream.dues[0][0]
+        for index, (due, called) in enumerate(stream.dues):
+            assert due == pytest.approx(first + index * rtp.FRAME_S, abs=1e-9)
+            assert called >= due - rtp.GRID_GUARD_S - 1e-6
     assert pacer.late_ticks >= 1
     assert pacer.skipped_frames == 0
     # A stall longer than MAX_CATCH_UP_FRAMES skips ahead instead of bursting.
@@ -266,7 +275,7 @@ async def test_pacer_keeps_each_stream_contiguous_through_a_stall() -> None:
 
 
 class Broken:
-    def tick(self, frame_index: int) -> None:
+    def tick(self, frame_index: int, due: float) -> None:
         raise RuntimeError("a bug in one session")
 
 

@@ -403,7 +403,7 @@ class Session:
             path.start(self.pc, params, audio.on_opus, audio.on_loss)
         self._pacer.add(self)
 
-    def tick(self, frame_index: int) -> None:
+    def tick(self, frame_index: int, due: float) -> None:
         """The pacer's 20 ms clock: send the next outbound packet (audio or silence)."""
         path = self._rtp
         if path is None or self._life.ended or self._life.reconnecting:

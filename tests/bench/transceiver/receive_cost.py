@@ -99,7 +99,7 @@ def run_frames(path: str, mode: str, packets: list[bytes], frames: int) -> tuple
         for index in range(frames):
             clock.now += FRAME_S
             audio.on_packet(packets[index % count], index * OPUS_TICKS, index & 0xFFFF, False)
-            audio.tick(index)
+            audio.tick(index, clock.now)
     elapsed = time.process_time() - started
     return elapsed, bridge.frames
 
