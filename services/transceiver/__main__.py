@@ -38,7 +38,7 @@ async def live_sessions(manager: SessionManager) -> list[transceiver_pb2.Session
 async def build(settings: TransceiverSettings, telemetry: Telemetry) -> ServiceParts:
     aiortc_compat.check_versions()
     opus.lib()  # no libopus: fail at start-up with the package to install, not per call
-    mux = UdpMux()
+    mux = UdpMux(control_first=settings.mux_control_first)
     host, port = parse_host_port(settings.media_listen, "media_listen")
     media_host, media_port = await mux.start(host, port)
     manager = SessionManager(settings, mux, telemetry.meter)

@@ -194,6 +194,11 @@ class TransceiverSettings(SessionSettings, ServiceSettings):
         "CPU over the last 2 s exceeds this share of one core (all threads); 0: off",
         ge=0,
     )
+    mux_control_first: bool = setting(
+        False,
+        "the media socket's reader hands STUN/DTLS on ahead of RTP/RTCP of the same read "
+        "(consent and set-ups first when the loop is behind); off: arrival order",
+    )
     ice_timeout_ms: int = setting(
         10000, "default time from CreateSession to ICE connected before giving up", ge=1
     )

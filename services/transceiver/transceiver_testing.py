@@ -585,7 +585,7 @@ class Stack:
         values.update(settings)
         config = TransceiverSettings(**values)
         config.validate()
-        mux = UdpMux()
+        mux = UdpMux(control_first=config.mux_control_first)
         await mux.start("127.0.0.1", 0)
         manager = SessionManager(config, mux)
         servicer = TransceiverServicer(manager, config.drain_grace_s)

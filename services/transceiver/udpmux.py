@@ -12,11 +12,21 @@ A relay worker that starts without bindings (no Redis) greets the transceivers w
 recall hello (protos/wire/relay-recall-v1.md); the mux answers with the UDP clients it last
 heard through that relay's host, each proven with its session's ICE password and the
 hello's nonce, at most once per HELLO_INTERVAL_S per relay socket.
+
+Control ahead of media (setting `mux_control_first`, off by default until a quiet-machine
+A/B shows it costs media nothing; BENCHMARKS.md): the mux reads its socket itself
+(recvmmsg, up to READ_BATCHES x fastio.BATCH datagrams per wake-up) and, of what one
+wake-up read, hands STUN (ICE checks and consent), DTLS and frames of unknown clients on
+first, then RTP/RTCP (RFC 7983 first byte 128-191). A loop that falls behind thus answers
+a consent check after reading the media queued ahead of it, not after processing it (an
+SRTP unprotect and a jitter-buffer insert each).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import socket
 import time
@@ -60,6 +70,17 @@ MAX_HELLO_SOURCES = 1024
 # repeats one of them is a replay of the client's own packet (RFC 8489 §6: ids are random
 # per transaction; retransmissions come from the same address).
 REMEMBERED_TRANSACTIONS = 64
+# Batches of fastio.BATCH datagrams read per wake-up of the socket: bounds one loop turn
+# (~0.5 ms of reading, then the media's processing) while a backlog's control packets
+# overtake up to this many media datagrams.
+READ_BATCHES = 8
+RECEIVE_BYTES = 2048  # larger datagrams are not WebRTC media (fastio hands them over empty)
+
+
+def is_media(payload: bytes) -> bool:
+    """RTP or RTCP by the first byte (RFC 7983 §7: 128-191); STUN (0-3) and DTLS (20-63)
+    are control, handed on first."""
+    return bool(payload) and 127 < payload[0] < 192
 
 
 def admit(payload: bytes, password_of: Callable[[str], str | None]) -> tuple[str | None, str]:
@@ -158,11 +179,72 @@ class VirtualTransport(asyncio.DatagramTransport):
         self.close()
 
 
-class UdpMux(asyncio.DatagramProtocol):
-    """The shared socket. `start()` binds it; `register()` gives each session a slot."""
+class _SocketSender:
+    """Sends on the mux's non-blocking socket; what the kernel does not take at once
+    (EAGAIN) is queued, bounded, and written when the socket is writable again. The mux
+    reads the socket itself (UdpMux._readable), so no asyncio transport owns it."""
 
-    def __init__(self) -> None:
-        self._transport: asyncio.DatagramTransport | None = None
+    MAX_QUEUED = 4096
+
+    def __init__(self, sock: socket.socket, on_error: Callable[[], None]) -> None:
+        self.sock = sock
+        self._on_error = on_error
+        self._queue: collections.deque[tuple[bytes, Address]] = collections.deque()
+        self.dropped = 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.sock if name == "socket" else default
+
+    def sendto(self, data: bytes, addr: Address) -> None:
+        if self._queue:
+            self._enqueue(data, addr)
+            return
+        try:
+            self.sock.sendto(data, addr)
+        except BlockingIOError:
+            self._enqueue(data, addr)
+            asyncio.get_running_loop().add_writer(self.sock.fileno(), self._writable)
+        except OSError:
+            self._on_error()
+
+    def _enqueue(self, data: bytes, addr: Address) -> None:
+        if len(self._queue) >= self.MAX_QUEUED:
+            self.dropped += 1
+            self._on_error()
+            return
+        self._queue.append((data, addr))
+
+    def _writable(self) -> None:
+        while self._queue:
+            data, addr = self._queue[0]
+            try:
+                self.sock.sendto(data, addr)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._on_error()
+            self._queue.popleft()
+        asyncio.get_running_loop().remove_writer(self.sock.fileno())
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._queue:
+            loop.remove_writer(self.sock.fileno())
+            self._queue.clear()
+        loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class UdpMux(asyncio.DatagramProtocol):
+    """The shared socket. `start()` binds it; `register()` gives each session a slot.
+
+    `control_first` (setting `mux_control_first`, off by default): the mux reads the socket
+    itself and hands control on ahead of media (module docstring). Off, an asyncio datagram
+    transport reads it and every datagram is handled in arrival order."""
+
+    def __init__(self, *, control_first: bool = False) -> None:
+        self.control_first = control_first
+        self._transport: _SocketSender | asyncio.DatagramTransport | None = None
         self._by_ufrag: dict[str, MuxSession] = {}
         self._by_address: dict[Address, MuxSession] = {}
         self._relay_of: dict[Address, Address] = {}
@@ -199,11 +281,16 @@ class UdpMux(asyncio.DatagramProtocol):
             fastio.set_buffers(sock)
             sock.bind(sockaddr)
             sock.setblocking(False)
-            transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+            if self.control_first:
+                loop.add_reader(sock.fileno(), self._readable)
+                self._transport = _SocketSender(sock, self.error_received)
+                self._fd = sock.fileno()
+            else:
+                await loop.create_datagram_endpoint(lambda: self, sock=sock)
         except BaseException:
             sock.close()
             raise
-        sockname = transport.get_extra_info("sockname")
+        sockname = sock.getsockname()
         self.address = (str(sockname[0]), int(sockname[1]))
         # Below 2x fastio.SOCKET_BUFFER_BYTES, the kernel capped the buffers at
         # net.core.rmem_max / wmem_max (no CAP_NET_ADMIN): raise those for many sessions.
@@ -237,7 +324,53 @@ class UdpMux(asyncio.DatagramProtocol):
             self._transport.close()
             self._transport = None
 
-    # asyncio.DatagramProtocol
+    # the socket
+
+    def _receive(self) -> list[tuple[bytes, Address]]:
+        """What the socket holds, up to READ_BATCHES batches (recvmmsg, or recvfrom)."""
+        if not isinstance(self._transport, _SocketSender):
+            return []
+        items: list[tuple[bytes, Address]] = []
+        sock = self._transport.sock
+        for _ in range(READ_BATCHES):
+            try:
+                if self._fastio is not None:
+                    batch = self._fastio.recv_batch(self._fd, fastio.BATCH)
+                else:
+                    batch = []
+                    with contextlib.suppress(BlockingIOError):
+                        for _ in range(fastio.BATCH):
+                            data, addr = sock.recvfrom(RECEIVE_BYTES)
+                            batch.append((data, (addr[0], addr[1])))
+            except OSError:
+                self.error_received()  # an ICMP error queued on the socket
+                continue
+            items += batch
+            if len(batch) < fastio.BATCH:
+                break
+        return items
+
+    def _readable(self) -> None:
+        """One wake-up: control packets in arrival order, then media in arrival order."""
+        media: list[tuple[MuxSession, Address, bytes, Address]] = []
+        for data, relay in self._receive():
+            route = self._route_of.get(data[: framing.HEADER_V4])
+            if route is not None:
+                session, client = route
+                payload = data[framing.HEADER_V4 :]
+            else:
+                found = self._bind(data, relay)
+                if found is None:
+                    continue
+                session, client, payload = found
+            if is_media(payload):
+                media.append((session, client, payload, relay))
+            else:
+                self._deliver(session, client, payload, relay)
+        for session, client, payload, relay in media:
+            self._deliver(session, client, payload, relay)
+
+    # asyncio.DatagramProtocol (control_first off)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.DatagramTransport, transport)
@@ -245,16 +378,19 @@ class UdpMux(asyncio.DatagramProtocol):
         self._fd = sock.fileno() if sock is not None else -1
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """One datagram from a relay, in arrival order."""
         relay: Address = addr if len(addr) == 2 else (addr[0], addr[1])
         route = self._route_of.get(data[: framing.HEADER_V4])
         if route is not None:
-            session, client = route
-            payload = data[framing.HEADER_V4 :]
-        else:
-            found = self._bind(data, relay)
-            if found is None:
-                return
-            session, client, payload = found
+            self._deliver(route[0], route[1], data[framing.HEADER_V4 :], relay)
+            return
+        found = self._bind(data, relay)
+        if found is not None:
+            self._deliver(*found, relay)
+
+    def _deliver(
+        self, session: MuxSession, client: Address, payload: bytes, relay: Address
+    ) -> None:
         self.frames_in += 1
         self._relay_of[client] = relay
         counters = session.counters
@@ -351,7 +487,7 @@ class UdpMux(asyncio.DatagramProtocol):
             clients=len(entries),
         )
 
-    def error_received(self, exc: Exception) -> None:
+    def error_received(self, exc: Exception | None = None) -> None:
         self.drops["socket_error"] += 1
 
     # sessions

@@ -163,8 +163,8 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def one_session() -> AsyncIterator[Rig]:
-    mux = udpmux.UdpMux()
+async def one_session(control_first: bool = False) -> AsyncIterator[Rig]:
+    mux = udpmux.UdpMux(control_first=control_first)
     address = await mux.start("127.0.0.1", 0)
     relay, relay_in = await open_socket()
     try:
@@ -345,3 +345,51 @@ async def test_a_recall_hello_is_answered_with_the_clients_of_that_relay_host() 
         assert mux.drops[udpmux.DROP_RECALL_RATE] == 1
         assert mux.recall_answers == 1
         assert relay_in.received.empty()
+
+
+async def test_a_check_queued_behind_a_media_burst_is_answered_before_the_media() -> None:
+    """STUN ahead of media: a burst of RTP and then one consent check, all queued in the
+    socket before the mux reads it (as when the loop is behind). The check is handed to
+    aioice, and its answer sent, before any of the burst is processed."""
+    async with one_session(control_first=True) as rig:
+        mux, address, session = rig.mux, rig.address, rig.session
+        client = ("198.51.100.9", 50000)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.bind(("127.0.0.1", 0))
+        try:
+            sender.sendto(framing.encode(*client, request(f"{UFRAG}:cli", PWD)), address)
+            async with asyncio.timeout(5):
+                await rig.sink.received.get()
+            order: list[str] = []
+            burst = 200
+
+            def answer(data: bytes, addr: tuple[Any, ...]) -> None:
+                order.append("stun")
+                rig.transport.sendto(b"answer:" + data[8:20], addr)  # as aioice answers
+
+            rig.sink.datagram_received = answer  # type: ignore[method-assign]
+            session.rtp_sink = lambda _payload: order.append("rtp")
+            rtp = b"\x80\x6f" + bytes(10) + b"opus"
+            # Blocking sends with no await between them: the mux cannot read in between.
+            for _ in range(burst):
+                sender.sendto(framing.encode(*client, rtp), address)
+            check = request(f"{UFRAG}:cli", PWD)
+            sender.sendto(framing.encode(*client, check), address)
+            for _ in range(500):  # 5 s at most
+                if len(order) == burst + 1:
+                    break
+                await asyncio.sleep(0.01)
+            # The answer went to the relay that last sent: this socket (already queued).
+            sender.settimeout(5)
+            assert framing.decode(sender.recv(2048))[2] == b"answer:" + check[8:20]
+            assert order == ["stun"] + ["rtp"] * burst
+            assert mux.drops == {}
+        finally:
+            sender.close()
+
+
+def test_media_is_told_apart_from_control_by_its_first_byte() -> None:
+    # RFC 7983 §7: STUN 0-3, DTLS 20-63, RTP/RTCP 128-191.
+    cases = {b"\x00\x01": False, b"\x17\xfe": False, b"\x80\x6f": True, b"\xbf": True}
+    cases |= {b"\xc0": False, b"": False, b"\x7f": False}
+    assert {data: udpmux.is_media(data) for data in cases} == cases
