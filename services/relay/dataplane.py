@@ -137,7 +137,7 @@ class DataPlane:
         tcp: TcpPlane | None = None,
         persist_topology: bool = False,
         native_path: str = "auto",
-        udp_gso: bool = True,
+        udp_gso: bool = False,
     ) -> None:
         self.router = router
         self.tcp = tcp  # the worker's ICE-TCP listener, started and closed with the plane

@@ -63,7 +63,7 @@ async def data_plane(
     udp_listen: tuple[str, ...] = ("127.0.0.1:0",),
     batched_io: bool = True,
     native_path: str = NATIVE_PATH,
-    udp_gso: bool = True,
+    udp_gso: bool = False,
     admission: Admission | None = None,
 ) -> AsyncIterator[DataPlane]:
     router = Router(KEYS, static_view(transceivers), admission=admission)

@@ -179,7 +179,7 @@ class RelaySettings(ServiceSettings):
         choices=NATIVE_PATHS,
     )
     udp_gso: bool = setting(
-        True,
+        False,
         "native path: send runs of equal-size frames to one transceiver as one UDP_SEGMENT "
         "(GSO) message; switched off by itself (counted) where the kernel refuses it",
     )
